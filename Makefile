@@ -1,0 +1,35 @@
+# The two set-up commands (see README.md): `make demo` runs the pipeline on the embedded
+# demo data, `make test` runs the tests. Both create/refresh .venv first, so they work
+# on a fresh machine with only python3.11 and make.
+VENV ?= .venv
+PYTHON ?= python3.11
+BIN := $(VENV)/bin
+export PATH := $(abspath $(BIN)):$(PATH)
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+
+.PHONY: install demo test test-fast bench clean
+
+# Reinstall only when pyproject.toml changes; torch's pin takes the CPU build on disk.
+$(BIN)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/dvc repro
+
+test: install
+	$(BIN)/python -m pytest -n 2 --dist loadfile
+
+test-fast: install
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not slow"
+
+bench: install
+	$(BIN)/python -m bench.run_all
+
+clean:
+	rm -rf .tuneline data/ingested data/bucketed metrics/*.json

@@ -1,0 +1,90 @@
+"""The `tuneline` command and the stage runner behind `python -m stages.<name>`.
+
+Every stage reads params.yaml (validated before any work), reads its input folder,
+and writes its output folder plus metrics/<stage>.json, relative to the project root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tuneline.config import ParamsError, load_params
+
+# Stage -> (input folder, output folder), relative to the project root. One place, one name.
+STAGE_DIRS = {
+    "ingest": (None, "data/ingested"),
+    "bucket": ("data/ingested", "data/bucketed"),
+}
+METRICS_DIR = "metrics"
+
+
+def run_stage(stage: str, params_path: Path, root: Path) -> int:
+    """Run one stage; return the process exit code (2 for bad configuration)."""
+    from tuneline.report import print_error
+
+    try:
+        params = load_params(params_path)
+        input_dir, output_dir = STAGE_DIRS[stage]
+        if stage == "ingest":
+            from tuneline.ingest import run_ingest
+
+            report = run_ingest(params, root, root / output_dir, root / METRICS_DIR)
+        elif stage == "bucket":
+            from tuneline.bucket import print_distribution, run_bucket
+
+            report = run_bucket(params, root, root / input_dir, root / output_dir, root / METRICS_DIR)
+            print_distribution(root / output_dir / "buckets.json")
+        else:
+            raise KeyError(stage)
+    except ParamsError as error:
+        print_error("configuration error", str(error))
+        return 2
+    except FileNotFoundError as error:
+        print_error("error", str(error))
+        return 1
+    report.print_summary(root / output_dir / "rejected.jsonl")
+    return 0
+
+
+def _check(params_path: Path) -> int:
+    from tuneline.aspect import generate_buckets
+    from tuneline.config import format_resolution
+    from tuneline.report import console, print_error
+
+    try:
+        params = load_params(params_path)
+    except ParamsError as error:
+        print_error("configuration error", str(error))
+        return 2
+    console.print(f"{params_path}: valid", markup=False)
+    for dataset in params.datasets:
+        buckets = generate_buckets(params.bucket_settings_for(dataset))
+        listed = ", ".join(format_resolution(b) for b in buckets)
+        console.print(f"  data set {dataset.name!r} ({dataset.path}): {len(buckets)} buckets: {listed}",
+                      markup=False, soft_wrap=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tuneline", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
+    parser.add_argument("--root", type=Path, default=Path("."), help="project root (default: .)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("check", help="validate params.yaml and show each data set's buckets")
+    for stage in STAGE_DIRS:
+        commands.add_parser(stage, help=f"run stage {stage}")
+    args = parser.parse_args(argv)
+    if args.command == "check":
+        return _check(args.params)
+    return run_stage(args.command, args.params, args.root)
+
+
+def stage_main(stage: str) -> None:
+    """`python -m stages.<stage>`: same as `tuneline <stage>`."""
+    sys.exit(main([*sys.argv[1:], stage]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
