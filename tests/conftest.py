@@ -41,6 +41,8 @@ class Project:
             "ingest": {"min_size": 64, "workers": 1},
             "bucket": {"resolution": 128, "divisible_by": 32, "batch_size": 1, "workers": 1},
         }
+        for dataset in ("alpha", "beta"):
+            self.raw(dataset)
 
     def raw(self, dataset: str) -> Path:
         folder = self.root / "data" / "raw" / dataset

@@ -82,6 +82,7 @@ def test_cli_check_fails_before_work(tmp_path, capsys):
 
 def test_missing_data_set_folder_stops_before_work(project, capsys):
     project.params()
+    project.raw("alpha").rmdir()
     assert main(["--params", str(project.root / "params.yaml"), "--root", str(project.root), "ingest"]) == 2
     assert "datasets[alpha].path: folder" in capsys.readouterr().out
     assert not (project.root / "data/ingested").exists()

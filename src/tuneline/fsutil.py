@@ -115,8 +115,9 @@ def safe_name(name: str) -> str:
 
 def relative_to_root(path: Path, root: Path) -> str:
     """A posix path relative to `root` when inside it, else absolute: what manifests record."""
-    path = Path(path).resolve()
+    # abspath, not resolve: a symlinked data set keeps its path under the project.
+    path = Path(os.path.abspath(path))
     try:
-        return path.relative_to(Path(root).resolve()).as_posix()
+        return path.relative_to(os.path.abspath(root)).as_posix()
     except ValueError:
         return path.as_posix()

@@ -33,22 +33,29 @@ def probe_key(digest: str) -> str:
     return digest_json({"stage": STAGE, "code": CODE_VERSION, "bytes": digest})
 
 
-def _probe_file(path: str, digest: str | None, store_dir: str, max_pixels: int) -> tuple[str | None, dict[str, Any]]:
-    """Worker: hash and probe one file; store the verdict unless it depends on settings."""
+def _probe_file(path: str, digest: str | None, store_dir: str, max_pixels: int) -> tuple[str | None, dict[str, Any], bool]:
+    """Worker: hash one file and probe it unless the store knows its bytes already.
+
+    Returns (digest, record, computed). A verdict that depends on settings or
+    permissions is not stored.
+    """
     try:
         digest = digest or file_digest(Path(path))
     except OSError as error:
-        return None, {"ok": False, "reason": f"unreadable: {error.strerror or error}"}
+        return None, {"ok": False, "reason": f"unreadable: {error.strerror or error}"}, False
     store = ItemStore(Path(store_dir), STAGE)
     key = probe_key(digest)
+    known = store.read_json(key)
+    if known is not None:  # a touched, renamed or copied file: same bytes, no new decode
+        return digest, known, False
     try:
         record: dict[str, Any] = {"ok": True, **asdict(probe(Path(path), max_pixels))}
     except ImageRejected as rejected:
         record = {"ok": False, "reason": str(rejected)}
         if not rejected.cacheable:
-            return digest, record
+            return digest, record, True
     store.write_json(key, record)
-    return digest, record
+    return digest, record, True
 
 
 def read_sidecar(image_path: Path) -> tuple[str | None, str | None]:
@@ -75,13 +82,15 @@ def discover(params: Params, root: Path, report: StageReport) -> list[tuple[str,
     """(data set folder, file) for every image candidate, in a stable order."""
     found = []
     for dataset in params.datasets:
-        folder = (root / dataset.path).resolve()
+        folder = root / dataset.path
         for path in sorted(folder.rglob("*")):
             relative = path.relative_to(folder)
-            if any(part.startswith(".") for part in relative.parts) or not path.is_file():
+            if any(part.startswith(".") for part in relative.parts) or path.is_dir():
                 continue
             suffix = path.suffix.lower()
-            if suffix in IMAGE_EXTENSIONS:
+            if not path.exists():
+                report.reject(relative_to_root(path, root), "unreadable: broken symbolic link", dataset=dataset.folder)
+            elif suffix in IMAGE_EXTENSIONS:
                 found.append((dataset.folder, path))
             elif suffix not in SIDECAR_EXTENSIONS:
                 report.reject(relative_to_root(path, root), f"unsupported file type: {suffix or 'no extension'}",
@@ -141,6 +150,7 @@ def run_ingest(params: Params, root: Path, out_dir: Path, metrics_dir: Path | No
 
     files = discover(params, root, report)
     results: dict[int, tuple[str | None, dict[str, Any]]] = {}
+    computed: set[int] = set()
     tasks = []
     for index, (_, path) in enumerate(files):
         digest = file_digests.cached(path)
@@ -150,10 +160,12 @@ def run_ingest(params: Params, root: Path, out_dir: Path, metrics_dir: Path | No
         else:
             tasks.append((str(path), digest, str(store_dir), config.max_pixels))
     pending = [index for index in range(len(files)) if index not in results]
-    for index, (digest, record) in zip(
+    for index, (digest, record, was_computed) in zip(
         pending, map_with_progress(_probe_file, tasks, config.workers, "ingest: checking images")
     ):
         results[index] = (digest, record)
+        if was_computed:
+            computed.add(index)
         if digest is not None:
             file_digests.remember(files[index][1], digest)
     file_digests.close()
@@ -169,7 +181,7 @@ def run_ingest(params: Params, root: Path, out_dir: Path, metrics_dir: Path | No
         if reason is not None:
             report.reject(source, reason, dataset=dataset)
             continue
-        if index in pending:
+        if index in computed:
             report.computed += 1
         else:
             report.reused += 1
