@@ -149,6 +149,7 @@ def run_ingest(params: Params, root: Path, out_dir: Path, metrics_dir: Path | No
     file_digests = FileDigests(store_dir / "file-digests.sqlite")
 
     files = discover(params, root, report)
+    found_count = len(files) + len(report.rejected)  # images plus files rejected on sight
     results: dict[int, tuple[str | None, dict[str, Any]]] = {}
     computed: set[int] = set()
     tasks = []
@@ -210,7 +211,7 @@ def run_ingest(params: Params, root: Path, out_dir: Path, metrics_dir: Path | No
     for item in manifest:
         per_dataset[item["dataset"]] += 1
     report.extra.update({
-        "files_found": len(files) + sum(1 for r in report.rejected if r["reason"].startswith("unsupported")),
+        "files_found": found_count,
         "duplicates": sum(1 for r in report.rejected if r["reason"].startswith("duplicate")),
         "captions_from_sidecars": sum(1 for item in manifest if item["caption"]),
         "datasets": dict(per_dataset),

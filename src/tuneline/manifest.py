@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from tuneline.fsutil import atomic_path, canonical_json, digest_json
+from tuneline.fsutil import atomic_path, canonical_json
 
 MANIFEST = "manifest.jsonl"
 REJECTED = "rejected.jsonl"
@@ -30,8 +30,3 @@ def read_manifest(stage_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: run the stage that writes {stage_dir} first")
     return read_jsonl(path)
-
-
-def manifest_digest(records: list[dict[str, Any]]) -> str:
-    """Digest of a stage's output records: what a downstream cache key depends on."""
-    return digest_json(records)

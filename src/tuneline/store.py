@@ -14,7 +14,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from tuneline.fsutil import atomic_path, atomic_write_json, file_digest
+from tuneline.fsutil import atomic_write_json, file_digest
 
 
 class ItemStore:
@@ -37,10 +37,6 @@ class ItemStore:
 
     def write_json(self, key: str, record: dict[str, Any]) -> None:
         atomic_write_json(self.path(key, ".json"), record)
-
-    def writing(self, key: str, suffix: str):
-        """Context manager yielding a temporary path that becomes the entry on success."""
-        return atomic_path(self.path(key, suffix))
 
 
 class FileDigests:
