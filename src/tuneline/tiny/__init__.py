@@ -1,0 +1,36 @@
+"""Deterministic tiny RANDOM-weight models in standard on-disk formats, for tests and demos.
+
+`tiny-sdxl` is a diffusers StableDiffusionXLPipeline folder and `tiny-florence2` a native
+transformers Florence-2 folder: every loader and pipeline runs for real, but the weights
+were never trained, so images and captions they produce mean nothing.
+
+Importing this package is instant: torch, diffusers and transformers load on first build.
+"""
+
+from __future__ import annotations
+
+from tuneline.tiny._common import NOTE_NAME, TINY_VERSION
+from tuneline.tiny.cache import (
+    TINY_MODEL_IDS,
+    TinyKind,
+    default_cache_dir,
+    ensure_tiny_model,
+    resolve_tiny,
+    tiny_model_dir,
+)
+from tuneline.tiny.florence2 import build_tiny_florence2
+from tuneline.tiny.sdxl import build_tiny_sdxl
+
+
+__all__ = [
+    "NOTE_NAME",
+    "TINY_MODEL_IDS",
+    "TINY_VERSION",
+    "TinyKind",
+    "build_tiny_florence2",
+    "build_tiny_sdxl",
+    "default_cache_dir",
+    "ensure_tiny_model",
+    "resolve_tiny",
+    "tiny_model_dir",
+]
