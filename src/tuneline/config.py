@@ -213,6 +213,29 @@ class BucketConfig(BucketSettings):
         return self.batch_sizes.get(format_resolution(resolution), self.batch_size)
 
 
+class ModelConfig(Section):
+    """The base model that latents, training, rendering and export use."""
+
+    base: str = Field(
+        "tiny-sdxl",
+        description="Base model: a hub id (e.g. stabilityai/stable-diffusion-xl-base-1.0), a local diffusers "
+        "folder, a local single .safetensors file, or 'tiny-sdxl' (a tiny RANDOM-weight model for tests and demos).",
+    )
+    revision: Optional[str] = Field(
+        None, description="Hub revision (branch, tag or commit) of `base`; pin a commit for caches that never go stale."
+    )
+    vae: Optional[str] = Field(
+        None,
+        description="Replacement VAE (hub id or local folder), e.g. madebyollin/sdxl-vae-fp16-fix; null uses base's VAE.",
+    )
+
+
+# --- caption section ---
+
+
+# --- latents section ---
+
+
 class Params(Section):
     """The whole params.yaml."""
 
@@ -223,6 +246,9 @@ class Params(Section):
     datasets: list[DatasetConfig] = Field(min_length=1, description="The data sets of this run.")
     ingest: IngestConfig = Field(default_factory=IngestConfig, description="Stage ingest.")
     bucket: BucketConfig = Field(default_factory=BucketConfig, description="Stage bucket.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
+    # (caption field)
+    # (latents field)
 
     @model_validator(mode="after")
     def _unique_folders(self) -> "Params":
