@@ -20,31 +20,42 @@ STAGE_DIRS = {
 METRICS_DIR = "metrics"
 
 
+def _ingest(params, root: Path):
+    from tuneline.ingest import run_ingest
+
+    return run_ingest(params, root, root / STAGE_DIRS["ingest"][1], root / METRICS_DIR)
+
+
+def _bucket(params, root: Path):
+    from tuneline.bucket import print_distribution, run_bucket
+
+    input_dir, output_dir = STAGE_DIRS["bucket"]
+    report = run_bucket(params, root, root / input_dir, root / output_dir, root / METRICS_DIR)
+    print_distribution(root / output_dir / "buckets.json")
+    return report
+
+
+# Stage name -> function(params, root) -> StageReport. Heavy imports stay inside each.
+STAGE_RUNNERS = {
+    "ingest": _ingest,
+    "bucket": _bucket,
+}
+
+
 def run_stage(stage: str, params_path: Path, root: Path) -> int:
     """Run one stage; return the process exit code (2 for bad configuration)."""
     from tuneline.report import print_error
 
     try:
         params = load_params(params_path)
-        input_dir, output_dir = STAGE_DIRS[stage]
-        if stage == "ingest":
-            from tuneline.ingest import run_ingest
-
-            report = run_ingest(params, root, root / output_dir, root / METRICS_DIR)
-        elif stage == "bucket":
-            from tuneline.bucket import print_distribution, run_bucket
-
-            report = run_bucket(params, root, root / input_dir, root / output_dir, root / METRICS_DIR)
-            print_distribution(root / output_dir / "buckets.json")
-        else:
-            raise KeyError(stage)
+        report = STAGE_RUNNERS[stage](params, root)
     except ParamsError as error:
         print_error("configuration error", str(error))
         return 2
     except FileNotFoundError as error:
         print_error("error", str(error))
         return 1
-    report.print_summary(root / output_dir / "rejected.jsonl")
+    report.print_summary(root / STAGE_DIRS[stage][1] / "rejected.jsonl")
     return 0
 
 
@@ -73,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=Path("."), help="project root (default: .)")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("check", help="validate params.yaml and show each data set's buckets")
-    for stage in STAGE_DIRS:
+    for stage in STAGE_RUNNERS:
         commands.add_parser(stage, help=f"run stage {stage}")
     args = parser.parse_args(argv)
     if args.command == "check":
