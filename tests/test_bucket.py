@@ -147,3 +147,25 @@ def test_draft_decoding_matches_full_decoding(project):
     assert drafted["key"] != full["key"]
     assert fast.shape == slow.shape
     assert np.abs(fast - slow).mean() < 1.5
+
+
+def test_png_writer_is_lossless_and_standard(tmp_path):
+    from tuneline.png import encode_png_rgb, write_png_rgb
+
+    pixels = np.random.default_rng(3).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    write_png_rgb(Image.fromarray(pixels), tmp_path / "x.png")
+    with Image.open(tmp_path / "x.png") as decoded:
+        assert (decoded.format, decoded.mode, decoded.size) == ("PNG", "RGB", (53, 37))
+        assert np.array_equal(np.asarray(decoded), pixels)
+    with pytest.raises(ValueError, match="RGB"):
+        encode_png_rgb(Image.new("L", (4, 4)))
+
+
+def test_turning_draft_off_recomputes_only_images_it_reduced(project):
+    save_photo(project.raw("alpha") / "big.jpg", (1600, 1200), 4, quality=95)  # >= 2x the bucket: drafted
+    save_photo(project.raw("alpha") / "small.jpg", (200, 150), 5, quality=95)  # < 2x: decoded in full anyway
+    save_photo(project.raw("beta") / "lossless.png", (1600, 1200), 6)  # not a JPEG: never drafted
+    project.ingest()
+    project.bucket(project.params(bucket={"draft": True}))
+    report = project.bucket(project.params(bucket={"draft": False}))
+    assert (report.computed, report.reused) == (1, 2)

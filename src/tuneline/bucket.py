@@ -21,26 +21,35 @@ from tuneline.fsutil import atomic_path, atomic_write_json, digest_json, file_di
 from tuneline.images import ImageRejected, load_normalized
 from tuneline.manifest import MANIFEST, REJECTED, read_manifest, write_jsonl
 from tuneline.parallel import map_with_progress
+from tuneline.png import write_png_rgb
 from tuneline.report import StageReport, console
 from tuneline.store import FileDigests, ItemStore
 
 STAGE = "bucket"
 # Bump when a change here or in tuneline.images changes the pixels written for a plan.
-CODE_VERSION = 1
+CODE_VERSION = 2
 RESAMPLE = {
     "lanczos": Image.Resampling.LANCZOS,
     "bicubic": Image.Resampling.BICUBIC,
     "bilinear": Image.Resampling.BILINEAR,
     "box": Image.Resampling.BOX,
 }
-# Draft only when the file is at least this many times larger than needed, so the
-# decoder's DCT scaling never does the last, quality-deciding step of the resize.
-DRAFT_MARGIN = 2
-# Lossless, and level 1 is ~5x faster to write than the default with files ~20% larger.
+# Lossless; level 1 writes ~5x faster than the default with files ~20% larger.
 PNG_COMPRESS_LEVEL = 1
 
 
+def draft_scale(item: dict[str, Any], plan: CropPlan, draft: bool) -> int:
+    """The JPEG decoder's reduction (1, 2, 4 or 8) for this plan: the largest that still
+    decodes at least the resized size, so Lanczos always does the last step. Mirrors
+    Pillow's JpegImageFile.draft; 1 means a full decode."""
+    if not draft or item["format"] != "JPEG":
+        return 1
+    fits = min(item["width"] // plan.resized[0], item["height"] // plan.resized[1])
+    return next(scale for scale in (8, 4, 2, 1) if fits >= scale)
+
+
 def item_key(item: dict[str, Any], plan: CropPlan, resample: str, draft: bool) -> str:
+    # The draft scale, not the switch: turning draft off recomputes only images it reduced.
     return digest_json({
         "stage": STAGE,
         "code": CODE_VERSION,
@@ -49,24 +58,23 @@ def item_key(item: dict[str, Any], plan: CropPlan, resample: str, draft: bool) -
         "resized": plan.resized,
         "box": plan.box,
         "resample": resample,
-        "draft": draft and item["format"] == "JPEG",
+        "draft_scale": draft_scale(item, plan, draft),
     })
 
 
-def _render(source: str, expected_digest: str, plan: CropPlan, resample: str, draft: bool,
+def _render(source: str, expected_digest: str, plan: CropPlan, resample: str, scale: int,
             background: str | None, output: str, max_pixels: int) -> str | None:
     """Worker: decode, resize, crop, write lossless PNG atomically. Returns a rejection reason or None."""
     path = Path(source)
     try:
         if file_digest(path) != expected_digest:
             return "source changed since ingest: run the ingest stage again"
-        needed = (plan.resized[0] * DRAFT_MARGIN, plan.resized[1] * DRAFT_MARGIN) if draft else None
-        image = load_normalized(path, background or "white", needed, max_pixels)
+        image = load_normalized(path, background or "white", plan.resized if scale > 1 else None, max_pixels)
         image = image.resize(plan.resized, RESAMPLE[resample], reducing_gap=3.0).crop(plan.box)
     except (ImageRejected, FileNotFoundError) as error:
         return f"unreadable at bucket time: {error}"
     with atomic_path(Path(output)) as tmp:
-        image.save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+        write_png_rgb(image, tmp, PNG_COMPRESS_LEVEL)
     return None
 
 
@@ -126,7 +134,8 @@ def run_bucket(params: Params, root: Path, ingested_dir: Path, out_dir: Path,
     tasks = []
     for i in missing:
         item, plan = planned[i]
-        tasks.append((str(root / item["source"]), item["digest"], plan, config.resample, config.draft,
+        tasks.append((str(root / item["source"]), item["digest"], plan, config.resample,
+                      draft_scale(item, plan, config.draft),
                       item["background"], str(store.path(keys[i], ".png")), params.ingest.max_pixels))
     failed: dict[int, str] = {}
     for i, reason in zip(missing, map_with_progress(_render, tasks, config.workers, "bucket: resizing")):
