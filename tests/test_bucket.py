@@ -164,8 +164,9 @@ def test_png_writer_is_lossless_and_standard(tmp_path):
 def test_turning_draft_off_recomputes_only_images_it_reduced(project):
     save_photo(project.raw("alpha") / "big.jpg", (1600, 1200), 4, quality=95)  # >= 2x the bucket: drafted
     save_photo(project.raw("alpha") / "small.jpg", (200, 150), 5, quality=95)  # < 2x: decoded in full anyway
+    save_photo(project.raw("alpha") / "tiny.jpg", (96, 72), 7, quality=95)  # smaller than its bucket: upscaled
     save_photo(project.raw("beta") / "lossless.png", (1600, 1200), 6)  # not a JPEG: never drafted
     project.ingest()
     project.bucket(project.params(bucket={"draft": True}))
     report = project.bucket(project.params(bucket={"draft": False}))
-    assert (report.computed, report.reused) == (1, 2)
+    assert (report.computed, report.reused) == (1, 3)

@@ -45,7 +45,7 @@ def draft_scale(item: dict[str, Any], plan: CropPlan, draft: bool) -> int:
     if not draft or item["format"] != "JPEG":
         return 1
     fits = min(item["width"] // plan.resized[0], item["height"] // plan.resized[1])
-    return next(scale for scale in (8, 4, 2, 1) if fits >= scale)
+    return next((scale for scale in (8, 4, 2) if fits >= scale), 1)  # fits is 0 when upscaling
 
 
 def item_key(item: dict[str, Any], plan: CropPlan, resample: str, draft: bool) -> str:
