@@ -16,7 +16,12 @@ from tuneline.config import ParamsError, load_params
 STAGE_DIRS = {
     "ingest": (None, "data/ingested"),
     "bucket": ("data/ingested", "data/bucketed"),
+    "caption": ("data/bucketed", "data/captioned"),
+    "latents": ("data/captioned", "data/latents"),
+    "train": ("data/latents", "models/train"),
 }
+# Persistent, outside DVC's cache: a rerun after an interruption resumes from here.
+CHECKPOINT_DIR = "checkpoints/train"
 METRICS_DIR = "metrics"
 
 
@@ -35,10 +40,34 @@ def _bucket(params, root: Path):
     return report
 
 
+def _caption(params, root: Path):
+    from tuneline.caption import run_caption
+
+    input_dir, output_dir = STAGE_DIRS["caption"]
+    return run_caption(params, root, root / input_dir, root / output_dir, root / METRICS_DIR)
+
+
+def _latents(params, root: Path):
+    from tuneline.latents import run_latents
+
+    input_dir, output_dir = STAGE_DIRS["latents"]
+    return run_latents(params, root, root / input_dir, root / output_dir, root / METRICS_DIR)
+
+
+def _train(params, root: Path):
+    from tuneline.train.run import run_train
+
+    input_dir, output_dir = STAGE_DIRS["train"]
+    return run_train(params, root, root / input_dir, root / output_dir, root / CHECKPOINT_DIR, root / METRICS_DIR)
+
+
 # Stage name -> function(params, root) -> StageReport. Heavy imports stay inside each.
 STAGE_RUNNERS = {
     "ingest": _ingest,
     "bucket": _bucket,
+    "caption": _caption,
+    "latents": _latents,
+    "train": _train,
 }
 
 
@@ -55,6 +84,17 @@ def run_stage(stage: str, params_path: Path, root: Path) -> int:
     except FileNotFoundError as error:
         print_error("error", str(error))
         return 1
+    except Exception as error:  # the trainer's stop, divergence and resume refusals: no traceback
+        from tuneline.train.checkpoint import ResumeRefused
+        from tuneline.train.trainer import StopRequested, TrainingDiverged
+
+        if isinstance(error, StopRequested):
+            print_error("stopped", str(error))
+            return 143
+        if isinstance(error, (TrainingDiverged, ResumeRefused)):
+            print_error("training stopped", str(error))
+            return 1 if isinstance(error, TrainingDiverged) else 2
+        raise
     report.print_summary(root / STAGE_DIRS[stage][1] / "rejected.jsonl")
     return 0
 

@@ -79,6 +79,11 @@ class EmaConfig(Section):
 
     enabled: bool = Field(False, description="Keep an EMA copy of the trained weights.")
     decay: float = Field(0.999, gt=0, lt=1, description="EMA decay per update.")
+    warmup: bool = Field(
+        True,
+        description="Ramp the decay in as min(decay, (1+n)/(10+n)), n = updates so far, so the average "
+        "follows the weights closely early on (diffusers' default).",
+    )
     every: int = Field(1, ge=1, description="Update the EMA every N optimizer steps.")
     start_step: int = Field(0, ge=0, description="Start averaging after this many optimizer steps (e.g. warmup).")
     on_cpu: bool = Field(False, description="Keep the EMA weights on the CPU to save GPU memory.")

@@ -1,0 +1,219 @@
+"""The SDXL adapter: everything the trainer core needs that is specific to SDXL.
+
+Loads the UNet, both text encoders and the noise schedule; applies the training mode
+(LoRA through PEFT or full, per component); turns a batch of cached latents and
+captions into the per-sample diffusion loss (text conditioning, time ids from original
+size / crop / target size, epsilon or v target); saves the result in diffusers format.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from tuneline.config import ModelConfig, ParamsError
+from tuneline.models.loading import _base_location, load_text_encoders
+from tuneline.models.sdxl_text import encode_prompts
+from tuneline.train.config import TrainConfig
+from tuneline.train.loss import loss_weights, per_sample_mse, snr_of
+
+log = logging.getLogger(__name__)
+
+# PEFT target modules per preset (suffix match on module names).
+UNET_LORA_TARGETS = {
+    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
+    "attention_mlp": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"],
+    "all": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out",
+            "conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv"],
+}
+TEXT_LORA_TARGETS = {
+    "attention": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "attention_mlp": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "all": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+}
+TEXT_ENCODER_NAMES = ("text_encoder_1", "text_encoder_2")  # params names; diffusers: text_encoder, text_encoder_2
+
+
+class SDXLAdapter:
+    """One SDXL model under training. Modules are plain torch modules until the trainer prepares them."""
+
+    family = "sdxl"
+
+    def __init__(self, model_config: ModelConfig, train_config: TrainConfig, root: Path) -> None:
+        self.model_config = model_config
+        self.config = train_config
+        self.root = Path(root)
+        self.unet: Any = None
+        self.tokenizers: list[Any] = []
+        self.text_encoders: list[Any] = []
+        self.noise_scheduler: Any = None
+        self.prediction_type = "epsilon"
+
+    # --- loading and set-up -----------------------------------------------------------
+
+    def load(self) -> None:
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+
+        base = _base_location(self.model_config, self.root, "the UNet")
+        kwargs = {"revision": self.model_config.revision} if isinstance(base, str) and self.model_config.revision else {}
+        self.unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **kwargs)
+        # Training always uses the DDPM forward process, whatever sampler the folder ships.
+        scheduler_overrides = {"rescale_betas_zero_snr": True} if self.config.zero_terminal_snr else {}
+        self.noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **kwargs,
+                                                             **scheduler_overrides)
+        configured = self.noise_scheduler.config.get("prediction_type", "epsilon")
+        self.prediction_type = self.config.prediction_type or configured
+        if self.prediction_type != configured:
+            self.noise_scheduler.register_to_config(prediction_type=self.prediction_type)
+        self.tokenizers, self.text_encoders = load_text_encoders(self.model_config, self.root, "fp32", "cpu")
+
+    def setup_training(self) -> None:
+        """Freeze what is frozen, add LoRA adapters, enable memory/speed options."""
+        from peft import LoraConfig as PeftLoraConfig
+
+        config = self.config
+        lora = config.lora
+        self.unet.requires_grad_(config.mode == "full")
+        if config.mode == "lora":
+            self.unet.add_adapter(PeftLoraConfig(
+                r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                target_modules=UNET_LORA_TARGETS[lora.targets], init_lora_weights="gaussian"))
+        for name, encoder in zip(TEXT_ENCODER_NAMES, self.text_encoders):
+            mode = getattr(config, name).mode
+            encoder.requires_grad_(mode == "full")
+            if mode == "lora":
+                encoder.add_adapter(PeftLoraConfig(
+                    r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                    target_modules=TEXT_LORA_TARGETS[lora.targets], init_lora_weights="gaussian"))
+        if config.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            for name, encoder in zip(TEXT_ENCODER_NAMES, self.text_encoders):
+                if getattr(config, name).mode != "frozen":
+                    encoder.gradient_checkpointing_enable()
+        if config.attention == "eager":
+            from diffusers.models.attention_processor import AttnProcessor
+
+            self.unet.set_attn_processor(AttnProcessor())
+        # SDPA (AttnProcessor2_0) is diffusers' default on torch 2.
+
+    def trained_modules(self) -> dict[str, Any]:
+        """name -> module for every module with trainable parameters (what the trainer prepares)."""
+        modules = {"unet": self.unet}
+        for name, encoder in zip(TEXT_ENCODER_NAMES, self.text_encoders):
+            if getattr(self.config, name).mode != "frozen":
+                modules[name] = encoder
+        return modules
+
+    def frozen_modules(self) -> dict[str, Any]:
+        return {name: encoder for name, encoder in zip(TEXT_ENCODER_NAMES, self.text_encoders)
+                if getattr(self.config, name).mode == "frozen"}
+
+    def param_groups(self, modules: dict[str, Any]) -> list[dict[str, Any]]:
+        """One optimizer group per trained module, each with its own learning rate."""
+        groups = []
+        for name, module in modules.items():
+            params = [p for p in module.parameters() if p.requires_grad]
+            if not params:
+                raise ParamsError(f"train: {name} has nothing to train (check train.mode and train.lora.targets)")
+            lr = self.config.lr if name == "unet" else (getattr(self.config, name).lr or self.config.lr)
+            groups.append({"name": name, "params": params, "lr": lr})
+        return groups
+
+    # --- the loss ----------------------------------------------------------------------
+
+    def time_ids(self, batch: dict[str, Any], device: Any) -> Any:
+        """SDXL micro-conditioning: (orig_h, orig_w, crop_top, crop_left, target_h, target_w) per sample."""
+        import torch
+
+        rows = []
+        for (orig_w, orig_h), (top, left), (target_w, target_h) in zip(
+                batch["original_size"], batch["crop_top_left"], batch["target_size"]):
+            rows.append([orig_h, orig_w, top, left, target_h, target_w])
+        return torch.tensor(rows, dtype=torch.float32, device=device)
+
+    def conditioning(self, modules: dict[str, Any], captions: list[str], device: Any) -> tuple[Any, Any]:
+        """(prompt_embeds, pooled) through the live encoders; frozen ones without a graph."""
+        import torch
+
+        encoders = [modules.get(name, encoder) for name, encoder in zip(TEXT_ENCODER_NAMES, self.text_encoders)]
+        if all(getattr(self.config, name).mode == "frozen" for name in TEXT_ENCODER_NAMES):
+            with torch.no_grad():
+                return encode_prompts(self.tokenizers, encoders, captions, device)
+        return encode_prompts(self.tokenizers, encoders, captions, device)
+
+    def loss(self, modules: dict[str, Any], batch: dict[str, Any], generator: Any, step: int) -> tuple[Any, dict]:
+        """Weighted mean diffusion loss of the batch, and per-batch facts to log."""
+        import torch
+
+        latents = batch["latents"]
+        device = latents.device
+        noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+        if self.config.loss.noise_offset:
+            offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=device)
+            noise = noise + self.config.loss.noise_offset * offset
+        steps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator, device=device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        if "prompt_embeds" in batch:
+            prompt_embeds, pooled = batch["prompt_embeds"], batch["pooled"]
+        else:
+            prompt_embeds, pooled = self.conditioning(modules, batch["captions"], device)
+        prediction = modules["unet"](
+            noisy, timesteps, prompt_embeds,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": self.time_ids(batch, device)},
+        ).sample
+        per_sample = per_sample_mse(prediction, target)
+        snr = snr_of(self.noise_scheduler.alphas_cumprod, timesteps)
+        weights = loss_weights(self.config.loss, snr, self.prediction_type, step) * batch["loss_weight"].to(device)
+        return (per_sample * weights).mean(), {"timestep_mean": float(timesteps.float().mean())}
+
+    # --- outputs -----------------------------------------------------------------------
+
+    def save(self, modules: dict[str, Any], out_dir: Path) -> Path:
+        """LoRA weights in diffusers format (alpha kept in the adapter metadata) or a full pipeline folder."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if self.config.mode == "lora" or any(getattr(self.config, n).mode == "lora" for n in TEXT_ENCODER_NAMES):
+            self._save_lora(modules, out_dir)
+        if self.config.mode == "full" or any(getattr(self.config, n).mode == "full" for n in TEXT_ENCODER_NAMES):
+            self._save_pipeline(modules, out_dir / "pipeline")
+        return out_dir
+
+    def _save_lora(self, modules: dict[str, Any], out_dir: Path) -> None:
+        from diffusers import StableDiffusionXLPipeline
+        from peft.utils import get_peft_model_state_dict
+
+        layers: dict[str, Any] = {}
+        metadata: dict[str, Any] = {}
+        lora = self.config.lora
+        adapter_metadata = {"r": lora.rank, "lora_alpha": lora.alpha}
+        if self.config.mode == "lora":
+            layers["unet_lora_layers"] = get_peft_model_state_dict(modules["unet"])
+            metadata["unet_lora_adapter_metadata"] = {**adapter_metadata,
+                                                      "target_modules": UNET_LORA_TARGETS[lora.targets]}
+        for name, keyword in zip(TEXT_ENCODER_NAMES, ("text_encoder", "text_encoder_2")):
+            if getattr(self.config, name).mode == "lora":
+                layers[f"{keyword}_lora_layers"] = get_peft_model_state_dict(modules[name])
+                metadata[f"{keyword}_lora_adapter_metadata"] = {**adapter_metadata,
+                                                                "target_modules": TEXT_LORA_TARGETS[lora.targets]}
+        StableDiffusionXLPipeline.save_lora_weights(out_dir, **layers, **metadata, safe_serialization=True)
+
+    def _save_pipeline(self, modules: dict[str, Any], out_dir: Path) -> None:
+        """The base pipeline with the fully trained components replaced (LoRA-only parts stay base)."""
+        from diffusers import StableDiffusionXLPipeline
+
+        base = _base_location(self.model_config, self.root, "the pipeline")
+        kwargs = {"revision": self.model_config.revision} if isinstance(base, str) and self.model_config.revision else {}
+        replaced: dict[str, Any] = {}
+        if self.config.mode == "full":
+            replaced["unet"] = modules["unet"]
+        for name, component in zip(TEXT_ENCODER_NAMES, ("text_encoder", "text_encoder_2")):
+            if getattr(self.config, name).mode == "full":
+                replaced[component] = modules[name]
+        pipeline = StableDiffusionXLPipeline.from_pretrained(base, **kwargs, **replaced)
+        pipeline.save_pretrained(out_dir, safe_serialization=True)

@@ -1,0 +1,109 @@
+"""Training samples from the latents stage: cached latent distributions, captions, SDXL sizes.
+
+Latents are sampled from the stored distribution (mean + std * noise) with the trainer's
+generator, so every epoch sees a fresh sample and resume stays exact.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tuneline.config import Params, ParamsError
+from tuneline.manifest import read_manifest
+from tuneline.train.captions import augment_caption
+from tuneline.train.sampler import SampleRef
+
+
+@dataclass(frozen=True)
+class LatentItem:
+    index: int
+    record: dict[str, Any]
+    bucket: tuple[int, int]
+    repeats: int
+    loss_weight: float
+
+
+class LatentData:
+    """The latents stage's output folder as training items."""
+
+    def __init__(self, params: Params, latents_dir: Path) -> None:
+        self.params = params
+        self.dir = Path(latents_dir)
+        records = read_manifest(self.dir)
+        if not records:
+            raise ParamsError(f"{self.dir}: no latents to train on (run the earlier stages first)")
+        self.items = []
+        for record in records:
+            try:
+                dataset = params.dataset(record["dataset"])
+            except KeyError:
+                continue  # a data set removed from params.yaml since the latents were cached
+            self.items.append(LatentItem(len(self.items), record, tuple(record["bucket"]), dataset.repeats,
+                                         dataset.loss_weight))
+        if params.train.flip and not all(item.record.get("has_flip") for item in self.items):
+            raise ParamsError("train.flip: true needs flipped latents: set latents.flip: true and rerun latents")
+        self.scaling_factor = float(records[0].get("scaling_factor") or 0.13025)
+        self.shift_factor = float(records[0].get("shift_factor") or 0.0)
+        self.text_cache = self._text_cache_usable()
+
+    def _text_cache_usable(self) -> bool:
+        train = self.params.train
+        return (all(item.record.get("text_embeddings") for item in self.items) and train.caption_dropout == 0
+                and not train.caption_shuffle and not train.train_text_encoders)
+
+    def sample_refs(self) -> list[SampleRef]:
+        return [SampleRef(item.index, item.bucket, item.repeats) for item in self.items]
+
+    def digest(self) -> str:
+        """Digest of what is trained on (latent and text keys, captions, weights): the data identity."""
+        from tuneline.fsutil import digest_json
+
+        return digest_json([[i.record.get("latent_key"), i.record.get("caption"), i.repeats, i.loss_weight]
+                            for i in self.items])
+
+    def batch(self, indices: list[int], generator: Any, python_rng: random.Random, device: Any) -> dict[str, Any]:
+        """Load, sample and stack one batch (all items share a bucket)."""
+        import torch
+        from safetensors.torch import load_file
+
+        train = self.params.train
+        latents, captions, crops, embeds, pooled = [], [], [], [], []
+        for index in indices:
+            item = self.items[index]
+            tensors = load_file(self.dir / item.record["latents"])
+            flip = train.flip and python_rng.random() < 0.5
+            mean, std = (tensors["flip_mean"], tensors["flip_std"]) if flip else (tensors["mean"], tensors["std"])
+            sample = mean.float() + std.float() * torch.randn(mean.shape, generator=generator,
+                                                              device=generator.device).to(mean.device)
+            latents.append((sample - self.shift_factor) * self.scaling_factor)
+            top, left = item.record["crop_top_left"]
+            if flip:  # the crop's left edge, seen in the mirrored resized image
+                left = item.record["resized_size"][0] - left - item.bucket[0]
+            crops.append((top, left))
+            captions.append(augment_caption(item.record.get("caption") or "", train, python_rng))
+            if self.text_cache:
+                text = load_file(self.dir / item.record["text_embeddings"])
+                embeds.append(text["prompt_embeds"])
+                pooled.append(text["pooled"])
+        batch = {
+            "latents": torch.stack(latents).to(device),
+            "captions": captions,
+            "original_size": [self.items[i].record["original_size"] for i in indices],
+            "crop_top_left": crops,
+            "target_size": [self.items[i].bucket for i in indices],
+            "loss_weight": torch.tensor([self.items[i].loss_weight for i in indices], dtype=torch.float32),
+            "ids": [self.items[i].record["id"] for i in indices],
+        }
+        if self.text_cache:
+            batch["prompt_embeds"] = torch.stack(embeds).to(device)
+            batch["pooled"] = torch.stack(pooled).to(device)
+        return batch
+
+
+def read_latents_summary(latents_dir: Path) -> dict[str, Any]:
+    path = Path(latents_dir) / "latents.json"
+    return json.loads(path.read_text("utf-8")) if path.is_file() else {}

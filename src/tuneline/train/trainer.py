@@ -1,0 +1,369 @@
+"""The trainer core: family-agnostic, explicit, resumable, under HF accelerate.
+
+    trainer = Trainer(params, root, latents_dir, checkpoint_dir, adapter)
+    trainer.setup()          # load, prepare, resume from the latest checkpoint if any
+    result = trainer.fit()   # train_step until num_steps / num_epochs or a stop signal
+
+The model family lives behind the adapter (tuneline.models.sdxl.SDXLAdapter): it loads
+the modules, names the trained ones and their parameter groups, and computes the loss.
+Optimization is a list of units (optimizer + LR schedule over some parameter groups);
+SDXL has one, a GAN-style model adds a second with its own loss, not a rewrite.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tuneline.config import Params
+from tuneline.train import checkpoint
+from tuneline.train.data import LatentData
+from tuneline.train.sampler import BucketBatchSampler
+from tuneline.train.state import TrainRandom, TrainState
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+class StopRequested(RuntimeError):
+    """SIGTERM/SIGINT arrived; a checkpoint was saved."""
+
+
+@dataclass
+class OptimizationUnit:
+    """One optimizer with its LR schedule and the parameter groups it steps."""
+
+    name: str
+    optimizer: Any
+    scheduler: Any
+    parameters: list[Any]
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float | None
+    lrs: dict[str, float]
+    samples: int = 0  # samples in this step, all processes
+    skipped: bool = False  # fp16: the scaler found inf gradients and skipped the update
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, params: Params, root: Path, latents_dir: Path, checkpoint_dir: Path, adapter: Any,
+                 tracker: Any = None) -> None:
+        self.params = params
+        self.config = params.train
+        self.root = Path(root)
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.adapter = adapter
+        self.tracker = tracker
+        self.data = LatentData(params, latents_dir)
+        self.stop_signal: int | None = None
+        self.messages: list[str] = []  # resume notes, safe config changes: shown and logged
+
+    # --- set-up -------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        import torch
+        from accelerate import Accelerator
+
+        from tuneline.train.ema import EMA
+        from tuneline.train.optim import build_optimizer, check_optimizer_available
+        from tuneline.train.schedule import build_scheduler
+
+        config = self.config
+        self.accelerator = Accelerator(mixed_precision=config.mixed_precision,
+                                       cpu=not torch.cuda.is_available())
+        check_optimizer_available(config.optimizer, self.accelerator.device.type)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        self.seed = self._resolve_seed()
+        torch.manual_seed(self.seed)
+        random.seed(self.seed)
+        self.adapter.load()
+        self.adapter.setup_training()
+        modules = self.adapter.trained_modules()
+        groups = self.adapter.param_groups(modules)
+        self.parameters = [p for group in groups for p in group["params"]]
+        self.sampler = BucketBatchSampler(self.data.sample_refs(), self.params.bucket.batch_size_for, self.seed,
+                                          self.accelerator.num_processes, self.accelerator.process_index)
+        self.batches_per_epoch = len(self.sampler)
+        self.total_steps = self._total_steps()
+        optimizer = build_optimizer(config.optimizer, groups)
+        scheduler = build_scheduler(optimizer, config.schedule, self.total_steps)
+        names = list(modules)
+        prepared = self.accelerator.prepare(*modules.values(), optimizer)
+        self.modules = dict(zip(names, prepared[:-1]))
+        for name, module in self.adapter.frozen_modules().items():
+            module.to(self.accelerator.device)
+        if config.compile:
+            self.modules["unet"] = torch.compile(self.modules["unet"])
+        self.units = [OptimizationUnit("model", prepared[-1], scheduler, self.parameters)]
+        self.ema = EMA(self._named_trained_parameters(), config.ema) if config.ema.enabled else None
+        self.random = TrainRandom(self.seed, self.accelerator.process_index, self.accelerator.device)
+        self.state = TrainState(seed=self.seed)
+        self.data_digest = self.data.digest()
+        found = checkpoint.latest(self.checkpoint_dir)
+        if found is not None:
+            self.resume(found)
+        self.state.history.append({"started_at_step": self.state.step, "time": time.time(),
+                                   "processes": self.accelerator.num_processes})
+
+    def _resolve_seed(self) -> int:
+        """The configured seed, or (null/0) a random one, read from the checkpoint when resuming."""
+        if self.config.seed:
+            return self.config.seed
+        found = checkpoint.latest(self.checkpoint_dir)
+        if found is not None:
+            return checkpoint.read_state(found)["train_state"]["seed"]
+        import torch
+
+        seed = random.SystemRandom().randrange(1, 2**31)
+        # Every process must use the main process's pick.
+        seed = int(self.accelerator.reduce(torch.tensor(seed if self.accelerator.is_main_process else 0,
+                                                        device=self.accelerator.device), "sum"))
+        self.messages.append(f"train.seed is {self.config.seed!r}: picked seed {seed} (recorded; set it to repeat)")
+        return seed
+
+    def _total_steps(self) -> int:
+        if self.config.num_steps is not None:
+            return self.config.num_steps
+        steps_per_epoch = max(1, self.batches_per_epoch // self.config.gradient_accumulation)
+        return self.config.num_epochs * steps_per_epoch
+
+    def _named_trained_parameters(self) -> list[tuple[str, Any]]:
+        return [(f"{name}.{pname}", p) for name, module in self.modules.items()
+                for pname, p in self.accelerator.unwrap_model(module).named_parameters() if p.requires_grad]
+
+    # --- one optimizer step ---------------------------------------------------------------
+
+    def next_batches(self) -> list[list[int]]:
+        """The micro-batches of the next optimizer step; advances epoch and position."""
+        chosen = []
+        while len(chosen) < self.config.gradient_accumulation:
+            epoch_batches = self.sampler.batches(self.state.epoch)
+            if self.state.position >= len(epoch_batches):
+                self.state.epoch += 1
+                self.state.position = 0
+                continue
+            chosen.append(epoch_batches[self.state.position])
+            self.state.position += 1
+        return chosen
+
+    def train_step(self, micro_batches: list[list[int]]) -> StepResult:
+        """Forward + backward over the micro-batches, then one clipped optimizer step per unit."""
+        import torch
+
+        accelerator = self.accelerator
+        unit = self.units[0]
+        for module in self.modules.values():
+            module.train()
+        total_loss = 0.0
+        samples = 0
+        extra: dict[str, float] = {}
+        for i, indices in enumerate(micro_batches):
+            batch = self.data.batch(indices, self.random.torch, self.random.python, accelerator.device)
+            last = i == len(micro_batches) - 1
+            with _no_sync(accelerator, self.modules.values(), enabled=not last), accelerator.autocast():
+                loss, extra = self.adapter.loss(self.modules, batch, self.random.torch, self.state.step)
+            # Every process must agree before anyone steps on a poisoned gradient.
+            finite = accelerator.reduce(torch.isfinite(loss.detach()).float(), "min")
+            if finite.item() < 1:
+                raise TrainingDiverged(
+                    f"loss is {loss.item()} at step {self.state.step + 1} (items {batch['ids']}); stopped "
+                    f"without saving. The last good checkpoint is in {self.checkpoint_dir}. Lower train.lr, "
+                    "use bf16 instead of fp16, or check the data.")
+            accelerator.backward(loss / len(micro_batches))
+            total_loss += loss.detach().float().item() / len(micro_batches)
+            self.state.micro_step += 1
+            samples += len(indices) * accelerator.num_processes
+        self.state.samples_seen += samples
+        grad_norm = None
+        if self.config.max_grad_norm is not None:
+            norm = accelerator.clip_grad_norm_(unit.parameters, self.config.max_grad_norm)
+            grad_norm = float(norm) if norm is not None else None
+        unit.optimizer.step()
+        skipped = bool(getattr(unit.optimizer, "step_was_skipped", False))
+        if not skipped:
+            unit.scheduler.step()
+        unit.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        if self.ema is not None:
+            self.ema.update(self.state.step)
+        mean_loss = float(accelerator.reduce(torch.tensor(total_loss, device=accelerator.device), "mean"))
+        lrs = {group.get("name", str(k)): group["lr"] for k, group in enumerate(unit.optimizer.param_groups)}
+        return StepResult(mean_loss, grad_norm, lrs, samples, skipped, extra)
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def save(self) -> Path | None:
+        """Write a resumable checkpoint of the current step (every process takes part)."""
+        import torch
+        from safetensors.torch import save_file
+
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
+        staging = checkpoint.staging_dir(self.checkpoint_dir, self.state.step)
+        if accelerator.is_main_process:
+            checkpoint.begin(self.checkpoint_dir, self.state.step)
+        accelerator.wait_for_everyone()
+        torch.save(self.random.state_dict(), staging / f"rng_rank{accelerator.process_index}.pt")
+        final = None
+        if accelerator.is_main_process:
+            trained = {name: p.detach().to("cpu", copy=True).contiguous()
+                       for name, p in self._named_trained_parameters()}
+            save_file(trained, staging / "trained.safetensors")
+            training = {"units": {u.name: {"optimizer": u.optimizer.state_dict(),
+                                           "scheduler": u.scheduler.state_dict()} for u in self.units},
+                        "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                        "ema": self.ema.state_dict() if self.ema is not None else None}
+            torch.save(training, staging / "training.pt")
+            checkpoint.write_state(staging, {
+                "train_state": self.state.to_json(),
+                "train_config": self.config.model_dump(mode="json"),
+                "model": self.params.model.model_dump(mode="json"),
+                "data_digest": self.data_digest,
+                "processes": accelerator.num_processes,
+            })
+            final = checkpoint.finish(self.checkpoint_dir, self.state.step, self.config.checkpoint.keep_last)
+        accelerator.wait_for_everyone()
+        return final
+
+    def resume(self, folder: Path) -> None:
+        """Continue exactly where `folder` stopped; refuse changes that would make it a different run."""
+        import torch
+        from safetensors.torch import load_file
+
+        saved = checkpoint.read_state(folder)
+        safe, unsafe = checkpoint.compare_configs(saved["train_config"], self.config.model_dump(mode="json"))
+        if saved["model"] != self.params.model.model_dump(mode="json"):
+            unsafe.append(f"model: {saved['model']} -> {self.params.model.model_dump(mode='json')}")
+        if saved["data_digest"] != self.data_digest:
+            unsafe.append("the training data changed (images, captions, repeats or loss weights)")
+        if saved["processes"] != self.accelerator.num_processes:
+            unsafe.append(f"number of processes: {saved['processes']} -> {self.accelerator.num_processes}")
+        if unsafe:
+            raise checkpoint.ResumeRefused(
+                f"cannot resume from {folder}: " + "; ".join(unsafe) + f". Restore those settings, or delete "
+                f"{self.checkpoint_dir} to start a new run.")
+        for line in safe:
+            self.messages.append(f"resuming with a changed setting: {line}")
+        trained = load_file(folder / "trained.safetensors")
+        with torch.no_grad():
+            for name, parameter in self._named_trained_parameters():
+                parameter.copy_(trained[name].to(parameter.device, parameter.dtype))
+        training = torch.load(folder / "training.pt", map_location="cpu", weights_only=False)
+        for unit in self.units:
+            unit.optimizer.load_state_dict(training["units"][unit.name]["optimizer"])
+            unit.scheduler.load_state_dict(training["units"][unit.name]["scheduler"])
+        if training["scaler"] is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(training["scaler"])
+        if self.ema is not None and training["ema"] is not None:
+            self.ema.load_state_dict(training["ema"])
+        rng = torch.load(folder / f"rng_rank{self.accelerator.process_index}.pt", map_location="cpu",
+                         weights_only=False)
+        self.state = TrainState.from_json(saved["train_state"])
+        self.messages.extend(self.random.load_state_dict(rng, self.state.step))
+        self.messages.append(f"resumed from {folder} at step {self.state.step} (epoch {self.state.epoch})")
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def _done(self) -> bool:
+        if self.config.num_steps is not None:
+            return self.state.step >= self.config.num_steps
+        return self.state.epoch >= self.config.num_epochs
+
+    def _checkpoint_due(self, epoch_before: int) -> bool:
+        every = self.config.checkpoint
+        by_steps = every.every_steps is not None and self.state.step % every.every_steps == 0
+        by_epochs = (every.every_epochs is not None and self.state.epoch != epoch_before
+                     and self.state.epoch % every.every_epochs == 0)
+        return by_steps or by_epochs
+
+    def _stop_agreed(self) -> bool:
+        import torch
+
+        flag = torch.tensor(1.0 if self.stop_signal is not None else 0.0, device=self.accelerator.device)
+        return float(self.accelerator.reduce(flag, "max")) > 0
+
+    def fit(self, on_log: Any = None) -> dict[str, Any]:
+        """Train until done; save on schedule, at the end, and on SIGTERM/SIGINT (then raise StopRequested)."""
+        from tqdm.auto import tqdm
+
+        accelerator = self.accelerator
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        for message in self.messages:
+            accelerator.print(message)
+        bar = tqdm(total=self.total_steps if self.config.num_steps else None, initial=self.state.step,
+                   disable=not accelerator.is_local_main_process, desc="train", dynamic_ncols=True)
+        session_start, session_steps, last = time.perf_counter(), 0, None
+        try:
+            while not self._done():
+                epoch_before = self.state.epoch
+                result = self.train_step(self.next_batches())
+                session_steps += 1
+                seconds_per_step = (time.perf_counter() - session_start) / session_steps
+                last = result
+                bar.update(1)
+                bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{next(iter(result.lrs.values())):.2e}",
+                                s_step=f"{seconds_per_step:.2f}")
+                if self.state.step % self.config.log_every == 0 and on_log is not None:
+                    on_log(self.state, result, seconds_per_step)
+                if self._stop_agreed():
+                    saved = self.save()
+                    raise StopRequested(
+                        f"stopped by signal {self.stop_signal} at step {self.state.step}; checkpoint "
+                        f"{saved or self.checkpoint_dir}. Run the same command again (or `dvc repro`) to resume.")
+                if self._checkpoint_due(epoch_before) and not self._done():
+                    self.save()
+            self.save()
+        finally:
+            bar.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return {"steps": self.state.step, "epochs": self.state.epoch, "final_loss": last.loss if last else None,
+                "seconds_per_step": (time.perf_counter() - session_start) / max(1, session_steps),
+                "session_steps": session_steps, "seed": self.seed}
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.stop_signal is not None:  # a second signal: the user insists
+            raise KeyboardInterrupt
+        self.stop_signal = signum
+        if self.accelerator.is_local_main_process:
+            print(f"\nsignal {signum}: finishing this step, then saving a checkpoint", flush=True)
+
+    def save_outputs(self, out_dir: Path) -> Path | None:
+        """The trained result in diffusers format (EMA weights when EMA is on), main process only."""
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return None
+        unwrapped = {name: self.accelerator.unwrap_model(m) for name, m in self.modules.items()}
+        if self.ema is not None:
+            with self.ema.swap():
+                return self.adapter.save(unwrapped, out_dir)
+        return self.adapter.save(unwrapped, out_dir)
+
+
+class _no_sync:
+    """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulated step."""
+
+    def __init__(self, accelerator: Any, modules: Any, enabled: bool) -> None:
+        import contextlib
+
+        self.stack = contextlib.ExitStack()
+        self.contexts = [accelerator.no_sync(m) for m in modules] if enabled else []
+
+    def __enter__(self) -> None:
+        for context in self.contexts:
+            self.stack.enter_context(context)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stack.close()
