@@ -7,6 +7,7 @@ and writes its output folder plus metrics/<stage>.json, relative to the project 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -95,7 +96,8 @@ def run_stage(stage: str, params_path: Path, root: Path) -> int:
             print_error("training stopped", str(error))
             return 1 if isinstance(error, TrainingDiverged) else 2
         raise
-    report.print_summary(root / STAGE_DIRS[stage][1] / "rejected.jsonl")
+    if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, one summary, from the main process
+        report.print_summary(root / STAGE_DIRS[stage][1] / "rejected.jsonl")
     return 0
 
 

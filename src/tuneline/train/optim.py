@@ -70,6 +70,8 @@ def build_optimizer(config: OptimizerConfig, param_groups: list[dict[str, Any]])
     - prodigy: prodigyopt.Prodigy; expects lr ~1.0 (logs a warning otherwise) and
       one lr for all groups (raises ValueError otherwise, as Prodigy would at step 1).
     """
+    if not param_groups:
+        raise ValueError("build_optimizer got no parameter groups: nothing is trained")
     for index, group in enumerate(param_groups):
         missing = [key for key in ("params", "lr", "name") if key not in group]
         if missing:

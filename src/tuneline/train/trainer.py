@@ -150,12 +150,11 @@ class Trainer:
         chosen = []
         while len(chosen) < self.config.gradient_accumulation:
             epoch_batches = self.sampler.batches(self.state.epoch)
-            if self.state.position >= len(epoch_batches):
-                self.state.epoch += 1
-                self.state.position = 0
-                continue
             chosen.append(epoch_batches[self.state.position])
             self.state.position += 1
+            if self.state.position == len(epoch_batches):  # the epoch is over as soon as its last batch is taken
+                self.state.epoch += 1
+                self.state.position = 0
         return chosen
 
     def train_step(self, micro_batches: list[list[int]]) -> StepResult:
@@ -201,6 +200,27 @@ class Trainer:
         mean_loss = float(accelerator.reduce(torch.tensor(total_loss, device=accelerator.device), "mean"))
         lrs = {group.get("name", str(k)): group["lr"] for k, group in enumerate(unit.optimizer.param_groups)}
         return StepResult(mean_loss, grad_norm, lrs, samples, skipped, extra)
+
+    def evaluate(self, seed: int = 0) -> float:
+        """Mean loss over every item with noise, timesteps and latent samples fixed by `seed`.
+
+        Uses its own generators and eval mode, so the training streams (and exact resume)
+        are untouched. Comparable across steps of one run: the learning signal.
+        """
+        import torch
+
+        generator = torch.Generator(device=self.accelerator.device).manual_seed(seed)
+        python_rng = random.Random(seed)
+        for module in self.modules.values():
+            module.eval()
+        total, count = 0.0, 0
+        with torch.no_grad(), self.accelerator.autocast():
+            for indices in self.sampler.all_batches(epoch=0):
+                batch = self.data.batch(indices, generator, python_rng, self.accelerator.device)
+                loss, _ = self.adapter.loss(self.modules, batch, generator, self.state.step)
+                total += float(loss) * len(indices)
+                count += len(indices)
+        return total / count
 
     # --- checkpoints ----------------------------------------------------------------------
 
@@ -264,6 +284,9 @@ class Trainer:
         for unit in self.units:
             unit.optimizer.load_state_dict(training["units"][unit.name]["optimizer"])
             unit.scheduler.load_state_dict(training["units"][unit.name]["scheduler"])
+            # The optimizer state carries the lr of the old schedule; num_steps may have changed it.
+            for group, lr in zip(unit.optimizer.param_groups, unit.scheduler.get_lr()):
+                group["lr"] = lr
         if training["scaler"] is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(training["scaler"])
         if self.ema is not None and training["ema"] is not None:

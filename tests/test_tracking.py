@@ -1,0 +1,243 @@
+"""MLflow tracker: runs, params, metrics, images, parent/child runs, statuses, no-op mode.
+
+One SQLite store per module: creating an MLflow database costs a few seconds."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tuneline.tracking import (
+    GIT_COMMIT_TAG,
+    PARENT_RUN_ENV,
+    STAGE_TAG,
+    NullTracker,
+    Tracker,
+    TrackingConfig,
+    end_parent_run,
+    flatten_params,
+    git_commit,
+    start_parent_run,
+)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """A project root that is a git repository with one commit."""
+    root = tmp_path_factory.mktemp("project")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run([*git, "init", "-q"], cwd=root, check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "init"], cwd=root, check=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def config() -> TrackingConfig:
+    # System metrics off except in their own test: the monitor thread is not what these test.
+    return TrackingConfig(system_metrics=False)
+
+
+@pytest.fixture(scope="module")
+def client(root, config):
+    from mlflow import MlflowClient
+
+    return MlflowClient(config.resolved_tracking_uri(root))
+
+
+@pytest.fixture(autouse=True)
+def no_parent_env(monkeypatch):
+    monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
+    # set_system_metrics_sampling_interval writes this variable; restore it after each test.
+    monkeypatch.delenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", raising=False)
+
+
+def test_config_resolves_paths_against_root(tmp_path):
+    config = TrackingConfig()
+    assert config.resolved_tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert config.resolved_artifact_root(tmp_path) == (tmp_path / "mlartifacts").resolve().as_uri()
+    absolute = TrackingConfig(tracking_uri="sqlite:////srv/db/mlflow.db?timeout=30", artifact_root="s3://b/p")
+    assert absolute.resolved_tracking_uri(tmp_path) == "sqlite:////srv/db/mlflow.db?timeout=30"
+    assert absolute.resolved_artifact_root(tmp_path) == "s3://b/p"
+    assert TrackingConfig(tracking_uri="http://host:5000").resolved_tracking_uri(tmp_path) == "http://host:5000"
+
+
+def test_flatten_params_dotted_json_truncated():
+    from pydantic import BaseModel
+
+    class Lora(BaseModel):
+        rank: int = 16
+        targets: list[str] = ["to_q", "to_k"]
+
+    class Train(BaseModel):
+        lora: Lora = Lora()
+        lr: float = 1e-4
+        path: Path = Path("models/x")
+        seed: int | None = None
+
+    flat = flatten_params({"train": Train(), "long": "x" * 7000, "flag": True, "weird key!": 1})
+    assert flat == {
+        "train.lora.rank": "16",
+        "train.lora.targets": '["to_q", "to_k"]',
+        "train.lr": "0.0001",
+        "train.path": "models/x",
+        "train.seed": "null",
+        "long": "x" * 6000,
+        "flag": "true",
+        "weird key_": "1",
+    }
+
+
+def test_run_logs_params_metrics_image_and_artifact(root, config, client, tmp_path, caplog):
+    params = {f"group{g}": {f"key{k}": k for k in range(60)} for g in range(3)}  # 180 > one batch
+    params["train"] = {"lora": {"rank": 8}, "prompt": "y" * 6500}
+    exported = tmp_path / "lora.safetensors"
+    exported.write_bytes(b"weights")
+    with Tracker.start(config, root, run_name="train", stage="train", tags={"data.digest": "abc"}) as tracker:
+        assert tracker.active
+        tracker.log_params(params)
+        tracker.log_metrics({"loss": 0.5, "lr": 1e-4}, step=1)
+        tracker.log_metrics({"loss": 0.25, "lr": 1e-4}, step=2)
+        with caplog.at_level("WARNING", logger="tuneline.tracking"):
+            tracker.log_metrics({"loss": math.nan, "grad_norm": math.inf, "lr": 2e-4}, step=3)
+            tracker.log_metrics({"loss": math.nan}, step=4)
+        assert len([r for r in caplog.records if "non-finite" in r.getMessage()]) == 1
+        tracker.log_image(Image.new("RGB", (8, 8), "red"), "eval/step_000002/prompt_0.png")
+        tracker.log_artifact(exported, "export")
+        tracker.set_tags({"note": "hello"})
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.lora.rank"] == "8"
+    assert run.data.params["train.prompt"] == "y" * 6000
+    assert run.data.params["group2.key59"] == "59"
+    assert len(run.data.params) == 182
+    assert run.data.tags[STAGE_TAG] == "train"
+    assert run.data.tags["data.digest"] == "abc"
+    assert run.data.tags["note"] == "hello"
+    assert run.data.tags["mlflow.runName"] == "train"
+    assert "mlflow.parentRunId" not in run.data.tags
+    assert [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, "loss")] == [(1, 0.5), (2, 0.25)]
+    assert [m.step for m in client.get_metric_history(tracker.run_id, "lr")] == [1, 2, 3]
+    assert client.get_metric_history(tracker.run_id, "grad_norm") == []
+    assert [a.path for a in client.list_artifacts(tracker.run_id, "eval/step_000002")] == [
+        "eval/step_000002/prompt_0.png"
+    ]
+    image_path = client.download_artifacts(tracker.run_id, "eval/step_000002/prompt_0.png", str(tmp_path))
+    assert Image.open(image_path).getpixel((0, 0)) == (255, 0, 0)
+    assert [a.path for a in client.list_artifacts(tracker.run_id, "export")] == ["export/lora.safetensors"]
+    # The artifact root is the configured folder under the project root.
+    assert run.info.artifact_uri.startswith((root / "mlartifacts").resolve().as_uri())
+    assert (root / "mlflow.db").is_file()
+    assert not tracker.active
+
+
+def test_git_commit_tag(root, config, client, tmp_path):
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    assert git_commit(root) == head
+    assert git_commit(tmp_path) == "unknown"
+    assert git_commit(tmp_path / "missing") == "unknown"
+    with Tracker.start(config, root, run_name="ingest", stage="ingest") as tracker:
+        pass
+    assert client.get_run(tracker.run_id).data.tags[GIT_COMMIT_TAG] == head
+
+
+def test_child_runs_under_parent(root, config, client, monkeypatch):
+    parent = start_parent_run(config, root, "pipeline", tags={"trigger": "test"})
+    with Tracker.start(config, root, run_name="bucket", stage="bucket", parent_run_id=parent) as explicit:
+        pass
+    monkeypatch.setenv(PARENT_RUN_ENV, parent)
+    with Tracker.start(config, root, run_name="caption", stage="caption") as from_env:
+        pass
+    end_parent_run(config, root, parent, "FINISHED")
+
+    for run_id, stage in ((explicit.run_id, "bucket"), (from_env.run_id, "caption")):
+        tags = client.get_run(run_id).data.tags
+        assert tags["mlflow.parentRunId"] == parent
+        assert tags[STAGE_TAG] == stage
+    parent_run = client.get_run(parent)
+    assert parent_run.info.status == "FINISHED"
+    assert parent_run.data.tags[STAGE_TAG] == "pipeline"
+    assert parent_run.data.tags["trigger"] == "test"
+    assert parent_run.info.run_name == "pipeline"
+
+
+def test_stale_parent_env_gives_top_level_run(root, config, client, monkeypatch):
+    monkeypatch.setenv(PARENT_RUN_ENV, "0" * 32)
+    with Tracker.start(config, root, run_name="latents", stage="latents") as tracker:
+        pass
+    assert "mlflow.parentRunId" not in client.get_run(tracker.run_id).data.tags
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED"), (SystemExit(2), "FAILED")],
+)
+def test_status_on_exception(root, config, client, error, status):
+    with pytest.raises(type(error)):
+        with Tracker.start(config, root, run_name="train", stage="train") as tracker:
+            raise error
+    assert client.get_run(tracker.run_id).info.status == status
+
+
+def test_system_metrics_sampled(root, client):
+    config = TrackingConfig(system_metrics=True, system_metrics_interval_s=0.2)
+    with Tracker.start(config, root, run_name="train", stage="train") as tracker:
+        time.sleep(0.7)
+    metrics = client.get_run(tracker.run_id).data.metrics
+    assert "system/cpu_utilization_percentage" in metrics
+    assert "system/system_memory_usage_megabytes" in metrics
+
+
+@pytest.mark.parametrize("kwargs", [{"enabled": False}, {"is_main_process": False}])
+def test_disabled_or_non_main_touches_nothing(tmp_path, kwargs):
+    config = TrackingConfig(enabled=kwargs.get("enabled", True))
+    with Tracker.start(
+        config, tmp_path, run_name="train", stage="train", is_main_process=kwargs.get("is_main_process", True)
+    ) as tracker:
+        assert isinstance(tracker, NullTracker)
+        assert not tracker.active and tracker.run_id is None
+        tracker.log_params({"a": {"b": 1}})
+        tracker.log_metrics({"loss": 1.0}, step=1)
+        tracker.log_image(Image.new("RGB", (4, 4)), "eval/x.png")
+        tracker.log_artifact(tmp_path / "missing.bin")
+        tracker.set_tags({"x": "y"})
+    if not config.enabled:
+        assert start_parent_run(config, tmp_path, "pipeline") is None
+        end_parent_run(config, tmp_path, None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_system_metrics_log_every_gpu_separately(root, client, monkeypatch):
+    """Pins what MLflow's built-in monitor does with several GPUs: one gpu_<i>_* series each.
+    NVML is faked (no GPU here); on a GPU machine nvidia-ml-py provides the real `pynvml`."""
+    from mlflow.system_metrics.metrics import gpu_monitor
+
+    class NVMLError(Exception):
+        pass
+
+    fake = types.ModuleType("pynvml")
+    fake.NVMLError = NVMLError
+    fake.nvmlInit = lambda: None
+    fake.nvmlDeviceGetCount = lambda: 2
+    fake.nvmlDeviceGetHandleByIndex = lambda index: index
+    fake.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(used=(h + 1) * 1e9, total=80e9)
+    fake.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(gpu=10 * (h + 1))
+    fake.nvmlDeviceGetPowerUsage = lambda h: 100_000 * (h + 1)
+    fake.nvmlDeviceGetEnforcedPowerLimit = lambda h: 700_000
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(gpu_monitor, "pynvml", fake, raising=False)
+
+    config = TrackingConfig(system_metrics=True, system_metrics_interval_s=0.2)
+    with Tracker.start(config, root, run_name="train", stage="train") as tracker:
+        time.sleep(0.5)
+    metrics = client.get_run(tracker.run_id).data.metrics
+    assert metrics["system/gpu_0_utilization_percentage"] == 10
+    assert metrics["system/gpu_1_utilization_percentage"] == 20
+    assert metrics["system/gpu_1_memory_usage_megabytes"] == 2000
+    assert metrics["system/gpu_1_power_usage_watts"] == 200

@@ -1,0 +1,303 @@
+"""Trainer core on the tiny RANDOM SDXL: modes, exact resume, stop signal, NaN guard, sampler, learning."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from conftest import Project, save_photo
+
+
+@pytest.fixture(scope="module")
+def latents_project(tmp_path_factory):
+    """ingest -> bucket -> caption (sidecars) -> latents once; tests train on the result."""
+    os.environ.setdefault("TUNELINE_HOME", str(tmp_path_factory.getbasetemp() / "tuneline-home"))
+    root = tmp_path_factory.mktemp("train-project")
+    project = Project(root)
+    project.params_data["datasets"][0].update(trigger_word="alf", loss_weight=1.0)
+    project.params_data["datasets"][1].update(trigger_word="bet", loss_weight=0.5, repeats=2)
+    project.params_data["bucket"].update(resolution=64, divisible_by=32, batch_size=2)
+    project.params_data["caption"] = {"mode": "sidecar_only"}
+    project.params_data["latents"] = {"flip": True}
+    for i in range(4):
+        save_photo(project.raw("alpha") / f"a{i}.jpg", (96, 64), seed=i, quality=95)
+        (project.raw("alpha") / f"a{i}.txt").write_text(f"a red thing, number {i}, outdoors", "utf-8")
+    for i in range(2):
+        save_photo(project.raw("beta") / f"b{i}.png", (64, 96), seed=10 + i)
+    params = project.params()
+    from tuneline.caption import run_caption
+    from tuneline.latents import run_latents
+
+    project.ingest(params)
+    project.bucket(params)
+    run_caption(params, root, root / "data/bucketed", root / "data/captioned", root / "metrics")
+    run_latents(params, root, root / "data/captioned", root / "data/latents", root / "metrics")
+    return project
+
+
+def train_params(project: Project, **train):
+    from tuneline.config import validate_params
+
+    data = {**project.params_data, "train": {"num_steps": 2, "seed": 7, "lr": 1e-3,
+                                              "checkpoint": {"every_steps": 2, "keep_last": 2}, **train}}
+    return validate_params(data)
+
+
+def make_trainer(project: Project, run: Path, params):
+    from accelerate.state import AcceleratorState
+
+    from tuneline.models.sdxl import SDXLAdapter
+    from tuneline.train.trainer import Trainer
+
+    AcceleratorState._reset_state(True)  # one process, many trainers
+    trainer = Trainer(params, project.root, project.root / "data/latents", run / "checkpoints",
+                      SDXLAdapter(params.model, params.train, project.root))
+    trainer.setup()
+    return trainer
+
+
+def trained_weights(run: Path) -> dict[str, torch.Tensor]:
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    return load_file(run / "checkpoints" / latest / "trained.safetensors")
+
+
+def test_resume_is_exact(latents_project, tmp_path):
+    from tuneline.train.trainer import StopRequested
+
+    extra = {"ema": {"enabled": True, "decay": 0.9}, "caption_dropout": 0.3, "flip": True, "num_steps": 4,
+             "lora": {"dropout": 0.1}, "schedule": {"name": "cosine", "warmup_steps": 1}}
+    straight = make_trainer(latents_project, tmp_path / "a", train_params(latents_project, **extra))
+    straight.fit()
+
+    def stop_at_two(state, result, seconds):
+        if state.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    halves = make_trainer(latents_project, tmp_path / "b", train_params(latents_project, **extra))
+    with pytest.raises(StopRequested):
+        halves.fit(on_log=stop_at_two)
+    resumed = make_trainer(latents_project, tmp_path / "b", train_params(latents_project, **extra))
+    assert resumed.state.step == 2
+    resumed.fit()
+    a, b = trained_weights(tmp_path / "a"), trained_weights(tmp_path / "b")
+    assert a.keys() == b.keys() and len(a) > 0
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], load_file_first(tmp_path / "b")[k]) for k in a)  # it did train
+    ema_a = torch.load(tmp_path / "a/checkpoints/step_000004/training.pt", weights_only=False)["ema"]
+    ema_b = torch.load(tmp_path / "b/checkpoints/step_000004/training.pt", weights_only=False)["ema"]
+    assert all(torch.equal(x, y) for x, y in zip(ema_a["shadow"].values(), ema_b["shadow"].values()))
+
+
+def test_resume_with_more_steps_is_allowed_and_logged(latents_project, tmp_path):
+    make_trainer(latents_project, tmp_path, train_params(latents_project, num_steps=2)).fit()
+    resumed = make_trainer(latents_project, tmp_path, train_params(latents_project, num_steps=3))
+    assert resumed.state.step == 2
+    assert any("train.num_steps: 2 -> 3" in m for m in resumed.messages)
+    assert resumed.fit()["steps"] == 3
+
+
+def load_file_first(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "checkpoints/step_000002/trained.safetensors")
+
+
+def test_unsafe_change_is_refused(latents_project, tmp_path):
+    from tuneline.train.checkpoint import ResumeRefused
+
+    make_trainer(latents_project, tmp_path, train_params(latents_project)).fit()
+    with pytest.raises(ResumeRefused, match=r"train.lora: .*rank.*delete"):
+        make_trainer(latents_project, tmp_path, train_params(latents_project, lora={"rank": 4}))
+
+
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(latents_project, tmp_path):
+    from tuneline.train.trainer import StopRequested
+
+    trainer = make_trainer(latents_project, tmp_path, train_params(latents_project, num_steps=10))
+    with pytest.raises(StopRequested, match="resume"):
+        trainer.fit(on_log=lambda state, result, s: os.kill(os.getpid(), signal.SIGTERM))
+    assert (tmp_path / "checkpoints/latest").read_text().strip() == "step_000001"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+    again = make_trainer(latents_project, tmp_path, train_params(latents_project, num_steps=10))
+    assert again.state.step == 1
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(latents_project, tmp_path):
+    poisoned = tmp_path / "project"
+    shutil.copytree(latents_project.root / "data/latents", poisoned / "data/latents")
+    for path in (poisoned / "data/latents").rglob("*.safetensors"):
+        if not path.name.endswith(".text.safetensors"):
+            tensors = load_file(path)
+            tensors["mean"] = torch.full_like(tensors["mean"], float("nan"))
+            path.unlink()  # a hard link into the shared store: replace, never write through it
+            save_file(tensors, path)
+    project = Project.__new__(Project)
+    project.root, project.params_data = poisoned, latents_project.params_data
+    from tuneline.train.trainer import TrainingDiverged
+
+    trainer = make_trainer(project, tmp_path / "run", train_params(project))
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 1 \(items \["):
+        trainer.fit()
+    assert not (tmp_path / "run/checkpoints/latest").exists()
+
+
+def test_loss_weight_scales_each_sample(latents_project, tmp_path):
+    trainer = make_trainer(latents_project, tmp_path, train_params(latents_project))
+    indices = trainer.sampler.all_batches(0)[0]
+
+    def loss_with(weight: float) -> float:
+        generator = torch.Generator().manual_seed(3)
+        import random
+
+        batch = trainer.data.batch(indices, generator, random.Random(3), "cpu")
+        batch["loss_weight"] = torch.full_like(batch["loss_weight"], weight)
+        with torch.no_grad():
+            return float(trainer.adapter.loss(trainer.modules, batch, generator, 0)[0])
+
+    assert loss_with(0.5) == pytest.approx(loss_with(1.0) * 0.5, rel=1e-6)
+
+
+@pytest.mark.parametrize("settings", [
+    {"mode": "lora", "text_encoder_1": {"mode": "lora"}, "text_encoder_2": {"mode": "frozen"},
+     "lora": {"rank": 4, "alpha": 2.0, "targets": "all"}, "optimizer": {"name": "adafactor"},
+     "loss": {"min_snr_gamma": 5.0, "noise_offset": 0.05, "min_sigma": 0.5, "min_sigma_warmup_steps": 2}},
+    {"mode": "full", "text_encoder_2": {"mode": "full", "lr": 1e-5}, "optimizer": {"name": "lion"},
+     "prediction_type": "v_prediction", "zero_terminal_snr": True, "gradient_checkpointing": True,
+     "caption_shuffle": True, "gradient_accumulation": 2, "ema": {"enabled": True, "on_cpu": True}},
+    {"mode": "lora", "lora": {"targets": "attention_mlp"}, "optimizer": {"name": "prodigy"}, "lr": 1.0,
+     "num_steps": None, "num_epochs": 1, "attention": "eager", "seed": None},
+])
+def test_training_modes_run_and_save(latents_project, tmp_path, settings):
+    trainer = make_trainer(latents_project, tmp_path, train_params(latents_project, **settings))
+    summary = trainer.fit()
+    assert summary["steps"] == trainer.total_steps > 0
+    assert summary["final_loss"] == pytest.approx(summary["final_loss"]) and summary["final_loss"] > 0
+    out = trainer.save_outputs(tmp_path / "out")
+    if settings["mode"] == "lora" or settings.get("text_encoder_1", {}).get("mode") == "lora":
+        assert (out / "pytorch_lora_weights.safetensors").is_file()
+    if settings["mode"] == "full":
+        assert (out / "pipeline/unet/diffusion_pytorch_model.safetensors").is_file()
+    lrs = {g["name"]: g["lr"] for g in trainer.units[0].optimizer.param_groups}
+    assert "unet" in lrs
+    if settings.get("text_encoder_2", {}).get("lr"):
+        assert lrs["text_encoder_2"] == pytest.approx(1e-5)
+
+
+def test_lora_loads_in_diffusers_with_alpha_and_weights(latents_project, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    from tuneline.modelref import resolve_model
+
+    params = train_params(latents_project, lora={"rank": 4, "alpha": 2.0})
+    trainer = make_trainer(latents_project, tmp_path, params)
+    trainer.fit()
+    out = trainer.save_outputs(tmp_path / "out")
+    pipe = StableDiffusionXLPipeline.from_pretrained(resolve_model("tiny-sdxl"))
+    pipe.load_lora_weights(out)
+    config = pipe.unet.peft_config["default_0"]
+    assert (config.r, config.lora_alpha) == (4, 2.0)
+    trained = get_peft_model_state_dict(trainer.accelerator.unwrap_model(trainer.modules["unet"]))
+    loaded = get_peft_model_state_dict(pipe.unet, adapter_name="default_0")
+    assert trained.keys() == loaded.keys()
+    assert all(torch.equal(trained[k], loaded[k]) for k in trained)
+
+
+def test_bucket_sampler_invariants():
+    from tuneline.train.sampler import BucketBatchSampler, SampleRef
+
+    items = [SampleRef(i, (64, 64) if i < 5 else (96, 32), repeats=2 if i % 2 else 1) for i in range(9)]
+    sampler = BucketBatchSampler(items, lambda b: 2 if b == (64, 64) else 3, seed=1)
+    epoch0 = sampler.all_batches(0)
+    assert epoch0 == sampler.all_batches(0) and epoch0 != sampler.all_batches(1)
+    bucket_of = {item.index: item.bucket for item in items}
+    assert all(len({bucket_of[i] for i in batch}) == 1 for batch in epoch0)
+    flat = sorted(i for batch in epoch0 for i in batch)
+    assert flat == sorted(i for item in items for i in [item.index] * item.repeats)
+    assert len(sampler) == len(epoch0)
+    ranks = [BucketBatchSampler(items, lambda b: 2, seed=1, num_replicas=2, rank=r).batches(0) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) and not {tuple(b) for b in ranks[0]} & {tuple(b) for b in ranks[1]}
+
+
+def test_caption_dropout_and_shuffle_keep_the_trigger_word():
+    import random
+
+    from tuneline.train.captions import augment_caption
+    from tuneline.train.config import TrainConfig
+
+    config = TrainConfig(caption_shuffle=True, keep_tokens=1)
+    rng = random.Random(0)
+    shuffled = {augment_caption("ohwx, red, blue, green, tall", config, rng) for _ in range(30)}
+    assert len(shuffled) > 1 and all(s.startswith("ohwx, ") for s in shuffled)
+    assert all(sorted(s.split(", ")) == sorted("ohwx, red, blue, green, tall".split(", ")) for s in shuffled)
+    dropped = [augment_caption("ohwx, red", TrainConfig(caption_dropout=0.5), rng) for _ in range(400)]
+    assert 150 < dropped.count("") < 250
+
+
+@pytest.mark.slow
+def test_loss_falls_on_fixed_noise(latents_project, tmp_path):
+    trainer = make_trainer(latents_project, tmp_path, train_params(latents_project, num_steps=40, lr=3e-3,
+                                                                    mode="full", optimizer={"name": "adamw"}))
+    before = trainer.evaluate(seed=0)
+    trainer.fit()
+    after = trainer.evaluate(seed=0)
+    assert after < 0.8 * before, (before, after)
+
+
+def run_stage(project_root: Path, *command: str, env_extra: dict | None = None, wait: bool = True):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), **(env_extra or {})}
+    return subprocess.Popen([*command], cwd=project_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def stage_project(latents_project: Project, tmp_path: Path, **train) -> Path:
+    root = tmp_path / "stage"
+    shutil.copytree(latents_project.root / "data/latents", root / "data/latents")
+    data = {**latents_project.params_data, "train": {"seed": 5, "checkpoint": {"every_steps": 2}, **train}}
+    (root / "params.yaml").write_text(yaml.safe_dump(data), "utf-8")
+    return root
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_matches_a_straight_run(latents_project, tmp_path):
+    straight = stage_project(latents_project, tmp_path / "straight", num_steps=6)
+    process = run_stage(straight, sys.executable, "-m", "tuneline.cli", "train")
+    assert process.wait(timeout=300) == 0, process.stdout.read()
+    killed = stage_project(latents_project, tmp_path / "killed", num_steps=6)
+    process = run_stage(killed, sys.executable, "-m", "tuneline.cli", "train")
+    import time
+
+    deadline = time.time() + 300
+    while not (killed / "checkpoints/train/step_000004").is_dir():
+        assert time.time() < deadline and process.poll() is None
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    resumed = run_stage(killed, sys.executable, "-m", "tuneline.cli", "train")
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    assert "resumed from" in output
+    a = load_file(straight / "checkpoints/train/step_000006/trained.safetensors")
+    b = load_file(killed / "checkpoints/train/step_000006/trained.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_two_processes_under_accelerate_launch(latents_project, tmp_path):
+    root = stage_project(latents_project, tmp_path, num_steps=2)
+    process = run_stage(root, sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                        "-m", "tuneline.cli", "train")
+    output = process.communicate(timeout=400)[0]
+    assert process.returncode == 0, output
+    state = yaml.safe_load((root / "models/train/trainer_state.json").read_text())
+    assert state["step"] == 2 and state["history"][0]["processes"] == 2
+    assert sorted(p.name for p in (root / "checkpoints/train/step_000002").glob("rng_rank*.pt")) == \
+        ["rng_rank0.pt", "rng_rank1.pt"]
