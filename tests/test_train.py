@@ -52,7 +52,7 @@ def train_params(project: Project, **train):
     return validate_params(data)
 
 
-def make_trainer(project: Project, run: Path, params):
+def make_trainer(project: Project, run: Path, params, resume_from: Path | None = None):
     from accelerate.state import AcceleratorState
 
     from tuneline.models.sdxl import SDXLAdapter
@@ -60,14 +60,18 @@ def make_trainer(project: Project, run: Path, params):
 
     AcceleratorState._reset_state(True)  # one process, many trainers
     trainer = Trainer(params, project.root, project.root / "data/latents", run / "checkpoints",
-                      SDXLAdapter(params.model, params.train, project.root))
+                      SDXLAdapter(params.model, params.train, project.root), resume_from=resume_from)
     trainer.setup()
     return trainer
 
 
-def trained_weights(run: Path) -> dict[str, torch.Tensor]:
-    latest = (run / "checkpoints" / "latest").read_text().strip()
-    return load_file(run / "checkpoints" / latest / "trained.safetensors")
+def checkpoint_of(run: Path, step: int) -> Path:
+    [folder] = (run / "checkpoints").glob(f"*/step_{step:06d}")
+    return folder
+
+
+def trained_weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(checkpoint_of(run, step) / "trained.safetensors")
 
 
 def test_resume_is_exact(latents_project, tmp_path):
@@ -88,12 +92,12 @@ def test_resume_is_exact(latents_project, tmp_path):
     resumed = make_trainer(latents_project, tmp_path / "b", train_params(latents_project, **extra))
     assert resumed.state.step == 2
     resumed.fit()
-    a, b = trained_weights(tmp_path / "a"), trained_weights(tmp_path / "b")
+    a, b = trained_weights(tmp_path / "a", 4), trained_weights(tmp_path / "b", 4)
     assert a.keys() == b.keys() and len(a) > 0
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not all(torch.equal(a[k], load_file_first(tmp_path / "b")[k]) for k in a)  # it did train
-    ema_a = torch.load(tmp_path / "a/checkpoints/step_000004/training.pt", weights_only=False)["ema"]
-    ema_b = torch.load(tmp_path / "b/checkpoints/step_000004/training.pt", weights_only=False)["ema"]
+    assert not all(torch.equal(a[k], trained_weights(tmp_path / "b", 2)[k]) for k in a)  # it did train
+    ema_a = torch.load(checkpoint_of(tmp_path / "a", 4) / "training.pt", weights_only=False)["ema"]
+    ema_b = torch.load(checkpoint_of(tmp_path / "b", 4) / "training.pt", weights_only=False)["ema"]
     assert all(torch.equal(x, y) for x, y in zip(ema_a["shadow"].values(), ema_b["shadow"].values()))
 
 
@@ -105,16 +109,15 @@ def test_resume_with_more_steps_is_allowed_and_logged(latents_project, tmp_path)
     assert resumed.fit()["steps"] == 3
 
 
-def load_file_first(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(run / "checkpoints/step_000002/trained.safetensors")
-
-
-def test_unsafe_change_is_refused(latents_project, tmp_path):
+def test_changed_settings_start_a_new_run_and_explicit_unsafe_resume_is_refused(latents_project, tmp_path):
     from tuneline.train.checkpoint import ResumeRefused
 
     make_trainer(latents_project, tmp_path, train_params(latents_project)).fit()
+    other = make_trainer(latents_project, tmp_path, train_params(latents_project, lr=2e-3))
+    assert other.state.step == 0 and any("starts from the base model" in m for m in other.messages)
     with pytest.raises(ResumeRefused, match=r"train.lora: .*rank.*delete"):
-        make_trainer(latents_project, tmp_path, train_params(latents_project, lora={"rank": 4}))
+        make_trainer(latents_project, tmp_path, train_params(latents_project, lora={"rank": 4}),
+                     resume_from=checkpoint_of(tmp_path, 2))
 
 
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(latents_project, tmp_path):
@@ -123,7 +126,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(latents_project, tmp_
     trainer = make_trainer(latents_project, tmp_path, train_params(latents_project, num_steps=10))
     with pytest.raises(StopRequested, match="resume"):
         trainer.fit(on_log=lambda state, result, s: os.kill(os.getpid(), signal.SIGTERM))
-    assert (tmp_path / "checkpoints/latest").read_text().strip() == "step_000001"
+    assert (trainer.checkpoint_dir / "latest").read_text().strip() == "step_000001"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
     again = make_trainer(latents_project, tmp_path, train_params(latents_project, num_steps=10))
     assert again.state.step == 1
@@ -145,7 +148,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(latents_proj
     trainer = make_trainer(project, tmp_path / "run", train_params(project))
     with pytest.raises(TrainingDiverged, match=r"loss is nan at step 1 \(items \["):
         trainer.fit()
-    assert not (tmp_path / "run/checkpoints/latest").exists()
+    assert not (trainer.checkpoint_dir / "latest").exists()
 
 
 def test_loss_weight_scales_each_sample(latents_project, tmp_path):
@@ -275,7 +278,7 @@ def test_kill_9_then_resume_matches_a_straight_run(latents_project, tmp_path):
     import time
 
     deadline = time.time() + 300
-    while not (killed / "checkpoints/train/step_000004").is_dir():
+    while not list(killed.glob("checkpoints/train/*/step_000004")):
         assert time.time() < deadline and process.poll() is None
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
@@ -284,8 +287,8 @@ def test_kill_9_then_resume_matches_a_straight_run(latents_project, tmp_path):
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output
     assert "resumed from" in output
-    a = load_file(straight / "checkpoints/train/step_000006/trained.safetensors")
-    b = load_file(killed / "checkpoints/train/step_000006/trained.safetensors")
+    [a] = [load_file(p) for p in straight.glob("checkpoints/train/*/step_000006/trained.safetensors")]
+    [b] = [load_file(p) for p in killed.glob("checkpoints/train/*/step_000006/trained.safetensors")]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -299,5 +302,5 @@ def test_two_processes_under_accelerate_launch(latents_project, tmp_path):
     assert process.returncode == 0, output
     state = yaml.safe_load((root / "models/train/trainer_state.json").read_text())
     assert state["step"] == 2 and state["history"][0]["processes"] == 2
-    assert sorted(p.name for p in (root / "checkpoints/train/step_000002").glob("rng_rank*.pt")) == \
+    assert sorted(p.name for p in root.glob("checkpoints/train/*/step_000002/rng_rank*.pt")) == \
         ["rng_rank0.pt", "rng_rank1.pt"]

@@ -26,13 +26,13 @@ CHECKPOINT_DIR = "checkpoints/train"
 METRICS_DIR = "metrics"
 
 
-def _ingest(params, root: Path):
+def _ingest(params, root: Path, tracker=None):
     from tuneline.ingest import run_ingest
 
     return run_ingest(params, root, root / STAGE_DIRS["ingest"][1], root / METRICS_DIR)
 
 
-def _bucket(params, root: Path):
+def _bucket(params, root: Path, tracker=None):
     from tuneline.bucket import print_distribution, run_bucket
 
     input_dir, output_dir = STAGE_DIRS["bucket"]
@@ -41,28 +41,29 @@ def _bucket(params, root: Path):
     return report
 
 
-def _caption(params, root: Path):
+def _caption(params, root: Path, tracker=None):
     from tuneline.caption import run_caption
 
     input_dir, output_dir = STAGE_DIRS["caption"]
     return run_caption(params, root, root / input_dir, root / output_dir, root / METRICS_DIR)
 
 
-def _latents(params, root: Path):
+def _latents(params, root: Path, tracker=None):
     from tuneline.latents import run_latents
 
     input_dir, output_dir = STAGE_DIRS["latents"]
     return run_latents(params, root, root / input_dir, root / output_dir, root / METRICS_DIR)
 
 
-def _train(params, root: Path):
+def _train(params, root: Path, tracker=None, resume_from: Path | None = None):
     from tuneline.train.run import run_train
 
     input_dir, output_dir = STAGE_DIRS["train"]
-    return run_train(params, root, root / input_dir, root / output_dir, root / CHECKPOINT_DIR, root / METRICS_DIR)
+    return run_train(params, root, root / input_dir, root / output_dir, root / CHECKPOINT_DIR, root / METRICS_DIR,
+                     tracker, resume_from)
 
 
-# Stage name -> function(params, root) -> StageReport. Heavy imports stay inside each.
+# Stage name -> function(params, root, tracker) -> StageReport. Heavy imports stay inside each.
 STAGE_RUNNERS = {
     "ingest": _ingest,
     "bucket": _bucket,
@@ -72,13 +73,29 @@ STAGE_RUNNERS = {
 }
 
 
-def run_stage(stage: str, params_path: Path, root: Path) -> int:
+def _run_tracked(stage: str, params, root: Path, options: dict):
+    """Run a stage inside its MLflow run (a child of the pipeline's run when one is open)."""
+    from tuneline.tracking import Tracker
+
+    is_main = os.environ.get("RANK", "0") == "0"
+    with Tracker.start(params.tracking, root, run_name=stage, stage=stage, is_main_process=is_main) as tracker:
+        section = getattr(params, stage, None)
+        if section is not None and stage != "train":  # the trainer logs its own, richer set
+            tracker.log_params({stage: section, "datasets": [d.model_dump(mode="json") for d in params.datasets]})
+        runner = STAGE_RUNNERS[stage]
+        report = runner(params, root, tracker, **options) if stage == "train" else runner(params, root, tracker)
+        tracker.log_metrics({k: v for k, v in report.metrics().items()
+                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        return report
+
+
+def run_stage(stage: str, params_path: Path, root: Path, options: dict | None = None) -> int:
     """Run one stage; return the process exit code (2 for bad configuration)."""
     from tuneline.report import print_error
 
     try:
         params = load_params(params_path)
-        report = STAGE_RUNNERS[stage](params, root)
+        report = _run_tracked(stage, params, root, options or {})
     except ParamsError as error:
         print_error("configuration error", str(error))
         return 2
@@ -127,11 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("check", help="validate params.yaml and show each data set's buckets")
     for stage in STAGE_RUNNERS:
-        commands.add_parser(stage, help=f"run stage {stage}")
+        command = commands.add_parser(stage, help=f"run stage {stage}")
+        if stage == "train":
+            command.add_argument("--resume-from", type=Path, default=None,
+                                 help="resume from this checkpoint folder (refused if its settings are not compatible)")
     args = parser.parse_args(argv)
     if args.command == "check":
         return _check(args.params)
-    return run_stage(args.command, args.params, args.root)
+    return run_stage(args.command, args.params, args.root, {"resume_from": getattr(args, "resume_from", None)})
 
 
 def stage_main(stage: str) -> None:

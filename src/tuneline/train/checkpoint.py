@@ -1,4 +1,4 @@
-"""Resumable checkpoints: written aside and renamed into place, the last K kept, a `latest` pointer.
+"""Resumable checkpoints: one folder per run (see run_key), written aside and renamed into place, the last K kept, a `latest` pointer.
 
 Layout of one checkpoint folder `step_000050/`:
   trained.safetensors   the trained parameters only (LoRA weights, or the full modules)
@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tuneline.fsutil import atomic_write_json, atomic_write_text
+from tuneline.fsutil import atomic_write_json, atomic_write_text, digest_json
 
 LATEST = "latest"
 STATE_FILE = "state.json"
@@ -29,6 +29,17 @@ SAFE_TO_CHANGE = {"num_steps", "num_epochs", "checkpoint", "log_every", "compile
 
 class ResumeRefused(ValueError):
     """The checkpoint cannot continue this configuration."""
+
+
+def run_key(train_config: dict[str, Any], model: dict[str, Any], data_digest: str, processes: int) -> str:
+    """Names a run's checkpoint folder: everything a resume must not change.
+
+    An interrupted run started again with the same settings finds its folder and
+    resumes (safe settings may differ); other settings or data start a new folder, so
+    `dvc repro` / `dvc exp run -S train.lr=...` never continue a different run.
+    """
+    fixed = {key: value for key, value in train_config.items() if key not in SAFE_TO_CHANGE}
+    return digest_json({"train": fixed, "model": model, "data": data_digest, "processes": processes})[:16]
 
 
 def checkpoint_name(step: int) -> str:

@@ -2,8 +2,9 @@
 
 Writes the trained result to `out_dir` (LoRA in diffusers format and/or a full pipeline
 folder), `trainer_state.json`, metrics/train.json and the loss curve metrics/train_loss.csv
-(for `dvc plots show`). Checkpoints live in `checkpoint_dir`, which persists between runs:
-running the stage again after an interruption resumes from the latest one.
+(for `dvc plots show`). Checkpoints live in `checkpoint_dir/<run key>/`, which persists
+between runs: running the stage again after an interruption resumes from the latest one;
+changed settings or data start a new run (see tuneline.train.checkpoint.run_key).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class LossCurve:
 
 
 def run_train(params: Params, root: Path, latents_dir: Path, out_dir: Path, checkpoint_dir: Path,
-              metrics_dir: Path | None = None, tracker: Any = None) -> StageReport:
+              metrics_dir: Path | None = None, tracker: Any = None, resume_from: Path | None = None) -> StageReport:
     """Train (or resume), then write the result. Raises StopRequested / TrainingDiverged / ResumeRefused."""
     from tuneline.models.sdxl import SDXLAdapter
     from tuneline.train.trainer import Trainer
@@ -56,7 +57,8 @@ def run_train(params: Params, root: Path, latents_dir: Path, out_dir: Path, chec
     if is_tiny(params.model.base):
         report.warnings.append(f"model.base is {params.model.base!r}: a tiny RANDOM-weight model "
                                "(pipeline check only, the result means nothing)")
-    trainer = Trainer(params, root, latents_dir, checkpoint_dir, SDXLAdapter(params.model, params.train, root), tracker)
+    trainer = Trainer(params, root, latents_dir, checkpoint_dir, SDXLAdapter(params.model, params.train, root), tracker,
+                      resume_from)
     trainer.setup()
     main = trainer.accelerator.is_main_process
     curve = LossCurve(Path(metrics_dir or out_dir) / LOSS_CURVE, trainer.state.step) if main else None

@@ -1,7 +1,7 @@
 """The trainer core: family-agnostic, explicit, resumable, under HF accelerate.
 
-    trainer = Trainer(params, root, latents_dir, checkpoint_dir, adapter)
-    trainer.setup()          # load, prepare, resume from the latest checkpoint if any
+    trainer = Trainer(params, root, latents_dir, checkpoint_root, adapter)
+    trainer.setup()          # load, prepare, resume from this run's latest checkpoint if any
     result = trainer.fit()   # train_step until num_steps / num_epochs or a stop signal
 
 The model family lives behind the adapter (tuneline.models.sdxl.SDXLAdapter): it loads
@@ -58,15 +58,17 @@ class StepResult:
 
 
 class Trainer:
-    def __init__(self, params: Params, root: Path, latents_dir: Path, checkpoint_dir: Path, adapter: Any,
-                 tracker: Any = None) -> None:
+    def __init__(self, params: Params, root: Path, latents_dir: Path, checkpoint_root: Path, adapter: Any,
+                 tracker: Any = None, resume_from: Path | None = None) -> None:
         self.params = params
         self.config = params.train
         self.root = Path(root)
-        self.checkpoint_dir = Path(checkpoint_dir)
+        self.checkpoint_root = Path(checkpoint_root)
+        self.resume_from = Path(resume_from) if resume_from else None
         self.adapter = adapter
         self.tracker = tracker
         self.data = LatentData(params, latents_dir)
+        self.data_digest = self.data.digest()
         self.stop_signal: int | None = None
         self.messages: list[str] = []  # resume notes, safe config changes: shown and logged
 
@@ -83,6 +85,9 @@ class Trainer:
         config = self.config
         self.accelerator = Accelerator(mixed_precision=config.mixed_precision,
                                        cpu=not torch.cuda.is_available())
+        self.run_key = checkpoint.run_key(self.config.model_dump(mode="json"), self.params.model.model_dump(mode="json"),
+                                          self.data_digest, self.accelerator.num_processes)
+        self.checkpoint_dir = self.checkpoint_root / self.run_key
         check_optimizer_available(config.optimizer, self.accelerator.device.type)
         torch.backends.cuda.matmul.allow_tf32 = True
         self.seed = self._resolve_seed()
@@ -110,10 +115,15 @@ class Trainer:
         self.ema = EMA(self._named_trained_parameters(), config.ema) if config.ema.enabled else None
         self.random = TrainRandom(self.seed, self.accelerator.process_index, self.accelerator.device)
         self.state = TrainState(seed=self.seed)
-        self.data_digest = self.data.digest()
-        found = checkpoint.latest(self.checkpoint_dir)
+        found = self.resume_from or checkpoint.latest(self.checkpoint_dir)
         if found is not None:
             self.resume(found)
+        else:
+            others = sorted(p.name for p in self.checkpoint_root.glob("*") if checkpoint.latest(p) is not None)
+            if others:
+                self.messages.append(
+                    f"new run {self.run_key}: the checkpoints in {self.checkpoint_root} ({', '.join(others)}) are of "
+                    "other settings or data, so this run starts from the base model")
         self.state.history.append({"started_at_step": self.state.step, "time": time.time(),
                                    "processes": self.accelerator.num_processes})
 
