@@ -1,0 +1,1 @@
+"""Captioning helpers of the `caption` stage: caption text rules, and the Florence-2 runner."""

@@ -1,0 +1,6 @@
+"""Stage `caption`: `python -m stages.caption [--params params.yaml] [--root .]`."""
+
+from tuneline.cli import stage_main
+
+if __name__ == "__main__":
+    stage_main("caption")

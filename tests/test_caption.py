@@ -1,0 +1,289 @@
+"""Stage caption: Florence-2 captions (tiny random model), sidecars, trigger words, hand edits, caching."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import save_photo
+from tuneline.captioning import florence as florence_runner
+from tuneline.captioning.text import clean_caption, with_trigger
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_home(tmp_path_factory: pytest.TempPathFactory):
+    """One TUNELINE_HOME for the module, so the tiny Florence-2 is built once."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TUNELINE_HOME", str(tmp_path_factory.mktemp("tuneline-home")))
+        yield
+
+
+@pytest.fixture
+def five(project):
+    """alpha: a0 (sidecar), a1, a2; beta: b0, b1. alpha's trigger word is 'trig'."""
+    for index in range(3):
+        save_photo(project.raw("alpha") / f"a{index}.jpg", (200 + 20 * index, 140), index, quality=90)
+    for index in range(2):
+        save_photo(project.raw("beta") / f"b{index}.png", (120, 200), 10 + index)
+    (project.raw("alpha") / "a0.txt").write_text("a cat on a mat\n")
+    project.params_data["datasets"][0]["trigger_word"] = "trig"
+    project.params_data["caption"] = {"batch_size": 4, "num_beams": 1, "max_new_tokens": 8}
+    project.ingest()
+    project.bucket()
+    return project
+
+
+def caption(project, **settings):
+    from tuneline.caption import run_caption
+
+    params = project.params(caption=settings) if settings else project.params()
+    return run_caption(params, project.root, project.root / "data/bucketed", project.root / "data/captioned",
+                       project.root / "metrics")
+
+
+def records(project) -> dict[str, dict]:
+    """Captioned manifest records by source file name ('a0.jpg')."""
+    return {Path(r["source"]).name: r for r in project.manifest("data/captioned")}
+
+
+def text_file(project, record) -> Path:
+    return project.root / "data/captioned" / record["caption_file"]
+
+
+def test_model_captions_are_stored_and_reused(five, monkeypatch):
+    loaded = []
+    real_load = florence_runner.load_florence
+    monkeypatch.setattr(florence_runner, "load_florence", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
+
+    first = caption(five)
+    assert (first.computed, first.reused, first.extra["model_loaded"]) == (4, 1, True)
+    assert len(loaded) == 1 and loaded[0].model is None  # unloaded when the stage ended
+    found = records(five)
+    assert {name: r["caption_source"] for name, r in found.items()} == {
+        "a0.jpg": "sidecar", "a1.jpg": "model", "a2.jpg": "model", "b0.png": "model", "b1.png": "model"}
+    for name, record in found.items():
+        assert text_file(five, record).read_text("utf-8") == record["caption"] + "\n"
+        image = five.root / "data/captioned" / record["image"]
+        assert os.path.samefile(image, five.root / "data/bucketed" / record["image"])  # hard link, no copy
+        if record["caption_source"] == "model":
+            assert record["model_caption"] and record["caption_key"]
+    assert "RANDOM" in " ".join(first.warnings)
+    metrics = json.loads((five.root / "metrics/caption.json").read_text())
+    assert {k: metrics[k] for k in ("computed", "model_captions_reused", "from_sidecar", "defaulted",
+                                    "hand_edited", "random_tiny_model")} == {
+        "computed": 4, "model_captions_reused": 0, "from_sidecar": 1, "defaulted": 0, "hand_edited": 0,
+        "random_tiny_model": True}
+
+    before = (five.root / "data/captioned/manifest.jsonl").read_bytes()
+    again = caption(five)
+    assert (again.computed, again.extra["model_captions_reused"], again.extra["model_loaded"]) == (0, 4, False)
+    assert len(loaded) == 1
+    assert (five.root / "data/captioned/manifest.jsonl").read_bytes() == before
+
+    # Generation settings are part of the key: more tokens recompute every model caption.
+    assert caption(five, max_new_tokens=9).computed == 4
+
+
+def test_trigger_word_once_in_front_and_changing_it_runs_no_model(five):
+    (five.raw("alpha") / "a0.txt").write_text("Trig, a cat on a mat")  # already tagged, other case
+    five.ingest(), five.bucket()
+    caption(five)
+    found = records(five)
+    assert found["a0.jpg"]["caption"] == "Trig, a cat on a mat"
+    assert found["a1.jpg"]["caption"] == f"trig, {found['a1.jpg']['model_caption']}"
+    assert found["b0.png"]["caption"] == found["b0.png"]["model_caption"]  # beta has no trigger word
+
+    five.params_data["datasets"][0]["trigger_word"] = "newtrig"
+    report = caption(five)
+    assert (report.computed, report.extra["model_loaded"]) == (0, False)
+    found = records(five)
+    assert found["a0.jpg"]["caption"] == "newtrig, Trig, a cat on a mat"
+    assert found["a2.jpg"]["caption"] == f"newtrig, {found['a2.jpg']['model_caption']}"
+    assert text_file(five, found["a2.jpg"]).read_text().startswith("newtrig, ")
+
+
+def test_sidecars_kept_in_fill_and_replaced_in_overwrite(five):
+    assert caption(five).computed == 4
+    assert records(five)["a0.jpg"]["caption"] == "trig, a cat on a mat"
+    report = caption(five, mode="overwrite")
+    assert report.computed == 1  # only a0 is new to the model; the other four come from the store
+    a0 = records(five)["a0.jpg"]
+    assert a0["caption_source"] == "model" and a0["sidecar_caption"] == "a cat on a mat"
+    assert a0["caption"] == f"trig, {a0['model_caption']}"
+
+
+def test_sidecar_only_never_loads_the_model(five, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("sidecar_only must not load a model")
+
+    monkeypatch.setattr(florence_runner, "load_florence", no_model)
+    five.params_data["datasets"] = five.params_data["datasets"][:1]  # beta is gone from params
+    report = caption(five, mode="sidecar_only", default_caption="a photo")
+    assert (report.computed, report.extra["model_loaded"], report.extra["defaulted"]) == (0, False, 2)
+    assert [r["reason"] for r in report.rejected] == ["data set 'beta' is not in params.yaml any more"] * 2
+    found = records(five)
+    assert {n: (r["caption_source"], r["caption"]) for n, r in found.items()} == {
+        "a0.jpg": ("sidecar", "trig, a cat on a mat"), "a1.jpg": ("default", "trig, a photo"),
+        "a2.jpg": ("default", "trig, a photo")}
+    assert len(five.rejected("data/captioned")) == 2
+
+
+def test_empty_model_caption_falls_back_to_the_default(five, monkeypatch):
+    monkeypatch.setattr(florence_runner, "clean_caption", lambda text: "")
+    report = caption(five, default_caption="a picture")
+    assert (report.computed, report.extra["defaulted"]) == (4, 4)
+    b0 = records(five)["b0.png"]
+    assert (b0["caption_source"], b0["caption"], b0["model_caption"]) == ("default", "a picture", "")
+
+
+def test_hand_edits_survive_reruns_and_rebuilt_outputs(five):
+    caption(five)
+    found = records(five)
+    text_file(five, found["a1.jpg"]).write_text("my own words\r\n", "utf-8")
+    text_file(five, found["a0.jpg"]).write_text("trig, a cat, edited", "utf-8")  # a sidecar caption, edited
+
+    report = caption(five)
+    assert (report.computed, report.extra["hand_edits_found"], report.extra["hand_edited"]) == (0, 2, 2)
+    found = records(five)
+    assert (found["a1.jpg"]["caption_source"], found["a1.jpg"]["caption"]) == ("hand_edited", "my own words")
+    assert found["a0.jpg"]["caption"] == "trig, a cat, edited"
+    assert (five.root / ".tuneline/store/caption-edits" / f"{found['a1.jpg']['id']}.txt").is_file()
+
+    # Rebuilt output (rm -rf, or a dvc checkout of a copy without the edit): the edit stays.
+    shutil.rmtree(five.root / "data/captioned")
+    report = caption(five, mode="overwrite")  # hand edits win in every mode
+    assert (report.extra["hand_edits_found"], report.extra["hand_edited"]) == (0, 2)
+    assert records(five)["a1.jpg"]["caption"] == "my own words"
+
+    # Emptying the file goes back to the automatic caption.
+    text_file(five, records(five)["a1.jpg"]).write_text("\n")
+    report = caption(five)
+    a1 = records(five)["a1.jpg"]
+    assert (report.extra["hand_edited"], a1["caption_source"]) == (1, "model")
+    assert a1["caption"] == f"trig, {a1['model_caption']}"
+
+
+def test_an_older_output_put_back_is_not_a_hand_edit(five):
+    caption(five)
+    old = five.root / "old-captioned"
+    shutil.copytree(five.root / "data/captioned", old)
+    five.params_data["datasets"][0]["trigger_word"] = "other"
+    caption(five)
+    # As `dvc checkout` of an earlier version: .txt files and manifest from the same run.
+    shutil.rmtree(five.root / "data/captioned")
+    shutil.copytree(old, five.root / "data/captioned")
+    report = caption(five)
+    assert (report.extra["hand_edits_found"], report.extra["hand_edited"]) == (0, 0)
+    assert records(five)["a1.jpg"]["caption"].startswith("other, ")
+
+
+def test_adding_one_image_captions_one(five):
+    caption(five)
+    save_photo(five.raw("beta") / "new.png", (130, 210), 99)
+    five.ingest(), five.bucket()
+    report = caption(five)
+    assert (report.computed, report.extra["model_captions_reused"], report.produced) == (1, 4, 6)
+
+
+def test_out_of_memory_halves_the_batch(five, monkeypatch):
+    import torch
+    from transformers import Florence2ForConditionalGeneration
+
+    real_generate = Florence2ForConditionalGeneration.generate
+    sizes = []
+
+    def generate(self, *args, **kwargs):
+        sizes.append(kwargs["input_ids"].shape[0])
+        if sizes[-1] > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Florence2ForConditionalGeneration, "generate", generate)
+    report = caption(five, batch_size=4)
+    assert sizes == [4, 2, 1, 1, 1, 1]
+    assert report.computed == 4 and report.extra["batch_halvings"] == 2
+    assert all(r["caption"] for r in records(five).values())
+    assert [w for w in report.warnings if "out of memory" in w] == [
+        "out of memory at caption batch size 4; going on with 2 (CUDA out of memory. Tried to allocate 2.00 GiB)",
+        "out of memory at caption batch size 2; going on with 1 (CUDA out of memory. Tried to allocate 2.00 GiB)"]
+
+
+def test_in_batches_gives_up_at_one_and_passes_other_errors():
+    halved = []
+
+    def always_oom(batch):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate; out of memory")
+
+    with pytest.raises(florence_runner.CaptionOutOfMemory, match="caption.batch_size"):
+        list(florence_runner.in_batches([1, 2, 3], 3, always_oom, lambda *a: halved.append(a[:2])))
+    assert halved == [(3, 1)]
+
+    def broken(batch):
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        list(florence_runner.in_batches([1, 2], 2, broken, lambda *a: halved.append(a)))
+    assert list(florence_runner.in_batches(list(range(5)), 2, lambda b: [x * 10 for x in b], print)) == [
+        (0, [0, 10]), (2, [20, 30]), (4, [40])]
+
+
+@pytest.mark.parametrize(("raw", "clean"), [
+    ("</s><s>A cat on a mat.</s><pad><pad>", "A cat on a mat."),
+    ("<CAPTION>a dog<loc_12><loc_999></s>", "a dog"),
+    ("The image shows a red car parked on a street.", "a red car parked on a street."),
+    ("This image is of two dogs", "two dogs"),
+    ("In this image, we can see a house", "a house"),
+    ("In this picture there are three birds", "three birds"),
+    ("This is an image of a lake", "a lake"),
+    ("The image depicts:  a   bridge\n at night ", "a bridge at night"),
+    ("The painting shows a woman", "The painting shows a woman"),  # says something: kept
+    ("<MORE_DETAILED_CAPTION></s>", ""),
+    ("The image shows .", ""),
+    ("   ", ""),
+])
+def test_clean_caption(raw, clean):
+    assert clean_caption(raw) == clean
+
+
+@pytest.mark.parametrize(("trigger", "caption", "final"), [
+    ("trig", "a cat", "trig, a cat"),
+    ("trig", "Trig, a cat", "Trig, a cat"),
+    ("trig", "TRIG a cat", "TRIG a cat"),
+    ("trig", "trigger happy cat", "trig, trigger happy cat"),  # starts with it, but not as a word
+    ("trig", "", "trig"),
+    ("ohwx man", "ohwx man, smiling", "ohwx man, smiling"),
+    (None, "  a  cat ", "a cat"),
+    ("", "a cat", "a cat"),
+])
+def test_with_trigger(trigger, caption, final):
+    assert with_trigger(trigger, caption) == final
+
+
+def test_bad_settings_name_the_allowed_values(project):
+    from tuneline.config import ParamsError, validate_params
+
+    data = {**project.params_data, "caption": {"task": "<CAPTIONS>", "mode": "fil", "dtype": "fp8"}}
+    with pytest.raises(ParamsError) as error:
+        validate_params(data)
+    message = str(error.value)
+    for expected in ("caption.task", "'<CAPTION>'", "caption.mode", "'sidecar_only'", "caption.dtype", "'bf16'"):
+        assert expected in message
+    assert florence_runner.resolve_device_dtype("cpu", "auto") == ("cpu", "fp32")
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ParamsError, match="caption.device: 'cuda'"):
+            florence_runner.resolve_device_dtype("cuda", "auto")
+
+
+def test_cli_runner_writes_the_stage_folder(five):
+    from tuneline.cli import STAGE_DIRS, STAGE_RUNNERS
+
+    assert STAGE_DIRS["caption"] == ("data/bucketed", "data/captioned")
+    report = STAGE_RUNNERS["caption"](five.params(), five.root)
+    assert report.computed == 4 and len(five.manifest("data/captioned")) == 5
+    assert (five.root / "metrics/caption.json").is_file()
