@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +84,53 @@ class Project:
 @pytest.fixture
 def project(tmp_path: Path) -> Project:
     return Project(tmp_path)
+
+
+# --- a project through the latents stage, for training, render and export tests -------------
+
+@pytest.fixture(scope="module")
+def latents_project(tmp_path_factory):
+    """ingest -> bucket -> caption (sidecars) -> latents once; tests train on the result."""
+    os.environ.setdefault("TUNELINE_HOME", str(tmp_path_factory.getbasetemp() / "tuneline-home"))
+    root = tmp_path_factory.mktemp("train-project")
+    project = Project(root)
+    project.params_data["datasets"][0].update(trigger_word="alf", loss_weight=1.0)
+    project.params_data["datasets"][1].update(trigger_word="bet", loss_weight=0.5, repeats=2)
+    project.params_data["bucket"].update(resolution=64, divisible_by=32, batch_size=2)
+    project.params_data["caption"] = {"mode": "sidecar_only"}
+    project.params_data["latents"] = {"flip": True}
+    for i in range(4):
+        save_photo(project.raw("alpha") / f"a{i}.jpg", (96, 64), seed=i, quality=95)
+        (project.raw("alpha") / f"a{i}.txt").write_text(f"a red thing, number {i}, outdoors", "utf-8")
+    for i in range(2):
+        save_photo(project.raw("beta") / f"b{i}.png", (64, 96), seed=10 + i)
+    params = project.params()
+    from tuneline.caption import run_caption
+    from tuneline.latents import run_latents
+
+    project.ingest(params)
+    project.bucket(params)
+    run_caption(params, root, root / "data/bucketed", root / "data/captioned", root / "metrics")
+    run_latents(params, root, root / "data/captioned", root / "data/latents", root / "metrics")
+    return project
+
+
+def train_params(project: Project, **train):
+    from tuneline.config import validate_params
+
+    data = {**project.params_data, "train": {"num_steps": 2, "seed": 7, "lr": 1e-3,
+                                              "checkpoint": {"every_steps": 2, "keep_last": 2}, **train}}
+    return validate_params(data)
+
+
+def make_trainer(project: Project, run: Path, params, resume_from: Path | None = None):
+    from accelerate.state import AcceleratorState
+
+    from tuneline.models.sdxl import SDXLAdapter
+    from tuneline.train.trainer import Trainer
+
+    AcceleratorState._reset_state(True)  # one process, many trainers
+    trainer = Trainer(params, project.root, project.root / "data/latents", run / "checkpoints",
+                      SDXLAdapter(params.model, params.train, project.root), resume_from=resume_from)
+    trainer.setup()
+    return trainer

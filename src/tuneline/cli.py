@@ -20,6 +20,7 @@ STAGE_DIRS = {
     "caption": ("data/bucketed", "data/captioned"),
     "latents": ("data/captioned", "data/latents"),
     "train": ("data/latents", "models/train"),
+    "export": ("models/train", "export"),
 }
 # Persistent, outside DVC's cache: a rerun after an interruption resumes from here.
 CHECKPOINT_DIR = "checkpoints/train"
@@ -63,6 +64,13 @@ def _train(params, root: Path, tracker=None, resume_from: Path | None = None):
                      tracker, resume_from)
 
 
+def _export(params, root: Path, tracker=None):
+    from tuneline.export.stage import run_export
+
+    input_dir, output_dir = STAGE_DIRS["export"]
+    return run_export(params, root, root / input_dir, root / "renders", root / output_dir, root / METRICS_DIR, tracker)
+
+
 # Stage name -> function(params, root, tracker) -> StageReport. Heavy imports stay inside each.
 STAGE_RUNNERS = {
     "ingest": _ingest,
@@ -70,6 +78,7 @@ STAGE_RUNNERS = {
     "caption": _caption,
     "latents": _latents,
     "train": _train,
+    "export": _export,
 }
 
 

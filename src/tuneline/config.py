@@ -28,6 +28,7 @@ from pydantic import (
 
 from tuneline.fsutil import safe_name
 from tuneline.section import Section
+from tuneline.export.config import ExportConfig
 from tuneline.tracking_config import TrackingConfig
 from tuneline.train.config import TrainConfig
 
@@ -312,6 +313,7 @@ class Params(Section):
     bucket: BucketConfig = Field(default_factory=BucketConfig, description="Stage bucket.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Stage train.")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="Stage export.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
     caption: CaptionConfig = Field(default_factory=CaptionConfig, description="Stage caption.")
     latents: LatentsConfig = Field(default_factory=LatentsConfig, description="Stage latents.")

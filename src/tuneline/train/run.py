@@ -93,7 +93,9 @@ def run_train(params: Params, root: Path, latents_dir: Path, out_dir: Path, chec
             atomic_write_json(staging / "trainer_state.json", {
                 **trainer.state.to_json(), "seed_used": trainer.seed, "data_digest": trainer.data_digest,
                 "train_config": params.train.model_dump(mode="json"), "model": params.model.model_dump(mode="json"),
-                "random_tiny_model": is_tiny(params.model.base)})
+                "random_tiny_model": is_tiny(params.model.base), "prediction_type": trainer.adapter.prediction_type,
+                "mlflow_run_id": getattr(tracker, "run_id", None),
+                "ema_weights": trainer.ema is not None})
     else:
         trainer.save_outputs(out_dir)  # joins the barrier; only the main process writes
     report.computed = summary["session_steps"]
