@@ -42,6 +42,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from bench._common import bench_main, goal, print_goals
+
 NAME = "ingest_bucket"
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WORK = REPO / "bench" / "out"
@@ -435,10 +437,8 @@ def row(variant: str, result: dict[str, Any], images: int, naive_ips: float | No
                 "computed": result["computed"]} if "computed" in result else {})}
 
 
-def goal(name: str, measured: float, display: str, target: str, passed: bool, kind: str = "goal") -> dict[str, Any]:
-    """kind 'goal' is reported PASS/MISS; kind 'check' is correctness and fails the run when false."""
-    return {"bench": NAME, "name": name, "measured": measured, "display": display, "goal": target,
-            "passed": bool(passed), "kind": kind}
+def partial_goal(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    return goal(NAME, *args, **kwargs)
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -512,24 +512,24 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     fraction = incremental["seconds"] / cold["seconds"]
     added = count - len(quarter)
     goals = [
-        goal("throughput ours cold / naive", throughput, f"{throughput:.2f}x", f">= {GOAL_THROUGHPUT:.0f}x",
+        partial_goal("throughput ours cold / naive", throughput, f"{throughput:.2f}x", f">= {GOAL_THROUGHPUT:.0f}x",
              throughput >= GOAL_THROUGHPUT),
-        goal("incremental rerun / cold run time", fraction, f"{fraction:.1%}", f"<= {GOAL_INCREMENTAL:.0%}",
+        partial_goal("incremental rerun / cold run time", fraction, f"{fraction:.1%}", f"<= {GOAL_INCREMENTAL:.0%}",
              fraction <= GOAL_INCREMENTAL),
     ]
     pairs = [(f"workers={workers_short}", r_cold, r_small)] + ([] if one_worker else [("workers=1", r_single, r_small_single)])
     for label, at_n, at_quarter in pairs:
         ratio = at_n["peak_rss_mib"] / at_quarter["peak_rss_mib"]
         growth_kib = (at_n["peak_rss_mib"] - at_quarter["peak_rss_mib"]) * 1024 / max(1, added)
-        goals.append(goal(f"peak RSS N / N/4, {label} ({at_n['peak_rss_mib']:.0f} / {at_quarter['peak_rss_mib']:.0f} "
+        goals.append(partial_goal(f"peak RSS N / N/4, {label} ({at_n['peak_rss_mib']:.0f} / {at_quarter['peak_rss_mib']:.0f} "
                           f"MiB, {growth_kib:+.0f} KiB/image)", ratio, f"{ratio:.2f}", f"<= {GOAL_FLATNESS} (flat)",
                           ratio <= GOAL_FLATNESS))
     mismatched = sorted(k for k in naive["sizes"] if cold["sizes"].get(k) != naive["sizes"][k])
     same = len(naive["sizes"]) - len(mismatched)
     goals += [
-        goal("incremental computed (ingest, bucket)", sum(incremental["computed"]),
+        partial_goal("incremental computed (ingest, bucket)", sum(incremental["computed"]),
              str(tuple(incremental["computed"])), "(1, 1)", incremental["computed"] == [1, 1], kind="check"),
-        goal("outputs same size as naive", same, f"{same}/{count}", f"{count}/{count}",
+        partial_goal("outputs same size as naive", same, f"{same}/{count}", f"{count}/{count}",
              same == count == cold["images"], kind="check"),
     ]
     psnr = psnr_sample(naive_out, runs / "ours_cold")
@@ -578,36 +578,12 @@ def print_report(result: dict[str, Any]) -> None:
     console.print(f"total {result['total_s']:.0f} s (image generation {result['generation_s']:.0f} s, not measured)")
 
 
-def print_goals(goals: Sequence[dict[str, Any]], console: Any, title: str, with_bench: bool = False) -> None:
-    """The goals table: measured next to goal, PASS/MISS (goals) or OK/FAIL (correctness checks)."""
-    from rich.table import Table
-
-    table = Table(title=title)
-    columns = (["bench"] if with_bench else []) + ["measure", "measured", "goal", "result"]
-    for column in columns:
-        table.add_column(column, justify="right" if column in ("measured", "goal") else "left")
-    for g in goals:
-        if g["kind"] == "check":
-            verdict = "[green]OK[/]" if g["passed"] else "[red]FAIL[/]"
-        else:
-            verdict = "[green]PASS[/]" if g["passed"] else "[yellow]MISS[/]"
-        table.add_row(*([g["bench"]] if with_bench else []), g["name"], g["display"], g["goal"], verdict)
-    console.print(table)
-
-
-def failed_checks(result: dict[str, Any]) -> list[str]:
-    return [g["name"] for g in result["goals"] if g["kind"] == "check" and not g["passed"]]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--child"]:
         child_main(argv[1])
         return 0
-    result = run(argv)
-    print(json.dumps(result, separators=(",", ":")))
-    # A missed goal is a measurement, not an error; a failed correctness check is.
-    return 1 if failed_checks(result) else 0
+    return bench_main(run, argv)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from rich.console import Console
-from rich.table import Table
+
+from bench._common import print_goals
 
 BENCH_DIR = Path(__file__).resolve().parent
 
@@ -48,19 +49,10 @@ def run_one(name: str) -> dict[str, Any]:
 
 
 def print_combined(results: Sequence[dict[str, Any]], console: Console) -> None:
-    table = Table(title="all benches: measured vs goal")
-    for column in ("bench", "measure", "measured", "goal", "result"):
-        table.add_column(column, justify="right" if column in ("measured", "goal") else "left")
     for result in results:
         if result.get("skipped"):
-            table.add_row(result["bench"], f"skipped: {result['skipped']}", "", "", "")
-        for g in result["goals"]:
-            if g.get("kind") == "check":
-                verdict = "[green]OK[/]" if g["passed"] else "[red]FAIL[/]"
-            else:
-                verdict = "[green]PASS[/]" if g["passed"] else "[yellow]MISS[/]"
-            table.add_row(result["bench"], g["name"], g["display"], g["goal"], verdict)
-    console.print(table)
+            console.print(f"{result['bench']}: skipped: {result['skipped']}")
+    print_goals([g for r in results for g in r["goals"]], console, "all benches: measured vs goal", with_bench=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

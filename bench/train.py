@@ -45,6 +45,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from bench._common import bench_main, goal, note_load, print_goals
+
 NAME = "train"
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WORK = REPO / "bench" / "out" / NAME
@@ -273,12 +275,6 @@ def split_bare(bare: BareLoop, steps: int) -> dict[str, float]:
 # --- the run and its report ---------------------------------------------------------------
 
 
-def goal(name: str, measured: float, display: str, target: str, passed: bool, kind: str = "goal") -> dict[str, Any]:
-    """kind 'goal' is reported PASS/MISS; kind 'check' is correctness and fails the run when false."""
-    return {"bench": NAME, "name": name, "measured": measured, "display": display, "goal": target,
-            "passed": bool(passed), "kind": kind}
-
-
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog=f"python -m bench.{NAME}", description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=8, help="images, all in one bucket (default 8)")
@@ -360,8 +356,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     bare_losses = [float(x) for x in bare.losses]
     finite = all(np.isfinite(ours_losses)) and all(np.isfinite(bare_losses))
     goals = [
-        goal("trainer steps/s / bare loop", ratio, f"{ratio:.2f}x", f">= {GOAL_RATIO:.2f}x", ratio >= GOAL_RATIO),
-        goal("losses finite (ours, bare)", float(finite), f"{len(ours_losses)} + {len(bare_losses)} steps",
+        goal(NAME, "trainer steps/s / bare loop", ratio, f"{ratio:.2f}x", f">= {GOAL_RATIO:.2f}x", ratio >= GOAL_RATIO),
+        goal(NAME, "losses finite (ours, bare)", float(finite), f"{len(ours_losses)} + {len(bare_losses)} steps",
              "all finite", finite and ours_losses and bare_losses, kind="check"),
     ]
     rows = [
@@ -424,28 +420,13 @@ def print_report(result: dict[str, Any]) -> None:
         table.add_row(part, *(f"{split[part]:.1f}" if part in split else "-" for split in splits.values()))
     console.print(table)
     console.print("bare: 'unet forward + loss' includes the MSE; ours: 'rest' is train_step minus the timed parts")
-    load = m["load_average"]
-    if max(load) > m["usable_cpus"]:
-        console.print(f"[yellow]note:[/] load average {load[0]} -> {load[1]} on {m['usable_cpus']} usable cores: "
-                      "other processes were running; rounds alternate so both sides share the noise")
-    goals = Table(title=f"{NAME}: goals")
-    for column in ("measure", "measured", "goal", "result"):
-        goals.add_column(column, justify="right" if column in ("measured", "goal") else "left")
-    for g in result["goals"]:
-        if g["kind"] == "check":
-            verdict = "[green]OK[/]" if g["passed"] else "[red]FAIL[/]"
-        else:
-            verdict = "[green]PASS[/]" if g["passed"] else "[yellow]MISS[/]"
-        goals.add_row(g["name"], g["display"], g["goal"], verdict)
-    console.print(goals)
+    note_load(console, m)
+    print_goals(result["goals"], console, f"{NAME}: goals")
     console.print(f"total {result['total_s']:.0f} s (project build {result['build_s']:.0f} s, not measured)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    result = run(list(sys.argv[1:] if argv is None else argv))
-    print(json.dumps(result, separators=(",", ":")))
-    # A missed goal is a measurement, not an error; a failed correctness check is.
-    return 1 if any(g["kind"] == "check" and not g["passed"] for g in result["goals"]) else 0
+    return bench_main(run, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

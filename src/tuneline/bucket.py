@@ -23,7 +23,7 @@ from tuneline.manifest import MANIFEST, REJECTED, read_manifest, write_jsonl
 from tuneline.parallel import map_with_progress
 from tuneline.png import write_png_rgb
 from tuneline.report import StageReport, console
-from tuneline.store import FileDigests, ItemStore
+from tuneline.store import ItemStore
 
 STAGE = "bucket"
 # Bump when a change here or in tuneline.images changes the pixels written for a plan.

@@ -17,7 +17,6 @@ from typing import Annotated, Any, Literal, Optional
 from pydantic import (
     BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     PlainSerializer,
     ValidationError,
@@ -27,6 +26,7 @@ from pydantic import (
 )
 
 from tuneline.fsutil import safe_name
+from tuneline.render.config import RenderConfig
 from tuneline.section import Section
 from tuneline.export.config import ExportConfig
 from tuneline.tracking_config import TrackingConfig
@@ -297,7 +297,10 @@ class LatentsConfig(Section):
         "caption dropout or shuffle, or when the text encoders are trained).",
     )
     workers: Optional[int] = Field(
-        None, ge=1, description="Threads decoding images while the VAE encodes; null uses min(4, cores)."
+        None,
+        ge=0,
+        description="Threads decoding images while the VAE encodes; 0 decodes between VAE calls. null: "
+        "min(4, cores) on CUDA, 0 on the CPU (where the VAE already keeps every core busy).",
     )
 
 
@@ -317,6 +320,7 @@ class Params(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
     caption: CaptionConfig = Field(default_factory=CaptionConfig, description="Stage caption.")
     latents: LatentsConfig = Field(default_factory=LatentsConfig, description="Stage latents.")
+    render: RenderConfig = Field(default_factory=RenderConfig, description="Stage render.")
 
     @model_validator(mode="after")
     def _unique_folders(self) -> "Params":

@@ -70,7 +70,7 @@ def model_card(params: Params, state: dict[str, Any], file_name: str, kind: str,
         f"{kind} for SDXL, trained with tuneline {__version__}.", "",
         f"- file: `{file_name}`",
         f"- base model: `{params.model.base}`" + (f" @ `{params.model.revision}`" if params.model.revision else ""),
-        f"- trigger words: " + (", ".join(f"`{d.trigger_word}` ({d.name})" for d in params.datasets
+        "- trigger words: " + (", ".join(f"`{d.trigger_word}` ({d.name})" for d in params.datasets
                                          if d.trigger_word) or "none"),
         f"- steps: {state['step']} (epochs {state['epoch']}), seed {state['seed']}",
         f"- mode: {train.mode}" + (f", rank {train.lora.rank}, alpha {train.lora.alpha}, targets "

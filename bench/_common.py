@@ -1,0 +1,50 @@
+"""What every bench shares: the goal record, the goals table, the exit rule."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+
+def goal(bench: str, name: str, measured: float, display: str, target: str, passed: bool,
+         kind: str = "goal") -> dict[str, Any]:
+    """kind 'goal' is reported PASS/MISS; kind 'check' is correctness and fails the run when false."""
+    return {"bench": bench, "name": name, "measured": measured, "display": display, "goal": target,
+            "passed": bool(passed), "kind": kind}
+
+
+def print_goals(goals: Sequence[dict[str, Any]], console: Any, title: str, with_bench: bool = False) -> None:
+    """The goals table: measured next to goal, PASS/MISS (goals) or OK/FAIL (correctness checks)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    columns = (["bench"] if with_bench else []) + ["measure", "measured", "goal", "result"]
+    for column in columns:
+        table.add_column(column, justify="right" if column in ("measured", "goal") else "left")
+    for g in goals:
+        if g["kind"] == "check":
+            verdict = "[green]OK[/]" if g["passed"] else "[red]FAIL[/]"
+        else:
+            verdict = "[green]PASS[/]" if g["passed"] else "[yellow]MISS[/]"
+        table.add_row(*([g["bench"]] if with_bench else []), g["name"], g["display"], g["goal"], verdict)
+    console.print(table)
+
+
+def note_load(console: Any, machine: dict[str, Any]) -> None:
+    """Say so when other processes shared the cores during the run."""
+    load = machine["load_average"]
+    if max(load) > machine["usable_cpus"]:
+        console.print(f"[yellow]note:[/] load average {load[0]} -> {load[1]} on {machine['usable_cpus']} usable "
+                      "cores: other processes were running; ratios compare runs under the same load")
+
+
+def failed_checks(result: dict[str, Any]) -> list[str]:
+    return [g["name"] for g in result["goals"] if g["kind"] == "check" and not g["passed"]]
+
+
+def bench_main(run: Callable[[list[str]], dict[str, Any]], argv: Sequence[str]) -> int:
+    """`python -m bench.<name>`: run, print the JSON record; exit 1 only when a correctness check failed."""
+    result = run(list(argv))
+    print(json.dumps(result, separators=(",", ":")))
+    return 1 if failed_checks(result) else 0
