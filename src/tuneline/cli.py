@@ -20,6 +20,7 @@ STAGE_DIRS = {
     "caption": ("data/bucketed", "data/captioned"),
     "latents": ("data/captioned", "data/latents"),
     "train": ("data/latents", "models/train"),
+    "render": ("models/train", "renders"),
     "export": ("models/train", "export"),
 }
 # Persistent, outside DVC's cache: a rerun after an interruption resumes from here.
@@ -71,6 +72,13 @@ def _export(params, root: Path, tracker=None):
     return run_export(params, root, root / input_dir, root / "renders", root / output_dir, root / METRICS_DIR, tracker)
 
 
+def _render(params, root: Path, tracker=None):
+    from tuneline.render.run import run_render
+
+    input_dir, output_dir = STAGE_DIRS["render"]
+    return run_render(params, root, root / input_dir, root / output_dir, root / METRICS_DIR, tracker)
+
+
 # Stage name -> function(params, root, tracker) -> StageReport. Heavy imports stay inside each.
 STAGE_RUNNERS = {
     "ingest": _ingest,
@@ -78,6 +86,7 @@ STAGE_RUNNERS = {
     "caption": _caption,
     "latents": _latents,
     "train": _train,
+    "render": _render,
     "export": _export,
 }
 
