@@ -99,6 +99,8 @@ def latents_project(tmp_path_factory):
     project.params_data["bucket"].update(resolution=64, divisible_by=32, batch_size=2)
     project.params_data["caption"] = {"mode": "sidecar_only"}
     project.params_data["latents"] = {"flip": True}
+    project.params_data["render"] = {"height": 64, "width": 64, "steps": 2, "live_prompts": 1}
+    (root / "prompts.yaml").write_text("- {prompt: 'alf, a red thing', seed: 1}\n- {prompt: 'bet, a thing', seed: 2}\n")
     for i in range(4):
         save_photo(project.raw("alpha") / f"a{i}.jpg", (96, 64), seed=i, quality=95)
         (project.raw("alpha") / f"a{i}.txt").write_text(f"a red thing, number {i}, outdoors", "utf-8")
@@ -123,14 +125,16 @@ def train_params(project: Project, **train):
     return validate_params(data)
 
 
-def make_trainer(project: Project, run: Path, params, resume_from: Path | None = None):
+def make_trainer(project: Project, run: Path, params, resume_from: Path | None = None, live_every: int = 0):
     from accelerate.state import AcceleratorState
 
     from tuneline.models.sdxl import SDXLAdapter
+    from tuneline.train.run import LiveEvaluation
     from tuneline.train.trainer import Trainer
 
     AcceleratorState._reset_state(True)  # one process, many trainers
     trainer = Trainer(params, project.root, project.root / "data/latents", run / "checkpoints",
-                      SDXLAdapter(params.model, params.train, project.root), resume_from=resume_from)
+                      SDXLAdapter(params.model, params.train, project.root), resume_from=resume_from,
+                      live_eval=LiveEvaluation(params, project.root, None), live_every=live_every)
     trainer.setup()
     return trainer

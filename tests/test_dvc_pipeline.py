@@ -12,7 +12,7 @@ import pytest
 from conftest import save_photo
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("ingest", "bucket", "caption", "latents", "train")
+STAGES = ("ingest", "bucket", "caption", "latents", "train", "render", "export")
 
 
 def metrics(root: Path, stage: str) -> dict:
@@ -28,7 +28,7 @@ def dvc(cwd: Path, *args: str) -> str:
 
 @pytest.mark.slow
 def test_dvc_repro_runs_the_demo_and_reruns_only_what_changed(tmp_path):
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", "prompts.yaml"):
         shutil.copy(REPO / name, tmp_path / name)
     for name in ("stages", "src", "data/raw", ".dvc"):
         shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
@@ -46,6 +46,8 @@ def test_dvc_repro_runs_the_demo_and_reruns_only_what_changed(tmp_path):
     assert metrics(tmp_path, "latents")["computed"] == 14
     assert metrics(tmp_path, "train")["steps"] == 4
     assert (tmp_path / "models/train/pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "renders/contact_sheet.png").is_file()
+    assert (tmp_path / "export/tuneline-demo.safetensors").is_file()
     assert "metrics/train_loss.csv" in dvc(tmp_path, "plots", "show", "--json")
 
     out = dvc(tmp_path, "repro")

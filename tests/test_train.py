@@ -31,17 +31,20 @@ def test_resume_is_exact(latents_project, tmp_path):
 
     extra = {"ema": {"enabled": True, "decay": 0.9}, "caption_dropout": 0.3, "flip": True, "num_steps": 4,
              "lora": {"dropout": 0.1}, "schedule": {"name": "cosine", "warmup_steps": 1}}
-    straight = make_trainer(latents_project, tmp_path / "a", train_params(latents_project, **extra))
+    # Live evaluation at every step: rendering must not disturb any training state.
+    straight = make_trainer(latents_project, tmp_path / "a", train_params(latents_project, **extra), live_every=1)
     straight.fit()
+    assert sorted(p.name for p in (straight.checkpoint_dir / "live").iterdir()) == [
+        f"step_{n:06d}" for n in range(1, 5)]
 
     def stop_at_two(state, result, seconds):
         if state.step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    halves = make_trainer(latents_project, tmp_path / "b", train_params(latents_project, **extra))
+    halves = make_trainer(latents_project, tmp_path / "b", train_params(latents_project, **extra), live_every=1)
     with pytest.raises(StopRequested):
         halves.fit(on_log=stop_at_two)
-    resumed = make_trainer(latents_project, tmp_path / "b", train_params(latents_project, **extra))
+    resumed = make_trainer(latents_project, tmp_path / "b", train_params(latents_project, **extra), live_every=1)
     assert resumed.state.step == 2
     resumed.fit()
     a, b = trained_weights(tmp_path / "a", 4), trained_weights(tmp_path / "b", 4)

@@ -10,6 +10,7 @@ changed settings or data start a new run (see tuneline.train.checkpoint.run_key)
 from __future__ import annotations
 
 import csv
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,29 @@ class LossCurve:
         self.handle.close()
 
 
+def live_dir(trainer: Any) -> Path:
+    return trainer.checkpoint_dir / "live"
+
+
+class LiveEvaluation:
+    """Renders the first render.live_prompts prompts with the live modules (see tuneline.render.generate)."""
+
+    def __init__(self, params: Params, root: Path, tracker: Any) -> None:
+        self.params, self.root, self.tracker = params, Path(root), tracker
+        self.pipeline: Any = None
+        self.prompts: list[Any] = []
+
+    def __call__(self, trainer: Any) -> None:
+        from tuneline.models.loading import load_vae
+        from tuneline.render.generate import live_evaluate, live_prompts, pipeline_from_training
+
+        if self.pipeline is None:  # built once: it shares the live modules, it does not copy them
+            self.prompts = live_prompts(self.params, self.root)
+            vae = load_vae(self.params.model, self.root, "fp32", str(trainer.accelerator.device))
+            self.pipeline = pipeline_from_training(trainer.adapter, trainer.modules, vae)
+        live_evaluate(self.pipeline, self.prompts, live_dir(trainer), trainer.state.step, self.tracker)
+
+
 def run_train(params: Params, root: Path, latents_dir: Path, out_dir: Path, checkpoint_dir: Path,
               metrics_dir: Path | None = None, tracker: Any = None, resume_from: Path | None = None) -> StageReport:
     """Train (or resume), then write the result. Raises StopRequested / TrainingDiverged / ResumeRefused."""
@@ -58,7 +82,7 @@ def run_train(params: Params, root: Path, latents_dir: Path, out_dir: Path, chec
         report.warnings.append(f"model.base is {params.model.base!r}: a tiny RANDOM-weight model "
                                "(pipeline check only, the result means nothing)")
     trainer = Trainer(params, root, latents_dir, checkpoint_dir, SDXLAdapter(params.model, params.train, root), tracker,
-                      resume_from)
+                      resume_from, live_eval=LiveEvaluation(params, root, tracker), live_every=params.render.live_every)
     trainer.setup()
     main = trainer.accelerator.is_main_process
     curve = LossCurve(Path(metrics_dir or out_dir) / LOSS_CURVE, trainer.state.step) if main else None
@@ -90,6 +114,9 @@ def run_train(params: Params, root: Path, latents_dir: Path, out_dir: Path, chec
     if main:
         with rebuilt_dir(out_dir) as staging:
             trainer.save_outputs(staging)
+            live = live_dir(trainer)
+            if live.is_dir():  # this run's samples, kept with its checkpoints across resumes
+                shutil.copytree(live, staging / "live")
             atomic_write_json(staging / "trainer_state.json", {
                 **trainer.state.to_json(), "seed_used": trainer.seed, "data_digest": trainer.data_digest,
                 "train_config": params.train.model_dump(mode="json"), "model": params.model.model_dump(mode="json"),

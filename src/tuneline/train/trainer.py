@@ -59,7 +59,8 @@ class StepResult:
 
 class Trainer:
     def __init__(self, params: Params, root: Path, latents_dir: Path, checkpoint_root: Path, adapter: Any,
-                 tracker: Any = None, resume_from: Path | None = None) -> None:
+                 tracker: Any = None, resume_from: Path | None = None, live_eval: Any = None,
+                 live_every: int = 0) -> None:
         self.params = params
         self.config = params.train
         self.root = Path(root)
@@ -70,6 +71,9 @@ class Trainer:
         self.data = LatentData(params, latents_dir)
         self.data_digest = self.data.digest()
         self.stop_signal: int | None = None
+        # live_eval(trainer) renders samples every live_every steps (main process); it must leave
+        # the training state untouched, RNG included, so exact resume still holds.
+        self.live_eval, self.live_every = live_eval, live_every
         self.messages: list[str] = []  # resume notes, safe config changes: shown and logged
 
     # --- set-up -------------------------------------------------------------------------
@@ -351,6 +355,11 @@ class Trainer:
                                 s_step=f"{seconds_per_step:.2f}")
                 if self.state.step % self.config.log_every == 0 and on_log is not None:
                     on_log(self.state, result, seconds_per_step)
+                if self.live_eval is not None and self.live_every and self.state.step % self.live_every == 0:
+                    accelerator.wait_for_everyone()
+                    if accelerator.is_main_process:
+                        self.live_eval(self)
+                    accelerator.wait_for_everyone()
                 if self._stop_agreed():
                     saved = self.save()
                     raise StopRequested(
