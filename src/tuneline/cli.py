@@ -155,6 +155,37 @@ def _check(params_path: Path) -> int:
     return 0
 
 
+def _add_orchestration_commands(commands) -> None:
+    ui = commands.add_parser("ui", help="start the MLflow UI and a Prefect server on 127.0.0.1; Ctrl-C stops both")
+    ui.add_argument("--mlflow-port", type=int, default=5000, help="MLflow UI port (default: 5000)")
+    ui.add_argument("--prefect-port", type=int, default=4200, help="Prefect server port (default: 4200)")
+    ui.add_argument("--start-timeout", type=float, default=180.0, help="seconds to wait for both to answer")
+    serve = commands.add_parser("serve", help="serve the Prefect deployment of the pipeline (= python -m flows.serve)")
+    serve.add_argument("serve_args", nargs=argparse.REMAINDER, help="arguments for flows.serve (see --help)")
+    repro = commands.add_parser("repro", help="dvc repro under one MLflow parent run (stages become its children)")
+    repro.add_argument("dvc_args", nargs=argparse.REMAINDER, help="arguments passed on to `dvc repro`")
+
+
+def _run_orchestration_command(args) -> int:
+    from tuneline.report import print_error
+
+    if args.command == "serve":  # flows/ lives in the project root, beside stages/
+        sys.path.insert(0, str(args.root.resolve()))
+        from flows.serve import main as serve_main
+
+        return serve_main(["--root", str(args.root.resolve()), "--params", str(args.params.resolve()), *args.serve_args])
+    try:
+        params = load_params(args.params)
+    except ParamsError as error:
+        print_error("configuration error", str(error))
+        return 2
+    from tuneline.orchestration import services
+
+    if args.command == "ui":
+        return services.run_ui(params, args.root, args.mlflow_port, args.prefect_port, args.start_timeout)
+    return services.run_repro(params, args.root, args.dvc_args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tuneline", description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
@@ -166,7 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         if stage == "train":
             command.add_argument("--resume-from", type=Path, default=None,
                                  help="resume from this checkpoint folder (refused if its settings are not compatible)")
+    _add_orchestration_commands(commands)
     args = parser.parse_args(argv)
+    if args.command in ("ui", "serve", "repro"):
+        return _run_orchestration_command(args)
     if args.command == "check":
         return _check(args.params)
     return run_stage(args.command, args.params, args.root, {"resume_from": getattr(args, "resume_from", None)})

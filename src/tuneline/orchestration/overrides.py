@@ -1,0 +1,135 @@
+"""Params overrides, the way `dvc exp run -S train.lr=1e-4` sets them, and the typed form
+model the Prefect deployment shows.
+
+    params = apply_overrides(load_yaml("params.yaml"), {"train.lr": 1e-4, "train.num_steps": 50})
+
+Overrides are merged into the params.yaml mapping and validated by `validate_params`
+before anything runs, so a typo gets the same message as in params.yaml itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import typing
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+
+from tuneline.config import Params, ParamsError, validate_params
+from tuneline.fsutil import atomic_write_text, digest_json
+
+
+def expand_dotted(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """{"train.lr": 1, "train": {"seed": 2}} -> {"train": {"lr": 1, "seed": 2}}."""
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        parts = str(key).split(".")
+        node = nested
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        leaf = parts[-1]
+        if isinstance(value, Mapping) and isinstance(node.get(leaf), dict):
+            node[leaf] = _merge(node[leaf], expand_dotted(value))
+        else:
+            node[leaf] = expand_dotted(value) if isinstance(value, Mapping) else value
+    return nested
+
+
+def _merge(base: Any, update: Any) -> Any:
+    """Mappings merge key by key; anything else (lists included, like DVC) is replaced."""
+    if isinstance(base, dict) and isinstance(update, Mapping):
+        merged = dict(base)
+        for key, value in update.items():
+            merged[key] = _merge(base.get(key), value) if key in base else copy.deepcopy(value)
+        return merged
+    return copy.deepcopy(update)
+
+
+def overrides_dict(overrides: Any) -> dict[str, Any]:
+    """The form model, a nested dict or a dict of dotted keys -> a nested dict."""
+    if overrides is None:
+        return {}
+    if isinstance(overrides, BaseModel):
+        overrides = overrides.model_dump(mode="json", exclude_unset=True)
+    if not isinstance(overrides, Mapping):
+        raise ParamsError(f"overrides: expected a mapping of dotted keys to values, got {type(overrides).__name__}")
+    return expand_dotted(overrides)
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Any, source: str = "params.yaml") -> tuple[dict[str, Any], Params]:
+    """Merge overrides into a params mapping and validate; raise ParamsError naming bad keys."""
+    merged = _merge(dict(data or {}), overrides_dict(overrides))
+    label = f"{source} with overrides" if overrides else source
+    return merged, validate_params(merged, label)
+
+
+def load_with_overrides(params_path: Path | str, overrides: Any = None) -> tuple[dict[str, Any], Params]:
+    import yaml
+
+    path = Path(params_path)
+    try:
+        data = yaml.safe_load(path.read_text("utf-8"))
+    except FileNotFoundError as error:
+        raise ParamsError(f"{path}: file not found") from error
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path}: not valid YAML: {error}") from error
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    return apply_overrides(data, overrides, str(path))
+
+
+def write_params_file(data: Mapping[str, Any], folder: Path) -> Path:
+    """Write merged params where the stage subprocesses read them; named by content."""
+    import yaml
+
+    path = Path(folder) / f"params-{digest_json(dict(data))[:16]}.yaml"
+    if not path.is_file():
+        atomic_write_text(path, "# params.yaml with the flow's overrides applied (generated)\n"
+                          + yaml.safe_dump(dict(data), sort_keys=False, allow_unicode=True))
+    return path
+
+
+# --- the form: Params with every field optional ----------------------------------------
+
+def _optional_annotation(annotation: Any) -> Any:
+    """Section models become their all-optional twins; everything else keeps its type."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+        args = tuple(_optional_annotation(a) for a in typing.get_args(annotation))
+        return typing.Union[args]  # type: ignore[return-value]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel) and annotation is not Params:
+        return overrides_model(annotation)
+    return annotation
+
+
+class _Form(BaseModel):
+    # Unknown keys pass through to validate_params, which names them with a suggestion.
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dotted(cls, data: Any) -> Any:
+        return expand_dotted(data) if isinstance(data, Mapping) else data
+
+
+@lru_cache(maxsize=None)
+def overrides_model(model: type[BaseModel] = Params) -> type[BaseModel]:
+    """`model` with every field optional (default None = keep params.yaml's value), same
+    descriptions and types: the parameter form of the Prefect deployment."""
+    fields: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if name == "datasets":  # a list replaces the list: its elements keep their required keys
+            new = annotation
+        else:
+            new = _optional_annotation(annotation)
+        fields[name] = (Optional[new], Field(None, description=info.description, title=info.title))
+    title = "ParamsOverrides" if model is Params else f"{model.__name__}Overrides"
+    doc = (model.__doc__ or "").strip().splitlines()[0] if model.__doc__ else ""
+    return create_model(title, __base__=_Form, __doc__=f"{doc} Empty fields keep params.yaml's value.".strip(),
+                        **fields)

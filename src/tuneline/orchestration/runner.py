@@ -1,0 +1,171 @@
+"""Run one stage as `python -m tuneline.cli --params P --root R <stage>` in its own process
+group, and never leave it behind.
+
+- The child starts a new session (its own process group), so a terminal's Ctrl-C reaches
+  only the driver, which decides what the stage gets: one SIGTERM to the whole group. The
+  trainer then finishes its step, saves a checkpoint and exits 143; the next run resumes.
+- While the driver waits it holds SIGTERM and SIGINT (main thread only): the first one is
+  forwarded to the group; once the group has exited, the signal is re-raised with the
+  previous handler in place, so Prefect (or Python's default) handles it as it would have
+  (flow run Cancelled / Crashed, KeyboardInterrupt, exit 143).
+- Any other exception while waiting (a cancellation raised in the driver) does the same:
+  SIGTERM to the group, wait, SIGKILL after `grace_s`, re-raise.
+- On Linux the child also gets PR_SET_PDEATHSIG=SIGTERM: if the driver is SIGKILLed, the
+  stage is still told to stop (and saves) instead of running on as an orphan.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Callable, Mapping
+
+STOPPED_EXIT_CODE = 143  # the trainer's exit status after a SIGTERM-triggered checkpoint
+DEFAULT_GRACE_S = 300.0  # finishing a step and writing a full checkpoint can take minutes on real models
+
+
+class StageProcessFailed(RuntimeError):
+    """A stage subprocess exited with a non-zero status."""
+
+    def __init__(self, stage: str, returncode: int, tail: str) -> None:
+        self.stage, self.returncode, self.tail = stage, returncode, tail
+        what = {2: "configuration error", STOPPED_EXIT_CODE: "stopped (checkpoint saved; run again to resume)"}
+        reason = what.get(returncode, f"exit status {returncode}")
+        super().__init__(f"stage {stage!r} failed: {reason}\n{tail}".rstrip())
+
+
+def _set_parent_death_signal() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def stage_command(stage: str, params_file: Path, root: Path, python: str | None = None) -> list[str]:
+    return [python or sys.executable, "-m", "tuneline.cli", "--params", str(params_file), "--root", str(root), stage]
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def stop_group(process: subprocess.Popen, grace_s: float = DEFAULT_GRACE_S, sent: bool = False) -> None:
+    """SIGTERM the group (unless already sent), wait up to grace_s, then SIGKILL it; reap."""
+    pgid = process.pid
+    if not sent:
+        _signal_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if process.poll() is None:
+        _signal_group(pgid, signal.SIGKILL)
+        process.wait()
+    # Grandchildren (accelerate launch workers) share the group: give them the same end.
+    deadline = time.monotonic() + min(grace_s, 30.0)
+    while group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if group_alive(pgid):
+        _signal_group(pgid, signal.SIGKILL)
+
+
+def run_stage_process(
+    stage: str,
+    params_file: Path,
+    root: Path,
+    env: Mapping[str, str] | None = None,
+    on_start: Callable[[int], None] | None = None,
+    echo: Callable[[str], None] | None = None,
+    grace_s: float = DEFAULT_GRACE_S,
+    tail_lines: int = 40,
+) -> str:
+    """Run one stage to completion and return the tail of its output.
+
+    `on_start(pgid)` is called once the group exists; `echo(line)` gets every output line
+    (default: print). Raises StageProcessFailed on a non-zero exit; re-raises a received
+    SIGTERM/SIGINT after the stage has stopped.
+    """
+    command = stage_command(stage, Path(params_file), Path(root))
+    child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        command, cwd=root, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True, preexec_fn=_set_parent_death_signal if sys.platform == "linux" else None,
+        text=True, errors="replace", bufsize=1,
+    )
+    tail: deque[str] = deque(maxlen=tail_lines)
+    echo = echo or (lambda line: print(line, flush=True))
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            line = line.rstrip("\n")
+            tail.append(line)
+            try:
+                echo(line)
+            except Exception:  # logging must never kill the pump (the pipe would fill up)
+                pass
+
+    reader = threading.Thread(target=pump, name=f"{stage}-output", daemon=True)
+    reader.start()
+    received: list[int] = []
+    previous: dict[int, object] = {}
+
+    def forward(signum: int, frame: object) -> None:
+        if received:  # a second signal while the stage saves: it is already stopping
+            return
+        received.append(signum)
+        print(f"\nsignal {signum}: stopping stage {stage} (SIGTERM to its process group), "
+              "waiting for it to save", file=sys.stderr, flush=True)
+        _signal_group(process.pid, signal.SIGTERM)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    try:
+        if in_main:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, forward)
+        if on_start is not None:
+            on_start(process.pid)
+        deadline = None
+        while process.poll() is None:
+            if received and deadline is None:
+                deadline = time.monotonic() + grace_s
+            if deadline is not None and time.monotonic() > deadline:
+                stop_group(process, grace_s=0, sent=True)
+                break
+            time.sleep(0.1)
+        if group_alive(process.pid):  # stragglers the stage left in its group: not ours to keep
+            stop_group(process, grace_s=5.0)
+    except BaseException:
+        stop_group(process, grace_s, sent=bool(received))
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        reader.join(timeout=10)
+    if received:
+        # Now that the stage has stopped, let the driver handle the signal as it would have.
+        signal.raise_signal(received[0])
+        raise KeyboardInterrupt  # a handler that returned: still do not go on to the next stage
+    if process.returncode != 0:
+        raise StageProcessFailed(stage, process.returncode, "\n".join(tail))
+    return "\n".join(tail)
