@@ -101,7 +101,14 @@ def _run_tracked(stage: str, params, root: Path, options: dict):
         if section is not None and stage != "train":  # the trainer logs its own, richer set
             tracker.log_params({stage: section, "datasets": [d.model_dump(mode="json") for d in params.datasets]})
         runner = STAGE_RUNNERS[stage]
-        report = runner(params, root, tracker, **options) if stage == "train" else runner(params, root, tracker)
+        try:
+            report = runner(params, root, tracker, **options) if stage == "train" else runner(params, root, tracker)
+        except Exception as error:
+            from tuneline.train.trainer import StopRequested
+
+            if isinstance(error, StopRequested):  # stopped on request, resumable: not a failure
+                tracker.end("KILLED")
+            raise
         tracker.log_metrics({k: v for k, v in report.metrics().items()
                              if isinstance(v, (int, float)) and not isinstance(v, bool)})
         return report
