@@ -1,0 +1,140 @@
+"""Load model components for a stage: where each comes from, in which dtype, on which device.
+
+A component's source is resolved once (`vae_source`, `text_encoder_sources`) so the same
+description feeds both the cache key (`modelref.model_identity`) and the loader: what is
+hashed is exactly what is loaded.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tuneline.config import ModelConfig, ParamsError
+from tuneline.modelref import model_identity, resolve_model
+
+# Config names -> torch dtype attribute names.
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# SDXL's conditioning comes from these four subfolders of the base model.
+TEXT_COMPONENTS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
+
+
+@dataclass(frozen=True)
+class ComponentSource:
+    """One model component: the reference as written in params, and where it loads from."""
+
+    ref: str  # as in params.yaml: what model_identity hashes
+    revision: str | None
+    subfolder: str | None
+    location: Path | str  # local folder, or the hub id
+
+    def identity(self, root: Path | None) -> str:
+        return model_identity(self.ref, self.revision, self.subfolder, root)
+
+    def load_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {}
+        if self.subfolder:
+            kwargs["subfolder"] = self.subfolder
+        if isinstance(self.location, str) and self.revision:
+            kwargs["revision"] = self.revision
+        return kwargs
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'; 'cuda' without a GPU is a configuration error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ParamsError(f"device is {device!r} but torch sees no CUDA GPU; allowed: auto, cpu, cuda")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """'auto' -> bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on CPU, where half precision is slow."""
+    import torch
+
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    return getattr(torch, TORCH_DTYPES[name])
+
+
+def _base_location(model: ModelConfig, root: Path | None, needs: str) -> Path | str:
+    base = resolve_model(model.base, root)
+    if isinstance(base, Path) and base.is_file():
+        raise ParamsError(
+            f"model.base is a single file ({base}): loading {needs} from a single-file checkpoint is not "
+            "supported yet; set model.vae to a VAE folder or hub id (e.g. madebyollin/sdxl-vae-fp16-fix), "
+            "or point model.base at a diffusers folder or hub id"
+        )
+    return base
+
+
+def vae_source(model: ModelConfig, root: Path | None) -> ComponentSource:
+    """model.vae when set (a VAE folder, a pipeline folder holding vae/, or a hub id), else base's vae/."""
+    if model.vae:
+        location = resolve_model(model.vae, root)
+        is_pipeline_folder = (isinstance(location, Path) and not (location / "config.json").is_file()
+                              and (location / "vae" / "config.json").is_file())
+        return ComponentSource(model.vae, None, "vae" if is_pipeline_folder else None, location)
+    return ComponentSource(model.base, model.revision, "vae", _base_location(model, root, "the VAE"))
+
+
+def text_encoder_sources(model: ModelConfig, root: Path | None) -> dict[str, ComponentSource]:
+    """SDXL's two tokenizers and two text encoders, all from model.base."""
+    base = _base_location(model, root, "the text encoders")
+    return {name: ComponentSource(model.base, model.revision, name, base) for name in TEXT_COMPONENTS}
+
+
+def load_vae(model: ModelConfig, root: Path | None, dtype: str = "auto", device: str = "auto") -> Any:
+    """The AutoencoderKL of `model`, frozen, in eval mode, in `dtype` on `device` (config names, 'auto' allowed)."""
+    from diffusers import AutoencoderKL
+
+    device = resolve_device(device)
+    source = vae_source(model, root)
+    vae = AutoencoderKL.from_pretrained(source.location, dtype=torch_dtype(resolve_dtype(dtype, device)),
+                                        **source.load_kwargs())
+    vae.requires_grad_(False)
+    return vae.eval().to(device)
+
+
+def load_text_encoders(model: ModelConfig, root: Path | None, dtype: str = "auto",
+                       device: str = "auto") -> tuple[list[Any], list[Any]]:
+    """([tokenizer, tokenizer_2], [text_encoder, text_encoder_2]) of an SDXL base, encoders frozen in eval mode."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    device = resolve_device(device)
+    weights_dtype = torch_dtype(resolve_dtype(dtype, device))
+    sources = text_encoder_sources(model, root)
+    tokenizers = [CLIPTokenizer.from_pretrained(sources[name].location, **sources[name].load_kwargs())
+                  for name in ("tokenizer", "tokenizer_2")]
+    encoders = []
+    for name, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+        encoder = cls.from_pretrained(sources[name].location, dtype=weights_dtype, **sources[name].load_kwargs())
+        encoder.requires_grad_(False)
+        encoders.append(encoder.eval().to(device))
+    return tokenizers, encoders
+
+
+def release(device: str) -> None:
+    """Give GPU memory back after the caller dropped its model references, before the next model loads.
+
+    On the CPU reference counting already freed the weights, and a full gc.collect would
+    cost ~0.2 s of walking every object that the diffusers/transformers imports created.
+    """
+    if device.startswith("cuda"):
+        import torch
+
+        gc.collect()  # modules in reference cycles hold their CUDA tensors until collected
+        torch.cuda.empty_cache()
