@@ -34,6 +34,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from bench._common import bench_main, goal, note_load, print_goals
+
 NAME = "latents"
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WORK = REPO / "bench" / "out" / NAME
@@ -128,12 +130,6 @@ def stage_cold(root: Path, params: Any) -> tuple[float, Any]:
     return time.perf_counter() - started, report
 
 
-def goal(name: str, measured: float, display: str, target: str, passed: bool, kind: str = "goal") -> dict[str, Any]:
-    """kind 'goal' is reported PASS/MISS; kind 'check' is correctness and fails the run when false."""
-    return {"bench": NAME, "name": name, "measured": measured, "display": display, "goal": target,
-            "passed": bool(passed), "kind": kind}
-
-
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog=f"python -m bench.{NAME}", description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=64, help="number of images (default 64)")
@@ -203,13 +199,13 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
          "images_per_s": round(count / rerun_s, 2)},
     ]
     goals = [
-        goal("stage cold / bare encode loop, images/s", ratio, f"{ratio:.2f}x", f">= {GOAL_RATIO}x",
+        goal(NAME, "stage cold / bare encode loop, images/s", ratio, f"{ratio:.2f}x", f">= {GOAL_RATIO}x",
              ratio >= GOAL_RATIO),
-        goal("stage computed all, rejected none", report.computed, f"{report.computed}/{count}",
+        goal(NAME, "stage computed all, rejected none", report.computed, f"{report.computed}/{count}",
              f"{count}/{count}", report.computed == count and not report.rejected, kind="check"),
-        goal("stored means = bare loop means (max abs diff)", worst, f"{worst:.1e}", "<= 1e-5", worst <= 1e-5,
+        goal(NAME, "stored means = bare loop means (max abs diff)", worst, f"{worst:.1e}", "<= 1e-5", worst <= 1e-5,
              kind="check"),
-        goal("rerun computed, VAE loaded", rerun.computed, f"{rerun.computed}, {rerun.extra['vae_loaded']}",
+        goal(NAME, "rerun computed, VAE loaded", rerun.computed, f"{rerun.computed}, {rerun.extra['vae_loaded']}",
              "0, False", rerun.computed == 0 and not rerun.extra["vae_loaded"], kind="check"),
     ]
     result = {
@@ -245,28 +241,13 @@ def print_report(result: dict[str, Any]) -> None:
         table.add_row(r["variant"], ", ".join(f"{x:.2f}" for x in r["seconds"]), f"{r['best_s']:.2f}",
                       f"{r['images_per_s']:.1f}")
     console.print(table)
-    load = result["machine"]["load_average"]
-    if max(load) > result["machine"]["usable_cpus"]:
-        console.print(f"[yellow]note:[/] load average {load[0]} -> {load[1]} on {result['machine']['usable_cpus']} "
-                      "usable cores: other processes were running; timings are noisy")
-    goals = Table(title=f"{NAME}: goals")
-    for column in ("measure", "measured", "goal", "result"):
-        goals.add_column(column, justify="right" if column in ("measured", "goal") else "left")
-    for g in result["goals"]:
-        if g["kind"] == "check":
-            verdict = "[green]OK[/]" if g["passed"] else "[red]FAIL[/]"
-        else:
-            verdict = "[green]PASS[/]" if g["passed"] else "[yellow]MISS[/]"
-        goals.add_row(g["name"], g["display"], g["goal"], verdict)
-    console.print(goals)
+    note_load(console, result["machine"])
+    print_goals(result["goals"], console, f"{NAME}: goals")
     console.print(f"total {result['total_s']:.0f} s (image generation {result['generation_s']:.0f} s, not measured)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    result = run(list(sys.argv[1:] if argv is None else argv))
-    print(json.dumps(result, separators=(",", ":")))
-    # A missed goal is a measurement, not an error; a failed correctness check is.
-    return 1 if any(g["kind"] == "check" and not g["passed"] for g in result["goals"]) else 0
+    return bench_main(run, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":
