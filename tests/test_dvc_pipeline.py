@@ -33,9 +33,12 @@ def test_dvc_repro_runs_the_demo_and_reruns_only_what_changed(tmp_path):
     for name in ("stages", "src", "data/raw", ".dvc"):
         shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    # The demo's 30 training steps, three times over, would dominate the test: 4 prove the same.
+    # The demo's 30 training steps and 8-step renders, three times over, would dominate the test:
+    # 4 steps and 2-step 128 px renders prove the same.
     params = (tmp_path / "params.yaml").read_text()
-    (tmp_path / "params.yaml").write_text(params.replace("num_steps: 30", "num_steps: 4", 1))
+    params = params.replace("num_steps: 30", "num_steps: 4", 1).replace("steps: 8 ", "steps: 2 ", 1)
+    (tmp_path / "params.yaml").write_text(params.replace("height: 256", "height: 128", 1)
+                                          .replace("width: 256", "width: 128", 1))
 
     out = dvc(tmp_path, "repro")
     for stage in STAGES:
