@@ -71,3 +71,10 @@ def test_dvc_repro_runs_the_demo_and_reruns_only_what_changed(tmp_path):
     assert "Running stage 'bucket'" in out and "Running stage 'ingest'" not in out
     assert metrics(tmp_path, "bucket")["computed"] == 0
     assert metrics(tmp_path, "latents")["computed"] == 0
+
+    # A prompt edit rerenders; it never retrains.
+    prompts = (tmp_path / "prompts.yaml").read_text()
+    (tmp_path / "prompts.yaml").write_text(prompts.replace("shp", "shp, blue", 1))
+    out = dvc(tmp_path, "repro")
+    assert "Running stage 'render'" in out
+    assert "Running stage 'train'" not in out and "Running stage 'latents'" not in out
