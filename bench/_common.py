@@ -6,6 +6,8 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
+
 
 def goal(bench: str, name: str, measured: float, display: str, target: str, passed: bool,
          kind: str = "goal") -> dict[str, Any]:
@@ -48,3 +50,16 @@ def bench_main(run: Callable[[list[str]], dict[str, Any]], argv: Sequence[str]) 
     result = run(list(argv))
     print(json.dumps(result, separators=(",", ":")))
     return 1 if failed_checks(result) else 0
+
+
+def make_photo(size: tuple[int, int], rng: np.random.Generator) -> Any:
+    """A smooth photo-like RGB image (gradients + noise) that compresses and decodes like a photo."""
+    from PIL import Image
+
+    width, height = size
+    x = np.linspace(0, 1, width)[None, :, None]
+    y = np.linspace(0, 1, height)[:, None, None]
+    base = rng.uniform(40, 200, 3)[None, None, :]
+    pixels = (base + 50 * np.sin(6 * x + rng.uniform(0, 6)) + 50 * np.cos(5 * y + rng.uniform(0, 6))
+              + rng.normal(0, 4, (height, width, 3)))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")

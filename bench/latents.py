@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bench._common import bench_main, goal, note_load, print_goals
+from bench._common import bench_main, goal, make_photo, note_load, print_goals
 
 NAME = "latents"
 REPO = Path(__file__).resolve().parents[1]
@@ -46,18 +46,6 @@ DATASETS = ("set_a", "set_b")
 # Aspect ratios of the generated photos (width, height); buckets follow from them.
 RATIOS = ((1, 1), (4, 3), (3, 4), (16, 9), (9, 16), (3, 2))
 GOAL_RATIO = 0.85  # stage images/s over bare-loop images/s
-
-
-def make_photo(size: tuple[int, int], rng: np.random.Generator) -> Any:
-    from PIL import Image
-
-    width, height = size
-    x = np.linspace(0, 1, width)[None, :, None]
-    y = np.linspace(0, 1, height)[:, None, None]
-    base = rng.uniform(40, 200, 3)[None, None, :]
-    pixels = (base + 50 * np.sin(6 * x + rng.uniform(0, 6)) + 50 * np.cos(5 * y + rng.uniform(0, 6))
-              + rng.normal(0, 4, (height, width, 3)))
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
 def bench_params(resolution: int, batch_size: int, store_dir: str) -> Any:

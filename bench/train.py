@@ -45,7 +45,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from bench._common import bench_main, goal, note_load, print_goals
+from bench._common import bench_main, goal, make_photo, note_load, print_goals
 
 NAME = "train"
 REPO = Path(__file__).resolve().parents[1]
@@ -57,18 +57,6 @@ GOAL_RATIO = 0.90  # ours steps/s over bare-loop steps/s
 
 
 # --- the project ----------------------------------------------------------------------------
-
-
-def make_photo(size: tuple[int, int], rng: np.random.Generator) -> Any:
-    from PIL import Image
-
-    width, height = size
-    x = np.linspace(0, 1, width)[None, :, None]
-    y = np.linspace(0, 1, height)[:, None, None]
-    base = rng.uniform(40, 200, 3)[None, None, :]
-    pixels = (base + 50 * np.sin(6 * x + rng.uniform(0, 6)) + 50 * np.cos(5 * y + rng.uniform(0, 6))
-              + rng.normal(0, 4, (height, width, 3)))
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
 def params_data(resolution: int, batch_size: int) -> dict[str, Any]:
