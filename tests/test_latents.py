@@ -253,12 +253,12 @@ def test_unreadable_image_is_rejected_not_fatal(captioned):
     assert len(read_jsonl(captioned.root / "data/latents/rejected.jsonl")) == 1
 
 
-def test_single_file_base_needs_model_vae(tmp_path):
-    from tuneline.config import ModelConfig, ParamsError
+def test_single_file_base_with_model_vae_takes_the_vae_as_given(tmp_path):
+    """model.vae overrides a single-file base's VAE without converting the file (text encoders convert it)."""
+    from tuneline.config import ModelConfig
     from tuneline.models.loading import vae_source
 
     (tmp_path / "base.safetensors").write_bytes(b"\0")
-    with pytest.raises(ParamsError, match="single file.*model.vae"):
-        vae_source(ModelConfig(base="base.safetensors"), tmp_path)
     override = vae_source(ModelConfig(base="base.safetensors", vae="org/some-vae"), tmp_path)
     assert (override.location, override.subfolder) == ("org/some-vae", None)
+    assert not (tmp_path / ".tuneline" / "models").exists()

@@ -219,7 +219,7 @@ class ModelConfig(Section):
     base: str = Field(
         "tiny-sdxl",
         description="Base model: a hub id (e.g. stabilityai/stable-diffusion-xl-base-1.0), a local diffusers "
-        "folder, a local single .safetensors file, or 'tiny-sdxl' (a tiny RANDOM-weight model for tests and demos).",
+        "folder, a local single .safetensors file (converted once; see model.config), or 'tiny-sdxl' (a tiny RANDOM-weight model for tests and demos).",
     )
     revision: Optional[str] = Field(
         None, description="Hub revision (branch, tag or commit) of `base`; pin a commit for caches that never go stale."
@@ -227,6 +227,11 @@ class ModelConfig(Section):
     vae: Optional[str] = Field(
         None,
         description="Replacement VAE (hub id or local folder), e.g. madebyollin/sdxl-vae-fp16-fix; null uses base's VAE.",
+    )
+    config: Optional[str] = Field(
+        None,
+        description="Diffusers folder or hub id whose configs describe a single-file base (needed offline; "
+        "e.g. stabilityai/stable-diffusion-xl-base-1.0 or tiny-sdxl)",
     )
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from tuneline import __version__
 from tuneline.config import Params, ParamsError
 from tuneline.fsutil import atomic_path, atomic_write_text, digest_json, link_or_copy, rebuilt_dir
-from tuneline.modelref import is_tiny, resolve_model
+from tuneline.modelref import is_tiny
 from tuneline.report import StageReport
 
 STAGE = "export"
@@ -26,7 +26,9 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 def _base_unet_config(params: Params, root: Path) -> Path:
-    base = resolve_model(params.model.base, root)
+    from tuneline.models.loading import _base_location
+
+    base = _base_location(params.model, root)  # a single-file base: its converted folder
     if isinstance(base, str):
         from huggingface_hub import hf_hub_download
 

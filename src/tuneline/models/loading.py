@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneline.config import ModelConfig, ParamsError
+from tuneline.fsutil import digest_json
 from tuneline.modelref import model_identity, resolve_model
 
 # Config names -> torch dtype attribute names.
@@ -29,9 +30,15 @@ class ComponentSource:
     revision: str | None
     subfolder: str | None
     location: Path | str  # local folder, or the hub id
+    # For a single-file base: the identity of model.config, whose configs and tokenizers
+    # the conversion took (the file's own digest covers the weights).
+    config_identity: str | None = None
 
     def identity(self, root: Path | None) -> str:
-        return model_identity(self.ref, self.revision, self.subfolder, root)
+        own = model_identity(self.ref, self.revision, self.subfolder, root)
+        if self.config_identity is None:
+            return own
+        return digest_json({"model": own, "config": self.config_identity})
 
     def load_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {}
@@ -70,15 +77,28 @@ def torch_dtype(name: str) -> Any:
     return getattr(torch, TORCH_DTYPES[name])
 
 
-def _base_location(model: ModelConfig, root: Path | None, needs: str) -> Path | str:
+def _base_location(model: ModelConfig, root: Path | None) -> Path | str:
+    """Where model.base loads from: a diffusers folder or a hub id.
+
+    A single-file checkpoint is converted once into a cached diffusers folder
+    (`models.single_file`), which every loader then reads like any other base folder.
+    """
     base = resolve_model(model.base, root)
     if isinstance(base, Path) and base.is_file():
-        raise ParamsError(
-            f"model.base is a single file ({base}): loading {needs} from a single-file checkpoint is not "
-            "supported yet; set model.vae to a VAE folder or hub id (e.g. madebyollin/sdxl-vae-fp16-fix), "
-            "or point model.base at a diffusers folder or hub id"
-        )
+        from tuneline.models.single_file import ensure_converted
+
+        return ensure_converted(base, model, root)
     return base
+
+
+def _base_config_identity(model: ModelConfig, root: Path | None) -> str | None:
+    """model.config's identity when model.base is a single file (it then decides configs and tokenizers)."""
+    base = resolve_model(model.base, root)
+    if isinstance(base, Path) and base.is_file():
+        from tuneline.models.single_file import config_identity
+
+        return config_identity(model, root)
+    return None
 
 
 def vae_source(model: ModelConfig, root: Path | None) -> ComponentSource:
@@ -88,13 +108,15 @@ def vae_source(model: ModelConfig, root: Path | None) -> ComponentSource:
         is_pipeline_folder = (isinstance(location, Path) and not (location / "config.json").is_file()
                               and (location / "vae" / "config.json").is_file())
         return ComponentSource(model.vae, None, "vae" if is_pipeline_folder else None, location)
-    return ComponentSource(model.base, model.revision, "vae", _base_location(model, root, "the VAE"))
+    return ComponentSource(model.base, model.revision, "vae", _base_location(model, root),
+                           _base_config_identity(model, root))
 
 
 def text_encoder_sources(model: ModelConfig, root: Path | None) -> dict[str, ComponentSource]:
     """SDXL's two tokenizers and two text encoders, all from model.base."""
-    base = _base_location(model, root, "the text encoders")
-    return {name: ComponentSource(model.base, model.revision, name, base) for name in TEXT_COMPONENTS}
+    base = _base_location(model, root)
+    config = _base_config_identity(model, root)
+    return {name: ComponentSource(model.base, model.revision, name, base, config) for name in TEXT_COMPONENTS}
 
 
 def load_vae(model: ModelConfig, root: Path | None, dtype: str = "auto", device: str = "auto") -> Any:

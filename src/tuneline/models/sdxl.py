@@ -55,7 +55,7 @@ class SDXLAdapter:
     def load(self) -> None:
         from diffusers import DDPMScheduler, UNet2DConditionModel
 
-        base = _base_location(self.model_config, self.root, "the UNet")
+        base = _base_location(self.model_config, self.root)
         kwargs = {"revision": self.model_config.revision} if isinstance(base, str) and self.model_config.revision else {}
         self.unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **kwargs)
         # Training always uses the DDPM forward process, whatever sampler the folder ships.
@@ -207,7 +207,7 @@ class SDXLAdapter:
         """The base pipeline with the fully trained components replaced (LoRA-only parts stay base)."""
         from diffusers import StableDiffusionXLPipeline
 
-        base = _base_location(self.model_config, self.root, "the pipeline")
+        base = _base_location(self.model_config, self.root)
         kwargs = {"revision": self.model_config.revision} if isinstance(base, str) and self.model_config.revision else {}
         replaced: dict[str, Any] = {}
         if self.config.mode == "full":

@@ -47,7 +47,7 @@ def load_base_pipeline(model_config: ModelConfig, root: Path | None, device: str
 
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    base = _base_location(model_config, root, "the pipeline")
+    base = _base_location(model_config, root)
     kwargs: dict[str, Any] = {}
     if isinstance(base, str) and model_config.revision:
         kwargs["revision"] = model_config.revision
@@ -192,7 +192,7 @@ def _inference_scheduler(adapter: Any) -> Any:
     from tuneline.models.loading import _base_location
 
     model = adapter.model_config
-    base = _base_location(model, adapter.root, "the scheduler")
+    base = _base_location(model, adapter.root)
     kwargs = {"revision": model.revision} if isinstance(base, str) and model.revision else {}
     config = diffusers.EulerDiscreteScheduler.load_config(base, subfolder="scheduler", **kwargs)
     cls = getattr(diffusers, str(config.get("_class_name")), diffusers.EulerDiscreteScheduler)
