@@ -170,3 +170,14 @@ def test_turning_draft_off_recomputes_only_images_it_reduced(project):
     project.bucket(project.params(bucket={"draft": True}))
     report = project.bucket(project.params(bucket={"draft": False}))
     assert (report.computed, report.reused) == (1, 3)
+
+
+def test_atomic_writes_get_the_default_file_mode(tmp_path):
+    import os
+
+    from tuneline.fsutil import atomic_write_text
+
+    atomic_write_text(tmp_path / "x.json", "{}")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o666 & ~umask

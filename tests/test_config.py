@@ -86,3 +86,14 @@ def test_missing_data_set_folder_stops_before_work(project, capsys):
     assert main(["--params", str(project.root / "params.yaml"), "--root", str(project.root), "ingest"]) == 2
     assert "datasets[alpha].path: folder" in capsys.readouterr().out
     assert not (project.root / "data/ingested").exists()
+
+
+def test_unquoted_yaml_no_is_mixed_precision_no():
+    # `dvc exp run -S` rewrites params.yaml and drops the quotes; YAML 1.1 then reads `no` as false.
+    import yaml
+
+    from tuneline.config import validate_params
+
+    data = yaml.safe_load("datasets: [{name: a, path: data/raw/a}]\ntrain: {mixed_precision: no}\n")
+    assert data["train"]["mixed_precision"] is False
+    assert validate_params(data).train.mixed_precision == "no"

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
 from tuneline.section import Section
+
+
+def _yaml_no(value: Any) -> Any:
+    """YAML 1.1 reads an unquoted `no` as false, and tools that rewrite params.yaml
+    (`dvc exp run -S`) drop the quotes: false means "no" here."""
+    return "no" if value is False else value
 
 
 class LoraConfig(Section):
@@ -108,7 +114,7 @@ class TrainConfig(Section):
     num_epochs: Optional[int] = Field(None, ge=1, description="Stop after this many epochs (when num_steps is null).")
     lr: float = Field(1e-4, gt=0, description="Learning rate of the UNet (and text encoders without their own).")
     gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+    mixed_precision: Annotated[Literal["no", "fp16", "bf16"], BeforeValidator(_yaml_no)] = Field(
         "no", description="Autocast precision; fp16 uses a gradient scaler. Use bf16 on recent GPUs."
     )
     max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Gradient clipping norm; null disables it.")
