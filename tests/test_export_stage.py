@@ -38,7 +38,7 @@ def test_lora_export_header_card_copy_and_diffusers_load(latents_project, tmp_pa
 
     from tuneline.modelref import resolve_model
 
-    params = trained(latents_project, tmp_path, lora={"rank": 4, "alpha": 2.0})
+    params = trained(latents_project, tmp_path, lora={"rank": 4, "alpha": 2.0}, ema={"enabled": True, "decay": 0.5})
     params, report = export(latents_project, tmp_path, params, copy_to=[str(tmp_path / "comfy/loras")])
     path = tmp_path / "export/demo.safetensors"
     state = json.loads((tmp_path / "models/train/trainer_state.json").read_text())
@@ -51,12 +51,13 @@ def test_lora_export_header_card_copy_and_diffusers_load(latents_project, tmp_pa
     assert header["modelspec.trigger_phrase"] == "alf, bet"
     assert header["tuneline.data_digest"] == state["data_digest"]
     assert header["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert header["tuneline.weights"] == "ema"  # the run kept EMA weights and export.use_ema is on
     assert (tmp_path / "comfy/loras/demo.safetensors").read_bytes() == path.read_bytes()
     card = (tmp_path / "export/README.md").read_text()
     assert "RANDOM" in card and "`alf` (alpha)" in card
     # The real client: the kohya file renders what the diffusers-format result renders.
     images = []
-    for lora in (path, tmp_path / "models/train"):
+    for lora in (path, tmp_path / "models/train/ema"):
         pipe = StableDiffusionXLPipeline.from_pretrained(resolve_model("tiny-sdxl"))
         pipe.load_lora_weights(lora)
         images.append(pipe("alf, a thing", num_inference_steps=2, height=64, width=64, output_type="pt",

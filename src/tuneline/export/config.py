@@ -23,5 +23,6 @@ class ExportConfig(Section):
         "file, written atomically so a watching UI never loads half a file.",
     )
     keep_diffusers: bool = Field(True, description="Also keep the diffusers-format result beside the single file.")
+    use_ema: bool = Field(True, description="Export the EMA weights when the run kept them (train.ema.enabled).")
     samples: int = Field(4, ge=0, description="Sample images from the render stage put in the model card.")
     author: Optional[str] = Field(None, description="Author named in the model card and metadata.")

@@ -105,18 +105,20 @@ def run_export(params: Params, root: Path, trained_dir: Path, renders_dir: Path,
     state = json.loads(state_file.read_text("utf-8"))
     config = params.export
     common = _metadata_common(params, state)
+    weights_dir = trained_dir / "ema" if config.use_ema and (trained_dir / "ema").is_dir() else trained_dir
+    common["extra"]["tuneline.weights"] = "ema" if weights_dir != trained_dir else "trained"
     written: list[Path] = []
     with rebuilt_dir(out_dir) as staging:
         file_name = f"{config.name}.safetensors"
-        if (trained_dir / LORA_FILE).is_file():
+        if (weights_dir / LORA_FILE).is_file():
             lora = params.train.lora
             metadata = kohya_metadata(rank=lora.rank, alpha=lora.alpha, output_name=config.name,
                                       training_started_at=_dt.datetime.fromtimestamp(state["history"][0]["time"],
                                                                                      _dt.timezone.utc), **common)
-            export_kohya_lora(trained_dir / LORA_FILE, staging / file_name, _base_unet_config(params, root), metadata)
+            export_kohya_lora(weights_dir / LORA_FILE, staging / file_name, _base_unet_config(params, root), metadata)
             kind = "LoRA (kohya layout)"
-        elif (trained_dir / "pipeline").is_dir():
-            pipeline_to_single_file(trained_dir / "pipeline", staging / file_name, config.dtype,
+        elif (weights_dir / "pipeline").is_dir():
+            pipeline_to_single_file(weights_dir / "pipeline", staging / file_name, config.dtype,
                                     checkpoint_metadata(**common))
             kind = f"Full fine-tune (single-file SDXL checkpoint, {config.dtype})"
         else:

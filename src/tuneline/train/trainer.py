@@ -384,14 +384,15 @@ class Trainer:
             print(f"\nsignal {signum}: finishing this step, then saving a checkpoint", flush=True)
 
     def save_outputs(self, out_dir: Path) -> Path | None:
-        """The trained result in diffusers format (EMA weights when EMA is on), main process only."""
+        """The trained result in diffusers format, main process only; with EMA on, the EMA
+        weights also go to `out_dir/ema` in the same layout (render and export choose)."""
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return None
         unwrapped = {name: self.accelerator.unwrap_model(m) for name, m in self.modules.items()}
         if self.ema is not None:
             with self.ema.swap():
-                return self.adapter.save(unwrapped, out_dir)
+                self.adapter.save(unwrapped, Path(out_dir) / "ema")
         return self.adapter.save(unwrapped, out_dir)
 
 
