@@ -15,6 +15,14 @@ Caching: a task's key is a digest of its inputs' content, its params subset and 
 
 Tracking: one MLflow parent run per flow run; every stage process is a child of it
 (TUNELINE_PARENT_RUN_ID).
+
+Scale-out: with `shards=N` (`--shards N`) the caption and latents steps become N shard
+tasks (`python -m tuneline.cli ... <stage> --shard i/N`, each its own process, GPU
+i % <GPUs> when there are GPUs) submitted at once through a ThreadPoolTaskRunner, each
+filling the shared per-item store (.tuneline/store: content-addressed, atomic writes),
+followed by the normal stage task, which assembles the output from the store (all hits).
+A DaskTaskRunner (prefect-dask) spreads the same tasks over machines when the project
+and its store are on shared storage.
 """
 
 from __future__ import annotations
@@ -38,19 +46,26 @@ GPU_TAG = "gpu"
 RESULTS_BLOCK_PREFIX = "tuneline-results-"
 
 
-def _gpu_count() -> int:
-    """GPUs visible to the stages (nvidia-smi; no torch import in the driver); at least 1."""
+def _gpu_ids() -> list[str]:
+    """Ids of the GPUs visible to the stages (CUDA_VISIBLE_DEVICES, else nvidia-smi; no torch
+    import in the driver); empty when there are none."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
-        return max(1, len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"]))
+        ids = [d.strip() for d in visible.split(",") if d.strip()]
+        return ids[:ids.index("-1")] if "-1" in ids else ids  # CUDA stops at the first invalid id
     smi = shutil.which("nvidia-smi")
     if smi:
         try:
             done = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10, check=False)
-            return max(1, sum(1 for line in done.stdout.splitlines() if line.startswith("GPU ")))
+            return [str(i) for i in range(sum(1 for line in done.stdout.splitlines() if line.startswith("GPU ")))]
         except (OSError, subprocess.SubprocessError):
             pass
-    return 1
+    return []
+
+
+def _gpu_count() -> int:
+    """GPUs visible to the stages; at least 1."""
+    return max(1, len(_gpu_ids()))
 
 
 def uses_server() -> bool:
@@ -131,6 +146,85 @@ def run_stage(stage: str, root: str, params_file: str, cache_key: str, outs: lis
     return {"stage": stage, "key": cache_key, "outputs": fingerprint, "metrics": metrics}
 
 
+# Stages whose missing items can be computed by several workers (`tuneline <stage> --shard I/N`).
+SHARDED_STAGES = ("caption", "latents")
+
+
+def shard_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    """Prefect cache_key_fn of a shard task: its stage's content key, plus which shard of how many."""
+    return f"tuneline-{parameters['stage']}-shard{parameters['index']}of{parameters['count']}-{parameters['cache_key']}"
+
+
+@task(name="shard", cache_key_fn=shard_cache_key, persist_result=True)
+def run_shard(stage: str, index: int, count: int, root: str, params_file: str, cache_key: str,
+              gpu: Optional[str] = None, parent_run_id: Optional[str] = None) -> dict[str, Any]:
+    """Run `<stage> --shard index/count` as a subprocess in its own process group: it computes
+    that shard's missing items into the shared store and writes no output folder."""
+    from tuneline.orchestration.cachekey import STATE_DIR
+    from tuneline.orchestration.runner import run_stage_process
+    from tuneline.tracking import PARENT_RUN_ENV
+
+    logger = get_run_logger()
+    name = f"{stage} shard {index}/{count}"
+    running = Path(root) / STATE_DIR / "running" / f"{stage}.shard{index}of{count}.pid"
+    running.parent.mkdir(parents=True, exist_ok=True)
+    env = {PARENT_RUN_ENV: parent_run_id} if parent_run_id else {}
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+
+    def started(pgid: int) -> None:
+        running.write_text(f"{pgid}\n")  # the flow stops these groups when it is cancelled
+        logger.info("%s: process group %d%s", name, pgid, f" on GPU {gpu}" if gpu is not None else "")
+
+    try:
+        run_stage_process(stage, Path(params_file), Path(root), env=env, on_start=started,
+                          echo=lambda line: logger.info("[%d/%d] %s", index, count, line),
+                          args=["--shard", f"{index}/{count}"])
+    finally:
+        running.unlink(missing_ok=True)
+    return {"stage": stage, "shard": f"{index}/{count}", "key": cache_key}
+
+
+def _stop_shards(root: Path, stage: str) -> None:
+    """SIGTERM the process group of every shard of `stage` still running (the flow is stopping)."""
+    import signal
+
+    from tuneline.orchestration.cachekey import STATE_DIR
+
+    for pid_file in (root / STATE_DIR / "running").glob(f"{stage}.shard*.pid"):
+        try:
+            os.killpg(int(pid_file.read_text().strip()), signal.SIGTERM)
+        except (OSError, ValueError):
+            pass
+
+
+def run_shards(stage: str, count: int, root: Path, params_file: Path, cache_key: str, valid: bool,
+               storage: Any, parent_run_id: Optional[str]) -> list[dict[str, Any]]:
+    """Run `count` shard tasks of `stage` at once (one thread each, each its own process); raise
+    the first failure once all have ended. Returns one {"shard", "cached"} per shard."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    gpus = _gpu_ids()
+    shard_task = run_shard.with_options(
+        tags=[GPU_TAG] if stage in GPU_STAGES else [], refresh_cache=not valid,
+        result_storage=storage, persist_result=True)
+    with ThreadPoolTaskRunner(max_workers=count) as runner:
+        futures = [runner.submit(shard_task.with_options(task_run_name=f"{stage}-shard-{i}of{count}"), {
+            "stage": stage, "index": i, "count": count, "root": str(root), "params_file": str(params_file),
+            "cache_key": cache_key, "gpu": gpus[i % len(gpus)] if gpus else None,
+            "parent_run_id": parent_run_id}) for i in range(count)]
+        try:
+            for future in futures:
+                future.wait()
+        except BaseException:  # cancelled, Ctrl-C, SIGTERM: the shard processes stop too
+            _stop_shards(root, stage)
+            raise
+    states = [future.state for future in futures]
+    for state in states:
+        state.result()  # raises the first shard's error
+    return [{"shard": f"{i}/{count}", "cached": state.name == "Cached"} for i, state in enumerate(states)]
+
+
 def _status_of(error: BaseException) -> str:
     from tuneline.orchestration.runner import STOPPED_EXIT_CODE, StageProcessFailed
 
@@ -141,7 +235,8 @@ def _status_of(error: BaseException) -> str:
 
 @flow(name="tuneline-pipeline", validate_parameters=False)
 def pipeline(params_path: str = "params.yaml", root: str = ".",
-             overrides: Optional[ParamsOverrides] = None) -> dict[str, Any]:  # type: ignore[valid-type]
+             overrides: Optional[ParamsOverrides] = None,  # type: ignore[valid-type]
+             shards: int = 1) -> dict[str, Any]:
     """Run ingest -> bucket -> caption -> latents -> train -> render -> export with cached tasks.
 
     Args:
@@ -149,6 +244,10 @@ def pipeline(params_path: str = "params.yaml", root: str = ".",
         root: The project root (holds dvc.yaml, data/, .tuneline/).
         overrides: Settings that replace params.yaml's for this run, like `dvc exp run -S`:
             nested sections or dotted keys ({"train.lr": 0.0001}). Empty fields keep params.yaml.
+        shards: Split caption and latents into this many shard tasks, run at once (each its
+            own process, GPUs round robin) into the shared item store, then assemble. 1: no
+            sharding. A DaskTaskRunner (prefect-dask) would spread the same tasks over
+            machines when the project's store is on shared storage.
     """
     from prefect.runtime import flow_run
 
@@ -160,6 +259,8 @@ def pipeline(params_path: str = "params.yaml", root: str = ".",
     from tuneline.tracking import end_parent_run, start_parent_run
 
     logger = get_run_logger()
+    if int(shards) < 1:
+        raise ValueError(f"shards must be at least 1, got {shards!r}")
     root_path = Path(root).resolve()
     params_file = Path(params_path) if Path(params_path).is_absolute() else root_path / params_path
     # Bad overrides or params stop here, before any task, with validate_params' message.
@@ -187,6 +288,10 @@ def pipeline(params_path: str = "params.yaml", root: str = ".",
             with Digester(root_path, params.store_dir) as digester:
                 key = stage_key(spec, params, root_path, digester)
                 valid = outputs_match(root_path, spec, key.key, digester)
+            shard_states = None
+            if shards > 1 and spec.name in SHARDED_STAGES:
+                shard_states = run_shards(spec.name, int(shards), root_path, merged_params, key.key, valid,
+                                          storage, parent_run_id)
             stage_task = run_stage.with_options(
                 name=spec.name, task_run_name=spec.name, tags=[GPU_TAG] if spec.name in GPU_STAGES else [],
                 # Outputs gone or changed since the key's run: run again and overwrite the cache entry.
@@ -198,6 +303,8 @@ def pipeline(params_path: str = "params.yaml", root: str = ".",
             result = state.result()  # raises the stage's error: the flow stops at a failed stage
             summary[spec.name] = {"cached": state.name == "Cached", "key": key.key,
                                   "metrics": (result or {}).get("metrics")}
+            if shard_states is not None:
+                summary[spec.name]["shards"] = shard_states
             logger.info("stage %s: %s (key %s)", spec.name, "cache hit" if state.name == "Cached" else "ran", key.key)
     except BaseException as error:
         status = _status_of(error)
@@ -229,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a setting like `dvc exp run -S` (value parsed as YAML); repeatable")
     parser.add_argument("--overrides", default=None, help="overrides as a JSON object (dotted or nested keys)")
     parser.add_argument("--summary", default=None, help="also write the run summary as JSON to this file")
+    parser.add_argument("--shards", type=int, default=1, metavar="N",
+                        help="run caption and latents as N concurrent shard processes (default: 1, no sharding)")
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = json.loads(args.overrides) if args.overrides else {}
     for item in args.sets:
@@ -242,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     from tuneline.report import print_error
 
     try:
-        summary = pipeline(params_path=args.params, root=args.root, overrides=overrides or None)
+        summary = pipeline(params_path=args.params, root=args.root, overrides=overrides or None,
+                           shards=args.shards)
     except ParamsError as error:
         print_error("configuration error", str(error))
         return 2

@@ -32,6 +32,11 @@ to `<store_dir>/caption-edits/<id>.txt` and from then on wins in every mode, so 
 survives the output folder being rebuilt or checked out again. Emptying the .txt (or
 deleting its file in caption-edits/) goes back to the automatic caption. Edits are keyed
 by item id, which is the source image's content: a replaced image starts afresh.
+
+Sharding. `shard=(i, n)` (`tuneline caption --shard i/n`) captions only the missing model
+captions whose key is in shard i of n (tuneline.store.in_shard) into the shared store,
+and returns without rebuilding the output folder or writing metrics: run the n shards
+(on as many workers), then the normal run, which assembles the output from the store.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ from tuneline.fsutil import atomic_write_text, digest_json, link_or_copy, rebuil
 from tuneline.manifest import MANIFEST, REJECTED, read_manifest, write_jsonl
 from tuneline.modelref import is_tiny, model_identity, resolve_model
 from tuneline.report import StageReport, console
-from tuneline.store import ItemStore
+from tuneline.store import ItemStore, in_shard
 
 STAGE = "caption"
 # Bump when a change here or in tuneline.captioning changes the stored caption for a key.
@@ -186,9 +191,18 @@ def generate_captions(config: CaptionConfig, source: Path | str, device: str, dt
         florence.unload()
 
 
+def _shard_report(report: StageReport, shard: tuple[int, int], wanted: int, started: float) -> StageReport:
+    report.extra.update({"shard": f"{shard[0]}/{shard[1]}", "model_captions_wanted": wanted})
+    report.seconds = time.perf_counter() - started
+    return report
+
+
 def run_caption(params: Params, root: Path, bucketed_dir: Path, out_dir: Path,
-                metrics_dir: Path | None = None) -> StageReport:
-    """Caption every item of `bucketed_dir`; write images, .txt captions and manifest.jsonl to `out_dir`."""
+                metrics_dir: Path | None = None, shard: tuple[int, int] | None = None) -> StageReport:
+    """Caption every item of `bucketed_dir`; write images, .txt captions and manifest.jsonl to `out_dir`.
+
+    With `shard=(i, n)`: only compute shard i's missing captions into the store (see the module docstring).
+    """
     started = time.perf_counter()
     root, bucketed_dir, out_dir = Path(root), Path(bucketed_dir), Path(out_dir)
     config = params.caption
@@ -210,12 +224,15 @@ def run_caption(params: Params, root: Path, bucketed_dir: Path, out_dir: Path,
         for item in wanted:
             item.key = caption_key(item.record["key"], model_id, config, dtype)
             stored[item.key] = store.read_json(item.key)  # None also for an unreadable entry
-        missing = list(dict.fromkeys(item.key for item in wanted if stored[item.key] is None))
+        missing = list(dict.fromkeys(item.key for item in wanted
+                                     if stored[item.key] is None and in_shard(item.key, shard)))
         if missing:
             path_of = {item.key: bucketed_dir / item.record["image"] for item in wanted}
             generate_captions(config, resolve_model(config.model, root), device, dtype,
                               [(path_of[key], key) for key in missing], store, report)
             stored.update({key: store.read_json(key) for key in missing})
+        if shard is not None:  # a shard only fills the store; the unsharded run writes the output
+            return _shard_report(report, shard, len(wanted), started)
         for item in wanted:
             item.text = stored[item.key]["caption"]
         if is_tiny(config.model):
@@ -223,6 +240,8 @@ def run_caption(params: Params, root: Path, bucketed_dir: Path, out_dir: Path,
                 f"caption.model {config.model!r} is a tiny RANDOM-weight model: its {len(wanted)} caption(s) "
                 "mean nothing (set caption.model to a real Florence-2 for training)")
 
+    if shard is not None:  # nothing for the model: this shard has no work
+        return _shard_report(report, shard, 0, started)
     triggers = {d.folder: d.trigger_word for d in params.datasets}
     counts: Counter[str] = Counter()
     manifest = []

@@ -43,18 +43,18 @@ def _bucket(params, root: Path, tracker=None):
     return report
 
 
-def _caption(params, root: Path, tracker=None):
+def _caption(params, root: Path, tracker=None, shard: tuple[int, int] | None = None):
     from tuneline.caption import run_caption
 
     input_dir, output_dir = STAGE_DIRS["caption"]
-    return run_caption(params, root, root / input_dir, root / output_dir, root / METRICS_DIR)
+    return run_caption(params, root, root / input_dir, root / output_dir, root / METRICS_DIR, shard=shard)
 
 
-def _latents(params, root: Path, tracker=None):
+def _latents(params, root: Path, tracker=None, shard: tuple[int, int] | None = None):
     from tuneline.latents import run_latents
 
     input_dir, output_dir = STAGE_DIRS["latents"]
-    return run_latents(params, root, root / input_dir, root / output_dir, root / METRICS_DIR)
+    return run_latents(params, root, root / input_dir, root / output_dir, root / METRICS_DIR, shard=shard)
 
 
 def _train(params, root: Path, tracker=None, resume_from: Path | None = None):
@@ -79,6 +79,22 @@ def _render(params, root: Path, tracker=None):
     return run_render(params, root, root / input_dir, root / output_dir, root / METRICS_DIR, tracker)
 
 
+# Stages whose missing items can be computed in shards (`--shard I/N`), by several workers at once.
+SHARDED_STAGES = ("caption", "latents")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N' -> (I, N), with 0 <= I < N."""
+    index, sep, count = text.partition("/")
+    try:
+        shard = (int(index), int(count))
+    except ValueError:
+        shard = None
+    if not sep or shard is None or not 0 <= shard[0] < shard[1]:
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, like 0/4; got {text!r}")
+    return shard
+
+
 # Stage name -> function(params, root, tracker) -> StageReport. Heavy imports stay inside each.
 STAGE_RUNNERS = {
     "ingest": _ingest,
@@ -96,13 +112,15 @@ def _run_tracked(stage: str, params, root: Path, options: dict):
     from tuneline.tracking import Tracker
 
     is_main = os.environ.get("RANK", "0") == "0"
-    with Tracker.start(params.tracking, root, run_name=stage, stage=stage, is_main_process=is_main) as tracker:
+    shard = options.get("shard")
+    run_name = f"{stage} shard {shard[0]}/{shard[1]}" if shard else stage
+    with Tracker.start(params.tracking, root, run_name=run_name, stage=stage, is_main_process=is_main) as tracker:
         section = getattr(params, stage, None)
         if section is not None and stage != "train":  # the trainer logs its own, richer set
             tracker.log_params({stage: section, "datasets": [d.model_dump(mode="json") for d in params.datasets]})
         runner = STAGE_RUNNERS[stage]
         try:
-            report = runner(params, root, tracker, **options) if stage == "train" else runner(params, root, tracker)
+            report = runner(params, root, tracker, **options)
         except Exception as error:
             from tuneline.train.trainer import StopRequested
 
@@ -139,7 +157,11 @@ def run_stage(stage: str, params_path: Path, root: Path, options: dict | None = 
             return 1 if isinstance(error, TrainingDiverged) else 2
         raise
     if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, one summary, from the main process
-        report.print_summary(root / STAGE_DIRS[stage][1] / "rejected.jsonl")
+        if (options or {}).get("shard"):  # a shard fills the store only: no output folder, no metrics file
+            report.stage = f"{stage} shard {options['shard'][0]}/{options['shard'][1]}"
+            report.print_summary()
+        else:
+            report.print_summary(root / STAGE_DIRS[stage][1] / "rejected.jsonl")
     return 0
 
 
@@ -204,13 +226,20 @@ def main(argv: list[str] | None = None) -> int:
         if stage == "train":
             command.add_argument("--resume-from", type=Path, default=None,
                                  help="resume from this checkpoint folder (refused if its settings are not compatible)")
+        if stage in SHARDED_STAGES:
+            command.add_argument("--shard", type=parse_shard, default=None, metavar="I/N",
+                                 help="compute only shard I of N of the missing items into the shared store "
+                                      "(no output folder, no metrics); then run without --shard to assemble")
     _add_orchestration_commands(commands)
     args = parser.parse_args(argv)
     if args.command in ("ui", "serve", "repro"):
         return _run_orchestration_command(args)
     if args.command == "check":
         return _check(args.params)
-    return run_stage(args.command, args.params, args.root, {"resume_from": getattr(args, "resume_from", None)})
+    options = {"resume_from": args.resume_from} if args.command == "train" else {}
+    if getattr(args, "shard", None) is not None:
+        options["shard"] = args.shard
+    return run_stage(args.command, args.params, args.root, options)
 
 
 def stage_main(stage: str) -> None:

@@ -11,6 +11,11 @@ caption + the identities of both tokenizers and encoders + dtype. It is only val
 the text encoders are frozen and the caption the trainer sees is the stored one, so
 caption dropout, caption shuffle or text-encoder training switch it off (with the reason
 in the report).
+
+Sharding. `shard=(i, n)` (`tuneline latents --shard i/n`) encodes only the missing latents
+and text embeddings whose key is in shard i of n (tuneline.store.in_shard) into the shared
+store, and returns without rebuilding the output folder or writing metrics: run the n
+shards (on as many workers), then the normal run, which assembles the output from the store.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from tuneline.fsutil import atomic_write_bytes, atomic_write_json, digest_json, 
 from tuneline.manifest import MANIFEST, REJECTED, read_manifest, write_jsonl
 from tuneline.modelref import is_tiny
 from tuneline.report import StageReport, console
-from tuneline.store import ItemStore
+from tuneline.store import ItemStore, in_shard
 
 STAGE = "latents"
 TEXT_STAGE = "text_embeddings"  # its own store folder: it can be cleared without losing latents
@@ -345,8 +350,11 @@ def _encode_texts(params: Params, root: Path, missing: dict[str, str], text_stor
 
 
 def run_latents(params: Params, root: Path, captioned_dir: Path, out_dir: Path,
-                metrics_dir: Path | None = None) -> StageReport:
-    """Cache the latents (and, when valid, text embeddings) of every item of `captioned_dir` into `out_dir`."""
+                metrics_dir: Path | None = None, shard: tuple[int, int] | None = None) -> StageReport:
+    """Cache the latents (and, when valid, text embeddings) of every item of `captioned_dir` into `out_dir`.
+
+    With `shard=(i, n)`: only compute shard i's missing entries into the store (see the module docstring).
+    """
     from tuneline.models.loading import resolve_device, resolve_dtype, text_encoder_sources, vae_source
 
     started = time.perf_counter()
@@ -372,7 +380,7 @@ def run_latents(params: Params, root: Path, captioned_dir: Path, out_dir: Path,
     text_on = config.text_embeddings and not blockers
 
     keys = [latent_key(record["key"], vae_identity, dtype, config.flip) for record in records]
-    todo = [i for i, key in enumerate(keys) if not store.has(key, SUFFIX)]
+    todo = [i for i, key in enumerate(keys) if not store.has(key, SUFFIX) and in_shard(key, shard)]
     report.extra["vae_loaded"] = False
     failed = _encode_latents(params, root, captioned_dir, records, todo, keys, store, device, dtype,
                              vae_identity, report) if todo else {}
@@ -380,10 +388,17 @@ def run_latents(params: Params, root: Path, captioned_dir: Path, out_dir: Path,
 
     text_keys = [text_key(caption_of(r), identities, dtype) if text_on else None for r in records]
     missing_text = {key: caption_of(r) for key, r in zip(text_keys, records)
-                    if key is not None and not text_store.has(key, SUFFIX)}
+                    if key is not None and not text_store.has(key, SUFFIX) and in_shard(key, shard)}
     report.extra["text_encoders_loaded"] = bool(missing_text)
     if missing_text:
         _encode_texts(params, root, missing_text, text_store, device, dtype, identities)
+    if shard is not None:  # a shard only fills the store; the unsharded run writes the output
+        for i in sorted(failed):
+            report.reject(records[i].get("source", records[i]["id"]), failed[i], dataset=records[i]["dataset"])
+        report.extra.update({"shard": f"{shard[0]}/{shard[1]}", "text_embeddings_computed": len(missing_text),
+                             "device": device, "dtype": dtype})
+        report.seconds = time.perf_counter() - started
+        return report
 
     manifest = []
     factors: dict[str, Any] = {"scaling_factor": None, "shift_factor": None}

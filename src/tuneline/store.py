@@ -17,6 +17,18 @@ from typing import Any
 from tuneline.fsutil import atomic_write_json, file_digest
 
 
+def in_shard(key: str, shard: tuple[int, int] | None) -> bool:
+    """True when `key` belongs to shard (index, count): int(key[:8], 16) % count == index.
+
+    Every worker of a sharded stage (`--shard I/N`) computes only its own missing keys
+    into the shared store; None (no sharding) takes every key.
+    """
+    if shard is None:
+        return True
+    index, count = shard
+    return int(key[:8], 16) % count == index
+
+
 class ItemStore:
     """Results of one stage, addressed by key."""
 

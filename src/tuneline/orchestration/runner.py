@@ -25,7 +25,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 STOPPED_EXIT_CODE = 143  # the trainer's exit status after a SIGTERM-triggered checkpoint
 DEFAULT_GRACE_S = 300.0  # finishing a step and writing a full checkpoint can take minutes on real models
@@ -49,8 +49,11 @@ def _set_parent_death_signal() -> None:  # runs in the child between fork and ex
         pass
 
 
-def stage_command(stage: str, params_file: Path, root: Path, python: str | None = None) -> list[str]:
-    return [python or sys.executable, "-m", "tuneline.cli", "--params", str(params_file), "--root", str(root), stage]
+def stage_command(stage: str, params_file: Path, root: Path, python: str | None = None,
+                  args: Sequence[str] = ()) -> list[str]:
+    """`python -m tuneline.cli --params P --root R <stage> [args]` (args: like `--shard 0/4`)."""
+    return [python or sys.executable, "-m", "tuneline.cli", "--params", str(params_file), "--root", str(root), stage,
+            *args]
 
 
 def group_alive(pgid: int) -> bool:
@@ -98,14 +101,16 @@ def run_stage_process(
     echo: Callable[[str], None] | None = None,
     grace_s: float = DEFAULT_GRACE_S,
     tail_lines: int = 40,
+    args: Sequence[str] = (),
 ) -> str:
     """Run one stage to completion and return the tail of its output.
 
     `on_start(pgid)` is called once the group exists; `echo(line)` gets every output line
-    (default: print). Raises StageProcessFailed on a non-zero exit; re-raises a received
-    SIGTERM/SIGINT after the stage has stopped.
+    (default: print); `args` go after the stage name (`--shard 0/4`). Raises
+    StageProcessFailed on a non-zero exit; re-raises a received SIGTERM/SIGINT after the
+    stage has stopped.
     """
-    command = stage_command(stage, Path(params_file), Path(root))
+    command = stage_command(stage, Path(params_file), Path(root), args=args)
     child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
         command, cwd=root, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
