@@ -28,7 +28,9 @@ from pydantic import (
 from tuneline.fsutil import safe_name
 from tuneline.render.config import RenderConfig
 from tuneline.section import Section
+from tuneline.captioning.config import CaptionConfig
 from tuneline.export.config import ExportConfig
+from tuneline.latents_config import LatentsConfig
 from tuneline.tracking_config import TrackingConfig
 from tuneline.train.config import TrainConfig
 
@@ -232,80 +234,6 @@ class ModelConfig(Section):
         None,
         description="Diffusers folder or hub id whose configs describe a single-file base (needed offline; "
         "e.g. stabilityai/stable-diffusion-xl-base-1.0 or tiny-sdxl)",
-    )
-
-
-# --- caption section ---
-
-
-class CaptionConfig(Section):
-    """Stage `caption`: caption every bucketed image with Florence-2, keeping sidecar captions and hand edits."""
-
-    model: str = Field(
-        "tiny-florence2",
-        description="Florence-2 model: a hub id (e.g. florence-community/Florence-2-base), a local folder in the "
-        "native transformers layout, or 'tiny-florence2' (a tiny RANDOM-weight model: its captions mean nothing).",
-    )
-    revision: Optional[str] = Field(
-        None, description="Hub revision (branch, tag or commit) of `model`; pin a commit for caches that never go stale."
-    )
-    task: Literal["<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>"] = Field(
-        "<CAPTION>", description="Florence-2 task prompt: one sentence, a paragraph, or a longer paragraph."
-    )
-    mode: Literal["fill", "overwrite", "sidecar_only"] = Field(
-        "fill",
-        description="fill: keep sidecar captions and caption only images without one; overwrite: caption every "
-        "image with the model; sidecar_only: never run the model (images without a sidecar get default_caption).",
-    )
-    batch_size: int = Field(
-        8, ge=1, description="Images per generate call; halved automatically when a batch runs out of memory."
-    )
-    num_beams: int = Field(3, ge=1, description="Beam search width (1 is greedy, fastest).")
-    max_new_tokens: int = Field(
-        256, ge=1, le=1024, description="Longest caption in tokens; longer ones are cut off."
-    )
-    dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
-        "auto", description="Model precision; auto is bf16 (or fp16 on GPUs without bf16) on CUDA and fp32 on CPU."
-    )
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="Where the model runs; auto is the GPU when there is one, else the CPU."
-    )
-    default_caption: str = Field(
-        "a photo",
-        description="Caption of an image whose model caption is empty after cleaning, or that has no sidecar "
-        "in sidecar_only mode (such images are counted as 'defaulted').",
-    )
-
-
-# --- latents section ---
-
-
-class LatentsConfig(Section):
-    """Stage `latents`: encode every image through the VAE once and cache the latent distribution."""
-
-    batch_size: int = Field(
-        4, ge=1, description="Images per VAE call (all of one bucket, so one size); lower it if the VAE runs out of memory."
-    )
-    dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
-        "auto",
-        description="VAE and text-encoder precision: auto is bf16 on CUDA (fp16 where bf16 is unsupported) and fp32 "
-        "on CPU. A half-precision batch that overflows to NaN/Inf is re-encoded in fp32 with a warning.",
-    )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the VAE runs: auto picks CUDA when available.")
-    flip: bool = Field(
-        False,
-        description="Also cache the latent of the horizontally flipped image, so training can flip without the VAE.",
-    )
-    text_embeddings: bool = Field(
-        True,
-        description="Also cache each caption's SDXL text embeddings when that is valid (off automatically with "
-        "caption dropout or shuffle, or when the text encoders are trained).",
-    )
-    workers: Optional[int] = Field(
-        None,
-        ge=0,
-        description="Threads decoding images while the VAE encodes; 0 decodes between VAE calls. null: "
-        "min(4, cores) on CUDA, 0 on the CPU (where the VAE already keeps every core busy).",
     )
 
 
