@@ -39,7 +39,7 @@ def grid_sheet(cells: Sequence[Sequence[Any]], row_labels: Sequence[str], column
             left = LABEL_WIDTH + c * tile
             if image is None:
                 draw.rectangle((left + 1, top + 1, left + tile - 2, top + tile - 2), fill=EMPTY)
-                draw.text((left + 6, top + tile // 2 - 6), "missing", fill=TEXT, font=font)
+                draw.text((left + 6, top + tile // 2 - 6), "not rendered", fill=TEXT, font=font)
                 continue
             fitted = ImageOps.contain(image.convert("RGB"), (tile, tile))
             sheet.paste(fitted, (left + (tile - fitted.width) // 2, top + (tile - fitted.height) // 2))
