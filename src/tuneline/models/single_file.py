@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import tempfile
 from pathlib import Path
 
 from tuneline.config import ModelConfig, ParamsError
-from tuneline.fsutil import digest_json
+from tuneline.fsutil import build_folder_once, digest_json
 from tuneline.store import FileDigests
 
 log = logging.getLogger(__name__)
@@ -78,16 +76,9 @@ def is_converted(folder: Path) -> bool:
 
 def ensure_converted(path: Path, model: ModelConfig, root: Path | None) -> Path:
     """The diffusers pipeline folder of single-file checkpoint `path`, converting it on first use."""
-    from tuneline.tiny.cache import _build_lock
-
-    final = converted_dir(path, model, root)
-    if is_converted(final):
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with _build_lock(final) as exclusive:
-        if not is_converted(final):  # another process may have converted it while we waited
-            _convert(path, model, root, final, exclusive)
-    return final
+    # _convert is looked up at build time, so tests can count conversions.
+    return build_folder_once(converted_dir(path, model, root), lambda staging: _convert(path, model, root, staging),
+                             is_converted)
 
 
 def _from_single_file(path: Path, model: ModelConfig, root: Path | None):
@@ -117,24 +108,11 @@ def _from_single_file(path: Path, model: ModelConfig, root: Path | None):
         ) from error
 
 
-def _convert(path: Path, model: ModelConfig, root: Path | None, final: Path, exclusive: bool) -> None:
-    if exclusive:
-        for leftover in final.parent.glob(f".{final.name}.tmp-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
-    if final.exists():  # no marker: an unfinished folder not made by this code
-        shutil.rmtree(final, ignore_errors=True)
-    log.info("converting single-file base %s into a diffusers folder at %s (once)", path, final)
+def _convert(path: Path, model: ModelConfig, root: Path | None, staging: Path) -> None:
+    """Write the diffusers folder of `path` into `staging`, the marker last."""
+    log.info("converting single-file base %s into a diffusers folder (once)", path)
     pipeline = _from_single_file(path, model, root)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        pipeline.save_pretrained(staging)
-        del pipeline
-        (staging / MARKER).write_text(json.dumps(
-            {"source": str(path), "config": model.config}, indent=2) + "\n", "utf-8")
-        try:
-            os.rename(staging, final)
-        except OSError:
-            if not is_converted(final):  # lost a lock-free race: the winner's folder is as good
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    pipeline.save_pretrained(staging)
+    del pipeline
+    (staging / MARKER).write_text(json.dumps({"source": str(path), "config": model.config}, indent=2) + "\n",
+                                  "utf-8")

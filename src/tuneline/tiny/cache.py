@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
+from tuneline.fsutil import build_folder_once
 from tuneline.tiny._common import NOTE_NAME, RANDOM_WARNING, TINY_VERSION
 from tuneline.tiny.florence2 import build_tiny_florence2
 from tuneline.tiny.sdxl import build_tiny_sdxl
@@ -46,67 +44,15 @@ def _is_complete(path: Path) -> bool:
     return (path / NOTE_NAME).is_file()
 
 
-@contextlib.contextmanager
-def _build_lock(final: Path) -> Iterator[bool]:
-    """Serialize builders of one model across processes; yields whether the lock is exclusive.
-
-    flock is released by the kernel when its holder dies, so a killed build never blocks.
-    """
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): the atomic rename alone still keeps it safe
-        yield False
-        return
-    lock_file = final.parent / f".{final.name}.lock"
-    with open(lock_file, "a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def _remove_stale(final: Path, exclusive: bool) -> None:
-    """Delete what killed builds left; temp folders only when no other builder can be running."""
-    if exclusive:
-        for leftover in final.parent.glob(f".{final.name}.tmp-*"):
-            log.info("removing leftover of an interrupted tiny-model build: %s", leftover)
-            shutil.rmtree(leftover, ignore_errors=True)
-    if final.exists() and not _is_complete(final):
-        # Not made by this code (no note): do not trust it.
-        log.warning("replacing incomplete tiny model folder %s", final)
-        shutil.rmtree(final, ignore_errors=True)
-
-
-def _build(kind: TinyKind, final: Path, exclusive: bool) -> None:
-    """Build into a temp folder beside `final`, then rename it into place."""
-    _remove_stale(final, exclusive)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        _BUILDERS[kind](staging)
-        if not _is_complete(staging):
-            raise RuntimeError(f"tiny {kind} builder did not finish {staging}")
-        try:
-            os.rename(staging, final)
-        except OSError:
-            if not _is_complete(final):  # lost a lock-free race: the winner's copy is as good
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 def ensure_tiny_model(kind: TinyKind, cache_dir: Path | None = None) -> Path:
     """Return the folder of the tiny RANDOM `kind` model, building it on first use.
 
     The build goes into a temp folder beside the final one and is renamed into place
     when complete, so a killed or concurrent build never leaves a folder that is trusted.
     """
-    final = tiny_model_dir(kind, cache_dir)
-    if not _is_complete(final):
-        final.parent.mkdir(parents=True, exist_ok=True)
-        with _build_lock(final) as exclusive:
-            if not _is_complete(final):  # another process may have built it while we waited
-                _build(kind, final, exclusive)
+    # _BUILDERS is looked up at build time, so tests can count or replace builds.
+    final = build_folder_once(tiny_model_dir(kind, cache_dir), lambda staging: _BUILDERS[kind](staging),
+                              _is_complete)
     if final not in _announced:
         _announced.add(final)
         log.warning("using tiny-%s at %s: %s", kind, final, RANDOM_WARNING)
