@@ -309,7 +309,7 @@ def _encode_latents(params: Params, root: Path, captioned_dir: Path, records: li
                 progress.advance(bar, len(loaded))
     finally:
         writer.close()
-        del encoder, vae
+        encoder = vae = None  # drop the models (the encode closure shares `encoder`) so release() frees them
         release(device)
     if upcast_names:
         report.extra["fp32_retries"] = len(upcast_names)
