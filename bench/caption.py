@@ -2,7 +2,7 @@
 
     python -m bench.caption [--images 32] [--batch-size 8] [--beams 1] [--max-new-tokens 20] [--repeats 2]
 
-Both sides run tuneline.caption.generate_captions (load, batches with out-of-memory
+Both sides run tuneline.stages.caption.stage.generate_captions (load, batches with out-of-memory
 halving, store writes, unload) on the same images, in this process, with the tiny
 RANDOM-weight Florence-2 on CPU: its captions mean nothing, but every call is the real
 one. A warm-up run first pays for imports and first-call setup; then the variants
@@ -47,12 +47,12 @@ def make_images(folder: Path, count: int) -> list[Path]:
 def time_variant(images: list[Path], batch_size: int, args: argparse.Namespace, work: Path,
                  label: str) -> tuple[float, dict[str, str]]:
     """Seconds of one generate_captions run on an empty store, and the captions it stored by image name."""
-    from tuneline.caption import generate_captions
-    from tuneline.captioning.florence import resolve_device_dtype
-    from tuneline.config import CaptionConfig
-    from tuneline.modelref import resolve_model
-    from tuneline.report import StageReport
-    from tuneline.store import ItemStore
+    from tuneline.stages.caption.stage import generate_captions
+    from tuneline.stages.caption.florence import resolve_device_dtype
+    from tuneline.stages.caption.config import CaptionConfig
+    from tuneline.models.ref import resolve_model
+    from tuneline.core.report import StageReport
+    from tuneline.core.store import ItemStore
 
     config = CaptionConfig(batch_size=batch_size, num_beams=args.beams, max_new_tokens=args.max_new_tokens)
     device, dtype = resolve_device_dtype(config.device, config.dtype)

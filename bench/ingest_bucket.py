@@ -7,7 +7,7 @@ bench/out/images once (reused while the generator spec matches), then runs each 
 in a fresh subprocess so its peak RSS is its own:
 
   naive             one process: full decode, exif_transpose, RGB, size check, LANCZOS
-                    resize to the same planned size (tuneline.aspect), crop, PNG level 1
+                    resize to the same planned size (tuneline.stages.bucket.aspect), crop, PNG level 1
   ours cold         run_ingest + run_bucket on an empty store, --workers (default: all cores)
   incremental       the cold run's store, plus ONE new image: must compute exactly 1 per stage
   ours cold w=1     one worker: separates draft/single-decode gains from parallelism
@@ -187,7 +187,7 @@ def run_naive(job: dict[str, Any]) -> dict[str, Any]:
     """What a simple script does: one process, full decode, straight LANCZOS, crop, PNG."""
     from PIL import ImageOps
 
-    from tuneline.aspect import assign_bucket, generate_buckets, plan_crop
+    from tuneline.stages.bucket.aspect import assign_bucket, generate_buckets, plan_crop
 
     params = bench_params(job["resolution"], 1)
     out_dir = Path(job["out"])
@@ -218,9 +218,9 @@ def run_naive(job: dict[str, Any]) -> dict[str, Any]:
 
 def run_ours(job: dict[str, Any]) -> dict[str, Any]:
     """run_ingest + run_bucket on `root` (a fresh one for cold runs, the cold one for incremental)."""
-    from tuneline.bucket import run_bucket
-    from tuneline.ingest import run_ingest
-    from tuneline.manifest import read_manifest
+    from tuneline.stages.bucket.stage import run as run_bucket
+    from tuneline.stages.ingest.stage import run as run_ingest
+    from tuneline.core.manifest import read_manifest
 
     root = Path(job["root"])
     params = bench_params(job["resolution"], job["workers"])
@@ -283,7 +283,7 @@ def _psnr(a: Image.Image, b: Image.Image) -> float:
 
 def psnr_sample(naive_out: Path, ours_root: Path, limit: int = 16) -> tuple[float, float, int] | None:
     """(min, mean, images compared) PSNR in dB of ours vs naive outputs over a few images: speed must not cost quality."""
-    from tuneline.manifest import read_manifest
+    from tuneline.core.manifest import read_manifest
 
     values = []
     for record in read_manifest(ours_root / "data/bucketed")[:limit]:
@@ -310,10 +310,10 @@ def breakdown(files: Sequence[tuple[str, Path]], resolution: int, sample: int, s
     from PIL import ImageOps
 
     from tuneline import bucket as tl_bucket
-    from tuneline.aspect import assign_bucket, generate_buckets, plan_crop
-    from tuneline.fsutil import atomic_path, file_digest
-    from tuneline.images import load_normalized, probe
-    from tuneline.png import encode_png_rgb
+    from tuneline.stages.bucket.aspect import assign_bucket, generate_buckets, plan_crop
+    from tuneline.core.fsutil import atomic_path, file_digest
+    from tuneline.core.images import load_normalized, probe
+    from tuneline.core.png import encode_png_rgb
 
     params = bench_params(resolution, 1)
     max_pixels, level = params.ingest.max_pixels, tl_bucket.PNG_COMPRESS_LEVEL

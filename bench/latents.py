@@ -64,9 +64,9 @@ def bench_params(resolution: int, batch_size: int, store_dir: str) -> Any:
 
 def ensure_project(work: Path, images: int, resolution: int, batch_size: int) -> tuple[Path, float]:
     """A project root with data/captioned for `images` generated photos; (root, seconds spent making it)."""
-    from tuneline.bucket import run_bucket
-    from tuneline.ingest import run_ingest
-    from tuneline.manifest import read_jsonl, write_jsonl
+    from tuneline.stages.bucket.stage import run as run_bucket
+    from tuneline.stages.ingest.stage import run as run_ingest
+    from tuneline.core.manifest import read_jsonl, write_jsonl
 
     root = work / "project"
     spec = {"version": GENERATOR_VERSION, "images": images, "resolution": resolution, "batch_size": batch_size}
@@ -110,7 +110,7 @@ def bare_loop(vae: Any, batches: list[Any]) -> tuple[float, list[Any]]:
 
 
 def stage_cold(root: Path, params: Any) -> tuple[float, Any]:
-    from tuneline.latents import run_latents
+    from tuneline.stages.latents.stage import run as run_latents
 
     shutil.rmtree(root / params.store_dir, ignore_errors=True)
     started = time.perf_counter()
@@ -132,8 +132,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     import torch
 
-    from tuneline.latents import _latent_batches, image_path, load_pixels
-    from tuneline.manifest import read_manifest
+    from tuneline.stages.latents.stage import _latent_batches, image_path, load_pixels
+    from tuneline.core.manifest import read_manifest
     from tuneline.models.loading import load_vae
 
     if args.threads:
@@ -161,7 +161,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         seconds, report = stage_cold(root, params)
         stage_s.append(seconds)
     rerun_s, rerun = time.perf_counter(), None
-    from tuneline.latents import run_latents
+    from tuneline.stages.latents.stage import run as run_latents
 
     rerun = run_latents(params, root, root / "data/captioned", root / "data/latents")
     rerun_s = time.perf_counter() - rerun_s

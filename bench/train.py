@@ -87,10 +87,10 @@ def ensure_project(work: Path, images: int, resolution: int, batch_size: int) ->
         return root, params, 0.0
     started = time.perf_counter()
     shutil.rmtree(root, ignore_errors=True)
-    from tuneline.bucket import run_bucket
-    from tuneline.caption import run_caption
-    from tuneline.ingest import run_ingest
-    from tuneline.latents import run_latents
+    from tuneline.stages.bucket.stage import run as run_bucket
+    from tuneline.stages.caption.stage import run as run_caption
+    from tuneline.stages.ingest.stage import run as run_ingest
+    from tuneline.stages.latents.stage import run as run_latents
 
     rng = np.random.default_rng(SEED)
     raw = root / "data/raw/photos"

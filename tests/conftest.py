@@ -60,23 +60,23 @@ class Project:
         return validate_params(data)
 
     def ingest(self, params=None):
-        from tuneline.ingest import run_ingest
+        from tuneline.stages.ingest.stage import run as run_ingest
 
         return run_ingest(params or self.params(), self.root, self.root / "data/ingested", self.root / "metrics")
 
     def bucket(self, params=None):
-        from tuneline.bucket import run_bucket
+        from tuneline.stages.bucket.stage import run as run_bucket
 
         return run_bucket(params or self.params(), self.root, self.root / "data/ingested",
                           self.root / "data/bucketed", self.root / "metrics")
 
     def manifest(self, stage_dir: str) -> list[dict[str, Any]]:
-        from tuneline.manifest import read_manifest
+        from tuneline.core.manifest import read_manifest
 
         return read_manifest(self.root / stage_dir)
 
     def rejected(self, stage_dir: str) -> list[dict[str, Any]]:
-        from tuneline.manifest import read_jsonl
+        from tuneline.core.manifest import read_jsonl
 
         return read_jsonl(self.root / stage_dir / "rejected.jsonl")
 
@@ -107,8 +107,8 @@ def latents_project(tmp_path_factory):
     for i in range(2):
         save_photo(project.raw("beta") / f"b{i}.png", (64, 96), seed=10 + i)
     params = project.params()
-    from tuneline.caption import run_caption
-    from tuneline.latents import run_latents
+    from tuneline.stages.caption.stage import run as run_caption
+    from tuneline.stages.latents.stage import run as run_latents
 
     project.ingest(params)
     project.bucket(params)
@@ -129,7 +129,7 @@ def make_trainer(project: Project, run: Path, params, resume_from: Path | None =
     from accelerate.state import AcceleratorState
 
     from tuneline.models.sdxl import SDXLAdapter
-    from tuneline.train.run import LiveEvaluation
+    from tuneline.stages.train.stage import LiveEvaluation
     from tuneline.train.trainer import Trainer
 
     AcceleratorState._reset_state(True)  # one process, many trainers

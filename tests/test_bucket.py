@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from conftest import save_photo
-from tuneline.aspect import assign_bucket, generate_buckets, merge_small_buckets, nearest_bucket, plan_crop
-from tuneline.config import BucketSettings
+from tuneline.stages.bucket.aspect import assign_bucket, generate_buckets, merge_small_buckets, nearest_bucket, plan_crop
+from tuneline.stages.bucket.config import BucketSettings
 
 
 def test_generated_buckets_follow_sdxl_rules():
@@ -150,7 +150,7 @@ def test_draft_decoding_matches_full_decoding(project):
 
 
 def test_png_writer_is_lossless_and_standard(tmp_path):
-    from tuneline.png import encode_png_rgb, write_png_rgb
+    from tuneline.core.png import encode_png_rgb, write_png_rgb
 
     pixels = np.random.default_rng(3).integers(0, 256, (37, 53, 3), dtype=np.uint8)
     write_png_rgb(Image.fromarray(pixels), tmp_path / "x.png")
@@ -175,7 +175,7 @@ def test_turning_draft_off_recomputes_only_images_it_reduced(project):
 def test_atomic_writes_get_the_default_file_mode(tmp_path):
     import os
 
-    from tuneline.fsutil import atomic_write_text
+    from tuneline.core.fsutil import atomic_write_text
 
     atomic_write_text(tmp_path / "x.json", "{}")
     umask = os.umask(0)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from conftest import save_photo
-from tuneline.captioning import florence as florence_runner
-from tuneline.captioning.text import clean_caption, with_trigger
+from tuneline.stages.caption import florence as florence_runner
+from tuneline.stages.caption.text import clean_caption, with_trigger
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -38,7 +38,7 @@ def five(project):
 
 
 def caption(project, **settings):
-    from tuneline.caption import run_caption
+    from tuneline.stages.caption.stage import run as run_caption
 
     params = project.params(caption=settings) if settings else project.params()
     return run_caption(params, project.root, project.root / "data/bucketed", project.root / "data/captioned",
@@ -264,7 +264,8 @@ def test_with_trigger(trigger, caption, final):
 
 
 def test_bad_settings_name_the_allowed_values(project):
-    from tuneline.config import ParamsError, validate_params
+    from tuneline.config import validate_params
+    from tuneline.core.params import ParamsError
 
     data = {**project.params_data, "caption": {"task": "<CAPTIONS>", "mode": "fil", "dtype": "fp8"}}
     with pytest.raises(ParamsError) as error:
@@ -281,9 +282,10 @@ def test_bad_settings_name_the_allowed_values(project):
 
 
 def test_cli_runner_writes_the_stage_folder(five):
-    from tuneline.cli import STAGE_DIRS, STAGE_RUNNERS
+    from tuneline.orchestration import registry
 
-    assert STAGE_DIRS["caption"] == ("data/bucketed", "data/captioned")
-    report = STAGE_RUNNERS["caption"](five.params(), five.root)
+    caption = registry.stage("caption")
+    assert (caption.reads, caption.writes) == (("data/bucketed",), "data/captioned")
+    report = caption.run(five.params(), five.root)
     assert report.computed == 4 and len(five.manifest("data/captioned")) == 5
     assert (five.root / "metrics/caption.json").is_file()

@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 
 from tuneline.cli import main
-from tuneline.config import ParamsError, load_params, parse_resolution, validate_params
+from tuneline.config import load_params, validate_params
+from tuneline.core.params import ParamsError, parse_resolution
 
 BASE = {"datasets": [{"name": "faces", "path": "data/raw/faces"}]}
 

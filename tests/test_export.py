@@ -30,7 +30,7 @@ PROVENANCE = {"data_digest": "d" * 64, "params_digest": "p" * 64, "code_version"
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     """The tiny SDXL folder, built once per session (same TUNELINE_HOME as the other test modules)."""
-    from tuneline.modelref import resolve_model
+    from tuneline.models.ref import resolve_model
 
     os.environ.setdefault("TUNELINE_HOME", str(tmp_path_factory.getbasetemp() / "tuneline-home"))
     return Path(resolve_model("tiny-sdxl"))
@@ -67,7 +67,8 @@ def lora_files(tiny_dir, tmp_path_factory):
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from tuneline.export import export_kohya_lora, kohya_metadata
+    from tuneline.stages.export.kohya_lora import export_kohya_lora
+    from tuneline.stages.export.metadata import kohya_metadata
     from tuneline.models.sdxl import UNET_LORA_TARGETS
 
     folder = tmp_path_factory.mktemp("lora")
@@ -171,7 +172,8 @@ def test_kohya_names_for_the_real_sdxl_layout_go_through_diffusers_converter():
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 
-    from tuneline.export import diffusers_lora_to_kohya, kohya_module_name, sgm_module_prefixes
+    from tuneline.stages.export.kohya_lora import diffusers_lora_to_kohya, kohya_module_name
+    from tuneline.stages.export.sgm_unet import sgm_module_prefixes
 
     prefixes = sgm_module_prefixes(REAL_SDXL_UNET)
     name = kohya_module_name("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", prefixes)
@@ -195,7 +197,8 @@ def test_kohya_names_for_the_real_sdxl_layout_go_through_diffusers_converter():
 
 
 def test_kohya_conversion_refuses_what_it_cannot_express():
-    from tuneline.export import UnmappedKeyError, diffusers_lora_to_kohya
+    from tuneline.stages.export.sgm_unet import UnmappedKeyError
+    from tuneline.stages.export.kohya_lora import diffusers_lora_to_kohya
 
     pair = {"unet.mid_block.attentions.0.proj_in.lora_A.weight": torch.zeros(2, 4),
             "unet.mid_block.attentions.0.proj_in.lora_B.weight": torch.zeros(4, 2)}
@@ -226,7 +229,8 @@ def original(tiny_dir):
 def test_single_file_loads_back_exactly(tiny_dir, original, tmp_path, dtype):
     from diffusers import StableDiffusionXLPipeline
 
-    from tuneline.export import checkpoint_metadata, pipeline_to_single_file
+    from tuneline.stages.export.metadata import checkpoint_metadata
+    from tuneline.stages.export.single_file import pipeline_to_single_file
 
     metadata = checkpoint_metadata(title="tiny", date="2024-05-01T12:00:00", **PROVENANCE)
     path = pipeline_to_single_file(tiny_dir, tmp_path / "tiny.safetensors", dtype, metadata)
@@ -257,8 +261,9 @@ def test_single_file_loads_back_exactly(tiny_dir, original, tmp_path, dtype):
 
 
 def test_single_file_refuses_unmapped_keys(tiny_dir, tmp_path):
-    from tuneline.export import UnmappedKeyError, pipeline_to_single_file
-    from tuneline.export.single_file import open_clip_to_ldm, vae_to_ldm
+    from tuneline.stages.export.sgm_unet import UnmappedKeyError
+    from tuneline.stages.export.single_file import pipeline_to_single_file
+    from tuneline.stages.export.single_file import open_clip_to_ldm, vae_to_ldm
 
     folder = tmp_path / "pipe"
     shutil.copytree(tiny_dir, folder)

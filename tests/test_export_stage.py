@@ -12,20 +12,20 @@ from conftest import train_params
 
 
 def trained(latents_project, tmp_path, **settings):
-    from tuneline.train.run import run_train
+    from tuneline.stages.train.stage import run as run_train
 
     params = train_params(latents_project, **settings)
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(True)
     run_train(params, latents_project.root, latents_project.root / "data/latents", tmp_path / "models/train",
-              tmp_path / "checkpoints")
+              checkpoint_dir=tmp_path / "checkpoints")
     return params
 
 
 def export(latents_project, tmp_path, params, **export_settings):
     from tuneline.config import validate_params
-    from tuneline.export.stage import run_export
+    from tuneline.stages.export.stage import run as run_export
 
     data = {**params.model_dump(mode="json"), "export": {"name": "demo", **export_settings}}
     params = validate_params(data)
@@ -36,7 +36,7 @@ def export(latents_project, tmp_path, params, **export_settings):
 def test_lora_export_header_card_copy_and_diffusers_load(latents_project, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    from tuneline.modelref import resolve_model
+    from tuneline.models.ref import resolve_model
 
     params = trained(latents_project, tmp_path, lora={"rank": 4, "alpha": 2.0}, ema={"enabled": True, "decay": 0.5})
     params, report = export(latents_project, tmp_path, params, copy_to=[str(tmp_path / "comfy/loras")])
@@ -69,7 +69,7 @@ def test_lora_export_header_card_copy_and_diffusers_load(latents_project, tmp_pa
 def test_full_export_is_a_single_file_diffusers_loads_with_identical_unet(latents_project, tmp_path):
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
-    from tuneline.modelref import resolve_model
+    from tuneline.models.ref import resolve_model
 
     params = trained(latents_project, tmp_path, mode="full")
     export(latents_project, tmp_path, params, dtype="fp32")

@@ -106,23 +106,24 @@ def wait_for(condition, timeout: float, what: str, process: subprocess.Popen | N
 # --- fast: specs, keys, overrides, the form ---------------------------------------------------
 
 def test_stage_specs_come_from_dvc_yaml():
-    from tuneline.cli import STAGE_RUNNERS
-    from tuneline.orchestration import load_stage_specs
+    from tuneline.orchestration.registry import STAGE_NAMES
+    from tuneline.orchestration.spec import load_stage_specs
 
     specs = {spec.name: spec for spec in load_stage_specs(REPO)}
     order = list(specs)
     assert order[:5] == list(FLOW_STAGES)
-    assert set(order) <= set(STAGE_RUNNERS)
+    assert set(order) <= set(STAGE_NAMES)
     if {"render", "export"} <= set(order):
         assert order.index("train") < order.index("render") < order.index("export")
     assert specs["bucket"].params == ("datasets", "bucket", "ingest.max_pixels")
-    assert "data/ingested" in specs["bucket"].data_deps and "src/tuneline/bucket.py" in specs["bucket"].code_deps
+    assert "data/ingested" in specs["bucket"].data_deps and "src/tuneline/stages/bucket" in specs["bucket"].code_deps
     assert specs["train"].outs == ("models/train",) and specs["train"].persistent_outs == ("checkpoints/train",)
 
 
 def test_cache_keys_follow_content_params_and_code(tmp_path):
     from tuneline.config import load_params
-    from tuneline.orchestration import load_stage_specs, output_fingerprint, stage_key, write_record
+    from tuneline.orchestration.cachekey import output_fingerprint, stage_key, write_record
+    from tuneline.orchestration.spec import load_stage_specs
     from tuneline.orchestration.cachekey import outputs_match
     from tuneline.orchestration.overrides import apply_overrides
 
@@ -149,7 +150,7 @@ def test_cache_keys_follow_content_params_and_code(tmp_path):
     _, explicit_default = apply_overrides(data, {"bucket.seed": 0})  # params.yaml's value, written again
     assert key("bucket", explicit_default) == key("bucket")
 
-    code = root / "src/tuneline/bucket.py"
+    code = root / "src/tuneline/stages/bucket/stage.py"
     code.write_text(code.read_text() + "\n# changed\n")
     assert key("bucket") != bucket and key("ingest") == ingest
 
@@ -165,8 +166,9 @@ def test_cache_keys_follow_content_params_and_code(tmp_path):
 
 
 def test_overrides_get_the_params_yaml_messages():
-    from tuneline.config import ParamsError, validate_params
-    from tuneline.orchestration import apply_overrides
+    from tuneline.config import validate_params
+    from tuneline.core.params import ParamsError
+    from tuneline.orchestration.overrides import apply_overrides
 
     data = yaml.safe_load((REPO / "params.yaml").read_text())
     merged, params = apply_overrides(data, {"train.lr": 1e-4, "train.lora.rank": 4, "bucket": {"crop": "random"}})
@@ -185,8 +187,8 @@ def test_overrides_get_the_params_yaml_messages():
 def test_parameter_form_is_params_with_every_field_optional():
     from prefect.utilities.callables import parameter_schema
 
-    from flows.pipeline import ParamsOverrides, pipeline
-    from flows.serve import deployment
+    from tuneline.orchestration.flow import ParamsOverrides, pipeline
+    from tuneline.orchestration.serve import deployment
 
     schema = parameter_schema(pipeline.fn).model_dump()
     assert {"params_path", "root", "overrides"} <= set(schema["properties"])
@@ -208,9 +210,9 @@ def test_parameter_form_is_params_with_every_field_optional():
 
 
 def test_a_bad_override_stops_the_flow_before_any_task(tmp_path):
-    from tuneline.config import ParamsError
+    from tuneline.core.params import ParamsError
 
-    from flows.pipeline import pipeline
+    from tuneline.orchestration.flow import pipeline
 
     root = demo_project(tmp_path, ("ingest",))
     with pytest.raises(ParamsError, match=r"train\.num_stepz: unknown key\. Did you mean 'num_steps'\?"):
@@ -224,7 +226,7 @@ def test_a_bad_override_stops_the_flow_before_any_task(tmp_path):
 def test_flow_caches_cancels_resumes_and_reruns_only_what_changed(tmp_path):
     from mlflow import MlflowClient
 
-    from flows.pipeline import pipeline
+    from tuneline.orchestration.flow import pipeline
     from tuneline.orchestration.runner import group_alive
 
     root = demo_project(tmp_path / "project")

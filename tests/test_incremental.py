@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from conftest import save_photo
-from tuneline.fsutil import rebuilt_dir
+from tuneline.core.fsutil import rebuilt_dir
 
 
 @pytest.fixture

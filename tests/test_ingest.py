@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import photo, save_photo
-from tuneline.images import load_normalized
+from tuneline.core.images import load_normalized
 
 
 def reasons(project):

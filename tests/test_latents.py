@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import save_photo
-from tuneline.manifest import read_jsonl, write_jsonl
+from tuneline.core.manifest import read_jsonl, write_jsonl
 
 LATENTS = {"batch_size": 2, "dtype": "fp32", "device": "cpu", "flip": True, "text_embeddings": True, "workers": 2}
 
@@ -38,7 +38,7 @@ def write_captioned(project, captions: dict[str, str] | None = None) -> list[dic
 
 
 def run(project, params=None):
-    from tuneline.latents import run_latents
+    from tuneline.stages.latents.stage import run as run_latents
 
     return run_latents(params or project.params(), project.root, project.root / "data/captioned",
                        project.root / "data/latents", project.root / "metrics")
@@ -96,7 +96,7 @@ def test_stored_distribution_is_the_vaes_and_decodes_to_the_image_size(captioned
     import torch
     from safetensors.torch import load_file
 
-    from tuneline.latents import load_pixels
+    from tuneline.stages.latents.stage import load_pixels
     from tuneline.models.loading import load_vae
 
     params = captioned.params()
@@ -149,7 +149,7 @@ def test_text_embeddings_are_the_pipelines_sdxl_conditioning(captioned):
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import load_file
 
-    from tuneline.modelref import resolve_model
+    from tuneline.models.ref import resolve_model
     from tuneline.tiny.sdxl import TE1_HIDDEN, TE2_HIDDEN, TE2_PROJECTION
 
     write_captioned(captioned, {"a0.jpg": "shp, a red square", "a1.jpg": "shp, a red square"})
@@ -169,7 +169,7 @@ def test_text_embeddings_are_the_pipelines_sdxl_conditioning(captioned):
 
 
 def test_text_cache_blockers():
-    from tuneline.latents import text_cache_blockers
+    from tuneline.stages.latents.stage import text_cache_blockers
 
     assert text_cache_blockers(0.0, False, False) == []
     reasons = text_cache_blockers(0.1, True, True)
@@ -203,7 +203,7 @@ def overflowing_vae(path: Path) -> Path:
     import torch
     from diffusers import AutoencoderKL
 
-    from tuneline.modelref import resolve_model
+    from tuneline.models.ref import resolve_model
 
     vae = AutoencoderKL.from_pretrained(resolve_model("tiny-sdxl") / "vae", dtype=torch.float32)
     vae.encoder.conv_in.weight.data *= 1e5  # largest weight ~2e4: representable, but the sums are not
@@ -215,7 +215,7 @@ def test_half_precision_nan_batches_are_reencoded_in_fp32(captioned, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from tuneline.latents import load_pixels
+    from tuneline.stages.latents.stage import load_pixels
     from tuneline.models.loading import load_vae
 
     vae_dir = overflowing_vae(tmp_path / "hot-vae")
@@ -255,7 +255,7 @@ def test_unreadable_image_is_rejected_not_fatal(captioned):
 
 def test_single_file_base_with_model_vae_takes_the_vae_as_given(tmp_path):
     """model.vae overrides a single-file base's VAE without converting the file (text encoders convert it)."""
-    from tuneline.config import ModelConfig
+    from tuneline.models.config import ModelConfig
     from tuneline.models.loading import vae_source
 
     (tmp_path / "base.safetensors").write_bytes(b"\0")

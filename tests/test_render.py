@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import random
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 import yaml
 from PIL import Image
 
-from tuneline.config import ParamsError
+from tuneline.core.params import ParamsError
 
 PROMPTS = {
     "defaults": {"size": "64x64", "steps": 2, "guidance_scale": 3.0},
@@ -31,7 +32,7 @@ def render_params(project, **render):
 
 
 def prompts_of(project, params):
-    from tuneline.render.prompts import load_prompts
+    from tuneline.stages.render.prompts import load_prompts
 
     return load_prompts(project.root / params.render.prompts_file, params.render)
 
@@ -42,15 +43,16 @@ def trained(latents_project):
     from accelerate.state import AcceleratorState
 
     from tuneline.models.sdxl import SDXLAdapter
-    from tuneline.render.generate import pipeline_from_training
-    from tuneline.train.run import run_train
+    from tuneline.stages.render.generate import pipeline_from_training
+    from tuneline.stages.train.stage import run as run_train
     from tuneline.train.trainer import Trainer
 
     root = latents_project.root
     (root / "prompts.yaml").write_text(yaml.safe_dump(PROMPTS), "utf-8")
     params = render_params(latents_project)
     AcceleratorState._reset_state(True)
-    run_train(params, root, root / "data/latents", root / "models/train", root / "checkpoints/train", root / "metrics")
+    run_train(params, root, root / "data/latents", root / "models/train", root / "metrics",
+              checkpoint_dir=root / "checkpoints/train")
     AcceleratorState._reset_state(True)
     trainer = Trainer(params, root, root / "data/latents", root / "checkpoints/train",
                       SDXLAdapter(params.model, params.train, root))
@@ -61,8 +63,8 @@ def trained(latents_project):
 @pytest.fixture(scope="module")
 def rendered(trained):
     """run_render end to end, with one live step written the way the trainer writes it."""
-    from tuneline.render.generate import live_evaluate
-    from tuneline.render.run import run_render
+    from tuneline.stages.render.generate import live_evaluate
+    from tuneline.stages.render.stage import run as run_render
 
     project, params, trainer, live = trained
     root = project.root
@@ -85,7 +87,7 @@ EXPECTED = {
 
 
 def test_every_sampler_maps_to_its_scheduler_with_karras_where_supported(tiny_scheduler_config):
-    from tuneline.render.samplers import SAMPLER_NAMES, build_scheduler
+    from tuneline.stages.render.samplers import SAMPLER_NAMES, build_scheduler
 
     assert set(SAMPLER_NAMES) == set(EXPECTED)
     for name, (cls, options) in EXPECTED.items():
@@ -106,7 +108,7 @@ def test_every_sampler_maps_to_its_scheduler_with_karras_where_supported(tiny_sc
 
 def test_unknown_sampler_is_a_config_error_listing_the_valid_ones(tiny_scheduler_config):
     from tuneline.config import validate_params
-    from tuneline.render.samplers import build_scheduler
+    from tuneline.stages.render.samplers import build_scheduler
 
     with pytest.raises(ParamsError, match="unknown sampler 'eulr'; valid: euler, euler_a, heun, dpmpp_2m, "
                                           "dpmpp_2m_sde, ddim, lms"):
@@ -125,7 +127,7 @@ def tiny_scheduler_config(tmp_path_factory):
     os.environ.setdefault("TUNELINE_HOME", str(tmp_path_factory.getbasetemp() / "tuneline-home"))
     from diffusers import EulerDiscreteScheduler
 
-    from tuneline.modelref import resolve_model
+    from tuneline.models.ref import resolve_model
 
     return EulerDiscreteScheduler.load_config(resolve_model("tiny-sdxl"), subfolder="scheduler")
 
@@ -147,8 +149,8 @@ def tiny_scheduler_config(tmp_path_factory):
     ({"prompts": []}, r"prompts: List should have at least 1 item"),
 ])
 def test_bad_prompt_files_name_the_file_entry_and_key(tmp_path, data, expected):
-    from tuneline.render.config import RenderConfig
-    from tuneline.render.prompts import load_prompts
+    from tuneline.stages.render.config import RenderConfig
+    from tuneline.stages.render.prompts import load_prompts
 
     path = tmp_path / "my_prompts.yaml"
     path.write_text(yaml.safe_dump(data), "utf-8")
@@ -158,8 +160,8 @@ def test_bad_prompt_files_name_the_file_entry_and_key(tmp_path, data, expected):
 
 
 def test_prompt_values_come_from_the_prompt_then_defaults_then_the_render_section(tmp_path):
-    from tuneline.render.config import RenderConfig
-    from tuneline.render.prompts import load_prompts
+    from tuneline.stages.render.config import RenderConfig
+    from tuneline.stages.render.prompts import load_prompts
 
     path = tmp_path / "p.json"
     path.write_text(json.dumps({"defaults": {"size": "128x64", "seed": 5, "sampler": "heun"},
@@ -176,7 +178,7 @@ def test_prompt_values_come_from_the_prompt_then_defaults_then_the_render_sectio
 
 
 def test_run_render_writes_base_final_sheets_transfer_and_metrics(rendered):
-    from tuneline.render.sheets import sheet_size
+    from tuneline.stages.render.sheets import sheet_size
 
     project, params, report = rendered
     out = project.root / "renders"
@@ -197,7 +199,7 @@ def test_run_render_writes_base_final_sheets_transfer_and_metrics(rendered):
 
 
 def test_lora_at_scale_zero_renders_exactly_the_base_images(rendered):
-    from tuneline.render.generate import apply_trained, load_base_pipeline, render_prompts
+    from tuneline.stages.render.generate import apply_trained, load_base_pipeline, render_prompts
 
     project, params, _ = rendered
     pipeline = load_base_pipeline(params.model, project.root, "cpu", "fp32")
@@ -209,7 +211,7 @@ def test_lora_at_scale_zero_renders_exactly_the_base_images(rendered):
 
 
 def test_transfer_prompt_swaps_the_trigger_word():
-    from tuneline.render.transfer import TransferSource, transfer_prompt
+    from tuneline.stages.render.transfer import TransferSource, transfer_prompt
 
     source = TransferSource("alpha", "alf", "alf, a red thing, number 0", Path("x.png"))
     assert transfer_prompt(source, "bet") == "bet, a red thing, number 0"
@@ -217,8 +219,8 @@ def test_transfer_prompt_swaps_the_trigger_word():
 
 
 def test_contact_sheet_grid_and_missing_cells(tmp_path):
-    from tuneline.render.prompts import RenderPrompt
-    from tuneline.render.sheets import contact_sheet, live_steps, sheet_size
+    from tuneline.stages.render.prompts import RenderPrompt
+    from tuneline.stages.render.sheets import contact_sheet, live_steps, sheet_size
 
     for folder in ("base", "live/step_000010", "live/step_000002", "final"):
         for i in range(3):
@@ -238,7 +240,7 @@ def test_contact_sheet_grid_and_missing_cells(tmp_path):
 
 
 def test_live_evaluate_leaves_parameters_modes_and_rng_untouched(trained, tmp_path):
-    from tuneline.render.generate import live_evaluate
+    from tuneline.stages.render.generate import live_evaluate
 
     project, params, trainer, pipeline = trained
     unet = trainer.modules["unet"]
@@ -274,7 +276,7 @@ def test_live_evaluate_leaves_parameters_modes_and_rng_untouched(trained, tmp_pa
 def test_x0_from_a_perfect_prediction_is_the_clean_latent(prediction_type):
     from diffusers import DDPMScheduler
 
-    from tuneline.render.diagnostics import predicted_x0
+    from tuneline.stages.render.diagnostics import predicted_x0
 
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                               prediction_type=prediction_type)
@@ -292,7 +294,7 @@ def test_x0_from_a_perfect_prediction_is_the_clean_latent(prediction_type):
 
 def test_cross_attention_heatmap_is_non_negative_normalised_and_processors_come_back(trained):
     from tuneline.models.sdxl_text import encode_prompts
-    from tuneline.render.diagnostics import attention_heatmap, recording_cross_attention, token_positions
+    from tuneline.stages.render.diagnostics import attention_heatmap, recording_cross_attention, token_positions
 
     _, _, trainer, pipeline = trained
     positions = token_positions(pipeline.tokenizer, "alf, a red thing", "alf")
@@ -321,9 +323,9 @@ def test_full_fine_tune_replaces_the_unet_and_brings_its_prediction_type(trained
     from accelerate.state import AcceleratorState
 
     from tuneline.config import validate_params
-    from tuneline.fsutil import atomic_write_json
+    from tuneline.core.fsutil import atomic_write_json
     from tuneline.models.sdxl import SDXLAdapter
-    from tuneline.render.generate import apply_trained, load_base_pipeline
+    from tuneline.stages.render.generate import apply_trained, load_base_pipeline
     from tuneline.train.trainer import Trainer
 
     project, _, _, _ = trained
@@ -348,15 +350,17 @@ def test_full_fine_tune_replaces_the_unet_and_brings_its_prediction_type(trained
 
 
 def test_render_runs_as_a_stage_of_the_cli(rendered):
-    from tuneline.cli import STAGE_DIRS, STAGE_RUNNERS
+    from tuneline.orchestration import registry
+    from tuneline.stages.render.stage import run
 
-    assert STAGE_DIRS["render"] == ("models/train", "renders")
-    assert STAGE_RUNNERS["render"].__name__ == "_render"
+    render = registry.stage("render")
+    assert (render.reads, render.writes) == (("models/train",), "renders")
+    assert importlib.import_module(render.module).run is run
 
 
 def test_ema_choice_is_explained(tmp_path):
-    from tuneline.fsutil import atomic_write_json
-    from tuneline.render.generate import _weights_dir
+    from tuneline.core.fsutil import atomic_write_json
+    from tuneline.stages.render.generate import _weights_dir
 
     def state(enabled: bool) -> None:
         atomic_write_json(tmp_path / "trainer_state.json", {"train_config": {"ema": {"enabled": enabled}}})

@@ -26,7 +26,7 @@ def tiny_home(tmp_path_factory: pytest.TempPathFactory):
 
 def test_shard_option_and_key_partition():
     from tuneline.cli import parse_shard
-    from tuneline.store import in_shard
+    from tuneline.core.store import in_shard
 
     assert parse_shard("1/4") == (1, 4)
     for bad in ("4/4", "-1/2", "1", "a/b", "0/0"):
@@ -47,9 +47,9 @@ def test_shards_fill_the_store_and_the_unsharded_run_assembles(project, capsys):
     import torch
     from safetensors.torch import load_file
 
-    from tuneline.caption import run_caption
+    from tuneline.stages.caption.stage import run as run_caption
     from tuneline.cli import main
-    from tuneline.latents import run_latents
+    from tuneline.stages.latents.stage import run as run_latents
 
     for index in range(4):
         save_photo(project.raw("alpha") / f"a{index}.jpg", (200 + 8 * index, 120), index, quality=92)
@@ -107,7 +107,7 @@ def test_shards_fill_the_store_and_the_unsharded_run_assembles(project, capsys):
 def test_flow_with_two_shards(tmp_path):
     import yaml
 
-    from flows.pipeline import pipeline
+    from tuneline.orchestration.flow import pipeline
 
     root = demo_project(tmp_path / "project", ("ingest", "bucket", "caption", "latents"))
     data = yaml.safe_load((root / "params.yaml").read_text())

@@ -15,9 +15,9 @@ LATENTS = {"batch_size": 2, "dtype": "fp32", "device": "cpu", "flip": True, "tex
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A small captioned project, and the tiny SDXL written as a single file at <root>/base.safetensors."""
-    from tuneline.caption import run_caption
-    from tuneline.export import pipeline_to_single_file
-    from tuneline.modelref import resolve_model
+    from tuneline.stages.caption.stage import run as run_caption
+    from tuneline.stages.export.single_file import pipeline_to_single_file
+    from tuneline.models.ref import resolve_model
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TUNELINE_HOME", str(tmp_path_factory.mktemp("tuneline-home")))
@@ -43,7 +43,7 @@ def project(tmp_path_factory):
 def latents(project: Project, out: str, **model):
     from safetensors.torch import load_file
 
-    from tuneline.latents import run_latents
+    from tuneline.stages.latents.stage import run as run_latents
 
     params = project.params(model=model)
     report = run_latents(params, project.root, project.root / "data/captioned", project.root / out,
@@ -101,8 +101,8 @@ def test_single_file_base_trains(project, tmp_path, monkeypatch):
     assert summary["steps"] == 2 and summary["final_loss"] > 0
     (folder,) = converted_folders(project)
     # Render and export read the same converted folder.
-    from tuneline.export.stage import _base_unet_config
-    from tuneline.render.generate import load_base_pipeline
+    from tuneline.stages.export.stage import _base_unet_config
+    from tuneline.stages.render.generate import load_base_pipeline
 
     assert _base_unet_config(params, project.root) == folder / "unet" / "config.json"
     pipeline = load_base_pipeline(params.model, project.root, "cpu", "fp32")
@@ -112,7 +112,8 @@ def test_single_file_base_trains(project, tmp_path, monkeypatch):
 def test_single_file_base_without_model_config_offline_names_model_config(project, tmp_path, monkeypatch):
     import huggingface_hub.constants
 
-    from tuneline.config import ModelConfig, ParamsError
+    from tuneline.core.params import ParamsError
+    from tuneline.models.config import ModelConfig
     from tuneline.models.loading import text_encoder_sources
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tuneline.tracking import (
+from tuneline.core.tracking.tracker import (
     GIT_COMMIT_TAG,
     PARENT_RUN_ENV,
     STAGE_TAG,
@@ -104,7 +104,7 @@ def test_run_logs_params_metrics_image_and_artifact(root, config, client, tmp_pa
         tracker.log_params(params)
         tracker.log_metrics({"loss": 0.5, "lr": 1e-4}, step=1)
         tracker.log_metrics({"loss": 0.25, "lr": 1e-4}, step=2)
-        with caplog.at_level("WARNING", logger="tuneline.tracking"):
+        with caplog.at_level("WARNING", logger="tuneline.core.tracking.tracker"):
             tracker.log_metrics({"loss": math.nan, "grad_norm": math.inf, "lr": 2e-4}, step=3)
             tracker.log_metrics({"loss": math.nan}, step=4)
         assert len([r for r in caplog.records if "non-finite" in r.getMessage()]) == 1

@@ -152,7 +152,7 @@ def test_lora_loads_in_diffusers_with_alpha_and_weights(latents_project, tmp_pat
     from diffusers import StableDiffusionXLPipeline
     from peft.utils import get_peft_model_state_dict
 
-    from tuneline.modelref import resolve_model
+    from tuneline.models.ref import resolve_model
 
     params = train_params(latents_project, lora={"rank": 4, "alpha": 2.0})
     trainer = make_trainer(latents_project, tmp_path, params)
@@ -188,7 +188,7 @@ def test_caption_dropout_and_shuffle_keep_the_trigger_word():
     import random
 
     from tuneline.train.captions import augment_caption
-    from tuneline.train.config import TrainConfig
+    from tuneline.stages.train.config import TrainConfig
 
     config = TrainConfig(caption_shuffle=True, keep_tokens=1)
     rng = random.Random(0)

@@ -11,76 +11,9 @@ import os
 import sys
 from pathlib import Path
 
-from tuneline.config import ParamsError, load_params
-
-# Stage -> (input folder, output folder), relative to the project root. One place, one name.
-STAGE_DIRS = {
-    "ingest": (None, "data/ingested"),
-    "bucket": ("data/ingested", "data/bucketed"),
-    "caption": ("data/bucketed", "data/captioned"),
-    "latents": ("data/captioned", "data/latents"),
-    "train": ("data/latents", "models/train"),
-    "render": ("models/train", "renders"),
-    "export": ("models/train", "export"),
-}
-# Persistent, outside DVC's cache: a rerun after an interruption resumes from here.
-CHECKPOINT_DIR = "checkpoints/train"
-METRICS_DIR = "metrics"
-
-
-def _ingest(params, root: Path, tracker=None):
-    from tuneline.ingest import run_ingest
-
-    return run_ingest(params, root, root / STAGE_DIRS["ingest"][1], root / METRICS_DIR)
-
-
-def _bucket(params, root: Path, tracker=None):
-    from tuneline.bucket import print_distribution, run_bucket
-
-    input_dir, output_dir = STAGE_DIRS["bucket"]
-    report = run_bucket(params, root, root / input_dir, root / output_dir, root / METRICS_DIR)
-    print_distribution(root / output_dir / "buckets.json")
-    return report
-
-
-def _caption(params, root: Path, tracker=None, shard: tuple[int, int] | None = None):
-    from tuneline.caption import run_caption
-
-    input_dir, output_dir = STAGE_DIRS["caption"]
-    return run_caption(params, root, root / input_dir, root / output_dir, root / METRICS_DIR, shard=shard)
-
-
-def _latents(params, root: Path, tracker=None, shard: tuple[int, int] | None = None):
-    from tuneline.latents import run_latents
-
-    input_dir, output_dir = STAGE_DIRS["latents"]
-    return run_latents(params, root, root / input_dir, root / output_dir, root / METRICS_DIR, shard=shard)
-
-
-def _train(params, root: Path, tracker=None, resume_from: Path | None = None):
-    from tuneline.train.run import run_train
-
-    input_dir, output_dir = STAGE_DIRS["train"]
-    return run_train(params, root, root / input_dir, root / output_dir, root / CHECKPOINT_DIR, root / METRICS_DIR,
-                     tracker, resume_from)
-
-
-def _export(params, root: Path, tracker=None):
-    from tuneline.export.stage import run_export
-
-    input_dir, output_dir = STAGE_DIRS["export"]
-    return run_export(params, root, root / input_dir, root / "renders", root / output_dir, root / METRICS_DIR, tracker)
-
-
-def _render(params, root: Path, tracker=None):
-    from tuneline.render.run import run_render
-
-    input_dir, output_dir = STAGE_DIRS["render"]
-    return run_render(params, root, root / input_dir, root / output_dir, root / METRICS_DIR, tracker)
-
-
-# Stages whose missing items can be computed in shards (`--shard I/N`), by several workers at once.
-SHARDED_STAGES = ("caption", "latents")
+from tuneline.config import load_params
+from tuneline.core.params import ParamsError
+from tuneline.orchestration import registry
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -95,21 +28,9 @@ def parse_shard(text: str) -> tuple[int, int]:
     return shard
 
 
-# Stage name -> function(params, root, tracker) -> StageReport. Heavy imports stay inside each.
-STAGE_RUNNERS = {
-    "ingest": _ingest,
-    "bucket": _bucket,
-    "caption": _caption,
-    "latents": _latents,
-    "train": _train,
-    "render": _render,
-    "export": _export,
-}
-
-
 def _run_tracked(stage: str, params, root: Path, options: dict):
     """Run a stage inside its MLflow run (a child of the pipeline's run when one is open)."""
-    from tuneline.tracking import Tracker
+    from tuneline.core.tracking.tracker import Tracker
 
     is_main = os.environ.get("RANK", "0") == "0"
     shard = options.get("shard")
@@ -118,9 +39,8 @@ def _run_tracked(stage: str, params, root: Path, options: dict):
         section = getattr(params, stage, None)
         if section is not None and stage != "train":  # the trainer logs its own, richer set
             tracker.log_params({stage: section, "datasets": [d.model_dump(mode="json") for d in params.datasets]})
-        runner = STAGE_RUNNERS[stage]
         try:
-            report = runner(params, root, tracker, **options)
+            report = registry.stage(stage).run(params, root, tracker, **options)
         except Exception as error:
             from tuneline.train.trainer import StopRequested
 
@@ -134,7 +54,7 @@ def _run_tracked(stage: str, params, root: Path, options: dict):
 
 def run_stage(stage: str, params_path: Path, root: Path, options: dict | None = None) -> int:
     """Run one stage; return the process exit code (2 for bad configuration)."""
-    from tuneline.report import print_error
+    from tuneline.core.report import print_error
 
     try:
         params = load_params(params_path)
@@ -161,14 +81,14 @@ def run_stage(stage: str, params_path: Path, root: Path, options: dict | None = 
             report.stage = f"{stage} shard {options['shard'][0]}/{options['shard'][1]}"
             report.print_summary()
         else:
-            report.print_summary(root / STAGE_DIRS[stage][1] / "rejected.jsonl")
+            report.print_summary(root / registry.stage(stage).writes / "rejected.jsonl")
     return 0
 
 
 def _check(params_path: Path) -> int:
-    from tuneline.aspect import generate_buckets
-    from tuneline.config import format_resolution
-    from tuneline.report import console, print_error
+    from tuneline.stages.bucket.aspect import generate_buckets
+    from tuneline.core.params import format_resolution
+    from tuneline.core.report import console, print_error
 
     try:
         params = load_params(params_path)
@@ -196,11 +116,10 @@ def _add_orchestration_commands(commands) -> None:
 
 
 def _run_orchestration_command(args) -> int:
-    from tuneline.report import print_error
+    from tuneline.core.report import print_error
 
-    if args.command == "serve":  # flows/ lives in the project root, beside stages/
-        sys.path.insert(0, str(args.root.resolve()))
-        from flows.serve import main as serve_main
+    if args.command == "serve":
+        from tuneline.orchestration.serve import main as serve_main
 
         return serve_main(["--root", str(args.root.resolve()), "--params", str(args.params.resolve()), *args.serve_args])
     try:
@@ -221,12 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=Path("."), help="project root (default: .)")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("check", help="validate params.yaml and show each data set's buckets")
-    for stage in STAGE_RUNNERS:
-        command = commands.add_parser(stage, help=f"run stage {stage}")
-        if stage == "train":
+    for entry in registry.STAGES:
+        command = commands.add_parser(entry.name, help=f"run stage {entry.name}")
+        if entry.name == "train":
             command.add_argument("--resume-from", type=Path, default=None,
                                  help="resume from this checkpoint folder (refused if its settings are not compatible)")
-        if stage in SHARDED_STAGES:
+        if entry.shardable:
             command.add_argument("--shard", type=parse_shard, default=None, metavar="I/N",
                                  help="compute only shard I of N of the missing items into the shared store "
                                       "(no output folder, no metrics); then run without --shard to assemble")

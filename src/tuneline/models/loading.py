@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuneline.config import ModelConfig, ParamsError
-from tuneline.fsutil import digest_json
-from tuneline.modelref import model_identity, resolve_model
+from tuneline.core.params import ParamsError
+from tuneline.models.config import ModelConfig
+from tuneline.core.fsutil import digest_json
+from tuneline.models.ref import model_identity, resolve_model
 
 # Config names -> torch dtype attribute names.
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}

@@ -12,10 +12,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from tuneline.config import ModelConfig, ParamsError
+from tuneline.core.params import ParamsError
+from tuneline.models.config import ModelConfig
 from tuneline.models.loading import _base_location, load_text_encoders
 from tuneline.models.sdxl_text import encode_prompts
-from tuneline.train.config import TrainConfig
+from tuneline.stages.train.config import TrainConfig
 from tuneline.train.loss import loss_weights, per_sample_mse, snr_of
 
 log = logging.getLogger(__name__)

@@ -18,9 +18,10 @@ import logging
 import tempfile
 from pathlib import Path
 
-from tuneline.config import ModelConfig, ParamsError
-from tuneline.fsutil import build_folder_once, digest_json
-from tuneline.store import FileDigests
+from tuneline.core.params import ParamsError
+from tuneline.models.config import ModelConfig
+from tuneline.core.fsutil import build_folder_once, digest_json
+from tuneline.core.store import FileDigests
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def config_identity(model: ModelConfig, root: Path | None) -> str | None:
     """What of `model.config` decides a converted base: its config and tokenizer files; a hub id as named."""
     if not model.config:
         return None
-    from tuneline.modelref import resolve_model
+    from tuneline.models.ref import resolve_model
 
     location = resolve_model(model.config, root)
     if isinstance(location, str):
@@ -85,7 +86,7 @@ def _from_single_file(path: Path, model: ModelConfig, root: Path | None):
     import torch
     from diffusers import StableDiffusionXLPipeline
 
-    from tuneline.modelref import resolve_model
+    from tuneline.models.ref import resolve_model
 
     # fp32, like the hub's diffusers folders: stages cast to their own dtype when they load.
     kwargs = {"torch_dtype": torch.float32}

@@ -4,7 +4,7 @@ A stage's key is the digest of
   - its data inputs: for a folder with a manifest.jsonl (an upstream stage's output) the
     sha256 of that manifest (it lists every item's content digest); for anything else
     (data/raw, models/train, prompts.yaml) the sha256 of every file's bytes, taken through
-    the stat cache `tuneline.store.FileDigests` (unchanged size/mtime/inode: no rehash);
+    the stat cache `tuneline.core.store.FileDigests` (unchanged size/mtime/inode: no rehash);
   - the params subset it reads (its `params:` in dvc.yaml, resolved on the validated
     params, so a default written out explicitly gives the same key);
   - its code version: the bytes of the code deps dvc.yaml lists for it;
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuneline.fsutil import atomic_write_json, canonical_json
+from tuneline.core.fsutil import atomic_write_json, canonical_json
 from tuneline.orchestration.spec import StageSpec
 
 STATE_DIR = Path(".tuneline/prefect")  # relative to the project root; .tuneline/ is git-ignored
@@ -52,7 +52,7 @@ class Digester:
     folder to share its cache with ingest: then each raw file is hashed once, by either."""
 
     def __init__(self, root: Path, store_dir: Path | str | None = None) -> None:
-        from tuneline.store import FileDigests
+        from tuneline.core.store import FileDigests
 
         self.root = Path(root)
         folder = self.root / (store_dir if store_dir is not None else STATE_DIR)

@@ -17,8 +17,9 @@ from typing import Any, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from tuneline.config import Params, ParamsError, validate_params
-from tuneline.fsutil import atomic_write_text, digest_json
+from tuneline.config import Params, validate_params
+from tuneline.core.params import ParamsError
+from tuneline.core.fsutil import atomic_write_text, digest_json
 
 
 def expand_dotted(overrides: Mapping[str, Any]) -> dict[str, Any]:

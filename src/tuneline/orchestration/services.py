@@ -141,9 +141,9 @@ def run_ui(params, root: Path, mlflow_port: int = 5000, prefect_port: int = 4200
 
 def run_repro(params, root: Path, dvc_args: Sequence[str]) -> int:
     """`dvc repro <dvc_args>` under one MLflow parent run; returns dvc's exit status."""
-    from tuneline.fsutil import digest_json
+    from tuneline.core.fsutil import digest_json
     from tuneline.orchestration.cachekey import Digester
-    from tuneline.tracking import PARENT_RUN_ENV, end_parent_run, start_parent_run
+    from tuneline.core.tracking.tracker import PARENT_RUN_ENV, end_parent_run, start_parent_run
 
     root = Path(root).resolve()
     with Digester(root, params.store_dir) as digester:

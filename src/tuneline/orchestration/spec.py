@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tuneline.orchestration.registry import STAGE_NAMES
+
 # Deps under these folders are the stage's code; everything else is data.
 CODE_PREFIXES = ("src/", "stages/", "flows/")
 
@@ -46,10 +48,8 @@ def _is_code(path: str) -> bool:
 
 def _topological(specs: list[StageSpec]) -> list[StageSpec]:
     """Order by data flow (a stage after the producers of its deps). Ties follow the CLI's
-    stage list (tuneline.cli.STAGE_RUNNERS: export reads the renders), then dvc.yaml order."""
-    from tuneline.cli import STAGE_RUNNERS
-
-    preferred = {name: index for index, name in enumerate(STAGE_RUNNERS)}
+    stage registry's order (export reads the renders), then dvc.yaml order."""
+    preferred = {name: index for index, name in enumerate(STAGE_NAMES)}
     specs = sorted(specs, key=lambda s: preferred.get(s.name, len(preferred)))  # stable: dvc.yaml order otherwise
     producer = {out: spec.name for spec in specs for out in spec.outs + spec.persistent_outs}
     needs = {spec.name: {producer[d] for d in spec.data_deps if d in producer and producer[d] != spec.name}

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from tuneline.fsutil import build_folder_once
+from tuneline.core.fsutil import build_folder_once
 from tuneline.tiny._common import NOTE_NAME, RANDOM_WARNING, TINY_VERSION
 from tuneline.tiny.florence2 import build_tiny_florence2
 from tuneline.tiny.sdxl import build_tiny_sdxl

@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tuneline.fsutil import atomic_write_json, atomic_write_text, digest_json
+from tuneline.core.fsutil import atomic_write_json, atomic_write_text, digest_json
 
 LATEST = "latest"
 STATE_FILE = "state.json"

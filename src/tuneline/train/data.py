@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuneline.config import Params, ParamsError
-from tuneline.manifest import read_manifest
+from tuneline.config import Params
+from tuneline.core.params import ParamsError
+from tuneline.core.manifest import read_manifest
 from tuneline.train.captions import augment_caption
 from tuneline.train.sampler import SampleRef
 
@@ -60,7 +61,7 @@ class LatentData:
 
     def digest(self) -> str:
         """Digest of what is trained on (latent and text keys, captions, weights): the data identity."""
-        from tuneline.fsutil import digest_json
+        from tuneline.core.fsutil import digest_json
 
         return digest_json([[i.record.get("latent_key"), i.record.get("caption"), i.repeats, i.loss_weight]
                             for i in self.items])

@@ -1,0 +1,16 @@
+"""Where a project keeps each stage's folders, relative to the project root: one place, one
+name. dvc.yaml declares the same paths (a test checks them against the stage registry)."""
+
+from __future__ import annotations
+
+RAW = "data/raw"
+INGESTED = "data/ingested"
+BUCKETED = "data/bucketed"
+CAPTIONED = "data/captioned"
+LATENTS = "data/latents"
+TRAINED = "models/train"
+RENDERS = "renders"
+EXPORT = "export"
+METRICS = "metrics"
+# Persistent, outside DVC's cache: a rerun after an interruption resumes from here.
+CHECKPOINTS = "checkpoints/train"

@@ -1,0 +1,146 @@
+"""The params root's building blocks: the `Section` base every params section derives from,
+`ParamsError`, shared value types, and validation that names every bad key.
+
+Stage sections live beside their stages (`tuneline.stages.<name>.config`); `tuneline.config`
+composes them into `Params`. Nothing here imports a stage.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import types
+import typing
+from typing import Annotated, Any, TypeVar
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, PlainSerializer, ValidationError
+
+
+class ParamsError(ValueError):
+    """Bad configuration, found before any compute. The message names the key."""
+
+
+class Section(BaseModel):
+    """Unknown keys are errors, models are immutable, defaults are validated too."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# --- shared value types ------------------------------------------------------------------
+
+_RESOLUTION = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
+
+
+def parse_resolution(value: Any) -> tuple[int, int]:
+    """'1024x768', [1024, 768] or 1024 (square) -> (width, height)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if isinstance(value, str):
+        match = _RESOLUTION.match(value)
+        if not match:
+            raise ValueError(f"expected 'WIDTHxHEIGHT' such as '1024x768', got {value!r}")
+        return (int(match.group(1)), int(match.group(2)))
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return (int(value[0]), int(value[1]))
+    raise ValueError(f"expected 'WIDTHxHEIGHT' such as '1024x768', got {value!r}")
+
+
+def format_resolution(value: tuple[int, int]) -> str:
+    return f"{value[0]}x{value[1]}"
+
+
+Resolution = Annotated[
+    tuple[int, int], BeforeValidator(parse_resolution), PlainSerializer(format_resolution, return_type=str)
+]
+
+
+def _check_color(value: str) -> str:
+    from PIL import ImageColor
+
+    try:
+        ImageColor.getrgb(value)
+    except ValueError as error:
+        raise ValueError(f"not a colour: {value!r} (use a name like 'white' or '#rrggbb')") from error
+    return value
+
+
+Color = Annotated[str, BeforeValidator(_check_color)]
+
+
+# --- validation with messages that name the key ------------------------------------------
+
+
+def _nested_models(annotation: Any) -> list[tuple[type[BaseModel], bool]]:
+    """Models inside an annotation: (model, is_list) for Model, Optional[Model], list[Model]."""
+    found: list[tuple[type[BaseModel], bool]] = []
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found.extend(_nested_models(arg))
+    elif origin is list:
+        found.extend((model, True) for model, _ in _nested_models(typing.get_args(annotation)[0]))
+    elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        found.append((annotation, False))
+    return found
+
+
+def unknown_key_problems(data: Any, model: type[BaseModel], where: str = "") -> list[str]:
+    """One message per unknown key, with the closest valid key and the allowed ones."""
+    if not isinstance(data, dict):
+        return []
+    problems = []
+    fields = model.model_fields
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            problems.append(
+                f"{where}{key}: unknown key.{hint} Allowed here: {', '.join(fields)}."
+            )
+            continue
+        for sub_model, is_list in _nested_models(fields[key].annotation):
+            if is_list and isinstance(value, list):
+                for index, element in enumerate(value):
+                    label = element.get("name", index) if isinstance(element, dict) else index
+                    problems.extend(unknown_key_problems(element, sub_model, f"{where}{key}[{label}]."))
+            elif not is_list:
+                problems.extend(unknown_key_problems(value, sub_model, f"{where}{key}."))
+    return problems
+
+
+def _location(loc: tuple[Any, ...], data: Any) -> str:
+    """'datasets[faces].repeats' from pydantic's ('datasets', 0, 'repeats')."""
+    text, node = "", data
+    for part in loc:
+        if isinstance(part, int):
+            name = node[part].get("name") if isinstance(node, list) and isinstance(node[part], dict) else None
+            text += f"[{name if name is not None else part}]"
+        else:
+            text += f".{part}" if text else str(part)
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            node = None
+    return text or "(top level)"
+
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def validate_model(model: type[Model], data: Any, source: str) -> Model:
+    """Validate a mapping against `model`; raise ParamsError naming every bad key at once."""
+    if not isinstance(data, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections at the top level")
+    problems = unknown_key_problems(data, model)
+    try:
+        validated = model.model_validate(data)
+    except ValidationError as error:
+        for item in error.errors():
+            if item["type"] == "extra_forbidden":  # already named above, with a suggestion
+                continue
+            loc = tuple(part for part in item["loc"] if not str(part).startswith("function-"))
+            got = f" (got {item['input']!r})" if item["type"] != "missing" else ""
+            problems.append(f"{_location(loc, data)}: {item['msg']}{got}")
+    if not problems:
+        return validated
+    raise ParamsError(f"{source} is invalid:\n" + "\n".join(f"  - {p}" for p in problems))

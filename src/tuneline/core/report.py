@@ -1,0 +1,81 @@
+"""The end-of-stage summary: counts on screen, metrics/<stage>.json for `dvc metrics`."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from tuneline.core.fsutil import atomic_write_json
+
+console = Console(highlight=False)
+
+
+def print_error(title: str, message: str) -> None:
+    """An error for a person: no rich markup (keys like `datasets[a]` must survive), no wrapping."""
+    console.print(f"[red]{title}[/]")
+    console.print(message, markup=False, soft_wrap=True)
+
+
+@dataclass
+class StageReport:
+    """Counts of one stage run. `computed + reused` items were produced; `rejected` were not."""
+
+    stage: str
+    computed: int = 0
+    reused: int = 0
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    tables: list[Any] = field(default_factory=list)  # rich renderables shown under the summary
+    seconds: float = 0.0
+
+    @property
+    def produced(self) -> int:
+        return self.computed + self.reused
+
+    def reject(self, source: str, reason: str, **details: Any) -> None:
+        self.rejected.append({"stage": self.stage, "source": source, "reason": reason, **details})
+
+    def rejection_counts(self) -> Counter[str]:
+        """Rejections grouped by the kind of reason (the text before the first ':')."""
+        return Counter(item["reason"].split(":")[0] for item in self.rejected)
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "items": self.produced,
+            "computed": self.computed,
+            "reused": self.reused,
+            "rejected": len(self.rejected),
+            **self.extra,
+        }
+
+    def write_metrics(self, metrics_dir: Path) -> Path:
+        path = Path(metrics_dir) / f"{self.stage}.json"
+        atomic_write_json(path, self.metrics())
+        return path
+
+    def print_summary(self, rejected_file: Path | None = None) -> None:
+        table = Table(title=f"{self.stage}: {self.produced} items in {self.seconds:.1f} s", show_header=False)
+        table.add_row("computed", str(self.computed))
+        table.add_row("reused from store", str(self.reused))
+        table.add_row("rejected", str(len(self.rejected)))
+        for reason, count in sorted(self.rejection_counts().items()):
+            table.add_row(f"  {reason}", str(count))
+        for key, value in self.extra.items():
+            if not isinstance(value, (dict, list)):
+                table.add_row(key.replace("_", " "), str(value))
+        console.print(table)
+        for extra_table in self.tables:
+            console.print(extra_table)
+        for warning in self.warnings[:20]:
+            console.print("[yellow]warning:[/] ", end="")
+            console.print(warning, markup=False, soft_wrap=True)
+        if len(self.warnings) > 20:
+            console.print(f"[yellow]... and {len(self.warnings) - 20} more warnings[/]")
+        if self.rejected and rejected_file is not None:
+            console.print(f"rejected items and reasons: {rejected_file}", markup=False, soft_wrap=True)

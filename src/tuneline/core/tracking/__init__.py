@@ -1,0 +1,2 @@
+"""MLflow tracking: the `tracking` params section (`config`) and the tracker (`tracker`;
+mlflow is imported inside its functions)."""

@@ -1,0 +1,395 @@
+"""MLflow tracking for stages and the trainer: one child run per stage under one parent
+run per pipeline run.
+
+    with Tracker.start(params.tracking, root, run_name="train", stage="train") as tracker:
+        tracker.log_params(params)
+        tracker.log_metrics({"loss": 0.1}, step=10)
+
+A disabled tracker, or one started outside the main process, is a `NullTracker` whose
+methods do nothing, so callers never branch on whether tracking is on. mlflow is
+imported inside functions: importing this module stays cheap.
+
+Parent runs: a pipeline driver (DVC wrapper, Prefect flow) calls `start_parent_run`,
+exports the id as TUNELINE_PARENT_RUN_ID, and every stage started under it becomes a
+child run (MLflow's `mlflow.parentRunId` tag) without passing the id around.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tuneline.core.tracking.config import TrackingConfig
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+__all__ = [
+    "PARENT_RUN_ENV",
+    "NullTracker",
+    "MlflowTracker",
+    "Tracker",
+    "TrackingConfig",
+    "end_parent_run",
+    "flatten_params",
+    "git_commit",
+    "start_parent_run",
+]
+
+_logger = logging.getLogger(__name__)
+
+PARENT_RUN_ENV = "TUNELINE_PARENT_RUN_ID"
+STAGE_TAG = "tuneline.stage"
+GIT_COMMIT_TAG = "tuneline.git_commit"
+
+# MLflow's own limits (mlflow.utils.validation); repeated here so flattening needs no mlflow import.
+MAX_PARAM_VALUE_LENGTH = 6000
+MAX_PARAMS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
+MAX_TAG_VALUE_LENGTH = 8000
+MAX_KEY_LENGTH = 250
+
+# MLflow rejects keys with other characters; a data set name or dict key may hold any.
+_BAD_KEY_CHARS = re.compile(r"[^\w\-. :/]")
+
+
+def _quiet_environment() -> None:
+    """Keep MLflow off the network: no telemetry. Must run before the first `import mlflow`,
+    which reads these variables once (mlflow.telemetry.utils)."""
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    # The cross-tool convention is DO_NOT_TRACK=1; MLflow 3.17 itself only honours "true",
+    # which is why MLFLOW_DISABLE_TELEMETRY above is the one that matters for MLflow.
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    if "mlflow" in sys.modules:
+        # Imported earlier by someone else: re-evaluate, which drops the telemetry client.
+        from mlflow.telemetry import set_telemetry_client
+
+        set_telemetry_client()
+
+
+def _mlflow():
+    _quiet_environment()
+    import mlflow
+
+    return mlflow
+
+
+def git_commit(root: Path) -> str:
+    """HEAD's commit of the repository holding root, or "unknown" (not a repo, no git)."""
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    commit = result.stdout.strip()
+    return commit if result.returncode == 0 and commit else "unknown"
+
+
+def _param_value(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    # JSON so lists, None and booleans read the same as in params.yaml (null, true, [..]).
+    return json.dumps(value, default=str, ensure_ascii=False)
+
+
+def _key(key: str) -> str:
+    return _BAD_KEY_CHARS.sub("_", key)[:MAX_KEY_LENGTH]
+
+
+def flatten_params(params: Mapping[str, Any] | Any, prefix: str = "") -> dict[str, str]:
+    """Nested mappings and pydantic models -> {"train.lora.rank": "16", ...}.
+
+    Lists stay one JSON value (indices as keys would be unreadable); every value is cut
+    to MLflow's 6000-character limit so one long prompt list never fails the whole batch.
+    """
+    if hasattr(params, "model_dump"):
+        params = params.model_dump(mode="json")
+    flat: dict[str, str] = {}
+    for name, value in params.items():
+        key = f"{prefix}{name}"
+        if hasattr(value, "model_dump"):
+            value = value.model_dump(mode="json")
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_params(value, f"{key}."))
+        else:
+            flat[_key(key)] = _param_value(value)[:MAX_PARAM_VALUE_LENGTH]
+    return flat
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Tracker:
+    """What stages and the trainer log through. `Tracker.start` picks the implementation;
+    this base is the no-op behaviour every method falls back to."""
+
+    @classmethod
+    def start(
+        cls,
+        config: TrackingConfig,
+        root: Path,
+        run_name: str,
+        stage: str,
+        tags: Mapping[str, Any] | None = None,
+        parent_run_id: str | None = None,
+        is_main_process: bool = True,
+    ) -> "Tracker":
+        """Start a run (a child run when a parent is given or TUNELINE_PARENT_RUN_ID is set).
+
+        Returns a `NullTracker` when tracking is disabled or this is not the main process:
+        with several training processes only one may write the run.
+        """
+        if not config.enabled or not is_main_process:
+            return NullTracker()
+        return MlflowTracker._start(config, Path(root), run_name, stage, dict(tags or {}), parent_run_id)
+
+    @property
+    def active(self) -> bool:
+        """True when calls really log (lets callers skip work such as rendering eval images)."""
+        return False
+
+    @property
+    def run_id(self) -> str | None:
+        return None
+
+    def log_params(self, params: Mapping[str, Any] | Any) -> None:
+        """Log nested params flattened to dotted keys. MLflow params are write-once:
+        logging a key again with a different value is an error."""
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log metrics at a step; non-finite values are skipped (warned about once)."""
+
+    def log_image(self, image: "Image.Image", artifact_path: str) -> None:
+        """Save a PIL image as the artifact file artifact_path (e.g. eval/step_000100/prompt_0.png)."""
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Upload a file, or a folder's contents, under artifact_path (None: the run's root)."""
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set run tags (values become strings)."""
+
+    def end(self, status: str = "FINISHED") -> None:
+        """End the run with FINISHED, FAILED or KILLED; later calls do nothing."""
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> bool:
+        self.end(_status_for(exc_type, exc))
+        return False  # never swallow the exception
+
+
+class NullTracker(Tracker):
+    """Tracking off, or not the main process: accepts every call and does nothing."""
+
+
+def _status_for(exc_type: type[BaseException] | None, exc: BaseException | None) -> str:
+    if exc_type is None:
+        return "FINISHED"
+    if issubclass(exc_type, SystemExit):
+        return "FINISHED" if getattr(exc, "code", None) in (0, None) else "FAILED"
+    if issubclass(exc_type, Exception):
+        return "FAILED"
+    # KeyboardInterrupt, and cancellation signals raised as BaseException (e.g. Prefect's).
+    return "KILLED"
+
+
+def _experiment_id(client, config: TrackingConfig, root: Path) -> str:
+    """Get or create the experiment; its artifact location is only chosen at creation."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(config.experiment)
+    if experiment is None:
+        try:
+            return client.create_experiment(config.experiment, artifact_location=config.resolved_artifact_root(root))
+        except MlflowException:
+            # Another stage (parallel Prefect task) created it between the two calls.
+            experiment = client.get_experiment_by_name(config.experiment)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        # A deleted experiment keeps its name reserved; bring it back rather than fail.
+        client.restore_experiment(experiment.experiment_id)
+    return experiment.experiment_id
+
+
+def _standard_tags(root: Path, stage: str, tags: Mapping[str, Any]) -> dict[str, str]:
+    merged = {STAGE_TAG: stage, GIT_COMMIT_TAG: git_commit(root)}
+    merged.update({_key(str(k)): str(v)[:MAX_TAG_VALUE_LENGTH] for k, v in tags.items()})
+    return merged
+
+
+class MlflowTracker(Tracker):
+    """A live MLflow run. Started through the fluent API so MLflow's own system metrics
+    monitor runs with it; logging goes through an MlflowClient with the explicit run id,
+    so it works from any thread."""
+
+    def __init__(self, client, run_id: str) -> None:
+        self._client = client
+        self._run_id = run_id
+        self._ended = False
+        self._warned_non_finite = False
+
+    @classmethod
+    def _start(
+        cls,
+        config: TrackingConfig,
+        root: Path,
+        run_name: str,
+        stage: str,
+        tags: dict[str, Any],
+        parent_run_id: str | None,
+    ) -> "MlflowTracker":
+        mlflow = _mlflow()
+        from mlflow import MlflowClient
+
+        uri = config.resolved_tracking_uri(root)
+        # Process-wide: the fluent run and the system metrics monitor read the global URI.
+        mlflow.set_tracking_uri(uri)
+        client = MlflowClient(uri)
+        experiment_id = _experiment_id(client, config, root)
+        if parent_run_id is None:
+            parent_run_id = _parent_from_env(client)
+        if config.system_metrics:
+            mlflow.set_system_metrics_sampling_interval(config.system_metrics_interval_s)
+        # nested=True: a run already active in this thread (a notebook, a flow) becomes the parent
+        # instead of an error; an explicit parent_run_id must then be that run.
+        run = mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=run_name,
+            nested=True,
+            parent_run_id=parent_run_id,
+            tags=_standard_tags(root, stage, tags),
+            log_system_metrics=config.system_metrics,
+        )
+        return cls(client, run.info.run_id)
+
+    @property
+    def active(self) -> bool:
+        return not self._ended
+
+    @property
+    def run_id(self) -> str:
+        return self._run_id
+
+    def log_params(self, params: Mapping[str, Any] | Any) -> None:
+        from mlflow.entities import Param
+
+        flat = [Param(key, value) for key, value in flatten_params(params).items()]
+        for batch in _chunks(flat, MAX_PARAMS_PER_BATCH):
+            self._client.log_batch(self._run_id, params=batch)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        timestamp, finite, skipped = _now_ms(), [], []
+        for key, value in metrics.items():
+            value = float(value)  # also takes 0-d tensors and numpy scalars
+            if math.isfinite(value):
+                finite.append(Metric(_key(key), value, timestamp, step or 0))
+            else:
+                skipped.append(key)
+        if skipped and not self._warned_non_finite:
+            # Once per run: a diverged loss would otherwise warn at every step.
+            _logger.warning("not logging non-finite metric values (first: %s at step %s)", skipped, step)
+            self._warned_non_finite = True
+        for batch in _chunks(finite, MAX_METRICS_PER_BATCH):
+            self._client.log_batch(self._run_id, metrics=batch)
+
+    def log_image(self, image: "Image.Image", artifact_path: str) -> None:
+        self._client.log_image(self._run_id, image, artifact_file=artifact_path)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self._client.log_artifacts(self._run_id, str(path), artifact_path)
+        else:
+            self._client.log_artifact(self._run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        batch = [RunTag(_key(str(k)), str(v)[:MAX_TAG_VALUE_LENGTH]) for k, v in tags.items()]
+        for chunk in _chunks(batch, MAX_PARAMS_PER_BATCH):
+            self._client.log_batch(self._run_id, tags=chunk)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self._ended:
+            return
+        self._ended = True
+        mlflow = _mlflow()
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == self._run_id:
+            # end_run also stops and flushes this run's system metrics monitor.
+            mlflow.end_run(status)
+        else:
+            # Ended from another thread, or a run opened inside ours is still on top of the
+            # stack: terminate ours directly; its monitor stops at its next sample.
+            self._client.set_terminated(self._run_id, status)
+
+
+def _parent_from_env(client) -> str | None:
+    """TUNELINE_PARENT_RUN_ID, if it names a run of this store. A stale id (from another
+    database or a deleted run) must not stop a stage: the run is then top-level."""
+    run_id = os.environ.get(PARENT_RUN_ENV, "").strip()
+    if not run_id:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except Exception as error:  # MlflowException, or a malformed id
+        _logger.warning("ignoring %s=%s: %s", PARENT_RUN_ENV, run_id, error)
+        return None
+    if run.info.lifecycle_stage == "deleted":
+        _logger.warning("ignoring %s=%s: the run is deleted", PARENT_RUN_ENV, run_id)
+        return None
+    return run_id
+
+
+def start_parent_run(
+    config: TrackingConfig, root: Path, run_name: str, tags: Mapping[str, Any] | None = None
+) -> str | None:
+    """Create the parent run of one pipeline run and return its id (None when tracking is off).
+
+    The run is created without becoming this process's active run, so stages run in the
+    same process (Prefect tasks) can still start their own runs. Export the id as
+    TUNELINE_PARENT_RUN_ID for stages started as subprocesses (DVC).
+    """
+    if not config.enabled:
+        return None
+    _mlflow()
+    from mlflow import MlflowClient
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+
+    root = Path(root)
+    client = MlflowClient(config.resolved_tracking_uri(root))
+    experiment_id = _experiment_id(client, config, root)
+    run_tags = _standard_tags(root, "pipeline", tags or {})
+    run_tags[MLFLOW_RUN_NAME] = run_name
+    run = client.create_run(experiment_id, run_name=run_name, tags=run_tags)
+    return run.info.run_id
+
+
+def end_parent_run(config: TrackingConfig, root: Path, run_id: str | None, status: str = "FINISHED") -> None:
+    """End a run made by `start_parent_run` with FINISHED, FAILED or KILLED."""
+    if not config.enabled or not run_id:
+        return
+    _mlflow()
+    from mlflow import MlflowClient
+
+    MlflowClient(config.resolved_tracking_uri(Path(root))).set_terminated(run_id, status)

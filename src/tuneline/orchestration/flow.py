@@ -1,0 +1,365 @@
+"""The pipeline as a Prefect flow: one task per dvc.yaml stage, in data-flow order.
+
+    from flows.pipeline import pipeline        # = tuneline.orchestration.flow
+    pipeline(overrides={"train.lr": 1e-4, "train.num_steps": 50})
+
+Each task runs the same stage function as `dvc repro`, as the same command
+(`python -m tuneline.cli --params <file> --root <root> <stage>`) in its own process group
+(tuneline.orchestration.runner): cancelling the flow run, Ctrl-C or SIGTERM sends one
+SIGTERM to the stage's group, the trainer saves a checkpoint and exits 143, and the next
+run resumes from it.
+
+Caching: a task's key is a digest of its inputs' content, its params subset and its code
+(tuneline.orchestration.cachekey, read from dvc.yaml); results and cache records live in
+<root>/.tuneline/prefect. An unchanged rerun is all cache hits: no stage process starts.
+
+Tracking: one MLflow parent run per flow run; every stage process is a child of it
+(TUNELINE_PARENT_RUN_ID).
+
+Scale-out: with `shards=N` (`--shards N`) the caption and latents steps become N shard
+tasks (`python -m tuneline.cli ... <stage> --shard i/N`, each its own process, GPU
+i % <GPUs> when there are GPUs) submitted at once through a ThreadPoolTaskRunner, each
+filling the shared per-item store (.tuneline/store: content-addressed, atomic writes),
+followed by the normal stage task, which assembles the output from the store (all hits).
+A DaskTaskRunner (prefect-dask) spreads the same tasks over machines when the project
+and its store are on shared storage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Optional
+
+from prefect import flow, get_run_logger, task
+
+from tuneline.orchestration import registry
+from tuneline.orchestration.overrides import overrides_model
+
+ParamsOverrides = overrides_model()
+
+# Tasks of stages that want an accelerator (registry: gpu=True) carry this tag (see ensure_gpu_limit).
+GPU_TAG = "gpu"
+RESULTS_BLOCK_PREFIX = "tuneline-results-"
+
+
+def _gpu_ids() -> list[str]:
+    """Ids of the GPUs visible to the stages (CUDA_VISIBLE_DEVICES, else nvidia-smi; no torch
+    import in the driver); empty when there are none."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [d.strip() for d in visible.split(",") if d.strip()]
+        return ids[:ids.index("-1")] if "-1" in ids else ids  # CUDA stops at the first invalid id
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            done = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10, check=False)
+            return [str(i) for i in range(sum(1 for line in done.stdout.splitlines() if line.startswith("GPU ")))]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return []
+
+
+def _gpu_count() -> int:
+    """GPUs visible to the stages; at least 1."""
+    return max(1, len(_gpu_ids()))
+
+
+def uses_server() -> bool:
+    """True when PREFECT_API_URL names a server (not the ephemeral one Prefect starts itself)."""
+    from prefect.settings import get_current_settings
+
+    return bool(get_current_settings().api.url)
+
+
+def ensure_gpu_limit() -> int | None:
+    """With a Prefect server: make sure at most <number of GPUs> "gpu"-tagged tasks run at once,
+    across all flow runs (Prefect 3 keeps tag limits as the global concurrency limit "tag:gpu").
+    Ephemeral mode runs one flow at a time anyway: skipped, returns None."""
+    if not uses_server():
+        return None
+    from prefect.client.orchestration import get_client
+
+    count = _gpu_count()
+    try:
+        with get_client(sync_client=True) as client:
+            client.upsert_global_concurrency_limit_by_name(f"tag:{GPU_TAG}", count)
+    except Exception as error:  # a limit is an optimisation; never block the pipeline on it
+        get_run_logger().warning("could not set the %r concurrency limit: %s", GPU_TAG, error)
+        return None
+    return count
+
+
+def _results_storage(root: Path):
+    """Local result storage in the project (cache records follow the project, not PREFECT_HOME).
+    Prefect 3 wants the block saved; one block per project root."""
+    from prefect.filesystems import LocalFileSystem
+
+    from tuneline.orchestration.cachekey import STATE_DIR
+
+    folder = root / STATE_DIR / "results"
+    folder.mkdir(parents=True, exist_ok=True)
+    name = RESULTS_BLOCK_PREFIX + hashlib.sha256(str(root).encode()).hexdigest()[:16]
+    storage = LocalFileSystem(basepath=str(folder))
+    storage.save(name, overwrite=True)
+    return storage
+
+
+def stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    """Prefect cache_key_fn: the content key the flow computed for this stage."""
+    return f"tuneline-{parameters['stage']}-{parameters['cache_key']}"
+
+
+@task(name="stage", cache_key_fn=stage_cache_key, persist_result=True)
+def run_stage(stage: str, root: str, params_file: str, cache_key: str, outs: list[str],
+              parent_run_id: Optional[str] = None) -> dict[str, Any]:
+    """Run one stage as a subprocess in its own process group; record its outputs under the key."""
+    import json
+
+    from tuneline.orchestration.cachekey import STATE_DIR, output_fingerprint, write_record
+    from tuneline.orchestration.runner import run_stage_process
+    from tuneline.orchestration.spec import StageSpec
+    from tuneline.core.tracking.tracker import PARENT_RUN_ENV
+
+    logger = get_run_logger()
+    root_path = Path(root)
+    running = root_path / STATE_DIR / "running" / f"{stage}.pid"
+    running.parent.mkdir(parents=True, exist_ok=True)
+    env = {PARENT_RUN_ENV: parent_run_id} if parent_run_id else {}
+
+    def started(pgid: int) -> None:
+        running.write_text(f"{pgid}\n")  # the stage's process group, for tools and tests
+        logger.info("stage %s: process group %d", stage, pgid)
+
+    try:
+        run_stage_process(stage, Path(params_file), root_path, env=env, on_start=started, echo=logger.info)
+    finally:
+        running.unlink(missing_ok=True)
+    spec = StageSpec(stage, "", (), (), (), tuple(outs))
+    fingerprint = output_fingerprint(spec, root_path)
+    write_record(root_path, stage, cache_key, fingerprint)
+    metrics_file = root_path / "metrics" / f"{stage}.json"
+    metrics = json.loads(metrics_file.read_text("utf-8")) if metrics_file.is_file() else None
+    return {"stage": stage, "key": cache_key, "outputs": fingerprint, "metrics": metrics}
+
+
+def shard_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    """Prefect cache_key_fn of a shard task: its stage's content key, plus which shard of how many."""
+    return f"tuneline-{parameters['stage']}-shard{parameters['index']}of{parameters['count']}-{parameters['cache_key']}"
+
+
+@task(name="shard", cache_key_fn=shard_cache_key, persist_result=True)
+def run_shard(stage: str, index: int, count: int, root: str, params_file: str, cache_key: str,
+              gpu: Optional[str] = None, parent_run_id: Optional[str] = None) -> dict[str, Any]:
+    """Run `<stage> --shard index/count` as a subprocess in its own process group: it computes
+    that shard's missing items into the shared store and writes no output folder."""
+    from tuneline.orchestration.cachekey import STATE_DIR
+    from tuneline.orchestration.runner import run_stage_process
+    from tuneline.core.tracking.tracker import PARENT_RUN_ENV
+
+    logger = get_run_logger()
+    name = f"{stage} shard {index}/{count}"
+    running = Path(root) / STATE_DIR / "running" / f"{stage}.shard{index}of{count}.pid"
+    running.parent.mkdir(parents=True, exist_ok=True)
+    env = {PARENT_RUN_ENV: parent_run_id} if parent_run_id else {}
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+
+    def started(pgid: int) -> None:
+        running.write_text(f"{pgid}\n")  # the flow stops these groups when it is cancelled
+        logger.info("%s: process group %d%s", name, pgid, f" on GPU {gpu}" if gpu is not None else "")
+
+    try:
+        run_stage_process(stage, Path(params_file), Path(root), env=env, on_start=started,
+                          echo=lambda line: logger.info("[%d/%d] %s", index, count, line),
+                          args=["--shard", f"{index}/{count}"])
+    finally:
+        running.unlink(missing_ok=True)
+    return {"stage": stage, "shard": f"{index}/{count}", "key": cache_key}
+
+
+def _stop_shards(root: Path, stage: str) -> None:
+    """SIGTERM the process group of every shard of `stage` still running (the flow is stopping)."""
+    import signal
+
+    from tuneline.orchestration.cachekey import STATE_DIR
+
+    for pid_file in (root / STATE_DIR / "running").glob(f"{stage}.shard*.pid"):
+        try:
+            os.killpg(int(pid_file.read_text().strip()), signal.SIGTERM)
+        except (OSError, ValueError):
+            pass
+
+
+def run_shards(stage: str, count: int, root: Path, params_file: Path, cache_key: str, valid: bool,
+               storage: Any, parent_run_id: Optional[str]) -> list[dict[str, Any]]:
+    """Run `count` shard tasks of `stage` at once (one thread each, each its own process); raise
+    the first failure once all have ended. Returns one {"shard", "cached"} per shard."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    gpus = _gpu_ids()
+    shard_task = run_shard.with_options(
+        tags=[GPU_TAG] if registry.stage(stage).gpu else [], refresh_cache=not valid,
+        result_storage=storage, persist_result=True)
+    with ThreadPoolTaskRunner(max_workers=count) as runner:
+        futures = [runner.submit(shard_task.with_options(task_run_name=f"{stage}-shard-{i}of{count}"), {
+            "stage": stage, "index": i, "count": count, "root": str(root), "params_file": str(params_file),
+            "cache_key": cache_key, "gpu": gpus[i % len(gpus)] if gpus else None,
+            "parent_run_id": parent_run_id}) for i in range(count)]
+        try:
+            for future in futures:
+                future.wait()
+        except BaseException:  # cancelled, Ctrl-C, SIGTERM: the shard processes stop too
+            _stop_shards(root, stage)
+            raise
+    states = [future.state for future in futures]
+    for state in states:
+        state.result()  # raises the first shard's error
+    return [{"shard": f"{i}/{count}", "cached": state.name == "Cached"} for i, state in enumerate(states)]
+
+
+def _status_of(error: BaseException) -> str:
+    from tuneline.orchestration.runner import STOPPED_EXIT_CODE, StageProcessFailed
+
+    if isinstance(error, StageProcessFailed):
+        return "KILLED" if error.returncode == STOPPED_EXIT_CODE else "FAILED"
+    return "FAILED" if isinstance(error, Exception) else "KILLED"  # KeyboardInterrupt, TerminationSignal
+
+
+@flow(name="tuneline-pipeline", validate_parameters=False)
+def pipeline(params_path: str = "params.yaml", root: str = ".",
+             overrides: Optional[ParamsOverrides] = None,  # type: ignore[valid-type]
+             shards: int = 1) -> dict[str, Any]:
+    """Run ingest -> bucket -> caption -> latents -> train -> render -> export with cached tasks.
+
+    Args:
+        params_path: The params file, relative to root unless absolute.
+        root: The project root (holds dvc.yaml, data/, .tuneline/).
+        overrides: Settings that replace params.yaml's for this run, like `dvc exp run -S`:
+            nested sections or dotted keys ({"train.lr": 0.0001}). Empty fields keep params.yaml.
+        shards: Split caption and latents into this many shard tasks, run at once (each its
+            own process, GPUs round robin) into the shared item store, then assemble. 1: no
+            sharding. A DaskTaskRunner (prefect-dask) would spread the same tasks over
+            machines when the project's store is on shared storage.
+    """
+    from prefect.runtime import flow_run
+
+    from tuneline.core.fsutil import digest_json
+    from tuneline.orchestration.cachekey import STATE_DIR, Digester, outputs_match, stage_key
+    from tuneline.orchestration.overrides import load_with_overrides, write_params_file
+    from tuneline.orchestration.spec import load_stage_specs
+    from tuneline.core.tracking.tracker import end_parent_run, start_parent_run
+
+    logger = get_run_logger()
+    if int(shards) < 1:
+        raise ValueError(f"shards must be at least 1, got {shards!r}")
+    root_path = Path(root).resolve()
+    params_file = Path(params_path) if Path(params_path).is_absolute() else root_path / params_path
+    # Bad overrides or params stop here, before any task, with validate_params' message.
+    data, params = load_with_overrides(params_file, overrides)
+    specs = load_stage_specs(root_path)
+    unknown = [spec.name for spec in specs if spec.name not in registry.STAGE_NAMES]
+    if unknown:
+        raise ValueError(f"dvc.yaml stages that tuneline.orchestration.registry does not know: {', '.join(unknown)}")
+    state_dir = root_path / STATE_DIR
+    merged_params = write_params_file(data, state_dir / "params")
+    storage = _results_storage(root_path)
+    gpu_limit = ensure_gpu_limit()
+    if gpu_limit:
+        logger.info("concurrency limit tag:%s = %d", GPU_TAG, gpu_limit)
+
+    with Digester(root_path, params.store_dir) as digester:
+        data_digest = digest_json({d.name: digester.tree(str(d.path)) for d in params.datasets})
+    parent_run_id = start_parent_run(params.tracking, root_path, run_name=f"pipeline {flow_run.get_name() or ''}".strip(),
+                                     tags={"tuneline.data_digest": data_digest, "tuneline.orchestrator": "prefect",
+                                           "prefect.flow_run_id": flow_run.get_id() or ""})
+    summary: dict[str, Any] = {}
+    status = "FINISHED"
+    try:
+        for spec in specs:
+            with Digester(root_path, params.store_dir) as digester:
+                key = stage_key(spec, params, root_path, digester)
+                valid = outputs_match(root_path, spec, key.key, digester)
+            shard_states = None
+            if shards > 1 and registry.stage(spec.name).shardable:
+                shard_states = run_shards(spec.name, int(shards), root_path, merged_params, key.key, valid,
+                                          storage, parent_run_id)
+            stage_task = run_stage.with_options(
+                name=spec.name, task_run_name=spec.name, tags=[GPU_TAG] if registry.stage(spec.name).gpu else [],
+                # Outputs gone or changed since the key's run: run again and overwrite the cache entry.
+                refresh_cache=not valid, result_storage=storage, persist_result=True,
+            )
+            state = stage_task(stage=spec.name, root=str(root_path), params_file=str(merged_params),
+                               cache_key=key.key, outs=list(spec.outs), parent_run_id=parent_run_id,
+                               return_state=True)
+            result = state.result()  # raises the stage's error: the flow stops at a failed stage
+            summary[spec.name] = {"cached": state.name == "Cached", "key": key.key,
+                                  "metrics": (result or {}).get("metrics")}
+            if shard_states is not None:
+                summary[spec.name]["shards"] = shard_states
+            logger.info("stage %s: %s (key %s)", spec.name, "cache hit" if state.name == "Cached" else "ran", key.key)
+    except BaseException as error:
+        status = _status_of(error)
+        raise
+    finally:
+        end_parent_run(params.tracking, root_path, parent_run_id, status)
+    return {"parent_run_id": parent_run_id, "params_file": str(merged_params), "stages": summary}
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    # Prefect re-delivers a raw SIGTERM to the handler that was there before the flow: this
+    # one turns it into a normal exit, so atexit runs and Prefect's temporary (ephemeral)
+    # server is stopped too instead of being left behind.
+    raise SystemExit(143)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m flows.pipeline [-S train.lr=1e-4 ...]`: run the flow once, print a summary."""
+    import argparse
+    import json
+    import signal
+
+    import yaml
+
+    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml", help="params file, relative to the root")
+    parser.add_argument("--root", default=".", help="project root (default: .)")
+    parser.add_argument("-S", "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting like `dvc exp run -S` (value parsed as YAML); repeatable")
+    parser.add_argument("--overrides", default=None, help="overrides as a JSON object (dotted or nested keys)")
+    parser.add_argument("--summary", default=None, help="also write the run summary as JSON to this file")
+    parser.add_argument("--shards", type=int, default=1, metavar="N",
+                        help="run caption and latents as N concurrent shard processes (default: 1, no sharding)")
+    args = parser.parse_args(argv)
+    overrides: dict[str, Any] = json.loads(args.overrides) if args.overrides else {}
+    for item in args.sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"-S {item!r}: expected KEY=VALUE")
+        overrides[key.strip()] = yaml.safe_load(value)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    from tuneline.core.params import ParamsError
+    from tuneline.orchestration.runner import StageProcessFailed
+    from tuneline.core.report import print_error
+
+    try:
+        summary = pipeline(params_path=args.params, root=args.root, overrides=overrides or None,
+                           shards=args.shards)
+    except ParamsError as error:
+        print_error("configuration error", str(error))
+        return 2
+    except StageProcessFailed as error:
+        print_error("stage failed", str(error))
+        return error.returncode if error.returncode in (2, 143) else 1
+    text = json.dumps(summary, indent=2, default=str)
+    if args.summary:
+        Path(args.summary).write_text(text, "utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,286 @@
+"""Stage `caption`: one caption per bucketed image, from a hand edit, a sidecar, Florence-2 or the default.
+
+Output (data/captioned): `<data set>/<id>.png` (a hard link to the bucketed image),
+`<data set>/<id>.txt` holding its final caption, and manifest.jsonl: the bucket records
+plus `caption`, `caption_source` (hand_edited | sidecar | model | default),
+`sidecar_caption`, `model_caption`, `caption_file` and `caption_key`.
+
+Where a caption comes from, first match wins:
+
+- hand_edited: a caption a person edited in data/captioned (see below), used verbatim.
+- sidecar: the `<image>.txt` beside the raw image, unless `caption.mode` is overwrite.
+- model: Florence-2 (`caption.model`, `task`, `num_beams`, ...), unless mode is sidecar_only.
+- default: `caption.default_caption`, when the cleaned model caption is empty or, in
+  sidecar_only mode, when there is no sidecar. Counted as `defaulted`.
+
+The data set's trigger word is put in front ("trig, caption") unless the caption
+already starts with it as a word, in any case; hand edits are left exactly as written.
+
+Caching. Model captions live in the item store (`<store_dir>/caption/`), keyed by the
+bucketed image's key (what decided its pixels), the model identity (digests of its
+files, or hub id@revision), task, num_beams, max_new_tokens, the resolved dtype and
+CODE_VERSION. The store holds the cleaned model caption only: trigger words, sidecars
+and the default caption are applied when the output is written, so changing them never
+runs the model. The model is loaded only when some caption is missing from the store,
+once per run, and unloaded when captioning ends.
+
+Hand edits. Any `data/captioned/<data set>/<id>.txt` may be edited. On the next run
+each .txt is compared with the caption that the same folder's manifest.jsonl records for
+it: the two are written together, and `dvc checkout` restores them together, so a
+difference is a person's edit, never an older output of ours. The edited text is saved
+to `<store_dir>/caption-edits/<id>.txt` and from then on wins in every mode, so it
+survives the output folder being rebuilt or checked out again. Emptying the .txt (or
+deleting its file in caption-edits/) goes back to the automatic caption. Edits are keyed
+by item id, which is the source image's content: a replaced image starts afresh.
+
+Sharding. `shard=(i, n)` (`tuneline caption --shard i/n`) captions only the missing model
+captions whose key is in shard i of n (tuneline.core.store.in_shard) into the shared store,
+and returns without rebuilding the output folder or writing metrics: run the n shards
+(on as many workers), then the normal run, which assembles the output from the store.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tuneline.stages.caption import florence as florence_runner
+from tuneline.stages.caption.text import normalize_caption, read_caption_file, with_trigger
+from tuneline.config import Params
+from tuneline.stages.caption.config import CaptionConfig
+from tuneline.core.fsutil import atomic_write_text, digest_json, link_or_copy, rebuilt_dir
+from tuneline.core.manifest import MANIFEST, REJECTED, read_manifest, write_jsonl
+from tuneline.models.ref import is_tiny, model_identity, resolve_model
+from tuneline.core.report import StageReport, console
+from tuneline.core.store import ItemStore, in_shard
+
+STAGE = "caption"
+# Bump when a change here or in its helpers (florence.py, text.py) changes the stored caption for a key.
+CODE_VERSION = 1
+EDITS_DIR = "caption-edits"
+
+
+def caption_key(image_key: str, model_id: str, config: CaptionConfig, dtype: str) -> str:
+    """Everything that decides a model caption; not the trigger word, sidecar or default caption."""
+    return digest_json({
+        "stage": STAGE,
+        "code": CODE_VERSION,
+        "image": image_key,
+        "model": model_id,
+        "task": config.task,
+        "num_beams": config.num_beams,
+        "max_new_tokens": config.max_new_tokens,
+        "dtype": dtype,  # resolved: fp16 and fp32 captions differ
+    })
+
+
+class HandEdits:
+    """Captions a person edited, by item id: `<store_dir>/caption-edits/<id>.txt`."""
+
+    def __init__(self, store_dir: Path) -> None:
+        self.root = Path(store_dir) / EDITS_DIR
+
+    def path(self, item_id: str) -> Path:
+        return self.root / f"{item_id}.txt"
+
+    def get(self, item_id: str) -> str | None:
+        return read_caption_file(self.path(item_id)) or None  # an emptied file is no edit
+
+    def save(self, item_id: str, text: str) -> None:
+        atomic_write_text(self.path(item_id), text)
+
+    def drop(self, item_id: str) -> None:
+        self.path(item_id).unlink(missing_ok=True)
+
+
+def collect_hand_edits(out_dir: Path, edits: HandEdits) -> int:
+    """Save every caption file of the previous output that differs from its manifest; return how many."""
+    try:
+        previous = read_manifest(out_dir)
+    except FileNotFoundError:
+        return 0
+    found = 0
+    for record in previous:
+        if not record.get("caption_file"):
+            continue
+        text = read_caption_file(Path(out_dir) / record["caption_file"])
+        if text is None or text == normalize_caption(record["caption"]):
+            continue
+        if text:
+            edits.save(record["id"], text)
+        else:
+            edits.drop(record["id"])  # an emptied file asks for the automatic caption again
+        found += 1
+    return found
+
+
+@dataclass
+class Planned:
+    record: dict[str, Any]
+    source: str  # hand_edited | sidecar | model | default
+    text: str  # the caption before the trigger word; filled in for "model" after generation
+    key: str | None = None
+
+
+def plan_captions(params: Params, records: list[dict[str, Any]], edits: HandEdits,
+                  report: StageReport) -> list[Planned]:
+    """Decide where each item's caption comes from (see the module docstring)."""
+    mode = params.caption.mode
+    folders = {d.folder for d in params.datasets}
+    planned = []
+    for record in records:
+        if record["dataset"] not in folders:
+            report.reject(record["source"], f"data set {record['dataset']!r} is not in params.yaml any more",
+                          dataset=record["dataset"])
+            continue
+        edited = edits.get(record["id"])
+        sidecar = record.get("caption")
+        if edited is not None:
+            planned.append(Planned(record, "hand_edited", edited))
+        elif sidecar and mode != "overwrite":
+            planned.append(Planned(record, "sidecar", sidecar))
+        elif mode == "sidecar_only":
+            planned.append(Planned(record, "default", params.caption.default_caption))
+        else:
+            planned.append(Planned(record, "model", ""))
+    return planned
+
+
+def _load_rgb(path: Path) -> Any:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def generate_captions(config: CaptionConfig, source: Path | str, device: str, dtype: str,
+                      items: list[tuple[Path, str]], store: ItemStore, report: StageReport) -> None:
+    """Caption (image path, key) items with one loaded model, storing each batch as it finishes.
+
+    A killed run keeps every finished batch. The model is unloaded however this ends.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    florence = florence_runner.load_florence(source, config.revision, device, dtype, config.task,
+                                             config.num_beams, config.max_new_tokens)
+    report.extra["model_loaded"] = True
+
+    def run(batch: list[tuple[Path, str]]) -> list[tuple[str, str]]:
+        return florence.caption([_load_rgb(path) for path, _ in batch])
+
+    def on_halve(size: int, halved: int, error: BaseException) -> None:
+        report.extra["batch_halvings"] = report.extra.get("batch_halvings", 0) + 1
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        report.warnings.append(f"out of memory at caption batch size {size}; going on with {halved} ({reason})")
+
+    description = f"caption: {config.task} on {device} {dtype}"
+    progress = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        console=console, transient=True)
+    try:
+        with progress:
+            bar = progress.add_task(description, total=len(items))
+            for start, results in florence_runner.in_batches(items, config.batch_size, run, on_halve, device):
+                for (_, key), (raw, caption) in zip(items[start:start + len(results)], results, strict=True):
+                    store.write_json(key, {"caption": caption, "raw": raw, "model": config.model,
+                                           "task": config.task})
+                report.computed += len(results)
+                progress.advance(bar, len(results))
+    finally:
+        florence.unload()
+
+
+def _shard_report(report: StageReport, shard: tuple[int, int], wanted: int, started: float) -> StageReport:
+    report.extra.update({"shard": f"{shard[0]}/{shard[1]}", "model_captions_wanted": wanted})
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def run(params: Params, root: Path, bucketed_dir: Path, out_dir: Path, metrics_dir: Path | None = None, *,
+        tracker: Any = None, shard: tuple[int, int] | None = None) -> StageReport:
+    """Caption every item of `bucketed_dir`; write images, .txt captions and manifest.jsonl to `out_dir`.
+
+    With `shard=(i, n)`: only compute shard i's missing captions into the store (see the module docstring).
+    """
+    started = time.perf_counter()
+    root, bucketed_dir, out_dir = Path(root), Path(bucketed_dir), Path(out_dir)
+    config = params.caption
+    report = StageReport(STAGE)
+    report.extra["model_loaded"] = False
+    records = read_manifest(bucketed_dir)
+    store_dir = root / params.store_dir
+    edits = HandEdits(store_dir)
+    # Before anything else: the output folder is about to be rebuilt.
+    report.extra["hand_edits_found"] = collect_hand_edits(out_dir, edits)
+    planned = plan_captions(params, records, edits, report)
+
+    wanted = [item for item in planned if item.source == "model"]
+    if wanted:
+        device, dtype = florence_runner.resolve_device_dtype(config.device, config.dtype)
+        model_id = model_identity(config.model, config.revision, root=root)
+        store = ItemStore(store_dir, STAGE)
+        stored: dict[str, dict[str, Any] | None] = {}
+        for item in wanted:
+            item.key = caption_key(item.record["key"], model_id, config, dtype)
+            stored[item.key] = store.read_json(item.key)  # None also for an unreadable entry
+        missing = list(dict.fromkeys(item.key for item in wanted
+                                     if stored[item.key] is None and in_shard(item.key, shard)))
+        if missing:
+            path_of = {item.key: bucketed_dir / item.record["image"] for item in wanted}
+            generate_captions(config, resolve_model(config.model, root), device, dtype,
+                              [(path_of[key], key) for key in missing], store, report)
+            stored.update({key: store.read_json(key) for key in missing})
+        if shard is not None:  # a shard only fills the store; the unsharded run writes the output
+            return _shard_report(report, shard, len(wanted), started)
+        for item in wanted:
+            item.text = stored[item.key]["caption"]
+        if is_tiny(config.model):
+            report.warnings.append(
+                f"caption.model {config.model!r} is a tiny RANDOM-weight model: its {len(wanted)} caption(s) "
+                "mean nothing (set caption.model to a real Florence-2 for training)")
+
+    if shard is not None:  # nothing for the model: this shard has no work
+        return _shard_report(report, shard, 0, started)
+    triggers = {d.folder: d.trigger_word for d in params.datasets}
+    counts: Counter[str] = Counter()
+    manifest = []
+    with rebuilt_dir(out_dir) as staging:
+        for item in planned:
+            record = item.record
+            source, text = item.source, item.text
+            if source == "model" and not text:
+                source, text = "default", config.default_caption
+            final = text if source == "hand_edited" else with_trigger(triggers[record["dataset"]], text)
+            counts[source] += 1
+            caption_file = f"{record['dataset']}/{record['id']}.txt"
+            link_or_copy(bucketed_dir / record["image"], staging / record["image"])
+            # Written, never linked: an editor saving in place must not change a stored file.
+            (staging / caption_file).write_text(final + "\n", "utf-8")
+            manifest.append({
+                **record,
+                "caption": final,
+                "caption_source": source,
+                "caption_file": caption_file,
+                "sidecar_caption": record.get("caption"),
+                "model_caption": item.text if item.source == "model" else None,
+                "caption_key": item.key,
+            })
+        write_jsonl(staging / MANIFEST, manifest)
+        write_jsonl(staging / REJECTED, report.rejected)
+
+    report.reused = len(manifest) - report.computed
+    report.extra.update({
+        "model": config.model,
+        "random_tiny_model": is_tiny(config.model),
+        "mode": config.mode,
+        "model_captions_reused": len(wanted) - report.computed,
+        "from_sidecar": counts["sidecar"],
+        "defaulted": counts["default"],
+        "hand_edited": counts["hand_edited"],
+    })
+    report.seconds = time.perf_counter() - started
+    if metrics_dir is not None:
+        report.write_metrics(metrics_dir)
+    return report

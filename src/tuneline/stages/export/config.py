@@ -1,0 +1,28 @@
+"""The `export` params section (torch-free)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from tuneline.core.params import Section
+
+
+class ExportConfig(Section):
+    """Stage export: single files for ComfyUI / A1111 / diffusers' from_single_file."""
+
+    name: str = Field("tuneline", description="File name (without extension) and title of the exported model.")
+    dtype: Literal["fp16", "bf16", "fp32"] = Field(
+        "fp16", description="Precision of the single-file checkpoint (full fine-tunes); LoRA weights keep fp32."
+    )
+    copy_to: list[Path] = Field(
+        default_factory=list,
+        description="Folders (e.g. ComfyUI's models/loras or models/checkpoints) that receive a copy of the finished "
+        "file, written atomically so a watching UI never loads half a file.",
+    )
+    keep_diffusers: bool = Field(True, description="Also keep the diffusers-format result beside the single file.")
+    use_ema: bool = Field(True, description="Export the EMA weights when the run kept them (train.ema.enabled).")
+    samples: int = Field(4, ge=0, description="Sample images from the render stage put in the model card.")
+    author: Optional[str] = Field(None, description="Author named in the model card and metadata.")

@@ -1,0 +1,236 @@
+"""Stage `ingest`: find every image of every data set, check it, read its sidecar caption.
+
+The output is a manifest of usable images (pointing at the user's files, which are
+not copied) and a list of rejected files with plain reasons. The expensive part, a
+decode of each file, is cached per file content in the item store, so a rerun only
+decodes new or edited files.
+"""
+
+from __future__ import annotations
+
+import codecs
+import time
+from collections import defaultdict
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from tuneline.config import Params
+from tuneline.core.params import ParamsError
+from tuneline.core.fsutil import digest_json, file_digest, rebuilt_dir, relative_to_root
+from tuneline.core.images import IMAGE_EXTENSIONS, SIDECAR_EXTENSIONS, ImageRejected, exact_pixel_digest, probe
+from tuneline.core.manifest import MANIFEST, REJECTED, write_jsonl
+from tuneline.core.parallel import map_with_progress
+from tuneline.core.report import StageReport
+from tuneline.core.store import FileDigests, ItemStore
+
+STAGE = "ingest"
+# Bump when a change to this stage or to tuneline.core.images changes what a probe records.
+CODE_VERSION = 1
+ITEM_ID_LENGTH = 24
+
+
+def probe_key(digest: str) -> str:
+    return digest_json({"stage": STAGE, "code": CODE_VERSION, "bytes": digest})
+
+
+def _probe_file(path: str, digest: str | None, store_dir: str, max_pixels: int) -> tuple[str | None, dict[str, Any], bool]:
+    """Worker: hash one file and probe it unless the store knows its bytes already.
+
+    Returns (digest, record, computed). A verdict that depends on settings or
+    permissions is not stored.
+    """
+    try:
+        digest = digest or file_digest(Path(path))
+    except OSError as error:
+        return None, {"ok": False, "reason": f"unreadable: {error.strerror or error}"}, False
+    store = ItemStore(Path(store_dir), STAGE)
+    key = probe_key(digest)
+    known = store.read_json(key)
+    if known is not None:  # a touched, renamed or copied file: same bytes, no new decode
+        return digest, known, False
+    try:
+        record: dict[str, Any] = {"ok": True, **asdict(probe(Path(path), max_pixels))}
+    except ImageRejected as rejected:
+        record = {"ok": False, "reason": str(rejected)}
+        if not rejected.cacheable:
+            return digest, record, True
+    store.write_json(key, record)
+    return digest, record, True
+
+
+def read_sidecar(image_path: Path) -> tuple[str | None, str | None]:
+    """The caption in `<stem>.txt` beside an image, and a warning if it was not clean UTF-8."""
+    sidecar = image_path.with_suffix(".txt")
+    if not sidecar.is_file():
+        return None, None
+    raw = sidecar.read_bytes()
+    warning = None
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        text = raw.decode("utf-16", errors="replace")
+    else:
+        raw = raw.removeprefix(codecs.BOM_UTF8)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("utf-8", errors="replace")
+            warning = f"{sidecar}: not UTF-8; undecodable bytes were replaced with U+FFFD"
+    text = " ".join(text.split())
+    return (text or None), warning
+
+
+def discover(params: Params, root: Path, report: StageReport) -> list[tuple[str, Path]]:
+    """(data set folder, file) for every image candidate, in a stable order."""
+    found = []
+    for dataset in params.datasets:
+        folder = root / dataset.path
+        for path in sorted(folder.rglob("*")):
+            relative = path.relative_to(folder)
+            if any(part.startswith(".") for part in relative.parts) or path.is_dir():
+                continue
+            suffix = path.suffix.lower()
+            if not path.exists():
+                report.reject(relative_to_root(path, root), "unreadable: broken symbolic link", dataset=dataset.folder)
+            elif suffix in IMAGE_EXTENSIONS:
+                found.append((dataset.folder, path))
+            elif suffix not in SIDECAR_EXTENSIONS:
+                report.reject(relative_to_root(path, root), f"unsupported file type: {suffix or 'no extension'}",
+                              dataset=dataset.folder)
+    return found
+
+
+def check_inputs(params: Params, root: Path) -> None:
+    """Configuration errors that must stop the stage before any work."""
+    for dataset in params.datasets:
+        folder = root / dataset.path
+        if not folder.is_dir():
+            raise ParamsError(f"datasets[{dataset.name}].path: folder {folder} does not exist")
+
+
+class _Duplicates:
+    """Finds exact duplicates: same bytes, or same pixels after normalising."""
+
+    def __init__(self, store: ItemStore, max_pixels: int) -> None:
+        self.store, self.max_pixels = store, max_pixels
+        self.by_bytes: dict[str, str] = {}
+        self.by_fingerprint: dict[str, list[tuple[str, str, dict[str, Any]]]] = defaultdict(list)
+
+    def _exact(self, digest: str, path: Path, record: dict[str, Any]) -> str:
+        if record["fingerprint_exact"]:
+            return record["fingerprint"]
+        if "exact_pixel_digest" not in record:
+            # Only files whose reduced-decode fingerprints collide pay for a full decode.
+            record["exact_pixel_digest"] = exact_pixel_digest(path, self.max_pixels)
+            self.store.write_json(probe_key(digest), record)
+        return record["exact_pixel_digest"]
+
+    def original_of(self, digest: str, path: Path, source: str, record: dict[str, Any]) -> str | None:
+        """The source kept in place of this one, or None if this one is the first."""
+        if digest in self.by_bytes:
+            return f"duplicate: same bytes as {self.by_bytes[digest]}"
+        self.by_bytes[digest] = source
+        candidates = self.by_fingerprint[record["fingerprint"]]
+        for other_digest, other_source, other_record in candidates:
+            other_path = Path(other_record["_path"])
+            if self._exact(digest, path, record) == self._exact(other_digest, other_path, other_record):
+                return f"duplicate: same pixels as {other_source}"
+        candidates.append((digest, source, {**record, "_path": str(path)}))
+        return None
+
+
+def run(params: Params, root: Path, out_dir: Path, metrics_dir: Path | None = None, *,
+        tracker: Any = None) -> StageReport:
+    """Ingest every data set of `params`; write `out_dir/manifest.jsonl` and `rejected.jsonl`."""
+    started = time.perf_counter()
+    root = Path(root)
+    check_inputs(params, root)
+    config = params.ingest
+    report = StageReport(STAGE)
+    store_dir = root / params.store_dir
+    store = ItemStore(store_dir, STAGE)
+    file_digests = FileDigests(store_dir / "file-digests.sqlite")
+
+    files = discover(params, root, report)
+    found_count = len(files) + len(report.rejected)  # images plus files rejected on sight
+    results: dict[int, tuple[str | None, dict[str, Any]]] = {}
+    computed: set[int] = set()
+    tasks = []
+    for index, (_, path) in enumerate(files):
+        digest = file_digests.cached(path)
+        record = store.read_json(probe_key(digest)) if digest else None
+        if record is not None:
+            results[index] = (digest, record)
+        else:
+            tasks.append((str(path), digest, str(store_dir), config.max_pixels))
+    pending = [index for index in range(len(files)) if index not in results]
+    for index, (digest, record, was_computed) in zip(
+        pending, map_with_progress(_probe_file, tasks, config.workers, "ingest: checking images")
+    ):
+        results[index] = (digest, record)
+        if was_computed:
+            computed.add(index)
+        if digest is not None:
+            file_digests.remember(files[index][1], digest)
+    file_digests.close()
+
+    duplicates = _Duplicates(store, config.max_pixels)
+    manifest = []
+    for index, (dataset, path) in enumerate(files):
+        digest, record = results[index]
+        source = relative_to_root(path, root)
+        reason = _rejection(record, config.min_size, config.max_pixels)
+        if reason is None:
+            reason = duplicates.original_of(digest, path, source, record)
+        if reason is not None:
+            report.reject(source, reason, dataset=dataset)
+            continue
+        if index in computed:
+            report.computed += 1
+        else:
+            report.reused += 1
+        caption, warning = read_sidecar(path)
+        if warning:
+            report.warnings.append(warning)
+        manifest.append({
+            "id": digest[:ITEM_ID_LENGTH],
+            "digest": digest,
+            "dataset": dataset,
+            "source": source,
+            "width": record["width"],
+            "height": record["height"],
+            "format": record["format"],
+            "has_alpha": record["has_alpha"],
+            "background": config.background if record["has_alpha"] else None,
+            "caption": caption,
+            "caption_source": "sidecar" if caption else None,
+            "key": probe_key(digest),
+        })
+
+    with rebuilt_dir(out_dir) as staging:
+        write_jsonl(staging / MANIFEST, manifest)
+        write_jsonl(staging / REJECTED, report.rejected)
+    per_dataset = defaultdict(int)
+    for item in manifest:
+        per_dataset[item["dataset"]] += 1
+    report.extra.update({
+        "files_found": found_count,
+        "duplicates": sum(1 for r in report.rejected if r["reason"].startswith("duplicate")),
+        "captions_from_sidecars": sum(1 for item in manifest if item["caption"]),
+        "datasets": dict(per_dataset),
+    })
+    report.seconds = time.perf_counter() - started
+    if metrics_dir is not None:
+        report.write_metrics(metrics_dir)
+    return report
+
+
+def _rejection(record: dict[str, Any], min_size: int, max_pixels: int) -> str | None:
+    if not record["ok"]:
+        return record["reason"]
+    width, height = record["width"], record["height"]
+    if min(width, height) < min_size:
+        return f"too small: {width}x{height}, shorter side is below min_size {min_size}"
+    if width * height > max_pixels:
+        return (f"too many pixels: {width}x{height} = {width * height / 1e6:.1f} MP exceeds max_pixels "
+                f"{max_pixels / 1e6:.1f} MP (decompression-bomb guard)")
+    return None

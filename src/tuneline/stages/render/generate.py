@@ -1,0 +1,287 @@
+"""Pipelines and rendering: the base model, the trained result on top of it, and live
+evaluation from the modules under training.
+
+Every prompt gets its own CPU torch.Generator seeded from the prompt's seed, so the base
+and the trained model start from the same noise and their images compare pixel for pixel.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tuneline.models.config import ModelConfig
+from tuneline.core.fsutil import atomic_path
+from tuneline.stages.render.prompts import RenderPrompt
+
+log = logging.getLogger(__name__)
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+PIPELINE_DIR = "pipeline"
+EMA_DIR = "ema"  # optional: models/train/ema/, the EMA weights in the same layout, when saved apart
+LIVE_DIR = "live"  # renders/live/step_NNNNNN/<i>.png (or models/train/live/...)
+ADAPTER_NAME = "trained"
+# diffusers component -> the train section's name for it
+FULL_COMPONENTS = {"unet": None, "text_encoder": "text_encoder_1", "text_encoder_2": "text_encoder_2"}
+
+
+def save_png(image: Any, path: Path) -> Path:
+    """Write a PIL image atomically (a killed render never leaves a truncated PNG)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return path
+
+
+def load_base_pipeline(model_config: ModelConfig, root: Path | None, device: str = "auto", dtype: str = "auto") -> Any:
+    """The base StableDiffusionXLPipeline of `model_config` (model.vae swapped in when set), on `device`."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from tuneline.models.loading import _base_location, load_vae, resolve_device, resolve_dtype, torch_dtype
+
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    base = _base_location(model_config, root)
+    kwargs: dict[str, Any] = {}
+    if isinstance(base, str) and model_config.revision:
+        kwargs["revision"] = model_config.revision
+    if model_config.vae:
+        kwargs["vae"] = load_vae(model_config, root, dtype, device)
+    pipeline = StableDiffusionXLPipeline.from_pretrained(base, dtype=torch_dtype(dtype), **kwargs)
+    if device != "cpu":  # loaded on the CPU; moving there again only makes diffusers warn
+        with _quiet_diffusers():
+            pipeline.to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def trainer_state(trained_dir: Path) -> dict[str, Any]:
+    path = Path(trained_dir) / "trainer_state.json"
+    return json.loads(path.read_text("utf-8")) if path.is_file() else {}
+
+
+def _weights_dir(trained_dir: Path, use_ema: bool, notes: list[str]) -> Path:
+    """Where the weights to render are: models/train, or models/train/ema when asked and present."""
+    trained_dir = Path(trained_dir)
+    ema_enabled = bool(trainer_state(trained_dir).get("train_config", {}).get("ema", {}).get("enabled"))
+    separate = trained_dir / EMA_DIR
+    if use_ema:
+        if separate.is_dir():
+            return separate
+        if not ema_enabled:
+            notes.append("render.use_ema is on but the run kept no EMA weights (train.ema.enabled was off): "
+                         "rendering the trained weights")
+    elif ema_enabled and not separate.is_dir():
+        notes.append("train.ema.enabled was on: the trainer's result holds the EMA weights, so those are rendered "
+                     "(render.use_ema: false has no raw weights to choose)")
+    return trained_dir
+
+
+@dataclass
+class Applied:
+    """What apply_trained put on the pipeline, and what the user should know about it."""
+
+    loaded: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    """diffusers' info/warning chatter (e.g. 'No LoRA keys ... text_encoder' for a UNet-only LoRA) off."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
+def apply_trained(pipeline: Any, trained_dir: Path, lora_scale: float = 1.0, use_ema: bool = False) -> Applied:
+    """Put the trained result on `pipeline`: full components from <dir>/pipeline, then the LoRA at `lora_scale`.
+
+    Also applies the training's prediction type and zero-terminal-SNR setting to the
+    pipeline's scheduler (from trainer_state.json).
+    """
+    import diffusers
+    import transformers
+
+    applied = Applied()
+    notes = applied.loaded
+    source = _weights_dir(trained_dir, use_ema, applied.warnings)
+    state = trainer_state(trained_dir)
+    train = state.get("train_config", {})
+    full = source / PIPELINE_DIR
+    lora = source / LORA_FILE
+    if not full.is_dir() and not lora.is_file():
+        raise FileNotFoundError(f"{source}: neither {LORA_FILE} nor {PIPELINE_DIR}/ found: run stage train first")
+    device, dtype = pipeline.unet.device, pipeline.unet.dtype
+    if full.is_dir():
+        classes = {"unet": diffusers.UNet2DConditionModel, "text_encoder": transformers.CLIPTextModel,
+                   "text_encoder_2": transformers.CLIPTextModelWithProjection}
+        replaced = {}
+        for component, section in FULL_COMPONENTS.items():
+            trained_fully = (train.get("mode") == "full" if section is None
+                             else train.get(section, {}).get("mode") == "full")
+            if (full / component).is_dir() and (trained_fully or not train):
+                module = classes[component].from_pretrained(full, subfolder=component, dtype=dtype)
+                replaced[component] = module.to(device).eval()
+        pipeline.register_modules(**replaced)
+        notes.append(f"full weights: {', '.join(replaced) or 'none'} from {full}")
+    if lora.is_file():
+        with _quiet_diffusers():
+            pipeline.load_lora_weights(source, weight_name=LORA_FILE, adapter_name=ADAPTER_NAME)
+        pipeline.set_adapters([ADAPTER_NAME], adapter_weights=[lora_scale])
+        notes.append(f"LoRA {lora} at scale {lora_scale}")
+    overrides = {}
+    if train.get("prediction_type") and train["prediction_type"] != pipeline.scheduler.config.get("prediction_type"):
+        overrides["prediction_type"] = train["prediction_type"]
+    if train.get("zero_terminal_snr"):
+        overrides |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    if overrides:
+        pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config, **overrides)
+        notes.append(f"scheduler settings from training: {overrides}")
+    return applied
+
+
+def render_prompts(pipeline: Any, prompts: Sequence[RenderPrompt], out_dir: Path, prefix: str = "") -> list[Path]:
+    """Render each prompt to <out_dir>/<prefix><index>.png with its own sampler and seeded generator."""
+    import torch
+
+    from tuneline.stages.render.samplers import build_scheduler
+
+    out_dir = Path(out_dir)
+    base_scheduler = pipeline.scheduler
+    paths = []
+    try:
+        for prompt in prompts:
+            pipeline.scheduler = build_scheduler(prompt.sampler, base_scheduler.config, prompt.karras)
+            generator = torch.Generator("cpu").manual_seed(prompt.seed)  # CPU noise: the same on every device
+            image = pipeline(
+                prompt=prompt.prompt, negative_prompt=prompt.negative_prompt or None,
+                height=prompt.height, width=prompt.width, num_inference_steps=prompt.steps,
+                guidance_scale=prompt.guidance_scale, generator=generator,
+            ).images[0]
+            paths.append(save_png(image, out_dir / f"{prefix}{prompt.index}.png"))
+    finally:
+        pipeline.scheduler = base_scheduler
+    return paths
+
+
+# --- live evaluation during training ----------------------------------------------------
+
+
+def _unwrap(module: Any) -> Any:
+    """The plain module under DDP / FSDP / torch.compile wrappers (PEFT layers stay: they are the LoRA)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(module, keep_fp32_wrapper=True, keep_torch_compile=False)
+
+
+def _inference_scheduler(adapter: Any) -> Any:
+    """The base folder's scheduler, with the training's prediction type and zero-terminal-SNR setting."""
+    import diffusers
+
+    from tuneline.models.loading import _base_location
+
+    model = adapter.model_config
+    base = _base_location(model, adapter.root)
+    kwargs = {"revision": model.revision} if isinstance(base, str) and model.revision else {}
+    config = diffusers.EulerDiscreteScheduler.load_config(base, subfolder="scheduler", **kwargs)
+    cls = getattr(diffusers, str(config.get("_class_name")), diffusers.EulerDiscreteScheduler)
+    overrides: dict[str, Any] = {"prediction_type": adapter.prediction_type}
+    if getattr(adapter.config, "zero_terminal_snr", False):
+        overrides |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    return cls.from_config(config, **overrides)
+
+
+def pipeline_from_training(adapter: Any, modules: dict[str, Any], vae: Any = None) -> Any:
+    """A StableDiffusionXLPipeline sharing the live training modules (no copies).
+
+    `modules` is the trainer's name -> (possibly accelerate-prepared) module dict: the UNet
+    (PEFT-wrapped in LoRA mode) and any trained text encoders; frozen encoders and the
+    tokenizers come from the adapter. `vae` defaults to model.vae / the base VAE in fp32 on
+    the UNet's device (load it once and pass it in to avoid reloading at every evaluation).
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    from tuneline.models.loading import load_vae
+    from tuneline.models.sdxl import TEXT_ENCODER_NAMES
+
+    unet = _unwrap(modules["unet"])
+    encoders = [_unwrap(modules.get(name, encoder)) for name, encoder in zip(TEXT_ENCODER_NAMES, adapter.text_encoders)]
+    device = unet.device
+    if vae is None:
+        vae = load_vae(adapter.model_config, adapter.root, "fp32", "cpu").to(device)
+    pipeline = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=adapter.tokenizers[0],
+        tokenizer_2=adapter.tokenizers[1], unet=unet, scheduler=_inference_scheduler(adapter))
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@contextmanager
+def preserved_training_state(modules: Sequence[Any]) -> Iterator[None]:
+    """Restore, on exit, the global RNG streams (torch CPU and CUDA, python, numpy) and every
+    submodule's train/eval flag of `modules`; the body runs with the modules in eval mode."""
+    import numpy as np
+    import torch
+
+    cpu_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    python_state = random.getstate()
+    numpy_state = np.random.get_state()
+    flags = [(sub, sub.training) for module in modules for sub in module.modules()]
+    try:
+        for module in modules:
+            module.eval()
+        yield
+    finally:
+        for sub, training in flags:
+            sub.training = training
+        torch.set_rng_state(cpu_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+def live_step_dir(out_dir: Path, step: int) -> Path:
+    return Path(out_dir) / f"step_{step:06d}"
+
+
+def live_evaluate(pipeline: Any, prompts: Sequence[RenderPrompt], out_dir: Path, step: int,
+                  tracker: Any = None) -> list[Path]:
+    """Render `prompts` to <out_dir>/step_<step:06d>/<i>.png without disturbing training.
+
+    Global RNG streams and train/eval flags are restored afterwards; everything runs under
+    torch.inference_mode, so no graph and no gradient is touched. Call it on the main
+    process only. With `tracker`, each image is also logged as live/step_<step>/<i>.png.
+    """
+    import torch
+
+    modules = [c for c in pipeline.components.values() if isinstance(c, torch.nn.Module)]
+    with preserved_training_state(modules), torch.inference_mode():
+        paths = render_prompts(pipeline, prompts, live_step_dir(out_dir, step))
+    if tracker is not None:
+        from PIL import Image
+
+        for path in paths:
+            with Image.open(path) as image:
+                tracker.log_image(image.copy(), f"live/{path.parent.name}/{path.name}")
+    return paths
+
+
+def live_prompts(params: Any, root: Path) -> list[RenderPrompt]:
+    """The first render.live_prompts prompts of the prompts file (what live evaluation renders)."""
+    from tuneline.stages.render.prompts import load_prompts
+
+    config = params.render
+    return load_prompts(Path(root) / config.prompts_file, config)[: config.live_prompts]

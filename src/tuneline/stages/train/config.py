@@ -1,0 +1,86 @@
+"""The `train` params section: what the SDXL training stage trains, and how (the trainer
+core's units are configured by the sections of `tuneline.train.config`)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional
+
+from pydantic import BeforeValidator, Field, model_validator
+
+from tuneline.core.params import Section
+from tuneline.train.config import CheckpointConfig, EmaConfig, LossConfig, OptimizerConfig, ScheduleConfig
+
+
+def _yaml_no(value: Any) -> Any:
+    """YAML 1.1 reads an unquoted `no` as false, and tools that rewrite params.yaml
+    (`dvc exp run -S`) drop the quotes: false means "no" here."""
+    return "no" if value is False else value
+
+
+class LoraConfig(Section):
+    """LoRA adapter settings (PEFT)."""
+
+    rank: int = Field(16, ge=1, description="LoRA rank (dimension of the low-rank update).")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha/rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
+    targets: Literal["attention", "attention_mlp", "all"] = Field(
+        "attention",
+        description="Which UNet layers get adapters: attention projections; + feed-forward layers; "
+        "+ conv layers and other linear layers of the resnets (kohya's 'LoCon'-style coverage).",
+    )
+
+
+class TextEncoderConfig(Section):
+    """How one text encoder is trained."""
+
+    mode: Literal["frozen", "lora", "full"] = Field("frozen", description="frozen, LoRA adapters, or full training.")
+    lr: Optional[float] = Field(None, gt=0, description="Learning rate; null uses train.lr.")
+
+
+class TrainConfig(Section):
+    """Stage train: the trainer core with the SDXL adapter."""
+
+    mode: Literal["lora", "full"] = Field("lora", description="Train LoRA adapters on the UNet, or the full UNet.")
+    seed: Optional[int] = Field(
+        42, description="Seed of everything; null or 0 picks a random seed and records it so the run can be repeated."
+    )
+    num_steps: Optional[int] = Field(100, ge=1, description="Stop after this many optimizer steps.")
+    num_epochs: Optional[int] = Field(None, ge=1, description="Stop after this many epochs (when num_steps is null).")
+    lr: float = Field(1e-4, gt=0, description="Learning rate of the UNet (and text encoders without their own).")
+    gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    mixed_precision: Annotated[Literal["no", "fp16", "bf16"], BeforeValidator(_yaml_no)] = Field(
+        "no", description="Autocast precision; fp16 uses a gradient scaler. Use bf16 on recent GPUs."
+    )
+    max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Gradient clipping norm; null disables it.")
+    prediction_type: Optional[Literal["epsilon", "v_prediction"]] = Field(
+        None, description="Training target; null takes it from the model's scheduler config."
+    )
+    zero_terminal_snr: bool = Field(False, description="Rescale the noise schedule to zero terminal SNR.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (mode lora, and lora text encoders).")
+    text_encoder_1: TextEncoderConfig = Field(default_factory=TextEncoderConfig, description="CLIP ViT-L text encoder.")
+    text_encoder_2: TextEncoderConfig = Field(default_factory=TextEncoderConfig, description="OpenCLIP bigG text encoder.")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="Optimizer.")
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Learning-rate schedule.")
+    loss: LossConfig = Field(default_factory=LossConfig, description="Loss weighting.")
+    ema: EmaConfig = Field(default_factory=EmaConfig, description="EMA of the trained weights.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoints.")
+    caption_dropout: float = Field(0.0, ge=0, le=1, description="Probability of training a sample on the empty caption.")
+    caption_shuffle: bool = Field(False, description="Shuffle caption tags (split on caption_separator) every step.")
+    caption_separator: str = Field(",", min_length=1, description="Tag separator for caption_shuffle.")
+    keep_tokens: int = Field(1, ge=0, description="caption_shuffle keeps the first N tags in place (trigger word).")
+    shuffle_min_tokens: int = Field(2, ge=0, description="Captions with fewer tags than this are never shuffled.")
+    flip: bool = Field(False, description="Random horizontal flip (needs latents.flip: the flipped latent is cached).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    attention: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel: torch SDPA or the plain one.")
+    compile: bool = Field(False, description="torch.compile the UNet (slow first steps, faster later).")
+    log_every: int = Field(1, ge=1, description="Log metrics every N optimizer steps.")
+
+    @model_validator(mode="after")
+    def _stop_rule(self) -> "TrainConfig":
+        if self.num_steps is None and self.num_epochs is None:
+            raise ValueError("set train.num_steps or train.num_epochs")
+        return self
+
+    @property
+    def train_text_encoders(self) -> bool:
+        return self.text_encoder_1.mode != "frozen" or self.text_encoder_2.mode != "frozen"

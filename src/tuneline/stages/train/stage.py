@@ -1,0 +1,138 @@
+"""Stage `train`: the trainer core with the SDXL adapter, on the latents stage's output.
+
+Writes the trained result to `out_dir` (LoRA in diffusers format and/or a full pipeline
+folder), `trainer_state.json`, metrics/train.json and the loss curve metrics/train_loss.csv
+(for `dvc plots show`). Checkpoints live in `checkpoint_dir/<run key>/`, which persists
+between runs: running the stage again after an interruption resumes from the latest one;
+changed settings or data start a new run (see tuneline.train.checkpoint.run_key).
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from tuneline.config import Params
+from tuneline.core import layout
+from tuneline.core.fsutil import atomic_write_json, rebuilt_dir
+from tuneline.models.ref import is_tiny
+from tuneline.core.report import StageReport
+
+STAGE = "train"
+LOSS_CURVE = "train_loss.csv"
+
+
+class LossCurve:
+    """metrics/train_loss.csv: one row per logged step; rows past a resumed step are dropped."""
+
+    def __init__(self, path: Path, resumed_step: int) -> None:
+        self.path = Path(path)
+        rows = []
+        if self.path.is_file() and resumed_step > 0:
+            with open(self.path, newline="") as handle:
+                rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= resumed_step]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(self.path, "w", newline="")
+        self.writer = csv.DictWriter(self.handle, fieldnames=["step", "loss", "lr"])
+        self.writer.writeheader()
+        self.writer.writerows(rows)
+
+    def add(self, step: int, loss: float, lr: float) -> None:
+        self.writer.writerow({"step": step, "loss": f"{loss:.6f}", "lr": f"{lr:.6e}"})
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def live_dir(trainer: Any) -> Path:
+    return trainer.checkpoint_dir / "live"
+
+
+class LiveEvaluation:
+    """Renders the first render.live_prompts prompts with the live modules (see tuneline.stages.render.generate)."""
+
+    def __init__(self, params: Params, root: Path, tracker: Any) -> None:
+        self.params, self.root, self.tracker = params, Path(root), tracker
+        self.pipeline: Any = None
+        self.prompts: list[Any] = []
+
+    def __call__(self, trainer: Any) -> None:
+        from tuneline.models.loading import load_vae
+        from tuneline.stages.render.generate import live_evaluate, live_prompts, pipeline_from_training
+
+        if self.pipeline is None:  # built once: it shares the live modules, it does not copy them
+            self.prompts = live_prompts(self.params, self.root)
+            vae = load_vae(self.params.model, self.root, "fp32", str(trainer.accelerator.device))
+            self.pipeline = pipeline_from_training(trainer.adapter, trainer.modules, vae)
+        live_evaluate(self.pipeline, self.prompts, live_dir(trainer), trainer.state.step, self.tracker)
+
+
+def run(params: Params, root: Path, latents_dir: Path, out_dir: Path, metrics_dir: Path | None = None, *,
+        tracker: Any = None, checkpoint_dir: Path | None = None, resume_from: Path | None = None) -> StageReport:
+    """Train (or resume), then write the result. Raises StopRequested / TrainingDiverged / ResumeRefused."""
+    from tuneline.models.sdxl import SDXLAdapter
+    from tuneline.train.trainer import Trainer
+
+    started = time.perf_counter()
+    checkpoint_dir = checkpoint_dir or Path(root) / layout.CHECKPOINTS
+    report = StageReport(STAGE)
+    if is_tiny(params.model.base):
+        report.warnings.append(f"model.base is {params.model.base!r}: a tiny RANDOM-weight model "
+                               "(pipeline check only, the result means nothing)")
+    trainer = Trainer(params, root, latents_dir, checkpoint_dir, SDXLAdapter(params.model, params.train, root), tracker,
+                      resume_from, live_eval=LiveEvaluation(params, root, tracker), live_every=params.render.live_every)
+    trainer.setup()
+    main = trainer.accelerator.is_main_process
+    curve = LossCurve(Path(metrics_dir or out_dir) / LOSS_CURVE, trainer.state.step) if main else None
+    if tracker is not None:
+        tracker.log_params({"train": params.train.model_dump(mode="json"), "model": params.model.model_dump(mode="json"),
+                            "seed_used": trainer.seed, "data_digest": trainer.data_digest,
+                            "processes": trainer.accelerator.num_processes})
+
+    def on_log(state: Any, result: Any, seconds_per_step: float) -> None:
+        if not main:
+            return
+        first_lr = next(iter(result.lrs.values()))
+        curve.add(state.step, result.loss, first_lr)
+        if tracker is not None:
+            metrics = {"loss": result.loss, "seconds_per_step": seconds_per_step, "epoch": state.epoch,
+                       "samples_per_second": result.samples / max(seconds_per_step, 1e-9)}
+            metrics |= {f"lr/{name}": lr for name, lr in result.lrs.items()}
+            if result.grad_norm is not None:
+                metrics["grad_norm"] = result.grad_norm
+            if trainer.accelerator.scaler is not None:
+                metrics["amp_scale"] = trainer.accelerator.scaler.get_scale()
+            tracker.log_metrics(metrics, step=state.step)
+
+    try:
+        summary = trainer.fit(on_log)
+    finally:
+        if curve is not None:
+            curve.close()
+    if main:
+        with rebuilt_dir(out_dir) as staging:
+            trainer.save_outputs(staging)
+            live = live_dir(trainer)
+            if live.is_dir():  # this run's samples, kept with its checkpoints across resumes
+                shutil.copytree(live, staging / "live")
+            atomic_write_json(staging / "trainer_state.json", {
+                **trainer.state.to_json(), "seed_used": trainer.seed, "data_digest": trainer.data_digest,
+                "train_config": params.train.model_dump(mode="json"), "model": params.model.model_dump(mode="json"),
+                "random_tiny_model": is_tiny(params.model.base), "prediction_type": trainer.adapter.prediction_type,
+                "mlflow_run_id": getattr(tracker, "run_id", None),
+                "ema_weights": trainer.ema is not None})
+    else:
+        trainer.save_outputs(out_dir)  # joins the barrier; only the main process writes
+    report.computed = summary["session_steps"]
+    report.reused = summary["steps"] - summary["session_steps"]
+    report.extra.update({"steps": summary["steps"], "epochs": summary["epochs"], "final_loss": summary["final_loss"],
+                         "seconds_per_step": round(summary["seconds_per_step"], 4), "seed": summary["seed"]})
+    report.warnings.extend(trainer.messages)
+    report.seconds = time.perf_counter() - started
+    if metrics_dir is not None and main:
+        report.write_metrics(metrics_dir)
+    return report
