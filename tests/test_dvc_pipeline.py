@@ -78,3 +78,16 @@ def test_dvc_repro_runs_the_demo_and_reruns_only_what_changed(tmp_path):
     out = dvc(tmp_path, "repro")
     assert "Running stage 'render'" in out
     assert "Running stage 'train'" not in out and "Running stage 'latents'" not in out
+
+    # Code deps that move (as when modules are reorganised) rerun the data stages, but item keys
+    # hold code versions, not paths: every item comes from the store.
+    dvc_yaml = (tmp_path / "dvc.yaml").read_text()
+    for stage in ("ingest", "bucket", "caption", "latents"):
+        dvc_yaml = dvc_yaml.replace(f"      - stages/{stage}.py\n",
+                                    f"      - stages/{stage}.py\n      - src/tuneline/core/layout.py\n", 1)
+    (tmp_path / "dvc.yaml").write_text(dvc_yaml)
+    out = dvc(tmp_path, "repro", "latents")
+    for stage in ("ingest", "bucket", "caption", "latents"):
+        assert f"Running stage '{stage}'" in out
+        assert metrics(tmp_path, stage)["computed"] == 0, stage
+        assert metrics(tmp_path, stage)["reused"] == 15, stage

@@ -34,6 +34,7 @@ def prefect_env(tmp_path_factory):
     os.environ.pop("PREFECT_API_URL", None)
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     os.environ["DO_NOT_TRACK"] = "1"
+    os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"  # first start on a fresh home: ~25 s
     os.environ.setdefault("TUNELINE_HOME", str(base / "tuneline-home"))
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))

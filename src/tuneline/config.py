@@ -16,7 +16,7 @@ from typing import Any, Optional
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from tuneline.core.fsutil import safe_name
-from tuneline.core.params import ParamsError, Section, validate_model
+from tuneline.core.params import Section, read_params_file, validate_model
 from tuneline.core.tracking.config import TrackingConfig
 from tuneline.models.config import ModelConfig
 from tuneline.stages.bucket.config import BucketConfig, BucketOverrides, BucketSettings
@@ -111,13 +111,4 @@ def validate_params(data: Any, source: str = "params.yaml") -> Params:
 
 def load_params(path: Path | str = "params.yaml") -> Params:
     """Read and validate params.yaml."""
-    import yaml
-
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text("utf-8"))
-    except FileNotFoundError as error:
-        raise ParamsError(f"{path}: file not found") from error
-    except yaml.YAMLError as error:
-        raise ParamsError(f"{path}: not valid YAML: {error}") from error
-    return validate_params(data, str(path))
+    return validate_params(read_params_file(path), str(path))

@@ -11,6 +11,7 @@ import difflib
 import re
 import types
 import typing
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, PlainSerializer, ValidationError
@@ -122,6 +123,22 @@ def _location(loc: tuple[Any, ...], data: Any) -> str:
         except (KeyError, IndexError, TypeError):
             node = None
     return text or "(top level)"
+
+
+def read_params_file(path: Path | str) -> dict[str, Any]:
+    """A params file's mapping; ParamsError when it is missing, not YAML, or not a mapping."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text("utf-8"))
+    except FileNotFoundError as error:
+        raise ParamsError(f"{path}: file not found") from error
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path}: not valid YAML: {error}") from error
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    return data
 
 
 Model = TypeVar("Model", bound=BaseModel)

@@ -34,7 +34,11 @@ import subprocess
 from pathlib import Path
 from typing import Any, Optional
 
-from prefect import flow, get_run_logger, task
+# Prefect's temporary server sets up its database on the first run of a fresh PREFECT_HOME,
+# which takes 15-30 s on a 2-core machine: more than Prefect's default 20 s start timeout.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+from prefect import flow, get_run_logger, task  # noqa: E402  (after the setting above)
 
 from tuneline.orchestration import registry
 from tuneline.orchestration.overrides import overrides_model

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from tuneline.config import Params, validate_params
-from tuneline.core.params import ParamsError
+from tuneline.core.params import ParamsError, read_params_file
 from tuneline.core.fsutil import atomic_write_text, digest_json
 
 
@@ -70,18 +70,7 @@ def apply_overrides(data: Mapping[str, Any], overrides: Any, source: str = "para
 
 
 def load_with_overrides(params_path: Path | str, overrides: Any = None) -> tuple[dict[str, Any], Params]:
-    import yaml
-
-    path = Path(params_path)
-    try:
-        data = yaml.safe_load(path.read_text("utf-8"))
-    except FileNotFoundError as error:
-        raise ParamsError(f"{path}: file not found") from error
-    except yaml.YAMLError as error:
-        raise ParamsError(f"{path}: not valid YAML: {error}") from error
-    if not isinstance(data, dict):
-        raise ParamsError(f"{path}: expected a mapping of sections at the top level")
-    return apply_overrides(data, overrides, str(path))
+    return apply_overrides(read_params_file(params_path), overrides, str(params_path))
 
 
 def write_params_file(data: Mapping[str, Any], folder: Path) -> Path:

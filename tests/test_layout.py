@@ -1,0 +1,114 @@
+"""The library's layout: every stage has one shape, the light packages stay light, no import
+circles, and the stage registry, dvc.yaml and stages/ agree."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "src" / "tuneline"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports() -> dict[str, set[str]]:
+    """Library module -> the library modules it imports (at the top or inside functions)."""
+    modules = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                continue
+            for target in targets:
+                if target.split(".")[0] in ("flows", "stages"):
+                    found.add(target)  # the project's app folders: never imported by the library
+                elif target in modules and target != name:
+                    found.add(target)
+        graph[name] = found
+    return graph
+
+
+def test_every_stage_has_the_same_shape():
+    from tuneline.orchestration.registry import STAGES
+
+    for stage in STAGES:
+        folder = PACKAGE / "stages" / stage.name
+        assert (folder / "config.py").is_file() and (folder / "stage.py").is_file(), stage.name
+        source = ast.parse((folder / "stage.py").read_text("utf-8"))
+        run = next(node for node in source.body if isinstance(node, ast.FunctionDef) and node.name == "run")
+        assert [a.arg for a in run.args.args[:2]] == ["params", "root"], stage.name
+        assert "tracker" in [a.arg for a in run.args.kwonlyargs], stage.name
+    assert sorted(p.name for p in (PACKAGE / "stages").iterdir() if p.is_dir() and p.name != "__pycache__") \
+        == sorted(stage.name for stage in STAGES)
+
+
+def test_core_and_stage_configs_import_no_heavy_library():
+    code = ("import sys, tuneline.core, tuneline.stages, tuneline.config, tuneline.orchestration.registry\n"
+            "import tuneline.core.store, tuneline.core.manifest, tuneline.core.report, tuneline.core.tracking.tracker\n"
+            "print([m for m in ('torch', 'diffusers', 'transformers', 'mlflow', 'prefect', 'peft', 'accelerate')"
+            " if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_no_import_circle_and_layers_point_down():
+    graph = _imports()
+    for name, targets in graph.items():
+        assert not any(t.split(".")[0] in ("flows", "stages") for t in targets), f"{name} imports {targets}"
+        if name.startswith("tuneline.core"):
+            bad = [t for t in targets if not t.startswith("tuneline.core")]
+            assert not bad, f"core module {name} imports {bad}"
+        if name.startswith("tuneline.stages"):
+            bad = [t for t in targets if t.startswith(("tuneline.orchestration", "tuneline.cli"))]
+            assert not bad, f"stage module {name} imports {bad}"
+    # Depth-first search for a cycle; report it as a path.
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == 1:
+                raise AssertionError("import circle: " + " -> ".join(stack[stack.index(target):] + [target]))
+            if target in graph and target not in state:
+                visit(target)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+
+
+def test_registry_dvc_yaml_and_entry_points_agree():
+    from tuneline.orchestration.registry import STAGES
+    from tuneline.orchestration.spec import load_stage_specs
+
+    specs = {spec.name: spec for spec in load_stage_specs(REPO)}
+    assert list(specs) == [stage.name for stage in STAGES]
+    document = yaml.safe_load((REPO / "dvc.yaml").read_text("utf-8"))
+    for stage in STAGES:
+        spec = specs[stage.name]
+        assert spec.cmd == f"python -m stages.{stage.name}"
+        assert (REPO / "stages" / f"{stage.name}.py").is_file()
+        assert stage.writes in spec.outs
+        assert set(stage.reads) <= set(spec.data_deps)
+        assert f"src/tuneline/stages/{stage.name}" in spec.code_deps
+        for dep in spec.code_deps:
+            assert (REPO / dep).exists(), f"{stage.name}: code dep {dep} does not exist"
+        assert f"metrics/{stage.name}.json" in json.dumps(document["stages"][stage.name].get("metrics"))
