@@ -51,7 +51,7 @@ def test_bad_values_list_allowed_values():
 def test_resolutions_must_fit_the_grid_also_in_overrides():
     assert "not a multiple of divisible_by=64" in error_of({**BASE, "bucket": {"resolutions": ["1000x1000"]}})
     message = error_of({"datasets": [{"name": "a", "path": "x", "bucket": {"resolutions": ["100x64"]}}]})
-    assert "data set 'a': bucket overrides" in message
+    assert "datasets[a].bucket: " in message and "{'datasets'" not in message
     assert parse_resolution("1024 x 768") == (1024, 768)
     assert parse_resolution(512) == (512, 512)
 

@@ -51,8 +51,8 @@ def test_resume_is_exact(latents_project, tmp_path):
     assert a.keys() == b.keys() and len(a) > 0
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], trained_weights(tmp_path / "b", 2)[k]) for k in a)  # it did train
-    ema_a = torch.load(checkpoint_of(tmp_path / "a", 4) / "training.pt", weights_only=False)["ema"]
-    ema_b = torch.load(checkpoint_of(tmp_path / "b", 4) / "training.pt", weights_only=False)["ema"]
+    ema_a = torch.load(checkpoint_of(tmp_path / "a", 4) / "training.pt", weights_only=True)["ema"]
+    ema_b = torch.load(checkpoint_of(tmp_path / "b", 4) / "training.pt", weights_only=True)["ema"]
     assert all(torch.equal(x, y) for x, y in zip(ema_a["shadow"].values(), ema_b["shadow"].values()))
 
 

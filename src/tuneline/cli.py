@@ -52,19 +52,44 @@ def _run_tracked(stage: str, params, root: Path, options: dict):
         return report
 
 
-def run_stage(stage: str, params_path: Path, root: Path, options: dict | None = None) -> int:
-    """Run one stage; return the process exit code (2 for bad configuration)."""
-    from tuneline.core.report import print_error
+def _output_lock(stage: str, root: Path, options: dict):
+    """One writer per stage output: a second train refuses (naming the holder's PID), a second data,
+    render or export process waits. Shards write only the item store (built for concurrent writers),
+    and under `accelerate launch` the main process locks for all."""
+    import contextlib
 
+    from tuneline.core import layout
+    from tuneline.core.lock import exclusive
+    from tuneline.core.report import console
+
+    if options.get("shard") or os.environ.get("RANK", "0") != "0":
+        return contextlib.nullcontext()
+    return exclusive(Path(root) / layout.LOCKS / f"{stage}.lock", f"stage {stage} of {Path(root).resolve()}",
+                     wait=stage != "train", on_wait=lambda text: console.print(text, markup=False, soft_wrap=True))
+
+
+def run_stage(stage: str, params_path: Path, root: Path, options: dict | None = None) -> int:
+    """Run one stage; return the process exit code (2 for bad configuration, 130 for a second Ctrl-C)."""
+    from tuneline.core.lock import LockHeld
+    from tuneline.core.report import print_error, print_warning
+    from tuneline.preflight import preflight
+
+    options = options or {}
     try:
         params = load_params(params_path)
-        report = _run_tracked(stage, params, root, options or {})
+        for note in preflight(params, root, stages=(stage,)):
+            print_warning(note)
+        with _output_lock(stage, root, options):
+            report = _run_tracked(stage, params, root, options)
     except ParamsError as error:
         print_error("configuration error", str(error))
         return 2
-    except FileNotFoundError as error:
+    except (FileNotFoundError, LockHeld) as error:
         print_error("error", str(error))
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C while the first one's checkpoint was being written
+        print_error("interrupted", f"stage {stage} interrupted; the last complete checkpoint (if any) is kept")
+        return 130
     except Exception as error:  # the trainer's stop, divergence and resume refusals: no traceback
         from tuneline.train.checkpoint import ResumeRefused
         from tuneline.train.trainer import StopRequested, TrainingDiverged
@@ -85,17 +110,21 @@ def run_stage(stage: str, params_path: Path, root: Path, options: dict | None = 
     return 0
 
 
-def _check(params_path: Path) -> int:
-    from tuneline.stages.bucket.aspect import generate_buckets
+def _check(params_path: Path, root: Path) -> int:
     from tuneline.core.params import format_resolution
-    from tuneline.core.report import console, print_error
+    from tuneline.core.report import console, print_error, print_warning
+    from tuneline.preflight import preflight
+    from tuneline.stages.bucket.aspect import generate_buckets
 
     try:
         params = load_params(params_path)
+        warnings = preflight(params, root, stages=("check",))
     except ParamsError as error:
         print_error("configuration error", str(error))
         return 2
     console.print(f"{params_path}: valid", markup=False)
+    for warning in warnings:
+        print_warning(warning)
     for dataset in params.datasets:
         buckets = generate_buckets(params.bucket_settings_for(dataset))
         listed = ", ".join(format_resolution(b) for b in buckets)
@@ -154,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("ui", "serve", "repro"):
         return _run_orchestration_command(args)
     if args.command == "check":
-        return _check(args.params)
+        return _check(args.params, args.root)
     options = {"resume_from": args.resume_from} if args.command == "train" else {}
     if getattr(args, "shard", None) is not None:
         options["shard"] = args.shard

@@ -79,15 +79,15 @@ class Params(Section):
         for dataset in self.datasets:
             if dataset.folder in seen:
                 raise ValueError(
-                    f"data sets {seen[dataset.folder]!r} and {dataset.name!r} map to the same folder "
-                    f"name {dataset.folder!r}; rename one"
+                    f"datasets[{dataset.name}].name: data sets {seen[dataset.folder]!r} and {dataset.name!r} map to "
+                    f"the same folder name {dataset.folder!r}; rename one"
                 )
             seen[dataset.folder] = dataset.name
             try:
                 self.bucket_settings_for(dataset)
             except ValidationError as error:
                 reasons = "; ".join(item["msg"] for item in error.errors())
-                raise ValueError(f"data set {dataset.name!r}: bucket overrides: {reasons}") from None
+                raise ValueError(f"datasets[{dataset.name}].bucket: {reasons}") from None
         return self
 
     def bucket_settings_for(self, dataset: DatasetConfig) -> BucketSettings:

@@ -83,6 +83,14 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def _staging_dir(final: Path, tag: str) -> Path:
+    """A fresh folder beside `final`, with the mode a plain mkdir gives: mkdtemp's 0700 would
+    survive the rename and lock other users (a ComfyUI service, a team mate) out of the output."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.{tag}-", dir=final.parent))
+    os.chmod(staging, 0o777 & ~_UMASK)
+    return staging
+
+
 @contextlib.contextmanager
 def rebuilt_dir(final: Path) -> Iterator[Path]:
     """Build a directory under a temporary name, then swap it in for `final`.
@@ -91,7 +99,7 @@ def rebuilt_dir(final: Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.new-", dir=final.parent))
+    staging = _staging_dir(final, "new")
     try:
         yield staging
     except BaseException:
@@ -166,7 +174,7 @@ def build_folder_once(final: Path, build: Callable[[Path], None], is_complete: C
                 shutil.rmtree(leftover, ignore_errors=True)
         if final.exists():  # no completion marker: not made by this code, do not trust it
             shutil.rmtree(final, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        staging = _staging_dir(final, "tmp")
         try:
             build(staging)
             if not is_complete(staging):

@@ -64,18 +64,25 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
         raise Unreadable(f"unreadable: {error.strerror or error}") from error
     if size == 0:
         raise ImageRejected("zero-byte file")
+    pillow_limit = Image.MAX_IMAGE_PIXELS
     try:
+        # Pillow's own guard (89 MP) would override a larger max_pixels: the configured limit decides,
+        # checked below from the header, before anything is decoded.
+        Image.MAX_IMAGE_PIXELS = None
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(path)
     except UnidentifiedImageError as error:
         raise ImageRejected(f"not an image despite the extension {Path(path).suffix!r}") from error
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise TooManyPixels(f"too many pixels (decompression-bomb guard): {error}") from error
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:  # a plugin's own check
+        raise TooManyPixels(f"too many pixels: exceeds max_pixels {max_pixels / 1e6:.1f} MP "
+                            f"(decompression-bomb guard; {error})") from error
     except PermissionError as error:
         raise Unreadable(f"unreadable: {error.strerror}") from error
     except (OSError, ValueError, SyntaxError) as error:
         raise ImageRejected(f"corrupt header: {error}") from error
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
     width, height = image.size
     if width * height > max_pixels:
         image.close()

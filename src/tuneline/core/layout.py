@@ -14,3 +14,5 @@ EXPORT = "export"
 METRICS = "metrics"
 # Persistent, outside DVC's cache: a rerun after an interruption resumes from here.
 CHECKPOINTS = "checkpoints/train"
+# One lock file per stage output: at most one process writes a stage's folders at a time.
+LOCKS = ".tuneline/locks"

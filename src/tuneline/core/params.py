@@ -14,17 +14,50 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, PlainSerializer, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    PlainSerializer,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 
 class ParamsError(ValueError):
     """Bad configuration, found before any compute. The message names the key."""
 
 
+def _field_kind(annotation: Any) -> type | None:
+    """int, float or bool when a field holds exactly that (or Optional of it), else None."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        annotation = args[0]
+    if typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return annotation if annotation in (int, float, bool) else None
+
+
 class Section(BaseModel):
-    """Unknown keys are errors, models are immutable, defaults are validated too."""
+    """Unknown keys are errors, models are immutable, defaults are validated too.
+
+    Numbers and switches are strict where lax coercion hides a mistake: `true` is not 1
+    (`num_steps: true`), and `1` or "yes" is not a switch. Strings of numbers stay accepted
+    for numbers: YAML reads `1e-4` as a string.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_numbers_and_switches(cls, value: Any, info: ValidationInfo) -> Any:
+        kind = _field_kind(cls.model_fields[info.field_name].annotation) if info.field_name else None
+        if kind in (int, float) and isinstance(value, bool):
+            raise ValueError(f"expected a number, got {str(value).lower()}")
+        if kind is bool and not isinstance(value, bool) and value is not None:
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value
 
 
 # --- shared value types ------------------------------------------------------------------
@@ -122,7 +155,28 @@ def _location(loc: tuple[Any, ...], data: Any) -> str:
             node = node[part]
         except (KeyError, IndexError, TypeError):
             node = None
-    return text or "(top level)"
+    return text
+
+
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load, except that a key given twice in one mapping is an error: plain YAML
+    keeps the last one silently (`lr` twice, and the first is ignored)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice (lines {seen[key]} and {line}); keep one",
+                        key_node.start_mark)
+                seen[key] = line
+            return super().construct_mapping(node, deep)
+
+    return yaml.load(text, Loader=UniqueKeyLoader)
 
 
 def read_params_file(path: Path | str) -> dict[str, Any]:
@@ -131,7 +185,7 @@ def read_params_file(path: Path | str) -> dict[str, Any]:
 
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text("utf-8"))
+        data = load_yaml(path.read_text("utf-8"))
     except FileNotFoundError as error:
         raise ParamsError(f"{path}: file not found") from error
     except yaml.YAMLError as error:
@@ -156,8 +210,13 @@ def validate_model(model: type[Model], data: Any, source: str) -> Model:
             if item["type"] == "extra_forbidden":  # already named above, with a suggestion
                 continue
             loc = tuple(part for part in item["loc"] if not str(part).startswith("function-"))
-            got = f" (got {item['input']!r})" if item["type"] != "missing" else ""
-            problems.append(f"{_location(loc, data)}: {item['msg']}{got}")
+            # A model-level check's input is a whole section (or the whole file): its message names
+            # the keys; repeating the input would print kilobytes.
+            shown = item["type"] != "missing" and not isinstance(item["input"], (dict, list))
+            got = f" (got {item['input']!r})" if shown else ""
+            message = item["msg"].removeprefix("Value error, ")
+            # A check of the whole file names its keys in its message.
+            problems.append(f"{_location(loc, data)}: {message}{got}" if loc else message)
     if not problems:
         return validated
     raise ParamsError(f"{source} is invalid:\n" + "\n".join(f"  - {p}" for p in problems))

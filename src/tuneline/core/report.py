@@ -21,6 +21,11 @@ def print_error(title: str, message: str) -> None:
     console.print(message, markup=False, soft_wrap=True)
 
 
+def print_warning(message: str) -> None:
+    console.print("[yellow]warning:[/] ", end="")
+    console.print(message, markup=False, soft_wrap=True)
+
+
 @dataclass
 class StageReport:
     """Counts of one stage run. `computed + reused` items were produced; `rejected` were not."""
@@ -73,8 +78,7 @@ class StageReport:
         for extra_table in self.tables:
             console.print(extra_table)
         for warning in self.warnings[:20]:
-            console.print("[yellow]warning:[/] ", end="")
-            console.print(warning, markup=False, soft_wrap=True)
+            print_warning(warning)
         if len(self.warnings) > 20:
             console.print(f"[yellow]... and {len(self.warnings) - 20} more warnings[/]")
         if self.rejected and rejected_file is not None:

@@ -31,15 +31,40 @@ class ResumeRefused(ValueError):
     """The checkpoint cannot continue this configuration."""
 
 
-def run_key(train_config: dict[str, Any], model: dict[str, Any], data_digest: str, processes: int) -> str:
+class UnsafeCheckpoint(ResumeRefused):
+    """A checkpoint file holds something other than tensors and plain values."""
+
+
+def run_key(train_config: dict[str, Any], model: dict[str, Any], data_digest: str, processes: int,
+            batching: dict[str, int]) -> str:
     """Names a run's checkpoint folder: everything a resume must not change.
 
     An interrupted run started again with the same settings finds its folder and
     resumes (safe settings may differ); other settings or data start a new folder, so
-    `dvc repro` / `dvc exp run -S train.lr=...` never continue a different run.
+    `dvc repro` / `dvc exp run -S train.lr=...` never continue a different run. `batching`
+    (batch size per bucket) belongs here: the saved sampler position indexes a batch list
+    built from it.
     """
     fixed = {key: value for key, value in train_config.items() if key not in SAFE_TO_CHANGE}
-    return digest_json({"train": fixed, "model": model, "data": data_digest, "processes": processes})[:16]
+    return digest_json({"train": fixed, "model": model, "data": data_digest, "processes": processes,
+                        "batching": batching})[:16]
+
+
+def load_torch(path: Path) -> Any:
+    """torch.load of a checkpoint file with weights_only=True: tensors, numbers, strings and
+    containers only. A pickle that would build other objects (and could run code) is refused."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UnsafeCheckpoint(
+            f"refusing {path}: it holds objects other than tensors and plain values, which loading could "
+            f"use to run code ({first_line}). tuneline's checkpoints never do: do not resume from a file of "
+            "unknown origin.") from None
 
 
 def checkpoint_name(step: int) -> str:
@@ -66,21 +91,54 @@ def finish(root: Path, step: int, keep_last: int) -> Path:
     for path in staging.iterdir():  # data first, then the rename: a crash leaves no trusted half
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())
+    aside = replaced_dir(root, step)
     if final.exists():  # the same step saved again (e.g. stop signal right after a periodic save)
-        shutil.rmtree(final)
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(final, aside)  # a kill from here to the next rename: find_latest() renames it back
     os.rename(staging, final)
+    shutil.rmtree(aside, ignore_errors=True)
     atomic_write_text(root / LATEST, final.name + "\n")
     for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def latest(root: Path) -> Path | None:
-    pointer = Path(root) / LATEST
+def replaced_dir(root: Path, step: int) -> Path:
+    return Path(root) / f".{checkpoint_name(step)}.replaced"
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / STATE_FILE).is_file()
+
+
+def find_latest(root: Path) -> tuple[Path | None, str | None]:
+    """The checkpoint to resume from, and a note when `latest` did not point at a complete one.
+
+    A kill while a step was saved again can leave `latest` naming a folder that is aside
+    (renamed back here) or gone: then the newest complete `step_*` is used, never step 0
+    while complete checkpoints exist.
+    """
+    root = Path(root)
+    pointer = root / LATEST
     if not pointer.is_file():
-        return None
-    folder = Path(root) / pointer.read_text("utf-8").strip()
-    return folder if (folder / STATE_FILE).is_file() else None
+        return None, None
+    name = pointer.read_text("utf-8").strip()
+    folder = root / name
+    if _complete(folder):
+        return folder, None
+    if name.startswith("step_") and name[5:].isdigit():
+        aside = replaced_dir(root, int(name[5:]))
+        if not folder.exists() and _complete(aside):
+            os.rename(aside, folder)
+            return folder, f"{folder} was set aside by an interrupted save; restored it"
+    complete = sorted(p for p in root.glob("step_*") if p.is_dir() and _complete(p))
+    if not complete:
+        return None, f"{pointer} names {name}, which is missing or incomplete, and no complete checkpoint is left"
+    return complete[-1], f"{pointer} names {name}, which is missing or incomplete: using {complete[-1].name}"
+
+
+def latest(root: Path) -> Path | None:
+    return find_latest(root)[0]
 
 
 def write_state(folder: Path, state: dict[str, Any]) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneline.config import Params
-from tuneline.core.params import ParamsError
+from tuneline.core.params import ParamsError, format_resolution
 from tuneline.core.manifest import read_manifest
 from tuneline.train.captions import augment_caption
 from tuneline.train.sampler import SampleRef
@@ -58,6 +58,11 @@ class LatentData:
 
     def sample_refs(self) -> list[SampleRef]:
         return [SampleRef(item.index, item.bucket, item.repeats) for item in self.items]
+
+    def batching(self) -> dict[str, int]:
+        """Batch size of every bucket trained on: with the seed and the items, it fixes the batch sequence."""
+        buckets = sorted({item.bucket for item in self.items})
+        return {format_resolution(bucket): self.params.bucket.batch_size_for(bucket) for bucket in buckets}
 
     def digest(self) -> str:
         """Digest of what is trained on (latent and text keys, captions, weights): the data identity."""

@@ -51,7 +51,7 @@ class TrainRandom:
             "trainer_python": self.python.getstate(),
             "global_torch": torch.get_rng_state(),
             "global_python": random.getstate(),
-            "global_numpy": np.random.get_state(),
+            "global_numpy": _numpy_state_to_plain(np.random.get_state()),
         }
         if torch.cuda.is_available():
             state["global_cuda"] = torch.cuda.get_rng_state_all()
@@ -73,9 +73,26 @@ class TrainRandom:
         self.python.setstate(state["trainer_python"])
         torch.set_rng_state(state["global_torch"])
         random.setstate(state["global_python"])
-        np.random.set_state(state["global_numpy"])
+        np.random.set_state(_numpy_state_from_plain(state["global_numpy"]))
         # A GPU checkpoint resumes on CPU (and the reverse): CUDA states apply only where both exist.
         if "global_cuda" in state and torch.cuda.is_available():
             cuda_states = state["global_cuda"][: torch.cuda.device_count()]
             torch.cuda.set_rng_state_all(cuda_states)
         return warnings
+
+
+def _numpy_state_to_plain(state: tuple) -> dict[str, Any]:
+    """numpy's legacy RNG state as tensors and numbers: checkpoints load with weights_only=True,
+    which refuses numpy arrays (and any other pickled class)."""
+    import torch
+
+    name, keys, position, has_gauss, cached_gaussian = state
+    return {"name": name, "keys": torch.from_numpy(keys.astype("int64")), "position": int(position),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
+
+
+def _numpy_state_from_plain(plain: dict[str, Any]) -> tuple:
+    import numpy as np
+
+    return (plain["name"], plain["keys"].numpy().astype(np.uint32), plain["position"], plain["has_gauss"],
+            plain["cached_gaussian"])

@@ -89,8 +89,9 @@ class Trainer:
         config = self.config
         self.accelerator = Accelerator(mixed_precision=config.mixed_precision,
                                        cpu=not torch.cuda.is_available())
+        self.batching = self.data.batching()
         self.run_key = checkpoint.run_key(self.config.model_dump(mode="json"), self.params.model.model_dump(mode="json"),
-                                          self.data_digest, self.accelerator.num_processes)
+                                          self.data_digest, self.accelerator.num_processes, self.batching)
         self.checkpoint_dir = self.checkpoint_root / self.run_key
         check_optimizer_available(config.optimizer, self.accelerator.device.type)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -119,7 +120,9 @@ class Trainer:
         self.ema = EMA(self._named_trained_parameters(), config.ema) if config.ema.enabled else None
         self.random = TrainRandom(self.seed, self.accelerator.process_index, self.accelerator.device)
         self.state = TrainState(seed=self.seed)
-        found = self.resume_from or checkpoint.latest(self.checkpoint_dir)
+        found, note = (self.resume_from, None) if self.resume_from else checkpoint.find_latest(self.checkpoint_dir)
+        if note:
+            self.messages.append(note)
         if found is not None:
             self.resume(found)
         else:
@@ -191,10 +194,12 @@ class Trainer:
             # Every process must agree before anyone steps on a poisoned gradient.
             finite = accelerator.reduce(torch.isfinite(loss.detach()).float(), "min")
             if finite.item() < 1:
+                good = checkpoint.latest(self.checkpoint_dir)
+                kept = (f"The last good checkpoint is {good}." if good is not None
+                        else "No checkpoint was written before it.")
                 raise TrainingDiverged(
                     f"loss is {loss.item()} at step {self.state.step + 1} (items {batch['ids']}); stopped "
-                    f"without saving. The last good checkpoint is in {self.checkpoint_dir}. Lower train.lr, "
-                    "use bf16 instead of fp16, or check the data.")
+                    f"without saving. {kept} Lower train.lr, use bf16 instead of fp16, or check the data.")
             accelerator.backward(loss / len(micro_batches))
             total_loss += loss.detach().float().item() / len(micro_batches)
             self.state.micro_step += 1
@@ -267,6 +272,7 @@ class Trainer:
                 "model": self.params.model.model_dump(mode="json"),
                 "data_digest": self.data_digest,
                 "processes": accelerator.num_processes,
+                "batching": self.batching,
             })
             final = checkpoint.finish(self.checkpoint_dir, self.state.step, self.config.checkpoint.keep_last)
         accelerator.wait_for_everyone()
@@ -285,6 +291,9 @@ class Trainer:
             unsafe.append("the training data changed (images, captions, repeats or loss weights)")
         if saved["processes"] != self.accelerator.num_processes:
             unsafe.append(f"number of processes: {saved['processes']} -> {self.accelerator.num_processes}")
+        if saved.get("batching", self.batching) != self.batching:
+            unsafe.append(f"batch size per bucket (bucket.batch_size / batch_sizes): {saved['batching']} -> "
+                          f"{self.batching}")
         if unsafe:
             raise checkpoint.ResumeRefused(
                 f"cannot resume from {folder}: " + "; ".join(unsafe) + f". Restore those settings, or delete "
@@ -295,7 +304,7 @@ class Trainer:
         with torch.no_grad():
             for name, parameter in self._named_trained_parameters():
                 parameter.copy_(trained[name].to(parameter.device, parameter.dtype))
-        training = torch.load(folder / "training.pt", map_location="cpu", weights_only=False)
+        training = checkpoint.load_torch(folder / "training.pt")
         for unit in self.units:
             unit.optimizer.load_state_dict(training["units"][unit.name]["optimizer"])
             unit.scheduler.load_state_dict(training["units"][unit.name]["scheduler"])
@@ -306,8 +315,7 @@ class Trainer:
             self.accelerator.scaler.load_state_dict(training["scaler"])
         if self.ema is not None and training["ema"] is not None:
             self.ema.load_state_dict(training["ema"])
-        rng = torch.load(folder / f"rng_rank{self.accelerator.process_index}.pt", map_location="cpu",
-                         weights_only=False)
+        rng = checkpoint.load_torch(folder / f"rng_rank{self.accelerator.process_index}.pt")
         self.state = TrainState.from_json(saved["train_state"])
         self.messages.extend(self.random.load_state_dict(rng, self.state.step))
         self.messages.append(f"resumed from {folder} at step {self.state.step} (epoch {self.state.epoch})")

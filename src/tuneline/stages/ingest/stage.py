@@ -9,6 +9,8 @@ decodes new or edited files.
 from __future__ import annotations
 
 import codecs
+import os
+import stat
 import time
 from collections import defaultdict
 from dataclasses import asdict
@@ -16,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from tuneline.config import Params
-from tuneline.core.params import ParamsError
 from tuneline.core.fsutil import digest_json, file_digest, rebuilt_dir, relative_to_root
 from tuneline.core.images import IMAGE_EXTENSIONS, SIDECAR_EXTENSIONS, ImageRejected, exact_pixel_digest, probe
 from tuneline.core.manifest import MANIFEST, REJECTED, write_jsonl
@@ -79,18 +80,39 @@ def read_sidecar(image_path: Path) -> tuple[str | None, str | None]:
     return (text or None), warning
 
 
+def _walk(folder: Path, dataset: str, root: Path, report: StageReport) -> list[Path]:
+    """Every entry under `folder` except hidden ones, following symlinked folders (each real
+    folder once: a link back up the tree is reported, not followed forever)."""
+    entries: list[Path] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            report.reject(relative_to_root(Path(dirpath), root), f"skipped: the folder {real} was already "
+                          "searched through another path (a symbolic link loop or a second link)", dataset=dataset)
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = [name for name in dirnames if not name.startswith(".")]
+        entries.extend(Path(dirpath) / name for name in filenames if not name.startswith("."))
+    return sorted(entries)
+
+
 def discover(params: Params, root: Path, report: StageReport) -> list[tuple[str, Path]]:
     """(data set folder, file) for every image candidate, in a stable order."""
     found = []
     for dataset in params.datasets:
-        folder = root / dataset.path
-        for path in sorted(folder.rglob("*")):
-            relative = path.relative_to(folder)
-            if any(part.startswith(".") for part in relative.parts) or path.is_dir():
-                continue
+        for path in _walk(root / dataset.path, dataset.folder, root, report):
             suffix = path.suffix.lower()
-            if not path.exists():
+            try:
+                mode = os.stat(path).st_mode
+            except OSError:
                 report.reject(relative_to_root(path, root), "unreadable: broken symbolic link", dataset=dataset.folder)
+                continue
+            if suffix in IMAGE_EXTENSIONS and not stat.S_ISREG(mode):
+                # Reading a FIFO would block forever; a device or socket is no image either.
+                report.reject(relative_to_root(path, root), "not a regular file (a FIFO, socket or device)",
+                              dataset=dataset.folder)
             elif suffix in IMAGE_EXTENSIONS:
                 found.append((dataset.folder, path))
             elif suffix not in SIDECAR_EXTENSIONS:
@@ -99,12 +121,21 @@ def discover(params: Params, root: Path, report: StageReport) -> list[tuple[str,
     return found
 
 
+def shared_sidecar_warnings(files: list[tuple[str, Path]], root: Path) -> list[str]:
+    """One warning per `<stem>.txt` that captions several images (good.jpg and good.png)."""
+    by_sidecar: dict[Path, list[Path]] = defaultdict(list)
+    for _, path in files:
+        by_sidecar[path.with_suffix(".txt")].append(path)
+    return [f"{relative_to_root(sidecar, root)} captions {len(images)} images with the same stem "
+            f"({', '.join(p.name for p in images)}): applied to each of them; rename one to give it its own caption"
+            for sidecar, images in sorted(by_sidecar.items()) if len(images) > 1 and sidecar.is_file()]
+
+
 def check_inputs(params: Params, root: Path) -> None:
     """Configuration errors that must stop the stage before any work."""
-    for dataset in params.datasets:
-        folder = root / dataset.path
-        if not folder.is_dir():
-            raise ParamsError(f"datasets[{dataset.name}].path: folder {folder} does not exist")
+    from tuneline.preflight import preflight
+
+    preflight(params, root, stages=("ingest",))
 
 
 class _Duplicates:
@@ -124,16 +155,16 @@ class _Duplicates:
             self.store.write_json(probe_key(digest), record)
         return record["exact_pixel_digest"]
 
-    def original_of(self, digest: str, path: Path, source: str, record: dict[str, Any]) -> str | None:
-        """The source kept in place of this one, or None if this one is the first."""
+    def original_of(self, digest: str, path: Path, source: str, record: dict[str, Any]) -> tuple[str, str] | None:
+        """(rejection reason, source kept in place of this one), or None if this one is the first."""
         if digest in self.by_bytes:
-            return f"duplicate: same bytes as {self.by_bytes[digest]}"
+            return f"duplicate: same bytes as {self.by_bytes[digest]}", self.by_bytes[digest]
         self.by_bytes[digest] = source
         candidates = self.by_fingerprint[record["fingerprint"]]
         for other_digest, other_source, other_record in candidates:
             other_path = Path(other_record["_path"])
             if self._exact(digest, path, record) == self._exact(other_digest, other_path, other_record):
-                return f"duplicate: same pixels as {other_source}"
+                return f"duplicate: same pixels as {other_source}", other_source
         candidates.append((digest, source, {**record, "_path": str(path)}))
         return None
 
@@ -173,25 +204,32 @@ def run(params: Params, root: Path, out_dir: Path, metrics_dir: Path | None = No
             file_digests.remember(files[index][1], digest)
     file_digests.close()
 
+    report.warnings.extend(shared_sidecar_warnings(files, root))
     duplicates = _Duplicates(store, config.max_pixels)
     manifest = []
+    kept: dict[str, dict[str, Any]] = {}  # source -> its manifest record
     for index, (dataset, path) in enumerate(files):
         digest, record = results[index]
         source = relative_to_root(path, root)
         reason = _rejection(record, config.min_size, config.max_pixels)
+        original = None
         if reason is None:
-            reason = duplicates.original_of(digest, path, source, record)
+            found = duplicates.original_of(digest, path, source, record)
+            if found is not None:
+                reason, original = found
+        caption, warning = read_sidecar(path)
         if reason is not None:
             report.reject(source, reason, dataset=dataset)
+            if original is not None and caption:
+                _carry_caption(kept[original], source, caption, report)
             continue
+        if warning:
+            report.warnings.append(warning)
         if index in computed:
             report.computed += 1
         else:
             report.reused += 1
-        caption, warning = read_sidecar(path)
-        if warning:
-            report.warnings.append(warning)
-        manifest.append({
+        kept[source] = {
             "id": digest[:ITEM_ID_LENGTH],
             "digest": digest,
             "dataset": dataset,
@@ -204,7 +242,8 @@ def run(params: Params, root: Path, out_dir: Path, metrics_dir: Path | None = No
             "caption": caption,
             "caption_source": "sidecar" if caption else None,
             "key": probe_key(digest),
-        })
+        }
+        manifest.append(kept[source])
 
     with rebuilt_dir(out_dir) as staging:
         write_jsonl(staging / MANIFEST, manifest)
@@ -222,6 +261,18 @@ def run(params: Params, root: Path, out_dir: Path, metrics_dir: Path | None = No
     if metrics_dir is not None:
         report.write_metrics(metrics_dir)
     return report
+
+
+def _carry_caption(kept: dict[str, Any], duplicate: str, caption: str, report: StageReport) -> None:
+    """A duplicate dropped with a sidecar caption: its caption moves to the copy that is kept,
+    unless that copy has its own (then the twin's is reported, not silently lost)."""
+    if not kept["caption"]:
+        kept["caption"], kept["caption_source"] = caption, "sidecar"
+        report.warnings.append(f"{duplicate} duplicates {kept['source']}: kept {kept['source']} with "
+                               f"{duplicate}'s sidecar caption")
+    elif kept["caption"] != caption:
+        report.warnings.append(f"{duplicate} duplicates {kept['source']}: kept {kept['source']}'s caption; "
+                               f"{duplicate}'s differs and is not used")
 
 
 def _rejection(record: dict[str, Any], min_size: int, max_pixels: int) -> str | None:

@@ -1,0 +1,134 @@
+"""Checks of params.yaml against this machine and the project's files, before any compute.
+
+`load_params` checks the file itself; `preflight` checks what it points at: data set folders,
+model references (local paths that must exist; hub ids that must be cached or reachable),
+the prompts file live samples need, and optimizers that need hardware this machine lacks.
+Errors are raised together as one ParamsError naming each key; warnings are returned.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from tuneline.config import Params
+from tuneline.core.params import ParamsError
+
+# Stages that read each kind of reference; `tuneline check` runs every check.
+_DATASET_STAGES = {"ingest", "check"}
+_MODEL_STAGES = {"latents", "train", "render", "export", "check"}
+_CAPTION_STAGES = {"caption", "check"}
+_HUB_TIMEOUT_S = 5.0
+
+
+def _looks_local(ref: str) -> bool:
+    """A path, not a hub id: hub ids are `name` or `org/name`, with no file suffix."""
+    return (ref.startswith(("/", "./", "../", "~")) or ref.count("/") > 1 or "\\" in ref
+            or ref.endswith((".safetensors", ".ckpt", ".pt", ".bin")))
+
+
+def _hub_cached(ref: str) -> bool:
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+    except ImportError:
+        return False
+    return (Path(HF_HUB_CACHE) / f"models--{ref.replace('/', '--')}").is_dir()
+
+
+def _hub_problem(ref: str, revision: str | None) -> str | None:
+    """None when the hub answers for `ref`, else why not (offline mode, no such id, no network)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return "HF_HUB_OFFLINE is set and the id is not in the local cache"
+    try:
+        from huggingface_hub import HfApi
+
+        HfApi().model_info(ref, revision=revision, timeout=_HUB_TIMEOUT_S)
+    except Exception as error:  # any failure means the loaders would fail too, after long retries
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return f"the hub did not answer for it ({type(error).__name__}: {first[:160]})"
+    return None
+
+
+def check_model_ref(key: str, ref: str, revision: str | None, root: Path) -> tuple[list[str], list[str]]:
+    """(errors, warnings) for one model reference: a tiny id, a local path, or a hub id."""
+    from tuneline.models.ref import is_tiny
+
+    if is_tiny(ref):
+        return [], []
+    path = Path(ref).expanduser()
+    local = path if path.is_absolute() else Path(root) / path
+    if local.exists():
+        return [], []
+    if _looks_local(ref):
+        return [f"{key}: {ref!r} is neither a folder nor a file (looked for {local})"], []
+    if _hub_cached(ref):
+        problem = None
+    else:
+        problem = _hub_problem(ref, revision)
+    if problem:
+        return [f"{key}: {ref!r} is neither a local folder or file (looked for {local}) nor a hub id that can "
+                f"be reached: {problem}"], []
+    if not revision:
+        return [], [f"{key}: hub id {ref!r} without a pinned revision: a change upstream is not seen by the "
+                    "caches; set the revision to a commit hash"]
+    return [], []
+
+
+def preflight(params: Params, root: Path | str, stages: Iterable[str] = ("check",)) -> list[str]:
+    """Raise ParamsError listing every problem `stages` would hit; return warnings to show."""
+    root = Path(root)
+    stages = set(stages)
+    errors: list[str] = []
+    warnings: list[str] = []
+    if stages & _DATASET_STAGES:
+        for dataset in params.datasets:
+            folder = root / dataset.path
+            if folder.is_file():
+                errors.append(f"datasets[{dataset.name}].path: {dataset.path} is a file; give the folder that holds "
+                              "the data set's images")
+            elif not folder.is_dir():
+                errors.append(f"datasets[{dataset.name}].path: folder {folder} does not exist")
+            if dataset.folder != dataset.name:
+                warnings.append(f"datasets[{dataset.name}].name: used as the folder name {dataset.folder!r} in every "
+                                "stage output (separators and leading dots are not allowed there)")
+    if stages & _MODEL_STAGES:
+        model = params.model
+        for key, ref, revision in (("model.base", model.base, model.revision), ("model.vae", model.vae, None),
+                                   ("model.config", model.config, None)):
+            if ref:
+                found_errors, found_warnings = check_model_ref(key, ref, revision, root)
+                errors += found_errors
+                warnings += found_warnings
+    if stages & _CAPTION_STAGES and params.caption.mode != "sidecar_only":
+        found_errors, found_warnings = check_model_ref("caption.model", params.caption.model,
+                                                       params.caption.revision, root)
+        errors += found_errors
+        warnings += found_warnings
+    if stages & {"train", "check"}:
+        if params.render.live_every > 0 and not (root / params.render.prompts_file).is_file():
+            errors.append(f"render.prompts_file: {params.render.prompts_file} does not exist, and render.live_every="
+                          f"{params.render.live_every} renders its prompts during training (set live_every: 0 "
+                          "to train without live samples)")
+        errors += _optimizer_problems(params)
+    if stages & {"render"} and not (root / params.render.prompts_file).is_file():
+        errors.append(f"render.prompts_file: {params.render.prompts_file} does not exist")
+    if errors:
+        raise ParamsError("params.yaml does not fit this machine or project:\n"
+                          + "\n".join(f"  - {error}" for error in errors))
+    return warnings
+
+
+def _optimizer_problems(params: Params) -> list[str]:
+    if params.train.optimizer.name != "adamw8bit":
+        return []
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return ["train.optimizer.name: adamw8bit needs bitsandbytes and a CUDA GPU: pip install 'tuneline[gpu]' on "
+                "the GPU machine, or choose one of adamw, lion, adafactor, prodigy"]
+    import torch
+
+    if not torch.cuda.is_available():
+        return ["train.optimizer.name: adamw8bit needs a CUDA GPU and torch sees none here; choose one of adamw, "
+                "lion, adafactor, prodigy"]
+    return []
