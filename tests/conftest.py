@@ -55,7 +55,7 @@ class Project:
 
         data = {**self.params_data}
         for key, value in sections.items():
-            data[key] = {**data[key], **value} if isinstance(value, dict) else value
+            data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
         (self.root / "params.yaml").write_text(yaml.safe_dump(data), "utf-8")
         return validate_params(data)
 
