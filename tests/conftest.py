@@ -71,9 +71,15 @@ class Project:
                           self.root / "data/bucketed", self.root / "metrics")
 
     def manifest(self, stage_dir: str) -> list[dict[str, Any]]:
+        """A stage's records; past ingest, each with its source file looked up by id (later
+        manifests hold no paths, so a rename changes nothing after ingest)."""
         from tuneline.core.manifest import read_manifest
 
-        return read_manifest(self.root / stage_dir)
+        records = read_manifest(self.root / stage_dir)
+        if stage_dir != "data/ingested":
+            sources = {r["id"]: r["source"] for r in read_manifest(self.root / "data/ingested")}
+            records = [{**r, "source": sources.get(r["id"])} for r in records]
+        return records
 
     def rejected(self, stage_dir: str) -> list[dict[str, Any]]:
         from tuneline.core.manifest import read_jsonl

@@ -105,7 +105,7 @@ def test_small_buckets_drop_or_merge(project):
     _landscape_and_portrait(project)
     project.ingest()
     report = project.bucket(project.params(bucket={"batch_size": 2, "small_buckets": "drop"}))
-    assert [r["source"].split("/")[-1] for r in project.manifest("data/bucketed")] == ["wide.jpg", "wide2.jpg"]
+    assert sorted(r["source"].split("/")[-1] for r in project.manifest("data/bucketed")) == ["wide.jpg", "wide2.jpg"]
     [dropped] = project.rejected("data/bucketed")
     assert dropped["reason"].startswith("small bucket: 96x160 holds 1 image(s), fewer than its batch size 2")
     assert report.rejection_counts()["small bucket"] == 1

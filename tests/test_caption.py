@@ -60,7 +60,8 @@ def test_model_captions_are_stored_and_reused(five, monkeypatch):
     monkeypatch.setattr(florence_runner, "load_florence", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
 
     first = caption(five)
-    assert (first.computed, first.reused, first.extra["model_loaded"]) == (4, 1, True)
+    # The sidecar caption is taken as given, not "reused from store" (the store was empty).
+    assert (first.computed, first.reused, first.given, first.extra["model_loaded"]) == (4, 0, 1, True)
     assert len(loaded) == 1 and loaded[0].model is None  # unloaded when the stage ended
     found = records(five)
     assert {name: r["caption_source"] for name, r in found.items()} == {

@@ -112,3 +112,65 @@ def test_registry_dvc_yaml_and_entry_points_agree():
         for dep in spec.code_deps:
             assert (REPO / dep).exists(), f"{stage.name}: code dep {dep} does not exist"
         assert f"metrics/{stage.name}.json" in json.dumps(document["stages"][stage.name].get("metrics"))
+
+
+# Modules that cannot change what a stage produces: params models (their values, defaults
+# included, are in every key), bookkeeping, display, locking, tracking, orchestration. Their
+# imports are not followed. Tiny models count through the content of the files they build.
+NOT_RESULT_SHAPING = ("tuneline.config", "tuneline.preflight", "tuneline.cli", "tuneline.core.params",
+                      "tuneline.core.fsutil", "tuneline.core.store", "tuneline.core.manifest", "tuneline.core.report",
+                      "tuneline.core.parallel", "tuneline.core.layout", "tuneline.core.lock",
+                      "tuneline.core.codeversion", "tuneline.core.tracking", "tuneline.orchestration", "tuneline.tiny")
+
+
+def _exempt(module: str) -> bool:
+    return (module.endswith(".config") or module.count(".") <= 2 and not module.endswith(".stage")
+            and (PACKAGE / Path(*module.split(".")[1:]) / "__init__.py").is_file()  # a package's __init__
+            or any(module == m or module.startswith(m + ".") for m in NOT_RESULT_SHAPING))
+
+
+def _shaping_closure(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, stack = set(), [start]
+    while stack:
+        module = stack.pop()
+        if module in seen or module not in graph or _exempt(module):
+            continue
+        seen.add(module)
+        stack.extend(graph[module])
+    return seen
+
+
+def test_every_module_that_shapes_a_stages_results_is_in_its_code_version_and_dvc_deps():
+    import importlib
+
+    from tuneline.core.codeversion import code_files
+    from tuneline.orchestration.registry import STAGES
+
+    graph = _imports()
+    document = yaml.safe_load((REPO / "dvc.yaml").read_text("utf-8"))
+    for stage in STAGES:
+        code = importlib.import_module(f"tuneline.stages.{stage.name}").CODE
+        covered = {_module_name(path) for path in code_files(code)}
+        missing = sorted(_shaping_closure(graph, stage.module) - covered)
+        assert not missing, f"stage {stage.name}: CODE misses {missing} (or list them as not result-shaping)"
+        deps = [d for d in document["stages"][stage.name]["deps"] if isinstance(d, str)]
+        for path in code:
+            full = f"src/tuneline/{path}"
+            assert any(full == d or full.startswith(d.rstrip("/") + "/") for d in deps), \
+                f"dvc.yaml stage {stage.name}: {full} is in its CODE but not in its deps"
+
+
+def test_a_code_change_changes_the_item_keys(tmp_path, monkeypatch):
+    from tuneline.core import codeversion
+
+    folder = tmp_path / "tuneline"
+    (folder / "stages").mkdir(parents=True)
+    (folder / "stages" / "a.py").write_text("X = 1\n")
+    (folder / "helper.py").write_text("Y = 1\n")
+    monkeypatch.setattr(codeversion, "PACKAGE", folder)
+    codeversion.code_version.cache_clear()
+    before = codeversion.code_version(("stages", "helper.py"))
+    (folder / "helper.py").write_text("Y = 2\n")
+    codeversion.code_version.cache_clear()
+    assert codeversion.code_version(("stages", "helper.py")) != before
+    codeversion.code_version.cache_clear()

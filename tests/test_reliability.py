@@ -3,6 +3,7 @@ one writer per stage, checks before compute, and ingest's odd files."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -270,3 +271,66 @@ def test_outputs_get_the_default_modes(project):
     os.umask(umask)
     assert (project.root / "data/ingested").stat().st_mode & 0o777 == 0o777 & ~umask
     assert (project.root / "data/ingested/manifest.jsonl").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# --- identical content, identical bytes; one loss history per run -----------------------------
+
+def test_identical_tensors_give_identical_files(tmp_path):
+    code = ("import sys, torch; from safetensors.torch import save_file; "
+            "save_file({'w': torch.ones(3)}, sys.argv[1], metadata={k: k * 2 for k in 'abcdefgh'})")
+    paths = [tmp_path / f"{i}.safetensors" for i in range(6)]
+    for path in paths:
+        subprocess.run([sys.executable, "-c", code, str(path)], check=True)
+    assert len({p.read_bytes() for p in paths}) > 1  # safetensors writes metadata in hash order
+    from safetensors.torch import load_file, safe_open
+
+    from tuneline.core.tensorfile import canonicalize
+
+    for path in paths:
+        canonicalize(path)
+    assert len({p.read_bytes() for p in paths}) == 1
+    with safe_open(paths[0], "pt") as handle:
+        assert handle.metadata() == {k: k * 2 for k in "abcdefgh"}
+    assert torch.equal(load_file(paths[0])["w"], torch.ones(3))
+
+
+def test_the_trained_lora_file_has_a_sorted_header(latents_project, tmp_path):
+    import json
+    import struct
+
+    trainer = make_trainer(latents_project, tmp_path, train_params(latents_project))
+    trainer.fit()
+    path = trainer.save_outputs(tmp_path / "out") / "pytorch_lora_weights.safetensors"
+    raw = path.read_bytes()
+    header = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+
+
+def test_the_loss_history_survives_resumes_and_names_the_producing_runs(latents_project, tmp_path):
+    from accelerate.state import AcceleratorState
+
+    from tuneline.stages.train.stage import LOSS_CURVE
+    from tuneline.stages.train.stage import run as run_train
+
+    root = latents_project.root
+
+    def session(steps: int, run_id: str) -> None:
+        class Tracker:  # what the train stage asks of MLflow's tracker
+            def __init__(self) -> None:
+                self.run_id = run_id
+
+            def __getattr__(self, name):
+                return lambda *args, **kwargs: None
+
+        AcceleratorState._reset_state(True)
+        (tmp_path / "metrics" / LOSS_CURVE).unlink(missing_ok=True)  # DVC deletes it before the stage runs
+        run_train(train_params(latents_project, num_steps=steps), root, root / "data/latents", tmp_path / "out",
+                  tmp_path / "metrics", tracker=Tracker(), checkpoint_dir=tmp_path / "checkpoints")
+
+    session(2, "first")
+    session(4, "second")  # resumes at 2
+    session(4, "third")  # done already: trains nothing
+    rows = (tmp_path / "metrics" / LOSS_CURVE).read_text().splitlines()
+    assert [row.split(",")[0] for row in rows] == ["step", "1", "2", "3", "4"]
+    state = json.loads((tmp_path / "out/trainer_state.json").read_text())
+    assert state["mlflow_run_ids"] == ["first", "second"] and state["mlflow_run_id"] == "second"

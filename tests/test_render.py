@@ -198,6 +198,29 @@ def test_run_render_writes_base_final_sheets_transfer_and_metrics(rendered):
     assert any("tiny RANDOM-weight" in w for w in report.warnings)
 
 
+def test_unchanged_weights_and_prompts_render_nothing_again(rendered, tmp_path):
+    import yaml as yaml_module
+
+    from tuneline.stages.render.stage import run as run_render
+
+    project, params, first = rendered
+    root = project.root
+    assert (first.extra["base_rendered"], first.extra["final_rendered"]) == (2, 2)
+    before = {p.name: p.read_bytes() for p in (root / "renders/base").iterdir()}
+    again = run_render(params, root, root / "models/train", tmp_path / "renders", root / "metrics")
+    assert (again.extra["base_rendered"], again.extra["final_rendered"], again.reused) == (0, 0, 4)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "renders/base").iterdir()} == before
+    # One prompt edited: one base and one trained image are rendered, the other prompt's come from the store.
+    prompts = yaml_module.safe_load((root / "prompts.yaml").read_text())
+    prompts["prompts"][1]["prompt"] += ", blue"
+    (root / "prompts.yaml").write_text(yaml_module.safe_dump(prompts))
+    try:
+        edited = run_render(params, root, root / "models/train", tmp_path / "edited", root / "metrics")
+    finally:
+        (root / "prompts.yaml").write_text(yaml_module.safe_dump(PROMPTS))
+    assert (edited.extra["base_rendered"], edited.extra["final_rendered"]) == (1, 1)
+
+
 def test_lora_at_scale_zero_renders_exactly_the_base_images(rendered):
     from tuneline.stages.render.generate import apply_trained, load_base_pipeline, render_prompts
 

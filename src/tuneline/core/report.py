@@ -33,6 +33,7 @@ class StageReport:
     stage: str
     computed: int = 0
     reused: int = 0
+    given: int = 0  # produced without work or store (a sidecar caption is taken as given)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -41,7 +42,7 @@ class StageReport:
 
     @property
     def produced(self) -> int:
-        return self.computed + self.reused
+        return self.computed + self.reused + self.given
 
     def reject(self, source: str, reason: str, **details: Any) -> None:
         self.rejected.append({"stage": self.stage, "source": source, "reason": reason, **details})
@@ -55,6 +56,7 @@ class StageReport:
             "items": self.produced,
             "computed": self.computed,
             "reused": self.reused,
+            **({"given": self.given} if self.given else {}),
             "rejected": len(self.rejected),
             **self.extra,
         }
@@ -68,6 +70,8 @@ class StageReport:
         table = Table(title=f"{self.stage}: {self.produced} items in {self.seconds:.1f} s", show_header=False)
         table.add_row("computed", str(self.computed))
         table.add_row("reused from store", str(self.reused))
+        if self.given:
+            table.add_row("taken as given", str(self.given))
         table.add_row("rejected", str(len(self.rejected)))
         for reason, count in sorted(self.rejection_counts().items()):
             table.add_row(f"  {reason}", str(count))

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneline.core.params import ParamsError
-from tuneline.models.config import ModelConfig
+from tuneline.stages.models.config import ModelConfig
 from tuneline.core.fsutil import digest_json
 from tuneline.models.ref import model_identity, resolve_model
 

@@ -79,3 +79,34 @@ def _default_digests(root: Path | None) -> FileDigests:
 def describe(ref: str) -> dict[str, Any]:
     """Facts for logs and metadata; says plainly when a model is a random tiny one."""
     return {"ref": ref, "random_tiny_model": is_tiny(ref)}
+
+
+def references(params: Any) -> dict[str, tuple[str, str | None]]:
+    """Every model reference params.yaml makes: {key: (ref, revision)}, unset ones left out."""
+    model = params.model
+    found = {"model.base": (model.base, model.revision)}
+    if model.vae:
+        found["model.vae"] = (model.vae, None)
+    if model.config:
+        found["model.config"] = (model.config, None)
+    if params.caption.mode != "sidecar_only":
+        found["caption.model"] = (params.caption.model, params.caption.revision)
+    return found
+
+
+def identify(params: Any, root: Path, keys: tuple[str, ...] | None = None) -> dict[str, dict[str, Any]]:
+    """{key: {ref, revision, kind, identity}} for the references of `params` (or only `keys`):
+    local files by content (digests cached by size, mtime and inode), hub ids by id@revision."""
+    digests = _default_digests(root)
+    try:
+        found = {}
+        for key, (ref, revision) in references(params).items():
+            if keys is not None and key not in keys:
+                continue
+            resolved = resolve_model(ref, root)
+            kind = "tiny (RANDOM weights)" if is_tiny(ref) else "hub" if isinstance(resolved, str) else "local"
+            found[key] = {"ref": ref, "revision": revision, "kind": kind,
+                          "identity": model_identity(ref, revision, root=root, digests=digests)}
+        return found
+    finally:
+        digests.close()

@@ -13,13 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from tuneline.core.params import ParamsError
-from tuneline.models.config import ModelConfig
+from tuneline.core.tensorfile import canonicalize
+from tuneline.stages.models.config import ModelConfig
 from tuneline.models.loading import _base_location, load_text_encoders
 from tuneline.models.sdxl_text import encode_prompts
 from tuneline.stages.train.config import TrainConfig
 from tuneline.train.loss import loss_weights, per_sample_mse, snr_of
 
 log = logging.getLogger(__name__)
+
+LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name, which save_lora_weights writes
 
 # PEFT target modules per preset (suffix match on module names).
 UNET_LORA_TARGETS = {
@@ -203,6 +206,7 @@ class SDXLAdapter:
                 metadata[f"{keyword}_lora_adapter_metadata"] = {**adapter_metadata,
                                                                 "target_modules": TEXT_LORA_TARGETS[lora.targets]}
         StableDiffusionXLPipeline.save_lora_weights(out_dir, **layers, **metadata, safe_serialization=True)
+        canonicalize(out_dir / LORA_WEIGHTS_FILE)  # identical weights, identical bytes
 
     def _save_pipeline(self, modules: dict[str, Any], out_dir: Path) -> None:
         """The base pipeline with the fully trained components replaced (LoRA-only parts stay base)."""

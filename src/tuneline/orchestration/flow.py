@@ -286,7 +286,7 @@ def pipeline(params_path: str = "params.yaml", root: str = ".",
         for spec in specs:
             with Digester(root_path, params.store_dir) as digester:
                 key = stage_key(spec, params, root_path, digester)
-                valid = outputs_match(root_path, spec, key.key, digester)
+                valid = outputs_match(root_path, spec, key.key, digester) and not spec.always_changed
             shard_states = None
             if shards > 1 and registry.stage(spec.name).shardable:
                 shard_states = run_shards(spec.name, int(shards), root_path, merged_params, key.key, valid,
@@ -300,8 +300,10 @@ def pipeline(params_path: str = "params.yaml", root: str = ".",
                                cache_key=key.key, outs=list(spec.outs), parent_run_id=parent_run_id,
                                return_state=True)
             result = state.result()  # raises the stage's error: the flow stops at a failed stage
-            summary[spec.name] = {"cached": state.name == "Cached", "key": key.key,
-                                  "metrics": (result or {}).get("metrics")}
+            cached = state.name == "Cached"
+            # A cache hit ran nothing: the cached result's metrics belong to the run that made the outputs.
+            summary[spec.name] = {"cached": cached, "key": key.key,
+                                  "metrics": None if cached else (result or {}).get("metrics")}
             if shard_states is not None:
                 summary[spec.name]["shards"] = shard_states
             logger.info("stage %s: %s (key %s)", spec.name, "cache hit" if state.name == "Cached" else "ran", key.key)

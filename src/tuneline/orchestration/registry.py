@@ -36,6 +36,7 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
+    Stage("models", (), layout.MODEL_IDENTITY),
     Stage("ingest", (), layout.INGESTED),
     Stage("bucket", (layout.INGESTED,), layout.BUCKETED),
     Stage("caption", (layout.BUCKETED,), layout.CAPTIONED, gpu=True, shardable=True),

@@ -22,6 +22,7 @@ class StageSpec:
     data_deps: tuple[str, ...]
     outs: tuple[str, ...]             # cached outputs (what a cache hit must find in place)
     persistent_outs: tuple[str, ...] = field(default=())  # persist/cache: false (checkpoints): never part of a key
+    always_changed: bool = False  # dvc.yaml `always_changed`: runs every time, never a cache hit
 
 
 def _path_and_options(entry: Any) -> tuple[str, dict[str, Any]]:
@@ -89,5 +90,6 @@ def load_stage_specs(root: Path | str = ".") -> list[StageSpec]:
             data_deps=tuple(d for d in deps if not _is_code(d)),
             outs=tuple(outs),
             persistent_outs=tuple(persistent),
+            always_changed=bool(stage.get("always_changed", False)),
         ))
     return _topological(specs)

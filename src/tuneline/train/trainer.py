@@ -82,6 +82,7 @@ class Trainer:
         import torch
         from accelerate import Accelerator
 
+        from tuneline.models.ref import identify
         from tuneline.train.ema import EMA
         from tuneline.train.optim import build_optimizer, check_optimizer_available
         from tuneline.train.schedule import build_scheduler
@@ -90,7 +91,11 @@ class Trainer:
         self.accelerator = Accelerator(mixed_precision=config.mixed_precision,
                                        cpu=not torch.cuda.is_available())
         self.batching = self.data.batching()
-        self.run_key = checkpoint.run_key(self.config.model_dump(mode="json"), self.params.model.model_dump(mode="json"),
+        # The weights' content, not only their names: a model replaced in place is a different run.
+        self.model_identity = {key: entry["identity"] for key, entry in
+                               identify(self.params, self.root, ("model.base", "model.vae")).items()}
+        self.run_key = checkpoint.run_key(self.config.model_dump(mode="json"),
+                                          {**self.params.model.model_dump(mode="json"), "identity": self.model_identity},
                                           self.data_digest, self.accelerator.num_processes, self.batching)
         self.checkpoint_dir = self.checkpoint_root / self.run_key
         check_optimizer_available(config.optimizer, self.accelerator.device.type)
@@ -132,6 +137,7 @@ class Trainer:
                     f"new run {self.run_key}: the checkpoints in {self.checkpoint_root} ({', '.join(others)}) are of "
                     "other settings or data, so this run starts from the base model")
         self.state.history.append({"started_at_step": self.state.step, "time": time.time(),
+                                   "mlflow_run_id": getattr(self.tracker, "run_id", None),
                                    "processes": self.accelerator.num_processes})
 
     def _resolve_seed(self) -> int:
@@ -273,6 +279,7 @@ class Trainer:
                 "data_digest": self.data_digest,
                 "processes": accelerator.num_processes,
                 "batching": self.batching,
+                "model_identity": self.model_identity,
             })
             final = checkpoint.finish(self.checkpoint_dir, self.state.step, self.config.checkpoint.keep_last)
         accelerator.wait_for_everyone()
@@ -287,6 +294,8 @@ class Trainer:
         safe, unsafe = checkpoint.compare_configs(saved["train_config"], self.config.model_dump(mode="json"))
         if saved["model"] != self.params.model.model_dump(mode="json"):
             unsafe.append(f"model: {saved['model']} -> {self.params.model.model_dump(mode='json')}")
+        if saved.get("model_identity", self.model_identity) != self.model_identity:
+            unsafe.append("the model's weights changed (the files at model.base / model.vae differ)")
         if saved["data_digest"] != self.data_digest:
             unsafe.append("the training data changed (images, captions, repeats or loss weights)")
         if saved["processes"] != self.accelerator.num_processes:

@@ -17,6 +17,8 @@ from PIL import Image
 
 from tuneline.stages.bucket.aspect import CropPlan, Size, assign_bucket, generate_buckets, merge_small_buckets, plan_crop
 from tuneline.config import Params
+from tuneline.core.codeversion import code_version
+from tuneline.stages.bucket import CODE
 from tuneline.core.params import format_resolution
 from tuneline.core.fsutil import atomic_path, atomic_write_json, digest_json, file_digest, link_or_copy, rebuilt_dir
 from tuneline.core.images import ImageRejected, load_normalized
@@ -27,8 +29,7 @@ from tuneline.core.report import StageReport
 from tuneline.core.store import ItemStore
 
 STAGE = "bucket"
-# Bump when a change here or in tuneline.core.images changes the pixels written for a plan.
-CODE_VERSION = 2
+CODE_VERSION = code_version(CODE)  # changes with the code that makes the items
 RESAMPLE = {
     "lanczos": Image.Resampling.LANCZOS,
     "bicubic": Image.Resampling.BICUBIC,
@@ -153,7 +154,9 @@ def run(params: Params, root: Path, ingested_dir: Path, out_dir: Path,
             image = f"{item['dataset']}/{item['id']}.png"
             link_or_copy(store.path(key, ".png"), staging / image)
             manifest.append({
-                **{k: item[k] for k in ("id", "digest", "dataset", "source", "caption", "caption_source")},
+                # No source path: what later stages depend on must not change when a file is renamed
+                # (data/ingested/manifest.jsonl maps ids to files).
+                **{k: item[k] for k in ("id", "digest", "dataset", "caption", "caption_source")},
                 "image": image,
                 "original_size": [item["width"], item["height"]],
                 "bucket": list(plan.bucket),
@@ -163,6 +166,9 @@ def run(params: Params, root: Path, ingested_dir: Path, out_dir: Path,
                 "key": key,
             })
         report.reused = len(manifest) - report.computed
+        # Content order, not path order: a rename leaves every later stage's input identical.
+        position = {dataset.folder: index for index, dataset in enumerate(params.datasets)}
+        manifest.sort(key=lambda record: (position[record["dataset"]], record["id"]))
         summary = bucket_summary(manifest, params)
         write_jsonl(staging / MANIFEST, manifest)
         write_jsonl(staging / REJECTED, report.rejected)

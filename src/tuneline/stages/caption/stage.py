@@ -50,6 +50,8 @@ from typing import Any
 from tuneline.stages.caption import florence as florence_runner
 from tuneline.stages.caption.text import normalize_caption, read_caption_file, with_trigger
 from tuneline.config import Params
+from tuneline.core.codeversion import code_version
+from tuneline.stages.caption import CODE
 from tuneline.stages.caption.config import CaptionConfig
 from tuneline.core.fsutil import atomic_write_text, digest_json, link_or_copy, rebuilt_dir
 from tuneline.core.manifest import MANIFEST, REJECTED, read_manifest, write_jsonl
@@ -58,8 +60,7 @@ from tuneline.core.report import StageReport, console
 from tuneline.core.store import ItemStore, in_shard
 
 STAGE = "caption"
-# Bump when a change here or in its helpers (florence.py, text.py) changes the stored caption for a key.
-CODE_VERSION = 1
+CODE_VERSION = code_version(CODE)  # changes with the code that makes the items
 EDITS_DIR = "caption-edits"
 
 
@@ -133,7 +134,7 @@ def plan_captions(params: Params, records: list[dict[str, Any]], edits: HandEdit
     planned = []
     for record in records:
         if record["dataset"] not in folders:
-            report.reject(record["source"], f"data set {record['dataset']!r} is not in params.yaml any more",
+            report.reject(record["id"], f"data set {record['dataset']!r} is not in params.yaml any more",
                           dataset=record["dataset"])
             continue
         edited = edits.get(record["id"])
@@ -270,7 +271,9 @@ def run(params: Params, root: Path, bucketed_dir: Path, out_dir: Path, metrics_d
         write_jsonl(staging / MANIFEST, manifest)
         write_jsonl(staging / REJECTED, report.rejected)
 
-    report.reused = len(manifest) - report.computed
+    # Only model captions come from the store; sidecar, default and hand-edited captions are taken as given.
+    report.reused = len(wanted) - report.computed
+    report.given = len(manifest) - len(wanted)
     report.extra.update({
         "model": config.model,
         "random_tiny_model": is_tiny(config.model),

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from tuneline.config import Params
+from tuneline.core.codeversion import code_version
+from tuneline.stages.ingest import CODE
 from tuneline.core.fsutil import digest_json, file_digest, rebuilt_dir, relative_to_root
 from tuneline.core.images import IMAGE_EXTENSIONS, SIDECAR_EXTENSIONS, ImageRejected, exact_pixel_digest, probe
 from tuneline.core.manifest import MANIFEST, REJECTED, write_jsonl
@@ -26,8 +28,7 @@ from tuneline.core.report import StageReport
 from tuneline.core.store import FileDigests, ItemStore
 
 STAGE = "ingest"
-# Bump when a change to this stage or to tuneline.core.images changes what a probe records.
-CODE_VERSION = 1
+CODE_VERSION = code_version(CODE)  # changes with the code that makes the items
 ITEM_ID_LENGTH = 24
 
 

@@ -4,7 +4,7 @@ Per item the store keeps one safetensors file with the VAE's latent distribution
 `std` of the diagonal Gaussian, not yet multiplied by the scaling factor, so the trainer
 samples fresh noise every step), plus `flip_mean`/`flip_std` of the mirrored image when
 `latents.flip` is on. Its key is the bucket key of the pixels + VAE identity + dtype +
-flip + CODE_VERSION: the caption is not in it, so editing a caption costs no VAE work.
+flip + the code version (a digest of the stage's modules): the caption is not in it, so editing a caption costs no VAE work.
 
 Text embeddings (SDXL's prompt_embeds and pooled) are a second, separate cache keyed by
 caption + the identities of both tokenizers and encoders + dtype. It is only valid while
@@ -34,6 +34,8 @@ import numpy as np
 from PIL import Image
 
 from tuneline.config import Params
+from tuneline.core.codeversion import code_version
+from tuneline.stages.latents import CODE
 from tuneline.core.params import ParamsError, format_resolution
 from tuneline.core.fsutil import atomic_write_bytes, atomic_write_json, digest_json, link_or_copy, rebuilt_dir
 from tuneline.core.manifest import MANIFEST, REJECTED, read_manifest, write_jsonl
@@ -43,9 +45,7 @@ from tuneline.core.store import ItemStore, in_shard
 
 STAGE = "latents"
 TEXT_STAGE = "text_embeddings"  # its own store folder: it can be cleared without losing latents
-# Bump when a change here changes the tensors stored for a key (pixel preprocessing,
-# what is stored, the prompt encoding in tuneline.models.sdxl_text).
-CODE_VERSION = 1
+CODE_VERSION = code_version(CODE)  # changes with the code that makes the items
 SUFFIX = ".safetensors"
 TEXT_SUFFIX = ".text.safetensors"
 METADATA_FILE = "latents.json"

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuneline.models.config import ModelConfig
+from tuneline.stages.models.config import ModelConfig
 from tuneline.core.fsutil import atomic_path
 from tuneline.stages.render.prompts import RenderPrompt
 
@@ -81,6 +81,18 @@ def _weights_dir(trained_dir: Path, use_ema: bool, notes: list[str]) -> Path:
         notes.append("train.ema.enabled was on: the trainer's result holds the EMA weights, so those are rendered "
                      "(render.use_ema: false has no raw weights to choose)")
     return trained_dir
+
+
+def trained_identity(trained_dir: Path, use_ema: bool, root: Path | None = None) -> dict[str, Any]:
+    """Content identity of the trained weights `apply_trained` would load (their files' digests)."""
+    from tuneline.models.ref import model_identity
+
+    weights_dir = _weights_dir(trained_dir, use_ema, [])
+    identity: dict[str, Any] = {"prediction_type": trainer_state(trained_dir).get("prediction_type")}
+    for name in (LORA_FILE, PIPELINE_DIR):
+        if (weights_dir / name).exists():
+            identity[name] = model_identity(str((weights_dir / name).resolve()), root=root)
+    return identity
 
 
 @dataclass
@@ -151,13 +163,15 @@ def apply_trained(pipeline: Any, trained_dir: Path, lora_scale: float = 1.0, use
     return applied
 
 
-def render_prompts(pipeline: Any, prompts: Sequence[RenderPrompt], out_dir: Path, prefix: str = "") -> list[Path]:
-    """Render each prompt to <out_dir>/<prefix><index>.png with its own sampler and seeded generator."""
+def render_prompts(pipeline: Any, prompts: Sequence[RenderPrompt], out_dir: Path | None, prefix: str = "",
+                   path_of: Any = None) -> list[Path]:
+    """Render each prompt to <out_dir>/<prefix><index>.png (or `path_of(prompt)`) with its own sampler
+    and seeded generator."""
     import torch
 
     from tuneline.stages.render.samplers import build_scheduler
 
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir) if out_dir is not None else None
     base_scheduler = pipeline.scheduler
     paths = []
     try:
@@ -169,7 +183,8 @@ def render_prompts(pipeline: Any, prompts: Sequence[RenderPrompt], out_dir: Path
                 height=prompt.height, width=prompt.width, num_inference_steps=prompt.steps,
                 guidance_scale=prompt.guidance_scale, generator=generator,
             ).images[0]
-            paths.append(save_png(image, out_dir / f"{prefix}{prompt.index}.png"))
+            target = path_of(prompt) if path_of is not None else out_dir / f"{prefix}{prompt.index}.png"
+            paths.append(save_png(image, target))
     finally:
         pipeline.scheduler = base_scheduler
     return paths

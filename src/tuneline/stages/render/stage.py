@@ -48,13 +48,16 @@ def _mean_abs_difference(a: list[Path], b: list[Path]) -> float:
 def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_dir: Path | None = None, *,
         tracker: Any = None) -> StageReport:
     """Render base and trained images, the contact sheet, domain transfer and the diagnostic sheet."""
-    from tuneline.models.loading import release, resolve_device
+    from tuneline.models.loading import release, resolve_device, resolve_dtype
+    from tuneline.models.ref import identify
+    from tuneline.stages.render.cache import ImageCache
     from tuneline.stages.render.diagnostics import diagnostic_sheet
     from tuneline.stages.render.generate import (
         LIVE_DIR,
         apply_trained,
         load_base_pipeline,
         render_prompts,
+        trained_identity,
         trainer_state,
     )
     from tuneline.stages.render.prompts import load_prompts
@@ -76,14 +79,25 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
     for name in ("base", "final", "transfer"):
         shutil.rmtree(out_dir / name, ignore_errors=True)
     device = resolve_device(config.device)
-
-    pipeline = load_base_pipeline(params.model, root, device, config.dtype)
-    base = render_prompts(pipeline, prompts, out_dir / "base")
-    applied = apply_trained(pipeline, trained_dir, config.lora_scale, config.use_ema)
-    report.warnings.extend(applied.warnings)
-    for line in applied.loaded:
-        console.print(f"render: {line}", markup=False, soft_wrap=True)
-    final = render_prompts(pipeline, prompts, out_dir / "final")
+    dtype = resolve_dtype(config.dtype, device)
+    base_weights = {key: entry["identity"] for key, entry in identify(params, root, ("model.base", "model.vae")).items()}
+    base_cache = ImageCache(root / params.store_dir, {"base": base_weights}, device, dtype)
+    final_cache = ImageCache(root / params.store_dir, {
+        "base": base_weights, "trained": trained_identity(trained_dir, config.use_ema, root),
+        "lora_scale": config.lora_scale, "use_ema": config.use_ema}, device, dtype)
+    missing_base, missing_final = base_cache.missing(prompts), final_cache.missing(prompts)
+    wants_transfer = config.transfer and len(params.datasets) >= 2
+    pipeline = None
+    if missing_base or missing_final or wants_transfer or config.diagnostics:
+        pipeline = load_base_pipeline(params.model, root, device, config.dtype)
+        render_prompts(pipeline, missing_base, None, path_of=base_cache.path)
+        applied = apply_trained(pipeline, trained_dir, config.lora_scale, config.use_ema)
+        report.warnings.extend(applied.warnings)
+        for line in applied.loaded:
+            console.print(f"render: {line}", markup=False, soft_wrap=True)
+        render_prompts(pipeline, missing_final, None, path_of=final_cache.path)
+    base = base_cache.place(prompts, out_dir / "base")
+    final = final_cache.place(prompts, out_dir / "final")
     images = [*base, *final]
 
     live = live_steps(trained_dir / LIVE_DIR, out_dir / LIVE_DIR)
@@ -94,7 +108,7 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
 
     transfer: list[Path] = []
     latents_dir = root / LATENTS_DIR
-    if config.transfer and len(params.datasets) >= 2 and (latents_dir / "manifest.jsonl").is_file():
+    if wants_transfer and (latents_dir / "manifest.jsonl").is_file():
         sources = transfer_sources(params, latents_dir, root / CAPTIONED_DIR)
         if len(sources) >= 2:
             transfer, warnings = render_transfer(
@@ -112,11 +126,15 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
     release(device)
 
     _log_images(tracker, [*images, *transfer, *sheets], out_dir)
-    report.computed = len(images) + len(transfer)
+    rendered = len(missing_base) + len(missing_final)
+    report.computed = rendered + len(transfer)
+    report.reused = len(images) - rendered
     report.extra.update({
         "prompts": len(prompts),
         "live_steps": len(live),
         "transfer_images": len(transfer),
+        "base_rendered": len(missing_base),
+        "final_rendered": len(missing_final),
         "mean_abs_difference_trained_vs_base": round(_mean_abs_difference(base, final), 4),
         "random_tiny_model": tiny,
     })

@@ -17,7 +17,7 @@ from typing import Any
 
 from tuneline.config import Params
 from tuneline.core import layout
-from tuneline.core.fsutil import atomic_write_json, rebuilt_dir
+from tuneline.core.fsutil import atomic_write_bytes, atomic_write_json, rebuilt_dir
 from tuneline.models.ref import is_tiny
 from tuneline.core.report import StageReport
 
@@ -46,6 +46,14 @@ class LossCurve:
 
     def close(self) -> None:
         self.handle.close()
+
+
+def producing_runs(state: Any) -> list[str]:
+    """MLflow run ids of the training sessions that advanced the step count, oldest first."""
+    sessions = state.history
+    ends = [later["started_at_step"] for later in sessions[1:]] + [state.step]
+    return [session["mlflow_run_id"] for session, end in zip(sessions, ends)
+            if end > session["started_at_step"] and session.get("mlflow_run_id")]
 
 
 def live_dir(trainer: Any) -> Path:
@@ -87,7 +95,10 @@ def run(params: Params, root: Path, latents_dir: Path, out_dir: Path, metrics_di
                       resume_from, live_eval=LiveEvaluation(params, root, tracker), live_every=params.render.live_every)
     trainer.setup()
     main = trainer.accelerator.is_main_process
-    curve = LossCurve(Path(metrics_dir or out_dir) / LOSS_CURVE, trainer.state.step) if main else None
+    # The run's whole loss history lives with its checkpoints, which DVC never deletes (it deletes
+    # declared outputs such as metrics/train_loss.csv before a stage runs); the metrics file is
+    # a copy of it, rewritten at the end of every session.
+    curve = LossCurve(trainer.checkpoint_dir / LOSS_CURVE, trainer.state.step) if main else None
     if tracker is not None:
         tracker.log_params({"train": params.train.model_dump(mode="json"), "model": params.model.model_dump(mode="json"),
                             "seed_used": trainer.seed, "data_digest": trainer.data_digest,
@@ -113,6 +124,7 @@ def run(params: Params, root: Path, latents_dir: Path, out_dir: Path, metrics_di
     finally:
         if curve is not None:
             curve.close()
+            atomic_write_bytes(Path(metrics_dir or out_dir) / LOSS_CURVE, curve.path.read_bytes())
     if main:
         with rebuilt_dir(out_dir) as staging:
             trainer.save_outputs(staging)
@@ -123,7 +135,10 @@ def run(params: Params, root: Path, latents_dir: Path, out_dir: Path, metrics_di
                 **trainer.state.to_json(), "seed_used": trainer.seed, "data_digest": trainer.data_digest,
                 "train_config": params.train.model_dump(mode="json"), "model": params.model.model_dump(mode="json"),
                 "random_tiny_model": is_tiny(params.model.base), "prediction_type": trainer.adapter.prediction_type,
-                "mlflow_run_id": getattr(tracker, "run_id", None),
+                # The MLflow runs whose sessions trained these weights (a resumed session that trained
+                # no step did not produce them); the last one is the run export names.
+                "mlflow_run_ids": producing_runs(trainer.state),
+                "mlflow_run_id": (producing_runs(trainer.state) or [None])[-1],
                 "ema_weights": trainer.ema is not None})
     else:
         trainer.save_outputs(out_dir)  # joins the barrier; only the main process writes

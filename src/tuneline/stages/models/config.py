@@ -1,4 +1,5 @@
-"""The `model` params section: which base model the model-using stages load."""
+"""The `model` params section: the base model (and VAE) that latents, train, render and export
+load; the `models` stage records their identity."""
 
 from __future__ import annotations
 

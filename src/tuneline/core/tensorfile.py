@@ -1,0 +1,42 @@
+"""Byte-identical safetensors files for identical content.
+
+safetensors writes its `__metadata__` map in hash order, which differs from process to
+process: two saves of the same weights give different bytes, so every digest of the file
+(DVC, cache keys, the export's provenance) sees a change that is not there. `canonicalize`
+rewrites the header with its keys sorted; the tensor data is untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from tuneline.core.fsutil import atomic_path
+
+_ALIGN = 8  # safetensors pads the header with spaces to a multiple of 8 bytes
+
+
+def canonical_header(header: dict) -> bytes:
+    ordered = {key: header[key] for key in sorted(header)}
+    if "__metadata__" in ordered:
+        ordered["__metadata__"] = dict(sorted(ordered["__metadata__"].items()))
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return text + b" " * (-len(text) % _ALIGN)
+
+
+def canonicalize(path: Path) -> Path:
+    """Rewrite `path` (atomically) with a sorted header, when it is not sorted already."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        raw = handle.read(length)
+        header = canonical_header(json.loads(raw))
+        if header == raw:
+            return path
+        with atomic_path(path) as tmp, open(tmp, "wb") as out:
+            out.write(struct.pack("<Q", len(header)))
+            out.write(header)
+            while chunk := handle.read(1 << 24):
+                out.write(chunk)
+    return path

@@ -1,0 +1,50 @@
+"""Stage `models`: write models/identity/models.json (see the package docstring)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from tuneline.config import Params
+from tuneline.core.fsutil import atomic_write_json, rebuilt_dir
+from tuneline.core.report import StageReport
+from tuneline.models.ref import identify
+
+STAGE = "models"
+IDENTITY_FILE = "models.json"
+
+
+def read_identity(identity_dir: Path) -> dict[str, dict[str, Any]]:
+    import json
+
+    return json.loads((Path(identity_dir) / IDENTITY_FILE).read_text("utf-8"))
+
+
+def run(params: Params, root: Path, out_dir: Path, metrics_dir: Path | None = None, *,
+        tracker: Any = None) -> StageReport:
+    """Identify every model reference of `params`; rewrite `out_dir` only when an identity changed."""
+    started = time.perf_counter()
+    report = StageReport(STAGE)
+    identities = identify(params, Path(root))
+    out_dir = Path(out_dir)
+    try:
+        unchanged = read_identity(out_dir) == identities
+    except (OSError, ValueError):
+        unchanged = False
+    if not unchanged:
+        with rebuilt_dir(out_dir) as staging:
+            atomic_write_json(staging / IDENTITY_FILE, identities)
+    report.computed = len(identities)
+    for key, entry in identities.items():
+        if entry["kind"] == "hub" and not entry["revision"]:
+            report.warnings.append(f"{key}: hub id {entry['ref']!r} without a pinned revision: a change upstream is "
+                                   "not seen; set the revision to a commit hash")
+    # No "changed" flag in the metrics: a tracked output must not differ when its inputs do not.
+    report.extra.update({key: entry["kind"] for key, entry in identities.items()})
+    if not unchanged:
+        report.warnings.append(f"model identity changed: stages that use the models will rerun ({out_dir})")
+    report.seconds = time.perf_counter() - started
+    if metrics_dir is not None:
+        report.write_metrics(metrics_dir)
+    return report

@@ -1,0 +1,82 @@
+"""Never a stale result, never a needless rerun: `dvc repro` on the demo after a model is
+replaced in place and after a rename, with exact per-stage computed counts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file, save_file
+
+from test_dvc_pipeline import REPO, dvc, metrics
+
+STAGES = ("models", "ingest", "bucket", "caption", "latents", "train")
+
+
+def ran(out: str) -> set[str]:
+    return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")}
+
+
+@pytest.fixture
+def demo(tmp_path):
+    """The demo through `train` (2 steps, no live samples), under git and DVC."""
+    for name in (".dvcignore", "prompts.yaml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    for name in ("stages", "src", "data/raw", ".dvc"):
+        shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
+    document = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    document["stages"] = {name: spec for name, spec in document["stages"].items() if name in STAGES}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train"].update(num_steps=2)
+    params["render"].update(live_every=0)
+    params["tracking"] = {"enabled": False}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_renames_and_models_replaced_in_place(demo):
+    from tuneline.tiny import resolve_tiny
+
+    assert ran(dvc(demo, "repro")) == set(STAGES)
+
+    # A rename (image and sidecar, same bytes): ingest and bucket rerun and compute nothing, and
+    # nothing after them runs: their outputs hold no paths, so they are byte for byte the same.
+    source = next(p for p in sorted((demo / "data/raw/shapes").glob("*.jpg")) if p.with_suffix(".txt").is_file())
+    source.rename(source.with_name("renamed.jpg"))
+    source.with_suffix(".txt").rename(source.with_name("renamed.txt"))
+    out = dvc(demo, "repro")
+    assert ran(out) == {"models", "ingest", "bucket"}, out
+    assert (metrics(demo, "ingest")["computed"], metrics(demo, "bucket")["computed"]) == (0, 0)
+    sources = [json.loads(line)["source"] for line in (demo / "data/ingested/manifest.jsonl").read_text().splitlines()]
+    assert "data/raw/shapes/renamed.jpg" in sources
+
+    # A local VAE: every latent recomputes (the VAE's identity is in each key), nothing upstream.
+    vae = demo / "my-vae"
+    shutil.copytree(resolve_tiny("tiny-sdxl") / "vae", vae)
+    params = yaml.safe_load((demo / "params.yaml").read_text())
+    params["model"]["vae"] = "my-vae"
+    (demo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert ran(dvc(demo, "repro")) == {"models", "caption", "latents", "train"}
+    assert (metrics(demo, "caption")["computed"], metrics(demo, "latents")["computed"]) == (0, 14)
+    first_identity = json.loads((demo / "models/identity/models.json").read_text())["model.vae"]["identity"]
+
+    # The same path, other weights; nothing in params.yaml or dvc.yaml changed.
+    weights = vae / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 0.01
+    save_file(tensors, weights)
+    out = dvc(demo, "repro")
+    assert ran(out) == {"models", "caption", "latents", "train"}, out  # caption reruns, computes nothing
+    assert json.loads((demo / "models/identity/models.json").read_text())["model.vae"]["identity"] != first_identity
+    assert (metrics(demo, "caption")["computed"], metrics(demo, "latents")["computed"]) == (0, 14)
+    assert metrics(demo, "train")["computed"] == 2  # a new run on the new latents, not a resume
+
+    assert ran(dvc(demo, "repro")) == {"models"}  # unchanged: only the identity check runs
