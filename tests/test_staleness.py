@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from test_dvc_pipeline import REPO, dvc, metrics
+from test_flows import demo_project
 
 STAGES = ("models", "ingest", "bucket", "caption", "latents", "train")
 
@@ -24,19 +24,12 @@ def ran(out: str) -> set[str]:
 @pytest.fixture
 def demo(tmp_path):
     """The demo through `train` (2 steps, no live samples), under git and DVC."""
-    for name in (".dvcignore", "prompts.yaml"):
-        shutil.copy(REPO / name, tmp_path / name)
-    for name in ("stages", "src", "data/raw", ".dvc"):
-        shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
-    document = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    document["stages"] = {name: spec for name, spec in document["stages"].items() if name in STAGES}
-    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
+    demo_project(tmp_path, STAGES)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["train"].update(num_steps=2)
     params["render"].update(live_every=0)
     params["tracking"] = {"enabled": False}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     return tmp_path
 
 
