@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneline.config import Params
+from tuneline.core.fsutil import atomic_write_json
 from tuneline.models.ref import is_tiny
 from tuneline.core.report import StageReport, console
 
@@ -52,10 +53,12 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
     from tuneline.stages.render.diagnostics import diagnostic_sheet
     from tuneline.stages.render.generate import (
         LIVE_DIR,
+        WEIGHTS_RECORD,
         apply_trained,
         load_base_pipeline,
         render_prompts,
         trainer_state,
+        weights_identity,
     )
     from tuneline.stages.render.prompts import load_prompts
     from tuneline.stages.render.sheets import contact_sheet, live_steps
@@ -84,6 +87,11 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
     for line in applied.loaded:
         console.print(f"render: {line}", markup=False, soft_wrap=True)
     final = render_prompts(pipeline, prompts, out_dir / "final")
+    # What the final images show, so export can refuse samples of other weights (an older run, the
+    # EMA choice, a LoRA scale other than the exported strength 1).
+    atomic_write_json(out_dir / "final" / WEIGHTS_RECORD, {
+        "weights_identity": weights_identity(applied.source, root), "weights": "trained" if applied.source == trained_dir else "ema",
+        "lora_scale": config.lora_scale})
     images = [*base, *final]
 
     live = live_steps(trained_dir / LIVE_DIR, out_dir / LIVE_DIR)
