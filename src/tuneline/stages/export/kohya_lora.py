@@ -14,7 +14,9 @@ names) for the text encoders. A DoRA module adds
 shaped (out, 1) for linear and (out, 1, 1, 1) for conv layers: the weight decomposition on
 the output axis, as LyCORIS writes it (`wd_on_output`, its default) and as ComfyUI detects
 it (`dora_scale.shape[0] == weight.shape[0]`). Merged weight: dora_scale * V / ||V|| per
-output row, V = W + alpha/rank * up @ down: PEFT's DoRA exactly. UNet names use the SGM blocks (`input_blocks_4_1_...`),
+output row, V = W + alpha/rank * up @ down: PEFT's DoRA exactly, and LyCORIS' merge. (ComfyUI's
+output-axis branch still divides by ||W|| instead of ||V||, Comfy-Org/ComfyUI PR #15458; kohya's
+own networks.lora ignores dora_scale, so the header names lycoris.kohya as the network.) UNet names use the SGM blocks (`input_blocks_4_1_...`),
 derived from the UNet config, so any SDXL-layout UNet gets the names its SGM twin has.
 
 kohya's scale is alpha / rank, PEFT's is lora_alpha / r (or / sqrt(r) with rsLoRA): the
