@@ -124,7 +124,10 @@ def test_kohya_lora_layout_and_header(lora_files):
     assert header["ss_base_model_version"] == "sdxl_base_v1-0"
     assert (header["ss_network_dim"], header["ss_network_alpha"]) == ("4", "2.0")
     assert header["ss_training_started_at"] == "1700000000.0"
-    assert header["modelspec.sai_model_spec"] == "1.0.0"
+    assert header["modelspec.sai_model_spec"] == "1.0.1"
+    assert header["modelspec.implementation_version"] == "tuneline/0.1.0+abc"  # no commit given: the version
+    assert header["ss_network_args"] == "{}"  # kohya's minimum key set has it, even when empty
+    assert header["tuneline.git_dirty"] == "unknown"
     assert header["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     assert header["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
     assert header["modelspec.resolution"] == "1024x1024"
@@ -202,8 +205,11 @@ def test_kohya_conversion_refuses_what_it_cannot_express():
 
     pair = {"unet.mid_block.attentions.0.proj_in.lora_A.weight": torch.zeros(2, 4),
             "unet.mid_block.attentions.0.proj_in.lora_B.weight": torch.zeros(4, 2)}
-    dora = {**pair, "unet.mid_block.attentions.0.proj_in.lora_magnitude_vector": torch.zeros(4)}
-    with pytest.raises(UnmappedKeyError, match="lora_magnitude_vector"):
+    bias = {**pair, "unet.mid_block.attentions.0.proj_in.lora_B.bias": torch.zeros(4)}
+    with pytest.raises(UnmappedKeyError, match="lora_B.bias"):
+        diffusers_lora_to_kohya(bias, (2, 1.0), REAL_SDXL_UNET)
+    dora = {**pair, "unet.mid_block.attentions.0.proj_in.lora_magnitude_vector": torch.ones(3)}
+    with pytest.raises(ValueError, match="DoRA magnitude has 3 values for 4 output channels"):
         diffusers_lora_to_kohya(dora, (2, 1.0), REAL_SDXL_UNET)
     with pytest.raises(UnmappedKeyError, match="no SGM name"):
         diffusers_lora_to_kohya({k.replace("proj_in", "proj_sideways"): v for k, v in pair.items()},
@@ -215,6 +221,27 @@ def test_kohya_conversion_refuses_what_it_cannot_express():
     # rsLoRA scales by alpha/sqrt(r): the kohya alpha keeps the effective weight
     out = diffusers_lora_to_kohya(pair, {"unet": {"lora_alpha": 3.0, "use_rslora": True}}, REAL_SDXL_UNET)
     assert out["lora_unet_middle_block_1_proj_in.alpha"].item() == pytest.approx(3.0 * 2**0.5)
+
+
+def test_dora_magnitude_becomes_an_output_axis_dora_scale():
+    """PEFT keeps the magnitude as (out,) for linear and (1, out, 1, 1) for conv layers; kohya/LyCORIS
+    and ComfyUI read `dora_scale` shaped (out, 1[, 1, 1]) beside the LoRA pair (ComfyUI's output-axis
+    test: dora_scale.shape[0] == weight.shape[0])."""
+    from tuneline.stages.export.kohya_lora import diffusers_lora_to_kohya
+
+    linear, conv = "unet.mid_block.attentions.0.proj_in", "unet.down_blocks.0.resnets.0.conv1"
+    magnitudes = {linear: torch.arange(1.0, 5.0), conv: torch.arange(1.0, 9.0).reshape(1, 8, 1, 1)}
+    lora = {f"{linear}.lora_A.weight": torch.zeros(2, 4), f"{linear}.lora_B.weight": torch.zeros(4, 2),
+            f"{linear}.lora_magnitude_vector": magnitudes[linear],
+            f"{conv}.lora_A.weight": torch.zeros(2, 8, 3, 3), f"{conv}.lora_B.weight": torch.zeros(8, 2, 1, 1),
+            f"{conv}.lora_magnitude_vector.weight": magnitudes[conv]}  # the form diffusers reads for text encoders
+    out = diffusers_lora_to_kohya(lora, (2, 1.0), REAL_SDXL_UNET)
+    assert out["lora_unet_middle_block_1_proj_in.dora_scale"].shape == (4, 1)
+    assert out["lora_unet_input_blocks_1_0_in_layers_2.dora_scale"].shape == (8, 1, 1, 1)
+    assert torch.equal(out["lora_unet_input_blocks_1_0_in_layers_2.dora_scale"].flatten(), magnitudes[conv].flatten())
+    assert torch.equal(out["lora_unet_middle_block_1_proj_in.dora_scale"].flatten(), magnitudes[linear])
+    assert {k.rsplit(".", 1)[0] for k in out if k.endswith(".dora_scale")} == {
+        k.removesuffix(".lora_up.weight") for k in out if k.endswith(".lora_up.weight")}
 
 
 # --- single-file checkpoint ---------------------------------------------------------------------
@@ -246,6 +273,7 @@ def test_single_file_loads_back_exactly(tiny_dir, original, tmp_path, dtype):
     assert stored["conditioner.embedders.1.model.text_projection"].shape == (64, 32)  # x @ P: hidden x proj
     assert stored["conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"].shape == (192, 64)
     assert "model.diffusion_model.input_blocks.3.1.transformer_blocks.0.attn2.to_k.weight" in stored
+    assert "v_pred" not in stored and "ztsnr" not in stored  # an epsilon model carries no prediction markers
 
     pipe = StableDiffusionXLPipeline.from_single_file(str(path), config=str(tiny_dir), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)

@@ -196,6 +196,8 @@ def test_run_render_writes_base_final_sheets_transfer_and_metrics(rendered):
     assert metrics["prompts"] == 2 and metrics["live_steps"] == 1 and metrics["transfer_images"] == 2
     assert metrics["mean_abs_difference_trained_vs_base"] > 0 and metrics["random_tiny_model"] is True
     assert any("tiny RANDOM-weight" in w for w in report.warnings)
+    shown = json.loads((out / "final/weights.json").read_text())  # what export checks its samples against
+    assert (shown["weights"], shown["lora_scale"], len(shown["weights_identity"])) == ("trained", 1.0, 64)
 
 
 def test_unchanged_weights_and_prompts_render_nothing_again(rendered, tmp_path):

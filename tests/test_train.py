@@ -259,3 +259,33 @@ def test_two_processes_under_accelerate_launch(latents_project, tmp_path):
     assert state["step"] == 2 and state["history"][0]["processes"] == 2
     assert sorted(p.name for p in root.glob("checkpoints/train/*/step_000002/rng_rank*.pt")) == \
         ["rng_rank0.pt", "rng_rank1.pt"]
+
+
+def test_text_encoder_lora_leaves_out_layers_the_unet_never_sees(latents_project, tmp_path):
+    """SDXL conditions on each encoder's penultimate hidden state, plus the second encoder's pooled
+    output (its last layer): CLIP-L's last layer changes nothing, so it gets no adapter."""
+    from tuneline.models.loading import load_text_encoders
+    from tuneline.models.sdxl_text import conditioning_layers, encode_prompts
+
+    params = train_params(latents_project, lora={"rank": 4, "targets": "attention_mlp"},
+                          text_encoder_1={"mode": "lora"}, text_encoder_2={"mode": "lora"})
+    tokenizers, encoders = load_text_encoders(params.model, latents_project.root, "fp32", "cpu")
+    assert [conditioning_layers(e) for e in encoders] == [[0, 1], [0, 1, 2]]  # tiny encoders: 3 layers each
+    with torch.no_grad():
+        before = encode_prompts(tokenizers, encoders, ["alf, a red thing"], "cpu")
+        for encoder, changed in zip(encoders, ([False, False], [False, True])):  # (prompt embeds, pooled)
+            last = encoder.get_submodule(f"{'text_model.' if encoder is encoders[1] else ''}encoder.layers.2")
+            for parameter in last.parameters():
+                parameter.add_(1.0)
+            after = encode_prompts(tokenizers, encoders, ["alf, a red thing"], "cpu")
+            assert [not torch.equal(a, b) for a, b in zip(before, after)] == changed
+            before = after
+
+    trainer = make_trainer(latents_project, tmp_path, params)
+    trainer.fit()
+    lora = load_file(trainer.save_outputs(tmp_path / "out") / "pytorch_lora_weights.safetensors")
+    layers = {(k.split(".")[0], k.split("layers.")[1].split(".")[0]) for k in lora if not k.startswith("unet.")}
+    assert layers == {("text_encoder", "0"), ("text_encoder", "1"),
+                      ("text_encoder_2", "0"), ("text_encoder_2", "1"), ("text_encoder_2", "2")}
+    untrained = [k for k, v in lora.items() if "lora_B" in k and not v.abs().sum()]
+    assert untrained == []  # every exported up weight learned something

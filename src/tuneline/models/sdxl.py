@@ -16,7 +16,7 @@ from tuneline.core.params import ParamsError
 from tuneline.core.tensorfile import canonicalize
 from tuneline.stages.models.config import ModelConfig
 from tuneline.models.loading import _base_location, load_text_encoders
-from tuneline.models.sdxl_text import encode_prompts
+from tuneline.models.sdxl_text import conditioning_layers, encode_prompts
 from tuneline.stages.train.config import TrainConfig
 from tuneline.train.loss import loss_weights, per_sample_mse, snr_of
 
@@ -37,6 +37,17 @@ TEXT_LORA_TARGETS = {
     "all": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
 }
 TEXT_ENCODER_NAMES = ("text_encoder_1", "text_encoder_2")  # params names; diffusers: text_encoder, text_encoder_2
+DIFFUSERS_NAMES = {"unet": "unet", "text_encoder_1": "text_encoder", "text_encoder_2": "text_encoder_2"}
+
+
+def inference_scheduler_settings(prediction_type: str, zero_terminal_snr: bool) -> dict[str, Any]:
+    """Scheduler config entries that make an inference pipeline sample what training learned: the
+    target, and with zero terminal SNR the rescaled betas and trailing timesteps (the first step
+    then starts from pure noise, as in training)."""
+    settings: dict[str, Any] = {"prediction_type": prediction_type}
+    if zero_terminal_snr:
+        settings |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    return settings
 
 
 class SDXLAdapter:
@@ -72,24 +83,39 @@ class SDXLAdapter:
             self.noise_scheduler.register_to_config(prediction_type=self.prediction_type)
         self.tokenizers, self.text_encoders = load_text_encoders(self.model_config, self.root, "fp32", "cpu")
 
+    def lora_settings(self, name: str) -> dict[str, Any]:
+        """PEFT LoraConfig arguments of one component (unet, text_encoder_1, text_encoder_2); also the
+        adapter metadata saved with the weights, so every loader rebuilds the same adapter.
+
+        Text encoder layers that never reach the UNet (see conditioning_layers) get no adapter:
+        they would train nothing and export all-zero LoRA up weights.
+        """
+        lora = self.config.lora
+        settings: dict[str, Any] = {"r": lora.rank, "lora_alpha": lora.alpha, "use_dora": lora.use_dora}
+        if name == "unet":
+            return {**settings, "target_modules": UNET_LORA_TARGETS[lora.targets]}
+        encoder = self.text_encoders[TEXT_ENCODER_NAMES.index(name)]
+        settings["target_modules"] = TEXT_LORA_TARGETS[lora.targets]
+        layers = conditioning_layers(encoder)
+        if len(layers) < encoder.config.num_hidden_layers:
+            settings |= {"layers_to_transform": layers, "layers_pattern": "layers"}
+        return settings
+
+    def mode_of(self, name: str) -> str:
+        """frozen, lora or full for unet / text_encoder_1 / text_encoder_2."""
+        return self.config.mode if name == "unet" else getattr(self.config, name).mode
+
     def setup_training(self) -> None:
         """Freeze what is frozen, add LoRA adapters, enable memory/speed options."""
         from peft import LoraConfig as PeftLoraConfig
 
         config = self.config
-        lora = config.lora
-        self.unet.requires_grad_(config.mode == "full")
-        if config.mode == "lora":
-            self.unet.add_adapter(PeftLoraConfig(
-                r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                target_modules=UNET_LORA_TARGETS[lora.targets], init_lora_weights="gaussian"))
-        for name, encoder in zip(TEXT_ENCODER_NAMES, self.text_encoders):
-            mode = getattr(config, name).mode
-            encoder.requires_grad_(mode == "full")
+        for name, module in zip(("unet", *TEXT_ENCODER_NAMES), (self.unet, *self.text_encoders)):
+            mode = self.mode_of(name)
+            module.requires_grad_(mode == "full")
             if mode == "lora":
-                encoder.add_adapter(PeftLoraConfig(
-                    r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                    target_modules=TEXT_LORA_TARGETS[lora.targets], init_lora_weights="gaussian"))
+                module.add_adapter(PeftLoraConfig(**self.lora_settings(name), lora_dropout=config.lora.dropout,
+                                                  init_lora_weights="gaussian"))
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             for name, encoder in zip(TEXT_ENCODER_NAMES, self.text_encoders):
@@ -179,12 +205,13 @@ class SDXLAdapter:
     # --- outputs -----------------------------------------------------------------------
 
     def save(self, modules: dict[str, Any], out_dir: Path) -> Path:
-        """LoRA weights in diffusers format (alpha kept in the adapter metadata) or a full pipeline folder."""
+        """LoRA weights in diffusers format (alpha kept in the adapter metadata) and/or a full pipeline folder."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        if self.config.mode == "lora" or any(getattr(self.config, n).mode == "lora" for n in TEXT_ENCODER_NAMES):
+        modes = {self.mode_of(name) for name in DIFFUSERS_NAMES}
+        if "lora" in modes:
             self._save_lora(modules, out_dir)
-        if self.config.mode == "full" or any(getattr(self.config, n).mode == "full" for n in TEXT_ENCODER_NAMES):
+        if "full" in modes:
             self._save_pipeline(modules, out_dir / "pipeline")
         return out_dir
 
@@ -192,33 +219,28 @@ class SDXLAdapter:
         from diffusers import StableDiffusionXLPipeline
         from peft.utils import get_peft_model_state_dict
 
-        layers: dict[str, Any] = {}
-        metadata: dict[str, Any] = {}
-        lora = self.config.lora
-        adapter_metadata = {"r": lora.rank, "lora_alpha": lora.alpha}
-        if self.config.mode == "lora":
-            layers["unet_lora_layers"] = get_peft_model_state_dict(modules["unet"])
-            metadata["unet_lora_adapter_metadata"] = {**adapter_metadata,
-                                                      "target_modules": UNET_LORA_TARGETS[lora.targets]}
-        for name, keyword in zip(TEXT_ENCODER_NAMES, ("text_encoder", "text_encoder_2")):
-            if getattr(self.config, name).mode == "lora":
-                layers[f"{keyword}_lora_layers"] = get_peft_model_state_dict(modules[name])
-                metadata[f"{keyword}_lora_adapter_metadata"] = {**adapter_metadata,
-                                                                "target_modules": TEXT_LORA_TARGETS[lora.targets]}
-        StableDiffusionXLPipeline.save_lora_weights(out_dir, **layers, **metadata, safe_serialization=True)
+        arguments: dict[str, Any] = {}
+        for name, keyword in DIFFUSERS_NAMES.items():
+            if self.mode_of(name) == "lora":
+                # diffusers loads text encoder adapters through transformers, which finds a DoRA magnitude
+                # only as `lora_magnitude_vector.weight` (PEFT's state dict drops the `.weight`; without it
+                # the magnitudes are silently re-initialised). The UNet path reads both forms.
+                arguments[f"{keyword}_lora_layers"] = {
+                    f"{key}.weight" if key.endswith(".lora_magnitude_vector") else key: value
+                    for key, value in get_peft_model_state_dict(modules[name]).items()}
+                arguments[f"{keyword}_lora_adapter_metadata"] = self.lora_settings(name)
+        StableDiffusionXLPipeline.save_lora_weights(out_dir, **arguments, safe_serialization=True)
         canonicalize(out_dir / LORA_WEIGHTS_FILE)  # identical weights, identical bytes
 
     def _save_pipeline(self, modules: dict[str, Any], out_dir: Path) -> None:
-        """The base pipeline with the fully trained components replaced (LoRA-only parts stay base)."""
+        """The base pipeline with the fully trained components replaced (LoRA-only parts stay base) and
+        the scheduler set to what training learned (prediction type, zero terminal SNR)."""
         from diffusers import StableDiffusionXLPipeline
 
         base = _base_location(self.model_config, self.root)
         kwargs = {"revision": self.model_config.revision} if isinstance(base, str) and self.model_config.revision else {}
-        replaced: dict[str, Any] = {}
-        if self.config.mode == "full":
-            replaced["unet"] = modules["unet"]
-        for name, component in zip(TEXT_ENCODER_NAMES, ("text_encoder", "text_encoder_2")):
-            if getattr(self.config, name).mode == "full":
-                replaced[component] = modules[name]
+        replaced = {keyword: modules[name] for name, keyword in DIFFUSERS_NAMES.items() if self.mode_of(name) == "full"}
         pipeline = StableDiffusionXLPipeline.from_pretrained(base, **kwargs, **replaced)
+        settings = inference_scheduler_settings(self.prediction_type, self.config.zero_terminal_snr)
+        pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config, **settings)
         pipeline.save_pretrained(out_dir, safe_serialization=True)

@@ -12,6 +12,21 @@ from typing import Any
 
 # CLIP's context length; SDXL pads and truncates every prompt to it.
 MAX_TOKENS = 77
+# The prompt embeddings are each encoder's penultimate hidden state (SDXL without clip skip).
+PROMPT_HIDDEN_STATE = -2
+
+
+def conditioning_layers(encoder: Any) -> list[int]:
+    """Indices of the encoder layers whose output reaches the UNet through `encode_prompts`.
+
+    hidden_states[-2] is the output of layer N-2, so the last layer only counts for an
+    encoder whose pooled output is used: the one with a text projection (SDXL's second,
+    whose text_embeds are final_layer_norm(last layer)[EOS] @ projection). The first
+    encoder's last layer (and final layer norm) never affect the result.
+    """
+    count = encoder.config.num_hidden_layers
+    used = count + 1 + PROMPT_HIDDEN_STATE  # hidden_states[0] is the embeddings
+    return list(range(count if hasattr(encoder, "text_projection") else used))
 
 
 def encode_prompts(tokenizers: Sequence[Any], text_encoders: Sequence[Any], prompts: Sequence[str],
@@ -31,7 +46,7 @@ def encode_prompts(tokenizers: Sequence[Any], text_encoders: Sequence[Any], prom
         ids = tokenizer(list(prompts), padding="max_length", max_length=MAX_TOKENS, truncation=True,
                         return_tensors="pt").input_ids.to(device)
         output = encoder(ids, output_hidden_states=True)
-        hidden_states.append(output.hidden_states[-2])
+        hidden_states.append(output.hidden_states[PROMPT_HIDDEN_STATE])
         # Only CLIPTextModelWithProjection (SDXL's second encoder) has text_embeds.
         pooled = getattr(output, "text_embeds", pooled)
     if pooled is None:

@@ -83,16 +83,26 @@ def _mlflow():
     return mlflow
 
 
+def _git(root: Path, *args: str) -> str | None:
+    """stdout of `git <args>` in root, or None (not a repo, no git)."""
+    try:
+        result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout if result.returncode == 0 else None
+
+
 def git_commit(root: Path) -> str:
     """HEAD's commit of the repository holding root, or "unknown" (not a repo, no git)."""
-    try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    commit = result.stdout.strip()
-    return commit if result.returncode == 0 and commit else "unknown"
+    commit = (_git(root, "rev-parse", "HEAD") or "").strip()
+    return commit or "unknown"
+
+
+def git_dirty(root: Path) -> bool | None:
+    """Whether tracked files of the repository holding root differ from HEAD (`git describe --dirty`
+    semantics: untracked files do not count); None when it cannot tell."""
+    status = _git(root, "status", "--porcelain", "--untracked-files=no")
+    return None if status is None else bool(status.strip())
 
 
 def _param_value(value: Any) -> str:

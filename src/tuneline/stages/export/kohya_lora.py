@@ -7,7 +7,16 @@ kohya layout, one entry per adapted module:
     lora_unet_<...>.alpha                                 (0-dim float: the REAL alpha)
 
 with `lora_te1_` (CLIP-L, names under `text_model.`) and `lora_te2_` (OpenCLIP bigG in HF
-names) for the text encoders. UNet names use the SGM blocks (`input_blocks_4_1_...`),
+names) for the text encoders. A DoRA module adds
+
+    lora_<...>.dora_scale                                 (= PEFT lora_magnitude_vector)
+
+shaped (out, 1) for linear and (out, 1, 1, 1) for conv layers: the weight decomposition on
+the output axis, as LyCORIS writes it (`wd_on_output`, its default) and as ComfyUI detects
+it (`dora_scale.shape[0] == weight.shape[0]`). Merged weight: dora_scale * V / ||V|| per
+output row, V = W + alpha/rank * up @ down: PEFT's DoRA exactly, and LyCORIS' merge. (ComfyUI's
+output-axis branch still divides by ||W|| instead of ||V||, Comfy-Org/ComfyUI PR #15458; kohya's
+own networks.lora ignores dora_scale, so the header names lycoris.kohya as the network.) UNet names use the SGM blocks (`input_blocks_4_1_...`),
 derived from the UNet config, so any SDXL-layout UNet gets the names its SGM twin has.
 
 kohya's scale is alpha / rank, PEFT's is lora_alpha / r (or / sqrt(r) with rsLoRA): the
@@ -27,7 +36,7 @@ from tuneline.stages.export.metadata import check_header
 from tuneline.stages.export.sgm_unet import UnmappedKeyError, sgm_module_prefixes, unet_module_to_sgm
 
 COMPONENT_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
-KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale")
 _PEFT_PARTS = {"lora_A": "down", "lora_B": "up"}
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 # Text encoder modules that live under CLIP's `text_model.` (transformers 5 dropped that
@@ -125,11 +134,15 @@ def diffusers_lora_to_kohya(state_dict: Mapping[str, Any], alphas: Any, unet_con
         if rest.endswith(".alpha"):
             explicit_alphas[(component, rest.removesuffix(".alpha"))] = float(torch.as_tensor(tensor).item())
             continue
+        magnitude = re.fullmatch(r"(.+)\.lora_magnitude_vector(\.weight)?", rest)
+        if magnitude is not None:
+            pairs.setdefault((component, magnitude.group(1)), {})["magnitude"] = tensor
+            continue
         match = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight", rest)
         if match is None:
             raise UnmappedKeyError(
-                f"LoRA key {key!r} is not a PEFT lora_A/lora_B weight (DoRA, LoRA bias and other adapters "
-                "have no kohya LoRA equivalent)")
+                f"LoRA key {key!r} is not a PEFT lora_A/lora_B weight or DoRA magnitude (LoRA bias and other "
+                "adapters have no kohya LoRA equivalent)")
         pairs.setdefault((component, match.group(1)), {})[_PEFT_PARTS[match.group(2)]] = tensor
 
     stray = set(explicit_alphas) - set(pairs)
@@ -140,7 +153,7 @@ def diffusers_lora_to_kohya(state_dict: Mapping[str, Any], alphas: Any, unet_con
     settings_cache: dict[str, dict[str, Any]] = {}
     for (component, module), parts in sorted(pairs.items()):
         key = f"{component}.{module}"
-        if set(parts) != {"down", "up"}:
+        if set(parts) - {"magnitude"} != {"down", "up"}:
             raise ValueError(f"{key}: needs both lora_A and lora_B, found {sorted(parts)}")
         down, up = parts["down"], parts["up"]
         rank = down.shape[0]
@@ -155,7 +168,17 @@ def diffusers_lora_to_kohya(state_dict: Mapping[str, Any], alphas: Any, unet_con
         out[f"{name}.lora_down.weight"] = down.detach().contiguous()
         out[f"{name}.lora_up.weight"] = up.detach().contiguous()
         out[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+        if "magnitude" in parts:
+            out[f"{name}.dora_scale"] = _dora_scale(parts["magnitude"], up, key)
     return out
+
+
+def _dora_scale(magnitude: Any, up: Any, key: str) -> Any:
+    """PEFT's magnitude ((out,) linear, (1, out, 1, 1) conv) -> kohya/LyCORIS dora_scale (out, 1[, 1, 1])."""
+    out_channels = up.shape[0]
+    if magnitude.numel() != out_channels:
+        raise ValueError(f"{key}: DoRA magnitude has {magnitude.numel()} values for {out_channels} output channels")
+    return magnitude.detach().reshape(out_channels, *[1] * (up.ndim - 1)).contiguous()
 
 
 def network_dim_and_alpha(tensors: Mapping[str, Any]) -> tuple[str, str]:

@@ -6,11 +6,14 @@ A safetensors header holds strings only; every helper here returns `dict[str, st
 from __future__ import annotations
 
 import datetime as _dt
+import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 SDXL_ARCHITECTURE = "stable-diffusion-xl-v1-base"
 SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
+MODELSPEC_VERSION = "1.0.1"
 PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v", "v": "v"}
 
 
@@ -30,13 +33,14 @@ def modelspec_metadata(
     trigger_phrase: str | None = None,
     date: _dt.datetime | str | None = None,
     description: str | None = None,
+    implementation_version: str | None = None,
 ) -> dict[str, str]:
-    """SAI model spec 1.0.0 keys (what ComfyUI / A1111 / SAI tooling read)."""
+    """SAI model spec 1.0.1 keys, as kohya sd-scripts writes them (ComfyUI / A1111 / SAI tooling read them)."""
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type={prediction_type!r}; expected one of {sorted(PREDICTION_TYPES)}")
     width, height = resolution
     meta = {
-        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": architecture,
         "modelspec.implementation": SGM_IMPLEMENTATION,
         "modelspec.title": title,
@@ -44,23 +48,78 @@ def modelspec_metadata(
         "modelspec.prediction_type": PREDICTION_TYPES[prediction_type],
         "modelspec.date": _iso(date),
     }
-    if trigger_phrase:
-        meta["modelspec.trigger_phrase"] = trigger_phrase
-    if description:
-        meta["modelspec.description"] = description
+    optional = {"trigger_phrase": trigger_phrase, "description": description,
+                "implementation_version": implementation_version}
+    meta.update({f"modelspec.{key}": value for key, value in optional.items() if value})
     return meta
 
 
+def code_provenance(code_dir: Path | None = None) -> dict[str, Any]:
+    """The code that produced a file: tuneline's version plus the git commit and dirty flag of the
+    checkout holding it (`0.1.0+g1a2b3c4d5e6f.dirty`), so the file alone names its code even with
+    tracking off. Outside a git checkout: the version alone, commit "unknown"."""
+    from tuneline import __version__
+    from tuneline.core.tracking.tracker import git_commit, git_dirty
+
+    code_dir = code_dir or Path(__file__).resolve().parent
+    commit = git_commit(code_dir)
+    if commit == "unknown":
+        return {"code_version": __version__, "git_commit": commit, "git_dirty": None}
+    dirty = git_dirty(code_dir)
+    return {"code_version": f"{__version__}+g{commit[:12]}" + (".dirty" if dirty else ""),
+            "git_commit": commit, "git_dirty": dirty}
+
+
 def provenance_metadata(
-    *, data_digest: str, params_digest: str, code_version: str, mlflow_run_id: str | None = None
+    *, data_digest: str, params_digest: str, code_version: str, mlflow_run_id: str | None = None,
+    git_commit: str = "unknown", git_dirty: bool | None = None,
 ) -> dict[str, str]:
-    """What produced the weights: data set, parameters, code, and the MLflow run that logged it."""
+    """What produced the weights: data set, parameters, code (version, commit, dirty), the MLflow run."""
     return {
         "tuneline.data_digest": data_digest,
         "tuneline.params_digest": params_digest,
         "tuneline.code_version": code_version,
+        "tuneline.git_commit": git_commit,
+        "tuneline.git_dirty": "unknown" if git_dirty is None else str(git_dirty).lower(),
         "tuneline.mlflow_run_id": mlflow_run_id or "",
     }
+
+
+def lora_network(lora: Any) -> tuple[str, dict[str, str]]:
+    """(ss_network_module, ss_network_args) of a LoRA: the kohya network that loads it and its arguments,
+    strings as kohya's `--network_args key=value` give them.
+
+    Conv layers (targets "all") train with the same rank and alpha as the linear ones: conv_dim and
+    conv_alpha. A DoRA has no place in kohya's networks.lora (it would drop dora_scale): LyCORIS
+    loads it, with the weight decomposition on the output axis.
+    """
+    args: dict[str, str] = {}
+    if lora.targets == "all":
+        args |= {"conv_dim": str(lora.rank), "conv_alpha": str(float(lora.alpha))}
+    if lora.dropout:
+        args["dropout"] = str(lora.dropout)
+    if lora.use_dora:
+        return "lycoris.kohya", {"algo": "lora", **args, "dora_wd": "True", "wd_on_output": "True"}
+    return "networks.lora", args
+
+
+def _common(
+    *, architecture: str, title: str, data_digest: str, params_digest: str, code_version: str,
+    mlflow_run_id: str | None, git_commit: str, git_dirty: bool | None, prediction_type: str,
+    zero_terminal_snr: bool, resolution: tuple[int, int], trigger_phrase: str | None,
+    date: _dt.datetime | str | None, extra: Mapping[str, Any] | None,
+) -> dict[str, str]:
+    # kohya names its implementation version "sd-scripts/<commit>"; the same with our commit.
+    implementation = f"tuneline/{git_commit if git_commit != 'unknown' else code_version}"
+    meta = modelspec_metadata(architecture=architecture, title=title, resolution=resolution,
+                              prediction_type=prediction_type, trigger_phrase=trigger_phrase, date=date,
+                              implementation_version=implementation)
+    meta.update(provenance_metadata(data_digest=data_digest, params_digest=params_digest, code_version=code_version,
+                                    mlflow_run_id=mlflow_run_id, git_commit=git_commit, git_dirty=git_dirty))
+    meta["tuneline.zero_terminal_snr"] = str(zero_terminal_snr).lower()
+    for key, value in (extra or {}).items():
+        meta[str(key)] = str(value)
+    return meta
 
 
 def kohya_metadata(
@@ -72,7 +131,13 @@ def kohya_metadata(
     params_digest: str,
     code_version: str,
     mlflow_run_id: str | None = None,
+    git_commit: str = "unknown",
+    git_dirty: bool | None = None,
+    network_module: str = "networks.lora",
+    network_args: Mapping[str, str] | None = None,
+    network_dropout: float | None = None,
     prediction_type: str = "epsilon",
+    zero_terminal_snr: bool = False,
     resolution: tuple[int, int] = (1024, 1024),
     trigger_phrase: str | None = None,
     output_name: str | None = None,
@@ -81,33 +146,36 @@ def kohya_metadata(
     base_model_version: str = "sdxl_base_v1-0",
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
-    """Header of a kohya-format SDXL LoRA: the minimal `ss_*` set, `modelspec.*` and provenance.
+    """Header of a kohya-format SDXL LoRA: kohya's minimum `ss_*` set (network args included),
+    `modelspec.*` 1.0.1 and provenance.
 
     `rank`/`alpha` are the network dim and alpha (pass "Dynamic" when they vary per module,
     as kohya does). `alpha` is the REAL alpha the LoRA was trained with, never the rank.
     """
     meta = {
         "ss_base_model_version": base_model_version,
-        "ss_network_module": "networks.lora",
+        "ss_network_module": network_module,
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(alpha),
+        "ss_network_args": json.dumps(dict(network_args or {})),
         "ss_output_name": output_name or title,
         "ss_v2": "False",
         "ss_resolution": f"({resolution[0]}, {resolution[1]})",
         "ss_prediction_type": PREDICTION_TYPES.get(prediction_type, prediction_type),
+        "ss_zero_terminal_snr": str(bool(zero_terminal_snr)),
     }
+    if network_dropout is not None:
+        meta["ss_network_dropout"] = str(network_dropout)
     if training_started_at is not None:
         started = training_started_at
         if isinstance(started, _dt.datetime):  # kohya stores a unix timestamp
             started = str(started.timestamp())
         meta["ss_training_started_at"] = str(started)
-    meta.update(modelspec_metadata(
-        architecture=f"{SDXL_ARCHITECTURE}/lora", title=title, resolution=resolution,
-        prediction_type=prediction_type, trigger_phrase=trigger_phrase, date=date))
-    meta.update(provenance_metadata(data_digest=data_digest, params_digest=params_digest,
-                                    code_version=code_version, mlflow_run_id=mlflow_run_id))
-    for key, value in (extra or {}).items():
-        meta[str(key)] = str(value)
+    meta.update(_common(
+        architecture=f"{SDXL_ARCHITECTURE}/lora", title=title, data_digest=data_digest, params_digest=params_digest,
+        code_version=code_version, mlflow_run_id=mlflow_run_id, git_commit=git_commit, git_dirty=git_dirty,
+        prediction_type=prediction_type, zero_terminal_snr=zero_terminal_snr, resolution=resolution,
+        trigger_phrase=trigger_phrase, date=date, extra=extra))
     return meta
 
 
@@ -118,20 +186,21 @@ def checkpoint_metadata(
     params_digest: str,
     code_version: str,
     mlflow_run_id: str | None = None,
+    git_commit: str = "unknown",
+    git_dirty: bool | None = None,
     prediction_type: str = "epsilon",
+    zero_terminal_snr: bool = False,
     resolution: tuple[int, int] = (1024, 1024),
     trigger_phrase: str | None = None,
     date: _dt.datetime | str | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
-    """Header of a full SDXL single-file checkpoint: `modelspec.*` and provenance."""
-    meta = modelspec_metadata(architecture=SDXL_ARCHITECTURE, title=title, resolution=resolution,
-                              prediction_type=prediction_type, trigger_phrase=trigger_phrase, date=date)
-    meta.update(provenance_metadata(data_digest=data_digest, params_digest=params_digest,
-                                    code_version=code_version, mlflow_run_id=mlflow_run_id))
-    for key, value in (extra or {}).items():
-        meta[str(key)] = str(value)
-    return meta
+    """Header of a full SDXL single-file checkpoint: `modelspec.*` 1.0.1 and provenance."""
+    return _common(
+        architecture=SDXL_ARCHITECTURE, title=title, data_digest=data_digest, params_digest=params_digest,
+        code_version=code_version, mlflow_run_id=mlflow_run_id, git_commit=git_commit, git_dirty=git_dirty,
+        prediction_type=prediction_type, zero_terminal_snr=zero_terminal_snr, resolution=resolution,
+        trigger_phrase=trigger_phrase, date=date, extra=extra)
 
 
 def check_header(metadata: Mapping[str, Any] | None) -> dict[str, str]:

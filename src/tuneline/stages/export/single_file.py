@@ -4,6 +4,8 @@
     first_stage_model.*                           VAE, ldm names; mid attention as 1x1 convs
     conditioner.embedders.0.transformer.text_model.*   CLIP-L, HF names
     conditioner.embedders.1.model.*               OpenCLIP bigG names (fused qkv, text_projection as x @ P)
+    v_pred, ztsnr                                 empty marker tensors of a v-prediction / zero-terminal-SNR
+                                                  model (from the folder's scheduler config)
 
 Each mapping inverts what diffusers' single-file loader reads (`convert_ldm_unet_checkpoint`,
 `convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`, `convert_open_clip_checkpoint`).
@@ -191,6 +193,23 @@ def open_clip_to_ldm(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 # --- the export -----------------------------------------------------------------------------
 
+def prediction_markers(scheduler_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The top-level keys that make a checkpoint load as what it was trained for.
+
+    ComfyUI's SDXL model_type() reads the key `v_pred` (V_PREDICTION) and, with it, `ztsnr`
+    (zero terminal SNR sampling); v-pred SDXL checkpoints in the wild carry both as empty
+    tensors. Without them every loader samples the model as epsilon.
+    """
+    import torch
+
+    markers = {}
+    if scheduler_config.get("prediction_type") == "v_prediction":
+        markers["v_pred"] = torch.tensor([])
+    if scheduler_config.get("rescale_betas_zero_snr"):
+        markers["ztsnr"] = torch.tensor([])
+    return markers
+
+
 def pipeline_state_dicts(pipeline_dir: Path) -> dict[str, dict[str, Any]]:
     """The four weight sets of an SDXL diffusers folder, read from disk without building models."""
     pipeline_dir = Path(pipeline_dir)
@@ -198,7 +217,8 @@ def pipeline_state_dicts(pipeline_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 def sdxl_to_single_file_state_dict(pipeline_dir: Path) -> dict[str, Any]:
-    """The whole SDXL checkpoint in SGM / ldm names (tensors as stored, no dtype change)."""
+    """The whole SDXL checkpoint in SGM / ldm names (tensors as stored, no dtype change), with the
+    v_pred / ztsnr markers its scheduler config calls for."""
     pipeline_dir = Path(pipeline_dir)
     weights = pipeline_state_dicts(pipeline_dir)
     unet_config = _read_config(pipeline_dir / "unet")
@@ -215,6 +235,9 @@ def sdxl_to_single_file_state_dict(pipeline_dir: Path) -> dict[str, Any]:
             raise ValueError(f"two weights map to the same name: {sorted(clash)[:5]}")
         out.update(part)
     _check_against_diffusers_loader(out, weights, unet_config, _read_config(pipeline_dir / "vae"))
+    scheduler = pipeline_dir / "scheduler" / "scheduler_config.json"
+    if scheduler.is_file():
+        out.update(prediction_markers(json.loads(scheduler.read_text("utf-8"))))
     return out
 
 

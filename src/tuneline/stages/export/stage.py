@@ -1,9 +1,19 @@
 """Stage `export`: the trained result as single files other tools load, with a model card.
 
-LoRA -> `<name>.safetensors` in kohya layout (ComfyUI, A1111, diffusers' load_lora_weights);
-full fine-tune -> `<name>.safetensors` single-file SDXL checkpoint (original layout). Both
-carry provenance in their header (data digest, params digest, code version, MLflow run),
-so a file found in a UI folder can be traced back to its inputs.
+What was trained decides the files (`<name>` is export.name):
+
+- LoRA only (UNet and/or text encoders): `<name>.safetensors`, a kohya LoRA (ComfyUI, A1111,
+  diffusers' load_lora_weights; a DoRA carries LyCORIS' `dora_scale`).
+- full only: `<name>.safetensors`, one single-file SDXL checkpoint (original layout).
+- mixed (some parts full, some LoRA): `<name>.safetensors`, the checkpoint holding the fully
+  trained parts (the other parts as in the base model), and `<name>_lora.safetensors`, the kohya
+  LoRA of the LoRA parts, meant at strength 1 on top of that checkpoint. The LoRA is not merged
+  into the checkpoint: in an fp16/bf16 file the rounding would eat much of its update, and two
+  files keep every trained tensor as it was trained (and the LoRA strength adjustable).
+
+Every file carries provenance in its header (data digest, params digest, code version with git
+commit and dirty flag, MLflow run), so a file found in a UI folder can be traced back to its
+inputs. The model card shows samples only when renders/ shows exactly the weights exported.
 """
 
 from __future__ import annotations
@@ -12,18 +22,29 @@ import datetime as _dt
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuneline import __version__
 from tuneline.config import Params
-from tuneline.core.params import ParamsError
 from tuneline.core.fsutil import atomic_path, atomic_write_text, digest_json, link_or_copy, rebuilt_dir
-from tuneline.models.ref import is_tiny
 from tuneline.core.report import StageReport
+from tuneline.models.ref import is_tiny
+from tuneline.stages.train.config import TrainConfig
 
 STAGE = "export"
-LORA_FILE = "pytorch_lora_weights.safetensors"
+COMPONENTS = {"unet": "UNet", "text_encoder_1": "text encoder 1 (CLIP ViT-L)",
+              "text_encoder_2": "text encoder 2 (OpenCLIP bigG)"}
+
+
+@dataclass
+class ExportedFile:
+    """One file of the export: its name, what it is, and which trained components it carries."""
+
+    name: str
+    kind: str  # "checkpoint" or "lora"
+    components: list[str]
+    description: str
 
 
 def _base_unet_config(params: Params, root: Path) -> Path:
@@ -37,22 +58,44 @@ def _base_unet_config(params: Params, root: Path) -> Path:
     return base / "unet" / "config.json"
 
 
-def _metadata_common(params: Params, state: dict[str, Any]) -> dict[str, Any]:
+def trained_modes(trained: TrainConfig) -> dict[str, str]:
+    """unet / text_encoder_1 / text_encoder_2 -> frozen, lora or full, as the run trained them."""
+    return {"unet": trained.mode, "text_encoder_1": trained.text_encoder_1.mode,
+            "text_encoder_2": trained.text_encoder_2.mode}
+
+
+def _names(parts: list[str]) -> str:
+    return " and ".join(COMPONENTS[p] for p in parts)
+
+
+def _metadata_common(params: Params, state: dict[str, Any], trained: TrainConfig) -> dict[str, Any]:
+    from tuneline.stages.export.metadata import code_provenance
+
     triggers = [d.trigger_word for d in params.datasets if d.trigger_word]
     resolution = params.bucket.resolution
     return {
         "title": params.export.name,
         "data_digest": state["data_digest"],
         "params_digest": digest_json(params.model_dump(mode="json")),
-        "code_version": __version__,
+        **code_provenance(),
         "mlflow_run_id": state.get("mlflow_run_id"),
         "prediction_type": state.get("prediction_type", "epsilon"),
+        "zero_terminal_snr": trained.zero_terminal_snr,
         "resolution": (resolution, resolution),
         "trigger_phrase": ", ".join(triggers) or None,
-        "extra": {"tuneline.base_model": params.model.base, "tuneline.steps": str(state["step"]),
-                  "tuneline.random_tiny_model": str(is_tiny(params.model.base)).lower(),
-                  **({"modelspec.author": params.export.author} if params.export.author else {})},
     }
+
+
+def _extra(params: Params, state: dict[str, Any], weights: str, file: ExportedFile,
+           companion: ExportedFile | None) -> dict[str, str]:
+    extra = {"tuneline.base_model": params.model.base, "tuneline.steps": str(state["step"]),
+             "tuneline.random_tiny_model": str(is_tiny(params.model.base)).lower(), "tuneline.weights": weights,
+             "tuneline.trained_components": ",".join(file.components)}
+    if companion is not None:  # mixed modes: neither file alone is the trained model
+        extra["tuneline.companion_file"] = companion.name
+    if params.export.author:
+        extra["modelspec.author"] = params.export.author
+    return extra
 
 
 def _copy_atomically(source: Path, folder: Path) -> Path:
@@ -63,41 +106,84 @@ def _copy_atomically(source: Path, folder: Path) -> Path:
     return target
 
 
-def model_card(params: Params, state: dict[str, Any], file_name: str, kind: str, samples: list[str]) -> str:
-    train = params.train
+def _samples(renders_dir: Path, weights_dir: Path, root: Path, wanted: int,
+             has_lora: bool) -> tuple[list[Path], str | None]:
+    """The final renders to show in the card, or none and why: they must show the exported weights."""
+    from tuneline.stages.render.generate import WEIGHTS_RECORD, weights_identity
+
+    final = Path(renders_dir) / "final"
+    images = sorted(final.glob("*.png"))
+    if wanted == 0:
+        return [], None
+    if not images:
+        return [], f"no renders in {final} (run the render stage)"
+    record = final / WEIGHTS_RECORD
+    if not record.is_file():
+        return [], f"{final} does not say which weights it shows (no {WEIGHTS_RECORD}): run the render stage"
+    seen = json.loads(record.read_text("utf-8"))
+    if seen.get("weights_identity") != weights_identity(weights_dir, root):
+        return [], (f"{final} shows other weights than this export ships (an older training run, or "
+                    f"render.use_ema differs from export.use_ema): run the render stage")
+    if has_lora and seen.get("lora_scale") != 1.0:
+        return [], (f"{final} was rendered at render.lora_scale {seen.get('lora_scale')}; the exported LoRA "
+                    "is meant at strength 1")
+    return images[:wanted], None
+
+
+def _component_line(name: str, mode: str, trained: TrainConfig) -> str:
+    if mode != "lora":
+        return f"- {COMPONENTS[name]}: {mode}"
+    lora = trained.lora
+    return (f"- {COMPONENTS[name]}: {'DoRA' if lora.use_dora else 'LoRA'} rank {lora.rank}, alpha {lora.alpha}"
+            + (f", targets {lora.targets}" if name == "unet" else ""))
+
+
+def model_card(params: Params, state: dict[str, Any], trained: TrainConfig, files: list[ExportedFile],
+               samples: list[str], samples_note: str | None, code_version: str) -> str:
     lines = [f"# {params.export.name}", ""]
     if is_tiny(params.model.base):
         lines += ["> **Random tiny model.** Trained from `tiny-sdxl`, a tiny model with RANDOM weights used for "
                   "tests and demos: this file proves the pipeline works, its images mean nothing.", ""]
+    lines += [f"Fine-tuned SDXL, trained with tuneline {code_version}.", "", "## Files", ""]
+    lines += [f"- `{f.name}`: {f.description}" for f in files]
+    if len(files) > 1:
+        lines += ["", f"Use both: load `{files[1].name}` at strength 1.0 on top of `{files[0].name}`. They were "
+                  "trained together; either file alone is not the trained model."]
+    prediction = state.get("prediction_type", "epsilon")
     lines += [
-        f"{kind} for SDXL, trained with tuneline {__version__}.", "",
-        f"- file: `{file_name}`",
+        "", "## Training", "",
         f"- base model: `{params.model.base}`" + (f" @ `{params.model.revision}`" if params.model.revision else ""),
         "- trigger words: " + (", ".join(f"`{d.trigger_word}` ({d.name})" for d in params.datasets
                                          if d.trigger_word) or "none"),
         f"- steps: {state['step']} (epochs {state['epoch']}), seed {state['seed']}",
-        f"- mode: {train.mode}" + (f", rank {train.lora.rank}, alpha {train.lora.alpha}, targets "
-                                   f"{train.lora.targets}" if train.mode == "lora" else ""),
-        f"- text encoders: 1 {train.text_encoder_1.mode}, 2 {train.text_encoder_2.mode}",
-        f"- optimizer {train.optimizer.name}, lr {train.lr}, schedule {train.schedule.name}, "
-        f"mixed precision {train.mixed_precision}",
-        f"- prediction type: {state.get('prediction_type', 'epsilon')}, resolution {params.bucket.resolution}",
+        *[_component_line(name, mode, trained) for name, mode in trained_modes(trained).items()],
+        f"- optimizer {trained.optimizer.name}, lr {trained.lr}, schedule {trained.schedule.name}, "
+        f"mixed precision {trained.mixed_precision}",
+        f"- prediction type: {prediction}, zero terminal SNR: {'yes' if trained.zero_terminal_snr else 'no'}, "
+        f"resolution {params.bucket.resolution}",
         f"- data digest: `{state['data_digest']}`" + (f", MLflow run `{state['mlflow_run_id']}`"
                                                       if state.get("mlflow_run_id") else ""),
         "",
     ]
     if samples:
         lines += ["## Samples", ""] + [f"![sample]({s})" for s in samples] + [""]
-    lines += ["## Use", "", "ComfyUI / A1111: copy the file into `models/loras` (LoRA) or `models/checkpoints`.",
-              "diffusers: `pipe.load_lora_weights(path)` or `StableDiffusionXLPipeline.from_single_file(path)`.", ""]
-    return "\n".join(lines)
+    elif samples_note:
+        lines += ["## Samples", "", f"None: {samples_note}.", ""]
+    lines += ["## Use", "", "ComfyUI / A1111: checkpoints go into `models/checkpoints`, LoRAs into `models/loras`.",
+              "diffusers: `StableDiffusionXLPipeline.from_single_file(path, config=...)`, `pipe.load_lora_weights(path)`."]
+    if prediction == "v_prediction" or trained.zero_terminal_snr:
+        lines += ["The checkpoint carries the `v_pred` / `ztsnr` keys ComfyUI reads. diffusers' single-file loader "
+                  "ignores them: pass `config=` the exported `diffusers/pipeline` folder, whose scheduler has the "
+                  "trained prediction type and zero-terminal-SNR setting."]
+    return "\n".join(lines + [""])
 
 
 def run(params: Params, root: Path, trained_dir: Path, renders_dir: Path, out_dir: Path,
         metrics_dir: Path | None = None, *, tracker: Any = None) -> StageReport:
-    from tuneline.stages.export.metadata import checkpoint_metadata, kohya_metadata
     from tuneline.stages.export.kohya_lora import export_kohya_lora
+    from tuneline.stages.export.metadata import checkpoint_metadata, kohya_metadata, lora_network
     from tuneline.stages.export.single_file import pipeline_to_single_file
+    from tuneline.stages.render.generate import LORA_FILE, PIPELINE_DIR
 
     started = time.perf_counter()
     root, trained_dir = Path(root), Path(trained_dir)
@@ -106,45 +192,69 @@ def run(params: Params, root: Path, trained_dir: Path, renders_dir: Path, out_di
     if not state_file.is_file():
         raise FileNotFoundError(f"{state_file}: no trained model to export (run the train stage first)")
     state = json.loads(state_file.read_text("utf-8"))
+    trained = TrainConfig.model_validate(state["train_config"])  # what was trained, not today's params.yaml
     config = params.export
-    common = _metadata_common(params, state)
     weights_dir = trained_dir / "ema" if config.use_ema and (trained_dir / "ema").is_dir() else trained_dir
-    common["extra"]["tuneline.weights"] = "ema" if weights_dir != trained_dir else "trained"
-    written: list[Path] = []
+    weights = "ema" if weights_dir != trained_dir else "trained"
+    modes = trained_modes(trained)
+    full = [name for name, mode in modes.items() if mode == "full"]
+    lora = [name for name, mode in modes.items() if mode == "lora"]
+    for parts, found in ((full, weights_dir / PIPELINE_DIR), (lora, weights_dir / LORA_FILE)):
+        if parts and not found.exists():
+            raise FileNotFoundError(f"{found} is missing: the run trained {_names(parts)} ({modes})")
+
+    files: list[ExportedFile] = []
+    if full:
+        untouched = [name for name in modes if name not in full]
+        files.append(ExportedFile(
+            f"{config.name}.safetensors", "checkpoint", full,
+            f"single-file SDXL checkpoint ({config.dtype}) with the fully trained {_names(full)}"
+            + (f"; {_names(untouched)} as in the base model" if untouched else "")))
+    if lora:
+        lora_settings = trained.lora
+        files.append(ExportedFile(
+            f"{config.name}{'_lora' if full else ''}.safetensors", "lora", lora,
+            f"kohya {'DoRA' if lora_settings.use_dora else 'LoRA'} of the {_names(lora)} (rank {lora_settings.rank}, "
+            f"alpha {lora_settings.alpha})" + (f", to apply at strength 1.0 on top of `{files[0].name}`" if full else "")))
+    common = _metadata_common(params, state, trained)
+    samples, samples_note = _samples(Path(renders_dir), weights_dir, root, config.samples, bool(lora))
+    if samples_note and config.samples:
+        report.warnings.append(f"export: no samples in the model card: {samples_note}")
     with rebuilt_dir(out_dir) as staging:
-        file_name = f"{config.name}.safetensors"
-        if (weights_dir / LORA_FILE).is_file():
-            lora = params.train.lora
-            metadata = kohya_metadata(rank=lora.rank, alpha=lora.alpha, output_name=config.name,
-                                      training_started_at=_dt.datetime.fromtimestamp(state["history"][0]["time"],
-                                                                                     _dt.timezone.utc), **common)
-            export_kohya_lora(weights_dir / LORA_FILE, staging / file_name, _base_unet_config(params, root), metadata)
-            kind = "LoRA (kohya layout)"
-        elif (weights_dir / "pipeline").is_dir():
-            pipeline_to_single_file(weights_dir / "pipeline", staging / file_name, config.dtype,
-                                    checkpoint_metadata(**common))
-            kind = f"Full fine-tune (single-file SDXL checkpoint, {config.dtype})"
-        else:
-            raise ParamsError(f"{trained_dir}: neither {LORA_FILE} nor pipeline/ found")
-        written.append(staging / file_name)
+        for file in files:
+            companion = next((other for other in files if other is not file), None)
+            extra = _extra(params, state, weights, file, companion)
+            if file.kind == "checkpoint":
+                pipeline_to_single_file(weights_dir / PIPELINE_DIR, staging / file.name, config.dtype,
+                                        checkpoint_metadata(**common, extra=extra))
+                continue
+            module, network_args = lora_network(trained.lora)
+            started_at = _dt.datetime.fromtimestamp(state["history"][0]["time"], _dt.timezone.utc)
+            metadata = kohya_metadata(rank=trained.lora.rank, alpha=trained.lora.alpha, network_module=module,
+                                      network_args=network_args, network_dropout=trained.lora.dropout,
+                                      output_name=Path(file.name).stem, training_started_at=started_at,
+                                      **common, extra=extra)
+            export_kohya_lora(weights_dir / LORA_FILE, staging / file.name, _base_unet_config(params, root), metadata)
         if config.keep_diffusers:
             for path in trained_dir.rglob("*"):
                 if path.is_file():
                     link_or_copy(path, staging / "diffusers" / path.relative_to(trained_dir))
-        samples = []
-        for image in sorted(Path(renders_dir).glob("final/*.png"))[:config.samples]:
+        for image in samples:
             link_or_copy(image, staging / "samples" / image.name)
-            samples.append(f"samples/{image.name}")
-        atomic_write_text(staging / "README.md", model_card(params, state, file_name, kind, samples))
-    final_file = Path(out_dir) / file_name
+        atomic_write_text(staging / "README.md", model_card(
+            params, state, trained, files, [f"samples/{image.name}" for image in samples], samples_note,
+            common["code_version"]))
+    paths = [Path(out_dir) / file.name for file in files]
     for folder in config.copy_to:
-        target = _copy_atomically(final_file, root / folder)
-        report.extra.setdefault("copied_to", []).append(str(target))
+        for path in paths:
+            report.extra.setdefault("copied_to", []).append(str(_copy_atomically(path, root / folder)))
     if tracker is not None:
-        tracker.log_artifact(final_file, "export")
-        tracker.log_artifact(Path(out_dir) / "README.md", "export")
-    report.computed = 1
-    report.extra.update({"file": str(final_file), "kind": kind, "bytes": final_file.stat().st_size})
+        for path in [*paths, Path(out_dir) / "README.md"]:
+            tracker.log_artifact(path, "export")
+    report.computed = len(paths)
+    report.extra.update({"file": str(paths[0]), "files": [str(p) for p in paths],
+                         "kind": "; ".join(f"{f.name}: {f.description}" for f in files),
+                         "bytes": sum(p.stat().st_size for p in paths), "samples": len(samples)})
     if is_tiny(params.model.base):
         report.warnings.append("exported a model trained from tiny-sdxl: RANDOM weights, for pipeline checks only")
     report.seconds = time.perf_counter() - started

@@ -15,4 +15,4 @@ Importing this package is instant: torch and diffusers load inside the functions
 CODE = ("stages/render/stage.py", "stages/render/generate.py", "stages/render/prompts.py",
         "stages/render/samplers.py", "stages/render/sheets.py", "stages/render/transfer.py",
         "stages/render/diagnostics.py", "models/sdxl.py", "models/loading.py", "models/sdxl_text.py",
-        "stages/render/cache.py", "models/single_file.py", "models/ref.py", "train/loss.py")
+        "stages/render/cache.py", "models/single_file.py", "models/ref.py", "train/loss.py", "core/tensorfile.py")

@@ -26,6 +26,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 PIPELINE_DIR = "pipeline"
 EMA_DIR = "ema"  # optional: models/train/ema/, the EMA weights in the same layout, when saved apart
 LIVE_DIR = "live"  # renders/live/step_NNNNNN/<i>.png (or models/train/live/...)
+WEIGHTS_RECORD = "weights.json"  # renders/final/weights.json: which trained weights the final images show
 ADAPTER_NAME = "trained"
 # diffusers component -> the train section's name for it
 FULL_COMPONENTS = {"unet": None, "text_encoder": "text_encoder_1", "text_encoder_2": "text_encoder_2"}
@@ -83,16 +84,22 @@ def _weights_dir(trained_dir: Path, use_ema: bool, notes: list[str]) -> Path:
     return trained_dir
 
 
-def trained_identity(trained_dir: Path, use_ema: bool, root: Path | None = None) -> dict[str, Any]:
-    """Content identity of the trained weights `apply_trained` would load (their files' digests)."""
+def weights_identity(weights_dir: Path, root: Path | None = None) -> str:
+    """Digest of the trained weights in `weights_dir` (its LoRA file and full pipeline folder): names
+    exactly what a sample was rendered from and what export ships (file digests are cached by stat)."""
+    from tuneline.core.fsutil import digest_json
     from tuneline.models.ref import model_identity
 
-    weights_dir = _weights_dir(trained_dir, use_ema, [])
-    identity: dict[str, Any] = {"prediction_type": trainer_state(trained_dir).get("prediction_type")}
-    for name in (LORA_FILE, PIPELINE_DIR):
-        if (weights_dir / name).exists():
-            identity[name] = model_identity(str((weights_dir / name).resolve()), root=root)
-    return identity
+    weights_dir = Path(weights_dir)
+    return digest_json({name: model_identity(str(weights_dir / name), root=root)
+                        for name in (LORA_FILE, PIPELINE_DIR) if (weights_dir / name).exists()})
+
+
+def trained_identity(trained_dir: Path, use_ema: bool, root: Path | None = None) -> dict[str, Any]:
+    """What decides a trained image besides the base: the weights `apply_trained` loads, and the
+    prediction type their scheduler uses."""
+    return {"prediction_type": trainer_state(trained_dir).get("prediction_type"),
+            "weights": weights_identity(_weights_dir(trained_dir, use_ema, []), root)}
 
 
 @dataclass
@@ -101,6 +108,7 @@ class Applied:
 
     loaded: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    source: Path | None = None  # the folder the weights came from (models/train or models/train/ema)
 
 
 @contextmanager
@@ -125,9 +133,11 @@ def apply_trained(pipeline: Any, trained_dir: Path, lora_scale: float = 1.0, use
     import diffusers
     import transformers
 
+    from tuneline.models.sdxl import inference_scheduler_settings
+
     applied = Applied()
     notes = applied.loaded
-    source = _weights_dir(trained_dir, use_ema, applied.warnings)
+    source = applied.source = _weights_dir(trained_dir, use_ema, applied.warnings)
     state = trainer_state(trained_dir)
     train = state.get("train_config", {})
     full = source / PIPELINE_DIR
@@ -152,11 +162,10 @@ def apply_trained(pipeline: Any, trained_dir: Path, lora_scale: float = 1.0, use
             pipeline.load_lora_weights(source, weight_name=LORA_FILE, adapter_name=ADAPTER_NAME)
         pipeline.set_adapters([ADAPTER_NAME], adapter_weights=[lora_scale])
         notes.append(f"LoRA {lora} at scale {lora_scale}")
-    overrides = {}
-    if train.get("prediction_type") and train["prediction_type"] != pipeline.scheduler.config.get("prediction_type"):
-        overrides["prediction_type"] = train["prediction_type"]
-    if train.get("zero_terminal_snr"):
-        overrides |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    config = pipeline.scheduler.config
+    prediction_type = state.get("prediction_type") or train.get("prediction_type") or config.get("prediction_type")
+    settings = inference_scheduler_settings(prediction_type, bool(train.get("zero_terminal_snr")))
+    overrides = {key: value for key, value in settings.items() if config.get(key) != value}
     if overrides:
         pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config, **overrides)
         notes.append(f"scheduler settings from training: {overrides}")
@@ -205,16 +214,15 @@ def _inference_scheduler(adapter: Any) -> Any:
     import diffusers
 
     from tuneline.models.loading import _base_location
+    from tuneline.models.sdxl import inference_scheduler_settings
 
     model = adapter.model_config
     base = _base_location(model, adapter.root)
     kwargs = {"revision": model.revision} if isinstance(base, str) and model.revision else {}
     config = diffusers.EulerDiscreteScheduler.load_config(base, subfolder="scheduler", **kwargs)
     cls = getattr(diffusers, str(config.get("_class_name")), diffusers.EulerDiscreteScheduler)
-    overrides: dict[str, Any] = {"prediction_type": adapter.prediction_type}
-    if getattr(adapter.config, "zero_terminal_snr", False):
-        overrides |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
-    return cls.from_config(config, **overrides)
+    return cls.from_config(config, **inference_scheduler_settings(adapter.prediction_type,
+                                                                  getattr(adapter.config, "zero_terminal_snr", False)))
 
 
 def pipeline_from_training(adapter: Any, modules: dict[str, Any], vae: Any = None) -> Any:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneline.config import Params
+from tuneline.core.fsutil import atomic_write_json
 from tuneline.models.ref import is_tiny
 from tuneline.core.report import StageReport, console
 
@@ -54,11 +55,14 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
     from tuneline.stages.render.diagnostics import diagnostic_sheet
     from tuneline.stages.render.generate import (
         LIVE_DIR,
+        WEIGHTS_RECORD,
+        _weights_dir,
         apply_trained,
         load_base_pipeline,
         render_prompts,
         trained_identity,
         trainer_state,
+        weights_identity,
     )
     from tuneline.stages.render.prompts import load_prompts
     from tuneline.stages.render.sheets import contact_sheet, live_steps
@@ -98,6 +102,12 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
         render_prompts(pipeline, missing_final, None, path_of=final_cache.path)
     base = base_cache.place(prompts, out_dir / "base")
     final = final_cache.place(prompts, out_dir / "final")
+    # What the final images show, so export can refuse samples of other weights (an older run, the
+    # EMA choice, a LoRA scale other than the exported strength 1).
+    weights_dir = _weights_dir(trained_dir, config.use_ema, [])  # what apply_trained loads
+    atomic_write_json(out_dir / "final" / WEIGHTS_RECORD, {
+        "weights_identity": weights_identity(weights_dir, root),
+        "weights": "trained" if weights_dir == trained_dir else "ema", "lora_scale": config.lora_scale})
     images = [*base, *final]
 
     live = live_steps(trained_dir / LIVE_DIR, out_dir / LIVE_DIR)

@@ -28,6 +28,11 @@ class LoraConfig(Section):
         description="Which UNet layers get adapters: attention projections; + feed-forward layers; "
         "+ conv layers and other linear layers of the resnets (kohya's 'LoCon'-style coverage).",
     )
+    use_dora: bool = Field(
+        False,
+        description="DoRA (PEFT use_dora): also learn a magnitude per output channel of every adapted layer. "
+        "Exported as kohya `dora_scale` (LyCORIS layout, weight decomposition on the output axis).",
+    )
 
 
 class TextEncoderConfig(Section):
