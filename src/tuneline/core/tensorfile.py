@@ -25,14 +25,30 @@ def canonical_header(header: dict) -> bytes:
     return text + b" " * (-len(text) % _ALIGN)
 
 
-def canonicalize(path: Path) -> Path:
-    """Rewrite `path` (atomically) with a sorted header, when it is not sorted already."""
+def save_tensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """safetensors' save_file, atomic, with a canonical header (a multi-GB file is not copied)."""
+    from safetensors.torch import save_file
+
+    with atomic_path(Path(path)) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata or None)
+        canonicalize(tmp, in_place=True)
+    return Path(path)
+
+
+def canonicalize(path: Path, in_place: bool = False) -> Path:
+    """Rewrite `path` with a sorted header, when it is not sorted already: atomically, or with
+    `in_place` (a file no reader trusts yet) by overwriting the header where its length allows."""
     path = Path(path)
     with open(path, "rb") as handle:
         (length,) = struct.unpack("<Q", handle.read(8))
         raw = handle.read(length)
         header = canonical_header(json.loads(raw))
         if header == raw:
+            return path
+        if in_place and len(header) == length:  # the usual case: the same keys in another order
+            with open(path, "r+b") as out:
+                out.seek(8)
+                out.write(header)
             return path
         with atomic_path(path) as tmp, open(tmp, "wb") as out:
             out.write(struct.pack("<Q", len(header)))

@@ -192,17 +192,14 @@ def network_dim_and_alpha(tensors: Mapping[str, Any]) -> tuple[str, str]:
 
 def save_kohya_lora(path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> Path:
     """Write a kohya LoRA .safetensors atomically; refuses keys outside the kohya layout."""
-    from safetensors.torch import save_file
-
-    from tuneline.core.fsutil import atomic_path
+    from tuneline.core.tensorfile import save_tensors
 
     header = check_header(metadata)
     bad = [k for k in tensors if not (k.startswith(tuple(COMPONENT_PREFIXES.values())) and k.endswith(KOHYA_SUFFIXES))]
     if bad:
         raise UnmappedKeyError(f"not kohya LoRA keys: {bad[:5]}{' ...' if len(bad) > 5 else ''}")
     path = Path(path)
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=header)
+    save_tensors({k: v.contiguous() for k, v in tensors.items()}, path, header)
     return path
 
 

@@ -274,9 +274,8 @@ def pipeline_to_single_file(
     (strings only: see `tuneline.stages.export.metadata.checkpoint_metadata`).
     """
     import torch
-    from safetensors.torch import save_file
 
-    from tuneline.core.fsutil import atomic_path
+    from tuneline.core.tensorfile import save_tensors
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; expected one of {DTYPES}")
@@ -287,6 +286,5 @@ def pipeline_to_single_file(
         for key, value in sdxl_to_single_file_state_dict(pipeline_dir).items()
     }
     out_path = Path(out_path)
-    with atomic_path(out_path) as tmp:
-        save_file(tensors, str(tmp), metadata=header or None)
+    save_tensors(tensors, out_path, header)
     return out_path
