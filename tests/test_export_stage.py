@@ -70,6 +70,10 @@ def test_lora_export_header_card_copy_and_diffusers_load(latents_project, tmp_pa
     assert (tmp_path / "comfy/loras/demo.safetensors").read_bytes() == path.read_bytes()
     card = (tmp_path / "export/README.md").read_text()
     assert "RANDOM" in card and "`alf` (alpha)" in card
+    # One provenance, word for word, in the header and the card (and as the MLflow run's tags).
+    for key in ("tuneline.data_digest", "tuneline.params_digest", "tuneline.code_version", "tuneline.git_commit",
+                "tuneline.git_dirty"):
+        assert f"- `{key}`: `{header[key]}`" in card, key
     # The real client: the kohya file renders what the diffusers-format result renders.
     images = []
     for lora in (path, tmp_path / "models/train/ema"):

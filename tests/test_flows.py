@@ -285,7 +285,7 @@ def test_flow_caches_cancels_resumes_and_reruns_only_what_changed(tmp_path):
     parents = [r for r in runs if r.data.tags.get("tuneline.stage") == "pipeline"]
     assert len(parents) == 4
     assert sorted(r.info.status for r in parents) == ["FINISHED", "FINISHED", "FINISHED", "KILLED"]
-    assert all(r.data.tags.get("tuneline.data_digest") for r in parents)
+    assert all(r.data.tags.get("tuneline.raw_data_digest") for r in parents)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == changed["parent_run_id"]]
     assert sorted(r.data.tags["tuneline.stage"] for r in children) == sorted(FLOW_STAGES)
 

@@ -276,9 +276,10 @@ def pipeline(params_path: str = "params.yaml", root: str = ".",
         logger.info("concurrency limit tag:%s = %d", GPU_TAG, gpu_limit)
 
     with Digester(root_path, params.store_dir) as digester:
-        data_digest = digest_json({d.name: digester.tree(str(d.path)) for d in params.datasets})
+        # The raw data set folders; the data digest (tuneline.data_digest) names what training used.
+        raw_data_digest = digest_json({d.name: digester.tree(str(d.path)) for d in params.datasets})
     parent_run_id = start_parent_run(params.tracking, root_path, run_name=f"pipeline {flow_run.get_name() or ''}".strip(),
-                                     tags={"tuneline.data_digest": data_digest, "tuneline.orchestrator": "prefect",
+                                     tags={"tuneline.raw_data_digest": raw_data_digest, "tuneline.orchestrator": "prefect",
                                            "prefect.flow_run_id": flow_run.get_id() or ""})
     summary: dict[str, Any] = {}
     status = "FINISHED"

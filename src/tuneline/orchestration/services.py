@@ -147,9 +147,10 @@ def run_repro(params, root: Path, dvc_args: Sequence[str]) -> int:
 
     root = Path(root).resolve()
     with Digester(root, params.store_dir) as digester:
-        data_digest = digest_json({d.name: digester.tree(str(d.path)) for d in params.datasets})
+        # The raw data set folders; the data digest (tuneline.data_digest) names what training used.
+        raw_data_digest = digest_json({d.name: digester.tree(str(d.path)) for d in params.datasets})
     run_id = start_parent_run(params.tracking, root, "pipeline dvc repro",
-                              tags={"tuneline.data_digest": data_digest, "tuneline.orchestrator": "dvc"})
+                              tags={"tuneline.raw_data_digest": raw_data_digest, "tuneline.orchestrator": "dvc"})
     env = {**os.environ}
     if run_id:
         env[PARENT_RUN_ENV] = run_id

@@ -138,8 +138,18 @@ def _component_line(name: str, mode: str, trained: TrainConfig) -> str:
             + (f", targets {lora.targets}" if name == "unet" else ""))
 
 
+def provenance(common: dict[str, Any]) -> dict[str, str]:
+    """The provenance entries, with the same keys and values in every file's header, the model card
+    and the export's MLflow run."""
+    from tuneline.stages.export.metadata import provenance_metadata
+
+    return provenance_metadata(**{key: common[key] for key in (
+        "data_digest", "params_digest", "code_version", "mlflow_run_id", "git_commit", "git_dirty")})
+
+
 def model_card(params: Params, state: dict[str, Any], trained: TrainConfig, files: list[ExportedFile],
-               samples: list[str], samples_note: str | None, code_version: str) -> str:
+               samples: list[str], samples_note: str | None, common: dict[str, Any]) -> str:
+    code_version = common["code_version"]
     lines = [f"# {params.export.name}", ""]
     if is_tiny(params.model.base):
         lines += ["> **Random tiny model.** Trained from `tiny-sdxl`, a tiny model with RANDOM weights used for "
@@ -161,8 +171,11 @@ def model_card(params: Params, state: dict[str, Any], trained: TrainConfig, file
         f"mixed precision {trained.mixed_precision}",
         f"- prediction type: {prediction}, zero terminal SNR: {'yes' if trained.zero_terminal_snr else 'no'}, "
         f"resolution {params.bucket.resolution}",
-        f"- data digest: `{state['data_digest']}`" + (f", MLflow run `{state['mlflow_run_id']}`"
-                                                      if state.get("mlflow_run_id") else ""),
+        "",
+        "## Provenance", "",
+        "The same entries are in every file's header and on the export's MLflow run. The data digest names "
+        "what was trained on (latents, captions, repeats, loss weights); the params digest, params.yaml.", "",
+        *[f"- `{key}`: `{value}`" for key, value in provenance(common).items() if value],
         "",
     ]
     if samples:
@@ -243,14 +256,17 @@ def run(params: Params, root: Path, trained_dir: Path, renders_dir: Path, out_di
             link_or_copy(image, staging / "samples" / image.name)
         atomic_write_text(staging / "README.md", model_card(
             params, state, trained, files, [f"samples/{image.name}" for image in samples], samples_note,
-            common["code_version"]))
+            common))
     paths = [Path(out_dir) / file.name for file in files]
     for folder in config.copy_to:
         for path in paths:
             report.extra.setdefault("copied_to", []).append(str(_copy_atomically(path, root / folder)))
     if tracker is not None:
+        tracker.set_tags(provenance(common))
         for path in [*paths, Path(out_dir) / "README.md"]:
             tracker.log_artifact(path, "export")
+        for image in sorted((Path(out_dir) / "samples").glob("*.png")):  # the card shows them
+            tracker.log_artifact(image, "export/samples")
     report.computed = len(paths)
     report.extra.update({"file": str(paths[0]), "files": [str(p) for p in paths],
                          "kind": "; ".join(f"{f.name}: {f.description}" for f in files),
