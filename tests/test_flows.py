@@ -289,6 +289,39 @@ def test_flow_caches_cancels_resumes_and_reruns_only_what_changed(tmp_path):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == changed["parent_run_id"]]
     assert sorted(r.data.tags["tuneline.stage"] for r in children) == sorted(FLOW_STAGES)
 
+    # 5. A rename: ingest and bucket run (computing nothing); their outputs are the same, so every
+    #    later task is a cache hit.
+    photo = root / "data/raw/shapes/new_photo.jpg"
+    photo.rename(photo.with_name("renamed_photo.jpg"))
+    renamed = pipeline(root=str(root), overrides={"train.num_steps": 1})
+    cached = {stage: result["cached"] for stage, result in renamed["stages"].items()}
+    assert cached == {"models": False, "ingest": False, "bucket": False, "caption": True, "latents": True,
+                      "train": True}
+    assert (metrics(root, "ingest")["computed"], metrics(root, "bucket")["computed"]) == (0, 0)
+
+    # 6. A model replaced in place (same path, new weights): the latents recompute, all 15.
+    from safetensors.torch import load_file, save_file
+
+    from tuneline.tiny import resolve_tiny
+
+    shutil.copytree(resolve_tiny("tiny-sdxl") / "vae", root / "my-vae")
+    settings = {"train.num_steps": 1, "model.vae": "my-vae"}
+    # A byte-identical copy of the base's VAE: the same identity, nothing to recompute.
+    assert metrics_of(pipeline(root=str(root), overrides=settings), "latents")["computed"] == 0
+    weights = root / "my-vae/diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 0.01
+    save_file(tensors, weights)
+    replaced = pipeline(root=str(root), overrides=settings)
+    assert not replaced["stages"]["latents"]["cached"] and replaced["stages"]["caption"]["cached"] is False
+    assert metrics_of(replaced, "latents")["computed"] == 15 and metrics_of(replaced, "caption")["computed"] == 0
+
+
+def metrics_of(summary: dict, stage: str) -> dict:
+    assert not summary["stages"][stage]["cached"], f"{stage} was a cache hit"
+    return summary["stages"][stage]["metrics"]
+
 
 # --- slow: tuneline ui, tuneline repro ---------------------------------------------------------
 

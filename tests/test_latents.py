@@ -29,9 +29,9 @@ def write_captioned(project, captions: dict[str, str] | None = None) -> list[dic
     bucketed, captioned = project.root / "data/bucketed", project.root / "data/captioned"
     shutil.rmtree(captioned, ignore_errors=True)
     shutil.copytree(bucketed, captioned)
-    records = read_jsonl(bucketed / "manifest.jsonl")
+    records = project.manifest("data/bucketed")  # with each record's source file, looked up by id
     for record in records:
-        name = record["source"].rsplit("/", 1)[-1]
+        name = record.pop("source").rsplit("/", 1)[-1]
         record["caption"] = captions.get(name, f"a photo named {name}")
     write_jsonl(captioned / "manifest.jsonl", records)
     return records
