@@ -287,7 +287,8 @@ def test_flow_caches_cancels_resumes_and_reruns_only_what_changed(tmp_path):
     assert sorted(r.info.status for r in parents) == ["FINISHED", "FINISHED", "FINISHED", "KILLED"]
     assert all(r.data.tags.get("tuneline.raw_data_digest") for r in parents)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == changed["parent_run_id"]]
-    assert sorted(r.data.tags["tuneline.stage"] for r in children) == sorted(FLOW_STAGES)
+    # `models` runs on every repro and keeps no MLflow run (importing mlflow would cost it seconds).
+    assert sorted(r.data.tags["tuneline.stage"] for r in children) == sorted(set(FLOW_STAGES) - {"models"})
 
     # 5. A rename: ingest and bucket run (computing nothing); their outputs are the same, so every
     #    later task is a cache hit.

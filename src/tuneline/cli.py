@@ -32,6 +32,9 @@ def _run_tracked(stage: str, params, root: Path, options: dict):
     """Run a stage inside its MLflow run (a child of the pipeline's run when one is open)."""
     from tuneline.core.tracking.tracker import Tracker
 
+    entry = registry.stage(stage)
+    if not entry.tracked:  # importing mlflow alone would cost it seconds on every `dvc repro`
+        return entry.run(params, root, None, **options)
     is_main = os.environ.get("RANK", "0") == "0"
     shard = options.get("shard")
     run_name = f"{stage} shard {shard[0]}/{shard[1]}" if shard else stage

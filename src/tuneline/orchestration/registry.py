@@ -22,6 +22,7 @@ class Stage:
     writes: str  # output folder
     gpu: bool = False  # wants an accelerator (Prefect's "gpu" concurrency tag)
     shardable: bool = False  # missing items can be computed by several workers (`--shard I/N`)
+    tracked: bool = True  # an MLflow run of its own (not for `models`: a check that runs on every repro)
 
     @property
     def module(self) -> str:
@@ -36,7 +37,7 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("models", (), layout.MODEL_IDENTITY),
+    Stage("models", (), layout.MODEL_IDENTITY, tracked=False),
     Stage("ingest", (), layout.INGESTED),
     Stage("bucket", (layout.INGESTED,), layout.BUCKETED),
     Stage("caption", (layout.BUCKETED,), layout.CAPTIONED, gpu=True, shardable=True),
