@@ -136,25 +136,6 @@ def relative_to_root(path: Path, root: Path) -> str:
         return path.as_posix()
 
 
-@contextlib.contextmanager
-def _folder_lock(final: Path) -> Iterator[bool]:
-    """Serialize builders of one folder across processes; yields whether the lock is exclusive.
-
-    flock is released by the kernel when its holder dies, so a killed build never blocks.
-    """
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): the atomic rename alone still keeps it safe
-        yield False
-        return
-    with open(final.parent / f".{final.name}.lock", "a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
 def build_folder_once(final: Path, build: Callable[[Path], None], is_complete: Callable[[Path], bool]) -> Path:
     """Return `final`, building it first when `is_complete(final)` is false.
 
@@ -162,16 +143,18 @@ def build_folder_once(final: Path, build: Callable[[Path], None], is_complete: C
     marker last; the folder gets its final name by an atomic rename, under a lock, so a
     killed or concurrent build never leaves a folder that `is_complete` trusts.
     """
+    from tuneline.core.lock import exclusive
+
     final = Path(final)
     if is_complete(final):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    with _folder_lock(final) as exclusive:
+    # Builders of one folder take turns (flock: a killed holder releases it).
+    with exclusive(final.parent / f".{final.name}.lock", f"building {final.name}", wait=True):
         if is_complete(final):  # another process built it while we waited
             return final
-        if exclusive:  # no other builder can be running: what is left was killed
-            for leftover in final.parent.glob(f".{final.name}.tmp-*"):
-                shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in final.parent.glob(f".{final.name}.tmp-*"):  # no other builder runs: left by a kill
+            shutil.rmtree(leftover, ignore_errors=True)
         if final.exists():  # no completion marker: not made by this code, do not trust it
             shutil.rmtree(final, ignore_errors=True)
         staging = _staging_dir(final, "tmp")
@@ -182,7 +165,7 @@ def build_folder_once(final: Path, build: Callable[[Path], None], is_complete: C
             try:
                 os.rename(staging, final)
             except OSError:
-                if not is_complete(final):  # lost a lock-free race: the winner's folder is as good
+                if not is_complete(final):  # a builder that ignored the lock won (shared storage): as good
                     raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
