@@ -43,7 +43,7 @@ def _run_tracked(stage: str, params, root: Path, options: dict):
         if section is not None and stage != "train":  # the trainer logs its own, richer set
             tracker.log_params({stage: section, "datasets": [d.model_dump(mode="json") for d in params.datasets]})
         try:
-            report = registry.stage(stage).run(params, root, tracker, **options)
+            report = entry.run(params, root, tracker, **options)
         except Exception as error:
             from tuneline.train.trainer import StopRequested
 

@@ -95,13 +95,6 @@ def weights_identity(weights_dir: Path, root: Path | None = None) -> str:
                         for name in (LORA_FILE, PIPELINE_DIR) if (weights_dir / name).exists()})
 
 
-def trained_identity(trained_dir: Path, use_ema: bool, root: Path | None = None) -> dict[str, Any]:
-    """What decides a trained image besides the base: the weights `apply_trained` loads, and the
-    prediction type their scheduler uses."""
-    return {"prediction_type": trainer_state(trained_dir).get("prediction_type"),
-            "weights": weights_identity(_weights_dir(trained_dir, use_ema, []), root)}
-
-
 @dataclass
 class Applied:
     """What apply_trained put on the pipeline, and what the user should know about it."""

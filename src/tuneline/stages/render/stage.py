@@ -60,7 +60,6 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
         apply_trained,
         load_base_pipeline,
         render_prompts,
-        trained_identity,
         trainer_state,
         weights_identity,
     )
@@ -85,9 +84,12 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     base_weights = {key: entry["identity"] for key, entry in identify(params, root, ("model.base", "model.vae")).items()}
+    weights_dir = _weights_dir(trained_dir, config.use_ema, [])  # what apply_trained loads
+    trained_weights = weights_identity(weights_dir, root)
     base_cache = ImageCache(root / params.store_dir, {"base": base_weights}, device, dtype)
     final_cache = ImageCache(root / params.store_dir, {
-        "base": base_weights, "trained": trained_identity(trained_dir, config.use_ema, root),
+        "base": base_weights,
+        "trained": {"prediction_type": trainer_state(trained_dir).get("prediction_type"), "weights": trained_weights},
         "lora_scale": config.lora_scale, "use_ema": config.use_ema}, device, dtype)
     missing_base, missing_final = base_cache.missing(prompts), final_cache.missing(prompts)
     wants_transfer = config.transfer and len(params.datasets) >= 2
@@ -104,9 +106,8 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
     final = final_cache.place(prompts, out_dir / "final")
     # What the final images show, so export can refuse samples of other weights (an older run, the
     # EMA choice, a LoRA scale other than the exported strength 1).
-    weights_dir = _weights_dir(trained_dir, config.use_ema, [])  # what apply_trained loads
     atomic_write_json(out_dir / "final" / WEIGHTS_RECORD, {
-        "weights_identity": weights_identity(weights_dir, root),
+        "weights_identity": trained_weights,
         "weights": "trained" if weights_dir == trained_dir else "ema", "lora_scale": config.lora_scale})
     images = [*base, *final]
 

@@ -126,6 +126,7 @@ def run(params: Params, root: Path, latents_dir: Path, out_dir: Path, metrics_di
             curve.close()
             atomic_write_bytes(Path(metrics_dir or out_dir) / LOSS_CURVE, curve.path.read_bytes())
     if main:
+        producing = producing_runs(trainer.state)
         with rebuilt_dir(out_dir) as staging:
             trainer.save_outputs(staging)
             live = live_dir(trainer)
@@ -137,8 +138,8 @@ def run(params: Params, root: Path, latents_dir: Path, out_dir: Path, metrics_di
                 "random_tiny_model": is_tiny(params.model.base), "prediction_type": trainer.adapter.prediction_type,
                 # The MLflow runs whose sessions trained these weights (a resumed session that trained
                 # no step did not produce them); the last one is the run export names.
-                "mlflow_run_ids": producing_runs(trainer.state),
-                "mlflow_run_id": (producing_runs(trainer.state) or [None])[-1],
+                "mlflow_run_ids": producing,
+                "mlflow_run_id": (producing or [None])[-1],
                 "ema_weights": trainer.ema is not None})
     else:
         trainer.save_outputs(out_dir)  # joins the barrier; only the main process writes
