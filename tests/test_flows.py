@@ -210,6 +210,59 @@ def test_parameter_form_is_params_with_every_field_optional():
     assert form.model_dump(mode="json", exclude_unset=True) == {"train": {"lr": 0.001, "num_steps": 5}}
 
 
+def _ui_form_post(schema: dict, node: dict, edits: dict) -> dict:
+    """What the Prefect UI's custom-run form posts for an object field: every property present,
+    nested objects expanded, untouched fields null; `edits` (nested) are the fields a person set."""
+    definitions = schema["definitions"]
+    posted = {}
+    for name, prop in node["properties"].items():
+        refs = [option["$ref"] for option in prop.get("anyOf", [prop]) if "$ref" in option]
+        if name in edits and not isinstance(edits[name], dict):
+            posted[name] = edits[name]
+        elif refs:
+            posted[name] = _ui_form_post(schema, definitions[refs[0].rsplit("/", 1)[-1]], edits.get(name, {}))
+        else:
+            posted[name] = None
+    return posted
+
+
+def test_the_ui_forms_nulls_keep_params_yaml_and_set_to_null_sets_null():
+    from tuneline.core.params import ParamsError
+    from tuneline.orchestration.overrides import apply_overrides
+    from tuneline.orchestration.serve import deployment
+
+    schema = deployment(root=str(REPO))._parameter_openapi_schema.model_dump()
+    form = schema["definitions"]["ParamsOverrides"]
+    posted = _ui_form_post(schema, form, {"train": {"lr": 0.0003}})
+    assert posted["train"]["lr"] == 0.0003 and posted["train"]["num_steps"] is None
+    assert posted["train"]["lora"]["rank"] is None and posted["bucket"]["resolution"] is None
+    assert posted["datasets"] is None and posted["set_to_null"] is None
+    nulls = sum(1 for _ in _leaves(posted) if _ is None)
+    assert nulls > 100  # the form really sends every field
+
+    # Through JSON, as the server stores and hands the parameters to the flow run.
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    merged, params = apply_overrides(data, json.loads(json.dumps(posted)))
+    assert params.train.lr == 0.0003
+    expected = {**data, "train": {**data["train"], "lr": 0.0003}}
+    assert merged == expected  # nothing else moved
+
+    # The explicit way to null a field, and `-S key=null` on the command line maps to it.
+    with_vae = {**data, "model": {**data["model"], "vae": "some/vae"}}
+    _, nulled = apply_overrides(with_vae, {**posted, "set_to_null": ["model.vae"]})
+    assert nulled.model.vae is None and nulled.train.lr == 0.0003
+    with pytest.raises(ParamsError, match="set_to_null: expected a list of dotted keys"):
+        apply_overrides(data, {"set_to_null": "model.vae"})
+
+
+def _leaves(node):
+    if isinstance(node, dict):
+        for value in node.values():
+            yield from _leaves(value)
+    else:
+        yield node
+
+
 def test_a_bad_override_stops_the_flow_before_any_task(tmp_path):
     from tuneline.core.params import ParamsError
 

@@ -41,7 +41,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 from prefect import flow, get_run_logger, task  # noqa: E402  (after the setting above)
 
 from tuneline.orchestration import registry
-from tuneline.orchestration.overrides import overrides_model
+from tuneline.orchestration.overrides import SET_TO_NULL, overrides_model
 
 ParamsOverrides = overrides_model()
 
@@ -243,7 +243,8 @@ def pipeline(params_path: str = "params.yaml", root: str = ".",
         params_path: The params file, relative to root unless absolute.
         root: The project root (holds dvc.yaml, data/, .tuneline/).
         overrides: Settings that replace params.yaml's for this run, like `dvc exp run -S`:
-            nested sections or dotted keys ({"train.lr": 0.0001}). Empty fields keep params.yaml.
+            nested sections or dotted keys ({"train.lr": 0.0001}). Empty (null) fields keep
+            params.yaml; list dotted keys in `set_to_null` to set them to null.
         shards: Split caption and latents into this many shard tasks, run at once (each its
             own process, GPUs round robin) into the shared item store, then assemble. 1: no
             sharding. A DaskTaskRunner (prefect-dask) would spread the same tasks over
@@ -335,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml", help="params file, relative to the root")
     parser.add_argument("--root", default=".", help="project root (default: .)")
     parser.add_argument("-S", "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a setting like `dvc exp run -S` (value parsed as YAML); repeatable")
+                        help="override a setting like `dvc exp run -S` (value parsed as YAML; `null` sets null); "
+                             "repeatable")
     parser.add_argument("--overrides", default=None, help="overrides as a JSON object (dotted or nested keys)")
     parser.add_argument("--summary", default=None, help="also write the run summary as JSON to this file")
     parser.add_argument("--shards", type=int, default=1, metavar="N",
@@ -346,7 +348,11 @@ def main(argv: list[str] | None = None) -> int:
         key, sep, value = item.partition("=")
         if not sep:
             parser.error(f"-S {item!r}: expected KEY=VALUE")
-        overrides[key.strip()] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if parsed is None:  # `-S model.vae=null` means null; a null in an override map means "keep"
+            overrides.setdefault(SET_TO_NULL, []).append(key.strip())
+        else:
+            overrides[key.strip()] = parsed
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     from tuneline.core.params import ParamsError
     from tuneline.orchestration.runner import StageProcessFailed

@@ -5,6 +5,10 @@ model the Prefect deployment shows.
 
 Overrides are merged into the params.yaml mapping and validated by `validate_params`
 before anything runs, so a typo gets the same message as in params.yaml itself.
+
+A null never overrides: the Prefect UI's form sends null for every field left empty, and
+an empty field keeps params.yaml's value. To set a field to null for one run, name it in
+`set_to_null` (`{"set_to_null": ["model.vae"]}`; on the command line `-S model.vae=null`).
 """
 
 from __future__ import annotations
@@ -51,15 +55,40 @@ def _merge(base: Any, update: Any) -> Any:
     return copy.deepcopy(update)
 
 
+SET_TO_NULL = "set_to_null"
+
+
+def _without_nulls(value: Any) -> Any:
+    """Drop null values at every depth (in lists' mappings too): an empty form field keeps params.yaml."""
+    if isinstance(value, Mapping):
+        return {key: _without_nulls(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [_without_nulls(item) for item in value]
+    return value
+
+
+def _null_keys(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(k, str) for k in value):
+        raise ParamsError(f"overrides.{SET_TO_NULL}: expected a list of dotted keys such as ['model.vae'], "
+                          f"got {value!r}")
+    return [key.strip() for key in value if key.strip()]
+
+
 def overrides_dict(overrides: Any) -> dict[str, Any]:
-    """The form model, a nested dict or a dict of dotted keys -> a nested dict."""
+    """The form model, a nested dict or a dict of dotted keys -> a nested dict. Nulls are
+    dropped; the keys listed in `set_to_null` are set to None."""
     if overrides is None:
         return {}
     if isinstance(overrides, BaseModel):
         overrides = overrides.model_dump(mode="json", exclude_unset=True)
     if not isinstance(overrides, Mapping):
         raise ParamsError(f"overrides: expected a mapping of dotted keys to values, got {type(overrides).__name__}")
-    return expand_dotted(overrides)
+    overrides = dict(overrides)
+    nulls = _null_keys(overrides.pop(SET_TO_NULL, None))
+    nested = expand_dotted(_without_nulls(overrides))
+    return _merge(nested, expand_dotted({key: None for key in nulls})) if nulls else nested
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Any, source: str = "params.yaml") -> tuple[dict[str, Any], Params]:
@@ -119,6 +148,11 @@ def overrides_model(model: type[BaseModel] = Params) -> type[BaseModel]:
         else:
             new = _optional_annotation(annotation)
         fields[name] = (Optional[new], Field(None, description=info.description, title=info.title))
+    if model is Params:
+        fields[SET_TO_NULL] = (Optional[list[str]], Field(
+            None, title="Set to null",
+            description="Dotted keys to set to null for this run (e.g. model.vae). Empty fields never "
+                        "override: they keep params.yaml's value."))
     title = "ParamsOverrides" if model is Params else f"{model.__name__}Overrides"
     doc = (model.__doc__ or "").strip().splitlines()[0] if model.__doc__ else ""
     return create_model(title, __base__=_Form, __doc__=f"{doc} Empty fields keep params.yaml's value.".strip(),
