@@ -263,6 +263,19 @@ def _leaves(node):
         yield node
 
 
+def test_serve_and_repro_pass_every_argument_on(monkeypatch):
+    from tuneline import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_run_orchestration_command", lambda args: seen.append(args) or 0)
+    cli.main(["--root", "/p", "repro", "--dry", "-s", "train"])
+    cli.main(["serve", "--name", "x", "--params", "other.yaml"])
+    cli.main(["--params", "p.yaml", "repro"])
+    assert seen[0].dvc_args == ["--dry", "-s", "train"] and str(seen[0].root) == "/p"
+    assert seen[1].serve_args == ["--name", "x", "--params", "other.yaml"]
+    assert seen[2].dvc_args == [] and str(seen[2].params) == "p.yaml"
+
+
 def test_a_bad_override_stops_the_flow_before_any_task(tmp_path):
     from tuneline.core.params import ParamsError
 
@@ -419,12 +432,18 @@ def test_repro_gives_dvc_stages_one_parent_run(tmp_path):
     from mlflow import MlflowClient
 
     root = demo_project(tmp_path, ("ingest",))
+    # Options go through to dvc as README promises: --dry shows the stage and runs nothing.
+    dry = subprocess.run([sys.executable, "-m", "tuneline.cli", "repro", "--dry"], cwd=root, env=child_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0 and "python -m stages.ingest" in dry.stdout, dry.stdout + dry.stderr
+    assert not (root / "data/ingested").exists()
     done = subprocess.run([sys.executable, "-m", "tuneline.cli", "repro"], cwd=root, env=child_env(),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Running stage 'ingest'" in done.stdout
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("tuneline").experiment_id])
+    # The dry run ran nothing and left no parent run; the real one has the stage as its child.
     (parent,) = [r for r in runs if r.data.tags.get("tuneline.stage") == "pipeline"]
     (child,) = [r for r in runs if r.data.tags.get("tuneline.stage") == "ingest"]
     assert parent.info.status == "FINISHED" and parent.data.tags["tuneline.orchestrator"] == "dvc"

@@ -143,18 +143,18 @@ def test_git_commit_tag(root, config, client, tmp_path):
     assert git_commit(tmp_path) == "unknown"
     assert git_commit(tmp_path / "missing") == "unknown"
     with Tracker.start(config, root, run_name="ingest", stage="ingest") as tracker:
-        pass
+        tracker.begin()
     assert client.get_run(tracker.run_id).data.tags[GIT_COMMIT_TAG] == head
 
 
 def test_child_runs_under_parent(root, config, client, monkeypatch):
     parent = start_parent_run(config, root, "pipeline", tags={"trigger": "test"})
     with Tracker.start(config, root, run_name="bucket", stage="bucket", parent_run_id=parent) as explicit:
-        pass
+        explicit.log_metrics({"computed": 1})
     monkeypatch.setenv(PARENT_RUN_ENV, parent)
     with Tracker.start(config, root, run_name="caption", stage="caption") as from_env:
-        pass
-    end_parent_run(config, root, parent, "FINISHED")
+        from_env.log_metrics({"computed": 1})
+    assert end_parent_run(config, root, parent, "FINISHED")
 
     for run_id, stage in ((explicit.run_id, "bucket"), (from_env.run_id, "caption")):
         tags = client.get_run(run_id).data.tags
@@ -167,10 +167,59 @@ def test_child_runs_under_parent(root, config, client, monkeypatch):
     assert parent_run.info.run_name == "pipeline"
 
 
+def test_nothing_recorded_means_no_run_and_no_empty_parent(root, config, client, monkeypatch):
+    parent = start_parent_run(config, root, "pipeline")
+    monkeypatch.setenv(PARENT_RUN_ENV, parent)
+    with Tracker.start(config, root, run_name="ingest", stage="ingest") as idle:
+        idle.log_params({"ingest": {"min_size": 64}})  # kept for a run that never comes
+        idle.set_tags({"note": "x"})
+    assert idle.run_id is None and not idle.started
+    assert end_parent_run(config, root, parent, "FINISHED") is False  # every stage was a no-op
+    experiment = client.get_experiment_by_name(config.experiment)
+    assert client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent}'") == []
+    assert client.get_run(parent).info.lifecycle_stage == "deleted"
+    # MLflow 3's UI shows the experiment as model training, not GenAI evaluation.
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_a_continued_run_is_one_run_with_one_curve(root, config, client, monkeypatch):
+    first_parent = start_parent_run(config, root, "pipeline 1")
+    with Tracker.start(config, root, run_name="train", stage="train", parent_run_id=first_parent) as first:
+        first.log_params({"train": {"lr": 0.1, "num_steps": 2}})
+        first.log_metrics({"loss": 1.0}, step=1)
+        first.log_metrics({"loss": 0.9}, step=2)
+        killed_id = first.run_id
+    client.update_run(killed_id, status="RUNNING")  # as a SIGKILLed session leaves it: never ended
+    assert end_parent_run(config, root, first_parent, "KILLED")
+    assert client.get_run(killed_id).info.status == "RUNNING"
+
+    second_parent = start_parent_run(config, root, "pipeline 2")
+    with Tracker.start(config, root, run_name="train", stage="train", parent_run_id=second_parent) as second:
+        second.continue_run(killed_id)
+        second.log_params({"train": {"lr": 0.1, "num_steps": 4}})  # num_steps raised for the resume
+        second.log_metrics({"loss": 0.8}, step=3)
+    assert second.run_id == killed_id
+    run = client.get_run(killed_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.num_steps"] == "2" and run.data.tags["changed_param.train.num_steps"] == "2 -> 4"
+    assert [(m.step, m.value) for m in client.get_metric_history(killed_id, "loss")] == [(1, 1.0), (2, 0.9), (3, 0.8)]
+    assert run.data.tags["mlflow.parentRunId"] == first_parent  # still the child of the run that started it
+    # ... and the pipeline run that continued it names it, so it is not an empty parent.
+    assert end_parent_run(config, root, second_parent, "FINISHED")
+    assert client.get_run(second_parent).data.tags["tuneline.continued_run.train"] == killed_id
+
+    # A run id that no longer exists: a new run, not a failure.
+    client.delete_run(killed_id)
+    with Tracker.start(config, root, run_name="train", stage="train") as third:
+        third.continue_run(killed_id)
+        third.log_metrics({"loss": 0.5}, step=1)
+    assert third.run_id != killed_id and client.get_run(third.run_id).info.status == "FINISHED"
+
+
 def test_stale_parent_env_gives_top_level_run(root, config, client, monkeypatch):
     monkeypatch.setenv(PARENT_RUN_ENV, "0" * 32)
     with Tracker.start(config, root, run_name="latents", stage="latents") as tracker:
-        pass
+        tracker.begin()
     assert "mlflow.parentRunId" not in client.get_run(tracker.run_id).data.tags
 
 
@@ -188,6 +237,7 @@ def test_status_on_exception(root, config, client, error, status):
 def test_system_metrics_sampled(root, client):
     config = TrackingConfig(system_metrics=True, system_metrics_interval_s=0.2)
     with Tracker.start(config, root, run_name="train", stage="train") as tracker:
+        tracker.begin()
         time.sleep(0.7)
     metrics = client.get_run(tracker.run_id).data.metrics
     assert "system/cpu_utilization_percentage" in metrics
@@ -235,6 +285,7 @@ def test_system_metrics_log_every_gpu_separately(root, client, monkeypatch):
 
     config = TrackingConfig(system_metrics=True, system_metrics_interval_s=0.2)
     with Tracker.start(config, root, run_name="train", stage="train") as tracker:
+        tracker.begin()
         time.sleep(0.5)
     metrics = client.get_run(tracker.run_id).data.metrics
     assert metrics["system/gpu_0_utilization_percentage"] == 10

@@ -29,7 +29,8 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def _run_tracked(stage: str, params, root: Path, options: dict):
-    """Run a stage inside its MLflow run (a child of the pipeline's run when one is open)."""
+    """Run a stage inside its MLflow run (a child of the pipeline's run when one is open). The run
+    is created only when the stage records something: a stage with nothing to do imports no mlflow."""
     from tuneline.core.tracking.tracker import Tracker
 
     entry = registry.stage(stage)
@@ -50,8 +51,9 @@ def _run_tracked(stage: str, params, root: Path, options: dict):
             if isinstance(error, StopRequested):  # stopped on request, resumable: not a failure
                 tracker.end("KILLED")
             raise
-        tracker.log_metrics({k: v for k, v in report.metrics().items()
-                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        if report.computed or tracker.started:  # a stage that found nothing to do leaves no run
+            tracker.log_metrics({k: v for k, v in report.metrics().items()
+                                 if isinstance(v, (int, float)) and not isinstance(v, bool)})
         return report
 
 
@@ -147,6 +149,27 @@ def _add_orchestration_commands(commands) -> None:
     repro.add_argument("dvc_args", nargs=argparse.REMAINDER, help="arguments passed on to `dvc repro`")
 
 
+# Commands whose arguments all go to another program (dvc repro, flows.serve), options included.
+PASSTHROUGH = {"repro": "dvc_args", "serve": "serve_args"}
+_GLOBAL_OPTIONS_WITH_VALUE = ("--params", "--root")
+
+
+def _passthrough_split(argv: list[str]) -> int:
+    """Index after a pass-through command word (`tuneline --root x repro --dry` -> 3), else len(argv).
+    argparse's REMAINDER would refuse a leading option (`repro --dry`), so the rest is cut off first."""
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        if token in _GLOBAL_OPTIONS_WITH_VALUE:
+            index += 2
+            continue
+        if token.startswith("-"):
+            index += 1
+            continue
+        return index + 1 if token in PASSTHROUGH else len(argv)
+    return len(argv)
+
+
 def _run_orchestration_command(args) -> int:
     from tuneline.core.report import print_error
 
@@ -182,7 +205,11 @@ def main(argv: list[str] | None = None) -> int:
                                  help="compute only shard I of N of the missing items into the shared store "
                                       "(no output folder, no metrics); then run without --shard to assemble")
     _add_orchestration_commands(commands)
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passed_on = _passthrough_split(argv)
+    args = parser.parse_args(argv[:passed_on])
+    if args.command in PASSTHROUGH:
+        setattr(args, PASSTHROUGH[args.command], argv[passed_on:])
     if args.command in ("ui", "serve", "repro"):
         return _run_orchestration_command(args)
     if args.command == "check":

@@ -13,8 +13,8 @@ Caching: a task's key is a digest of its inputs' content, its params subset and 
 (tuneline.orchestration.cachekey, read from dvc.yaml); results and cache records live in
 <root>/.tuneline/prefect. An unchanged rerun is all cache hits: no stage process starts.
 
-Tracking: one MLflow parent run per flow run; every stage process is a child of it
-(TUNELINE_PARENT_RUN_ID).
+Tracking: one MLflow parent run per flow run; every stage process that records something
+is a child of it (TUNELINE_PARENT_RUN_ID). A flow run where nothing ran leaves no run.
 
 Scale-out: with `shards=N` (`--shards N`) the caption and latents steps become N shard
 tasks (`python -m tuneline.cli ... <stage> --shard i/N`, each its own process, GPU
@@ -284,6 +284,7 @@ def pipeline(params_path: str = "params.yaml", root: str = ".",
                                            "prefect.flow_run_id": flow_run.get_id() or ""})
     summary: dict[str, Any] = {}
     status = "FINISHED"
+    kept = False
     try:
         for spec in specs:
             with Digester(root_path, params.store_dir) as digester:
@@ -313,8 +314,9 @@ def pipeline(params_path: str = "params.yaml", root: str = ".",
         status = _status_of(error)
         raise
     finally:
-        end_parent_run(params.tracking, root_path, parent_run_id, status)
-    return {"parent_run_id": parent_run_id, "params_file": str(merged_params), "stages": summary}
+        # A run where every stage was a cache hit or a no-op leaves no (empty) parent run.
+        kept = end_parent_run(params.tracking, root_path, parent_run_id, status)
+    return {"parent_run_id": parent_run_id if kept else None, "params_file": str(merged_params), "stages": summary}
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:

@@ -9,9 +9,20 @@ A disabled tracker, or one started outside the main process, is a `NullTracker` 
 methods do nothing, so callers never branch on whether tracking is on. mlflow is
 imported inside functions: importing this module stays cheap.
 
+The MLflow run starts at the first thing worth recording (a metric, an image, an
+artifact, `begin()`, or a failure): a stage that finds nothing to do imports no mlflow
+(seconds per process) and leaves no empty run. Params and tags given before are kept
+and logged when it starts.
+
+One training run is one MLflow run: `continue_run(run_id)` makes the tracker reopen that
+run (status RUNNING again, same curve) instead of creating one, so a resumed or a
+SIGKILLed-then-restarted training run keeps a single loss curve.
+
 Parent runs: a pipeline driver (DVC wrapper, Prefect flow) calls `start_parent_run`,
 exports the id as TUNELINE_PARENT_RUN_ID, and every stage started under it becomes a
 child run (MLflow's `mlflow.parentRunId` tag) without passing the id around.
+`end_parent_run` deletes a parent under which nothing ran (every stage a cache hit or a
+no-op), so the UI lists no empty pipeline runs.
 """
 
 from __future__ import annotations
@@ -50,6 +61,12 @@ _logger = logging.getLogger(__name__)
 PARENT_RUN_ENV = "TUNELINE_PARENT_RUN_ID"
 STAGE_TAG = "tuneline.stage"
 GIT_COMMIT_TAG = "tuneline.git_commit"
+# Set on a pipeline run whose session continued an earlier stage run (a resumed training run
+# stays the child of the pipeline run that started it): the parent is then not empty.
+CONTINUED_TAG = "tuneline.continued_run"
+# MLflow 3's UI shows an experiment of this kind in its model-training view (runs, metrics,
+# charts) instead of the GenAI one ("Evaluation runs", traces).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 # MLflow's own limits (mlflow.utils.validation); repeated here so flattening needs no mlflow import.
 MAX_PARAM_VALUE_LENGTH = 6000
@@ -176,7 +193,20 @@ class Tracker:
 
     @property
     def run_id(self) -> str | None:
+        """The MLflow run id (starts the run); None when not tracking."""
         return None
+
+    @property
+    def started(self) -> bool:
+        """True once the MLflow run exists (something was recorded)."""
+        return False
+
+    def begin(self) -> None:
+        """Start the run now (e.g. a training session that will train), not at the first log call."""
+
+    def continue_run(self, run_id: str | None) -> None:
+        """Reopen this earlier run when the run starts, instead of creating a new one (the same
+        training run resumed). A run that no longer exists is replaced by a new one, with a warning."""
 
     def log_params(self, params: Mapping[str, Any] | Any) -> None:
         """Log nested params flattened to dotted keys. MLflow params are write-once:
@@ -227,7 +257,8 @@ def _experiment_id(client, config: TrackingConfig, root: Path) -> str:
     experiment = client.get_experiment_by_name(config.experiment)
     if experiment is None:
         try:
-            return client.create_experiment(config.experiment, artifact_location=config.resolved_artifact_root(root))
+            return client.create_experiment(config.experiment, artifact_location=config.resolved_artifact_root(root),
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException:
             # Another stage (parallel Prefect task) created it between the two calls.
             experiment = client.get_experiment_by_name(config.experiment)
@@ -236,6 +267,8 @@ def _experiment_id(client, config: TrackingConfig, root: Path) -> str:
     if experiment.lifecycle_stage == "deleted":
         # A deleted experiment keeps its name reserved; bring it back rather than fail.
         client.restore_experiment(experiment.experiment_id)
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) is None:  # made by us or by hand: a training experiment
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return experiment.experiment_id
 
 
@@ -246,86 +279,138 @@ def _standard_tags(root: Path, stage: str, tags: Mapping[str, Any]) -> dict[str,
 
 
 class MlflowTracker(Tracker):
-    """A live MLflow run. Started through the fluent API so MLflow's own system metrics
-    monitor runs with it; logging goes through an MlflowClient with the explicit run id,
-    so it works from any thread."""
+    """A live MLflow run, created at the first thing worth recording. Started through the
+    fluent API so MLflow's own system metrics monitor runs with it; logging goes through an
+    MlflowClient with the explicit run id, so it works from any thread."""
 
-    def __init__(self, client, run_id: str) -> None:
-        self._client = client
-        self._run_id = run_id
+    def __init__(self, config: TrackingConfig, root: Path, run_name: str, stage: str, tags: dict[str, Any],
+                 parent_run_id: str | None) -> None:
+        self._config, self._root, self._run_name, self._stage = config, Path(root), run_name, stage
+        self._tags, self._parent_run_id = dict(tags), parent_run_id
+        self._pending_params: dict[str, str] = {}
+        self._continue_id: str | None = None
+        self._client: Any = None
+        self._run_id: str | None = None
         self._ended = False
         self._warned_non_finite = False
 
     @classmethod
-    def _start(
-        cls,
-        config: TrackingConfig,
-        root: Path,
-        run_name: str,
-        stage: str,
-        tags: dict[str, Any],
-        parent_run_id: str | None,
-    ) -> "MlflowTracker":
+    def _start(cls, config: TrackingConfig, root: Path, run_name: str, stage: str, tags: dict[str, Any],
+               parent_run_id: str | None) -> "MlflowTracker":
+        return cls(config, root, run_name, stage, tags, parent_run_id)
+
+    @property
+    def started(self) -> bool:
+        return self._run_id is not None
+
+    def continue_run(self, run_id: str | None) -> None:
+        if self.started:
+            raise RuntimeError("continue_run must be called before the run starts")
+        self._continue_id = run_id or None
+
+    def begin(self) -> None:
+        if self._run_id is not None or self._ended:
+            return
         mlflow = _mlflow()
         from mlflow import MlflowClient
 
-        uri = config.resolved_tracking_uri(root)
+        uri = self._config.resolved_tracking_uri(self._root)
         # Process-wide: the fluent run and the system metrics monitor read the global URI.
         mlflow.set_tracking_uri(uri)
         client = MlflowClient(uri)
-        experiment_id = _experiment_id(client, config, root)
-        if parent_run_id is None:
-            parent_run_id = _parent_from_env(client)
-        if config.system_metrics:
-            mlflow.set_system_metrics_sampling_interval(config.system_metrics_interval_s)
-        # nested=True: a run already active in this thread (a notebook, a flow) becomes the parent
-        # instead of an error; an explicit parent_run_id must then be that run.
-        run = mlflow.start_run(
-            experiment_id=experiment_id,
-            run_name=run_name,
-            nested=True,
-            parent_run_id=parent_run_id,
-            tags=_standard_tags(root, stage, tags),
-            log_system_metrics=config.system_metrics,
-        )
-        return cls(client, run.info.run_id)
+        experiment_id = _experiment_id(client, self._config, self._root)
+        parent_run_id = self._parent_run_id if self._parent_run_id is not None else _parent_from_env(client)
+        if self._config.system_metrics:
+            mlflow.set_system_metrics_sampling_interval(self._config.system_metrics_interval_s)
+        tags = _standard_tags(self._root, self._stage, self._tags)
+        continued = self._continuable(client, experiment_id)
+        if continued is not None:
+            # The same run again: RUNNING, its curve continues; it stays the child of the pipeline
+            # run that started it, and the current pipeline run names it.
+            run = mlflow.start_run(run_id=continued, nested=True, tags=tags, log_system_metrics=self._config.system_metrics)
+            if parent_run_id and parent_run_id != run.data.tags.get("mlflow.parentRunId"):
+                client.set_tag(parent_run_id, f"{CONTINUED_TAG}.{self._stage}", continued)
+        else:
+            # nested=True: a run already active in this thread (a notebook, a flow) becomes the parent
+            # instead of an error; an explicit parent_run_id must then be that run.
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=self._run_name, nested=True,
+                                   parent_run_id=parent_run_id, tags=tags, log_system_metrics=self._config.system_metrics)
+        self._client, self._run_id = client, run.info.run_id
+        if self._pending_params:
+            self._write_params(self._pending_params, existing=run.data.params if continued else {})
+            self._pending_params = {}
+
+    def _continuable(self, client, experiment_id: str) -> str | None:
+        if not self._continue_id:
+            return None
+        try:
+            earlier = client.get_run(self._continue_id)
+        except Exception as error:  # another database, a malformed id
+            _logger.warning("cannot continue MLflow run %s (%s): starting a new run", self._continue_id, error)
+            return None
+        if earlier.info.lifecycle_stage == "deleted" or earlier.info.experiment_id != experiment_id:
+            _logger.warning("cannot continue MLflow run %s (deleted or in another experiment): starting a new run",
+                            self._continue_id)
+            return None
+        return self._continue_id
+
+    def _write_params(self, flat: Mapping[str, str], existing: Mapping[str, str]) -> None:
+        """MLflow params are write-once: a continued run logs only new keys, and a changed value
+        (num_steps raised for a resume) as a tag."""
+        from mlflow.entities import Param
+
+        new = [Param(key, value) for key, value in flat.items() if key not in existing]
+        changed = {f"changed_param.{key}": f"{existing[key]} -> {value}" for key, value in flat.items()
+                   if key in existing and existing[key] != value}
+        for batch in _chunks(new, MAX_PARAMS_PER_BATCH):
+            self._client.log_batch(self._run_id, params=batch)
+        if changed:
+            self.set_tags(changed)
 
     @property
     def active(self) -> bool:
         return not self._ended
 
     @property
-    def run_id(self) -> str:
+    def run_id(self) -> str | None:
+        self.begin()  # after end(): the run's id, or None when nothing was recorded
         return self._run_id
 
     def log_params(self, params: Mapping[str, Any] | Any) -> None:
-        from mlflow.entities import Param
-
-        flat = [Param(key, value) for key, value in flatten_params(params).items()]
-        for batch in _chunks(flat, MAX_PARAMS_PER_BATCH):
-            self._client.log_batch(self._run_id, params=batch)
+        flat = flatten_params(params)
+        if not self.started:
+            self._pending_params.update(flat)
+            return
+        existing = self._client.get_run(self._run_id).data.params if self._continue_id else {}
+        self._write_params(flat, existing)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        from mlflow.entities import Metric
-
         timestamp, finite, skipped = _now_ms(), [], []
         for key, value in metrics.items():
             value = float(value)  # also takes 0-d tensors and numpy scalars
             if math.isfinite(value):
-                finite.append(Metric(_key(key), value, timestamp, step or 0))
+                finite.append((_key(key), value))
             else:
                 skipped.append(key)
         if skipped and not self._warned_non_finite:
             # Once per run: a diverged loss would otherwise warn at every step.
             _logger.warning("not logging non-finite metric values (first: %s at step %s)", skipped, step)
             self._warned_non_finite = True
-        for batch in _chunks(finite, MAX_METRICS_PER_BATCH):
-            self._client.log_batch(self._run_id, metrics=batch)
+        if not finite:
+            return
+        self.begin()
+        from mlflow.entities import Metric
+
+        batch = [Metric(key, value, timestamp, step or 0) for key, value in finite]
+        for chunk in _chunks(batch, MAX_METRICS_PER_BATCH):
+            self._client.log_batch(self._run_id, metrics=chunk)
 
     def log_image(self, image: "Image.Image", artifact_path: str) -> None:
+        self.begin()
         self._client.log_image(self._run_id, image, artifact_file=artifact_path)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.begin()
         path = Path(path)
         if path.is_dir():
             self._client.log_artifacts(self._run_id, str(path), artifact_path)
@@ -333,6 +418,9 @@ class MlflowTracker(Tracker):
             self._client.log_artifact(self._run_id, str(path), artifact_path)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if not self.started:
+            self._tags.update(tags)
+            return
         from mlflow.entities import RunTag
 
         batch = [RunTag(_key(str(k)), str(v)[:MAX_TAG_VALUE_LENGTH]) for k, v in tags.items()]
@@ -342,6 +430,11 @@ class MlflowTracker(Tracker):
     def end(self, status: str = "FINISHED") -> None:
         if self._ended:
             return
+        if not self.started:
+            if status == "FINISHED":  # nothing was recorded: no run at all
+                self._ended = True
+                return
+            self.begin()  # a failure or a stop is worth a record, even of a stage that logged nothing
         self._ended = True
         mlflow = _mlflow()
         active = mlflow.active_run()
@@ -395,11 +488,27 @@ def start_parent_run(
     return run.info.run_id
 
 
-def end_parent_run(config: TrackingConfig, root: Path, run_id: str | None, status: str = "FINISHED") -> None:
-    """End a run made by `start_parent_run` with FINISHED, FAILED or KILLED."""
+def end_parent_run(config: TrackingConfig, root: Path, run_id: str | None, status: str = "FINISHED") -> bool:
+    """End a run made by `start_parent_run` with FINISHED, FAILED or KILLED. A finished parent
+    under which nothing was recorded (every stage a cache hit or a no-op) is deleted instead:
+    returns False then, True when the run was kept."""
     if not config.enabled or not run_id:
-        return
+        return False
     _mlflow()
     from mlflow import MlflowClient
 
-    MlflowClient(config.resolved_tracking_uri(Path(root))).set_terminated(run_id, status)
+    client = MlflowClient(config.resolved_tracking_uri(Path(root)))
+    if status == "FINISHED" and _ran_nothing(client, run_id):
+        client.delete_run(run_id)  # soft delete: hidden in the UI, `mlflow gc` removes it
+        return False
+    client.set_terminated(run_id, status)
+    return True
+
+
+def _ran_nothing(client, run_id: str) -> bool:
+    run = client.get_run(run_id)
+    if any(key.startswith(CONTINUED_TAG + ".") for key in run.data.tags):
+        return False
+    children = client.search_runs([run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
+                                  max_results=1)
+    return not children
