@@ -306,31 +306,49 @@ def test_the_trained_lora_file_has_a_sorted_header(latents_project, tmp_path):
     assert list(header["__metadata__"]) == sorted(header["__metadata__"])
 
 
-def test_the_loss_history_survives_resumes_and_names_the_producing_runs(latents_project, tmp_path):
+def test_one_training_run_is_one_mlflow_run_with_one_loss_curve(latents_project, tmp_path):
+    """Three sessions of one training run (a run to step 2, a resume to 4 after the first was
+    left RUNNING as a SIGKILL leaves it, one with nothing to do) are one MLflow run with one
+    curve from step 1 to 4; the idle session opens no run."""
     from accelerate.state import AcceleratorState
+    from mlflow import MlflowClient
 
-    from tuneline.stages.train.stage import LOSS_CURVE
+    from tuneline.core.tracking.tracker import Tracker
+    from tuneline.stages.train.stage import LOSS_CURVE, MLFLOW_RUN_FILE
     from tuneline.stages.train.stage import run as run_train
 
     root = latents_project.root
+    tracking = {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "artifact_root": str(tmp_path / "art"),
+                "system_metrics": False}
 
-    def session(steps: int, run_id: str) -> None:
-        class Tracker:  # what the train stage asks of MLflow's tracker
-            def __init__(self) -> None:
-                self.run_id = run_id
-
-            def __getattr__(self, name):
-                return lambda *args, **kwargs: None
-
+    def session(steps: int, **settings) -> None:
+        params = train_params(latents_project, num_steps=steps, **settings)
+        params = params.model_copy(update={"tracking": params.tracking.model_copy(update=tracking)})
         AcceleratorState._reset_state(True)
         (tmp_path / "metrics" / LOSS_CURVE).unlink(missing_ok=True)  # DVC deletes it before the stage runs
-        run_train(train_params(latents_project, num_steps=steps), root, root / "data/latents", tmp_path / "out",
-                  tmp_path / "metrics", tracker=Tracker(), checkpoint_dir=tmp_path / "checkpoints")
+        with Tracker.start(params.tracking, root, run_name="train", stage="train") as tracker:
+            run_train(params, root, root / "data/latents", tmp_path / "out", tmp_path / "metrics",
+                      tracker=tracker, checkpoint_dir=tmp_path / "checkpoints")
 
-    session(2, "first")
-    session(4, "second")  # resumes at 2
-    session(4, "third")  # done already: trains nothing
+    session(2)
+    client = MlflowClient(tracking["tracking_uri"])
+    (run_dir,) = [p for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()]
+    run_id = json.loads((run_dir / MLFLOW_RUN_FILE).read_text())["run_id"]
+    client.update_run(run_id, status="RUNNING")  # as a SIGKILL during the next step would leave it
+    session(4)  # resumes at 2 and continues the same MLflow run
+    session(4)  # done already: trains nothing, opens no run
     rows = (tmp_path / "metrics" / LOSS_CURVE).read_text().splitlines()
     assert [row.split(",")[0] for row in rows] == ["step", "1", "2", "3", "4"]
+    (run,) = client.search_runs([client.get_experiment_by_name("tuneline").experiment_id])
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 4]
+    assert run.data.tags["changed_param.train.num_steps"] == "2 -> 4"
     state = json.loads((tmp_path / "out/trainer_state.json").read_text())
-    assert state["mlflow_run_ids"] == ["first", "second"] and state["mlflow_run_id"] == "second"
+    assert state["mlflow_run_id"] == run_id and "mlflow_run_ids" not in state
+
+    # Another training run (new settings) while the first is still marked RUNNING (killed, never
+    # resumed): only one train runs per project, so that one is dead and is marked KILLED.
+    client.update_run(run_id, status="RUNNING")
+    session(1, lr=2e-3)
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert json.loads((tmp_path / "out/trainer_state.json").read_text())["mlflow_run_id"] != run_id

@@ -137,7 +137,6 @@ class Trainer:
                     f"new run {self.run_key}: the checkpoints in {self.checkpoint_root} ({', '.join(others)}) are of "
                     "other settings or data, so this run starts from the base model")
         self.state.history.append({"started_at_step": self.state.step, "time": time.time(),
-                                   "mlflow_run_id": getattr(self.tracker, "run_id", None),
                                    "processes": self.accelerator.num_processes})
 
     def _resolve_seed(self) -> int:

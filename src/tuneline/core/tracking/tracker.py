@@ -208,6 +208,9 @@ class Tracker:
         """Reopen this earlier run when the run starts, instead of creating a new one (the same
         training run resumed). A run that no longer exists is replaced by a new one, with a warning."""
 
+    def end_orphans(self, run_ids: list[str]) -> None:
+        """Mark these runs KILLED where they are still RUNNING (their process died without ending them)."""
+
     def log_params(self, params: Mapping[str, Any] | Any) -> None:
         """Log nested params flattened to dotted keys. MLflow params are write-once:
         logging a key again with a different value is an error."""
@@ -383,6 +386,15 @@ class MlflowTracker(Tracker):
             return
         existing = self._client.get_run(self._run_id).data.params if self._continue_id else {}
         self._write_params(flat, existing)
+
+    def end_orphans(self, run_ids: list[str]) -> None:
+        self.begin()
+        for run_id in run_ids:
+            try:
+                if run_id != self._run_id and self._client.get_run(run_id).info.status == "RUNNING":
+                    self._client.set_terminated(run_id, "KILLED")
+            except Exception as error:  # gone, or another database: nothing to end
+                _logger.debug("not ending run %s: %s", run_id, error)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         timestamp, finite, skipped = _now_ms(), [], []

@@ -10,6 +10,7 @@ changed settings or data start a new run (see tuneline.train.checkpoint.run_key)
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 import time
 from pathlib import Path
@@ -48,12 +49,34 @@ class LossCurve:
         self.handle.close()
 
 
-def producing_runs(state: Any) -> list[str]:
-    """MLflow run ids of the training sessions that advanced the step count, oldest first."""
-    sessions = state.history
-    ends = [later["started_at_step"] for later in sessions[1:]] + [state.step]
-    return [session["mlflow_run_id"] for session, end in zip(sessions, ends)
-            if end > session["started_at_step"] and session.get("mlflow_run_id")]
+MLFLOW_RUN_FILE = "mlflow_run.json"
+
+
+def recorded_mlflow_run(checkpoint_dir: Path) -> str | None:
+    """The MLflow run of this training run (one per run key, kept beside its checkpoints)."""
+    path = Path(checkpoint_dir) / MLFLOW_RUN_FILE
+    try:
+        return json.loads(path.read_text("utf-8")).get("run_id") or None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def track_training_run(trainer: Any, tracker: Any) -> str | None:
+    """One MLflow run per training run: a session that will train continues the run recorded
+    beside the checkpoints (resumed, or SIGKILLed and left RUNNING), or starts it and records it.
+    Runs of this project's other training runs still marked RUNNING died (only one train runs
+    per project, see the CLI's stage lock): they are marked KILLED. Returns the run id."""
+    recorded = recorded_mlflow_run(trainer.checkpoint_dir)
+    if tracker is None or not tracker.active or trainer.state.step >= trainer.total_steps:
+        return recorded  # nothing to train: no run is opened
+    tracker.continue_run(recorded)
+    tracker.begin()
+    if tracker.run_id != recorded:
+        atomic_write_json(trainer.checkpoint_dir / MLFLOW_RUN_FILE, {"run_id": tracker.run_id})
+    others = [recorded_mlflow_run(folder) for folder in trainer.checkpoint_root.iterdir()
+              if folder.is_dir() and folder != trainer.checkpoint_dir]
+    tracker.end_orphans([run_id for run_id in others if run_id])
+    return tracker.run_id
 
 
 def live_dir(trainer: Any) -> Path:
@@ -99,6 +122,7 @@ def run(params: Params, root: Path, latents_dir: Path, out_dir: Path, metrics_di
     # declared outputs such as metrics/train_loss.csv before a stage runs); the metrics file is
     # a copy of it, rewritten at the end of every session.
     curve = LossCurve(trainer.checkpoint_dir / LOSS_CURVE, trainer.state.step) if main else None
+    mlflow_run_id = track_training_run(trainer, tracker) if main else None
     if tracker is not None:
         tracker.log_params({"train": params.train.model_dump(mode="json"), "model": params.model.model_dump(mode="json"),
                             "seed_used": trainer.seed, "data_digest": trainer.data_digest,
@@ -126,7 +150,6 @@ def run(params: Params, root: Path, latents_dir: Path, out_dir: Path, metrics_di
             curve.close()
             atomic_write_bytes(Path(metrics_dir or out_dir) / LOSS_CURVE, curve.path.read_bytes())
     if main:
-        producing = producing_runs(trainer.state)
         with rebuilt_dir(out_dir) as staging:
             trainer.save_outputs(staging)
             live = live_dir(trainer)
@@ -136,10 +159,8 @@ def run(params: Params, root: Path, latents_dir: Path, out_dir: Path, metrics_di
                 **trainer.state.to_json(), "seed_used": trainer.seed, "data_digest": trainer.data_digest,
                 "train_config": params.train.model_dump(mode="json"), "model": params.model.model_dump(mode="json"),
                 "random_tiny_model": is_tiny(params.model.base), "prediction_type": trainer.adapter.prediction_type,
-                # The MLflow runs whose sessions trained these weights (a resumed session that trained
-                # no step did not produce them); the last one is the run export names.
-                "mlflow_run_ids": producing,
-                "mlflow_run_id": (producing or [None])[-1],
+                # The training run's one MLflow run (the same for all its sessions): export names it.
+                "mlflow_run_id": mlflow_run_id,
                 "ema_weights": trainer.ema is not None})
     else:
         trainer.save_outputs(out_dir)  # joins the barrier; only the main process writes
