@@ -319,6 +319,15 @@ def test_flow_caches_cancels_resumes_and_reruns_only_what_changed(tmp_path):
     assert "finishing this step, then saving a checkpoint" in output
     stopped_at = int(next(root.glob("checkpoints/train/*/latest")).read_text().strip().rsplit("_", 1)[-1])
     assert stopped_at >= 1
+    # An orderly stop, not a crash: the train task and the flow run end Cancelled, the log names
+    # the checkpoint and the command that resumes this run, overrides included.
+    assert "Crash detected" not in output and "Traceback" not in output
+    checkpoint = next(root.glob("checkpoints/train/*/step_*"))
+    assert f"checkpoint {checkpoint.parent}" in output
+    assert (f"To resume, run: python -m flows.pipeline --root {root} -S train.num_steps=1000 "
+            "-S train.checkpoint.every_steps=1") in output
+    flow_state, task_states = last_flow_run_states()
+    assert flow_state == "Cancelled" and task_states["train"] == "Cancelled", (flow_state, task_states)
 
     # 2. Run again: the data stages are cache hits, training resumes from the checkpoint.
     resumed = pipeline(root=str(root), overrides={"train.num_steps": stopped_at + 1})
@@ -328,10 +337,11 @@ def test_flow_caches_cancels_resumes_and_reruns_only_what_changed(tmp_path):
                       "train": False}
     assert (metrics(root, "train")["reused"], metrics(root, "train")["computed"]) == (stopped_at, 1)
 
-    # 3. Unchanged: every task is a cache hit and no stage process starts.
+    # 3. Unchanged: every task is a cache hit and no stage process starts; no (empty) MLflow run.
     before = (root / "metrics/train.json").stat().st_mtime_ns
     again = pipeline(root=str(root), overrides={"train.num_steps": stopped_at + 1})
     assert all(result["cached"] for stage, result in again["stages"].items() if stage != "models")
+    assert again["parent_run_id"] is None
     # A hit ran nothing: it reports no metrics as if it had.
     assert all(result["metrics"] is None for stage, result in again["stages"].items() if stage != "models")
     assert (root / "metrics/train.json").stat().st_mtime_ns == before
@@ -344,13 +354,18 @@ def test_flow_caches_cancels_resumes_and_reruns_only_what_changed(tmp_path):
         found = metrics(root, stage)
         assert (found["computed"], found["reused"] + found.get("given", 0)) == (1, 14), stage
 
-    # MLflow: one parent per flow run, the stages its children; the terminated one is KILLED.
+    # MLflow: one parent per flow run that ran something (not the all-cached one), the stages its
+    # children; the terminated one is KILLED. Its training run was continued by the resume: one
+    # MLflow run, one curve.
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("tuneline").experiment_id
     runs = client.search_runs([experiment], max_results=200)
     parents = [r for r in runs if r.data.tags.get("tuneline.stage") == "pipeline"]
-    assert len(parents) == 4
-    assert sorted(r.info.status for r in parents) == ["FINISHED", "FINISHED", "FINISHED", "KILLED"]
+    assert sorted(r.info.status for r in parents) == ["FINISHED", "FINISHED", "KILLED"]
+    resumed_parent = client.get_run(resumed["parent_run_id"])
+    train_run = client.get_run(resumed_parent.data.tags["tuneline.continued_run.train"])
+    assert train_run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(train_run.info.run_id, "loss")][-1] == stopped_at + 1
     assert all(r.data.tags.get("tuneline.raw_data_digest") for r in parents)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == changed["parent_run_id"]]
     # `models` runs on every repro and keeps no MLflow run (importing mlflow would cost it seconds).
@@ -383,6 +398,18 @@ def test_flow_caches_cancels_resumes_and_reruns_only_what_changed(tmp_path):
     replaced = pipeline(root=str(root), overrides=settings)
     assert not replaced["stages"]["latents"]["cached"] and replaced["stages"]["caption"]["cached"] is False
     assert metrics_of(replaced, "latents")["computed"] == 15 and metrics_of(replaced, "caption")["computed"] == 0
+
+
+def last_flow_run_states() -> tuple[str, dict[str, str]]:
+    """The newest flow run's state and its task runs' states, from Prefect's database."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        (run,) = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+    return run.state.name, {task.name: task.state.name for task in tasks}
 
 
 def metrics_of(summary: dict, stage: str) -> dict:

@@ -101,6 +101,9 @@ def run_stage(stage: str, params_path: Path, root: Path, options: dict | None = 
 
         if isinstance(error, StopRequested):
             print_error("stopped", str(error))
+            from tuneline.core.stops import write_stop_record
+
+            write_stop_record(stage, str(error), error.checkpoint)
             return 143
         if isinstance(error, (TrainingDiverged, ResumeRefused)):
             print_error("training stopped", str(error))

@@ -47,6 +47,7 @@ ParamsOverrides = overrides_model()
 
 # Tasks of stages that want an accelerator (registry: gpu=True) carry this tag (see ensure_gpu_limit).
 GPU_TAG = "gpu"
+FLOW_NAME = "tuneline-pipeline"
 RESULTS_BLOCK_PREFIX = "tuneline-results-"
 
 
@@ -119,20 +120,28 @@ def stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
 
 @task(name="stage", cache_key_fn=stage_cache_key, persist_result=True)
 def run_stage(stage: str, root: str, params_file: str, cache_key: str, outs: list[str],
-              parent_run_id: Optional[str] = None) -> dict[str, Any]:
-    """Run one stage as a subprocess in its own process group; record its outputs under the key."""
+              parent_run_id: Optional[str] = None, resume: Optional[str] = None) -> Any:
+    """Run one stage as a subprocess in its own process group; record its outputs under the key.
+    Stopped on request (a cancel, Ctrl-C, SIGTERM): returns a Cancelled state naming the
+    checkpoint and `resume`, the command that resumes this flow run."""
     import json
 
-    from tuneline.orchestration.cachekey import STATE_DIR, output_fingerprint, write_record
-    from tuneline.orchestration.runner import run_stage_process
-    from tuneline.orchestration.spec import StageSpec
+    from tuneline.core.stops import RESUME_COMMAND_ENV, STOP_RECORD_ENV
     from tuneline.core.tracking.tracker import PARENT_RUN_ENV
+    from tuneline.orchestration.cachekey import STATE_DIR, output_fingerprint, write_record
+    from tuneline.orchestration.runner import StageStopped, run_stage_process
+    from tuneline.orchestration.spec import StageSpec
 
     logger = get_run_logger()
     root_path = Path(root)
     running = root_path / STATE_DIR / "running" / f"{stage}.pid"
     running.parent.mkdir(parents=True, exist_ok=True)
+    stop_record = running.with_suffix(".stopped.json")
+    stop_record.unlink(missing_ok=True)
     env = {PARENT_RUN_ENV: parent_run_id} if parent_run_id else {}
+    env[STOP_RECORD_ENV] = str(stop_record)
+    if resume:
+        env[RESUME_COMMAND_ENV] = resume
 
     def started(pgid: int) -> None:
         running.write_text(f"{pgid}\n")  # the stage's process group, for tools and tests
@@ -140,6 +149,8 @@ def run_stage(stage: str, root: str, params_file: str, cache_key: str, outs: lis
 
     try:
         run_stage_process(stage, Path(params_file), root_path, env=env, on_start=started, echo=logger.info)
+    except StageStopped as stopped:
+        return _stopped(stopped, stop_record, resume, logger)
     finally:
         running.unlink(missing_ok=True)
     spec = StageSpec(stage, "", (), (), (), tuple(outs))
@@ -148,6 +159,20 @@ def run_stage(stage: str, root: str, params_file: str, cache_key: str, outs: lis
     metrics_file = root_path / "metrics" / f"{stage}.json"
     metrics = json.loads(metrics_file.read_text("utf-8")) if metrics_file.is_file() else None
     return {"stage": stage, "key": cache_key, "outputs": fingerprint, "metrics": metrics}
+
+
+def _stopped(stopped: Any, stop_record: Path, resume: Optional[str], logger: Any) -> Any:
+    """A stage stopped on request: an orderly stop, so Cancelled (not Crashed), with where it saved."""
+    from prefect.states import Cancelled
+
+    from tuneline.core.stops import read_stop_record
+
+    record = read_stop_record(stop_record)
+    stop_record.unlink(missing_ok=True)
+    saved = f"; checkpoint {record['checkpoint']}" if record.get("checkpoint") else ""
+    message = f"stage {stopped.stage} stopped on request (signal {stopped.signum}){saved}"
+    logger.warning("%s. To resume, run: %s", message, resume or "this flow again with the same parameters")
+    return Cancelled(message=message)
 
 
 def shard_cache_key(context: Any, parameters: dict[str, Any]) -> str:
@@ -225,6 +250,31 @@ def run_shards(stage: str, count: int, root: Path, params_file: Path, cache_key:
     return [{"shard": f"{i}/{count}", "cached": state.name == "Cached"} for i, state in enumerate(states)]
 
 
+def _resume_command(params_path: str, root: Path, overrides: Any, shards: int) -> str:
+    """The command that runs this flow run again with the same parameters (and so resumes it):
+    `prefect deployment run` for a deployment's run, else `python -m flows.pipeline`."""
+    import json
+    import shlex
+
+    from prefect.runtime import deployment
+
+    from tuneline.orchestration.overrides import override_args, overrides_dict
+
+    if deployment.get_id():
+        parameters: dict[str, Any] = {"overrides": overrides_dict(overrides) or None}
+        if shards != 1:
+            parameters["shards"] = shards
+        return shlex.join(["prefect", "deployment", "run", f"{FLOW_NAME}/{deployment.get_name()}",
+                           "--params", json.dumps(parameters)]) + " (or Run in the Prefect UI with the same parameters)"
+    args = ["python", "-m", "flows.pipeline", "--root", str(root)]
+    if params_path != "params.yaml":
+        args += ["--params", params_path]
+    args += override_args(overrides)
+    if shards != 1:
+        args += ["--shards", str(shards)]
+    return shlex.join(args)
+
+
 def _status_of(error: BaseException) -> str:
     from tuneline.orchestration.runner import STOPPED_EXIT_CODE, StageProcessFailed
 
@@ -233,7 +283,7 @@ def _status_of(error: BaseException) -> str:
     return "FAILED" if isinstance(error, Exception) else "KILLED"  # KeyboardInterrupt, TerminationSignal
 
 
-@flow(name="tuneline-pipeline", validate_parameters=False)
+@flow(name=FLOW_NAME, validate_parameters=False)
 def pipeline(params_path: str = "params.yaml", root: str = ".",
              overrides: Optional[ParamsOverrides] = None,  # type: ignore[valid-type]
              shards: int = 1) -> dict[str, Any]:
@@ -282,6 +332,7 @@ def pipeline(params_path: str = "params.yaml", root: str = ".",
     parent_run_id = start_parent_run(params.tracking, root_path, run_name=f"pipeline {flow_run.get_name() or ''}".strip(),
                                      tags={"tuneline.raw_data_digest": raw_data_digest, "tuneline.orchestrator": "prefect",
                                            "prefect.flow_run_id": flow_run.get_id() or ""})
+    resume = _resume_command(params_path, root_path, overrides, shards)
     summary: dict[str, Any] = {}
     status = "FINISHED"
     kept = False
@@ -301,7 +352,10 @@ def pipeline(params_path: str = "params.yaml", root: str = ".",
             )
             state = stage_task(stage=spec.name, root=str(root_path), params_file=str(merged_params),
                                cache_key=key.key, outs=list(spec.outs), parent_run_id=parent_run_id,
-                               return_state=True)
+                               resume=resume, return_state=True)
+            if state.is_cancelled():  # stopped on request, checkpoint saved: the flow run ends Cancelled too
+                status = "KILLED"
+                return state
             result = state.result()  # raises the stage's error: the flow stops at a failed stage
             cached = state.name == "Cached"
             # A cache hit ran nothing: the cached result's metrics belong to the run that made the outputs.
@@ -357,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides[key.strip()] = parsed
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     from tuneline.core.params import ParamsError
+    from prefect.exceptions import CancelledRun
+
     from tuneline.orchestration.runner import StageProcessFailed
     from tuneline.core.report import print_error
 
@@ -369,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     except StageProcessFailed as error:
         print_error("stage failed", str(error))
         return error.returncode if error.returncode in (2, 143) else 1
+    except CancelledRun as error:  # stopped on request (SIGTERM, Ctrl-C): the checkpoint is saved
+        print_error("stopped", str(error))
+        return 143
     text = json.dumps(summary, indent=2, default=str)
     if args.summary:
         Path(args.summary).write_text(text, "utf-8")

@@ -14,6 +14,7 @@ an empty field keeps params.yaml's value. To set a field to null for one run, na
 from __future__ import annotations
 
 import copy
+import json
 import typing
 from functools import lru_cache
 from pathlib import Path
@@ -100,6 +101,22 @@ def apply_overrides(data: Mapping[str, Any], overrides: Any, source: str = "para
 
 def load_with_overrides(params_path: Path | str, overrides: Any = None) -> tuple[dict[str, Any], Params]:
     return apply_overrides(read_params_file(params_path), overrides, str(params_path))
+
+
+def override_args(overrides: Any) -> list[str]:
+    """The overrides as `-S key=value` arguments of `python -m flows.pipeline` (values as JSON,
+    which `-S` reads as YAML; a key set to null as `key=null`)."""
+    args: list[str] = []
+
+    def walk(node: Mapping[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, Mapping) and value:
+                walk(value, f"{prefix}{key}.")
+            else:
+                args.extend(["-S", f"{prefix}{key}={json.dumps(value, ensure_ascii=False)}"])
+
+    walk(overrides_dict(overrides), "")
+    return args
 
 
 def write_params_file(data: Mapping[str, Any], folder: Path) -> Path:

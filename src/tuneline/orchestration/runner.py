@@ -5,9 +5,9 @@ group, and never leave it behind.
   only the driver, which decides what the stage gets: one SIGTERM to the whole group. The
   trainer then finishes its step, saves a checkpoint and exits 143; the next run resumes.
 - While the driver waits it holds SIGTERM and SIGINT (main thread only): the first one is
-  forwarded to the group; once the group has exited, the signal is re-raised with the
-  previous handler in place, so Prefect (or Python's default) handles it as it would have
-  (flow run Cancelled / Crashed, KeyboardInterrupt, exit 143).
+  forwarded to the group; once the group has exited, `StageStopped` is raised: an orderly
+  stop on request (the trainer saved a checkpoint), which the flow turns into a Cancelled
+  task and flow run rather than letting Prefect see a signal in a task (a crash).
 - Any other exception while waiting (a cancellation raised in the driver) does the same:
   SIGTERM to the group, wait, SIGKILL after `grace_s`, re-raise.
 - On Linux the child also gets PR_SET_PDEATHSIG=SIGTERM: if the driver is SIGKILLed, the
@@ -29,6 +29,14 @@ from typing import Callable, Mapping, Sequence
 
 STOPPED_EXIT_CODE = 143  # the trainer's exit status after a SIGTERM-triggered checkpoint
 DEFAULT_GRACE_S = 300.0  # finishing a step and writing a full checkpoint can take minutes on real models
+
+
+class StageStopped(Exception):
+    """The driver got SIGTERM/SIGINT (a cancel, Ctrl-C), passed it on, and the stage has stopped."""
+
+    def __init__(self, stage: str, signum: int, returncode: int | None, tail: str) -> None:
+        self.stage, self.signum, self.returncode, self.tail = stage, signum, returncode, tail
+        super().__init__(f"stage {stage!r} stopped by signal {signum} (exit status {returncode})")
 
 
 class StageProcessFailed(RuntimeError):
@@ -107,8 +115,8 @@ def run_stage_process(
 
     `on_start(pgid)` is called once the group exists; `echo(line)` gets every output line
     (default: print); `args` go after the stage name (`--shard 0/4`). Raises
-    StageProcessFailed on a non-zero exit; re-raises a received SIGTERM/SIGINT after the
-    stage has stopped.
+    StageProcessFailed on a non-zero exit, StageStopped when a SIGTERM/SIGINT arrived (after
+    the stage has stopped).
     """
     command = stage_command(stage, Path(params_file), Path(root), args=args)
     child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
@@ -167,10 +175,8 @@ def run_stage_process(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         reader.join(timeout=10)
-    if received:
-        # Now that the stage has stopped, let the driver handle the signal as it would have.
-        signal.raise_signal(received[0])
-        raise KeyboardInterrupt  # a handler that returned: still do not go on to the next stage
+    if received:  # stopped on request: never go on to the next stage
+        raise StageStopped(stage, received[0], process.returncode, "\n".join(tail))
     if process.returncode != 0:
         raise StageProcessFailed(stage, process.returncode, "\n".join(tail))
     return "\n".join(tail)

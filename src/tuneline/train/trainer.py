@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneline.config import Params
+from tuneline.core.stops import resume_command
 from tuneline.train import checkpoint
 from tuneline.train.data import LatentData
 from tuneline.train.sampler import BucketBatchSampler
@@ -34,7 +35,11 @@ class TrainingDiverged(RuntimeError):
 
 
 class StopRequested(RuntimeError):
-    """SIGTERM/SIGINT arrived; a checkpoint was saved."""
+    """SIGTERM/SIGINT arrived; a checkpoint was saved (`checkpoint`)."""
+
+    def __init__(self, message: str, checkpoint: Path | None = None) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
 
 
 @dataclass
@@ -380,7 +385,8 @@ class Trainer:
                     saved = self.save()
                     raise StopRequested(
                         f"stopped by signal {self.stop_signal} at step {self.state.step}; checkpoint "
-                        f"{saved or self.checkpoint_dir}. Run the same command again (or `dvc repro`) to resume.")
+                        f"{saved or self.checkpoint_dir}. To resume, run {resume_command()}",
+                        saved or self.checkpoint_dir)
                 if self._checkpoint_due(epoch_before) and not self._done():
                     self.save()
             self.save()
