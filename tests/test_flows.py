@@ -404,11 +404,12 @@ def last_flow_run_states() -> tuple[str, dict[str, str]]:
     """The newest flow run's state and its task runs' states, from Prefect's database."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.client.schemas.sorting import FlowRunSort, TaskRunSort
 
-    with get_client(sync_client=True) as client:
+    with get_client(sync_client=True) as client:  # sort and limit given: see README on HTTP 422
         (run,) = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)
-        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])),
+                                      sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=50)
     return run.state.name, {task.name: task.state.name for task in tasks}
 
 
