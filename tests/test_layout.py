@@ -119,7 +119,8 @@ def test_registry_dvc_yaml_and_entry_points_agree():
 # imports are not followed. Tiny models count through the content of the files they build.
 NOT_RESULT_SHAPING = ("tuneline.config", "tuneline.preflight", "tuneline.cli", "tuneline.core.params",
                       "tuneline.core.fsutil", "tuneline.core.store", "tuneline.core.manifest", "tuneline.core.report",
-                      "tuneline.core.parallel", "tuneline.core.layout", "tuneline.core.lock",
+                      "tuneline.core.parallel", "tuneline.core.layout", "tuneline.core.lock", "tuneline.core.logs",
+                      "tuneline.core.stops",
                       "tuneline.core.codeversion", "tuneline.core.tracking", "tuneline.orchestration", "tuneline.tiny")
 
 

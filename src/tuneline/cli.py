@@ -79,7 +79,10 @@ def run_stage(stage: str, params_path: Path, root: Path, options: dict | None = 
     from tuneline.core.report import print_error, print_warning
     from tuneline.preflight import preflight
 
+    from tuneline.core import logs
+
     options = options or {}
+    logs.configure(root, stage)
     try:
         params = load_params(params_path)
         for note in preflight(params, root, stages=(stage,)):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tuneline.core.logs import quiet_libraries
 from tuneline.core.params import ParamsError
 from tuneline.stages.models.config import ModelConfig
 from tuneline.core.fsutil import digest_json
@@ -122,6 +123,7 @@ def text_encoder_sources(model: ModelConfig, root: Path | None) -> dict[str, Com
 
 def load_vae(model: ModelConfig, root: Path | None, dtype: str = "auto", device: str = "auto") -> Any:
     """The AutoencoderKL of `model`, frozen, in eval mode, in `dtype` on `device` (config names, 'auto' allowed)."""
+    quiet_libraries()  # before the import: it warns while importing
     from diffusers import AutoencoderKL
 
     device = resolve_device(device)
@@ -135,6 +137,7 @@ def load_vae(model: ModelConfig, root: Path | None, dtype: str = "auto", device:
 def load_text_encoders(model: ModelConfig, root: Path | None, dtype: str = "auto",
                        device: str = "auto") -> tuple[list[Any], list[Any]]:
     """([tokenizer, tokenizer_2], [text_encoder, text_encoder_2]) of an SDXL base, encoders frozen in eval mode."""
+    quiet_libraries()  # before the import: it warns while importing
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     device = resolve_device(device)

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from tuneline.core.logs import quiet_libraries
 from tuneline.core.params import ParamsError
 from tuneline.core.tensorfile import canonicalize
 from tuneline.stages.models.config import ModelConfig
@@ -68,6 +69,7 @@ class SDXLAdapter:
     # --- loading and set-up -----------------------------------------------------------
 
     def load(self) -> None:
+        quiet_libraries()  # before the import: it warns while importing
         from diffusers import DDPMScheduler, UNet2DConditionModel
 
         base = _base_location(self.model_config, self.root)

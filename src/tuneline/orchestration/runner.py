@@ -16,8 +16,10 @@ group, and never leave it behind.
 
 from __future__ import annotations
 
+import codecs
 import ctypes
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -100,6 +102,44 @@ def stop_group(process: subprocess.Popen, grace_s: float = DEFAULT_GRACE_S, sent
         _signal_group(pgid, signal.SIGKILL)
 
 
+PROGRESS_INTERVAL_S = 5.0  # a progress bar reaches a log (Prefect's) at most this often
+_LINE_END = re.compile(r"\r\n|\n|\r")
+
+
+class OutputLines:
+    """A stage's output as log lines. A progress bar redraws itself after a carriage return, and
+    each redraw would become one log record (64 records for 30 training steps): redraws pass at
+    most every `interval_s`, while every newline-ended line (the bar's final state included) and
+    nothing blank passes."""
+
+    def __init__(self, emit: Callable[[str], None], interval_s: float = PROGRESS_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.emit, self.interval_s, self.clock = emit, interval_s, clock
+        self.pending = ""
+        self.last_progress = float("-inf")
+
+    def feed(self, text: str) -> None:
+        self.pending += text
+        while (match := _LINE_END.search(self.pending)) is not None:
+            if match.group() == "\r" and match.end() == len(self.pending):
+                break  # maybe the first half of a CRLF: wait for the next read
+            segment, ending = self.pending[:match.start()].rstrip(), match.group()
+            self.pending = self.pending[match.end():]
+            if not segment.strip():
+                continue
+            if ending == "\r":  # redrawn next: pass it only when the last one is old enough
+                now = self.clock()
+                if now - self.last_progress < self.interval_s:
+                    continue
+                self.last_progress = now
+            self.emit(segment)
+
+    def close(self) -> None:
+        tail, self.pending = self.pending.strip(), ""
+        if tail:
+            self.emit(tail)
+
+
 def run_stage_process(
     stage: str,
     params_file: Path,
@@ -123,20 +163,26 @@ def run_stage_process(
     process = subprocess.Popen(
         command, cwd=root, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         start_new_session=True, preexec_fn=_set_parent_death_signal if sys.platform == "linux" else None,
-        text=True, errors="replace", bufsize=1,
     )
     tail: deque[str] = deque(maxlen=tail_lines)
     echo = echo or (lambda line: print(line, flush=True))
 
+    def record(line: str) -> None:
+        tail.append(line)
+        try:
+            echo(line)
+        except Exception:  # logging must never kill the pump (the pipe would fill up)
+            pass
+
     def pump() -> None:
         assert process.stdout is not None
-        for line in process.stdout:
-            line = line.rstrip("\n")
-            tail.append(line)
-            try:
-                echo(line)
-            except Exception:  # logging must never kill the pump (the pipe would fill up)
-                pass
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        lines = OutputLines(record)
+        while chunk := os.read(process.stdout.fileno(), 65536):
+            lines.feed(decoder.decode(chunk))
+        lines.feed(decoder.decode(b"", final=True))
+        lines.close()
+        process.stdout.close()
 
     reader = threading.Thread(target=pump, name=f"{stage}-output", daemon=True)
     reader.start()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tuneline.core.logs import quiet_libraries
 from tuneline.stages.caption.text import clean_caption
 from tuneline.core.params import ParamsError
 
@@ -103,6 +104,7 @@ def load_florence(source: Path | str, revision: str | None, device: str, dtype: 
                   num_beams: int, max_new_tokens: int) -> Florence:
     """Load model and processor from a local folder or a hub id (resolved by tuneline.models.ref)."""
     import torch
+    quiet_libraries()  # before the import: it warns while importing
     from transformers import AutoProcessor, Florence2ForConditionalGeneration
 
     # A revision only means something for a hub id; local folders are what they are.

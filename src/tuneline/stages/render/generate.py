@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tuneline.core.logs import quiet_libraries
 from tuneline.stages.models.config import ModelConfig
 from tuneline.core.fsutil import atomic_path
 from tuneline.stages.render.prompts import RenderPrompt
@@ -42,6 +43,7 @@ def save_png(image: Any, path: Path) -> Path:
 
 def load_base_pipeline(model_config: ModelConfig, root: Path | None, device: str = "auto", dtype: str = "auto") -> Any:
     """The base StableDiffusionXLPipeline of `model_config` (model.vae swapped in when set), on `device`."""
+    quiet_libraries()  # before the import: it warns while importing
     from diffusers import StableDiffusionXLPipeline
 
     from tuneline.models.loading import _base_location, load_vae, resolve_device, resolve_dtype, torch_dtype
@@ -226,6 +228,7 @@ def pipeline_from_training(adapter: Any, modules: dict[str, Any], vae: Any = Non
     tokenizers come from the adapter. `vae` defaults to model.vae / the base VAE in fp32 on
     the UNet's device (load it once and pass it in to avoid reloading at every evaluation).
     """
+    quiet_libraries()  # before the import: it warns while importing
     from diffusers import StableDiffusionXLPipeline
 
     from tuneline.models.loading import load_vae

@@ -1,0 +1,69 @@
+"""What a stage shows, and where the rest goes.
+
+The terminal gets what a person needs: one progress bar per long loop, the stage table and
+warnings that matter (tuneline's own, at WARNING and above). Everything else, including
+the libraries' chatter (MLflow's database and system-metrics INFO lines, transformers' and
+diffusers' notices, Python warnings), goes to `.tuneline/logs/<stage>.log`, one file per
+stage, appended to on every run.
+
+    configure(root, "latents")   # first thing in a stage process
+    ...
+    quiet_libraries()            # right after importing transformers / diffusers to load a model
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+LOG_DIR = Path(".tuneline") / "logs"
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+# Read once at import by the libraries, so set before they are imported.
+_ENVIRONMENT = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" bars (its tqdm follows this)
+    "MLFLOW_CONFIGURE_LOGGING": "false",  # MLflow's own INFO handler on stderr: its records go to the log
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+}
+
+
+def configure(root: Path, stage: str) -> Path:
+    """Send every record to the stage's log file; show tuneline's warnings on stderr. Returns the file."""
+    for key, value in _ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+    path = Path(root) / LOG_DIR / f"{stage}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    top = logging.getLogger()
+    for handler in [h for h in top.handlers if getattr(h, "_tuneline", False)]:
+        top.removeHandler(handler)  # configured twice in one process (tests): one set of handlers
+        handler.close()
+    to_file = logging.FileHandler(path, encoding="utf-8")
+    to_file.setFormatter(logging.Formatter(_FORMAT))
+    to_file._tuneline = True  # type: ignore[attr-defined]
+    top.addHandler(to_file)
+    top.setLevel(logging.INFO)  # DEBUG from PIL, urllib3, sqlalchemy would bury the rest
+    logging.getLogger("tuneline").setLevel(logging.DEBUG)
+    to_terminal = logging.StreamHandler(sys.stderr)
+    to_terminal.setLevel(logging.WARNING)
+    to_terminal.addFilter(lambda record: record.name == "tuneline" or record.name.startswith("tuneline."))
+    to_terminal.setFormatter(logging.Formatter("warning: %(message)s"))
+    to_terminal._tuneline = True  # type: ignore[attr-defined]
+    top.addHandler(to_terminal)
+    logging.captureWarnings(True)  # Python warnings (FutureWarning, UserWarning) -> the file
+    return path
+
+
+def quiet_libraries() -> None:
+    """transformers and diffusers install their own stderr handlers when first used: remove them
+    so their records reach the log file instead, and turn off diffusers' loading bars. Call where
+    a model is about to be loaded (idempotent). Both, always: a diffusers pipeline imports
+    transformers later, in from_pretrained, and it warns then ("requires torchvision")."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (transformers_logging, diffusers_logging):
+        library.disable_default_handler()
+        library.enable_propagation()
+    diffusers_logging.disable_progress_bar()
