@@ -25,14 +25,14 @@ def trained(latents_project, tmp_path, **settings):
     return params
 
 
-def export(latents_project, tmp_path, params, **export_settings):
+def export(latents_project, tmp_path, params, tracker=None, **export_settings):
     from tuneline.config import validate_params
     from tuneline.stages.export.stage import run as run_export
 
     data = {**params.model_dump(mode="json"), "export": {"name": "demo", **export_settings}}
     params = validate_params(data)
     return params, run_export(params, latents_project.root, tmp_path / "models/train", tmp_path / "renders",
-                              tmp_path / "export")
+                              tmp_path / "export", tracker=tracker)
 
 
 def test_lora_export_header_card_copy_and_diffusers_load(latents_project, tmp_path):
@@ -282,7 +282,19 @@ def test_stale_samples_are_refused_until_render_shows_the_exported_weights(laten
     assert any("no samples in the model card" in w for w in report.warnings)
     assert not (tmp_path / "export/samples").exists()
     render(params)
-    _, report = export(latents_project, tmp_path, params)
+    from mlflow import MlflowClient
+
+    from tuneline.core.tracking.tracker import Tracker
+
+    tracking = params.tracking.model_copy(update={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                                   "artifact_root": str(tmp_path / "art"), "system_metrics": False})
+    with Tracker.start(tracking, latents_project.root, run_name="export", stage="export") as tracker:
+        _, report = export(latents_project, tmp_path, params, tracker=tracker)
     card = (tmp_path / "export/README.md").read_text()
     assert card.count("![sample](samples/") == 2 and report.extra["samples"] == 2
     assert sorted(p.name for p in (tmp_path / "export/samples").iterdir()) == ["0.png", "1.png"]
+    # In MLflow the card's links resolve too: the samples are logged beside it.
+    client = MlflowClient(tracking.tracking_uri)
+    logged = {a.path for a in client.list_artifacts(tracker.run_id, "export")}
+    logged |= {a.path for a in client.list_artifacts(tracker.run_id, "export/samples")}
+    assert {"export/README.md", "export/samples/0.png", "export/samples/1.png"} <= logged
