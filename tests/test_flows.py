@@ -287,6 +287,38 @@ def test_a_bad_override_stops_the_flow_before_any_task(tmp_path):
     assert not (root / "data/ingested").exists() and not (root / ".tuneline/prefect/records").exists()
 
 
+def test_serve_watchdog_waits_out_a_server_that_answers_and_gives_up_once_nothing_listens():
+    import asyncio
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    import threading
+
+    from tuneline.orchestration.serve import _until_server_lost
+
+    class WantsAKey(BaseHTTPRequestHandler):  # a server behind auth still answers: it is up
+        def do_GET(self):
+            self.send_response(401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), WantsAKey)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/api"
+
+    async def scenario():
+        watching = asyncio.create_task(_until_server_lost(url, poll_s=0.05, refused_for_s=0.3, silent_for_s=60))
+        await asyncio.sleep(1.0)
+        assert not watching.done()
+        await asyncio.to_thread(server.shutdown)
+        server.server_close()
+        stopped = time.monotonic()
+        return await asyncio.wait_for(watching, 10), time.monotonic() - stopped
+
+    answered, took = asyncio.run(scenario())
+    assert answered and took < 3
+
+
 # --- slow: the flow end to end, cancellation and resume ---------------------------------------
 
 @pytest.mark.slow
@@ -427,32 +459,60 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_ui_serves_mlflow_and_prefect_and_stops_both(tmp_path):
+def test_ui_serves_both_on_its_ports_and_serve_stops_with_it(tmp_path):
+    """One `tuneline ui` on free ports: both UIs answer, the Prefect UI calls the API on the chosen
+    port, the Prefect CLI lists what `tuneline serve` registered (no 422), and stopping the UI
+    stops both servers and makes serve exit promptly with one line."""
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     mlflow_port, prefect_port = free_port(), free_port()
-    log = tmp_path / "ui.log"
+    api_url = f"http://127.0.0.1:{prefect_port}/api"
+    log, serve_log = tmp_path / "ui.log", tmp_path / "serve.log"
     with log.open("wb") as out:
         ui = subprocess.Popen([sys.executable, "-m", "tuneline.cli", "ui", "--mlflow-port", str(mlflow_port),
                                "--prefect-port", str(prefect_port), "--start-timeout", "400"],
                               cwd=tmp_path, env=child_env(), stdout=out, stderr=subprocess.STDOUT)
+    serve = None
     try:
         wait_for(lambda: "Ctrl-C stops both" in log.read_text(), 420, "both UIs", ui, log)
         output = log.read_text()
         assert f"MLflow UI: http://127.0.0.1:{mlflow_port}" in output
         assert f"Prefect UI: http://127.0.0.1:{prefect_port}" in output
-        for url in (f"http://127.0.0.1:{mlflow_port}/health", f"http://127.0.0.1:{prefect_port}/api/health"):
+        assert f"export PREFECT_API_URL={api_url}\n" in output
+        for url in (f"http://127.0.0.1:{mlflow_port}/health", f"{api_url}/health"):
             with urllib.request.urlopen(url, timeout=10) as response:
                 assert response.status == 200, url
+        with urllib.request.urlopen(f"http://127.0.0.1:{prefect_port}/ui-settings", timeout=10) as response:
+            assert json.load(response)["api_url"] == api_url  # what the browser calls
         spawned = descendants(ui.pid)
         groups = {os.getpgid(p.pid) for p in spawned}
         assert len(groups) == 2 and ui.pid not in groups  # one group each, neither ours
+
+        client_env = {**child_env(), "PREFECT_API_URL": api_url, "COLUMNS": "200"}
+        with serve_log.open("wb") as out:
+            serve = subprocess.Popen([sys.executable, "-m", "tuneline.cli", "serve"], cwd=tmp_path, env=client_env,
+                                     stdout=out, stderr=subprocess.STDOUT)
+        wait_for(lambda: "tuneline-pipeline/tuneline" in serve_log.read_text(), 120, "serve", serve, serve_log)
+        # POST /deployments/filter, /flows/filter, /flow_runs/filter: HTTP 422 with fastapi >= 0.151.
+        listing = {command: subprocess.Popen([sys.executable, "-m", "prefect", command, "ls"], env=client_env,
+                                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                   for command in ("deployment", "flow-run")}
+        listed = {command: process.communicate(timeout=120)[0] for command, process in listing.items()}
+        for command, process in listing.items():
+            assert process.returncode == 0 and "422" not in listed[command], listed[command]
+        assert "tuneline-pipeline/tuneline" in listed["deployment"], listed["deployment"]
+
         ui.send_signal(signal.SIGTERM)
         assert ui.wait(timeout=120) == 0, log.read_text()[-3000:]
+        assert serve.wait(timeout=15) == 1, serve_log.read_text()[-3000:]  # the server is gone: serve follows
     finally:
-        if ui.poll() is None:
-            ui.kill()
+        for process in (serve, ui):
+            if process is not None and process.poll() is None:
+                process.kill()
     assert "stopped MLflow and Prefect" in log.read_text()
     assert not alive(spawned), f"left behind: {[p.cmdline() for p in alive(spawned)]}"
+    said = serve_log.read_text()
+    assert said.count(f"the Prefect server at {api_url} stopped answering; stopping serve\n") == 1, said[-3000:]
+    assert "Traceback" not in said, said[-3000:]
 
 
 @pytest.mark.slow

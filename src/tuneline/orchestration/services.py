@@ -19,7 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -34,13 +34,14 @@ class Service:
     command: list[str]
     url: str           # what a person opens
     health_url: str    # what answers 200 once it is up
+    env: dict[str, str] = field(default_factory=dict)  # this service's own settings, over the shared ones
     process: subprocess.Popen | None = None
 
     def start(self, env: dict[str, str], log_dir: Path) -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
         log = open(log_dir / f"{self.name.lower()}.log", "ab")
         self.process = subprocess.Popen(
-            self.command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            self.command, env={**env, **self.env}, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, preexec_fn=_set_parent_death_signal if sys.platform == "linux" else None,
         )
         log.close()  # the child holds its own descriptor
@@ -73,8 +74,22 @@ def ui_services(params, root: Path, mlflow_port: int, prefect_port: int, host: s
     services.append(Service(
         "Prefect",
         [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(prefect_port)],
-        f"http://{host}:{prefect_port}", f"http://{host}:{prefect_port}/api/health"))
+        f"http://{host}:{prefect_port}", f"http://{host}:{prefect_port}/api/health",
+        env=prefect_server_env(host, prefect_port)))
     return services
+
+
+def prefect_server_env(host: str, port: int) -> dict[str, str]:
+    """Settings that tell a Prefect server (3.8) its own address. `--port` alone only binds the
+    socket: the UI's API address (GET /ui-settings) is built from PREFECT_SERVER_API_HOST/PORT,
+    which default to 4200, so a browser on another port would call :4200/api."""
+    base = f"http://{host}:{port}"
+    return {
+        "PREFECT_SERVER_API_HOST": host,
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_SERVER_UI_API_URL": f"{base}/api",  # beats a PREFECT_UI_API_URL of the user's
+        "PREFECT_UI_URL": base,                      # links the server writes (automations, notifications)
+    }
 
 
 def run_ui(params, root: Path, mlflow_port: int = 5000, prefect_port: int = 4200,
