@@ -70,7 +70,10 @@ def ui_services(params, root: Path, mlflow_port: int, prefect_port: int, host: s
             [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
              "--default-artifact-root", params.tracking.resolved_artifact_root(root),
              "--host", host, "--port", str(mlflow_port), "--workers", "1"],
-            f"http://{host}:{mlflow_port}", f"http://{host}:{mlflow_port}/health"))
+            # MLflow 3's UI opens in its GenAI view (traces, "Evaluation runs") unless the address
+            # asks for the model-training one; the choice then sticks while browsing.
+            f"http://{host}:{mlflow_port}/#/experiments?workflowType=machine_learning",
+            f"http://{host}:{mlflow_port}/health"))
     services.append(Service(
         "Prefect",
         [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(prefect_port)],
