@@ -475,7 +475,8 @@ def test_ui_serves_both_on_its_ports_and_serve_stops_with_it(tmp_path):
     try:
         wait_for(lambda: "Ctrl-C stops both" in log.read_text(), 420, "both UIs", ui, log)
         output = log.read_text()
-        assert f"MLflow UI: http://127.0.0.1:{mlflow_port}" in output
+        # MLflow 3 opens in its GenAI view unless the address asks for model training
+        assert f"MLflow UI: http://127.0.0.1:{mlflow_port}/#/experiments?workflowType=machine_learning" in output
         assert f"Prefect UI: http://127.0.0.1:{prefect_port}" in output
         assert f"export PREFECT_API_URL={api_url}\n" in output
         for url in (f"http://127.0.0.1:{mlflow_port}/health", f"{api_url}/health"):
