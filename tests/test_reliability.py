@@ -294,6 +294,34 @@ def test_identical_tensors_give_identical_files(tmp_path):
     assert torch.equal(load_file(paths[0])["w"], torch.ones(3))
 
 
+def test_the_loss_picture_is_the_same_bytes_for_the_same_history(tmp_path):
+    """metrics/train_loss.png is a DVC output: drawn in two processes from the same rows, the same
+    bytes (no Software text, no timestamp chunk); other rows, another picture."""
+    import struct
+
+    from PIL import Image
+
+    rows = [{"step": str(s), "loss": f"{1 / s:.6f}", "lr": f"{1e-4 * (1 - s / 40):.6e}"} for s in range(1, 31)]
+    code = ("import json, sys; from tuneline.stages.train.plot import write_loss_curve_png; "
+            "write_loss_curve_png(json.loads(sys.argv[1]), sys.argv[2])")
+    paths = [tmp_path / f"{i}.png" for i in range(2)]
+    for path in paths:
+        subprocess.run([sys.executable, "-c", code, json.dumps(rows), str(path)], check=True)
+    data = paths[0].read_bytes()
+    assert data == paths[1].read_bytes()
+    chunks, offset = [], 8
+    while offset < len(data):
+        length, kind = struct.unpack(">I4s", data[offset:offset + 8])
+        chunks.append(kind.decode())
+        offset += 12 + length
+    assert not {"tEXt", "iTXt", "zTXt", "tIME"} & set(chunks), chunks
+    with Image.open(paths[0]) as image:
+        assert image.size == (800, 600)
+    from tuneline.stages.train.plot import loss_curve_png
+
+    assert loss_curve_png(rows) == data and loss_curve_png(rows[:-1]) != data
+
+
 def test_the_trained_lora_file_has_a_sorted_header(latents_project, tmp_path):
     import json
     import struct
@@ -307,30 +335,60 @@ def test_the_trained_lora_file_has_a_sorted_header(latents_project, tmp_path):
 
 
 def test_the_loss_history_survives_resumes_and_names_the_producing_runs(latents_project, tmp_path):
+    """Also: what DVC tracks is the same after a session that trains nothing (byte for byte), and
+    holds no MLflow run ids or times; those are in the run record beside the checkpoints."""
     from accelerate.state import AcceleratorState
 
-    from tuneline.stages.train.stage import LOSS_CURVE
+    from tuneline.stages.train.stage import LOSS_CURVE, LOSS_PICTURE, RUN_RECORD
     from tuneline.stages.train.stage import run as run_train
 
     root = latents_project.root
 
-    def session(steps: int, run_id: str) -> None:
+    def session(steps: int, run_id: str):
         class Tracker:  # what the train stage asks of MLflow's tracker
             def __init__(self) -> None:
                 self.run_id = run_id
+                self.artifacts = []
+
+            def log_artifact(self, path, artifact_path=None):
+                self.artifacts.append((Path(path).name, artifact_path))
 
             def __getattr__(self, name):
                 return lambda *args, **kwargs: None
 
         AcceleratorState._reset_state(True)
-        (tmp_path / "metrics" / LOSS_CURVE).unlink(missing_ok=True)  # DVC deletes it before the stage runs
-        run_train(train_params(latents_project, num_steps=steps), root, root / "data/latents", tmp_path / "out",
-                  tmp_path / "metrics", tracker=Tracker(), checkpoint_dir=tmp_path / "checkpoints")
+        for name in (LOSS_CURVE, LOSS_PICTURE):  # DVC deletes declared outputs before the stage runs
+            (tmp_path / "metrics" / name).unlink(missing_ok=True)
+        tracker = Tracker()
+        report = run_train(train_params(latents_project, num_steps=steps), root, root / "data/latents",
+                           tmp_path / "out", tmp_path / "metrics", tracker=tracker,
+                           checkpoint_dir=tmp_path / "checkpoints")
+        assert tracker.artifacts == [(LOSS_PICTURE, "train")]  # the picture goes to MLflow too
+        return report
+
+    def tracked() -> dict[str, bytes]:  # every file DVC tracks for the stage (checkpoints/train included)
+        folders = [tmp_path / "out", tmp_path / "checkpoints", tmp_path / "metrics"]
+        return {p.relative_to(tmp_path).as_posix(): p.read_bytes() for f in folders for p in f.rglob("*")
+                if p.is_file()}
 
     session(2, "first")
-    session(4, "second")  # resumes at 2
-    session(4, "third")  # done already: trains nothing
+    second = session(4, "second")  # resumes at 2
+    assert (second.computed, second.reused) == (2, 2)
+    before = tracked()
+    third = session(4, "third")  # done already: trains nothing
+    assert (third.computed, third.reused) == (0, 4)
+    after = tracked()
+    assert sorted(after) == sorted(before) and [k for k in after if after[k] != before[k]] == []
     rows = (tmp_path / "metrics" / LOSS_CURVE).read_text().splitlines()
     assert [row.split(",")[0] for row in rows] == ["step", "1", "2", "3", "4"]
+    assert rows[0] == "step,loss,lr"  # no timings in the tracked curve
     state = json.loads((tmp_path / "out/trainer_state.json").read_text())
-    assert state["mlflow_run_ids"] == ["first", "second"] and state["mlflow_run_id"] == "second"
+    assert "history" not in state and not any("mlflow" in key for key in state)
+    record = json.loads((tmp_path / "checkpoints" / state["run_key"] / RUN_RECORD).read_text())
+    assert record["mlflow_run_ids"] == ["first", "second"] and record["mlflow_run_id"] == "second"
+    assert [s["mlflow_run_id"] for s in record["sessions"]] == ["first", "second"] and record["steps"] == 4
+    metrics = json.loads((tmp_path / "metrics/train.json").read_text())
+    assert sorted(metrics) == ["loss", "seconds_per_step", "steps"] and metrics["steps"] == 4
+    assert metrics["loss"] == float(rows[-1].split(",")[1]) and metrics["seconds_per_step"] > 0
+    assert third.extra["session_final_loss"] is None  # the report says what this session did
+    assert (tmp_path / "metrics" / LOSS_PICTURE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -50,8 +50,7 @@ def _run_tracked(stage: str, params, root: Path, options: dict):
             if isinstance(error, StopRequested):  # stopped on request, resumable: not a failure
                 tracker.end("KILLED")
             raise
-        tracker.log_metrics({k: v for k, v in report.metrics().items()
-                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        tracker.log_metrics(report.numbers())  # metrics and the run's report (computed, seconds, ...)
         return report
 
 
