@@ -126,6 +126,13 @@ def test_dvc_repro_runs_the_demo_and_reruns_only_what_changed(tmp_path):
     assert stages["models"]["report"]["computed"] == 0
     assert tracked_files(tmp_path) == after
     print(f"flow after dvc repro: {first_flow_s:.1f} s; flow again: {second_flow_s:.1f} s")
+    # The loss picture is an artifact of the training run (DVC's, which trained the steps).
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tuneline").experiment_id],
+                              "tags.`tuneline.stage` = 'train'", order_by=["attributes.start_time ASC"])
+    assert [a.path for a in client.list_artifacts(runs[0].info.run_id, "train")] == ["train/train_loss.png"]
 
     # One new photo: one decode, one crop, one caption (no sidecar), one latent; a new training run.
     save_photo(tmp_path / "data/raw/shapes/new_photo.jpg", (700, 480), 42, quality=90)

@@ -384,7 +384,7 @@ class Trainer:
                         f"{saved or self.checkpoint_dir}. Run the same command again (or `dvc repro`) to resume.")
                 if self._checkpoint_due(epoch_before) and not self._done():
                     self.save()
-            if session_steps or not self._saved_at_current_step():
+            if session_steps or not self.saved_at_current_step():
                 self.save()  # a session that trained nothing leaves its checkpoint (and DVC's hash of it) as it was
         finally:
             bar.close()
@@ -394,7 +394,8 @@ class Trainer:
                 "seconds_per_step": (time.perf_counter() - session_start) / max(1, session_steps),
                 "session_steps": session_steps, "seed": self.seed}
 
-    def _saved_at_current_step(self) -> bool:
+    def saved_at_current_step(self) -> bool:
+        """True when this run's latest checkpoint is of the current step."""
         found = checkpoint.latest(self.checkpoint_dir)
         return found is not None and found.name == checkpoint.checkpoint_name(self.state.step)
 

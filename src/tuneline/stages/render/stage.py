@@ -103,7 +103,8 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
         if len(sources) >= 2:
             jobs, warnings = transfer_jobs(sources)
             report.warnings.extend(warnings)
-    transfer_settings = {"strength": config.transfer_strength, "steps": transfer_steps(config.steps, config.transfer_strength),
+    transfer_settings = {"strength": config.transfer_strength,
+                         "steps": transfer_steps(config.steps, config.transfer_strength),
                          "guidance_scale": config.guidance_scale, "sampler": config.sampler, "karras": config.karras,
                          "seed": config.seed}
 

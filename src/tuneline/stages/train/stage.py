@@ -56,7 +56,8 @@ class LossCurve:
         self.handle.flush()
 
     def add(self, step: int, loss: float, lr: float, seconds_per_step: float) -> None:
-        row = {"step": str(step), "loss": f"{loss:.6f}", "lr": f"{lr:.6e}", "seconds_per_step": f"{seconds_per_step:.4f}"}
+        row = {"step": str(step), "loss": f"{loss:.6f}", "lr": f"{lr:.6e}",
+               "seconds_per_step": f"{seconds_per_step:.4f}"}
         self.rows.append(row)
         self.writer.writerow(row)
         self.handle.flush()
@@ -95,6 +96,23 @@ def producing_runs(state: Any) -> list[str]:
     ends = [later["started_at_step"] for later in sessions[1:]] + [state.step]
     return [session["mlflow_run_id"] for session, end in zip(sessions, ends)
             if end > session["started_at_step"] and session.get("mlflow_run_id")]
+
+
+def write_run_record(trainer: Any) -> Path:
+    """<run checkpoint folder>/run.json: what only the sessions know, kept out of DVC's outputs."""
+    producing = producing_runs(trainer.state)
+    path = trainer.checkpoint_dir / RUN_RECORD
+    atomic_write_json(path, {
+        "run_key": trainer.run_key,
+        # Every (re)start that saved a checkpoint: its first step, wall-clock start, MLflow run.
+        "sessions": trainer.state.history,
+        # The MLflow runs whose sessions trained these weights; the last one is the run export names.
+        "mlflow_run_ids": producing,
+        "mlflow_run_id": (producing or [None])[-1],
+        "started_at": trainer.state.history[0]["time"],
+        "trained_at": time.time(),
+        "steps": trainer.state.step})
+    return path
 
 
 def live_dir(trainer: Any) -> Path:
@@ -144,7 +162,8 @@ def run(params: Params, root: Path, latents_dir: Path, out_dir: Path, metrics_di
         tracker.log_params({"train": params.train.model_dump(mode="json"), "model": params.model.model_dump(mode="json"),
                             "seed_used": trainer.seed, "data_digest": trainer.data_digest,
                             "processes": trainer.accelerator.num_processes})
-    since = [trainer.state.step, time.perf_counter()]  # the step and time of the previous logged row
+    first_step = trainer.state.step
+    since = [first_step, time.perf_counter()]  # the step and time of the previous logged row
 
     def on_log(state: Any, result: Any, seconds_per_step: float) -> None:
         if not main:
@@ -174,19 +193,11 @@ def run(params: Params, root: Path, latents_dir: Path, out_dir: Path, metrics_di
             picture = write_loss_curve_png(curve.rows, plots_dir / LOSS_PICTURE, f"train run {trainer.run_key}")
             if tracker is not None:
                 tracker.log_artifact(picture, STAGE)
+            # After a finished or stopped session that trained and saved steps (a session that trained
+            # nothing changes nothing here either: the record stays the bytes DVC recorded).
+            if trainer.state.step > first_step and trainer.saved_at_current_step():
+                write_run_record(trainer)
     if main:
-        producing = producing_runs(trainer.state)
-        if summary["session_steps"]:  # a session that trained nothing changes nothing, here neither
-            atomic_write_json(trainer.checkpoint_dir / RUN_RECORD, {
-                "run_key": trainer.run_key,
-                # Every (re)start that saved a checkpoint: its first step, wall-clock start, MLflow run.
-                "sessions": trainer.state.history,
-                # The MLflow runs whose sessions trained these weights; the last one is the run export names.
-                "mlflow_run_ids": producing,
-                "mlflow_run_id": (producing or [None])[-1],
-                "started_at": trainer.state.history[0]["time"],
-                "trained_at": time.time(),
-                "steps": trainer.state.step})
         with rebuilt_dir(out_dir) as staging:
             trainer.save_outputs(staging)
             live = live_dir(trainer)
