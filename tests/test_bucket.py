@@ -82,8 +82,11 @@ def test_stage_writes_bucketed_images_with_sdxl_metadata(project):
     assert report.computed == 3
     summary = json.loads((project.root / "data/bucketed/buckets.json").read_text())
     assert {b["resolution"]: b["count"] for b in summary["buckets"]} == {"96x160": 1, "160x96": 2}
-    metrics = json.loads((project.root / "metrics/bucket.json").read_text())
-    assert metrics["items"] == 3 and metrics["computed"] == 3
+    # metrics/ (tracked by DVC): what the inputs decide; reports/: what this run did.
+    assert json.loads((project.root / "metrics/bucket.json").read_text()) == {"items": 3, "rejected": 0}
+    run_report = json.loads((project.root / "reports/bucket.json").read_text())
+    assert (run_report["items"], run_report["computed"], run_report["reused"], run_report["buckets"]) == (3, 3, 0, 2)
+    assert run_report["seconds"] >= 0
 
 
 def test_crop_takes_the_right_pixels(project):

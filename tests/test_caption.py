@@ -73,7 +73,8 @@ def test_model_captions_are_stored_and_reused(five, monkeypatch):
         if record["caption_source"] == "model":
             assert record["model_caption"] and record["caption_key"]
     assert "RANDOM" in " ".join(first.warnings)
-    metrics = json.loads((five.root / "metrics/caption.json").read_text())
+    assert json.loads((five.root / "metrics/caption.json").read_text()) == {"items": 5, "rejected": 0}
+    metrics = json.loads((five.root / "reports/caption.json").read_text())
     assert {k: metrics[k] for k in ("computed", "model_captions_reused", "from_sidecar", "defaulted",
                                     "hand_edited", "random_tiny_model")} == {
         "computed": 4, "model_captions_reused": 0, "from_sidecar": 1, "defaulted": 0, "hand_edited": 0,

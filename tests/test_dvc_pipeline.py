@@ -1,22 +1,33 @@
-"""`dvc repro` on a copy of the project with the embedded demo data: the README's main job."""
+"""`dvc repro` on a copy of the project with the embedded demo data: the README's main job,
+and the Prefect flow in the same workspace, neither invalidating the other."""
 
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import save_photo
+from test_flows import prefect_env  # noqa: F401  (autouse: ephemeral Prefect, one PREFECT_HOME per session)
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("models", "ingest", "bucket", "caption", "latents", "train", "render", "export")
 
 
 def metrics(root: Path, stage: str) -> dict:
+    """metrics/<stage>.json: the numbers DVC tracks."""
     return json.loads((root / f"metrics/{stage}.json").read_text())
+
+
+def run_report(root: Path, stage: str) -> dict:
+    """reports/<stage>.json: what the stage's last run did (computed, reused, ...)."""
+    return json.loads((root / f"reports/{stage}.json").read_text())
 
 
 def dvc(cwd: Path, *args: str) -> str:
@@ -24,6 +35,28 @@ def dvc(cwd: Path, *args: str) -> str:
     done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
+
+
+def flow(root: Path) -> dict:
+    """The Prefect flow (what `python -m flows.pipeline --root <root>` runs), in this process: one
+    ephemeral Prefect server for both runs (and test_flows' in the same worker); returns its summary."""
+    from tuneline.orchestration.flow import pipeline
+
+    return pipeline(root=str(root))["stages"]
+
+
+def tracked_files(root: Path) -> dict[str, str]:
+    """sha256 of every file under every outs / metrics / plots path of dvc.yaml, and of dvc.lock."""
+    paths = {"dvc.lock"}
+    for spec in yaml.safe_load((root / "dvc.yaml").read_text())["stages"].values():
+        for field in ("outs", "metrics", "plots"):
+            paths |= {next(iter(entry)) if isinstance(entry, dict) else entry for entry in spec.get(field, [])}
+    found = {}
+    for path in sorted(paths):
+        for file in [root / path] if (root / path).is_file() else sorted((root / path).rglob("*")):
+            if file.is_file():
+                found[file.relative_to(root).as_posix()] = hashlib.sha256(file.read_bytes()).hexdigest()
+    return found
 
 
 @pytest.mark.slow
@@ -45,17 +78,61 @@ def test_dvc_repro_runs_the_demo_and_reruns_only_what_changed(tmp_path):
         assert f"Running stage '{stage}'" in out
     manifest = (tmp_path / "data/bucketed/manifest.jsonl").read_text().splitlines()
     assert len(manifest) == 14
-    assert metrics(tmp_path, "bucket")["computed"] == 14
-    assert metrics(tmp_path, "latents")["computed"] == 14
+    assert run_report(tmp_path, "bucket")["computed"] == 14
+    assert run_report(tmp_path, "latents")["computed"] == 14
     assert metrics(tmp_path, "train")["steps"] == 4
     assert (tmp_path / "models/train/pytorch_lora_weights.safetensors").is_file()
     assert (tmp_path / "renders/contact_sheet.png").is_file()
     assert (tmp_path / "export/tuneline-demo.safetensors").is_file()
     assert "metrics/train_loss.csv" in dvc(tmp_path, "plots", "show", "--json")
+    # Offline plots: the page's Vega plots need a CDN, the loss picture is a file beside it.
+    dvc(tmp_path, "plots", "show", "--out", str(tmp_path / "plots-html"))
+    page = (tmp_path / "plots-html/index.html").read_text()
+    picture = next((tmp_path / "plots-html/static").glob("*train_loss.png"))
+    assert f'<img src="static/{picture.name}">' in page
+    assert picture.read_bytes() == (tmp_path / "metrics/train_loss.png").read_bytes()
+    # Tracked metrics: a few numbers, each decided by the inputs (what the run did is in reports/).
+    assert {stage: sorted(metrics(tmp_path, stage)) for stage in ("models", "bucket", "train", "render", "export")} == {
+        "models": ["items"], "bucket": ["items", "rejected"], "train": ["loss", "seconds_per_step", "steps"],
+        "render": ["items", "mean_abs_diff_vs_base"], "export": ["bytes", "items"]}
+
+    # The Prefect flow in the same workspace: it has no records yet, so every stage runs, computes
+    # nothing (all from the item store, training resumes at its last step) and writes the same bytes.
+    before = tracked_files(tmp_path)
+    started = time.monotonic()
+    stages = flow(tmp_path)
+    first_flow_s = time.monotonic() - started
+    assert not any(result["cached"] for result in stages.values())
+    done = {stage: (result["report"]["computed"], result["report"]["items"]) for stage, result in stages.items()}
+    assert done == {"models": (0, 2), "ingest": (0, 14), "bucket": (0, 14), "caption": (0, 14), "latents": (0, 14),
+                    "train": (0, 4), "render": (0, 9), "export": (0, 1)}, done
+    assert stages["train"]["report"]["reused"] == 4  # 0 steps trained, 4 done before
+    assert (stages["render"]["report"]["base_rendered"], stages["render"]["report"]["final_rendered"]) == (0, 0)
+    after = tracked_files(tmp_path)
+    assert [path for path in sorted(set(before) | set(after)) if before.get(path) != after.get(path)] == []
+    # Nothing DVC tracks changed: `dvc status` names only `models` (always_changed)...
+    status = json.loads(dvc(tmp_path, "status", "--json"))
+    assert status == {"models": ["always changed"]}, status
 
     out = dvc(tmp_path, "repro")
-    # Only `models` runs (always_changed); its output is unchanged, so nothing else does.
+    # ...and `dvc repro` runs only `models`; its output is unchanged, so nothing else runs.
     assert [line for line in out.splitlines() if "Running stage" in line] == ["Running stage 'models':"]
+    assert tracked_files(tmp_path) == after
+    # The flow again after DVC: every stage is a cache hit (`models` runs always, computing nothing).
+    started = time.monotonic()
+    stages = flow(tmp_path)
+    second_flow_s = time.monotonic() - started
+    assert {stage for stage, result in stages.items() if not result["cached"]} == {"models"}
+    assert stages["models"]["report"]["computed"] == 0
+    assert tracked_files(tmp_path) == after
+    print(f"flow after dvc repro: {first_flow_s:.1f} s; flow again: {second_flow_s:.1f} s")
+    # The loss picture is an artifact of the training run (DVC's, which trained the steps).
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tuneline").experiment_id],
+                              "tags.`tuneline.stage` = 'train'", order_by=["attributes.start_time ASC"])
+    assert [a.path for a in client.list_artifacts(runs[0].info.run_id, "train")] == ["train/train_loss.png"]
 
     # One new photo: one decode, one crop, one caption (no sidecar), one latent; a new training run.
     save_photo(tmp_path / "data/raw/shapes/new_photo.jpg", (700, 480), 42, quality=90)
@@ -63,7 +140,7 @@ def test_dvc_repro_runs_the_demo_and_reruns_only_what_changed(tmp_path):
     for stage in STAGES:
         assert f"Running stage '{stage}'" in out
     for stage in ("ingest", "bucket", "caption", "latents"):
-        found = metrics(tmp_path, stage)
+        found = run_report(tmp_path, stage)
         assert (found["computed"], found["reused"] + found.get("given", 0)) == (1, 14), stage
 
     # A bucket-only parameter reruns bucket, not ingest.
@@ -71,10 +148,10 @@ def test_dvc_repro_runs_the_demo_and_reruns_only_what_changed(tmp_path):
     (tmp_path / "params.yaml").write_text(params)
     out = dvc(tmp_path, "repro")
     assert "Running stage 'bucket'" in out and "Running stage 'ingest'" not in out
-    assert metrics(tmp_path, "bucket")["computed"] == 0
-    assert metrics(tmp_path, "latents")["computed"] == 0
+    assert run_report(tmp_path, "bucket")["computed"] == 0
+    assert run_report(tmp_path, "latents")["computed"] == 0
     # The batch sequence changed: a new training run of all 4 steps, never a "resume" of the old one.
-    assert (metrics(tmp_path, "train")["computed"], metrics(tmp_path, "train")["reused"]) == (4, 0)
+    assert (run_report(tmp_path, "train")["computed"], run_report(tmp_path, "train")["reused"]) == (4, 0)
 
     # A prompt edit rerenders; it never retrains.
     prompts = (tmp_path / "prompts.yaml").read_text()
@@ -83,14 +160,14 @@ def test_dvc_repro_runs_the_demo_and_reruns_only_what_changed(tmp_path):
     assert "Running stage 'render'" in out
     assert "Running stage 'train'" not in out and "Running stage 'latents'" not in out
     # Only the edited prompt is rendered again, base and trained; the other images come from the store.
-    assert (metrics(tmp_path, "render")["base_rendered"], metrics(tmp_path, "render")["final_rendered"]) == (1, 1)
+    assert (run_report(tmp_path, "render")["base_rendered"], run_report(tmp_path, "render")["final_rendered"]) == (1, 1)
 
     # More steps: DVC reruns train, which resumes; the loss curve keeps steps 1-4 (DVC deletes the
     # declared plot file before the stage runs; the run's history lives with its checkpoints).
     params = (tmp_path / "params.yaml").read_text().replace("num_steps: 4", "num_steps: 6", 1)
     (tmp_path / "params.yaml").write_text(params)
     dvc(tmp_path, "repro", "train")
-    assert (metrics(tmp_path, "train")["reused"], metrics(tmp_path, "train")["computed"]) == (4, 2)
+    assert (run_report(tmp_path, "train")["reused"], run_report(tmp_path, "train")["computed"]) == (4, 2)
     steps = [line.split(",")[0] for line in (tmp_path / "metrics/train_loss.csv").read_text().splitlines()[1:]]
     assert steps == [str(step) for step in range(1, 7)]
 
@@ -104,5 +181,5 @@ def test_dvc_repro_runs_the_demo_and_reruns_only_what_changed(tmp_path):
     out = dvc(tmp_path, "repro", "latents")
     for stage in ("ingest", "bucket", "caption", "latents"):
         assert f"Running stage '{stage}'" in out
-        assert metrics(tmp_path, stage)["computed"] == 0, stage
-        assert metrics(tmp_path, stage)["reused"] + metrics(tmp_path, stage).get("given", 0) == 15, stage
+        assert run_report(tmp_path, stage)["computed"] == 0, stage
+        assert run_report(tmp_path, stage)["reused"] + run_report(tmp_path, stage).get("given", 0) == 15, stage

@@ -62,13 +62,23 @@ def test_lora_export_header_card_copy_and_diffusers_load(latents_project, tmp_pa
     # the code that made the file: git commit and dirty flag of the checkout holding tuneline
     repo = Path(__file__).resolve().parents[1]
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                                capture_output=True, text=True).stdout.strip())
+    # dirty: uncommitted changes to the package (not dvc.lock, which `dvc repro` rewrites)
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src/tuneline"],
+                                cwd=repo, capture_output=True, text=True).stdout.strip())
     assert header["tuneline.git_commit"] == commit and header["tuneline.git_dirty"] == str(dirty).lower()
     assert header["tuneline.code_version"] == f"0.1.0+g{commit[:12]}" + (".dirty" if dirty else "")
     assert header["modelspec.implementation_version"] == f"tuneline/{commit}"
     assert (tmp_path / "comfy/loras/demo.safetensors").read_bytes() == path.read_bytes()
+    assert (report.computed, "modelspec.date" in header) == (1, False)  # no run record here: no date, never "now"
     card = (tmp_path / "export/README.md").read_text()
+    # Exported again from the same weights and settings: the file comes from the store, the same bytes.
+    from tuneline.stages.export.stage import run as run_export
+
+    again = run_export(params, latents_project.root, tmp_path / "models/train", tmp_path / "renders",
+                       tmp_path / "export-again")
+    assert (again.computed, again.reused) == (0, 1)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "export-again").iterdir() if p.is_file()} == \
+        {p.name: p.read_bytes() for p in (tmp_path / "export").iterdir() if p.is_file()}
     assert "RANDOM" in card and "`alf` (alpha)" in card
     # One provenance, word for word, in the header and the card (and as the MLflow run's tags).
     for key in ("tuneline.data_digest", "tuneline.params_digest", "tuneline.code_version", "tuneline.git_commit",

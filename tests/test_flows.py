@@ -66,8 +66,9 @@ def demo_project(root: Path, stages: tuple[str, ...] = FLOW_STAGES) -> Path:
     return root
 
 
-def metrics(root: Path, stage: str) -> dict:
-    return json.loads((root / f"metrics/{stage}.json").read_text())
+def run_report(root: Path, stage: str) -> dict:
+    """reports/<stage>.json: what the stage's last run did (computed, reused, ...; not tracked by DVC)."""
+    return json.loads((root / f"reports/{stage}.json").read_text())
 
 
 def descendants(pid: int) -> list:
@@ -369,7 +370,7 @@ def test_flow_caches_cancels_resumes_and_reruns_only_what_changed(tmp_path):
     # `models` runs every time (always_changed: it notices a model replaced in place).
     assert cached == {"models": False, "ingest": True, "bucket": True, "caption": True, "latents": True,
                       "train": False}
-    assert (metrics(root, "train")["reused"], metrics(root, "train")["computed"]) == (stopped_at, 1)
+    assert (run_report(root, "train")["reused"], run_report(root, "train")["computed"]) == (stopped_at, 1)
 
     # 3. Unchanged: every task is a cache hit and no stage process starts; no (empty) MLflow run.
     before = (root / "metrics/train.json").stat().st_mtime_ns
@@ -377,7 +378,8 @@ def test_flow_caches_cancels_resumes_and_reruns_only_what_changed(tmp_path):
     assert all(result["cached"] for stage, result in again["stages"].items() if stage != "models")
     assert again["parent_run_id"] is None
     # A hit ran nothing: it reports no metrics as if it had.
-    assert all(result["metrics"] is None for stage, result in again["stages"].items() if stage != "models")
+    assert all(result["metrics"] is None and result["report"] is None
+               for stage, result in again["stages"].items() if stage != "models")
     assert (root / "metrics/train.json").stat().st_mtime_ns == before
 
     # 4. One new photo: every stage downstream reruns, and inside each only that item.
@@ -385,7 +387,7 @@ def test_flow_caches_cancels_resumes_and_reruns_only_what_changed(tmp_path):
     changed = pipeline(root=str(root), overrides={"train.num_steps": 1})
     assert not any(result["cached"] for result in changed["stages"].values())
     for stage in ("ingest", "bucket", "caption", "latents"):
-        found = metrics(root, stage)
+        found = run_report(root, stage)
         assert (found["computed"], found["reused"] + found.get("given", 0)) == (1, 14), stage
 
     # MLflow: one parent per flow run that ran something (not the all-cached one), the stages its
@@ -413,7 +415,7 @@ def test_flow_caches_cancels_resumes_and_reruns_only_what_changed(tmp_path):
     cached = {stage: result["cached"] for stage, result in renamed["stages"].items()}
     assert cached == {"models": False, "ingest": False, "bucket": False, "caption": True, "latents": True,
                       "train": True}
-    assert (metrics(root, "ingest")["computed"], metrics(root, "bucket")["computed"]) == (0, 0)
+    assert (run_report(root, "ingest")["computed"], run_report(root, "bucket")["computed"]) == (0, 0)
 
     # 6. A model replaced in place (same path, new weights): the latents recompute, all 15.
     from safetensors.torch import load_file, save_file
@@ -448,8 +450,9 @@ def last_flow_run_states() -> tuple[str, dict[str, str]]:
 
 
 def metrics_of(summary: dict, stage: str) -> dict:
+    """The run report of a stage that ran in this flow run (computed, reused, ...)."""
     assert not summary["stages"][stage]["cached"], f"{stage} was a cache hit"
-    return summary["stages"][stage]["metrics"]
+    return summary["stages"][stage]["report"]
 
 
 # --- slow: tuneline ui, tuneline repro ---------------------------------------------------------

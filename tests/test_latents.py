@@ -83,7 +83,8 @@ def test_latents_cached_then_reused_without_loading_the_vae(captioned):
     assert os.path.samefile(out / wide["latents"], store)  # hard link into the store
     summary = json.loads((out / "latents.json").read_text())
     assert summary["random_tiny_model"] and summary["text_embeddings"] and summary["scaling_factor"] == 0.13025
-    assert json.loads((captioned.root / "metrics/latents.json").read_text())["computed"] == 4
+    assert json.loads((captioned.root / "reports/latents.json").read_text())["computed"] == 4
+    assert json.loads((captioned.root / "metrics/latents.json").read_text()) == {"items": 4, "rejected": 0}
 
     second = run(captioned)
     assert (second.computed, second.reused) == (0, 4)

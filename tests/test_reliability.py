@@ -294,6 +294,34 @@ def test_identical_tensors_give_identical_files(tmp_path):
     assert torch.equal(load_file(paths[0])["w"], torch.ones(3))
 
 
+def test_the_loss_picture_is_the_same_bytes_for_the_same_history(tmp_path):
+    """metrics/train_loss.png is a DVC output: drawn in two processes from the same rows, the same
+    bytes (no Software text, no timestamp chunk); other rows, another picture."""
+    import struct
+
+    from PIL import Image
+
+    rows = [{"step": str(s), "loss": f"{1 / s:.6f}", "lr": f"{1e-4 * (1 - s / 40):.6e}"} for s in range(1, 31)]
+    code = ("import json, sys; from tuneline.stages.train.plot import write_loss_curve_png; "
+            "write_loss_curve_png(json.loads(sys.argv[1]), sys.argv[2])")
+    paths = [tmp_path / f"{i}.png" for i in range(2)]
+    for path in paths:
+        subprocess.run([sys.executable, "-c", code, json.dumps(rows), str(path)], check=True)
+    data = paths[0].read_bytes()
+    assert data == paths[1].read_bytes()
+    chunks, offset = [], 8
+    while offset < len(data):
+        length, kind = struct.unpack(">I4s", data[offset:offset + 8])
+        chunks.append(kind.decode())
+        offset += 12 + length
+    assert not {"tEXt", "iTXt", "zTXt", "tIME"} & set(chunks), chunks
+    with Image.open(paths[0]) as image:
+        assert image.size == (800, 600)
+    from tuneline.stages.train.plot import loss_curve_png
+
+    assert loss_curve_png(rows) == data and loss_curve_png(rows[:-1]) != data
+
+
 def test_the_trained_lora_file_has_a_sorted_header(latents_project, tmp_path):
     import json
     import struct
@@ -306,49 +334,70 @@ def test_the_trained_lora_file_has_a_sorted_header(latents_project, tmp_path):
     assert list(header["__metadata__"]) == sorted(header["__metadata__"])
 
 
-def test_one_training_run_is_one_mlflow_run_with_one_loss_curve(latents_project, tmp_path):
+def test_one_training_run_is_one_mlflow_run_and_an_idle_session_changes_nothing(latents_project, tmp_path):
     """Three sessions of one training run (a run to step 2, a resume to 4 after the first was
     left RUNNING as a SIGKILL leaves it, one with nothing to do) are one MLflow run with one
-    curve from step 1 to 4; the idle session opens no run."""
+    curve from step 1 to 4. The idle session opens no run and changes no byte DVC tracks; MLflow
+    ids and times are in the run record beside the checkpoints, not in DVC's outputs."""
     from accelerate.state import AcceleratorState
     from mlflow import MlflowClient
 
     from tuneline.core.tracking.tracker import Tracker
-    from tuneline.stages.train.stage import LOSS_CURVE, MLFLOW_RUN_FILE
+    from tuneline.stages.train.stage import LOSS_CURVE, LOSS_PICTURE, MLFLOW_RUN_FILE, RUN_RECORD
     from tuneline.stages.train.stage import run as run_train
 
     root = latents_project.root
     tracking = {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "artifact_root": str(tmp_path / "art"),
                 "system_metrics": False}
 
-    def session(steps: int, **settings) -> None:
+    def session(steps: int, **settings):
         params = train_params(latents_project, num_steps=steps, **settings)
         params = params.model_copy(update={"tracking": params.tracking.model_copy(update=tracking)})
         AcceleratorState._reset_state(True)
-        (tmp_path / "metrics" / LOSS_CURVE).unlink(missing_ok=True)  # DVC deletes it before the stage runs
+        for name in (LOSS_CURVE, LOSS_PICTURE):  # DVC deletes declared outputs before the stage runs
+            (tmp_path / "metrics" / name).unlink(missing_ok=True)
         with Tracker.start(params.tracking, root, run_name="train", stage="train") as tracker:
-            run_train(params, root, root / "data/latents", tmp_path / "out", tmp_path / "metrics",
-                      tracker=tracker, checkpoint_dir=tmp_path / "checkpoints")
+            return run_train(params, root, root / "data/latents", tmp_path / "out", tmp_path / "metrics",
+                             tracker=tracker, checkpoint_dir=tmp_path / "checkpoints")
+
+    def tracked() -> dict[str, bytes]:  # every file DVC tracks for the stage (checkpoints/train included)
+        folders = [tmp_path / "out", tmp_path / "checkpoints", tmp_path / "metrics"]
+        return {p.relative_to(tmp_path).as_posix(): p.read_bytes() for f in folders for p in f.rglob("*")
+                if p.is_file()}
 
     session(2)
     client = MlflowClient(tracking["tracking_uri"])
     (run_dir,) = [p for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()]
     run_id = json.loads((run_dir / MLFLOW_RUN_FILE).read_text())["run_id"]
     client.update_run(run_id, status="RUNNING")  # as a SIGKILL during the next step would leave it
-    session(4)  # resumes at 2 and continues the same MLflow run
-    session(4)  # done already: trains nothing, opens no run
+    second = session(4)  # resumes at 2 and continues the same MLflow run
+    assert (second.computed, second.reused) == (2, 2)
+    before = tracked()
+    third = session(4)  # done already: trains nothing, opens no run
+    assert (third.computed, third.reused) == (0, 4)
+    after = tracked()
+    assert sorted(after) == sorted(before) and [k for k in after if after[k] != before[k]] == []
     rows = (tmp_path / "metrics" / LOSS_CURVE).read_text().splitlines()
     assert [row.split(",")[0] for row in rows] == ["step", "1", "2", "3", "4"]
+    assert rows[0] == "step,loss,lr"  # no timings in the tracked curve
+
     (run,) = client.search_runs([client.get_experiment_by_name("tuneline").experiment_id])
     assert run.info.run_id == run_id and run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 4]
     assert run.data.tags["changed_param.train.num_steps"] == "2 -> 4"
+    assert LOSS_PICTURE in {Path(a.path).name for a in client.list_artifacts(run_id, "train")}
     state = json.loads((tmp_path / "out/trainer_state.json").read_text())
-    assert state["mlflow_run_id"] == run_id and "mlflow_run_ids" not in state
+    assert "history" not in state and not any("mlflow" in key for key in state)
+    record = json.loads((tmp_path / "checkpoints" / state["run_key"] / RUN_RECORD).read_text())
+    assert record["mlflow_run_id"] == run_id and record["steps"] == 4 and len(record["sessions"]) == 2
+    metrics = json.loads((tmp_path / "metrics/train.json").read_text())
+    assert sorted(metrics) == ["loss", "seconds_per_step", "steps"] and metrics["steps"] == 4
+    assert metrics["loss"] == float(rows[-1].split(",")[1]) and metrics["seconds_per_step"] > 0
+    assert third.extra["session_final_loss"] is None  # the report says what this session did
+    assert (tmp_path / "metrics" / LOSS_PICTURE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Another training run (new settings) while the first is still marked RUNNING (killed, never
     # resumed): only one train runs per project, so that one is dead and is marked KILLED.
     client.update_run(run_id, status="RUNNING")
     session(1, lr=2e-3)
     assert client.get_run(run_id).info.status == "KILLED"
-    assert json.loads((tmp_path / "out/trainer_state.json").read_text())["mlflow_run_id"] != run_id

@@ -193,8 +193,11 @@ def test_run_render_writes_base_final_sheets_transfer_and_metrics(rendered):
         assert sheet.size == sheet_size(2 * 2, 4, tile)  # samples x timesteps rows, 4 columns
     assert sorted(p.name for p in (out / "transfer").iterdir()) == ["alpha_to_beta.png", "beta_to_alpha.png"]
     metrics = json.loads((project.root / "metrics/render.json").read_text())
-    assert metrics["prompts"] == 2 and metrics["live_steps"] == 1 and metrics["transfer_images"] == 2
-    assert metrics["mean_abs_difference_trained_vs_base"] > 0 and metrics["random_tiny_model"] is True
+    assert sorted(metrics) == ["items", "mean_abs_diff_vs_base"] and metrics["mean_abs_diff_vs_base"] > 0
+    assert metrics["items"] == 2 + 2 + 2 + 1  # base, final, transfer images and the diagnostic sheet
+    run_report = json.loads((project.root / "reports/render.json").read_text())
+    assert run_report["prompts"] == 2 and run_report["live_steps"] == 1 and run_report["transfer_images"] == 2
+    assert run_report["random_tiny_model"] is True and run_report["computed"] == 7
     assert any("tiny RANDOM-weight" in w for w in report.warnings)
     shown = json.loads((out / "final/weights.json").read_text())  # what export checks its samples against
     assert (shown["weights"], shown["lora_scale"], len(shown["weights_identity"])) == ("trained", 1.0, 64)
@@ -208,10 +211,18 @@ def test_unchanged_weights_and_prompts_render_nothing_again(rendered, tmp_path):
     project, params, first = rendered
     root = project.root
     assert (first.extra["base_rendered"], first.extra["final_rendered"]) == (2, 2)
-    before = {p.name: p.read_bytes() for p in (root / "renders/base").iterdir()}
+    assert (first.extra["transfer_rendered"], first.extra["diagnostics_rendered"]) == (2, 1)
+
+    def files(folder):  # the rendered images (live/ is the trainer's; the contact sheet shows it)
+        return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*.png")
+                if p.relative_to(folder).parts[0] not in ("live", "contact_sheet.png")}
+
+    before = files(root / "renders")
     again = run_render(params, root, root / "models/train", tmp_path / "renders", root / "metrics")
-    assert (again.extra["base_rendered"], again.extra["final_rendered"], again.reused) == (0, 0, 4)
-    assert {p.name: p.read_bytes() for p in (tmp_path / "renders/base").iterdir()} == before
+    # Everything from the store, the transfer images and the diagnostic sheet too: no model is loaded.
+    assert (again.extra["base_rendered"], again.extra["final_rendered"], again.computed, again.reused) == (0, 0, 0, 7)
+    assert (again.extra["transfer_rendered"], again.extra["diagnostics_rendered"]) == (0, 0)
+    assert len(before) == 7 and files(tmp_path / "renders") == before  # byte for byte
     # One prompt edited: one base and one trained image are rendered, the other prompt's come from the store.
     prompts = yaml_module.safe_load((root / "prompts.yaml").read_text())
     prompts["prompts"][1]["prompt"] += ", blue"

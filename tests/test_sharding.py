@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import save_photo
-from test_flows import demo_project, metrics, prefect_env  # noqa: F401  (prefect_env: ephemeral Prefect, autouse)
+from test_flows import demo_project, prefect_env, run_report  # noqa: F401  (prefect_env: ephemeral Prefect, autouse)
 
 LATENTS = {"batch_size": 2, "dtype": "fp32", "device": "cpu", "flip": True, "text_embeddings": True, "workers": 0}
 CAPTION = {"model": "tiny-florence2", "mode": "fill", "batch_size": 4, "num_beams": 1, "max_new_tokens": 6}
@@ -81,7 +81,7 @@ def test_shards_fill_the_store_and_the_unsharded_run_assembles(project, capsys):
     assert not (root / "data/latents").exists() and not (root / "metrics/latents.json").exists()
     assembled = run_latents(params, root, root / "data/captioned", root / "data/latents", root / "metrics")
     assert (assembled.computed, assembled.extra["vae_loaded"], assembled.extra["text_encoders_loaded"]) == (0, False, False)
-    assert json.loads((root / "metrics/latents.json").read_text())["computed"] == 0
+    assert json.loads((root / "reports/latents.json").read_text())["computed"] == 0
 
     # The same project run unsharded, cold, in another store: the same captions and tensors.
     cold = project.params(store_dir=".tuneline/cold")
@@ -119,7 +119,7 @@ def test_flow_with_two_shards(tmp_path):
     for stage in ("caption", "latents"):
         assert [s["cached"] for s in summary[stage]["shards"]] == [False, False]
         assert not summary[stage]["cached"]
-        assert metrics(root, stage)["computed"] == 0, stage  # the shards did all of it
+        assert run_report(root, stage)["computed"] == 0, stage  # the shards did all of it
     assert len(list((root / ".tuneline/store/latents").glob("*/*.safetensors"))) == items
     assert len((root / "data/latents/manifest.jsonl").read_text().splitlines()) == items
 

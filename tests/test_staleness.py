@@ -11,7 +11,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file, save_file
 
-from test_dvc_pipeline import REPO, dvc, metrics
+from test_dvc_pipeline import REPO, dvc, run_report
 from test_flows import demo_project
 
 STAGES = ("models", "ingest", "bucket", "caption", "latents", "train")
@@ -46,7 +46,7 @@ def test_renames_and_models_replaced_in_place(demo):
     source.with_suffix(".txt").rename(source.with_name("renamed.txt"))
     out = dvc(demo, "repro")
     assert ran(out) == {"models", "ingest", "bucket"}, out
-    assert (metrics(demo, "ingest")["computed"], metrics(demo, "bucket")["computed"]) == (0, 0)
+    assert (run_report(demo, "ingest")["computed"], run_report(demo, "bucket")["computed"]) == (0, 0)
     sources = [json.loads(line)["source"] for line in (demo / "data/ingested/manifest.jsonl").read_text().splitlines()]
     assert "data/raw/shapes/renamed.jpg" in sources
 
@@ -57,7 +57,7 @@ def test_renames_and_models_replaced_in_place(demo):
     params["model"]["vae"] = "my-vae"
     (demo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert ran(dvc(demo, "repro")) == {"models", "caption", "latents", "train"}
-    assert (metrics(demo, "caption")["computed"], metrics(demo, "latents")["computed"]) == (0, 0)
+    assert (run_report(demo, "caption")["computed"], run_report(demo, "latents")["computed"]) == (0, 0)
     first_identity = json.loads((demo / "models/identity/models.json").read_text())["model.vae"]["identity"]
 
     # The same path, other weights; nothing in params.yaml or dvc.yaml changed.
@@ -69,7 +69,7 @@ def test_renames_and_models_replaced_in_place(demo):
     out = dvc(demo, "repro")
     assert ran(out) == {"models", "caption", "latents", "train"}, out  # caption reruns, computes nothing
     assert json.loads((demo / "models/identity/models.json").read_text())["model.vae"]["identity"] != first_identity
-    assert (metrics(demo, "caption")["computed"], metrics(demo, "latents")["computed"]) == (0, 14)
-    assert metrics(demo, "train")["computed"] == 2  # a new run on the new latents, not a resume
+    assert (run_report(demo, "caption")["computed"], run_report(demo, "latents")["computed"]) == (0, 14)
+    assert run_report(demo, "train")["computed"] == 2  # a new run on the new latents, not a resume
 
     assert ran(dvc(demo, "repro")) == {"models"}  # unchanged: only the identity check runs

@@ -52,8 +52,7 @@ def _run_tracked(stage: str, params, root: Path, options: dict):
                 tracker.end("KILLED")
             raise
         if report.computed or tracker.started:  # a stage that found nothing to do leaves no run
-            tracker.log_metrics({k: v for k, v in report.metrics().items()
-                                 if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            tracker.log_metrics(report.numbers())  # metrics and the run's report (computed, seconds, ...)
         return report
 
 

@@ -15,5 +15,10 @@ EXPORT = "export"
 METRICS = "metrics"
 # Persistent, outside DVC's cache: a rerun after an interruption resumes from here.
 CHECKPOINTS = "checkpoints/train"
+# In each run's checkpoint folder <CHECKPOINTS>/<run key>/: the sessions that trained it (wall-clock
+# times, MLflow run ids), which must not go into DVC's outputs (the same weights, other bytes).
+TRAIN_RUN_RECORD = "run.json"
+# Each stage's last run report (computed, reused, seconds, ...): not a DVC output (core.report).
+REPORTS = "reports"
 # One lock file per stage output: at most one process writes a stage's folders at a time.
 LOCKS = ".tuneline/locks"

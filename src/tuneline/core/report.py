@@ -1,4 +1,13 @@
-"""The end-of-stage summary: counts on screen, metrics/<stage>.json for `dvc metrics`."""
+"""The end-of-stage summary: counts on screen, metrics/<stage>.json for `dvc metrics`, and
+reports/<stage>.json with everything else about the run.
+
+The two files differ in what may go into them. metrics/<stage>.json is a DVC output: it holds
+the few numbers people compare between experiments (`metrics=` of the StageReport), each one
+decided by the stage's inputs alone, so the same inputs give the same bytes whether DVC or the
+Prefect flow ran the stage, and whether it computed its items or took them all from the store.
+reports/<stage>.json is not tracked by DVC: the work of this one run (computed, reused, seconds,
+models loaded, ...), which differs between a run and a rerun of the same inputs.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +20,11 @@ from rich.console import Console
 from rich.table import Table
 
 from tuneline.core.fsutil import atomic_write_json
+from tuneline.core.layout import REPORTS
 
 console = Console(highlight=False)
+
+COUNTS = ("items", "rejected")
 
 
 def print_error(title: str, message: str) -> None:
@@ -28,9 +40,14 @@ def print_warning(message: str) -> None:
 
 @dataclass
 class StageReport:
-    """Counts of one stage run. `computed + reused` items were produced; `rejected` were not."""
+    """Counts of one stage run. `computed + reused` items were produced; `rejected` were not.
+
+    `metric_keys` names the entries of `as_report()` that go to metrics/<stage>.json: only numbers
+    that the stage's inputs decide (never computed/reused, seconds, or anything about this run).
+    """
 
     stage: str
+    metric_keys: tuple[str, ...] = COUNTS
     computed: int = 0
     reused: int = 0
     given: int = 0  # produced without work or store (a sidecar caption is taken as given)
@@ -51,19 +68,36 @@ class StageReport:
         """Rejections grouped by the kind of reason (the text before the first ':')."""
         return Counter(item["reason"].split(":")[0] for item in self.rejected)
 
-    def metrics(self) -> dict[str, Any]:
+    def as_report(self) -> dict[str, Any]:
+        """Everything about this run: the counts, the stage's own entries, seconds and warnings."""
         return {
+            "stage": self.stage,
             "items": self.produced,
             "computed": self.computed,
             "reused": self.reused,
             **({"given": self.given} if self.given else {}),
             "rejected": len(self.rejected),
+            **({"rejected_by_reason": dict(sorted(self.rejection_counts().items()))} if self.rejected else {}),
             **self.extra,
+            "seconds": round(self.seconds, 3),
+            "warnings": list(self.warnings),
         }
 
+    def metrics(self) -> dict[str, Any]:
+        """What metrics/<stage>.json holds: the `metric_keys` entries of `as_report()`."""
+        full = self.as_report()
+        return {key: full[key] for key in self.metric_keys if key in full}
+
+    def numbers(self) -> dict[str, float]:
+        """The report's numeric entries (for MLflow)."""
+        return {key: value for key, value in self.as_report().items()
+                if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
     def write_metrics(self, metrics_dir: Path) -> Path:
+        """metrics/<stage>.json (tracked by DVC), and reports/<stage>.json beside the metrics folder."""
         path = Path(metrics_dir) / f"{self.stage}.json"
         atomic_write_json(path, self.metrics())
+        atomic_write_json(report_path(Path(metrics_dir).parent, self.stage), self.as_report())
         return path
 
     def print_summary(self, rejected_file: Path | None = None) -> None:
@@ -87,3 +121,8 @@ class StageReport:
             console.print(f"[yellow]... and {len(self.warnings) - 20} more warnings[/]")
         if self.rejected and rejected_file is not None:
             console.print(f"rejected items and reasons: {rejected_file}", markup=False, soft_wrap=True)
+
+
+def report_path(root: Path, stage: str) -> Path:
+    """<root>/reports/<stage>.json: the last run's report of `stage` (not tracked by DVC)."""
+    return Path(root) / REPORTS / f"{stage}.json"

@@ -126,6 +126,7 @@ def run_stage(stage: str, root: str, params_file: str, cache_key: str, outs: lis
     checkpoint and `resume`, the command that resumes this flow run."""
     import json
 
+    from tuneline.core.report import report_path
     from tuneline.core.stops import RESUME_COMMAND_ENV, STOP_RECORD_ENV
     from tuneline.core.tracking.tracker import PARENT_RUN_ENV
     from tuneline.orchestration.cachekey import STATE_DIR, output_fingerprint, write_record
@@ -158,7 +159,9 @@ def run_stage(stage: str, root: str, params_file: str, cache_key: str, outs: lis
     write_record(root_path, stage, cache_key, fingerprint)
     metrics_file = root_path / "metrics" / f"{stage}.json"
     metrics = json.loads(metrics_file.read_text("utf-8")) if metrics_file.is_file() else None
-    return {"stage": stage, "key": cache_key, "outputs": fingerprint, "metrics": metrics}
+    report_file = report_path(root_path, stage)  # what this run did: computed, reused, seconds, ...
+    report = json.loads(report_file.read_text("utf-8")) if report_file.is_file() else None
+    return {"stage": stage, "key": cache_key, "outputs": fingerprint, "metrics": metrics, "report": report}
 
 
 def _stopped(stopped: Any, stop_record: Path, resume: Optional[str], logger: Any) -> Any:
@@ -360,7 +363,8 @@ def pipeline(params_path: str = "params.yaml", root: str = ".",
             cached = state.name == "Cached"
             # A cache hit ran nothing: the cached result's metrics belong to the run that made the outputs.
             summary[spec.name] = {"cached": cached, "key": key.key,
-                                  "metrics": None if cached else (result or {}).get("metrics")}
+                                  "metrics": None if cached else (result or {}).get("metrics"),
+                                  "report": None if cached else (result or {}).get("report")}
             if shard_states is not None:
                 summary[spec.name]["shards"] = shard_states
             logger.info("stage %s: %s (key %s)", spec.name, "cache hit" if state.name == "Cached" else "ran", key.key)

@@ -389,7 +389,8 @@ class Trainer:
                         saved or self.checkpoint_dir)
                 if self._checkpoint_due(epoch_before) and not self._done():
                     self.save()
-            self.save()
+            if session_steps or not self.saved_at_current_step():
+                self.save()  # a session that trained nothing leaves its checkpoint (and DVC's hash of it) as it was
         finally:
             bar.close()
             for sig, handler in previous.items():
@@ -397,6 +398,11 @@ class Trainer:
         return {"steps": self.state.step, "epochs": self.state.epoch, "final_loss": last.loss if last else None,
                 "seconds_per_step": (time.perf_counter() - session_start) / max(1, session_steps),
                 "session_steps": session_steps, "seed": self.seed}
+
+    def saved_at_current_step(self) -> bool:
+        """True when this run's latest checkpoint is of the current step."""
+        found = checkpoint.latest(self.checkpoint_dir)
+        return found is not None and found.name == checkpoint.checkpoint_name(self.state.step)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.stop_signal is not None:  # a second signal: the user insists

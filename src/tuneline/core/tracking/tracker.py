@@ -115,10 +115,11 @@ def git_commit(root: Path) -> str:
     return commit or "unknown"
 
 
-def git_dirty(root: Path) -> bool | None:
-    """Whether tracked files of the repository holding root differ from HEAD (`git describe --dirty`
-    semantics: untracked files do not count); None when it cannot tell."""
-    status = _git(root, "status", "--porcelain", "--untracked-files=no")
+def git_dirty(root: Path, *paths: str) -> bool | None:
+    """Whether tracked files of the repository holding root (only those under `paths`, when given)
+    differ from HEAD (`git describe --dirty` semantics: untracked files do not count); None when it
+    cannot tell."""
+    status = _git(root, "status", "--porcelain", "--untracked-files=no", "--", *paths)
     return None if status is None else bool(status.strip())
 
 

@@ -17,10 +17,9 @@ MODELSPEC_VERSION = "1.0.1"
 PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v", "v": "v"}
 
 
-def _iso(moment: _dt.datetime | str | None) -> str:
+def _iso(moment: _dt.datetime | str) -> str:
     if isinstance(moment, str):
         return moment
-    moment = moment or _dt.datetime.now(_dt.timezone.utc)
     return moment.replace(microsecond=0).isoformat()
 
 
@@ -46,8 +45,9 @@ def modelspec_metadata(
         "modelspec.title": title,
         "modelspec.resolution": f"{width}x{height}",
         "modelspec.prediction_type": PREDICTION_TYPES[prediction_type],
-        "modelspec.date": _iso(date),
     }
+    if date is not None:  # never "now": an exported file must not change when its inputs do not
+        meta["modelspec.date"] = _iso(date)
     optional = {"trigger_phrase": trigger_phrase, "description": description,
                 "implementation_version": implementation_version}
     meta.update({f"modelspec.{key}": value for key, value in optional.items() if value})
@@ -57,7 +57,11 @@ def modelspec_metadata(
 def code_provenance(code_dir: Path | None = None) -> dict[str, Any]:
     """The code that produced a file: tuneline's version plus the git commit and dirty flag of the
     checkout holding it (`0.1.0+g1a2b3c4d5e6f.dirty`), so the file alone names its code even with
-    tracking off. Outside a git checkout: the version alone, commit "unknown"."""
+    tracking off. Outside a git checkout: the version alone, commit "unknown".
+
+    Dirty means uncommitted changes to the tuneline package only: in a project that is also the
+    checkout, `dvc repro` rewrites dvc.lock, which must not change what an export says of its code."""
+    import tuneline
     from tuneline import __version__
     from tuneline.core.tracking.tracker import git_commit, git_dirty
 
@@ -65,7 +69,7 @@ def code_provenance(code_dir: Path | None = None) -> dict[str, Any]:
     commit = git_commit(code_dir)
     if commit == "unknown":
         return {"code_version": __version__, "git_commit": commit, "git_dirty": None}
-    dirty = git_dirty(code_dir)
+    dirty = git_dirty(code_dir, str(Path(tuneline.__file__).resolve().parent))
     return {"code_version": f"{__version__}+g{commit[:12]}" + (".dirty" if dirty else ""),
             "git_commit": commit, "git_dirty": dirty}
 

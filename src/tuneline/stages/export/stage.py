@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneline.config import Params
+from tuneline.core import layout
 from tuneline.core.fsutil import atomic_path, atomic_write_text, digest_json, link_or_copy, rebuilt_dir
 from tuneline.core.report import StageReport
 from tuneline.models.ref import is_tiny
@@ -68,17 +69,32 @@ def _names(parts: list[str]) -> str:
     return " and ".join(COMPONENTS[p] for p in parts)
 
 
-def _metadata_common(params: Params, state: dict[str, Any], trained: TrainConfig) -> dict[str, Any]:
+def run_record(root: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """The training run's record (its MLflow runs and times), kept in its checkpoint folder, not in
+    models/train: the same weights must be the same bytes whichever session last wrote them. {} when
+    the folder is not here (models/train from a DVC remote, or an older run)."""
+    path = Path(root) / layout.CHECKPOINTS / str(state.get("run_key")) / layout.TRAIN_RUN_RECORD
+    try:
+        return json.loads(path.read_text("utf-8")) if state.get("run_key") else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _metadata_common(params: Params, state: dict[str, Any], trained: TrainConfig,
+                     record: dict[str, Any]) -> dict[str, Any]:
     from tuneline.stages.export.metadata import code_provenance
 
     triggers = [d.trigger_word for d in params.datasets if d.trigger_word]
     resolution = params.bucket.resolution
+    trained_at = record.get("trained_at")
     return {
         "title": params.export.name,
         "data_digest": state["data_digest"],
         "params_digest": digest_json(params.model_dump(mode="json")),
         **code_provenance(),
-        "mlflow_run_id": state.get("mlflow_run_id"),
+        "mlflow_run_id": record.get("mlflow_run_id") or state.get("mlflow_run_id"),
+        # When the weights were made (not when they were exported): the same weights, the same header.
+        "date": _dt.datetime.fromtimestamp(trained_at, _dt.timezone.utc) if trained_at else None,
         "prediction_type": state.get("prediction_type", "epsilon"),
         "zero_terminal_snr": trained.zero_terminal_snr,
         "resolution": (resolution, resolution),
@@ -196,11 +212,15 @@ def run(params: Params, root: Path, trained_dir: Path, renders_dir: Path, out_di
     from tuneline.stages.export.kohya_lora import export_kohya_lora
     from tuneline.stages.export.metadata import checkpoint_metadata, kohya_metadata, lora_network
     from tuneline.stages.export.single_file import pipeline_to_single_file
-    from tuneline.stages.render.generate import LORA_FILE, PIPELINE_DIR
+    from tuneline.core.codeversion import code_version
+    from tuneline.core.store import ItemStore
+    from tuneline.models.ref import identify
+    from tuneline.stages.export import CODE
+    from tuneline.stages.render.generate import LORA_FILE, PIPELINE_DIR, weights_identity
 
     started = time.perf_counter()
     root, trained_dir = Path(root), Path(trained_dir)
-    report = StageReport(STAGE)
+    report = StageReport(STAGE, metric_keys=("items", "bytes"))
     state_file = trained_dir / "trainer_state.json"
     if not state_file.is_file():
         raise FileNotFoundError(f"{state_file}: no trained model to export (run the train stage first)")
@@ -229,25 +249,41 @@ def run(params: Params, root: Path, trained_dir: Path, renders_dir: Path, out_di
             f"{config.name}{'_lora' if full else ''}.safetensors", "lora", lora,
             f"kohya {'DoRA' if lora_settings.use_dora else 'LoRA'} of the {_names(lora)} (rank {lora_settings.rank}, "
             f"alpha {lora_settings.alpha})" + (f", to apply at strength 1.0 on top of `{files[0].name}`" if full else "")))
-    common = _metadata_common(params, state, trained)
+    record = run_record(root, state)
+    common = _metadata_common(params, state, trained, record)
     samples, samples_note = _samples(Path(renders_dir), weights_dir, root, config.samples, bool(lora))
     if samples_note and config.samples:
         report.warnings.append(f"export: no samples in the model card: {samples_note}")
+    # Each exported file is cached in the item store by what decides its bytes: the weights' content,
+    # the base model (kohya block names come from its UNet config), the header, dtype and code. A
+    # rerun of the same inputs (DVC after the flow, or the other way round) writes nothing again.
+    store = ItemStore(root / params.store_dir, STAGE)
+    identity = {"weights": weights_identity(weights_dir, root), "dtype": config.dtype, "code": code_version(CODE),
+                "base": {key: entry["identity"] for key, entry in identify(params, root, ("model.base",)).items()}}
+    made = 0
     with rebuilt_dir(out_dir) as staging:
         for file in files:
             companion = next((other for other in files if other is not file), None)
             extra = _extra(params, state, weights, file, companion)
             if file.kind == "checkpoint":
-                pipeline_to_single_file(weights_dir / PIPELINE_DIR, staging / file.name, config.dtype,
-                                        checkpoint_metadata(**common, extra=extra))
-                continue
-            module, network_args = lora_network(trained.lora)
-            started_at = _dt.datetime.fromtimestamp(state["history"][0]["time"], _dt.timezone.utc)
-            metadata = kohya_metadata(rank=trained.lora.rank, alpha=trained.lora.alpha, network_module=module,
-                                      network_args=network_args, network_dropout=trained.lora.dropout,
-                                      output_name=Path(file.name).stem, training_started_at=started_at,
-                                      **common, extra=extra)
-            export_kohya_lora(weights_dir / LORA_FILE, staging / file.name, _base_unet_config(params, root), metadata)
+                metadata = checkpoint_metadata(**common, extra=extra)
+            else:
+                module, network_args = lora_network(trained.lora)
+                first = record.get("started_at") or (state.get("history") or [{}])[0].get("time")
+                started_at = _dt.datetime.fromtimestamp(first, _dt.timezone.utc) if first else None
+                metadata = kohya_metadata(rank=trained.lora.rank, alpha=trained.lora.alpha, network_module=module,
+                                          network_args=network_args, network_dropout=trained.lora.dropout,
+                                          output_name=Path(file.name).stem, training_started_at=started_at,
+                                          **common, extra=extra)
+            stored = store.path(digest_json({**identity, "file": [file.name, file.kind, file.components],
+                                             "metadata": metadata}), ".safetensors")
+            if not stored.is_file():
+                made += 1
+                if file.kind == "checkpoint":
+                    pipeline_to_single_file(weights_dir / PIPELINE_DIR, stored, config.dtype, metadata)
+                else:
+                    export_kohya_lora(weights_dir / LORA_FILE, stored, _base_unet_config(params, root), metadata)
+            link_or_copy(stored, staging / file.name)
         if config.keep_diffusers:
             for path in trained_dir.rglob("*"):
                 if path.is_file():
@@ -267,7 +303,7 @@ def run(params: Params, root: Path, trained_dir: Path, renders_dir: Path, out_di
             tracker.log_artifact(path, "export")
         for image in sorted((Path(out_dir) / "samples").glob("*.png")):  # the card shows them
             tracker.log_artifact(image, "export/samples")
-    report.computed = len(paths)
+    report.computed, report.reused = made, len(paths) - made
     report.extra.update({"file": str(paths[0]), "files": [str(p) for p in paths],
                          "kind": "; ".join(f"{f.name}: {f.description}" for f in files),
                          "bytes": sum(p.stat().st_size for p in paths), "samples": len(samples)})

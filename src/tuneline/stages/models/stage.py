@@ -25,7 +25,7 @@ def run(params: Params, root: Path, out_dir: Path, metrics_dir: Path | None = No
         tracker: Any = None) -> StageReport:
     """Identify every model reference of `params`; rewrite `out_dir` only when an identity changed."""
     started = time.perf_counter()
-    report = StageReport(STAGE)
+    report = StageReport(STAGE, metric_keys=("items",))
     identities = identify(params, Path(root))
     out_dir = Path(out_dir)
     try:
@@ -35,7 +35,8 @@ def run(params: Params, root: Path, out_dir: Path, metrics_dir: Path | None = No
     if not unchanged:
         with rebuilt_dir(out_dir) as staging:
             atomic_write_json(staging / IDENTITY_FILE, identities)
-    report.computed = len(identities)
+    # Identified every time (cheap); "computed" counts the identities that changed.
+    report.computed, report.reused = (0, len(identities)) if unchanged else (len(identities), 0)
     for key, entry in identities.items():
         if entry["kind"] == "hub" and not entry["revision"]:
             report.warnings.append(f"{key}: hub id {entry['ref']!r} without a pinned revision: a change upstream is "

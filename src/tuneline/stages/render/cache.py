@@ -4,7 +4,8 @@ An image's key is what decides its pixels: the content identity of the weights (
 model; for trained images also the trained files, LoRA scale and EMA choice), the resolved
 prompt entry (prompt, negative prompt, seed, size, steps, guidance, sampler, Karras), the
 device type and dtype, and the render code's version. Unchanged weights and prompts render
-nothing; a new prompt renders one image per column.
+nothing; a new prompt renders one image per column. The transfer images and the diagnostic
+sheet are cached the same way (`entry_path`): trained weights + what else decides their pixels.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ class ImageCache:
 
     def path(self, prompt: RenderPrompt) -> Path:
         return self.store.path(self.key(prompt), SUFFIX)
+
+    def entry_path(self, kind: str, entry: dict[str, Any]) -> Path:
+        """Where the image of `kind` (transfer, diagnostics) decided by `entry` and these weights lives."""
+        return self.store.path(digest_json({**self.identity, kind: entry}), SUFFIX)
 
     def place(self, prompts: list[RenderPrompt], out_dir: Path) -> list[Path]:
         """Link every prompt's cached image to <out_dir>/<index>.png (the layout sheets read)."""

@@ -5,18 +5,21 @@ Writes into the output folder (renders/):
   contact_sheet.png               prompts x (base, each live/step_N found, final)
   transfer/<a>_to_<b>.png         two or more data sets: img2img into the other trigger word
   diagnostics.png                 x_t / x0 prediction / cross-attention of training samples
-and metrics/render.json. live/ (written during training) is read, never removed.
+and metrics/render.json. live/ (written during training) is read, never removed. Every image
+(the transfer images and the diagnostic sheet too) is cached in the item store by the weights'
+content and what else decides its pixels: a rerun with unchanged weights loads no model.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from tuneline.config import Params
-from tuneline.core.fsutil import atomic_write_json
+from tuneline.core.fsutil import atomic_write_json, file_digest, link_or_copy
 from tuneline.models.ref import is_tiny
 from tuneline.core.report import StageReport, console
 
@@ -65,7 +68,7 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
     )
     from tuneline.stages.render.prompts import load_prompts
     from tuneline.stages.render.sheets import contact_sheet, live_steps
-    from tuneline.stages.render.transfer import render_transfer, transfer_sources
+    from tuneline.stages.render.transfer import render_transfer, transfer_jobs, transfer_sources, transfer_steps
 
     started = time.perf_counter()
     root, trained_dir, out_dir = Path(root), Path(trained_dir), Path(out_dir)
@@ -73,7 +76,7 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
     prompts = load_prompts(root / config.prompts_file, config)  # a bad file stops before any model loads
     if not trained_dir.is_dir():
         raise FileNotFoundError(f"{trained_dir} does not exist: run stage train first")
-    report = StageReport(STAGE)
+    report = StageReport(STAGE, metric_keys=("items", "mean_abs_diff_vs_base"))
     tiny = is_tiny(params.model.base) or bool(trainer_state(trained_dir).get("random_tiny_model"))
     if tiny:
         report.warnings.append(f"model.base is {params.model.base!r}: a tiny RANDOM-weight model, so these images "
@@ -92,16 +95,52 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
         "trained": {"prediction_type": trainer_state(trained_dir).get("prediction_type"), "weights": trained_weights},
         "lora_scale": config.lora_scale, "use_ema": config.use_ema}, device, dtype)
     missing_base, missing_final = base_cache.missing(prompts), final_cache.missing(prompts)
-    wants_transfer = config.transfer and len(params.datasets) >= 2
-    pipeline = None
-    if missing_base or missing_final or wants_transfer or config.diagnostics:
+    latents_dir = root / LATENTS_DIR
+    has_latents = (latents_dir / "manifest.jsonl").is_file()
+    jobs: list[Any] = []
+    if config.transfer and len(params.datasets) >= 2 and has_latents:
+        sources = transfer_sources(params, latents_dir, root / CAPTIONED_DIR)
+        if len(sources) >= 2:
+            jobs, warnings = transfer_jobs(sources)
+            report.warnings.extend(warnings)
+    transfer_settings = {"strength": config.transfer_strength,
+                         "steps": transfer_steps(config.steps, config.transfer_strength),
+                         "guidance_scale": config.guidance_scale, "sampler": config.sampler, "karras": config.karras,
+                         "seed": config.seed}
+
+    def transfer_path(job: Any) -> Path:
+        return final_cache.entry_path("transfer", {"source_image": file_digest(job.source.image), "prompt": job.prompt,
+                                                   **transfer_settings})
+
+    missing_transfer = [job for job in jobs if not transfer_path(job).is_file()]
+    diagnostics_path = None
+    if config.diagnostics and has_latents:
+        diagnostics_path = final_cache.entry_path("diagnostics", {
+            "latents": file_digest(latents_dir / "manifest.jsonl"),
+            "datasets": [[d.folder, d.trigger_word] for d in params.datasets],
+            **{key: getattr(config, key) for key in ("diagnostic_timesteps", "diagnostic_samples", "diagnostic_token",
+                                                      "seed", "sheet_tile")}})
+    elif config.diagnostics:
+        report.warnings.append(f"diagnostics: {latents_dir} has no manifest.jsonl, no diagnostic sheet")
+    diagnostics_notes = diagnostics_path.with_suffix(".json") if diagnostics_path else None
+    missing_diagnostics = diagnostics_path is not None and not diagnostics_path.is_file()
+    if missing_base or missing_final or missing_transfer or missing_diagnostics:  # else no model is loaded
         pipeline = load_base_pipeline(params.model, root, device, config.dtype)
         render_prompts(pipeline, missing_base, None, path_of=base_cache.path)
-        applied = apply_trained(pipeline, trained_dir, config.lora_scale, config.use_ema)
-        report.warnings.extend(applied.warnings)
-        for line in applied.loaded:
-            console.print(f"render: {line}", markup=False, soft_wrap=True)
-        render_prompts(pipeline, missing_final, None, path_of=final_cache.path)
+        if missing_final or missing_transfer or missing_diagnostics:
+            applied = apply_trained(pipeline, trained_dir, config.lora_scale, config.use_ema)
+            report.warnings.extend(applied.warnings)
+            for line in applied.loaded:
+                console.print(f"render: {line}", markup=False, soft_wrap=True)
+            render_prompts(pipeline, missing_final, None, path_of=final_cache.path)
+            render_transfer(pipeline, missing_transfer, transfer_path, strength=config.transfer_strength,
+                            steps=config.steps, guidance_scale=config.guidance_scale, sampler=config.sampler,
+                            karras=config.karras, seed=config.seed)
+            if missing_diagnostics:
+                _, warnings = diagnostic_sheet(pipeline, params, latents_dir, diagnostics_path, config)
+                atomic_write_json(diagnostics_notes, {"warnings": warnings})  # shown again on cached runs
+        del pipeline
+        release(device)
     base = base_cache.place(prompts, out_dir / "base")
     final = final_cache.place(prompts, out_dir / "final")
     # What the final images show, so export can refuse samples of other weights (an older run, the
@@ -116,37 +155,30 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
                ("final", out_dir / "final")]
     sheet = contact_sheet(columns, prompts, out_dir / "contact_sheet.png", config.sheet_tile)
     sheets = [sheet]
-
-    transfer: list[Path] = []
-    latents_dir = root / LATENTS_DIR
-    if wants_transfer and (latents_dir / "manifest.jsonl").is_file():
-        sources = transfer_sources(params, latents_dir, root / CAPTIONED_DIR)
-        if len(sources) >= 2:
-            transfer, warnings = render_transfer(
-                pipeline, sources, out_dir / "transfer", strength=config.transfer_strength, steps=config.steps,
-                guidance_scale=config.guidance_scale, sampler=config.sampler, karras=config.karras, seed=config.seed)
-            report.warnings.extend(warnings)
-    if config.diagnostics:
-        if (latents_dir / "manifest.jsonl").is_file():
-            path, warnings = diagnostic_sheet(pipeline, params, latents_dir, out_dir / "diagnostics.png", config)
-            sheets.append(path)
-            report.warnings.extend(warnings)
-        else:
-            report.warnings.append(f"diagnostics: {latents_dir} has no manifest.jsonl, no diagnostic sheet")
-    del pipeline
-    release(device)
+    transfer = [out_dir / "transfer" / job.name for job in jobs]
+    for job, path in zip(jobs, transfer):
+        link_or_copy(transfer_path(job), path)
+    if diagnostics_path is not None:
+        (out_dir / "diagnostics.png").unlink(missing_ok=True)
+        link_or_copy(diagnostics_path, out_dir / "diagnostics.png")
+        sheets.append(out_dir / "diagnostics.png")
+        if diagnostics_notes.is_file():
+            report.warnings.extend(json.loads(diagnostics_notes.read_text("utf-8"))["warnings"])
 
     _log_images(tracker, [*images, *transfer, *sheets], out_dir)
-    rendered = len(missing_base) + len(missing_final)
-    report.computed = rendered + len(transfer)
-    report.reused = len(images) - rendered
+    # Items: the base, final and transfer images and the diagnostic sheet (not the contact sheet,
+    # which is put together from the others on every run).
+    report.computed = len(missing_base) + len(missing_final) + len(missing_transfer) + int(missing_diagnostics)
+    report.reused = len(images) + len(transfer) + int(diagnostics_path is not None) - report.computed
     report.extra.update({
         "prompts": len(prompts),
         "live_steps": len(live),
         "transfer_images": len(transfer),
         "base_rendered": len(missing_base),
         "final_rendered": len(missing_final),
-        "mean_abs_difference_trained_vs_base": round(_mean_abs_difference(base, final), 4),
+        "transfer_rendered": len(missing_transfer),
+        "diagnostics_rendered": int(missing_diagnostics),
+        "mean_abs_diff_vs_base": round(_mean_abs_difference(base, final), 4),
         "random_tiny_model": tiny,
     })
     report.seconds = time.perf_counter() - started

@@ -11,7 +11,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tuneline.config import Params
 from tuneline.core.manifest import read_manifest
@@ -54,9 +54,48 @@ def transfer_sources(params: Params, latents_dir: Path, captioned_dir: Path) -> 
     return sources
 
 
-def render_transfer(pipeline: Any, sources: list[TransferSource], out_dir: Path, *, strength: float, steps: int,
-                    guidance_scale: float, sampler: str, karras: bool, seed: int) -> tuple[list[Path], list[str]]:
-    """<out_dir>/<a>_to_<b>.png for every ordered pair of data sets; (paths, warnings)."""
+@dataclass(frozen=True)
+class TransferJob:
+    """One image-to-image render: `source`'s test image into `target`'s trigger word."""
+
+    source: TransferSource
+    target: TransferSource
+
+    @property
+    def name(self) -> str:
+        return f"{self.source.dataset}_to_{self.target.dataset}.png"
+
+    @property
+    def prompt(self) -> str:
+        return transfer_prompt(self.source, self.target.trigger_word or "")
+
+
+def transfer_jobs(sources: list[TransferSource]) -> tuple[list[TransferJob], list[str]]:
+    """Every ordered pair of data sets that can be rendered; (jobs, warnings about the others)."""
+    jobs, warnings = [], []
+    for source in sources:
+        if not source.image.is_file():
+            warnings.append(f"transfer: {source.image} not found, data set {source.dataset} skipped")
+            continue
+        for target in sources:
+            if target is source:
+                continue
+            if not target.trigger_word:
+                warnings.append(f"transfer: data set {target.dataset} has no trigger_word, no transfer into it")
+                continue
+            jobs.append(TransferJob(source, target))
+    return jobs, sorted(set(warnings))
+
+
+def transfer_steps(steps: int, strength: float) -> int:
+    """img2img runs int(steps * strength) steps: at least one."""
+    return max(steps, math.ceil(1 / strength))
+
+
+def render_transfer(pipeline: Any, jobs: list[TransferJob], path_of: Callable[[TransferJob], Path], *,
+                    strength: float, steps: int, guidance_scale: float, sampler: str, karras: bool,
+                    seed: int) -> list[Path]:
+    """Render every job to path_of(job) (the image cache's path); returns the paths."""
     import torch
     from diffusers import StableDiffusionXLImg2ImgPipeline
     from PIL import Image
@@ -64,31 +103,23 @@ def render_transfer(pipeline: Any, sources: list[TransferSource], out_dir: Path,
     from tuneline.stages.render.generate import _quiet_diffusers, save_png
     from tuneline.stages.render.samplers import build_scheduler
 
+    if not jobs:
+        return []
     img2img = StableDiffusionXLImg2ImgPipeline(
         vae=pipeline.vae, text_encoder=pipeline.text_encoder, text_encoder_2=pipeline.text_encoder_2,
         tokenizer=pipeline.tokenizer, tokenizer_2=pipeline.tokenizer_2, unet=pipeline.unet,
         scheduler=build_scheduler(sampler, pipeline.scheduler.config, karras))
     img2img.set_progress_bar_config(disable=True)
-    steps = max(steps, math.ceil(1 / strength))  # img2img runs int(steps * strength) steps: at least one
-    paths, warnings = [], []
-    for source in sources:
-        if not source.image.is_file():
-            warnings.append(f"transfer: {source.image} not found, data set {source.dataset} skipped")
-            continue
-        with Image.open(source.image) as opened:
+    paths = []
+    for job in jobs:
+        with Image.open(job.source.image) as opened:
             image = opened.convert("RGB")
         width, height = image.width // 8 * 8, image.height // 8 * 8
         image = image.crop((0, 0, width, height))
-        for target in sources:
-            if target is source:
-                continue
-            if not target.trigger_word:
-                warnings.append(f"transfer: data set {target.dataset} has no trigger_word, no transfer into it")
-                continue
-            generator = torch.Generator("cpu").manual_seed(seed)
-            with _quiet_diffusers():  # its VAE upcast warns on every call about casting with to()
-                result = img2img(prompt=transfer_prompt(source, target.trigger_word), image=image,
-                                 strength=strength, num_inference_steps=steps, guidance_scale=guidance_scale,
-                                 generator=generator).images[0]
-            paths.append(save_png(result, Path(out_dir) / f"{source.dataset}_to_{target.dataset}.png"))
-    return paths, sorted(set(warnings))
+        generator = torch.Generator("cpu").manual_seed(seed)
+        with _quiet_diffusers():  # its VAE upcast warns on every call about casting with to()
+            result = img2img(prompt=job.prompt, image=image, strength=strength,
+                             num_inference_steps=transfer_steps(steps, strength), guidance_scale=guidance_scale,
+                             generator=generator).images[0]
+        paths.append(save_png(result, path_of(job)))
+    return paths

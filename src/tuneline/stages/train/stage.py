@@ -1,15 +1,22 @@
 """Stage `train`: the trainer core with the SDXL adapter, on the latents stage's output.
 
 Writes the trained result to `out_dir` (LoRA in diffusers format and/or a full pipeline
-folder), `trainer_state.json`, metrics/train.json and the loss curve metrics/train_loss.csv
-(for `dvc plots show`). Checkpoints live in `checkpoint_dir/<run key>/`, which persists
-between runs: running the stage again after an interruption resumes from the latest one;
-changed settings or data start a new run (see tuneline.train.checkpoint.run_key).
+folder), `trainer_state.json`, metrics/train.json and the loss curve, as metrics/train_loss.csv
+(step, loss, lr: `dvc plots show` draws it) and metrics/train_loss.png (loss and learning rate,
+drawn here: an image plot shows offline). Checkpoints live in `checkpoint_dir/<run key>/`,
+which persists between runs: running the stage again after an interruption resumes from the
+latest one; changed settings or data start a new run (see tuneline.train.checkpoint.run_key).
+
+Everything DVC tracks is a function of the run's inputs and its history: the same run gives the
+same bytes, whether DVC or the Prefect flow runs the stage and whether it trains steps or finds
+them done. What only this session knows (MLflow run ids, wall-clock times) goes to the run's
+checkpoint folder (`run.json`, the loss history's timing column), MLflow and reports/train.json.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import shutil
 import time
@@ -21,32 +28,67 @@ from tuneline.core import layout
 from tuneline.core.fsutil import atomic_write_bytes, atomic_write_json, rebuilt_dir
 from tuneline.models.ref import is_tiny
 from tuneline.core.report import StageReport
+from tuneline.stages.train.plot import write_loss_curve_png
 
 STAGE = "train"
 LOSS_CURVE = "train_loss.csv"
+LOSS_PICTURE = "train_loss.png"
+RUN_RECORD = layout.TRAIN_RUN_RECORD
 
 
 class LossCurve:
-    """metrics/train_loss.csv: one row per logged step; rows past a resumed step are dropped."""
+    """The run's loss history, kept beside its checkpoints: one row per logged step (step, loss, lr,
+    and the wall seconds per step since the previous row); rows past a resumed step are dropped."""
+
+    FIELDS = ["step", "loss", "lr", "seconds_per_step"]
+    TRACKED = ["step", "loss", "lr"]  # what metrics/train_loss.csv (a DVC output) gets: no timings
 
     def __init__(self, path: Path, resumed_step: int) -> None:
         self.path = Path(path)
-        rows = []
+        self.rows: list[dict[str, str]] = []
         if self.path.is_file() and resumed_step > 0:
             with open(self.path, newline="") as handle:
-                rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= resumed_step]
+                self.rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= resumed_step]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.handle = open(self.path, "w", newline="")
-        self.writer = csv.DictWriter(self.handle, fieldnames=["step", "loss", "lr"])
+        self.writer = csv.DictWriter(self.handle, fieldnames=self.FIELDS, restval="", extrasaction="ignore")
         self.writer.writeheader()
-        self.writer.writerows(rows)
+        self.writer.writerows(self.rows)
+        self.handle.flush()
 
-    def add(self, step: int, loss: float, lr: float) -> None:
-        self.writer.writerow({"step": step, "loss": f"{loss:.6f}", "lr": f"{lr:.6e}"})
+    def add(self, step: int, loss: float, lr: float, seconds_per_step: float) -> None:
+        row = {"step": str(step), "loss": f"{loss:.6f}", "lr": f"{lr:.6e}",
+               "seconds_per_step": f"{seconds_per_step:.4f}"}
+        self.rows.append(row)
+        self.writer.writerow(row)
         self.handle.flush()
 
     def close(self) -> None:
         self.handle.close()
+
+    def tracked_csv(self) -> bytes:
+        """metrics/train_loss.csv: step, loss, lr of every row."""
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=self.TRACKED, extrasaction="ignore", lineterminator="\r\n")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        return text.getvalue().encode("utf-8")
+
+    def last_loss(self) -> float | None:
+        return float(self.rows[-1]["loss"]) if self.rows else None
+
+    def seconds_per_step(self) -> float | None:
+        """Wall seconds per step over the run's logged steps, from its history: a session that
+        trains nothing gives the same number again."""
+        total = steps = 0.0
+        previous = 0
+        for row in self.rows:
+            step = int(row["step"])
+            if row.get("seconds_per_step"):
+                total += float(row["seconds_per_step"]) * (step - previous)
+                steps += step - previous
+            previous = step
+        return round(total / steps, 4) if steps else None
 
 
 MLFLOW_RUN_FILE = "mlflow_run.json"
@@ -77,6 +119,21 @@ def track_training_run(trainer: Any, tracker: Any) -> str | None:
               if folder.is_dir() and folder != trainer.checkpoint_dir]
     tracker.end_orphans([run_id for run_id in others if run_id])
     return tracker.run_id
+
+
+def write_run_record(trainer: Any, mlflow_run_id: str | None) -> Path:
+    """<run checkpoint folder>/run.json: what only the sessions know, kept out of DVC's outputs."""
+    path = trainer.checkpoint_dir / RUN_RECORD
+    atomic_write_json(path, {
+        "run_key": trainer.run_key,
+        # Every (re)start that saved a checkpoint: its first step and wall-clock start.
+        "sessions": trainer.state.history,
+        # The training run's one MLflow run (all its sessions log to it): the run export names.
+        "mlflow_run_id": mlflow_run_id,
+        "started_at": trainer.state.history[0]["time"],
+        "trained_at": time.time(),
+        "steps": trainer.state.step})
+    return path
 
 
 def live_dir(trainer: Any) -> Path:
@@ -110,7 +167,7 @@ def run(params: Params, root: Path, latents_dir: Path, out_dir: Path, metrics_di
 
     started = time.perf_counter()
     checkpoint_dir = checkpoint_dir or Path(root) / layout.CHECKPOINTS
-    report = StageReport(STAGE)
+    report = StageReport(STAGE, metric_keys=("steps", "loss", "seconds_per_step"))
     if is_tiny(params.model.base):
         report.warnings.append(f"model.base is {params.model.base!r}: a tiny RANDOM-weight model "
                                "(pipeline check only, the result means nothing)")
@@ -119,20 +176,25 @@ def run(params: Params, root: Path, latents_dir: Path, out_dir: Path, metrics_di
     trainer.setup()
     main = trainer.accelerator.is_main_process
     # The run's whole loss history lives with its checkpoints, which DVC never deletes (it deletes
-    # declared outputs such as metrics/train_loss.csv before a stage runs); the metrics file is
-    # a copy of it, rewritten at the end of every session.
+    # declared outputs such as metrics/train_loss.csv before a stage runs); the metrics files are
+    # drawn from it, rewritten at the end of every session.
     curve = LossCurve(trainer.checkpoint_dir / LOSS_CURVE, trainer.state.step) if main else None
     mlflow_run_id = track_training_run(trainer, tracker) if main else None
     if tracker is not None:
         tracker.log_params({"train": params.train.model_dump(mode="json"), "model": params.model.model_dump(mode="json"),
                             "seed_used": trainer.seed, "data_digest": trainer.data_digest,
                             "processes": trainer.accelerator.num_processes})
+    first_step = trainer.state.step
+    since = [first_step, time.perf_counter()]  # the step and time of the previous logged row
 
     def on_log(state: Any, result: Any, seconds_per_step: float) -> None:
         if not main:
             return
+        now = time.perf_counter()
+        interval = (now - since[1]) / max(1, state.step - since[0])
+        since[:] = [state.step, now]
         first_lr = next(iter(result.lrs.values()))
-        curve.add(state.step, result.loss, first_lr)
+        curve.add(state.step, result.loss, first_lr, interval)
         if tracker is not None:
             metrics = {"loss": result.loss, "seconds_per_step": seconds_per_step, "epoch": state.epoch,
                        "samples_per_second": result.samples / max(seconds_per_step, 1e-9)}
@@ -148,26 +210,44 @@ def run(params: Params, root: Path, latents_dir: Path, out_dir: Path, metrics_di
     finally:
         if curve is not None:
             curve.close()
-            atomic_write_bytes(Path(metrics_dir or out_dir) / LOSS_CURVE, curve.path.read_bytes())
+            plots_dir = Path(metrics_dir or out_dir)
+            atomic_write_bytes(plots_dir / LOSS_CURVE, curve.tracked_csv())
+            picture = write_loss_curve_png(curve.rows, plots_dir / LOSS_PICTURE, f"train run {trainer.run_key}")
+            if tracker is not None and trainer.state.step > first_step:  # an idle session records nothing
+                tracker.log_artifact(picture, STAGE)
+            # After a finished or stopped session that trained and saved steps (a session that trained
+            # nothing changes nothing here either: the record stays the bytes DVC recorded).
+            if trainer.state.step > first_step and trainer.saved_at_current_step():
+                write_run_record(trainer, mlflow_run_id)
     if main:
         with rebuilt_dir(out_dir) as staging:
             trainer.save_outputs(staging)
             live = live_dir(trainer)
             if live.is_dir():  # this run's samples, kept with its checkpoints across resumes
                 shutil.copytree(live, staging / "live")
+            state = trainer.state.to_json()
+            del state["history"]  # wall-clock times and MLflow run ids: in the run record (RUN_RECORD)
+            # A DVC output: only what the run's inputs and its steps decide (no times, no run ids).
             atomic_write_json(staging / "trainer_state.json", {
-                **trainer.state.to_json(), "seed_used": trainer.seed, "data_digest": trainer.data_digest,
+                **state, "seed_used": trainer.seed, "data_digest": trainer.data_digest,
                 "train_config": params.train.model_dump(mode="json"), "model": params.model.model_dump(mode="json"),
                 "random_tiny_model": is_tiny(params.model.base), "prediction_type": trainer.adapter.prediction_type,
-                # The training run's one MLflow run (the same for all its sessions): export names it.
-                "mlflow_run_id": mlflow_run_id,
+                "processes": trainer.accelerator.num_processes,
+                # Names the run's checkpoint folder, where its run record is (`<checkpoints>/<run_key>/run.json`).
+                "run_key": trainer.run_key,
                 "ema_weights": trainer.ema is not None})
     else:
         trainer.save_outputs(out_dir)  # joins the barrier; only the main process writes
     report.computed = summary["session_steps"]
     report.reused = summary["steps"] - summary["session_steps"]
-    report.extra.update({"steps": summary["steps"], "epochs": summary["epochs"], "final_loss": summary["final_loss"],
-                         "seconds_per_step": round(summary["seconds_per_step"], 4), "seed": summary["seed"]})
+    report.extra.update({"steps": summary["steps"], "epochs": summary["epochs"], "seed": summary["seed"],
+                         "run_key": trainer.run_key,
+                         # From the run's history (the same after a session that trained nothing):
+                         "loss": curve.last_loss() if curve else None,
+                         "seconds_per_step": curve.seconds_per_step() if curve else None,
+                         # This session only:
+                         "session_final_loss": summary["final_loss"],
+                         "session_seconds_per_step": round(summary["seconds_per_step"], 4)})
     report.warnings.extend(trainer.messages)
     report.seconds = time.perf_counter() - started
     if metrics_dir is not None and main:
