@@ -380,3 +380,61 @@ def test_a_step_result_reads_its_numbers_only_when_asked(latents_project, tmp_pa
     assert isinstance(result.loss_value, torch.Tensor) and isinstance(result.grad_norm_value, torch.Tensor)
     assert isinstance(result.loss, float) and result.loss > 0 and result.grad_norm > 0
     assert set(result.extra) == {"timestep_mean"}
+
+
+@pytest.mark.parametrize("settings", [
+    {"mixed_precision": "bf16", "gradient_checkpointing": True, "lora": {"rank": 4, "targets": "all"}},
+    {"caption_dropout": 0.2, "text_encoder_2": {"mode": "lora"}, "ema": {"enabled": True}},
+])
+def test_the_memory_estimate_counts_weights_and_optimizer_state_exactly(latents_project, tmp_path, settings):
+    """The estimate is built from configs on the meta device; its weight, trained-parameter and
+    optimizer-state bytes equal the real tensors' of a trainer on the same settings."""
+    from tuneline.train import memory
+    from tuneline.train.config import OptimizerConfig
+    from tuneline.train.optim import build_optimizer
+
+    params = train_params(latents_project, **settings)
+    trainer = make_trainer(latents_project, tmp_path, params)
+    real_weights: dict[str, int] = {}
+    real_trained = 0
+    modules = [*trainer.modules.values(), *trainer.adapter.frozen_modules().values()]
+    for tensor in {id(t): t for m in modules for t in [*m.parameters(), *m.buffers()]}.values():
+        if tensor.requires_grad:
+            real_trained += tensor.numel() * tensor.element_size()
+        else:
+            name = memory.dtype_name(tensor.dtype)
+            real_weights[name] = real_weights.get(name, 0) + tensor.numel() * tensor.element_size()
+    estimate = memory.estimate(params, latents_project.root, bucket=(64, 64), batch_size=2)
+    assert estimate.weights == real_weights and estimate.trained == estimate.gradients == real_trained
+    assert ("bf16" in estimate.weights) == (params.train.mixed_precision == "bf16")
+    assert estimate.ema == (real_trained if params.train.ema.enabled else 0)
+    assert 0 < estimate.activations and estimate.peak > estimate.weights_total + estimate.optimizer
+    for name in ("adamw", "lion", "adafactor", "prodigy"):
+        optimizer = build_optimizer(OptimizerConfig(name=name), [
+            {**group, "lr": 1.0 if name == "prodigy" else 1e-4} for group in trainer.adapter.param_groups(
+                {k: trainer.accelerator.unwrap_model(m) for k, m in trainer.modules.items()})])
+        for parameter in trainer.parameters:
+            parameter.grad = torch.full_like(parameter, 1e-3)
+        optimizer.step()
+        real = memory.real_optimizer_state_bytes(optimizer)
+        assert memory.optimizer_state_bytes(name, trainer.parameters) == real, name
+        if name == "prodigy":  # meta tensors hide which LoRA weights are all zero: their p0 is counted in full
+            assert estimate.optimizers[name] >= real
+        else:
+            assert estimate.optimizers[name] == real, name
+    assert estimate.optimizer == estimate.optimizers["adamw"]
+
+
+def test_check_prints_the_gpu_memory_estimate(latents_project, capsys):
+    from tuneline.cli import main
+
+    root = latents_project.root
+    data = {**latents_project.params_data, "train": {"mixed_precision": "bf16", "gradient_checkpointing": True}}
+    (root / "check.yaml").write_text(yaml.safe_dump(data), "utf-8")
+    assert main(["--root", str(root), "--params", str(root / "check.yaml"), "check"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for part in ("frozen weights, bf16", "trained parameters, fp32", "optimizer state (adamw)",
+                 "activations at 64x64, batch 2 (estimated)", "peak (estimated)", "8 GiB yes"):
+        assert part in out, part
+    assert main(["--root", str(root), "--params", str(root / "check.yaml"), "check", "--no-memory"]) == 0
+    assert "peak" not in capsys.readouterr().out

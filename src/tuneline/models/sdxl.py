@@ -20,7 +20,7 @@ from tuneline.core.params import ParamsError
 from tuneline.core.tensorfile import canonicalize
 from tuneline.stages.models.config import ModelConfig
 from tuneline.models.loading import _base_location, load_text_encoders
-from tuneline.models.sdxl_text import conditioning_layers, encode_prompts
+from tuneline.models.sdxl_text import MAX_TOKENS, conditioning_layers, encode_prompts
 from tuneline.stages.train.config import TrainConfig
 from tuneline.train.data import host_to_device
 from tuneline.train.loss import loss_weights, per_sample_mse, snr_of
@@ -43,6 +43,7 @@ TEXT_LORA_TARGETS = {
 }
 TEXT_ENCODER_NAMES = ("text_encoder_1", "text_encoder_2")  # params names; diffusers: text_encoder, text_encoder_2
 DIFFUSERS_NAMES = {"unet": "unet", "text_encoder_1": "text_encoder", "text_encoder_2": "text_encoder_2"}
+LATENT_FACTOR = 8  # SDXL's VAE: latents are 1/8 of the image in each direction
 # train.mixed_precision -> the dtype frozen weights are held in (config name, as in models.loading).
 COMPUTE_DTYPES = {"bf16": "bf16", "fp16": "fp16"}
 
@@ -228,6 +229,30 @@ class SDXLAdapter:
             lr = self.config.lr if name == "unet" else (getattr(self.config, name).lr or self.config.lr)
             groups.append({"name": name, "params": params, "lr": lr})
         return groups
+
+    def example_batch(self, batch_size: int, bucket: tuple[int, int], device: Any, with_text: bool = True) -> dict:
+        """A batch shaped like LatentData.batch's at `bucket` (width, height) in pixels, zeros on
+        `device` ("meta" for the memory estimate): latents of the VAE's x8 grid and, `with_text`,
+        cached prompt embeddings and pooled embeddings of the UNet's sizes."""
+        import torch
+
+        width, height = bucket
+        config = self.unet.config
+        batch: dict[str, Any] = {
+            "latents": torch.zeros(batch_size, config.in_channels, height // LATENT_FACTOR, width // LATENT_FACTOR,
+                                   device=device),
+            "captions": [""] * batch_size,
+            "original_size": [tuple(bucket)] * batch_size,
+            "crop_top_left": [(0, 0)] * batch_size,
+            "target_size": [tuple(bucket)] * batch_size,
+            "loss_weight": torch.ones(batch_size, device=device),
+            "ids": [f"example{i}" for i in range(batch_size)],
+        }
+        if with_text:
+            pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+            batch["prompt_embeds"] = torch.zeros(batch_size, MAX_TOKENS, config.cross_attention_dim, device=device)
+            batch["pooled"] = torch.zeros(batch_size, pooled, device=device)
+        return batch
 
     # --- the loss ----------------------------------------------------------------------
 
