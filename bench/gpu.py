@@ -19,7 +19,9 @@ rank 16 on attention, bf16 mixed precision, AdamW, cached text embeddings):
   MFU        FLOPs of one step (torch.utils.flop_counter.FlopCounterMode on the bare step, forward
              + backward) x steps/s / the bf16 matmul rate measured here (8192^3 matmuls)
   memory     peak allocated (torch.cuda.max_memory_allocated) of the trainer at batch 1 + gradient
-             checkpointing and at batch 4, each beside tuneline.train.memory's estimate
+             checkpointing and at batch 4, each beside tuneline.train.memory's estimate; 8-bit AdamW
+             (bitsandbytes, when installed) at batch 1: peak, optimizer bytes against the estimate's,
+             and a checkpoint that resumes
   variants   the bare loop under each SDPA backend (flash, memory-efficient, cuDNN) and with
              channels-last weights and inputs: kept only if they help
   compile    time to the first step with train.compile (regional: the UNet's repeated blocks),
@@ -293,13 +295,14 @@ def train_params(scale: Scale, base: Path, batch: int, **train: Any) -> Any:
     })
 
 
-def make_trainer(adapter_class: type, params: Any, root: Path, run_dir: Path) -> Any:
+def make_trainer(adapter_class: type, params: Any, root: Path, run_dir: Path, fresh: bool = True) -> Any:
     from accelerate.state import AcceleratorState
 
     from tuneline.train.trainer import Trainer
 
     AcceleratorState._reset_state(True)
-    shutil.rmtree(run_dir, ignore_errors=True)
+    if fresh:
+        shutil.rmtree(run_dir, ignore_errors=True)
     trainer = Trainer(params, root, root / "data/latents", run_dir / "checkpoints",
                       adapter_class(params.model, params.train, root))
     trainer.setup()
@@ -447,6 +450,46 @@ def estimate_check(estimate: Any, trainer: Any) -> bool:
     frozen, trained, _ = memory.weight_bytes(modules)
     return (frozen == estimate.weights and trained == estimate.trained
             and memory.real_optimizer_state_bytes(trainer.units[0].optimizer) == estimate.optimizer)
+
+
+def adamw8bit_phase(scale: Scale, adapter_class: type, base: Path, root: Path, work: Path) -> dict[str, Any]:
+    """8-bit AdamW (bitsandbytes, the `gpu` extra) at batch 1 + checkpointing: peak memory, the
+    estimate's optimizer bytes against the real state, and a checkpoint that resumes."""
+    import importlib.util
+
+    import torch
+
+    from tuneline.train import memory
+
+    if scale.device != "cuda":
+        return {"skipped": "8-bit AdamW needs CUDA"}
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return {"skipped": "bitsandbytes is not installed: pip install 'tuneline[gpu]'"}
+    params = train_params(scale, base, 1, gradient_checkpointing=True, optimizer={"name": "adamw8bit"})
+    free(scale.device)
+    baseline = torch.cuda.memory_allocated()
+    trainer = make_trainer(adapter_class, params, root, work / "run-8bit")
+    loop = TrainerLoop(trainer)
+    loop.step()
+    peak, _ = measured_peak(trainer, loop, 1, scale.device)
+    saved = trainer.save()
+    estimate = memory.estimate(params, root, bucket=(scale.resolution,) * 2, batch_size=1)
+    real = memory.real_optimizer_state_bytes(trainer.units[0].optimizer)
+    loss = loop.last_loss()
+    del trainer, loop
+    free(scale.device)
+    try:
+        resumed = make_trainer(adapter_class, params, root, work / "run-8bit", fresh=False)
+        resumed_at = resumed.state.step
+        after = resumed.train_step(resumed.next_batches()).loss
+        error = None
+        del resumed
+    except Exception as caught:  # noqa: BLE001 - reported as a failed check
+        resumed_at, after, error = None, float("nan"), f"{type(caught).__name__}: {str(caught).splitlines()[0][:160]}"
+    free(scale.device)
+    return {"peak": peak - baseline, "estimate_peak": estimate.peak, "optimizer_real": real,
+            "optimizer_estimate": estimate.optimizer, "checkpoint": str(saved), "resumed_at": resumed_at,
+            "losses": [loss, after], "resume_error": error}
 
 
 # --- latents -----------------------------------------------------------------------------------
@@ -656,6 +699,11 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         del trainer, loop
     results["memory"] = memory_rows
     free(scale.device)
+    try:
+        results["adamw8bit"] = adamw8bit_phase(scale, adapter_class, base, root, work)
+    except Exception as error:  # noqa: BLE001 - one failed part must not hide the others: a failed check
+        results["adamw8bit"] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
+        free(scale.device)
     phase("memory")
 
     # 2. speed: the trainer against bare loops with frozen weights in bf16 (same dtype) and fp32.
@@ -789,6 +837,19 @@ def goals_of(scale: Scale, results: dict[str, Any]) -> list[dict[str, Any]]:
     losses = [speed["losses"]["trainer"], speed["losses"]["bare"], *(r["loss"] for r in results["memory"])]
     losses += [entry["loss"] for entry in results["compile"].values() if "loss" in entry]
     tolerance = 1e-5 if latents["dtype"] == "fp32" else 2e-2
+    eight = results["adamw8bit"]
+    if "error" in eight:
+        goals.append(goal(NAME, "adamw8bit: trains, saves, resumes", 0.0, eight["error"][:60], "no error", False, "check"))
+    elif "skipped" not in eight:
+        ok = eight["resumed_at"] == 2 and all(np.isfinite(eight["losses"]))
+        goals += [
+            goal(NAME, "adamw8bit: peak, batch 1 + checkpointing", eight["peak"], memory.format_bytes(eight["peak"]),
+                 f"<= {GOAL_PEAK_B1_GIB:.0f} GiB", eight["peak"] <= GOAL_PEAK_B1_GIB * memory.GIB, kind),
+            goal(NAME, "adamw8bit: trains, saves, resumes", float(ok), eight["resume_error"] or f"step {eight['resumed_at']}",
+                 "resumed at step 2, finite", ok, "check"),
+            goal(NAME, "adamw8bit: estimated / real optimizer bytes", eight["optimizer_estimate"] / max(1, eight["optimizer_real"]),
+                 f"{memory.format_bytes(eight['optimizer_estimate'])} / {memory.format_bytes(eight['optimizer_real'])}",
+                 "equal", eight["optimizer_estimate"] == eight["optimizer_real"], kind)]
     goals += [
         goal(NAME, "losses finite", float(all(np.isfinite(losses))), f"{len(losses)} runs", "all finite",
              all(np.isfinite(losses)), "check"),
@@ -842,6 +903,10 @@ def print_report(result: dict[str, Any]) -> None:
         table.add_row(row["case"], memory.format_bytes(row["measured"]), memory.format_bytes(row["estimate"]),
                       f"{row['error']:+.0%}", row["how"])
     console.print(table)
+    eight = result["adamw8bit"]
+    console.print("adamw8bit: " + (eight.get("skipped") or eight.get("error") if set(eight) & {"skipped", "error"} else
+                                   f"peak {memory.format_bytes(eight['peak'])} at batch 1 + checkpointing (estimated "
+                                   f"{memory.format_bytes(eight['estimate_peak'])}), resumed at step {eight['resumed_at']}"))
     variants = result["variants_steps_per_s"]
     console.print("bare loop variants (steps/s): " + ", ".join(
         f"{k} {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in variants.items()))

@@ -438,3 +438,20 @@ def test_check_prints_the_gpu_memory_estimate(latents_project, capsys):
         assert part in out, part
     assert main(["--root", str(root), "--params", str(root / "check.yaml"), "check", "--no-memory"]) == 0
     assert "peak" not in capsys.readouterr().out
+
+
+def test_speed_settings_leave_the_run_key_and_resume_alone():
+    from tuneline.stages.train.config import TrainConfig
+    from tuneline.train import checkpoint
+
+    def key(config):
+        return checkpoint.run_key(config.model_dump(mode="json"), {"base": "m"}, "data", 1, {"64x64": 2})
+
+    plain = TrainConfig()
+    faster = TrainConfig(compile=True, compile_scope="model", channels_last=True, mixed_precision="bf16")
+    assert key(plain) == key(faster)
+    # A checkpoint written before these settings existed resumes without a note about them.
+    older = {k: v for k, v in plain.model_dump(mode="json").items() if k not in ("compile_scope", "channels_last")}
+    assert checkpoint.compare_configs(older, plain.model_dump(mode="json")) == ([], [])
+    safe, unsafe = checkpoint.compare_configs(older, faster.model_dump(mode="json"))
+    assert unsafe == [] and [line.split(":")[0] for line in safe] == ["train.compile", "train.mixed_precision"]
