@@ -238,6 +238,8 @@ class _SavedCounter:
         self.excluded = excluded
         self.storages: dict[int, int] = {}
         self.largest = 0
+        # Held until the count is done: a freed storage's address could name a later one (meta: no memory).
+        self.held: list[Any] = []
 
     def key(self, tensor: Any) -> int:
         return tensor.untyped_storage()._cdata
@@ -248,6 +250,7 @@ class _SavedCounter:
             return
         size = tensor.untyped_storage().nbytes()
         self.storages[key] = size
+        self.held.append(tensor)
         self.largest = max(self.largest, size)
 
     def hooks(self) -> Any:

@@ -18,7 +18,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tuneline.config import Params
 from tuneline.core.stops import resume_command
@@ -102,15 +102,16 @@ class NonFiniteGuard:
         self.bad_loss = torch.where(newly_bad, loss, self.bad_loss)
         self.pending.setdefault(step, []).extend(ids)
 
-    def check(self, last_good: Any) -> None:
+    def check(self, last_good: Callable[[], Any]) -> None:
+        """Raise TrainingDiverged if a recorded loss was not finite; `last_good()` names the checkpoint kept."""
         if self.first_bad is None:
             return
         step = int(self.first_bad)  # the host sync
         if step == 0:
             self.pending.clear()
             return
-        kept = f"The last good checkpoint is {last_good}." if last_good is not None else \
-            "No checkpoint was written before it."
+        good = last_good()
+        kept = f"The last good checkpoint is {good}." if good is not None else "No checkpoint was written before it."
         raise TrainingDiverged(
             f"loss is {float(self.bad_loss)} at step {step} (items {self.pending.get(step, [])}); stopped "
             f"without saving. {kept} Lower train.lr, use bf16 instead of fp16, or check the data.")
@@ -284,7 +285,7 @@ class Trainer:
             total_loss = accelerator.reduce(total_loss, "mean")
         self.guard.record(step, total_loss, finite, ids)
         if sync:
-            self.guard.check(checkpoint.latest(self.checkpoint_dir))
+            self.check_finite()
         self.state.samples_seen += samples
         grad_norm = None
         if self.config.max_grad_norm is not None:
@@ -302,7 +303,7 @@ class Trainer:
 
     def check_finite(self) -> None:
         """Raise TrainingDiverged if a loss since the last check was NaN/Inf (one host sync)."""
-        self.guard.check(checkpoint.latest(self.checkpoint_dir))
+        self.guard.check(lambda: checkpoint.latest(self.checkpoint_dir))
 
     def evaluate(self, seed: int = 0) -> float:
         """Mean loss over every item with noise, timesteps and latent samples fixed by `seed`.
