@@ -175,3 +175,19 @@ def release(device: str) -> None:
 
         gc.collect()  # modules in reference cycles hold their CUDA tensors until collected
         torch.cuda.empty_cache()
+
+
+def host_to_device(tensor: Any, device: Any) -> Any:
+    """`tensor` (on the host) on `device`; to CUDA through pinned memory without waiting for the GPU.
+
+    A plain copy from pageable memory waits for everything queued on the stream: one host sync
+    per tensor per step. The caching host allocator keeps the pinned block until the copy is done.
+    """
+    import torch
+
+    device = torch.device(device)
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

@@ -19,10 +19,9 @@ from tuneline.core.logs import quiet_libraries
 from tuneline.core.params import ParamsError
 from tuneline.core.tensorfile import canonicalize
 from tuneline.stages.models.config import ModelConfig
-from tuneline.models.loading import _base_location, load_text_encoders
+from tuneline.models.loading import _base_location, host_to_device, load_text_encoders
 from tuneline.models.sdxl_text import MAX_TOKENS, conditioning_layers, encode_prompts
 from tuneline.stages.train.config import TrainConfig
-from tuneline.train.data import host_to_device
 from tuneline.train.loss import loss_weights, per_sample_mse, snr_of
 
 log = logging.getLogger(__name__)

@@ -15,6 +15,7 @@ from typing import Any
 from tuneline.config import Params
 from tuneline.core.params import ParamsError, format_resolution
 from tuneline.core.manifest import read_manifest
+from tuneline.models.loading import host_to_device
 from tuneline.train.captions import augment_caption
 from tuneline.train.sampler import SampleRef
 
@@ -118,22 +119,6 @@ class LatentData:
             batch["prompt_embeds"] = host_to_device(torch.stack(embeds), device)
             batch["pooled"] = host_to_device(torch.stack(pooled), device)
         return batch
-
-
-def host_to_device(tensor: Any, device: Any) -> Any:
-    """`tensor` (on the host) on `device`; to CUDA through pinned memory without waiting for the GPU.
-
-    A plain copy from pageable memory waits for everything queued on the stream: one host sync
-    per tensor per step. The caching host allocator keeps the pinned block until the copy is done.
-    """
-    import torch
-
-    device = torch.device(device)
-    if tensor.device == device:
-        return tensor
-    if device.type == "cuda" and tensor.device.type == "cpu":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
 
 
 def read_latents_summary(latents_dir: Path) -> dict[str, Any]:
