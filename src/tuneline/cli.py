@@ -128,8 +128,17 @@ CARD_SIZES_GIB = (8, 12, 16, 24)
 def _print_memory_estimate(params, root: Path) -> None:
     """The training's GPU memory, estimated from the model's configs (see tuneline.train.memory)."""
     from tuneline.core.report import console, print_warning
+    from tuneline.models.ref import resolve_model
     from tuneline.train import memory
 
+    base = resolve_model(params.model.base, root)
+    if isinstance(base, Path) and base.is_file():
+        from tuneline.models.single_file import converted_dir, is_converted
+
+        if not is_converted(converted_dir(base, params.model, root)):  # converting would load the whole file
+            console.print("  no GPU memory estimate yet: model.base is a single file, whose configs come from its "
+                          "conversion; the first stage that loads it (tuneline latents) converts it", markup=False)
+            return
     try:
         estimate = memory.estimate(params, root)
     except Exception as error:  # noqa: BLE001 - the estimate is advice: never fail the check on it
