@@ -316,7 +316,6 @@ def test_text_encoders_are_loaded_only_when_a_step_needs_them(latents_project, t
 
     cached = make_trainer(latents_project, tmp_path / "cached", train_params(latents_project))
     assert cached.data.text_cache and cached.adapter.text_encoders == [] and cached.adapter.tokenizers == []
-    cached.fit()
     # Rendering needs them: loaded then, frozen, without touching any RNG stream.
     before = torch.get_rng_state()
     pipeline = pipeline_from_training(cached.adapter, cached.modules)
