@@ -181,7 +181,7 @@ class LiveEvaluation:
 def run(params: Params, root: Path, latents_dir: Path, out_dir: Path, metrics_dir: Path | None = None, *,
         tracker: Any = None, checkpoint_dir: Path | None = None, resume_from: Path | None = None) -> StageReport:
     """Train (or resume), then write the result. Raises StopRequested / TrainingDiverged / ResumeRefused."""
-    from tuneline.models.sdxl import SDXLAdapter
+    from tuneline.models.registry import build_adapter
     from tuneline.train.trainer import Trainer
 
     started = time.perf_counter()
@@ -190,8 +190,8 @@ def run(params: Params, root: Path, latents_dir: Path, out_dir: Path, metrics_di
     if is_tiny(params.model.base):
         report.warnings.append(f"model.base is {params.model.base!r}: a tiny RANDOM-weight model "
                                "(pipeline check only, the result means nothing)")
-    trainer = Trainer(params, root, latents_dir, checkpoint_dir, SDXLAdapter(params.model, params.train, root), tracker,
-                      resume_from, live_eval=LiveEvaluation(params, root, tracker), live_every=params.render.live_every)
+    adapter = build_adapter("sdxl", params.model, params.train, root)
+    trainer = Trainer(params, root, latents_dir, checkpoint_dir, adapter, tracker, resume_from, live_eval=LiveEvaluation(params, root, tracker), live_every=params.render.live_every)
     trainer.setup()
     main = trainer.accelerator.is_main_process
     # The run's whole loss history lives with its checkpoints, which DVC never deletes (it deletes
