@@ -191,7 +191,8 @@ def run(params: Params, root: Path, latents_dir: Path, out_dir: Path, metrics_di
         report.warnings.append(f"model.base is {params.model.base!r}: a tiny RANDOM-weight model "
                                "(pipeline check only, the result means nothing)")
     adapter = build_adapter("sdxl", params.model, params.train, root)
-    trainer = Trainer(params, root, latents_dir, checkpoint_dir, adapter, tracker, resume_from, live_eval=LiveEvaluation(params, root, tracker), live_every=params.render.live_every)
+    trainer = Trainer(params, root, latents_dir, checkpoint_dir, adapter, tracker, resume_from,
+                      live_eval=LiveEvaluation(params, root, tracker), live_every=params.render.live_every)
     trainer.setup()
     main = trainer.accelerator.is_main_process
     # The run's whole loss history lives with its checkpoints, which DVC never deletes (it deletes
