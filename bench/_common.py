@@ -11,7 +11,8 @@ import numpy as np
 
 def goal(bench: str, name: str, measured: float, display: str, target: str, passed: bool,
          kind: str = "goal") -> dict[str, Any]:
-    """kind 'goal' is reported PASS/MISS; kind 'check' is correctness and fails the run when false."""
+    """kind 'goal' is reported PASS/MISS; kind 'check' is correctness and fails the run when false; kind
+    'info' is a goal's measure taken where the goal does not apply (tiny shapes): shown, not judged."""
     return {"bench": bench, "name": name, "measured": measured, "display": display, "goal": target,
             "passed": bool(passed), "kind": kind}
 
@@ -27,6 +28,8 @@ def print_goals(goals: Sequence[dict[str, Any]], console: Any, title: str, with_
     for g in goals:
         if g["kind"] == "check":
             verdict = "[green]OK[/]" if g["passed"] else "[red]FAIL[/]"
+        elif g["kind"] == "info":  # measured, but not at the scale the goal is about
+            verdict = "n/a"
         else:
             verdict = "[green]PASS[/]" if g["passed"] else "[yellow]MISS[/]"
         table.add_row(*([g["bench"]] if with_bench else []), g["name"], g["display"], g["goal"], verdict)

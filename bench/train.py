@@ -291,6 +291,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     trainer = make_trainer(root, params, work / "run")
     if not trainer.data.text_cache:
         raise RuntimeError("the latents stage did not cache text embeddings; the bench needs them")
+    # With cached embeddings the trainer loads no text encoder; the 'ours, text' variant runs them.
+    trainer.adapter.ensure_text_encoders(str(trainer.accelerator.device))
     probe = trainer.data.batch(trainer.sampler.batches(0)[0], torch.Generator().manual_seed(0),
                                __import__("random").Random(0), "cpu")
     bare = BareLoop(root, params, probe, trainer.seed)

@@ -212,12 +212,16 @@ def overflowing_vae(path: Path) -> Path:
     return path
 
 
-def test_half_precision_nan_batches_are_reencoded_in_fp32(captioned, tmp_path):
+@pytest.mark.parametrize("overlap", [False, True], ids=["cpu-path", "gpu-pipeline"])
+def test_half_precision_nan_batches_are_reencoded_in_fp32(captioned, tmp_path, monkeypatch, overlap):
     import torch
     from safetensors.torch import load_file
 
+    from tuneline.stages.latents import stage
     from tuneline.stages.latents.stage import load_pixels
     from tuneline.models.loading import load_vae
+
+    monkeypatch.setattr(stage, "OVERLAP", overlap)
 
     vae_dir = overflowing_vae(tmp_path / "hot-vae")
     captioned.params_data["model"] = {}
@@ -263,3 +267,32 @@ def test_single_file_base_with_model_vae_takes_the_vae_as_given(tmp_path):
     override = vae_source(ModelConfig(base="base.safetensors", vae="org/some-vae"), tmp_path)
     assert (override.location, override.subfolder) == ("org/some-vae", None)
     assert not (tmp_path / ".tuneline" / "models").exists()
+
+
+def test_the_gpu_pipeline_stores_the_same_latents(captioned, monkeypatch):
+    """The CUDA path (images decoded ahead as bytes, converted on the device, results collected one
+    batch behind) run on the CPU stores exactly the CPU path's tensors and metadata."""
+    from safetensors import safe_open
+
+    from tuneline.stages.latents import stage
+
+    def stored(params) -> dict:
+        found = {}
+        for path in (captioned.root / params.store_dir).rglob("*.safetensors"):
+            with safe_open(str(path), framework="pt") as handle:
+                found[path.name] = (handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()})
+        return found
+
+    params = captioned.params(latents={"text_embeddings": False})
+    run(captioned, params)
+    plain = stored(params)
+    shutil.rmtree(captioned.root / params.store_dir)
+    monkeypatch.setattr(stage, "OVERLAP", True)
+    report = run(captioned, params)
+    assert report.computed == 4 and not report.rejected
+    piped = stored(params)
+    assert len(plain) == 4 and piped.keys() == plain.keys()
+    for name, (metadata, tensors) in plain.items():
+        assert piped[name][0] == metadata and piped[name][1].keys() == tensors.keys() == {
+            "mean", "std", "flip_mean", "flip_std"}
+        assert all(piped[name][1][k].equal(t) for k, t in tensors.items())

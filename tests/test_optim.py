@@ -149,3 +149,14 @@ def test_group_without_name_is_rejected() -> None:
     model = tiny_model(0)
     with pytest.raises(ValueError, match="name"):
         build_optimizer(OptimizerConfig(), [{"params": model.parameters(), "lr": 1e-3}])
+
+
+def test_adamw_is_fused_on_cuda_and_torchs_default_elsewhere() -> None:
+    model = tiny_model(0)
+    cuda = build_optimizer(OptimizerConfig(name="adamw"), groups(model, 1e-2), device_type="cuda")
+    assert all(group["fused"] for group in cuda.param_groups)  # one kernel per step for every tensor
+    cpu = build_optimizer(OptimizerConfig(name="adamw"), groups(model, 1e-2))
+    assert not any(group["fused"] for group in cpu.param_groups)
+    # Fused kernels exist on the CPU too: the same object steps there (the device is checked at step time).
+    train(model, cuda, range(2))
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -289,3 +289,168 @@ def test_text_encoder_lora_leaves_out_layers_the_unet_never_sees(latents_project
                       ("text_encoder_2", "0"), ("text_encoder_2", "1"), ("text_encoder_2", "2")}
     untrained = [k for k, v in lora.items() if "lora_B" in k and not v.abs().sum()]
     assert untrained == []  # every exported up weight learned something
+
+
+# --- built for the GPU: dtypes, what is loaded, host syncs ------------------------------------
+
+def test_bf16_lora_holds_the_frozen_base_in_bf16_and_trains_in_fp32(latents_project, tmp_path):
+    params = train_params(latents_project, mixed_precision="bf16", num_steps=1, text_encoder_2={"mode": "lora"},
+                          caption_dropout=0.2)
+    trainer = make_trainer(latents_project, tmp_path, params, live_every=1)  # live samples render under autocast
+    for name in ("unet", "text_encoder_2"):
+        module = trainer.accelerator.unwrap_model(trainer.modules[name])
+        frozen = {p.dtype for p in module.parameters() if not p.requires_grad}
+        trained = {p.dtype for p in module.parameters() if p.requires_grad}
+        assert frozen == {torch.bfloat16} and trained == {torch.float32}, name
+    [frozen_encoder] = trainer.adapter.frozen_modules().values()  # text_encoder_1: frozen, in bf16
+    assert {p.dtype for p in frozen_encoder.parameters()} == {torch.bfloat16}
+    summary = trainer.fit()
+    assert summary["final_loss"] > 0
+    state = trainer.units[0].optimizer.state_dict()["state"]
+    assert state and {t.dtype for s in state.values() for k, t in s.items() if k != "step"} == {torch.float32}
+    assert [p.name for p in (trainer.checkpoint_dir / "live" / "step_000001").iterdir()] == ["0.png"]
+
+
+def test_text_encoders_are_loaded_only_when_a_step_needs_them(latents_project, tmp_path):
+    from tuneline.stages.render.generate import pipeline_from_training
+
+    cached = make_trainer(latents_project, tmp_path / "cached", train_params(latents_project))
+    assert cached.data.text_cache and cached.adapter.text_encoders == [] and cached.adapter.tokenizers == []
+    # Rendering needs them: loaded then, frozen, without touching any RNG stream.
+    before = torch.get_rng_state()
+    pipeline = pipeline_from_training(cached.adapter, cached.modules)
+    assert torch.equal(before, torch.get_rng_state())
+    assert pipeline.text_encoder is cached.adapter.text_encoders[0] and cached.adapter.text_encoders_loaded_for_inference
+    dropout = make_trainer(latents_project, tmp_path / "dropout", train_params(latents_project, caption_dropout=0.3))
+    assert not dropout.data.text_cache and len(dropout.adapter.text_encoders) == 2
+
+
+def test_resume_is_exact_on_cached_text_with_sparse_logging(latents_project, tmp_path):
+    """The deferred loss checks and the lazily loaded live-sample text encoders keep a stopped and
+    resumed run bit-identical to a straight one."""
+    from tuneline.train.trainer import StopRequested
+
+    extra = {"num_steps": 3, "log_every": 2, "lora": {"dropout": 0.1}}
+
+    def run(folder, on_log=None):
+        trainer = make_trainer(latents_project, folder, train_params(latents_project, **extra), live_every=2)
+        assert trainer.adapter.text_encoders == []
+        trainer.fit(on_log=on_log)
+        return trainer
+
+    run(tmp_path / "a")
+    logged = []
+
+    def stop_at_two(state, result, seconds):
+        logged.append(state.step)
+        if state.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(StopRequested):
+        run(tmp_path / "b", stop_at_two)
+    resumed = run(tmp_path / "b", lambda state, result, seconds: logged.append(state.step))
+    assert resumed.state.step == 3 and logged == [2]  # step 3 is checked at the end, not logged
+    assert sorted(p.name for p in (resumed.checkpoint_dir / "live").iterdir()) == ["step_000002"]
+    a, b = trained_weights(tmp_path / "a", 3), trained_weights(tmp_path / "b", 3)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_nan_between_logging_steps_still_stops_naming_its_step(latents_project, tmp_path):
+    from tuneline.train.trainer import TrainingDiverged
+
+    params = train_params(latents_project, num_steps=6, log_every=5, checkpoint={"every_steps": 1, "keep_last": 5})
+    trainer = make_trainer(latents_project, tmp_path, params)
+    original = trainer.adapter.loss
+
+    def poisoned_at_step_two(modules, batch, generator, step):
+        loss, extra = original(modules, batch, generator, step)
+        return (loss * float("nan") if step == 1 else loss), extra
+
+    trainer.adapter.loss = poisoned_at_step_two
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 2 \(items \[.+\]\).*step_000001") as caught:
+        trainer.fit()
+    assert "No checkpoint" not in str(caught.value)
+    assert (trainer.checkpoint_dir / "latest").read_text().strip() == "step_000001"  # step 2 was never written
+
+
+def test_a_step_result_reads_its_numbers_only_when_asked(latents_project, tmp_path):
+    trainer = make_trainer(latents_project, tmp_path, train_params(latents_project))
+    result = trainer.train_step(trainer.next_batches(), sync=False)
+    assert isinstance(result.loss_value, torch.Tensor) and isinstance(result.grad_norm_value, torch.Tensor)
+    assert isinstance(result.loss, float) and result.loss > 0 and result.grad_norm > 0
+    assert set(result.extra) == {"timestep_mean"}
+
+
+@pytest.mark.parametrize("settings", [
+    {"mixed_precision": "bf16", "gradient_checkpointing": True, "lora": {"rank": 4, "targets": "all"}},
+    {"caption_dropout": 0.2, "text_encoder_2": {"mode": "lora"}, "ema": {"enabled": True}},
+])
+def test_the_memory_estimate_counts_weights_and_optimizer_state_exactly(latents_project, tmp_path, settings):
+    """The estimate is built from configs on the meta device; its weight, trained-parameter and
+    optimizer-state bytes equal the real tensors' of a trainer on the same settings."""
+    from tuneline.train import memory
+    from tuneline.train.config import OptimizerConfig
+    from tuneline.train.optim import build_optimizer
+
+    params = train_params(latents_project, **settings)
+    trainer = make_trainer(latents_project, tmp_path, params)
+    real_weights: dict[str, int] = {}
+    real_trained = 0
+    modules = [*trainer.modules.values(), *trainer.adapter.frozen_modules().values()]
+    for tensor in {id(t): t for m in modules for t in [*m.parameters(), *m.buffers()]}.values():
+        if tensor.requires_grad:
+            real_trained += tensor.numel() * tensor.element_size()
+        else:
+            name = memory.dtype_name(tensor.dtype)
+            real_weights[name] = real_weights.get(name, 0) + tensor.numel() * tensor.element_size()
+    estimate = memory.estimate(params, latents_project.root, bucket=(64, 64), batch_size=2)
+    assert estimate.weights == real_weights and estimate.trained == estimate.gradients == real_trained
+    assert ("bf16" in estimate.weights) == (params.train.mixed_precision == "bf16")
+    assert estimate.ema == (real_trained if params.train.ema.enabled else 0)
+    assert 0 < estimate.activations and estimate.peak > estimate.weights_total + estimate.optimizer
+    for name in ("adamw", "lion", "adafactor", "prodigy"):
+        optimizer = build_optimizer(OptimizerConfig(name=name), [
+            {**group, "lr": 1.0 if name == "prodigy" else 1e-4} for group in trainer.adapter.param_groups(
+                {k: trainer.accelerator.unwrap_model(m) for k, m in trainer.modules.items()})])
+        for parameter in trainer.parameters:
+            parameter.grad = torch.full_like(parameter, 1e-3)
+        optimizer.step()
+        real = memory.real_optimizer_state_bytes(optimizer)
+        assert memory.optimizer_state_bytes(name, trainer.parameters) == real, name
+        if name == "prodigy":  # meta tensors hide which LoRA weights are all zero: their p0 is counted in full
+            assert estimate.optimizers[name] >= real
+        else:
+            assert estimate.optimizers[name] == real, name
+    assert estimate.optimizer == estimate.optimizers["adamw"]
+
+
+def test_check_prints_the_gpu_memory_estimate(latents_project, capsys):
+    from tuneline.cli import main
+
+    root = latents_project.root
+    data = {**latents_project.params_data, "train": {"mixed_precision": "bf16", "gradient_checkpointing": True}}
+    (root / "check.yaml").write_text(yaml.safe_dump(data), "utf-8")
+    assert main(["--root", str(root), "--params", str(root / "check.yaml"), "check"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for part in ("frozen weights, bf16", "trained parameters, fp32", "optimizer state (adamw)",
+                 "activations at 64x64, batch 2 (estimated)", "peak (estimated)", "8 GiB yes"):
+        assert part in out, part
+    assert main(["--root", str(root), "--params", str(root / "check.yaml"), "check", "--no-memory"]) == 0
+    assert "peak" not in capsys.readouterr().out
+
+
+def test_speed_settings_leave_the_run_key_and_resume_alone():
+    from tuneline.stages.train.config import TrainConfig
+    from tuneline.train import checkpoint
+
+    def key(config):
+        return checkpoint.run_key(config.model_dump(mode="json"), {"base": "m"}, "data", 1, {"64x64": 2})
+
+    plain = TrainConfig()
+    faster = TrainConfig(compile=True, compile_scope="model", channels_last=True, mixed_precision="bf16")
+    assert key(plain) == key(faster)
+    # A checkpoint written before these settings existed resumes without a note about them.
+    older = {k: v for k, v in plain.model_dump(mode="json").items() if k not in ("compile_scope", "channels_last")}
+    assert checkpoint.compare_configs(older, plain.model_dump(mode="json")) == ([], [])
+    safe, unsafe = checkpoint.compare_configs(older, faster.model_dump(mode="json"))
+    assert unsafe == [] and [line.split(":")[0] for line in safe] == ["train.compile", "train.mixed_precision"]

@@ -122,7 +122,50 @@ def run_stage(stage: str, params_path: Path, root: Path, options: dict | None = 
     return 0
 
 
-def _check(params_path: Path, root: Path) -> int:
+# Common card sizes the memory estimate is compared with.
+CARD_SIZES_GIB = (8, 12, 16, 24)
+
+
+def _print_memory_estimate(params, root: Path) -> None:
+    """The training's GPU memory, estimated from the model's configs (see tuneline.train.memory)."""
+    from tuneline.core.report import console, print_warning
+    from tuneline.models.ref import resolve_model
+    from tuneline.train import memory
+
+    base = resolve_model(params.model.base, root)
+    if isinstance(base, Path) and base.is_file():
+        from tuneline.models.single_file import converted_dir, is_converted
+
+        if not is_converted(converted_dir(base, params.model, root)):  # converting would load the whole file
+            console.print("  no GPU memory estimate yet: model.base is a single file, whose configs come from its "
+                          "conversion; the first stage that loads it (tuneline latents) converts it", markup=False)
+            return
+    try:
+        estimate = memory.estimate(params, root)
+    except Exception as error:  # noqa: BLE001 - the estimate is advice: never fail the check on it
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print_warning(f"no GPU memory estimate: {type(error).__name__}: {first[:200]}")
+        return
+    from rich.table import Table
+
+    train = params.train
+    what = (f"LoRA rank {train.lora.rank} ({train.lora.targets})" if train.mode == "lora" else "full UNet")
+    table = Table(title=f"training GPU memory, estimated: {what}, mixed_precision {train.mixed_precision}, "
+                        f"gradient checkpointing {'on' if train.gradient_checkpointing else 'off'}",
+                  title_justify="left")
+    table.add_column("part")
+    table.add_column("size", justify="right")
+    for name, size in estimate.rows():
+        table.add_row(name, memory.format_bytes(size))
+    console.print(table)
+    fits = ", ".join(f"{gib} GiB {'yes' if estimate.peak <= gib * memory.GIB * 0.9 else 'no'}"
+                     for gib in CARD_SIZES_GIB)
+    console.print(f"  fits a card of (leaving 10% for CUDA's context and fragmentation): {fits}", markup=False)
+    for note in estimate.notes:
+        console.print(f"  note: {note}", markup=False, soft_wrap=True)
+
+
+def _check(params_path: Path, root: Path, estimate_memory: bool = True) -> int:
     from tuneline.core.params import format_resolution
     from tuneline.core.report import console, print_error, print_warning
     from tuneline.preflight import preflight
@@ -142,6 +185,8 @@ def _check(params_path: Path, root: Path) -> int:
         listed = ", ".join(format_resolution(b) for b in buckets)
         console.print(f"  data set {dataset.name!r} ({dataset.path}): {len(buckets)} buckets: {listed}",
                       markup=False, soft_wrap=True)
+    if estimate_memory:
+        _print_memory_estimate(params, root)
     return 0
 
 
@@ -201,7 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
     parser.add_argument("--root", type=Path, default=Path("."), help="project root (default: .)")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("check", help="validate params.yaml and show each data set's buckets")
+    check = commands.add_parser("check", help="validate params.yaml, show each data set's buckets and estimate "
+                                              "the training's GPU memory")
+    check.add_argument("--no-memory", action="store_true",
+                       help="skip the GPU memory estimate (it builds the model from its configs: a few seconds)")
     for entry in registry.STAGES:
         command = commands.add_parser(entry.name, help=f"run stage {entry.name}")
         if entry.name == "train":
@@ -220,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("ui", "serve", "repro"):
         return _run_orchestration_command(args)
     if args.command == "check":
-        return _check(args.params, args.root)
+        return _check(args.params, args.root, estimate_memory=not args.no_memory)
     options = {"resume_from": args.resume_from} if args.command == "train" else {}
     if getattr(args, "shard", None) is not None:
         options["shard"] = args.shard

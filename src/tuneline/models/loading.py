@@ -135,8 +135,12 @@ def load_vae(model: ModelConfig, root: Path | None, dtype: str = "auto", device:
 
 
 def load_text_encoders(model: ModelConfig, root: Path | None, dtype: str = "auto",
-                       device: str = "auto") -> tuple[list[Any], list[Any]]:
-    """([tokenizer, tokenizer_2], [text_encoder, text_encoder_2]) of an SDXL base, encoders frozen in eval mode."""
+                       device: str = "auto", empty_weights: bool = False) -> tuple[list[Any], list[Any]]:
+    """([tokenizer, tokenizer_2], [text_encoder, text_encoder_2]) of an SDXL base, encoders frozen in eval mode.
+
+    `empty_weights`: the encoders are built from their configs on the meta device (shapes and
+    dtypes only, nothing read or allocated), as the memory estimate needs them.
+    """
     quiet_libraries()  # before the import: it warns while importing
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -147,9 +151,16 @@ def load_text_encoders(model: ModelConfig, root: Path | None, dtype: str = "auto
                   for name in ("tokenizer", "tokenizer_2")]
     encoders = []
     for name, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
-        encoder = cls.from_pretrained(sources[name].location, dtype=weights_dtype, **sources[name].load_kwargs())
+        if empty_weights:
+            from accelerate import init_empty_weights
+
+            config = cls.config_class.from_pretrained(sources[name].location, **sources[name].load_kwargs())
+            with init_empty_weights():
+                encoder = cls._from_config(config, dtype=weights_dtype)
+        else:
+            encoder = cls.from_pretrained(sources[name].location, dtype=weights_dtype, **sources[name].load_kwargs())
         encoder.requires_grad_(False)
-        encoders.append(encoder.eval().to(device))
+        encoders.append(encoder.eval() if empty_weights else encoder.eval().to(device))
     return tokenizers, encoders
 
 
@@ -164,3 +175,19 @@ def release(device: str) -> None:
 
         gc.collect()  # modules in reference cycles hold their CUDA tensors until collected
         torch.cuda.empty_cache()
+
+
+def host_to_device(tensor: Any, device: Any) -> Any:
+    """`tensor` (on the host) on `device`; to CUDA through pinned memory without waiting for the GPU.
+
+    A plain copy from pageable memory waits for everything queued on the stream: one host sync
+    per tensor per step. The caching host allocator keeps the pinned block until the copy is done.
+    """
+    import torch
+
+    device = torch.device(device)
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

@@ -1,9 +1,12 @@
 """The SDXL adapter: everything the trainer core needs that is specific to SDXL.
 
-Loads the UNet, both text encoders and the noise schedule; applies the training mode
-(LoRA through PEFT or full, per component); turns a batch of cached latents and
-captions into the per-sample diffusion loss (text conditioning, time ids from original
-size / crop / target size, epsilon or v target); saves the result in diffusers format.
+Loads the UNet, the text encoders (only when a step needs them: not when the latents
+stage cached the text embeddings) and the noise schedule; applies the training mode
+(LoRA through PEFT or full, per component); holds frozen weights in the compute dtype
+of mixed precision while trained parameters stay fp32; turns a batch of cached latents
+and captions into the per-sample diffusion loss (text conditioning, time ids from
+original size / crop / target size, epsilon or v target); saves the result in diffusers
+format.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from tuneline.core.logs import quiet_libraries
 from tuneline.core.params import ParamsError
 from tuneline.core.tensorfile import canonicalize
 from tuneline.stages.models.config import ModelConfig
-from tuneline.models.loading import _base_location, load_text_encoders
-from tuneline.models.sdxl_text import conditioning_layers, encode_prompts
+from tuneline.models.loading import _base_location, host_to_device, load_text_encoders
+from tuneline.models.sdxl_text import MAX_TOKENS, conditioning_layers, encode_prompts
 from tuneline.stages.train.config import TrainConfig
 from tuneline.train.loss import loss_weights, per_sample_mse, snr_of
 
@@ -39,6 +42,30 @@ TEXT_LORA_TARGETS = {
 }
 TEXT_ENCODER_NAMES = ("text_encoder_1", "text_encoder_2")  # params names; diffusers: text_encoder, text_encoder_2
 DIFFUSERS_NAMES = {"unet": "unet", "text_encoder_1": "text_encoder", "text_encoder_2": "text_encoder_2"}
+LATENT_FACTOR = 8  # SDXL's VAE: latents are 1/8 of the image in each direction
+# train.mixed_precision -> the dtype frozen weights are held in (config name, as in models.loading).
+COMPUTE_DTYPES = {"bf16": "bf16", "fp16": "fp16"}
+
+
+def compute_dtype_name(mixed_precision: str) -> str:
+    """The dtype autocast computes in: frozen weights are stored in it ('fp32' without mixed precision)."""
+    return COMPUTE_DTYPES.get(mixed_precision, "fp32")
+
+
+def cast_frozen(module: Any, dtype: Any) -> None:
+    """Cast the frozen floating parameters and buffers of `module` to `dtype`, in place; trained
+    parameters (requires_grad) keep theirs. Autocast casts fp32 weights to the compute dtype at every
+    use anyway, so an fp32 copy of a frozen weight only costs memory (SDXL's UNet: 10.3 GB vs 5.1)."""
+    import torch
+
+    with torch.no_grad():
+        for sub in module.modules():
+            for key, parameter in sub._parameters.items():
+                if parameter is not None and not parameter.requires_grad and parameter.is_floating_point():
+                    parameter.data = parameter.data.to(dtype)
+            for key, buffer in sub._buffers.items():
+                if buffer is not None and buffer.is_floating_point():
+                    sub._buffers[key] = buffer.to(dtype)
 
 
 def inference_scheduler_settings(prediction_type: str, zero_terminal_snr: bool) -> dict[str, Any]:
@@ -65,16 +92,39 @@ class SDXLAdapter:
         self.text_encoders: list[Any] = []
         self.noise_scheduler: Any = None
         self.prediction_type = "epsilon"
+        # load(conditioning_cached=True) leaves the text encoders out; inference loads them later.
+        self.text_encoders_loaded_for_inference = False
+
+    @property
+    def compute_dtype(self) -> str:
+        return compute_dtype_name(self.config.mixed_precision)
 
     # --- loading and set-up -----------------------------------------------------------
 
-    def load(self) -> None:
+    def needs_text_encoders(self, conditioning_cached: bool) -> bool:
+        """Whether a training step runs a text encoder: one is trained, or the embeddings are not cached."""
+        return self.config.train_text_encoders or not conditioning_cached
+
+    def load(self, conditioning_cached: bool = False, empty_weights: bool = False) -> None:
+        """The UNet, the noise schedule and, when a step needs them, the tokenizers and text encoders.
+
+        `conditioning_cached`: every batch carries the text embeddings (the latents stage cached
+        them), so frozen text encoders are not loaded at all. `empty_weights`: build every module
+        from its config on the meta device (shapes and dtypes, no memory): the memory estimate.
+        """
         quiet_libraries()  # before the import: it warns while importing
         from diffusers import DDPMScheduler, UNet2DConditionModel
 
         base = _base_location(self.model_config, self.root)
         kwargs = {"revision": self.model_config.revision} if isinstance(base, str) and self.model_config.revision else {}
-        self.unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **kwargs)
+        if empty_weights:
+            from accelerate import init_empty_weights
+
+            with init_empty_weights():
+                self.unet = UNet2DConditionModel.from_config(
+                    UNet2DConditionModel.load_config(base, subfolder="unet", **kwargs))
+        else:
+            self.unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **kwargs)
         # Training always uses the DDPM forward process, whatever sampler the folder ships.
         scheduler_overrides = {"rescale_betas_zero_snr": True} if self.config.zero_terminal_snr else {}
         self.noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **kwargs,
@@ -83,7 +133,22 @@ class SDXLAdapter:
         self.prediction_type = self.config.prediction_type or configured
         if self.prediction_type != configured:
             self.noise_scheduler.register_to_config(prediction_type=self.prediction_type)
-        self.tokenizers, self.text_encoders = load_text_encoders(self.model_config, self.root, "fp32", "cpu")
+        self.tokenizers, self.text_encoders = [], []
+        if self.needs_text_encoders(conditioning_cached):
+            self.tokenizers, self.text_encoders = load_text_encoders(self.model_config, self.root, "fp32", "cpu",
+                                                                     empty_weights=empty_weights)
+
+    def ensure_text_encoders(self, device: str = "cpu") -> list[Any]:
+        """The text encoders for inference (live samples): loaded frozen, in the compute dtype, on
+        `device`, when load() left them out. Loading leaves every RNG stream as it was."""
+        import torch
+
+        if not self.text_encoders:
+            with torch.random.fork_rng(devices=[]):
+                self.tokenizers, self.text_encoders = load_text_encoders(self.model_config, self.root,
+                                                                         self.compute_dtype, device)
+            self.text_encoders_loaded_for_inference = True
+        return self.text_encoders
 
     def lora_settings(self, name: str) -> dict[str, Any]:
         """PEFT LoraConfig arguments of one component (unet, text_encoder_1, text_encoder_2); also the
@@ -108,16 +173,28 @@ class SDXLAdapter:
         return self.config.mode if name == "unet" else getattr(self.config, name).mode
 
     def setup_training(self) -> None:
-        """Freeze what is frozen, add LoRA adapters, enable memory/speed options."""
+        """Freeze what is frozen, add LoRA adapters, hold frozen weights in the compute dtype, enable
+        memory/speed options.
+
+        Adapters are added to the fp32 base, so their initial values are fp32 draws whatever the
+        precision (PEFT would give them the base layer's dtype), and only then is every frozen
+        tensor cast: under mixed precision the frozen weights are bf16/fp16, the trained ones fp32.
+        """
         from peft import LoraConfig as PeftLoraConfig
 
+        from tuneline.models.loading import torch_dtype
+
         config = self.config
-        for name, module in zip(("unet", *TEXT_ENCODER_NAMES), (self.unet, *self.text_encoders)):
+        frozen_dtype = torch_dtype(self.compute_dtype)
+        modules = [("unet", self.unet), *zip(TEXT_ENCODER_NAMES, self.text_encoders)]
+        for name, module in modules:
             mode = self.mode_of(name)
             module.requires_grad_(mode == "full")
             if mode == "lora":
                 module.add_adapter(PeftLoraConfig(**self.lora_settings(name), lora_dropout=config.lora.dropout,
                                                   init_lora_weights="gaussian"))
+            if mode != "full":
+                cast_frozen(module, frozen_dtype)
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             for name, encoder in zip(TEXT_ENCODER_NAMES, self.text_encoders):
@@ -152,6 +229,30 @@ class SDXLAdapter:
             groups.append({"name": name, "params": params, "lr": lr})
         return groups
 
+    def example_batch(self, batch_size: int, bucket: tuple[int, int], device: Any, with_text: bool = True) -> dict:
+        """A batch shaped like LatentData.batch's at `bucket` (width, height) in pixels, zeros on
+        `device` ("meta" for the memory estimate): latents of the VAE's x8 grid and, `with_text`,
+        cached prompt embeddings and pooled embeddings of the UNet's sizes."""
+        import torch
+
+        width, height = bucket
+        config = self.unet.config
+        batch: dict[str, Any] = {
+            "latents": torch.zeros(batch_size, config.in_channels, height // LATENT_FACTOR, width // LATENT_FACTOR,
+                                   device=device),
+            "captions": [""] * batch_size,
+            "original_size": [tuple(bucket)] * batch_size,
+            "crop_top_left": [(0, 0)] * batch_size,
+            "target_size": [tuple(bucket)] * batch_size,
+            "loss_weight": torch.ones(batch_size, device=device),
+            "ids": [f"example{i}" for i in range(batch_size)],
+        }
+        if with_text:
+            pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+            batch["prompt_embeds"] = torch.zeros(batch_size, MAX_TOKENS, config.cross_attention_dim, device=device)
+            batch["pooled"] = torch.zeros(batch_size, pooled, device=device)
+        return batch
+
     # --- the loss ----------------------------------------------------------------------
 
     def time_ids(self, batch: dict[str, Any], device: Any) -> Any:
@@ -162,7 +263,8 @@ class SDXLAdapter:
         for (orig_w, orig_h), (top, left), (target_w, target_h) in zip(
                 batch["original_size"], batch["crop_top_left"], batch["target_size"]):
             rows.append([orig_h, orig_w, top, left, target_h, target_w])
-        return torch.tensor(rows, dtype=torch.float32, device=device)
+        # Made on the host, copied without waiting for the GPU (a tensor built on the device would sync).
+        return host_to_device(torch.tensor(rows, dtype=torch.float32), device)
 
     def conditioning(self, modules: dict[str, Any], captions: list[str], device: Any) -> tuple[Any, Any]:
         """(prompt_embeds, pooled) through the live encoders; frozen ones without a graph."""
@@ -201,8 +303,10 @@ class SDXLAdapter:
         ).sample
         per_sample = per_sample_mse(prediction, target)
         snr = snr_of(self.noise_scheduler.alphas_cumprod, timesteps)
-        weights = loss_weights(self.config.loss, snr, self.prediction_type, step) * batch["loss_weight"].to(device)
-        return (per_sample * weights).mean(), {"timestep_mean": float(timesteps.float().mean())}
+        weights = loss_weights(self.config.loss, snr, self.prediction_type, step) * host_to_device(batch["loss_weight"],
+                                                                                                    device)
+        # Per-batch facts stay tensors: reading them is a host sync, done only when they are logged.
+        return (per_sample * weights).mean(), {"timestep_mean": timesteps.detach().float().mean()}
 
     # --- outputs -----------------------------------------------------------------------
 

@@ -23,8 +23,8 @@ LATEST = "latest"
 STATE_FILE = "state.json"
 
 # Train settings that may differ between a checkpoint and the run resuming it.
-SAFE_TO_CHANGE = {"num_steps", "num_epochs", "checkpoint", "log_every", "compile", "gradient_checkpointing",
-                  "attention", "mixed_precision"}
+SAFE_TO_CHANGE = {"num_steps", "num_epochs", "checkpoint", "log_every", "compile", "compile_scope",
+                  "channels_last", "gradient_checkpointing", "attention", "mixed_precision"}
 
 
 class ResumeRefused(ValueError):
@@ -153,6 +153,8 @@ def compare_configs(saved: dict[str, Any], current: dict[str, Any]) -> tuple[lis
     """(changes that are safe, changes that are not) between two dumped train configs."""
     safe, unsafe = [], []
     for key in sorted(set(saved) | set(current)):
+        if key not in saved and key in SAFE_TO_CHANGE:
+            continue  # a speed setting added after the checkpoint was written: nothing changed
         if saved.get(key) != current.get(key):
             line = f"train.{key}: {saved.get(key)!r} -> {current.get(key)!r}"
             (safe if key in SAFE_TO_CHANGE else unsafe).append(line)

@@ -15,6 +15,7 @@ from typing import Any
 from tuneline.config import Params
 from tuneline.core.params import ParamsError, format_resolution
 from tuneline.core.manifest import read_manifest
+from tuneline.models.loading import host_to_device
 from tuneline.train.captions import augment_caption
 from tuneline.train.sampler import SampleRef
 
@@ -72,20 +73,26 @@ class LatentData:
                             for i in self.items])
 
     def batch(self, indices: list[int], generator: Any, python_rng: random.Random, device: Any) -> dict[str, Any]:
-        """Load, sample and stack one batch (all items share a bucket)."""
+        """Load, sample and stack one batch (all items share a bucket).
+
+        The stored distributions are stacked on the host and copied to `device` without waiting
+        for it (pinned memory on CUDA); the noise is drawn on the generator's device, where the
+        sample is made: no step waits for the GPU here. Elementwise fp32 arithmetic, so the result
+        does not depend on where it runs.
+        """
         import torch
         from safetensors.torch import load_file
 
         train = self.params.train
-        latents, captions, crops, embeds, pooled = [], [], [], [], []
-        for index in indices:
+        means, stds, noises, captions, crops, embeds, pooled = [], [], [], [], [], [], []
+        for index in indices:  # the RNG draws in item order: flip, noise, caption (exact resume)
             item = self.items[index]
             tensors = load_file(self.dir / item.record["latents"])
             flip = train.flip and python_rng.random() < 0.5
             mean, std = (tensors["flip_mean"], tensors["flip_std"]) if flip else (tensors["mean"], tensors["std"])
-            sample = mean.float() + std.float() * torch.randn(mean.shape, generator=generator,
-                                                              device=generator.device).to(mean.device)
-            latents.append((sample - self.shift_factor) * self.scaling_factor)
+            means.append(mean)
+            stds.append(std)
+            noises.append(torch.randn(mean.shape, generator=generator, device=generator.device))
             top, left = item.record["crop_top_left"]
             if flip:  # the crop's left edge, seen in the mirrored resized image
                 left = item.record["resized_size"][0] - left - item.bucket[0]
@@ -95,18 +102,22 @@ class LatentData:
                 text = load_file(self.dir / item.record["text_embeddings"])
                 embeds.append(text["prompt_embeds"])
                 pooled.append(text["pooled"])
+        mean = host_to_device(torch.stack(means), device).float()
+        std = host_to_device(torch.stack(stds), device).float()
+        sample = mean + std * torch.stack(noises).to(mean.device)
         batch = {
-            "latents": torch.stack(latents).to(device),
+            "latents": (sample - self.shift_factor) * self.scaling_factor,
             "captions": captions,
             "original_size": [self.items[i].record["original_size"] for i in indices],
             "crop_top_left": crops,
             "target_size": [self.items[i].bucket for i in indices],
-            "loss_weight": torch.tensor([self.items[i].loss_weight for i in indices], dtype=torch.float32),
+            "loss_weight": host_to_device(torch.tensor([self.items[i].loss_weight for i in indices],
+                                                       dtype=torch.float32), device),
             "ids": [self.items[i].record["id"] for i in indices],
         }
         if self.text_cache:
-            batch["prompt_embeds"] = torch.stack(embeds).to(device)
-            batch["pooled"] = torch.stack(pooled).to(device)
+            batch["prompt_embeds"] = host_to_device(torch.stack(embeds), device)
+            batch["pooled"] = host_to_device(torch.stack(pooled), device)
         return batch
 
 

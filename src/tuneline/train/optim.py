@@ -53,7 +53,8 @@ def check_optimizer_available(config: OptimizerConfig, device_type: str) -> None
         )
 
 
-def build_optimizer(config: OptimizerConfig, param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+def build_optimizer(config: OptimizerConfig, param_groups: list[dict[str, Any]],
+                    device_type: str = "cpu") -> torch.optim.Optimizer:
     """Build the optimizer `config.name` over `param_groups`.
 
     Each group is a dict with "params", "lr" and "name" (e.g. "unet",
@@ -61,7 +62,8 @@ def build_optimizer(config: OptimizerConfig, param_groups: list[dict[str, Any]])
     so the trainer can log the learning rate per group. The learning rates are the
     base rates: the schedule (tuneline.train.schedule) scales them per step.
 
-    - adamw: torch.optim.AdamW (fused/foreach: torch's defaults).
+    - adamw: torch.optim.AdamW; fused (one kernel for every tensor) when `device_type` is "cuda",
+      where the parameters are at the first step, else torch's default (a per-tensor loop on the CPU).
     - adamw8bit: bitsandbytes.optim.AdamW8bit; needs bitsandbytes and CUDA.
     - lion: lion_pytorch.Lion (betas, weight_decay; eps is not used).
     - adafactor: transformers' Adafactor with relative_step, scale_parameter and
@@ -82,7 +84,9 @@ def build_optimizer(config: OptimizerConfig, param_groups: list[dict[str, Any]])
     betas = tuple(config.betas)
 
     if config.name == "adamw":
-        return torch.optim.AdamW(groups, lr=default_lr, betas=betas, eps=config.eps, weight_decay=config.weight_decay)
+        fused = {"fused": True} if device_type == "cuda" else {}
+        return torch.optim.AdamW(groups, lr=default_lr, betas=betas, eps=config.eps, weight_decay=config.weight_decay,
+                                 **fused)
 
     if config.name == "adamw8bit":
         # build_optimizer does not know the training device (accelerate moves the

@@ -18,7 +18,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tuneline.config import Params
 from tuneline.core.stops import resume_command
@@ -54,12 +54,67 @@ class OptimizationUnit:
 
 @dataclass
 class StepResult:
-    loss: float
-    grad_norm: float | None
+    """One optimizer step. Loss, grad norm and `extra` stay device tensors until read: reading one
+    waits for the GPU to finish the step, so the loop reads them on logging steps only."""
+
+    loss_value: Any  # 0-dim tensor: mean loss of the step over all processes
+    grad_norm_value: Any  # 0-dim tensor, or None without clipping
     lrs: dict[str, float]
     samples: int = 0  # samples in this step, all processes
     skipped: bool = False  # fp16: the scaler found inf gradients and skipped the update
-    extra: dict[str, float] = field(default_factory=dict)
+    extra_values: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def loss(self) -> float:
+        return float(self.loss_value)
+
+    @property
+    def grad_norm(self) -> float | None:
+        return None if self.grad_norm_value is None else float(self.grad_norm_value)
+
+    @property
+    def extra(self) -> dict[str, float]:
+        return {name: float(value) for name, value in self.extra_values.items()}
+
+
+class NonFiniteGuard:
+    """Finds the first step whose loss was NaN/Inf without a host sync per step.
+
+    Each step records, on the device, whether its loss was finite (on every process alike);
+    `check()` reads the record (one sync) and raises TrainingDiverged naming the first bad step
+    and its items. The trainer checks before anything is logged, saved or rendered, so a
+    poisoned update is never written: the last good checkpoint stays the last one.
+    """
+
+    def __init__(self) -> None:
+        self.first_bad: Any = None  # 0-dim int64 tensor: step number of the first bad loss, 0: none
+        self.bad_loss: Any = None  # that step's loss
+        self.pending: dict[int, list[str]] = {}  # step -> item ids, for the steps not checked yet
+
+    def record(self, step: int, loss: Any, finite: Any, ids: list[str]) -> None:
+        import torch
+
+        if self.first_bad is None:
+            self.first_bad = torch.zeros((), dtype=torch.int64, device=loss.device)
+            self.bad_loss = torch.zeros((), dtype=loss.dtype, device=loss.device)
+        newly_bad = (self.first_bad == 0) & ~finite
+        self.first_bad = torch.where(newly_bad, torch.full_like(self.first_bad, step), self.first_bad)
+        self.bad_loss = torch.where(newly_bad, loss, self.bad_loss)
+        self.pending.setdefault(step, []).extend(ids)
+
+    def check(self, last_good: Callable[[], Any]) -> None:
+        """Raise TrainingDiverged if a recorded loss was not finite; `last_good()` names the checkpoint kept."""
+        if self.first_bad is None:
+            return
+        step = int(self.first_bad)  # the host sync
+        if step == 0:
+            self.pending.clear()
+            return
+        good = last_good()
+        kept = f"The last good checkpoint is {good}." if good is not None else "No checkpoint was written before it."
+        raise TrainingDiverged(
+            f"loss is {float(self.bad_loss)} at step {step} (items {self.pending.get(step, [])}); stopped "
+            f"without saving. {kept} Lower train.lr, use bf16 instead of fp16, or check the data.")
 
 
 class Trainer:
@@ -95,6 +150,7 @@ class Trainer:
         config = self.config
         self.accelerator = Accelerator(mixed_precision=config.mixed_precision,
                                        cpu=not torch.cuda.is_available())
+        self.guard = NonFiniteGuard()
         self.batching = self.data.batching()
         # The weights' content, not only their names: a model replaced in place is a different run.
         self.model_identity = {key: entry["identity"] for key, entry in
@@ -108,16 +164,20 @@ class Trainer:
         self.seed = self._resolve_seed()
         torch.manual_seed(self.seed)
         random.seed(self.seed)
-        self.adapter.load()
+        # Nothing the step does not use is loaded: with cached text embeddings, no text encoder.
+        self.adapter.load(conditioning_cached=self.data.text_cache)
         self.adapter.setup_training()
         modules = self.adapter.trained_modules()
+        if config.channels_last:
+            for module in modules.values():
+                module.to(memory_format=torch.channels_last)
         groups = self.adapter.param_groups(modules)
         self.parameters = [p for group in groups for p in group["params"]]
         self.sampler = BucketBatchSampler(self.data.sample_refs(), self.params.bucket.batch_size_for, self.seed,
                                           self.accelerator.num_processes, self.accelerator.process_index)
         self.batches_per_epoch = len(self.sampler)
         self.total_steps = self._total_steps()
-        optimizer = build_optimizer(config.optimizer, groups)
+        optimizer = build_optimizer(config.optimizer, groups, self.accelerator.device.type)
         scheduler = build_scheduler(optimizer, config.schedule, self.total_steps)
         names = list(modules)
         prepared = self.accelerator.prepare(*modules.values(), optimizer)
@@ -125,7 +185,7 @@ class Trainer:
         for name, module in self.adapter.frozen_modules().items():
             module.to(self.accelerator.device)
         if config.compile:
-            self.modules["unet"] = torch.compile(self.modules["unet"])
+            self.modules["unet"] = compile_module(self.modules["unet"], config.compile_scope, self.accelerator)
         self.units = [OptimizationUnit("model", prepared[-1], scheduler, self.parameters)]
         self.ema = EMA(self._named_trained_parameters(), config.ema) if config.ema.enabled else None
         self.random = TrainRandom(self.seed, self.accelerator.process_index, self.accelerator.device)
@@ -184,8 +244,14 @@ class Trainer:
                 self.state.position = 0
         return chosen
 
-    def train_step(self, micro_batches: list[list[int]]) -> StepResult:
-        """Forward + backward over the micro-batches, then one clipped optimizer step per unit."""
+    def train_step(self, micro_batches: list[list[int]], sync: bool = True) -> StepResult:
+        """Forward + backward over the micro-batches, then one clipped optimizer step per unit.
+
+        Nothing here waits for the GPU: the loss, grad norm and finiteness stay on the device.
+        With `sync` (the default) the step ends by checking the loss and raises TrainingDiverged
+        before the optimizer steps on a NaN/Inf; fit() passes sync=False and checks on the steps
+        that log, save or render (see NonFiniteGuard).
+        """
         import torch
 
         accelerator = self.accelerator
@@ -193,32 +259,37 @@ class Trainer:
         for module in self.modules.values():
             if not _in_train_mode(module):
                 module.train()
-        total_loss = 0.0
+        step = self.state.step + 1
+        total_loss: Any = None
+        finite: Any = None
         samples = 0
-        extra: dict[str, float] = {}
+        extra: dict[str, Any] = {}
+        ids: list[str] = []
         for i, indices in enumerate(micro_batches):
             batch = self.data.batch(indices, self.random.torch, self.random.python, accelerator.device)
+            ids.extend(batch["ids"])
             last = i == len(micro_batches) - 1
             with _no_sync(accelerator, self.modules.values(), enabled=not last), accelerator.autocast():
                 loss, extra = self.adapter.loss(self.modules, batch, self.random.torch, self.state.step)
-            # Every process must agree before anyone steps on a poisoned gradient.
-            finite = accelerator.reduce(torch.isfinite(loss.detach()).float(), "min")
-            if finite.item() < 1:
-                good = checkpoint.latest(self.checkpoint_dir)
-                kept = (f"The last good checkpoint is {good}." if good is not None
-                        else "No checkpoint was written before it.")
-                raise TrainingDiverged(
-                    f"loss is {loss.item()} at step {self.state.step + 1} (items {batch['ids']}); stopped "
-                    f"without saving. {kept} Lower train.lr, use bf16 instead of fp16, or check the data.")
+            detached = loss.detach().float()
+            ok = torch.isfinite(detached)
+            finite = ok if finite is None else finite & ok
             accelerator.backward(loss / len(micro_batches))
-            total_loss += loss.detach().float().item() / len(micro_batches)
+            part = detached / len(micro_batches)
+            total_loss = part if total_loss is None else total_loss + part
             self.state.micro_step += 1
             samples += len(indices) * accelerator.num_processes
+        if accelerator.num_processes > 1:
+            # Every process must agree before anyone steps on a poisoned gradient (a collective, no host sync).
+            finite = accelerator.reduce(finite.float(), "min") > 0
+            total_loss = accelerator.reduce(total_loss, "mean")
+        self.guard.record(step, total_loss, finite, ids)
+        if sync:
+            self.check_finite()
         self.state.samples_seen += samples
         grad_norm = None
         if self.config.max_grad_norm is not None:
-            norm = accelerator.clip_grad_norm_(unit.parameters, self.config.max_grad_norm)
-            grad_norm = float(norm) if norm is not None else None
+            grad_norm = accelerator.clip_grad_norm_(unit.parameters, self.config.max_grad_norm)
         unit.optimizer.step()
         skipped = bool(getattr(unit.optimizer, "step_was_skipped", False))
         if not skipped:
@@ -227,9 +298,12 @@ class Trainer:
         self.state.step += 1
         if self.ema is not None:
             self.ema.update(self.state.step)
-        mean_loss = float(accelerator.reduce(torch.tensor(total_loss, device=accelerator.device), "mean"))
         lrs = {group.get("name", str(k)): group["lr"] for k, group in enumerate(unit.optimizer.param_groups)}
-        return StepResult(mean_loss, grad_norm, lrs, samples, skipped, extra)
+        return StepResult(total_loss, grad_norm, lrs, samples, skipped, extra)
+
+    def check_finite(self) -> None:
+        """Raise TrainingDiverged if a loss since the last check was NaN/Inf (one host sync)."""
+        self.guard.check(lambda: checkpoint.latest(self.checkpoint_dir))
 
     def evaluate(self, seed: int = 0) -> float:
         """Mean loss over every item with noise, timesteps and latent samples fixed by `seed`.
@@ -260,6 +334,7 @@ class Trainer:
         from safetensors.torch import save_file
 
         accelerator = self.accelerator
+        self.check_finite()  # a poisoned update is never written
         accelerator.wait_for_everyone()
         staging = checkpoint.staging_dir(self.checkpoint_dir, self.state.step)
         if accelerator.is_main_process:
@@ -350,6 +425,8 @@ class Trainer:
     def _stop_agreed(self) -> bool:
         import torch
 
+        if self.accelerator.num_processes == 1:  # no collective, no host sync
+            return self.stop_signal is not None
         flag = torch.tensor(1.0 if self.stop_signal is not None else 0.0, device=self.accelerator.device)
         return float(self.accelerator.reduce(flag, "max")) > 0
 
@@ -367,16 +444,22 @@ class Trainer:
         try:
             while not self._done():
                 epoch_before = self.state.epoch
-                result = self.train_step(self.next_batches())
+                # Host syncs only where a number is read: logging, saving, rendering, the end.
+                result = self.train_step(self.next_batches(), sync=False)
                 session_steps += 1
                 seconds_per_step = (time.perf_counter() - session_start) / session_steps
                 last = result
                 bar.update(1)
-                bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{next(iter(result.lrs.values())):.2e}",
-                                s_step=f"{seconds_per_step:.2f}")
-                if self.state.step % self.config.log_every == 0 and on_log is not None:
-                    on_log(self.state, result, seconds_per_step)
-                if self.live_eval is not None and self.live_every and self.state.step % self.live_every == 0:
+                logging = self.state.step % self.config.log_every == 0
+                live = self.live_eval is not None and self.live_every and self.state.step % self.live_every == 0
+                if logging or live or self._done():
+                    self.check_finite()
+                if logging:
+                    bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{next(iter(result.lrs.values())):.2e}",
+                                    s_step=f"{seconds_per_step:.2f}")
+                    if on_log is not None:
+                        on_log(self.state, result, seconds_per_step)
+                if live:
                     accelerator.wait_for_everyone()
                     if accelerator.is_main_process:
                         self.live_eval(self)
@@ -422,6 +505,27 @@ class Trainer:
             with self.ema.swap():
                 self.adapter.save(unwrapped, Path(out_dir) / "ema")
         return self.adapter.save(unwrapped, out_dir)
+
+
+def compile_module(module: Any, scope: str, accelerator: Any, backend: str | None = None) -> Any:
+    """torch.compile `module`: its repeated blocks ("blocks": diffusers' compile_repeated_blocks, in
+    place: each distinct block is traced once and reused, so the first step comes in seconds, not
+    minutes) or the whole module ("model"). Returns the module to call."""
+    import torch
+
+    backend = backend or COMPILE_BACKEND
+    inner = accelerator.unwrap_model(module)
+    if scope == "blocks" and getattr(inner, "_repeated_blocks", None):
+        inner.compile_repeated_blocks(backend=backend)
+        return module
+    if scope == "blocks":
+        log.warning("%s defines no repeated blocks: compiling the whole model", type(inner).__name__)
+    return torch.compile(module, backend=backend)
+
+
+# torch.compile backend of train.compile; the CPU bench (`bench.gpu --small`) sets "eager" to trace
+# without code generation.
+COMPILE_BACKEND = "inductor"
 
 
 def _in_train_mode(module: Any) -> bool:

@@ -225,7 +225,9 @@ def pipeline_from_training(adapter: Any, modules: dict[str, Any], vae: Any = Non
 
     `modules` is the trainer's name -> (possibly accelerate-prepared) module dict: the UNet
     (PEFT-wrapped in LoRA mode) and any trained text encoders; frozen encoders and the
-    tokenizers come from the adapter. `vae` defaults to model.vae / the base VAE in fp32 on
+    tokenizers come from the adapter (which loads them on the UNet's device if training did
+    not need them). Under mixed precision the frozen weights are in its compute dtype: render
+    under the training's autocast. `vae` defaults to model.vae / the base VAE in fp32 on
     the UNet's device (load it once and pass it in to avoid reloading at every evaluation).
     """
     quiet_libraries()  # before the import: it warns while importing
@@ -235,8 +237,10 @@ def pipeline_from_training(adapter: Any, modules: dict[str, Any], vae: Any = Non
     from tuneline.models.sdxl import TEXT_ENCODER_NAMES
 
     unet = _unwrap(modules["unet"])
-    encoders = [_unwrap(modules.get(name, encoder)) for name, encoder in zip(TEXT_ENCODER_NAMES, adapter.text_encoders)]
     device = unet.device
+    # Training on cached text embeddings loads no text encoder; rendering needs them.
+    frozen_encoders = adapter.ensure_text_encoders(str(device))
+    encoders = [_unwrap(modules.get(name, encoder)) for name, encoder in zip(TEXT_ENCODER_NAMES, frozen_encoders)]
     if vae is None:
         vae = load_vae(adapter.model_config, adapter.root, "fp32", "cpu").to(device)
     pipeline = StableDiffusionXLPipeline(

@@ -54,7 +54,10 @@ class TrainConfig(Section):
     lr: float = Field(1e-4, gt=0, description="Learning rate of the UNet (and text encoders without their own).")
     gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     mixed_precision: Annotated[Literal["no", "fp16", "bf16"], BeforeValidator(_yaml_no)] = Field(
-        "no", description="Autocast precision; fp16 uses a gradient scaler. Use bf16 on recent GPUs."
+        "no",
+        description="Autocast precision; fp16 uses a gradient scaler. Use bf16 on recent GPUs. Under bf16/fp16 the "
+        "frozen weights (the LoRA base, frozen text encoders) are held in that dtype; trained parameters, gradients "
+        "and optimizer state stay fp32.",
     )
     max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Gradient clipping norm; null disables it.")
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = Field(
@@ -77,7 +80,20 @@ class TrainConfig(Section):
     flip: bool = Field(False, description="Random horizontal flip (needs latents.flip: the flipped latent is cached).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     attention: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel: torch SDPA or the plain one.")
-    compile: bool = Field(False, description="torch.compile the UNet (slow first steps, faster later).")
+    compile: bool = Field(
+        False, description="torch.compile the UNet (the first step waits for the compiler; later steps are faster)."
+    )
+    compile_scope: Literal["blocks", "model"] = Field(
+        "blocks",
+        description="With compile: 'blocks' compiles the UNet's repeated transformer blocks (diffusers' "
+        "compile_repeated_blocks: one trace reused by every block, a first step in seconds); 'model' compiles the "
+        "whole UNet at once (minutes before the first step at SDXL size).",
+    )
+    channels_last: bool = Field(
+        False,
+        description="Keep the trained modules' 4-D weights in channels-last memory format (can speed up "
+        "convolutions on GPUs; off until measured to help, see bench/gpu.py).",
+    )
     log_every: int = Field(1, ge=1, description="Log metrics every N optimizer steps.")
 
     @model_validator(mode="after")

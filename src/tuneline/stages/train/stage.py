@@ -141,22 +141,41 @@ def live_dir(trainer: Any) -> Path:
 
 
 class LiveEvaluation:
-    """Renders the first render.live_prompts prompts with the live modules (see tuneline.stages.render.generate)."""
+    """Renders the first render.live_prompts prompts with the live modules (see tuneline.stages.render.generate).
+
+    What only rendering needs (the VAE, and the text encoders when training uses cached
+    embeddings) is loaded once, kept on the CPU, and on the GPU only while rendering, so the
+    training steps never share the card with it. Rendering runs under the training's autocast:
+    the frozen weights are in its compute dtype, the LoRA weights in fp32.
+    """
 
     def __init__(self, params: Params, root: Path, tracker: Any) -> None:
         self.params, self.root, self.tracker = params, Path(root), tracker
         self.pipeline: Any = None
         self.prompts: list[Any] = []
+        self.offloaded: list[Any] = []  # modules that live on the CPU between renders
 
     def __call__(self, trainer: Any) -> None:
         from tuneline.models.loading import load_vae
         from tuneline.stages.render.generate import live_evaluate, live_prompts, pipeline_from_training
 
+        device = trainer.accelerator.device
         if self.pipeline is None:  # built once: it shares the live modules, it does not copy them
             self.prompts = live_prompts(self.params, self.root)
-            vae = load_vae(self.params.model, self.root, "fp32", str(trainer.accelerator.device))
+            vae = load_vae(self.params.model, self.root, "fp32", "cpu")
+            loaded_before = list(trainer.adapter.text_encoders)
+            encoders = trainer.adapter.ensure_text_encoders("cpu")
+            self.offloaded = [vae] + [encoder for encoder in encoders if encoder not in loaded_before]
             self.pipeline = pipeline_from_training(trainer.adapter, trainer.modules, vae)
-        live_evaluate(self.pipeline, self.prompts, live_dir(trainer), trainer.state.step, self.tracker)
+        for module in self.offloaded:
+            module.to(device)
+        try:
+            with trainer.accelerator.autocast():
+                live_evaluate(self.pipeline, self.prompts, live_dir(trainer), trainer.state.step, self.tracker)
+        finally:
+            if device.type != "cpu":
+                for module in self.offloaded:
+                    module.to("cpu")
 
 
 def run(params: Params, root: Path, latents_dir: Path, out_dir: Path, metrics_dir: Path | None = None, *,
