@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -66,3 +68,19 @@ def make_photo(size: tuple[int, int], rng: np.random.Generator) -> Any:
     pixels = (base + 50 * np.sin(6 * x + rng.uniform(0, 6)) + 50 * np.cos(5 * y + rng.uniform(0, 6))
               + rng.normal(0, 4, (height, width, 3)))
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+
+
+def make_trainer(adapter_class: type, params: Any, root: Path, run_dir: Path, fresh: bool = True) -> Any:
+    """A set-up Trainer on root's cached latents, checkpoints in run_dir (emptied first unless `fresh` is
+    false: then it resumes from them)."""
+    from accelerate.state import AcceleratorState
+
+    from tuneline.train.trainer import Trainer
+
+    AcceleratorState._reset_state(True)
+    if fresh:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    trainer = Trainer(params, root, root / "data/latents", run_dir / "checkpoints",
+                      adapter_class(params.model, params.train, root))
+    trainer.setup()
+    return trainer

@@ -53,7 +53,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from bench._common import bench_main, goal, make_photo, print_goals
+from bench._common import bench_main, goal, make_photo, make_trainer, print_goals
 
 NAME = "gpu"
 REPO = Path(__file__).resolve().parents[1]
@@ -293,20 +293,6 @@ def train_params(scale: Scale, base: Path, batch: int, **train: Any) -> Any:
                   "mixed_precision": scale.mixed_precision, "optimizer": {"name": "adamw"}, "max_grad_norm": 1.0,
                   "num_steps": 100_000, "checkpoint": {"every_steps": 100_000}, "log_every": 100_000, **train},
     })
-
-
-def make_trainer(adapter_class: type, params: Any, root: Path, run_dir: Path, fresh: bool = True) -> Any:
-    from accelerate.state import AcceleratorState
-
-    from tuneline.train.trainer import Trainer
-
-    AcceleratorState._reset_state(True)
-    if fresh:
-        shutil.rmtree(run_dir, ignore_errors=True)
-    trainer = Trainer(params, root, root / "data/latents", run_dir / "checkpoints",
-                      adapter_class(params.model, params.train, root))
-    trainer.setup()
-    return trainer
 
 
 class TrainerLoop:

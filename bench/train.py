@@ -45,7 +45,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from bench._common import bench_main, goal, make_photo, note_load, print_goals
+from bench._common import bench_main, goal, make_photo, make_trainer, note_load, print_goals
 
 NAME = "train"
 REPO = Path(__file__).resolve().parents[1]
@@ -108,20 +108,6 @@ def ensure_project(work: Path, images: int, resolution: int, batch_size: int) ->
 
 
 # --- the two loops --------------------------------------------------------------------------
-
-
-def make_trainer(root: Path, params: Any, run_dir: Path) -> Any:
-    from accelerate.state import AcceleratorState
-
-    from tuneline.models.sdxl import SDXLAdapter
-    from tuneline.train.trainer import Trainer
-
-    AcceleratorState._reset_state(True)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    trainer = Trainer(params, root, root / "data/latents", run_dir / "checkpoints",
-                      SDXLAdapter(params.model, params.train, root))
-    trainer.setup()
-    return trainer
 
 
 class BareLoop:
@@ -288,7 +274,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     work = args.work.resolve()
     root, params, build_s = ensure_project(work, args.images, args.resolution, args.batch_size)
-    trainer = make_trainer(root, params, work / "run")
+    from tuneline.models.sdxl import SDXLAdapter
+
+    trainer = make_trainer(SDXLAdapter, params, root, work / "run")
     if not trainer.data.text_cache:
         raise RuntimeError("the latents stage did not cache text embeddings; the bench needs them")
     # With cached embeddings the trainer loads no text encoder; the 'ours, text' variant runs them.

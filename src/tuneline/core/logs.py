@@ -21,10 +21,10 @@ from pathlib import Path
 LOG_DIR = Path(".tuneline") / "logs"
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-# Read once at import by the libraries, so set before they are imported.
+# Read once at import by the libraries, so set before they are imported. (MLflow's own switch,
+# MLFLOW_CONFIGURE_LOGGING, is set by the tracker, the one place tuneline imports mlflow.)
 _ENVIRONMENT = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" bars (its tqdm follows this)
-    "MLFLOW_CONFIGURE_LOGGING": "false",  # MLflow's own INFO handler on stderr: its records go to the log
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
 }
 

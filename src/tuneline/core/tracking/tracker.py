@@ -83,6 +83,10 @@ def _quiet_environment() -> None:
     """Keep MLflow off the network: no telemetry. Must run before the first `import mlflow`,
     which reads these variables once (mlflow.telemetry.utils)."""
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    # MLflow's own stderr handler prints INFO lines (database set-up, system metrics) in every
+    # process that tracks, the flow's driver included: its records go to the process's logging
+    # set-up instead (a stage's log file, see tuneline.core.logs).
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
     # The cross-tool convention is DO_NOT_TRACK=1; MLflow 3.17 itself only honours "true",
     # which is why MLFLOW_DISABLE_TELEMETRY above is the one that matters for MLflow.
     os.environ.setdefault("DO_NOT_TRACK", "1")
