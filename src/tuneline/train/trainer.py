@@ -537,7 +537,7 @@ class Trainer:
         for message in self.messages:
             accelerator.print(message)
         bar = tqdm(total=self.total_steps if self.config.num_steps else None, initial=self.state.step,
-                   disable=not accelerator.is_local_main_process, desc="train", dynamic_ncols=True)
+                   disable=not accelerator.is_local_main_process, desc=self.section, dynamic_ncols=True)
         session_start, session_steps, last = time.perf_counter(), 0, None
         try:
             while not self._done():
@@ -592,16 +592,19 @@ class Trainer:
         if self.accelerator.is_local_main_process:
             print(f"\nsignal {signum}: finishing this step, then saving a checkpoint", flush=True)
 
-    def save_outputs(self, out_dir: Path) -> Path | None:
+    def save_outputs(self, out_dir: Path, only_ema: bool = False) -> Path | None:
         """The trained result in diffusers format, main process only; with EMA on, the EMA
-        weights also go to `out_dir/ema` in the same layout (render and export choose)."""
+        weights also go to `out_dir/ema` in the same layout (render and export choose), or,
+        with `only_ema`, are the only weights written (a stage whose output is the weights to use)."""
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return None
         unwrapped = {name: self.accelerator.unwrap_model(m) for name, m in self.modules.items()}
         if self.ema is not None:
             with self.ema.swap():
-                self.adapter.save(unwrapped, Path(out_dir) / "ema")
+                saved = self.adapter.save(unwrapped, Path(out_dir) if only_ema else Path(out_dir) / "ema")
+            if only_ema:
+                return saved
         return self.adapter.save(unwrapped, out_dir)
 
 
