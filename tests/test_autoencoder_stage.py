@@ -136,3 +136,22 @@ def test_later_stages_use_the_trained_vae_and_only_latents_recompute(latents_pro
     assert with_trained_vae(disabled, root) is disabled
     report = stage("latents").run(disabled, root)
     assert (report.computed, report.reused) == (0, count)
+
+
+def test_render_puts_the_reconstruction_sheets_beside_its_contact_sheet(tmp_path):
+    from PIL import Image
+
+    from tuneline.config import validate_params
+    from tuneline.stages.render.stage import autoencoder_sheets
+
+    data = {"datasets": [{"name": "a", "path": "data/raw/a"}]}
+    for name in ("alpha", "beta"):
+        (tmp_path / "models/autoencoder/sheets").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (6, 2), name == "alpha" and "red" or "blue").save(tmp_path / f"models/autoencoder/sheets/{name}.png")
+    placed = autoencoder_sheets(validate_params({**data, "autoencoder": {"enabled": True}}), tmp_path, tmp_path / "renders")
+    assert [p.relative_to(tmp_path).as_posix() for p in placed] == ["renders/autoencoder/alpha.png",
+                                                                     "renders/autoencoder/beta.png"]
+    assert placed[0].read_bytes() == (tmp_path / "models/autoencoder/sheets/alpha.png").read_bytes()
+    # Off: the stale sheets go, none are placed.
+    assert autoencoder_sheets(validate_params(data), tmp_path, tmp_path / "renders") == []
+    assert not (tmp_path / "renders/autoencoder").exists()
