@@ -54,8 +54,9 @@ class Evaluation:
         return metrics
 
 
-def _disabled(out_dir: Path, metrics_dir: Path | None) -> StageReport:
+def _disabled(out_dir: Path, metrics_dir: Path | None, checkpoint_dir: Path) -> StageReport:
     report = StageReport(STAGE, metric_keys=("enabled",))
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)  # a declared output of dvc.yaml: it must exist
     with rebuilt_dir(out_dir) as staging:
         atomic_write_json(staging / DISABLED_FILE, {"enabled": False})
     report.extra["enabled"] = 0
@@ -70,8 +71,10 @@ def run(params: Params, root: Path, bucketed_dir: Path, out_dir: Path, metrics_d
     """Train (or resume) the VAE and write it; a recorded no-op when autoencoder.enabled is false.
     Raises StopRequested / TrainingDiverged / ResumeRefused as the train stage does."""
     config = params.autoencoder
+    root = Path(root)
+    checkpoint_dir = Path(checkpoint_dir or root / layout.AUTOENCODER_CHECKPOINTS)
     if not config.enabled:
-        return _disabled(Path(out_dir), metrics_dir)
+        return _disabled(Path(out_dir), metrics_dir, checkpoint_dir)
 
     import torch
     from diffusers import AutoencoderKL
@@ -84,7 +87,6 @@ def run(params: Params, root: Path, bucketed_dir: Path, out_dir: Path, metrics_d
     from tuneline.train.trainer import Trainer
 
     started = time.perf_counter()
-    root = Path(root)
     report = StageReport(STAGE, metric_keys=METRIC_KEYS)
     if is_tiny(params.model.base) or is_tiny(params.model.vae or ""):
         report.warnings.append(f"model.base is {params.model.base!r}: a tiny RANDOM-weight VAE (pipeline check only)")
@@ -94,7 +96,7 @@ def run(params: Params, root: Path, bucketed_dir: Path, out_dir: Path, metrics_d
     holdout = data.holdout_pixels()
     evaluation = Evaluation(holdout, tracker)
     adapter = build_adapter("autoencoder_kl", params.model, config, root)
-    trainer = Trainer(params, root, None, checkpoint_dir or root / layout.AUTOENCODER_CHECKPOINTS, adapter, tracker,
+    trainer = Trainer(params, root, None, checkpoint_dir, adapter, tracker,
                       config=config, data=data, section=STAGE, live_eval=evaluation, live_every=config.eval_every)
     trainer.setup()
     main = trainer.accelerator.is_main_process
