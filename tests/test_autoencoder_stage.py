@@ -155,3 +155,22 @@ def test_render_puts_the_reconstruction_sheets_beside_its_contact_sheet(tmp_path
     # Off: the stale sheets go, none are placed.
     assert autoencoder_sheets(validate_params(data), tmp_path, tmp_path / "renders") == []
     assert not (tmp_path / "renders/autoencoder").exists()
+
+
+def test_a_full_fine_tune_carries_the_vae_its_latents_were_made_with(latents_project, tmp_path):
+    """With model.vae set (the autoencoder stage's VAE, or any other), the saved pipeline, and so the
+    exported single-file checkpoint, holds that VAE, not the base's."""
+    from conftest import make_trainer, train_params
+    from tuneline.tiny import resolve_tiny
+
+    vae = tmp_path / "my-vae"
+    shutil.copytree(resolve_tiny("tiny-sdxl") / "vae", vae)
+    tensors = load_file(vae / "diffusion_pytorch_model.safetensors")
+    tensors["decoder.conv_out.bias"] = tensors["decoder.conv_out.bias"] + 0.5
+    save_file(tensors, vae / "diffusion_pytorch_model.safetensors")
+    params = train_params(latents_project, mode="full", num_steps=1)
+    params = params.model_copy(update={"model": params.model.model_copy(update={"vae": str(vae)})})
+    trainer = make_trainer(latents_project, tmp_path, params)
+    trainer.fit()
+    saved = load_file(trainer.save_outputs(tmp_path / "out") / "pipeline/vae/diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(saved[k], tensors[k]) for k in tensors)
