@@ -139,8 +139,9 @@ def validate_prompts(data: Any, source: str = "prompts.yaml") -> PromptFile:
     return parsed
 
 
-def load_prompts(path: Path | str, config: Any) -> list[RenderPrompt]:
-    """Read, validate and resolve the prompts file against `config` (the render section)."""
+def load_prompts(path: Path | str, config: Any, family: str = "sdxl") -> list[RenderPrompt]:
+    """Read, validate and resolve the prompts file against `config` (the render section) for a
+    model `family` (its default steps and guidance, its samplers and image sides)."""
     import json
 
     import yaml
@@ -154,15 +155,22 @@ def load_prompts(path: Path | str, config: Any) -> list[RenderPrompt]:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as error:
         raise ParamsError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {error}") from None
-    return resolve_prompts(validate_prompts(data, str(path)), config, str(path))
+    return resolve_prompts(validate_prompts(data, str(path)), config, str(path), family)
 
 
 def _pick(*values: Any) -> Any:
     return next(v for v in values if v is not None)
 
 
-def resolve_prompts(parsed: PromptFile, config: Any, source: str = "prompts.yaml") -> list[RenderPrompt]:
-    """Every prompt with its values: its own, else the file's defaults, else the render section's."""
+def resolve_prompts(parsed: PromptFile, config: Any, source: str = "prompts.yaml",
+                    family: str = "sdxl") -> list[RenderPrompt]:
+    """Every prompt with its values: its own, else the file's defaults, else the render section's,
+    else (steps, guidance) the model family's. A value the family cannot render (a sampler other than
+    Z-Image's flow-match Euler, a side Z-Image cannot patch) is a ParamsError naming the prompt."""
+    from tuneline.stages.render.samplers import render_family
+    from tuneline.stages.render.samplers import check_family_sampler
+
+    spec = render_family(family)
     defaults = parsed.defaults
     resolved = []
     for index, entry in enumerate(parsed.prompts):
@@ -178,13 +186,23 @@ def resolve_prompts(parsed: PromptFile, config: Any, source: str = "prompts.yaml
                 check_karras(sampler, karras)
             except ValueError as error:
                 raise ParamsError(f"{source}: prompts[{index}]: {error} (render.karras is on)") from None
+        try:
+            check_family_sampler(spec, sampler, karras)
+        except ValueError as error:
+            raise ParamsError(f"{source}: prompts[{index}]: {error} (the prompt, the file's defaults or "
+                              "render.sampler / render.karras set it)") from None
+        if width % spec.size_multiple or height % spec.size_multiple:
+            raise ParamsError(f"{source}: prompts[{index}]: size {width}x{height}: {family} needs both sides in "
+                              f"multiples of {spec.size_multiple} (the prompt, the file's defaults or "
+                              "render.width / render.height set it)")
         seed = entry.seed if entry.seed is not None else (
             defaults.seed + index if defaults.seed is not None else config.seed + index)
         resolved.append(RenderPrompt(
             index=index, prompt=entry.prompt,
             negative_prompt=_pick(entry.negative_prompt, defaults.negative_prompt, ""),
             seed=seed, height=height, width=width,
-            steps=_pick(entry.steps, defaults.steps, config.steps),
-            guidance_scale=_pick(entry.guidance_scale, defaults.guidance_scale, config.guidance_scale),
+            steps=_pick(entry.steps, defaults.steps, config.steps, spec.steps),
+            guidance_scale=_pick(entry.guidance_scale, defaults.guidance_scale, config.guidance_scale,
+                                 spec.guidance_scale),
             sampler=sampler, karras=karras))
     return resolved
