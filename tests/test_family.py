@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tuneline.core.params import ParamsError
-from tuneline.models.registry import detect_family
+from tuneline.models.family import detect_family
 from tuneline.stages.models.config import ModelConfig
 
 
@@ -89,7 +89,7 @@ def test_hub_id_from_hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 def test_detection_imports_no_torch(tmp_path: Path) -> None:
     pipeline_folder(tmp_path / "z", "ZImagePipeline")
-    code = ("import sys; from tuneline.models.registry import detect_family; "
+    code = ("import sys; from tuneline.models.family import detect_family; "
             "from tuneline.stages.models.config import ModelConfig; "
             f"assert detect_family(ModelConfig(base={str(tmp_path / 'z')!r})) == 'zimage'; "
             "assert 'torch' not in sys.modules, 'torch imported'")

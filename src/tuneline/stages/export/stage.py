@@ -303,7 +303,7 @@ def run(params: Params, root: Path, trained_dir: Path, renders_dir: Path, out_di
     from tuneline.stages.export import CODE
     from tuneline.stages.render.generate import LORA_FILE, PIPELINE_DIR, weights_identity
     from tuneline.stages.export.zimage import export_zimage_lora, transformer_to_single_file
-    from tuneline.models.registry import detect_family
+    from tuneline.models.family import detect_family
 
     started = time.perf_counter()
     root, trained_dir = Path(root), Path(trained_dir)

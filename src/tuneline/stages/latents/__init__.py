@@ -3,4 +3,4 @@
 # The modules that decide what an item's stored result is (tuneline.core.codeversion). The
 # VAE's and text encoders' weights count through their identity (tuneline.models.ref).
 CODE = ("stages/latents/stage.py", "models/loading.py", "models/sdxl_text.py", "models/zimage_text.py",
-        "models/registry.py", "models/single_file.py", "models/ref.py")
+        "models/family.py", "models/single_file.py", "models/ref.py")

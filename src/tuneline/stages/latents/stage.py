@@ -6,7 +6,7 @@ samples fresh noise every step), plus `flip_mean`/`flip_std` of the mirrored ima
 `latents.flip` is on. Its key is the bucket key of the pixels + VAE identity + dtype +
 flip + the code version (a digest of the stage's modules): the caption is not in it, so editing a caption costs no VAE work.
 
-The model family (`tuneline.models.registry.detect_family`) decides only the text part; the
+The model family (`tuneline.models.family.detect_family`) decides only the text part; the
 VAE part is one path for every family (SDXL's 4-channel VAE, Z-Image's 16-channel one with
 a shift factor: both factors are recorded, the trainer applies (z - shift) * scale).
 
@@ -597,7 +597,7 @@ def run(params: Params, root: Path, captioned_dir: Path, out_dir: Path, metrics_
     With `shard=(i, n)`: only compute shard i's missing entries into the store (see the module docstring).
     """
     from tuneline.models.loading import resolve_device, resolve_dtype, vae_source
-    from tuneline.models.registry import detect_family
+    from tuneline.models.family import detect_family
 
     started = time.perf_counter()
     root = Path(root)

@@ -17,4 +17,4 @@ CODE = ("stages/render/stage.py", "stages/render/generate.py", "stages/render/pr
         "stages/render/samplers.py", "stages/render/sheets.py", "stages/render/transfer.py",
         "stages/render/diagnostics.py", "models/sdxl.py", "models/loading.py", "models/sdxl_text.py",
         "stages/render/cache.py", "models/single_file.py", "models/ref.py",
-        "models/registry.py", "train/loss.py", "core/tensorfile.py")
+        "models/family.py", "train/loss.py", "core/tensorfile.py")

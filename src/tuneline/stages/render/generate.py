@@ -47,7 +47,7 @@ def load_base_pipeline(model_config: ModelConfig, root: Path | None, device: str
     import diffusers
 
     from tuneline.models.loading import _base_location, load_vae, resolve_device, resolve_dtype, torch_dtype
-    from tuneline.models.registry import detect_family
+    from tuneline.models.family import detect_family
     from tuneline.stages.render.samplers import render_family
 
     device = resolve_device(device)
@@ -349,7 +349,7 @@ def live_evaluate(pipeline: Any, prompts: Sequence[RenderPrompt], out_dir: Path,
 
 def live_prompts(params: Any, root: Path) -> list[RenderPrompt]:
     """The first render.live_prompts prompts of the prompts file (what live evaluation renders)."""
-    from tuneline.models.registry import detect_family
+    from tuneline.models.family import detect_family
     from tuneline.stages.render.prompts import load_prompts
 
     config = params.render

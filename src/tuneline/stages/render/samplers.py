@@ -5,7 +5,7 @@ The tables are plain data so config validation stays torch-free; diffusers is im
 only when a scheduler is built.
 
 Families: the stage takes the family from models/train/trainer_state.json (what was trained) or,
-before training, from `model.family` / the base's model_index.json (`models.registry.detect_family`).
+before training, from `model.family` / the base's model_index.json (`models.family.detect_family`).
 Z-Image (ZImagePipeline) differs from SDXL where rendering can see it:
 - one sampler, its own flow-match Euler (FlowMatchEulerDiscreteScheduler with the base's shift):
   render.sampler `euler` names it, every other sampler name (and karras) is refused;
@@ -151,7 +151,7 @@ def family_of_pipeline(pipeline: Any) -> RenderFamily:
 def render_family_of(model_config: Any, root: Path | None, trained_dir: Path | None = None) -> RenderFamily:
     """The family to render: trainer_state.json's `family` (what was trained), else model.family /
     the base's model_index.json (a trainer_state.json without `family` predates Z-Image)."""
-    from tuneline.models.registry import detect_family
+    from tuneline.models.family import detect_family
 
     if trained_dir is not None:
         import json
