@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 ADAPTERS: dict[str, str] = {
     "sdxl": "tuneline.models.sdxl:SDXLAdapter",
+    "zimage": "tuneline.models.zimage:ZImageAdapter",
     "autoencoder_kl": "tuneline.models.autoencoder:AutoencoderAdapter",
 }
 
