@@ -98,7 +98,7 @@ def render(pipeline, seed: int = 3) -> torch.Tensor:
 
 @pytest.mark.slow
 def test_loss_falls_on_fixed_noise(zimage_project, tmp_path):
-    trainer = ztrainer(zimage_project, tmp_path, zparams(zimage_project, num_steps=30, lr=3e-3, mode="full"))
+    trainer = ztrainer(zimage_project, tmp_path, zparams(zimage_project, num_steps=40, lr=3e-3, mode="full"))
     before = trainer.evaluate(seed=0)
     assert trainer.evaluate(seed=0) == before  # fixed noise, sigmas and latent samples
     trainer.fit()
@@ -385,3 +385,32 @@ def test_flow_matching_at_its_defaults_keeps_older_run_keys():
     changed = TrainConfig(flow_matching={"shift": 2.0}).model_dump(mode="json")
     assert checkpoint.run_key(changed, {}, "d", 1, {}) != checkpoint.run_key(plain, {}, "d", 1, {})
     assert checkpoint.compare_configs(older, changed)[1]  # unsafe
+
+
+@pytest.mark.parametrize("settings", [
+    {"mixed_precision": "bf16", "gradient_checkpointing": True, "lora": {"rank": 4, "targets": "all"}},
+    {"mode": "full", "ema": {"enabled": True}},
+])
+def test_the_memory_estimate_counts_weights_and_optimizer_state_exactly(zimage_project, tmp_path, settings):
+    """`tuneline check`'s estimate works for Z-Image: built on the meta device from the configs, its
+    weight, trained-parameter and optimizer-state bytes equal a real trainer's on the same settings."""
+    from tuneline.train import memory
+
+    params = zparams(zimage_project, **settings)
+    trainer = ztrainer(zimage_project, tmp_path, params)
+    real_weights: dict[str, int] = {}
+    real_trained = 0
+    modules = [*trainer.modules.values(), *trainer.adapter.frozen_modules().values()]
+    for tensor in {id(t): t for m in modules for t in [*m.parameters(), *m.buffers()]}.values():
+        if tensor.requires_grad:
+            real_trained += tensor.numel() * tensor.element_size()
+        else:
+            name = memory.dtype_name(tensor.dtype)
+            real_weights[name] = real_weights.get(name, 0) + tensor.numel() * tensor.element_size()
+    estimate = memory.estimate(params, zimage_project.root, bucket=(64, 64), batch_size=2)
+    assert estimate.weights == real_weights and estimate.trained == estimate.gradients == real_trained
+    assert estimate.ema == (real_trained if params.train.ema.enabled else 0)
+    assert 0 < estimate.activations and estimate.peak > estimate.weights_total + estimate.optimizer
+    trainer.fit()
+    real = memory.real_optimizer_state_bytes(trainer.units[0].optimizer)
+    assert estimate.optimizers["adamw"] == real

@@ -210,8 +210,10 @@ class ZImageAdapter:
         return [{"name": "transformer", "params": params, "lr": self.config.lr}]
 
     def example_batch(self, batch_size: int, bucket: tuple[int, int], device: Any, with_text: bool = True) -> dict:
-        """A batch shaped like LatentData.batch's at `bucket` (width, height), zeros on `device`;
-        `with_text`: cached caption features of EXAMPLE_CAPTION_TOKENS tokens each."""
+        """A batch shaped like LatentData.batch's at `bucket` (width, height), zeros on `device`, with
+        caption features of EXAMPLE_CAPTION_TOKENS tokens each whatever `with_text` says: the frozen
+        text encoder runs without a graph, so it saves no activations for backward (the estimate
+        counts its weights; Qwen3's masking cannot run on the meta device anyway)."""
         import torch
 
         width, height = bucket
@@ -222,10 +224,9 @@ class ZImageAdapter:
             "captions": [""] * batch_size,
             "loss_weight": torch.ones(batch_size, device=device),
             "ids": [f"example{i}" for i in range(batch_size)],
+            "prompt_embeds": [torch.zeros(EXAMPLE_CAPTION_TOKENS, config.cap_feat_dim, device=device)
+                              for _ in range(batch_size)],
         }
-        if with_text:
-            batch["prompt_embeds"] = [torch.zeros(EXAMPLE_CAPTION_TOKENS, config.cap_feat_dim, device=device)
-                                      for _ in range(batch_size)]
         return batch
 
     # --- the loss ----------------------------------------------------------------------

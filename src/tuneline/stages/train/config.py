@@ -28,8 +28,9 @@ class LoraConfig(Section):
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
     targets: Literal["attention", "attention_mlp", "all"] = Field(
         "attention",
-        description="Which UNet layers get adapters: attention projections; + feed-forward layers; "
-        "+ conv layers and other linear layers of the resnets (kohya's 'LoCon'-style coverage).",
+        description="Which denoiser layers get adapters: attention projections (to_q/k/v/out); + feed-forward "
+        "layers; all: SDXL + conv layers and other linear layers of the resnets (kohya's 'LoCon'-style coverage), "
+        "Z-Image + the blocks' adaLN modulation (every refiner and main block of its transformer, all three).",
     )
     use_dora: bool = Field(
         False,
@@ -97,9 +98,11 @@ class TrainConfig(Section):
     shuffle_min_tokens: int = Field(2, ge=0, description="Captions with fewer tags than this are never shuffled.")
     flip: bool = Field(False, description="Random horizontal flip (needs latents.flip: the flipped latent is cached).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
-    attention: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel: torch SDPA or the plain one.")
+    attention: Literal["sdpa", "eager"] = Field(
+        "sdpa", description="Attention kernel: torch SDPA or the plain one (SDXL only; Z-Image: sdpa).")
     compile: bool = Field(
-        False, description="torch.compile the UNet (the first step waits for the compiler; later steps are faster)."
+        False, description="torch.compile the denoiser (SDXL's UNet, Z-Image's transformer; the first step waits "
+        "for the compiler, later steps are faster)."
     )
     compile_scope: Literal["blocks", "model"] = Field(
         "blocks",
