@@ -15,6 +15,7 @@ from typing import Any
 
 ADAPTERS: dict[str, str] = {
     "sdxl": "tuneline.models.sdxl:SDXLAdapter",
+    "zimage": "tuneline.models.zimage:ZImageAdapter",
     "autoencoder_kl": "tuneline.models.autoencoder:AutoencoderAdapter",
 }
 
