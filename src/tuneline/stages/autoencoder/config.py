@@ -15,8 +15,10 @@ from tuneline.train.config import CheckpointConfig, EmaConfig, OptimizerConfig, 
 class DiscriminatorConfig(Section):
     """The PatchGAN discriminator and its optimization unit."""
 
+    # Half of the default run (num_steps 1000): reconstruction settles first, then the GAN refines.
+    # (It was 2000, so a default run never trained or used the discriminator.)
     start: int = Field(
-        2000, ge=0, description="disc_start: the discriminator steps, and the GAN loss counts, only after this step.")
+        500, ge=0, description="disc_start: the discriminator steps, and the GAN loss counts, only after this step.")
     every: int = Field(3, ge=1, description="disc_every: step the discriminator every N optimizer steps.")
     weight: float = Field(0.5, ge=0, description="disc_weight: factor on the adaptive weight of the GAN loss.")
     loss: Literal["hinge", "vanilla"] = Field("hinge", description="Discriminator loss: hinge or vanilla (BCE).")
@@ -47,7 +49,8 @@ class AutoencoderConfig(Section):
         "no", description="Autocast precision; fp16 uses a gradient scaler.")
     max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Gradient clipping of the autoencoder; null: none.")
     reconstruction: Literal["l1", "l2"] = Field("l1", description="Pixel reconstruction loss.")
-    kl_weight: float = Field(1e-6, ge=0, description="Weight of the KL term (full mode; the posterior of the encoder).")
+    kl_weight: float = Field(1e-6, ge=0, description="Weight of the KL term (full mode), on LDM's scale: KL summed "
+                             "over the latent against the reconstruction summed over the pixels, per image.")
     perceptual: Literal["none", "lpips"] = Field(
         "none", description="Perceptual loss: lpips (the `lpips` package, only with its weights present locally; "
         "never downloaded) or none.")
