@@ -45,8 +45,12 @@ class AutoencoderConfig(Section):
     num_epochs: Optional[int] = Field(None, ge=1, description="Stop after this many epochs (when num_steps is null).")
     lr: float = Field(1e-5, gt=0, description="Learning rate of the autoencoder.")
     gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    mixed_precision: Annotated[Literal["no", "fp16", "bf16"], BeforeValidator(_yaml_no)] = Field(
-        "no", description="Autocast precision; fp16 uses a gradient scaler.")
+    # No fp16: accelerate's GradScaler wrapper updates the scale inside every optimizer's step and
+    # unscales every optimizer when one unit clips, which is wrong with two optimizers stepping on one
+    # scaled backward (and the SDXL VAE overflows in fp16 anyway). bf16 needs no scaler.
+    mixed_precision: Annotated[Literal["no", "bf16"], BeforeValidator(_yaml_no)] = Field(
+        "no", description="Autocast precision: no or bf16 (fp16 is not offered: two optimizers under one "
+        "gradient scaler, and the SDXL VAE overflows in fp16).")
     max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Gradient clipping of the autoencoder; null: none.")
     reconstruction: Literal["l1", "l2"] = Field("l1", description="Pixel reconstruction loss.")
     kl_weight: float = Field(1e-6, ge=0, description="Weight of the KL term (full mode), on LDM's scale: KL summed "
