@@ -17,7 +17,7 @@ from conftest import save_photo
 from test_flows import prefect_env  # noqa: F401  (autouse: ephemeral Prefect, one PREFECT_HOME per session)
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("models", "ingest", "bucket", "caption", "latents", "train", "render", "export")
+STAGES = ("models", "ingest", "bucket", "autoencoder", "caption", "latents", "train", "render", "export")
 
 
 def metrics(root: Path, stage: str) -> dict:
@@ -104,8 +104,8 @@ def test_dvc_repro_runs_the_demo_and_reruns_only_what_changed(tmp_path):
     first_flow_s = time.monotonic() - started
     assert not any(result["cached"] for result in stages.values())
     done = {stage: (result["report"]["computed"], result["report"]["items"]) for stage, result in stages.items()}
-    assert done == {"models": (0, 2), "ingest": (0, 14), "bucket": (0, 14), "caption": (0, 14), "latents": (0, 14),
-                    "train": (0, 4), "render": (0, 9), "export": (0, 1)}, done
+    assert done == {"models": (0, 2), "ingest": (0, 14), "bucket": (0, 14), "autoencoder": (0, 0), "caption": (0, 14),
+                    "latents": (0, 14), "train": (0, 4), "render": (0, 9), "export": (0, 1)}, done
     assert stages["train"]["report"]["reused"] == 4  # 0 steps trained, 4 done before
     assert (stages["render"]["report"]["base_rendered"], stages["render"]["report"]["final_rendered"]) == (0, 0)
     after = tracked_files(tmp_path)
@@ -183,3 +183,25 @@ def test_dvc_repro_runs_the_demo_and_reruns_only_what_changed(tmp_path):
         assert f"Running stage '{stage}'" in out
         assert run_report(tmp_path, stage)["computed"] == 0, stage
         assert run_report(tmp_path, stage)["reused"] + run_report(tmp_path, stage).get("given", 0) == 15, stage
+
+    # The autoencoder stage, enabled: it trains the VAE, and latents (which now encode with it)
+    # recompute every item, because the VAE's identity is in the latent key; nothing upstream runs.
+    document = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    document["autoencoder"].update(enabled=True, num_steps=2, crop_size=64, batch_size=2, eval_every=2,
+                                   discriminator={"start": 0, "every": 1, "channels": 8, "layers": 2})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
+    out = dvc(tmp_path, "repro", "latents")
+    assert [line for line in out.splitlines() if "Running stage" in line] == [
+        "Running stage 'models':", "Running stage 'autoencoder':", "Running stage 'latents':"]
+    assert metrics(tmp_path, "autoencoder")["enabled"] == 1 and metrics(tmp_path, "autoencoder")["steps"] == 2
+    assert (tmp_path / "models/autoencoder/sheets/shapes.png").is_file()
+    assert (run_report(tmp_path, "latents")["computed"], run_report(tmp_path, "latents")["reused"]) == (15, 0)
+    assert json.loads((tmp_path / "data/latents/latents.json").read_text())["vae"] == "models/autoencoder"
+    # Off again: the no-op's output is the one DVC saw before, so DVC restores the base VAE's latents
+    # from its run cache without running the stage.
+    document["autoencoder"]["enabled"] = False
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
+    out = dvc(tmp_path, "repro", "latents")
+    assert "Running stage 'autoencoder'" in out and "Running stage 'latents'" not in out
+    assert "Stage 'latents' is cached - skipping run, checking out outputs" in out
+    assert json.loads((tmp_path / "data/latents/latents.json").read_text())["vae"] == "tiny-sdxl"

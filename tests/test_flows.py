@@ -23,7 +23,7 @@ import yaml
 from conftest import save_photo
 
 REPO = Path(__file__).resolve().parents[1]
-FLOW_STAGES = ("models", "ingest", "bucket", "caption", "latents", "train")
+FLOW_STAGES = ("models", "ingest", "bucket", "autoencoder", "caption", "latents", "train")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -368,8 +368,8 @@ def test_flow_caches_cancels_resumes_and_reruns_only_what_changed(tmp_path):
     resumed = pipeline(root=str(root), overrides={"train.num_steps": stopped_at + 1})
     cached = {stage: result["cached"] for stage, result in resumed["stages"].items()}
     # `models` runs every time (always_changed: it notices a model replaced in place).
-    assert cached == {"models": False, "ingest": True, "bucket": True, "caption": True, "latents": True,
-                      "train": False}
+    assert cached == {"models": False, "ingest": True, "bucket": True, "autoencoder": True, "caption": True,
+                      "latents": True, "train": False}
     assert (run_report(root, "train")["reused"], run_report(root, "train")["computed"]) == (stopped_at, 1)
 
     # 3. Unchanged: every task is a cache hit and no stage process starts; no (empty) MLflow run.
@@ -404,8 +404,9 @@ def test_flow_caches_cancels_resumes_and_reruns_only_what_changed(tmp_path):
     assert [m.step for m in client.get_metric_history(train_run.info.run_id, "loss")][-1] == stopped_at + 1
     assert all(r.data.tags.get("tuneline.raw_data_digest") for r in parents)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == changed["parent_run_id"]]
-    # `models` runs on every repro and keeps no MLflow run (importing mlflow would cost it seconds).
-    assert sorted(r.data.tags["tuneline.stage"] for r in children) == sorted(set(FLOW_STAGES) - {"models"})
+    # `models` runs on every repro and keeps no MLflow run (importing mlflow would cost it seconds);
+    # neither does the disabled autoencoder stage, which records nothing.
+    assert sorted(r.data.tags["tuneline.stage"] for r in children) == sorted(set(FLOW_STAGES) - {"models", "autoencoder"})
 
     # 5. A rename: ingest and bucket run (computing nothing); their outputs are the same, so every
     #    later task is a cache hit.
@@ -413,8 +414,8 @@ def test_flow_caches_cancels_resumes_and_reruns_only_what_changed(tmp_path):
     photo.rename(photo.with_name("renamed_photo.jpg"))
     renamed = pipeline(root=str(root), overrides={"train.num_steps": 1})
     cached = {stage: result["cached"] for stage, result in renamed["stages"].items()}
-    assert cached == {"models": False, "ingest": False, "bucket": False, "caption": True, "latents": True,
-                      "train": True}
+    assert cached == {"models": False, "ingest": False, "bucket": False, "autoencoder": True, "caption": True,
+                      "latents": True, "train": True}
     assert (run_report(root, "ingest")["computed"], run_report(root, "bucket")["computed"]) == (0, 0)
 
     # 6. A model replaced in place (same path, new weights): the latents recompute, all 15.

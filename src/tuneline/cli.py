@@ -41,7 +41,7 @@ def _run_tracked(stage: str, params, root: Path, options: dict):
     run_name = f"{stage} shard {shard[0]}/{shard[1]}" if shard else stage
     with Tracker.start(params.tracking, root, run_name=run_name, stage=stage, is_main_process=is_main) as tracker:
         section = getattr(params, stage, None)
-        if section is not None and stage != "train":  # the trainer logs its own, richer set
+        if section is not None and not entry.trains:  # a training stage logs its own, richer set
             tracker.log_params({stage: section, "datasets": [d.model_dump(mode="json") for d in params.datasets]})
         try:
             report = entry.run(params, root, tracker, **options)
@@ -71,7 +71,7 @@ def _output_lock(stage: str, root: Path, options: dict):
     if options.get("shard") or os.environ.get("RANK", "0") != "0":
         return contextlib.nullcontext()
     return exclusive(Path(root) / layout.LOCKS / f"{stage}.lock", f"stage {stage} of {Path(root).resolve()}",
-                     wait=stage != "train", on_wait=lambda text: console.print(text, markup=False, soft_wrap=True))
+                     wait=not registry.stage(stage).trains, on_wait=lambda text: console.print(text, markup=False, soft_wrap=True))
 
 
 def run_stage(stage: str, params_path: Path, root: Path, options: dict | None = None) -> int:

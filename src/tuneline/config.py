@@ -19,6 +19,7 @@ from tuneline.core.fsutil import safe_name
 from tuneline.core.params import Section, read_params_file, validate_model
 from tuneline.core.tracking.config import TrackingConfig
 from tuneline.stages.models.config import ModelConfig
+from tuneline.stages.autoencoder.config import AutoencoderConfig
 from tuneline.stages.bucket.config import BucketConfig, BucketOverrides, BucketSettings
 from tuneline.stages.caption.config import CaptionConfig
 from tuneline.stages.export.config import ExportConfig
@@ -66,6 +67,7 @@ class Params(Section):
     ingest: IngestConfig = Field(default_factory=IngestConfig, description="Stage ingest.")
     bucket: BucketConfig = Field(default_factory=BucketConfig, description="Stage bucket.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
+    autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig, description="Stage autoencoder.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Stage train.")
     export: ExportConfig = Field(default_factory=ExportConfig, description="Stage export.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")

@@ -18,7 +18,7 @@ from tuneline.core.params import ParamsError
 
 # Stages that read each kind of reference; `tuneline check` runs every check.
 _DATASET_STAGES = {"ingest", "check"}
-_MODEL_STAGES = {"latents", "train", "render", "export", "check"}
+_MODEL_STAGES = {"autoencoder", "latents", "train", "render", "export", "check"}
 _CAPTION_STAGES = {"caption", "check"}
 _HUB_TIMEOUT_S = 5.0
 

@@ -7,6 +7,8 @@ RAW = "data/raw"
 MODEL_IDENTITY = "models/identity"
 INGESTED = "data/ingested"
 BUCKETED = "data/bucketed"
+# The autoencoder stage's fine-tuned VAE (a diffusers AutoencoderKL folder), or its disabled record.
+AUTOENCODER = "models/autoencoder"
 CAPTIONED = "data/captioned"
 LATENTS = "data/latents"
 TRAINED = "models/train"
@@ -15,6 +17,7 @@ EXPORT = "export"
 METRICS = "metrics"
 # Persistent, outside DVC's cache: a rerun after an interruption resumes from here.
 CHECKPOINTS = "checkpoints/train"
+AUTOENCODER_CHECKPOINTS = "checkpoints/autoencoder"
 # In each run's checkpoint folder <CHECKPOINTS>/<run key>/: the sessions that trained it (wall-clock
 # times, MLflow run ids), which must not go into DVC's outputs (the same weights, other bytes).
 TRAIN_RUN_RECORD = "run.json"

@@ -19,7 +19,7 @@ from tuneline.core.logs import quiet_libraries
 from tuneline.core.params import ParamsError
 from tuneline.core.tensorfile import canonicalize
 from tuneline.stages.models.config import ModelConfig
-from tuneline.models.loading import _base_location, host_to_device, load_text_encoders
+from tuneline.models.loading import _base_location, host_to_device, load_text_encoders, load_vae
 from tuneline.models.sdxl_text import MAX_TOKENS, conditioning_layers, encode_prompts
 from tuneline.stages.train.config import TrainConfig
 from tuneline.train.loss import loss_weights, per_sample_mse, snr_of
@@ -346,6 +346,8 @@ class SDXLAdapter:
         base = _base_location(self.model_config, self.root)
         kwargs = {"revision": self.model_config.revision} if isinstance(base, str) and self.model_config.revision else {}
         replaced = {keyword: modules[name] for name, keyword in DIFFUSERS_NAMES.items() if self.mode_of(name) == "full"}
+        if self.model_config.vae:  # the VAE the latents were made with (e.g. the autoencoder stage's), not base's
+            replaced["vae"] = load_vae(self.model_config, self.root, "fp32", "cpu")
         pipeline = StableDiffusionXLPipeline.from_pretrained(base, **kwargs, **replaced)
         settings = inference_scheduler_settings(self.prediction_type, self.config.zero_terminal_snr)
         pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config, **settings)

@@ -23,6 +23,8 @@ class Stage:
     gpu: bool = False  # wants an accelerator (Prefect's "gpu" concurrency tag)
     shardable: bool = False  # missing items can be computed by several workers (`--shard I/N`)
     tracked: bool = True  # an MLflow run of its own (not for `models`: a check that runs on every repro)
+    trains: bool = False  # runs the trainer core: logs its own params, refuses a second writer, resumes
+    uses_vae: bool = False  # encodes or decodes: gets the autoencoder stage's VAE when that stage is on
 
     @property
     def module(self) -> str:
@@ -31,6 +33,10 @@ class Stage:
     def run(self, params: Any, root: Path, tracker: Any = None, **options: Any) -> Any:
         """Call `tuneline.stages.<name>.stage.run` on the project layout; returns its StageReport."""
         root = Path(root)
+        if self.uses_vae:
+            from tuneline.stages.autoencoder import with_trained_vae
+
+            params = with_trained_vae(params, root)
         run = importlib.import_module(self.module).run
         folders = [root / folder for folder in (*self.reads, self.writes)]
         return run(params, root, *folders, root / layout.METRICS, tracker=tracker, **options)
@@ -40,11 +46,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("models", (), layout.MODEL_IDENTITY, tracked=False),
     Stage("ingest", (), layout.INGESTED),
     Stage("bucket", (layout.INGESTED,), layout.BUCKETED),
+    Stage("autoencoder", (layout.BUCKETED,), layout.AUTOENCODER, gpu=True, trains=True),
     Stage("caption", (layout.BUCKETED,), layout.CAPTIONED, gpu=True, shardable=True),
-    Stage("latents", (layout.CAPTIONED,), layout.LATENTS, gpu=True, shardable=True),
-    Stage("train", (layout.LATENTS,), layout.TRAINED, gpu=True),
-    Stage("render", (layout.TRAINED,), layout.RENDERS, gpu=True),
-    Stage("export", (layout.TRAINED, layout.RENDERS), layout.EXPORT),
+    Stage("latents", (layout.CAPTIONED,), layout.LATENTS, gpu=True, shardable=True, uses_vae=True),
+    Stage("train", (layout.LATENTS,), layout.TRAINED, gpu=True, trains=True, uses_vae=True),
+    Stage("render", (layout.TRAINED,), layout.RENDERS, gpu=True, uses_vae=True),
+    Stage("export", (layout.TRAINED, layout.RENDERS), layout.EXPORT, uses_vae=True),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(stage.name for stage in STAGES)
 

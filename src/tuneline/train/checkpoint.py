@@ -149,13 +149,14 @@ def read_state(folder: Path) -> dict[str, Any]:
     return json.loads((Path(folder) / STATE_FILE).read_text("utf-8"))
 
 
-def compare_configs(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
+def compare_configs(saved: dict[str, Any], current: dict[str, Any],
+                    section: str = "train") -> tuple[list[str], list[str]]:
     """(changes that are safe, changes that are not) between two dumped train configs."""
     safe, unsafe = [], []
     for key in sorted(set(saved) | set(current)):
         if key not in saved and key in SAFE_TO_CHANGE:
             continue  # a speed setting added after the checkpoint was written: nothing changed
         if saved.get(key) != current.get(key):
-            line = f"train.{key}: {saved.get(key)!r} -> {current.get(key)!r}"
+            line = f"{section}.{key}: {saved.get(key)!r} -> {current.get(key)!r}"
             (safe if key in SAFE_TO_CHANGE else unsafe).append(line)
     return safe, unsafe

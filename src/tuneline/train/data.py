@@ -60,6 +60,9 @@ class LatentData:
     def sample_refs(self) -> list[SampleRef]:
         return [SampleRef(item.index, item.bucket, item.repeats) for item in self.items]
 
+    def batch_size_for(self, bucket: tuple[int, int]) -> int:
+        return self.params.bucket.batch_size_for(bucket)
+
     def batching(self) -> dict[str, int]:
         """Batch size of every bucket trained on: with the seed and the items, it fixes the batch sequence."""
         buckets = sorted({item.bucket for item in self.items})

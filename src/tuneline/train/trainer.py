@@ -4,10 +4,13 @@
     trainer.setup()          # load, prepare, resume from this run's latest checkpoint if any
     result = trainer.fit()   # train_step until num_steps / num_epochs or a stop signal
 
-The model family lives behind the adapter (tuneline.models.sdxl.SDXLAdapter): it loads
-the modules, names the trained ones and their parameter groups, and computes the loss.
-Optimization is a list of units (optimizer + LR schedule over some parameter groups);
-SDXL has one, a GAN-style model adds a second with its own loss, not a rewrite.
+The model family lives behind the adapter (looked up by family in tuneline.models.registry):
+it loads the modules, names the trained ones and their parameter groups, and computes the loss.
+Optimization is a list of units (optimizer + LR schedule over some parameter groups, stepped
+every N steps after step S, with its own loss, clipping and grad norm). SDXL has one unit
+("model", from `train`); an adapter with `optimization_units()` declares several (the
+autoencoder: the VAE and its discriminator) and computes their losses in `unit_losses()`.
+The data source and the config section are arguments too (default: the latents and `train`).
 """
 
 from __future__ import annotations
@@ -44,12 +47,36 @@ class StopRequested(RuntimeError):
 
 @dataclass
 class OptimizationUnit:
-    """One optimizer with its LR schedule and the parameter groups it steps."""
+    """One optimizer with its LR schedule and the parameter groups it steps.
+
+    It steps at optimizer step s (1-based) when s > start_step and s % every == 0; its gradients
+    come from its own loss only (backward with `inputs=` its parameters), clipped to its own norm.
+    """
 
     name: str
     optimizer: Any
     scheduler: Any
     parameters: list[Any]
+    every: int = 1
+    start_step: int = 0
+    max_grad_norm: float | None = None
+
+    def due(self, step: int) -> bool:
+        return step > self.start_step and step % self.every == 0
+
+
+def steps_due(total_steps: int, every: int, start_step: int) -> int:
+    """How many of steps 1..total_steps a unit with `every` / `start_step` steps at: its schedule's length."""
+    return max(0, total_steps // every - min(start_step, total_steps) // every)
+
+
+@dataclass
+class UnitResult:
+    """One unit's part of a step: loss and grad norm as device tensors (None: not due this step)."""
+
+    loss_value: Any
+    grad_norm_value: Any
+    stepped: bool
 
 
 @dataclass
@@ -63,6 +90,18 @@ class StepResult:
     samples: int = 0  # samples in this step, all processes
     skipped: bool = False  # fp16: the scaler found inf gradients and skipped the update
     extra_values: dict[str, Any] = field(default_factory=dict)
+    units: dict[str, UnitResult] = field(default_factory=dict)
+
+    def unit_numbers(self) -> dict[str, float]:
+        """`<unit>/loss`, `<unit>/grad_norm` and `<unit>/stepped` of every unit (host syncs)."""
+        numbers: dict[str, float] = {}
+        for name, unit in self.units.items():
+            numbers[f"{name}/stepped"] = float(unit.stepped)
+            if unit.loss_value is not None:
+                numbers[f"{name}/loss"] = float(unit.loss_value)
+            if unit.grad_norm_value is not None:
+                numbers[f"{name}/grad_norm"] = float(unit.grad_norm_value)
+        return numbers
 
     @property
     def loss(self) -> float:
@@ -120,15 +159,18 @@ class NonFiniteGuard:
 class Trainer:
     def __init__(self, params: Params, root: Path, latents_dir: Path, checkpoint_root: Path, adapter: Any,
                  tracker: Any = None, resume_from: Path | None = None, live_eval: Any = None,
-                 live_every: int = 0) -> None:
+                 live_every: int = 0, config: Any = None, data: Any = None, section: str = "train") -> None:
         self.params = params
-        self.config = params.train
+        # The config section the core reads (seed, steps, precision, optimizer, schedule, EMA,
+        # checkpoints) and the data source (digest, batching, batch): `train` and the latents by default.
+        self.config = config if config is not None else params.train
+        self.section = section
         self.root = Path(root)
         self.checkpoint_root = Path(checkpoint_root)
         self.resume_from = Path(resume_from) if resume_from else None
         self.adapter = adapter
         self.tracker = tracker
-        self.data = LatentData(params, latents_dir)
+        self.data = data if data is not None else LatentData(params, latents_dir)
         self.data_digest = self.data.digest()
         self.stop_signal: int | None = None
         # live_eval(trainer) renders samples every live_every steps (main process); it must leave
@@ -168,26 +210,43 @@ class Trainer:
         self.adapter.load(conditioning_cached=self.data.text_cache)
         self.adapter.setup_training()
         modules = self.adapter.trained_modules()
-        if config.channels_last:
+        if getattr(config, "channels_last", False):
             for module in modules.values():
                 module.to(memory_format=torch.channels_last)
         groups = self.adapter.param_groups(modules)
         self.parameters = [p for group in groups for p in group["params"]]
-        self.sampler = BucketBatchSampler(self.data.sample_refs(), self.params.bucket.batch_size_for, self.seed,
+        self.sampler = BucketBatchSampler(self.data.sample_refs(), self.data.batch_size_for, self.seed,
                                           self.accelerator.num_processes, self.accelerator.process_index)
         self.batches_per_epoch = len(self.sampler)
         self.total_steps = self._total_steps()
-        optimizer = build_optimizer(config.optimizer, groups, self.accelerator.device.type)
-        scheduler = build_scheduler(optimizer, config.schedule, self.total_steps)
+        # One unit from the config section, unless the adapter declares its own (several optimizers).
+        if hasattr(self.adapter, "optimization_units"):
+            specs = self.adapter.optimization_units(modules)
+        else:
+            specs = [{"name": "model", "groups": groups, "optimizer": config.optimizer, "schedule": config.schedule,
+                      "max_grad_norm": config.max_grad_norm}]
+        optimizers, schedulers = [], []
+        for spec in specs:
+            check_optimizer_available(spec["optimizer"], self.accelerator.device.type)
+            optimizer = build_optimizer(spec["optimizer"], spec["groups"], self.accelerator.device.type)
+            optimizers.append(optimizer)
+            schedulers.append(build_scheduler(optimizer, spec["schedule"], max(1, steps_due(
+                self.total_steps, spec.get("every", 1), spec.get("start_step", 0)))))
         names = list(modules)
-        prepared = self.accelerator.prepare(*modules.values(), optimizer)
-        self.modules = dict(zip(names, prepared[:-1]))
+        prepared = self.accelerator.prepare(*modules.values(), *optimizers)
+        self.modules = dict(zip(names, prepared[:len(names)]))
         for name, module in self.adapter.frozen_modules().items():
             module.to(self.accelerator.device)
-        if config.compile:
+        if getattr(config, "compile", False):
             self.modules["unet"] = compile_module(self.modules["unet"], config.compile_scope, self.accelerator)
-        self.units = [OptimizationUnit("model", prepared[-1], scheduler, self.parameters)]
-        self.ema = EMA(self._named_trained_parameters(), config.ema) if config.ema.enabled else None
+        self.units = [OptimizationUnit(spec["name"], optimizer, scheduler,
+                                       [p for group in spec["groups"] for p in group["params"]],
+                                       spec.get("every", 1), spec.get("start_step", 0), spec.get("max_grad_norm"))
+                      for spec, optimizer, scheduler in zip(specs, prepared[len(names):], schedulers)]
+        # EMA over the modules the adapter names (the autoencoder, not its discriminator), default all.
+        ema_modules = getattr(self.adapter, "ema_modules", None)
+        self.ema = (EMA(self._named_trained_parameters(ema_modules() if ema_modules else None), config.ema)
+                    if config.ema.enabled else None)
         self.random = TrainRandom(self.seed, self.accelerator.process_index, self.accelerator.device)
         self.state = TrainState(seed=self.seed)
         found, note = (self.resume_from, None) if self.resume_from else checkpoint.find_latest(self.checkpoint_dir)
@@ -226,8 +285,8 @@ class Trainer:
         steps_per_epoch = max(1, self.batches_per_epoch // self.config.gradient_accumulation)
         return self.config.num_epochs * steps_per_epoch
 
-    def _named_trained_parameters(self) -> list[tuple[str, Any]]:
-        return [(f"{name}.{pname}", p) for name, module in self.modules.items()
+    def _named_trained_parameters(self, names: Any = None) -> list[tuple[str, Any]]:
+        return [(f"{name}.{pname}", p) for name, module in self.modules.items() if names is None or name in names
                 for pname, p in self.accelerator.unwrap_model(module).named_parameters() if p.requires_grad]
 
     # --- one optimizer step ---------------------------------------------------------------
@@ -245,22 +304,30 @@ class Trainer:
         return chosen
 
     def train_step(self, micro_batches: list[list[int]], sync: bool = True) -> StepResult:
-        """Forward + backward over the micro-batches, then one clipped optimizer step per unit.
+        """Forward + backward over the micro-batches, then one clipped optimizer step per due unit.
 
         Nothing here waits for the GPU: the loss, grad norm and finiteness stay on the device.
         With `sync` (the default) the step ends by checking the loss and raises TrainingDiverged
         before the optimizer steps on a NaN/Inf; fit() passes sync=False and checks on the steps
         that log, save or render (see NonFiniteGuard).
+
+        One unit: `adapter.loss` and a plain backward (the SDXL path). Several: `adapter.unit_losses`
+        returns a loss per unit; each due unit's loss is backpropagated into its own parameters only
+        (`inputs=`), so one unit's loss never leaks gradients into another's (the GAN loss of the
+        autoencoder into the discriminator). The first unit's loss is the step's loss.
         """
         import torch
 
         accelerator = self.accelerator
-        unit = self.units[0]
         for module in self.modules.values():
             if not _in_train_mode(module):
                 module.train()
         step = self.state.step + 1
-        total_loss: Any = None
+        single = len(self.units) == 1
+        due = [unit for unit in self.units if unit.due(step)]
+        due_names = {unit.name for unit in due}
+        main = self.units[0].name
+        unit_losses: dict[str, Any] = {}
         finite: Any = None
         samples = 0
         extra: dict[str, Any] = {}
@@ -270,36 +337,61 @@ class Trainer:
             ids.extend(batch["ids"])
             last = i == len(micro_batches) - 1
             with _no_sync(accelerator, self.modules.values(), enabled=not last), accelerator.autocast():
-                loss, extra = self.adapter.loss(self.modules, batch, self.random.torch, self.state.step)
-            detached = loss.detach().float()
-            ok = torch.isfinite(detached)
-            finite = ok if finite is None else finite & ok
-            accelerator.backward(loss / len(micro_batches))
-            part = detached / len(micro_batches)
-            total_loss = part if total_loss is None else total_loss + part
+                if single:
+                    loss, extra = self.adapter.loss(self.modules, batch, self.random.torch, self.state.step)
+                    losses = {main: loss}
+                else:
+                    losses, extra = self.adapter.unit_losses(self.modules, batch, self.random.torch, self.state.step,
+                                                             [unit.name for unit in due])
+            for name, loss in losses.items():
+                detached = loss.detach().float()
+                ok = torch.isfinite(detached)
+                finite = ok if finite is None else finite & ok
+                part = detached / len(micro_batches)
+                unit_losses[name] = part if name not in unit_losses else unit_losses[name] + part
+            if single:
+                accelerator.backward(losses[main] / len(micro_batches))
+            else:
+                for k, unit in enumerate(due):
+                    accelerator.backward(losses[unit.name] / len(micro_batches), inputs=unit.parameters,
+                                         retain_graph=k < len(due) - 1)
             self.state.micro_step += 1
             samples += len(indices) * accelerator.num_processes
+        total_loss = unit_losses[main]
         if accelerator.num_processes > 1:
             # Every process must agree before anyone steps on a poisoned gradient (a collective, no host sync).
             finite = accelerator.reduce(finite.float(), "min") > 0
-            total_loss = accelerator.reduce(total_loss, "mean")
+            unit_losses = {name: accelerator.reduce(value, "mean") for name, value in unit_losses.items()}
+            total_loss = unit_losses[main]
         self.guard.record(step, total_loss, finite, ids)
         if sync:
             self.check_finite()
         self.state.samples_seen += samples
-        grad_norm = None
-        if self.config.max_grad_norm is not None:
-            grad_norm = accelerator.clip_grad_norm_(unit.parameters, self.config.max_grad_norm)
-        unit.optimizer.step()
-        skipped = bool(getattr(unit.optimizer, "step_was_skipped", False))
-        if not skipped:
-            unit.scheduler.step()
-        unit.optimizer.zero_grad(set_to_none=True)
+        results: dict[str, UnitResult] = {}
+        skipped = False
+        for unit in self.units:
+            if unit.name not in due_names:
+                results[unit.name] = UnitResult(unit_losses.get(unit.name), None, False)
+                continue
+            grad_norm = None
+            if unit.max_grad_norm is not None:
+                grad_norm = accelerator.clip_grad_norm_(unit.parameters, unit.max_grad_norm)
+            unit.optimizer.step()
+            unit_skipped = bool(getattr(unit.optimizer, "step_was_skipped", False))
+            if not unit_skipped:
+                unit.scheduler.step()
+            unit.optimizer.zero_grad(set_to_none=True)
+            skipped = skipped or (unit.name == main and unit_skipped)
+            results[unit.name] = UnitResult(unit_losses.get(unit.name), grad_norm, not unit_skipped)
         self.state.step += 1
         if self.ema is not None:
             self.ema.update(self.state.step)
-        lrs = {group.get("name", str(k)): group["lr"] for k, group in enumerate(unit.optimizer.param_groups)}
-        return StepResult(total_loss, grad_norm, lrs, samples, skipped, extra)
+        lrs = {}
+        for unit in self.units:
+            for k, group in enumerate(unit.optimizer.param_groups):
+                name = group.get("name", str(k))
+                lrs[name if single else f"{unit.name}.{name}"] = group["lr"]
+        return StepResult(total_loss, results[main].grad_norm_value, lrs, samples, skipped, extra, results)
 
     def check_finite(self) -> None:
         """Raise TrainingDiverged if a loss since the last check was NaN/Inf (one host sync)."""
@@ -321,7 +413,12 @@ class Trainer:
         with torch.no_grad(), self.accelerator.autocast():
             for indices in self.sampler.all_batches(epoch=0):
                 batch = self.data.batch(indices, generator, python_rng, self.accelerator.device)
-                loss, _ = self.adapter.loss(self.modules, batch, generator, self.state.step)
+                if len(self.units) == 1:
+                    loss, _ = self.adapter.loss(self.modules, batch, generator, self.state.step)
+                else:
+                    losses, _ = self.adapter.unit_losses(self.modules, batch, generator, self.state.step,
+                                                         [self.units[0].name])
+                    loss = losses[self.units[0].name]
                 total += float(loss) * len(indices)
                 count += len(indices)
         return total / count
@@ -370,7 +467,8 @@ class Trainer:
         from safetensors.torch import load_file
 
         saved = checkpoint.read_state(folder)
-        safe, unsafe = checkpoint.compare_configs(saved["train_config"], self.config.model_dump(mode="json"))
+        safe, unsafe = checkpoint.compare_configs(saved["train_config"], self.config.model_dump(mode="json"),
+                                                  self.section)
         if saved["model"] != self.params.model.model_dump(mode="json"):
             unsafe.append(f"model: {saved['model']} -> {self.params.model.model_dump(mode='json')}")
         if saved.get("model_identity", self.model_identity) != self.model_identity:
@@ -439,7 +537,7 @@ class Trainer:
         for message in self.messages:
             accelerator.print(message)
         bar = tqdm(total=self.total_steps if self.config.num_steps else None, initial=self.state.step,
-                   disable=not accelerator.is_local_main_process, desc="train", dynamic_ncols=True)
+                   disable=not accelerator.is_local_main_process, desc=self.section, dynamic_ncols=True)
         session_start, session_steps, last = time.perf_counter(), 0, None
         try:
             while not self._done():
@@ -494,16 +592,19 @@ class Trainer:
         if self.accelerator.is_local_main_process:
             print(f"\nsignal {signum}: finishing this step, then saving a checkpoint", flush=True)
 
-    def save_outputs(self, out_dir: Path) -> Path | None:
+    def save_outputs(self, out_dir: Path, only_ema: bool = False) -> Path | None:
         """The trained result in diffusers format, main process only; with EMA on, the EMA
-        weights also go to `out_dir/ema` in the same layout (render and export choose)."""
+        weights also go to `out_dir/ema` in the same layout (render and export choose), or,
+        with `only_ema`, are the only weights written (a stage whose output is the weights to use)."""
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return None
         unwrapped = {name: self.accelerator.unwrap_model(m) for name, m in self.modules.items()}
         if self.ema is not None:
             with self.ema.swap():
-                self.adapter.save(unwrapped, Path(out_dir) / "ema")
+                saved = self.adapter.save(unwrapped, Path(out_dir) if only_ema else Path(out_dir) / "ema")
+            if only_ema:
+                return saved
         return self.adapter.save(unwrapped, out_dir)
 
 

@@ -2,7 +2,7 @@
 
 - kohya_lora: a LoRA in kohya's layout (ComfyUI, A1111, kohya sd-scripts)
 - sgm_unet: diffusers UNet module names -> the original (SGM) block names
-- single_file: a full pipeline as one single-file SDXL checkpoint (original layout)
+- single_file: a full pipeline as one single-file SDXL checkpoint (original layout), and a VAE alone (export.vae)
 - metadata: ss_*, modelspec.* and provenance header entries
 - stage: the stage function (files, model card, copies)
 

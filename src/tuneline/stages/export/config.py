@@ -26,3 +26,7 @@ class ExportConfig(Section):
     use_ema: bool = Field(True, description="Export the EMA weights when the run kept them (train.ema.enabled).")
     samples: int = Field(4, ge=0, description="Sample images from the render stage put in the model card.")
     author: Optional[str] = Field(None, description="Author named in the model card and metadata.")
+    vae: bool = Field(
+        False, description="Also write the pipeline's VAE (model.vae, i.e. models/autoencoder when the autoencoder "
+        "stage is enabled; else the base model's) as `<name>_vae.safetensors`, a standalone VAE in the original "
+        "(ldm) layout that ComfyUI's Load VAE node and A1111's models/VAE read. Not copied to copy_to.")

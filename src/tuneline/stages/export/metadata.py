@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 SDXL_ARCHITECTURE = "stable-diffusion-xl-v1-base"
+VAE_ARCHITECTURE = f"{SDXL_ARCHITECTURE}/vae"
 SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
 MODELSPEC_VERSION = "1.0.1"
 PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v", "v": "v"}
@@ -28,14 +29,16 @@ def modelspec_metadata(
     architecture: str,
     title: str,
     resolution: tuple[int, int] = (1024, 1024),
-    prediction_type: str = "epsilon",
+    prediction_type: str | None = "epsilon",
     trigger_phrase: str | None = None,
     date: _dt.datetime | str | None = None,
     description: str | None = None,
     implementation_version: str | None = None,
 ) -> dict[str, str]:
-    """SAI model spec 1.0.1 keys, as kohya sd-scripts writes them (ComfyUI / A1111 / SAI tooling read them)."""
-    if prediction_type not in PREDICTION_TYPES:
+    """SAI model spec 1.0.1 keys, as kohya sd-scripts writes them (ComfyUI / A1111 / SAI tooling read them).
+
+    `prediction_type` None: no such key (a VAE predicts no noise)."""
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type={prediction_type!r}; expected one of {sorted(PREDICTION_TYPES)}")
     width, height = resolution
     meta = {
@@ -44,8 +47,9 @@ def modelspec_metadata(
         "modelspec.implementation": SGM_IMPLEMENTATION,
         "modelspec.title": title,
         "modelspec.resolution": f"{width}x{height}",
-        "modelspec.prediction_type": PREDICTION_TYPES[prediction_type],
     }
+    if prediction_type is not None:
+        meta["modelspec.prediction_type"] = PREDICTION_TYPES[prediction_type]
     if date is not None:  # never "now": an exported file must not change when its inputs do not
         meta["modelspec.date"] = _iso(date)
     optional = {"trigger_phrase": trigger_phrase, "description": description,
@@ -205,6 +209,33 @@ def checkpoint_metadata(
         code_version=code_version, mlflow_run_id=mlflow_run_id, git_commit=git_commit, git_dirty=git_dirty,
         prediction_type=prediction_type, zero_terminal_snr=zero_terminal_snr, resolution=resolution,
         trigger_phrase=trigger_phrase, date=date, extra=extra)
+
+
+def vae_metadata(
+    *,
+    title: str,
+    data_digest: str,
+    params_digest: str,
+    code_version: str,
+    mlflow_run_id: str | None = None,
+    git_commit: str = "unknown",
+    git_dirty: bool | None = None,
+    resolution: tuple[int, int] = (1024, 1024),
+    description: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
+    """Header of a standalone SDXL VAE file: `modelspec.*` 1.0.1 with the architecture
+    `stable-diffusion-xl-v1-base/vae` (the `<base>/<component>` form sd-scripts uses for its LoRA and
+    ControlNet files), no prediction type, trigger phrase or date (the UNet's training says nothing
+    of the VAE's), and the same provenance as the export's other files."""
+    implementation = f"tuneline/{git_commit if git_commit != 'unknown' else code_version}"
+    meta = modelspec_metadata(architecture=VAE_ARCHITECTURE, title=title, resolution=resolution,
+                              prediction_type=None, description=description, implementation_version=implementation)
+    meta.update(provenance_metadata(data_digest=data_digest, params_digest=params_digest, code_version=code_version,
+                                    mlflow_run_id=mlflow_run_id, git_commit=git_commit, git_dirty=git_dirty))
+    for key, value in (extra or {}).items():
+        meta[str(key)] = str(value)
+    return meta
 
 
 def check_header(metadata: Mapping[str, Any] | None) -> dict[str, str]:

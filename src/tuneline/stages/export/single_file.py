@@ -10,6 +10,10 @@
 Each mapping inverts what diffusers' single-file loader reads (`convert_ldm_unet_checkpoint`,
 `convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`, `convert_open_clip_checkpoint`).
 Every input tensor gets a name or the export raises: nothing is dropped silently.
+
+`vae_to_single_file` writes a VAE alone the way standalone VAE files are (sdxl_vae.safetensors,
+sdxl-vae-fp16-fix): the same ldm names without the `first_stage_model.` prefix, which ComfyUI's
+Load VAE node and A1111's VAE folder read.
 """
 
 from __future__ import annotations
@@ -252,14 +256,17 @@ def _check_against_diffusers_loader(
 
     for name, back in (("unet", convert_ldm_unet_checkpoint(dict(checkpoint), unet_config)),
                        ("vae", convert_ldm_vae_checkpoint(dict(checkpoint), vae_config))):
-        original = weights[name]
-        missing = original.keys() - back.keys()
-        extra = back.keys() - original.keys()
-        wrong = [k for k in original.keys() & back.keys() if back[k] is not None and back[k].shape != original[k].shape]
-        if missing or extra or wrong:
-            raise UnmappedKeyError(
-                f"{name}: diffusers' single-file loader would not read this export back "
-                f"(missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}, wrong shape {wrong[:3]})")
+        _check_round_trip(name, weights[name], back)
+
+
+def _check_round_trip(name: str, original: Mapping[str, Any], back: Mapping[str, Any]) -> None:
+    missing = original.keys() - back.keys()
+    extra = back.keys() - original.keys()
+    wrong = [k for k in original.keys() & back.keys() if back[k] is not None and back[k].shape != original[k].shape]
+    if missing or extra or wrong:
+        raise UnmappedKeyError(
+            f"{name}: diffusers' single-file loader would not read this export back "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}, wrong shape {wrong[:3]})")
 
 
 def pipeline_to_single_file(
@@ -285,6 +292,43 @@ def pipeline_to_single_file(
         key: (value.to(target) if value.is_floating_point() else value).contiguous()
         for key, value in sdxl_to_single_file_state_dict(pipeline_dir).items()
     }
+    out_path = Path(out_path)
+    save_tensors(tensors, out_path, header)
+    return out_path
+
+
+# --- a VAE alone --------------------------------------------------------------------------------
+
+def vae_single_file_state_dict(state_dict: Mapping[str, Any], vae_config: Mapping[str, Any]) -> dict[str, Any]:
+    """An AutoencoderKL's tensors as a standalone VAE file holds them: ldm names (`encoder.down.0.block.0.
+    norm1.weight`, `decoder.mid.attn_1.q.weight` as a 1x1 conv, `quant_conv.*`) with no `first_stage_model.`
+    prefix. Checked against diffusers' single-file VAE loader, which must give back every key and shape."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    tensors = {key.removeprefix(VAE_PREFIX): value for key, value in vae_to_ldm(state_dict, vae_config).items()}
+    _check_round_trip("vae", state_dict, convert_ldm_vae_checkpoint(dict(tensors), dict(vae_config)))
+    return tensors
+
+
+def vae_to_single_file(
+    state_dict: Mapping[str, Any],
+    vae_config: Mapping[str, Any],
+    out_path: Path,
+    dtype: Literal["fp16", "bf16", "fp32"] = "fp16",
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write an AutoencoderKL (its state dict and config) as ONE standalone .safetensors VAE in the ldm
+    layout; floating tensors cast to `dtype`, written atomically with `metadata` and a canonical header."""
+    import torch
+
+    from tuneline.core.tensorfile import save_tensors
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}; expected one of {DTYPES}")
+    header = check_header(metadata)
+    target = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    tensors = {key: (value.to(target) if value.is_floating_point() else value).contiguous()
+               for key, value in vae_single_file_state_dict(state_dict, vae_config).items()}
     out_path = Path(out_path)
     save_tensors(tensors, out_path, header)
     return out_path

@@ -10,6 +10,9 @@ What was trained decides the files (`<name>` is export.name):
   LoRA of the LoRA parts, meant at strength 1 on top of that checkpoint. The LoRA is not merged
   into the checkpoint: in an fp16/bf16 file the rounding would eat much of its update, and two
   files keep every trained tensor as it was trained (and the LoRA strength adjustable).
+- with export.vae: also `<name>_vae.safetensors`, the pipeline's VAE (model.vae: models/autoencoder when
+  the autoencoder stage ran; else the base's vae/) alone, in the ldm layout of standalone VAE files
+  (ComfyUI's Load VAE, A1111's models/VAE).
 
 Every file carries provenance in its header (data digest, params digest, code version with git
 commit and dirty flag, MLflow run), so a file found in a UI folder can be traced back to its
@@ -43,7 +46,7 @@ class ExportedFile:
     """One file of the export: its name, what it is, and which trained components it carries."""
 
     name: str
-    kind: str  # "checkpoint" or "lora"
+    kind: str  # "checkpoint", "lora" or "vae"
     components: list[str]
     description: str
 
@@ -163,6 +166,20 @@ def provenance(common: dict[str, Any]) -> dict[str, str]:
         "data_digest", "params_digest", "code_version", "mlflow_run_id", "git_commit", "git_dirty")})
 
 
+def _vae_file(params: Params, root: Path) -> tuple[ExportedFile, bool]:
+    """The VAE file of export.vae, and whether its VAE is the base model's, unchanged.
+
+    The pipeline's VAE is what every stage loads: model.vae, which the stage runner points at
+    models/autoencoder when the autoencoder stage is enabled; unset, the base model's vae/."""
+    config = params.export
+    base_vae = not params.model.vae
+    what = (f"the base model's VAE (`{params.model.base}` vae/), unchanged" if base_vae
+            else f"the pipeline's VAE (`{params.model.vae}`)")
+    return ExportedFile(f"{config.name}_vae.safetensors", "vae", [],
+                        f"single-file VAE ({config.dtype}, original layout: ComfyUI `models/vae`, A1111 "
+                        f"`models/VAE`): {what}"), base_vae
+
+
 def model_card(params: Params, state: dict[str, Any], trained: TrainConfig, files: list[ExportedFile],
                samples: list[str], samples_note: str | None, common: dict[str, Any]) -> str:
     code_version = common["code_version"]
@@ -172,8 +189,9 @@ def model_card(params: Params, state: dict[str, Any], trained: TrainConfig, file
                   "tests and demos: this file proves the pipeline works, its images mean nothing.", ""]
     lines += [f"Fine-tuned SDXL, trained with tuneline {code_version}.", "", "## Files", ""]
     lines += [f"- `{f.name}`: {f.description}" for f in files]
-    if len(files) > 1:
-        lines += ["", f"Use both: load `{files[1].name}` at strength 1.0 on top of `{files[0].name}`. They were "
+    models = [f for f in files if f.kind != "vae"]
+    if len(models) > 1:
+        lines += ["", f"Use both: load `{models[1].name}` at strength 1.0 on top of `{models[0].name}`. They were "
                   "trained together; either file alone is not the trained model."]
     prediction = state.get("prediction_type", "epsilon")
     lines += [
@@ -198,13 +216,47 @@ def model_card(params: Params, state: dict[str, Any], trained: TrainConfig, file
         lines += ["## Samples", ""] + [f"![sample]({s})" for s in samples] + [""]
     elif samples_note:
         lines += ["## Samples", "", f"None: {samples_note}.", ""]
-    lines += ["## Use", "", "ComfyUI / A1111: checkpoints go into `models/checkpoints`, LoRAs into `models/loras`.",
+    lines += ["## Use", "", "ComfyUI / A1111: checkpoints go into `models/checkpoints`, LoRAs into `models/loras`"
+              + (", the VAE into `models/vae` (ComfyUI's Load VAE node; A1111: `models/VAE`)."
+                 if any(f.kind == "vae" for f in files) else "."),
               "diffusers: `StableDiffusionXLPipeline.from_single_file(path, config=...)`, `pipe.load_lora_weights(path)`."]
     if prediction == "v_prediction" or trained.zero_terminal_snr:
         lines += ["The checkpoint carries the `v_pred` / `ztsnr` keys ComfyUI reads. diffusers' single-file loader "
                   "ignores them: pass `config=` the exported `diffusers/pipeline` folder, whose scheduler has the "
                   "trained prediction type and zero-terminal-SNR setting."]
     return "\n".join(lines + [""])
+
+
+def _export_vae(params: Params, root: Path, file: ExportedFile, common: dict[str, Any], base_vae: bool,
+                store: Any, staging: Path) -> int:
+    """Put the VAE file into `staging`, from the store when the same VAE, dtype, header and code made it
+    before (the VAE is read only on a miss). 1 when it was computed, 0 when reused."""
+    from tuneline.core.codeversion import code_version
+    from tuneline.models.loading import load_vae, vae_source
+    from tuneline.stages.export import CODE
+    from tuneline.stages.export.metadata import vae_metadata
+    from tuneline.stages.export.single_file import vae_to_single_file
+
+    config = params.export
+    source = vae_source(params.model, root)
+    extra = {"tuneline.base_model": params.model.base, "tuneline.vae": params.model.vae or "base",
+             "tuneline.random_tiny_model": str(is_tiny(params.model.base)).lower()}
+    if config.author:
+        extra["modelspec.author"] = config.author
+    metadata = vae_metadata(
+        title=f"{config.name} VAE", resolution=common["resolution"], extra=extra,
+        description=("the base model's VAE, unchanged" if base_vae else f"the VAE of {params.model.vae}"),
+        **{key: common[key] for key in ("data_digest", "params_digest", "code_version", "mlflow_run_id",
+                                        "git_commit", "git_dirty")})
+    stored = store.path(digest_json({"vae": source.identity(root), "dtype": config.dtype, "code": code_version(CODE),
+                                     "file": [file.name, file.kind], "metadata": metadata}), ".safetensors")
+    computed = 0
+    if not stored.is_file():
+        vae = load_vae(params.model, root, dtype="fp32", device="cpu")  # exact: every stored dtype fits in fp32
+        vae_to_single_file(vae.state_dict(), dict(vae.config), stored, config.dtype, metadata)
+        computed = 1
+    link_or_copy(stored, staging / file.name)
+    return computed
 
 
 def run(params: Params, root: Path, trained_dir: Path, renders_dir: Path, out_dir: Path,
@@ -249,6 +301,13 @@ def run(params: Params, root: Path, trained_dir: Path, renders_dir: Path, out_di
             f"{config.name}{'_lora' if full else ''}.safetensors", "lora", lora,
             f"kohya {'DoRA' if lora_settings.use_dora else 'LoRA'} of the {_names(lora)} (rank {lora_settings.rank}, "
             f"alpha {lora_settings.alpha})" + (f", to apply at strength 1.0 on top of `{files[0].name}`" if full else "")))
+    base_vae = False
+    if config.vae:
+        vae_file, base_vae = _vae_file(params, root)
+        files.append(vae_file)
+        if base_vae:
+            report.warnings.append("export: export.vae is on but the VAE is the base model's, unchanged: model.vae "
+                                   "is unset (the autoencoder stage, when enabled, sets it to models/autoencoder)")
     record = run_record(root, state)
     common = _metadata_common(params, state, trained, record)
     samples, samples_note = _samples(Path(renders_dir), weights_dir, root, config.samples, bool(lora))
@@ -263,7 +322,10 @@ def run(params: Params, root: Path, trained_dir: Path, renders_dir: Path, out_di
     made = 0
     with rebuilt_dir(out_dir) as staging:
         for file in files:
-            companion = next((other for other in files if other is not file), None)
+            if file.kind == "vae":
+                made += _export_vae(params, root, file, common, base_vae, store, staging)
+                continue
+            companion = next((other for other in files if other is not file and other.kind != "vae"), None)
             extra = _extra(params, state, weights, file, companion)
             if file.kind == "checkpoint":
                 metadata = checkpoint_metadata(**common, extra=extra)
@@ -294,8 +356,8 @@ def run(params: Params, root: Path, trained_dir: Path, renders_dir: Path, out_di
             params, state, trained, files, [f"samples/{image.name}" for image in samples], samples_note,
             common))
     paths = [Path(out_dir) / file.name for file in files]
-    for folder in config.copy_to:
-        for path in paths:
+    for folder in config.copy_to:  # a folder of checkpoints or LoRAs: the VAE file has its own (models/vae)
+        for path in [Path(out_dir) / file.name for file in files if file.kind != "vae"]:
             report.extra.setdefault("copied_to", []).append(str(_copy_atomically(path, root / folder)))
     if tracker is not None:
         tracker.set_tags(provenance(common))

@@ -5,6 +5,8 @@ Writes into the output folder (renders/):
   contact_sheet.png               prompts x (base, each live/step_N found, final)
   transfer/<a>_to_<b>.png         two or more data sets: img2img into the other trigger word
   diagnostics.png                 x_t / x0 prediction / cross-attention of training samples
+  autoencoder/<data set>.png      with the autoencoder stage on: its reconstruction sheets
+                                  (input | base VAE | trained VAE), beside the contact sheet
 and metrics/render.json. live/ (written during training) is read, never removed. Every image
 (the transfer images and the diagnostic sheet too) is cached in the item store by the weights'
 content and what else decides its pixels: a rerun with unchanged weights loads no model.
@@ -19,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from tuneline.config import Params
-from tuneline.core.fsutil import atomic_write_json, file_digest, link_or_copy
+from tuneline.core import layout
+from tuneline.core.fsutil import atomic_write_json, file_digest, link_or_copy, relative_to_root
 from tuneline.models.ref import is_tiny
 from tuneline.core.report import StageReport, console
 
@@ -47,6 +50,20 @@ def _mean_abs_difference(a: list[Path], b: list[Path]) -> float:
         with Image.open(x) as first, Image.open(y) as second:
             diffs.append(np.abs(np.asarray(first, dtype=np.float32) - np.asarray(second, dtype=np.float32)).mean())
     return float(np.mean(diffs)) if diffs else 0.0
+
+
+def autoencoder_sheets(params: Params, root: Path, out_dir: Path) -> list[Path]:
+    """The autoencoder stage's reconstruction sheets, linked into renders/autoencoder/ (none when it is off)."""
+    folder = Path(out_dir) / "autoencoder"
+    shutil.rmtree(folder, ignore_errors=True)
+    source = Path(root) / layout.AUTOENCODER / "sheets"
+    if not params.autoencoder.enabled or not source.is_dir():
+        return []
+    placed = []
+    for sheet in sorted(source.glob("*.png")):
+        link_or_copy(sheet, folder / sheet.name)
+        placed.append(folder / sheet.name)
+    return placed
 
 
 def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_dir: Path | None = None, *,
@@ -165,7 +182,8 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
         if diagnostics_notes.is_file():
             report.warnings.extend(json.loads(diagnostics_notes.read_text("utf-8"))["warnings"])
 
-    _log_images(tracker, [*images, *transfer, *sheets], out_dir)
+    vae_sheets = autoencoder_sheets(params, root, out_dir)
+    _log_images(tracker, [*images, *transfer, *sheets, *vae_sheets], out_dir)
     # Items: the base, final and transfer images and the diagnostic sheet (not the contact sheet,
     # which is put together from the others on every run).
     report.computed = len(missing_base) + len(missing_final) + len(missing_transfer) + int(missing_diagnostics)
@@ -181,6 +199,8 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
         "mean_abs_diff_vs_base": round(_mean_abs_difference(base, final), 4),
         "random_tiny_model": tiny,
     })
+    if vae_sheets:
+        report.extra["autoencoder_sheets"] = relative_to_root(Path(out_dir) / "autoencoder", root)
     report.seconds = time.perf_counter() - started
     if metrics_dir is not None:
         report.write_metrics(Path(metrics_dir))

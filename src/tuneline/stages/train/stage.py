@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import shutil
 import time
 from pathlib import Path
@@ -29,11 +28,12 @@ from tuneline.core.fsutil import atomic_write_bytes, atomic_write_json, rebuilt_
 from tuneline.models.ref import is_tiny
 from tuneline.core.report import StageReport
 from tuneline.stages.train.plot import write_loss_curve_png
+from tuneline.train.runs import MLFLOW_RUN_FILE, track_training_run, write_run_record  # noqa: F401
 
 STAGE = "train"
 LOSS_CURVE = "train_loss.csv"
 LOSS_PICTURE = "train_loss.png"
-RUN_RECORD = layout.TRAIN_RUN_RECORD
+RUN_RECORD = layout.TRAIN_RUN_RECORD  # noqa: F401  (tests read the name here)
 
 
 class LossCurve:
@@ -91,51 +91,6 @@ class LossCurve:
         return round(total / steps, 4) if steps else None
 
 
-MLFLOW_RUN_FILE = "mlflow_run.json"
-
-
-def recorded_mlflow_run(checkpoint_dir: Path) -> str | None:
-    """The MLflow run of this training run (one per run key, kept beside its checkpoints)."""
-    path = Path(checkpoint_dir) / MLFLOW_RUN_FILE
-    try:
-        return json.loads(path.read_text("utf-8")).get("run_id") or None
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def track_training_run(trainer: Any, tracker: Any) -> str | None:
-    """One MLflow run per training run: a session that will train continues the run recorded
-    beside the checkpoints (resumed, or SIGKILLed and left RUNNING), or starts it and records it.
-    Runs of this project's other training runs still marked RUNNING died (only one train runs
-    per project, see the CLI's stage lock): they are marked KILLED. Returns the run id."""
-    recorded = recorded_mlflow_run(trainer.checkpoint_dir)
-    if tracker is None or not tracker.active or trainer.state.step >= trainer.total_steps:
-        return recorded  # nothing to train: no run is opened
-    tracker.continue_run(recorded)
-    tracker.begin()
-    if tracker.run_id != recorded:
-        atomic_write_json(trainer.checkpoint_dir / MLFLOW_RUN_FILE, {"run_id": tracker.run_id})
-    others = [recorded_mlflow_run(folder) for folder in trainer.checkpoint_root.iterdir()
-              if folder.is_dir() and folder != trainer.checkpoint_dir]
-    tracker.end_orphans([run_id for run_id in others if run_id])
-    return tracker.run_id
-
-
-def write_run_record(trainer: Any, mlflow_run_id: str | None) -> Path:
-    """<run checkpoint folder>/run.json: what only the sessions know, kept out of DVC's outputs."""
-    path = trainer.checkpoint_dir / RUN_RECORD
-    atomic_write_json(path, {
-        "run_key": trainer.run_key,
-        # Every (re)start that saved a checkpoint: its first step and wall-clock start.
-        "sessions": trainer.state.history,
-        # The training run's one MLflow run (all its sessions log to it): the run export names.
-        "mlflow_run_id": mlflow_run_id,
-        "started_at": trainer.state.history[0]["time"],
-        "trained_at": time.time(),
-        "steps": trainer.state.step})
-    return path
-
-
 def live_dir(trainer: Any) -> Path:
     return trainer.checkpoint_dir / "live"
 
@@ -181,7 +136,7 @@ class LiveEvaluation:
 def run(params: Params, root: Path, latents_dir: Path, out_dir: Path, metrics_dir: Path | None = None, *,
         tracker: Any = None, checkpoint_dir: Path | None = None, resume_from: Path | None = None) -> StageReport:
     """Train (or resume), then write the result. Raises StopRequested / TrainingDiverged / ResumeRefused."""
-    from tuneline.models.sdxl import SDXLAdapter
+    from tuneline.models.registry import build_adapter
     from tuneline.train.trainer import Trainer
 
     started = time.perf_counter()
@@ -190,8 +145,9 @@ def run(params: Params, root: Path, latents_dir: Path, out_dir: Path, metrics_di
     if is_tiny(params.model.base):
         report.warnings.append(f"model.base is {params.model.base!r}: a tiny RANDOM-weight model "
                                "(pipeline check only, the result means nothing)")
-    trainer = Trainer(params, root, latents_dir, checkpoint_dir, SDXLAdapter(params.model, params.train, root), tracker,
-                      resume_from, live_eval=LiveEvaluation(params, root, tracker), live_every=params.render.live_every)
+    adapter = build_adapter("sdxl", params.model, params.train, root)
+    trainer = Trainer(params, root, latents_dir, checkpoint_dir, adapter, tracker, resume_from,
+                      live_eval=LiveEvaluation(params, root, tracker), live_every=params.render.live_every)
     trainer.setup()
     main = trainer.accelerator.is_main_process
     # The run's whole loss history lives with its checkpoints, which DVC never deletes (it deletes
