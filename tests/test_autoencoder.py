@@ -115,6 +115,22 @@ def test_adaptive_weight_equals_the_hand_computed_ratio(bucket_project, tmp_path
     assert weight.item() == pytest.approx(0.5 * nll_norm / (gan_norm + 1e-4), rel=1e-5)
 
 
+def test_kl_term_is_on_ldm_scale(bucket_project, tmp_path):
+    """kl_weight means what it means in LDM's config (1e-6): the KL summed over the latent against the
+    reconstruction summed over the pixels, per image; with a per-pixel mean reconstruction the KL is
+    divided by the pixels (not 3*H*W times too strong: at 256 px crops 1e-6 would act like 0.2)."""
+    trainer = make_ae_trainer(bucket_project, tmp_path, ae_params(
+        bucket_project, mode="full", kl_weight=0.5, discriminator={"start": 100}))
+    batch = trainer.data.batch([0, 1], torch.Generator().manual_seed(0), __import__("random").Random(0), "cpu")
+    losses, extra = trainer.adapter.unit_losses(trainer.modules, batch, torch.Generator().manual_seed(1), 0,
+                                                ["autoencoder"])
+    x = batch["pixels"]
+    by_hand = trainer.modules["vae"].encode(x).latent_dist.kl().mean() / (3 * x.shape[2] * x.shape[3])
+    assert extra["kl"].item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert losses["autoencoder"].item() == pytest.approx((extra["reconstruction"] + 0.5 * extra["kl"]).item(),
+                                                         rel=1e-5)
+
+
 def test_resume_is_exact_with_both_optimizers(bucket_project, tmp_path):
     from tuneline.train.trainer import StopRequested
 
@@ -145,27 +161,57 @@ def test_resume_is_exact_with_both_optimizers(bucket_project, tmp_path):
     assert not any(k.startswith("discriminator.") for k in ta["ema"]["shadow"])
 
 
-@pytest.mark.xfail(reason="NOT DONE: 40 full-mode steps on 4 training crops move held-out PSNR by only "
-                          "+0.13 dB (10.06 -> 10.19; decoder mode: -0.26 dB); the issue asks >= 1 dB", strict=False)
-def test_stage_learns_writes_a_vae_and_metrics(bucket_project, tmp_path):
-    """The tiny VAE's held-out PSNR rises by >= 1 dB in a CPU-sized run; the output loads in diffusers."""
+@pytest.fixture(scope="module")
+def demo_bucket_project(tmp_path_factory):
+    """The repository's demo data (data/raw: shapes and stripes), ingested and bucketed at 64 px."""
+    import shutil
+
+    os.environ.setdefault("TUNELINE_HOME", str(tmp_path_factory.getbasetemp() / "tuneline-home"))
+    root = tmp_path_factory.mktemp("ae-demo")
+    project = Project(root)
+    project.params_data["datasets"] = [{"name": name, "path": f"data/raw/{name}"} for name in ("shapes", "stripes")]
+    project.params_data["bucket"].update(resolution=64, divisible_by=32, batch_size=2)
+    for name in ("shapes", "stripes"):
+        shutil.copytree(Path(__file__).resolve().parents[1] / "data/raw" / name, project.raw(name), dirs_exist_ok=True)
+    params = project.params()
+    project.ingest(params)
+    project.bucket(params)
+    return project
+
+
+def test_stage_learns_writes_a_vae_and_metrics(demo_bucket_project, tmp_path):
+    """On the demo data the tiny VAE's held-out PSNR rises by >= 1 dB (issue 16); the output loads in diffusers.
+
+    Full mode: the tiny VAE is random, so in decoder mode the frozen encoder's latents are mostly
+    posterior noise (std ~1.06 against ~0.25 for the means) and 300 decoder steps gain ~0.3 dB;
+    training the encoder too gains ~2 dB (measured 8.52 -> 10.63 with the GAN on from step 200).
+    """
     import json
 
     from diffusers import AutoencoderKL
 
     from tuneline.stages.autoencoder.stage import run
 
-    params = ae_params(bucket_project, mode="full", num_steps=40, eval_every=20, lr=5e-3, ema={"enabled": True, "decay": 0.5},
-                       discriminator={"start": 30, "every": 3}, checkpoint={"every_steps": 100})
+    torch.set_num_threads(1)  # the budget: about 30 s on one core
+    project = demo_bucket_project
+    params = ae_params(project, mode="full", num_steps=300, eval_every=100, lr=2e-3, batch_size=4,
+                       ema={"enabled": True, "decay": 0.9}, discriminator={"start": 200, "every": 2},
+                       checkpoint={"every_steps": 1000})
     out = tmp_path / "models/autoencoder"
-    report = run(params, bucket_project.root, bucket_project.root / "data/bucketed", out, tmp_path / "metrics",
+    report = run(params, project.root, project.root / "data/bucketed", out, tmp_path / "metrics",
                  checkpoint_dir=tmp_path / "checkpoints")
     metrics = json.loads((tmp_path / "metrics/autoencoder.json").read_text())
+    assert metrics["steps"] == 300
     assert metrics["psnr"] - metrics["psnr_base"] >= 1.0, metrics
-    assert [row["step"] for row in metrics["history"]] == [20, 40]
-    assert set(metrics["final"]) >= {"psnr/alpha", "psnr/beta", "ssim/alpha", "ssim/beta"}
+    assert report.extra["psnr"] == metrics["psnr"] and report.extra["psnr_base"] == metrics["psnr_base"]
+    history = report.extra["history"]
+    assert [row["step"] for row in history] == [100, 200, 300]
+    assert history[-1]["psnr"] > history[0]["psnr"] > metrics["psnr_base"]
+    final = metrics.get("final", metrics)  # per data set: psnr/<data set>, ssim/<data set>
+    assert set(final) >= {"psnr/shapes", "psnr/stripes", "ssim/shapes", "ssim/stripes"}
     assert AutoencoderKL.from_pretrained(out).config.latent_channels == 4
-    assert (out / "sheets/alpha.png").is_file() and (out / "sheets/beta.png").is_file()
+    assert set(report.extra["sheets"]) == {"shapes", "stripes"}
+    assert (out / "sheets/shapes.png").is_file() and (out / "sheets/stripes.png").is_file()
     assert any("perceptual is none" in w for w in report.warnings)
 
 

@@ -174,3 +174,18 @@ def test_a_full_fine_tune_carries_the_vae_its_latents_were_made_with(latents_pro
     trainer.fit()
     saved = load_file(trainer.save_outputs(tmp_path / "out") / "pipeline/vae/diffusion_pytorch_model.safetensors")
     assert all(torch.equal(saved[k], tensors[k]) for k in tensors)
+
+
+def test_bf16_trains_and_fp16_is_refused_naming_the_allowed_values(bucketed, tmp_path):
+    from tuneline.config import validate_params
+    from tuneline.core.params import ParamsError
+    from tuneline.stages.autoencoder.stage import run
+
+    section = {"enabled": True, "crop_size": 32, "batch_size": 2, "num_steps": 2, "eval_every": 2,
+               "discriminator": {"start": 0, "every": 1, "channels": 8, "layers": 2}}
+    with pytest.raises(ParamsError, match="autoencoder.mixed_precision.*'no'.*'bf16'"):
+        validate_params({**bucketed.params_data, "autoencoder": {**section, "mixed_precision": "fp16"}})
+    params = validate_params({**bucketed.params_data, "autoencoder": {**section, "mixed_precision": "bf16"}})
+    report = run(params, bucketed.root, bucketed.root / "data/bucketed", tmp_path / "out", tmp_path / "metrics",
+                 checkpoint_dir=tmp_path / "checkpoints")
+    assert report.extra["steps"] == 2 and report.extra["psnr"] == report.extra["psnr"]  # finite, not NaN

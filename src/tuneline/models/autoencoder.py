@@ -164,7 +164,11 @@ class AutoencoderAdapter:
             perceptual = self.perceptual(reconstruction.float(), x.float()).mean()
             nll = nll + config.perceptual_weight * perceptual
             extra["perceptual"] = perceptual.detach()
-        kl = posterior.kl().mean()
+        # diffusers' kl() sums over the latent's elements; the reconstruction above is a mean over
+        # pixels. kl_weight is meant on LDM's scale (taming/ldm LPIPSWithDiscriminator: both terms
+        # summed per image), so the KL is divided by the pixels per image to keep that ratio (else
+        # it weighs 3*H*W times more: at 256 px crops, 1e-6 acts like 0.2).
+        kl = posterior.kl().mean() / x[0].numel()
         extra["kl"] = kl.detach()
         loss = nll + config.kl_weight * kl if config.mode == "full" else nll
         gan_on = step >= disc.start

@@ -60,9 +60,17 @@ SET_TO_NULL = "set_to_null"
 
 
 def _without_nulls(value: Any) -> Any:
-    """Drop null values at every depth (in lists' mappings too): an empty form field keeps params.yaml."""
+    """Drop null values at every depth (in lists' mappings too): an empty form field keeps params.yaml.
+    An object whose fields are all null (a section the form expanded and nobody touched) goes too, so
+    it does not add an empty section where params.yaml has none; an object posted empty stays."""
     if isinstance(value, Mapping):
-        return {key: _without_nulls(item) for key, item in value.items() if item is not None}
+        kept = {}
+        for key, item in value.items():
+            cleaned = _without_nulls(item)
+            if item is None or (isinstance(item, Mapping) and item and not cleaned):
+                continue
+            kept[key] = cleaned
+        return kept
     if isinstance(value, list):
         return [_without_nulls(item) for item in value]
     return value

@@ -15,8 +15,10 @@ from tuneline.train.config import CheckpointConfig, EmaConfig, OptimizerConfig, 
 class DiscriminatorConfig(Section):
     """The PatchGAN discriminator and its optimization unit."""
 
+    # Half of the default run (num_steps 1000): reconstruction settles first, then the GAN refines.
+    # (It was 2000, so a default run never trained or used the discriminator.)
     start: int = Field(
-        2000, ge=0, description="disc_start: the discriminator steps, and the GAN loss counts, only after this step.")
+        500, ge=0, description="disc_start: the discriminator steps, and the GAN loss counts, only after this step.")
     every: int = Field(3, ge=1, description="disc_every: step the discriminator every N optimizer steps.")
     weight: float = Field(0.5, ge=0, description="disc_weight: factor on the adaptive weight of the GAN loss.")
     loss: Literal["hinge", "vanilla"] = Field("hinge", description="Discriminator loss: hinge or vanilla (BCE).")
@@ -43,11 +45,16 @@ class AutoencoderConfig(Section):
     num_epochs: Optional[int] = Field(None, ge=1, description="Stop after this many epochs (when num_steps is null).")
     lr: float = Field(1e-5, gt=0, description="Learning rate of the autoencoder.")
     gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    mixed_precision: Annotated[Literal["no", "fp16", "bf16"], BeforeValidator(_yaml_no)] = Field(
-        "no", description="Autocast precision; fp16 uses a gradient scaler.")
+    # No fp16: accelerate's GradScaler wrapper updates the scale inside every optimizer's step and
+    # unscales every optimizer when one unit clips, which is wrong with two optimizers stepping on one
+    # scaled backward (and the SDXL VAE overflows in fp16 anyway). bf16 needs no scaler.
+    mixed_precision: Annotated[Literal["no", "bf16"], BeforeValidator(_yaml_no)] = Field(
+        "no", description="Autocast precision: no or bf16 (fp16 is not offered: two optimizers under one "
+        "gradient scaler, and the SDXL VAE overflows in fp16).")
     max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Gradient clipping of the autoencoder; null: none.")
     reconstruction: Literal["l1", "l2"] = Field("l1", description="Pixel reconstruction loss.")
-    kl_weight: float = Field(1e-6, ge=0, description="Weight of the KL term (full mode; the posterior of the encoder).")
+    kl_weight: float = Field(1e-6, ge=0, description="Weight of the KL term (full mode), on LDM's scale: KL summed "
+                             "over the latent against the reconstruction summed over the pixels, per image.")
     perceptual: Literal["none", "lpips"] = Field(
         "none", description="Perceptual loss: lpips (the `lpips` package, only with its weights present locally; "
         "never downloaded) or none.")
