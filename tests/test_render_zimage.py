@@ -195,3 +195,21 @@ def test_pipeline_from_training_shares_the_live_transformer(tmp_path):
     fresh.load_lora_weights(tmp_path / "lora")
     reference = fresh("alf", generator=torch.Generator().manual_seed(1), **kwargs).images[0]
     assert np.array_equal(np.asarray(image), np.asarray(reference))
+
+
+def test_a_shared_prompts_file_with_sdxl_samplers_renders_with_zimages_euler(caplog):
+    """The demo's prompts.yaml names SDXL samplers per prompt: Z-Image renders those prompts with its
+    flow-match Euler and says so; render.sampler set to an SDXL sampler is still refused (above)."""
+    import logging
+
+    from tuneline.stages.render.config import RenderConfig
+    from tuneline.stages.render.prompts import load_prompts
+
+    repo = Path(__file__).resolve().parents[1]
+    with caplog.at_level(logging.WARNING, logger="tuneline"):
+        prompts = load_prompts(repo / "prompts.yaml", RenderConfig(height=64, width=64), "zimage")
+    assert [(p.sampler, p.karras) for p in prompts] == [("euler", False)] * 3
+    warned = [r.getMessage() for r in caplog.records if "not available for zimage" in r.getMessage()]
+    assert len(warned) == 2 and "dpmpp_2m with karras" in warned[0] and "euler_a" in warned[1]
+    sdxl = load_prompts(repo / "prompts.yaml", RenderConfig(height=64, width=64), "sdxl")
+    assert [(p.sampler, p.karras) for p in sdxl] == [("euler", False), ("dpmpp_2m", True), ("euler_a", False)]

@@ -15,6 +15,7 @@ A bad file is a ParamsError naming the file, the entry and the key, with the all
 from __future__ import annotations
 
 import difflib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -24,6 +25,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from tuneline.core.params import ParamsError, parse_resolution
 from tuneline.stages.render.samplers import SamplerName, check_karras
 from tuneline.core.params import Section
+
+log = logging.getLogger(__name__)
 
 
 def _size(value: Any) -> Any:
@@ -181,6 +184,14 @@ def resolve_prompts(parsed: PromptFile, config: Any, source: str = "prompts.yaml
             width, height = _pick(options.width, width), _pick(options.height, height)
         sampler = _pick(entry.sampler, defaults.sampler, config.sampler)
         karras = _pick(entry.karras, defaults.karras, config.karras)
+        if len(spec.samplers) == 1 and (entry.sampler, entry.karras, defaults.sampler, defaults.karras) != (None,) * 4:
+            # A prompts file shared with another family (the demo's SDXL samplers): this family has one
+            # sampler, so the prompt's choice cannot apply; render.sampler/karras are still checked.
+            chosen = (sampler, karras)
+            sampler, karras = _pick(config.sampler, spec.samplers[0]), bool(config.karras)
+            if chosen != (sampler, karras):
+                log.warning("%s: prompts[%d]: sampler %s%s is not available for %s; rendering with its %s",
+                            source, index, chosen[0], " with karras" if chosen[1] else "", family, sampler)
         if karras:
             try:
                 check_karras(sampler, karras)
