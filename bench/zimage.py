@@ -40,7 +40,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bench._common import bench_main, goal, make_photo, note_load, print_goals
+from bench._common import bench_main, goal, make_photo, note_load, print_goals, rounds_table
 
 NAME = "zimage"
 REPO = Path(__file__).resolve().parents[1]
@@ -295,7 +295,6 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
 
 def print_report(result: dict[str, Any]) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     console = Console(highlight=False, width=max(120, Console().width))
     s, m = result["settings"], result["machine"]
@@ -303,13 +302,7 @@ def print_report(result: dict[str, Any]) -> None:
                   f"{tuple(s['latents_shape'])}), {s['model']}, torch {m['torch']} threads {m['torch_threads']}")
     console.print(f"timed: {s['timed']}; {s['warmup']} warm-up steps each, then {s['rounds']} rounds of "
                   f"{s['steps']} steps alternating ours / bare; goal: median of the per-round ratios")
-    table = Table(title=f"{NAME}: trainer vs bare flow-matching loop (steps/s per round)")
-    for column in ("variant", "rounds (steps/s)", "median steps/s", "per-round vs bare", "vs bare"):
-        table.add_column(column, justify="left" if column == "variant" else "right")
-    for r in result["rows"]:
-        table.add_row(r["variant"], ", ".join(f"{x:.2f}" for x in r["steps_per_s"]), f"{r['median']:.2f}",
-                      ", ".join(f"{x:.2f}" for x in r["ratios"]), f"{r['vs_bare']:.2f}x")
-    console.print(table)
+    console.print(rounds_table(result["rows"], f"{NAME}: trainer vs bare flow-matching loop (steps/s per round)"))
     note_load(console, m)
     print_goals(result["goals"], console, f"{NAME}: goals")
     console.print(f"total {result['total_s']:.0f} s (project build {result['build_s']:.0f} s, not measured)")
