@@ -44,7 +44,7 @@ def test_dvc_repro_runs_the_zimage_demo_and_reruns_only_what_changed(tmp_path):
     document = yaml.safe_load((REPO / "params.zimage.yaml").read_text())
     # As in the SDXL demo test: 4 steps and 2-step 128 px renders prove the same as the demo's 30 and 8.
     document["train"]["num_steps"] = 4
-    document["render"].update(steps=2, height=128, width=128)
+    document["render"].update(steps=2, height=128, width=128, live_every=2)  # live samples at steps 2 and 4
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
 
     out = dvc(tmp_path, "repro")
@@ -61,6 +61,7 @@ def test_dvc_repro_runs_the_zimage_demo_and_reruns_only_what_changed(tmp_path):
     state = json.loads((tmp_path / "models/train/trainer_state.json").read_text())
     assert state["family"] == "zimage" and metrics(tmp_path, "train")["steps"] == 4
     assert (tmp_path / "renders/contact_sheet.png").is_file() and list((tmp_path / "renders/transfer").glob("*.png"))
+    assert run_report(tmp_path, "render")["live_steps"] == 2  # Z-Image live samples from the trainer's modules
     with safe_open(tmp_path / "export/tuneline-demo.safetensors", "pt") as handle:
         keys = list(handle.keys())
         assert handle.metadata()["modelspec.architecture"] == "Z-Image/lora"
