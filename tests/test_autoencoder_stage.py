@@ -186,6 +186,9 @@ def test_bf16_trains_and_fp16_is_refused_naming_the_allowed_values(bucketed, tmp
     with pytest.raises(ParamsError, match="autoencoder.mixed_precision.*'no'.*'bf16'"):
         validate_params({**bucketed.params_data, "autoencoder": {**section, "mixed_precision": "fp16"}})
     params = validate_params({**bucketed.params_data, "autoencoder": {**section, "mixed_precision": "bf16"}})
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # one process, many trainers (a stage process has one)
     report = run(params, bucketed.root, bucketed.root / "data/bucketed", tmp_path / "out", tmp_path / "metrics",
                  checkpoint_dir=tmp_path / "checkpoints")
     assert report.extra["steps"] == 2 and report.extra["psnr"] == report.extra["psnr"]  # finite, not NaN
