@@ -22,8 +22,7 @@ class ModelConfig(Section):
         None,
         description="Model family of `base`: 'sdxl' or 'zimage'; null detects it from the `_class_name` in "
         "base's model_index.json (StableDiffusionXLPipeline -> sdxl, ZImagePipeline -> zimage; a single-file "
-        "base is sdxl). Set it for a pipeline class detection does not know that has one family's components. "
-        "The stages run sdxl only so far; Z-Image support (tiny-zimage for tests) is being added.",
+        "base is sdxl). Set it for a pipeline class detection does not know that has one family's components.",
     )
     revision: Optional[str] = Field(
         None, description="Hub revision (branch, tag or commit) of `base`; pin a commit for caches that never go stale."
