@@ -46,6 +46,20 @@ def note_load(console: Any, machine: dict[str, Any]) -> None:
                       "cores: other processes were running; ratios compare runs under the same load")
 
 
+def rounds_table(rows: Sequence[dict[str, Any]], title: str, digits: int = 2) -> Any:
+    """The trainer-vs-bare table: each variant's steps/s per round, median, per-round ratios to the bare
+    loop and their median (rows as the train and zimage benches record them)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("variant", "rounds (steps/s)", "median steps/s", "per-round vs bare", "vs bare"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for r in rows:
+        table.add_row(r["variant"], ", ".join(f"{x:.{digits}f}" for x in r["steps_per_s"]), f"{r['median']:.2f}",
+                      ", ".join(f"{x:.2f}" for x in r["ratios"]), f"{r['vs_bare']:.2f}x")
+    return table
+
+
 def failed_checks(result: dict[str, Any]) -> list[str]:
     return [g["name"] for g in result["goals"] if g["kind"] == "check" and not g["passed"]]
 

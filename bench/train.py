@@ -45,7 +45,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from bench._common import bench_main, goal, make_photo, make_trainer, note_load, print_goals
+from bench._common import bench_main, goal, make_photo, make_trainer, note_load, print_goals, rounds_table
 
 NAME = "train"
 REPO = Path(__file__).resolve().parents[1]
@@ -381,13 +381,8 @@ def print_report(result: dict[str, Any]) -> None:
                   f"{tuple(s['latents_shape'])}), {s['model']}, torch {m['torch']} threads {m['torch_threads']}")
     console.print(f"timed: {s['timed']}; {s['warmup']} warm-up steps each, then {s['rounds']} rounds of "
                   f"{s['steps']} steps alternating ours / bare / ours-text; goal: median of the per-round ratios")
-    table = Table(title=f"{NAME}: trainer vs bare loop (steps/s per round; vs bare: median of the per-round ratios)")
-    for column in ("variant", "rounds (steps/s)", "median steps/s", "per-round vs bare", "vs bare"):
-        table.add_column(column, justify="left" if column == "variant" else "right")
-    for r in result["rows"]:
-        table.add_row(r["variant"], ", ".join(f"{x:.1f}" for x in r["steps_per_s"]), f"{r['median']:.2f}",
-                      ", ".join(f"{x:.2f}" for x in r["ratios"]), f"{r['vs_bare']:.2f}x")
-    console.print(table)
+    console.print(rounds_table(result["rows"], f"{NAME}: trainer vs bare loop (steps/s per round; vs bare: median of "
+                               "the per-round ratios)", 1))
     splits = result["split_ms_per_step"]
     parts = list(dict.fromkeys(p for split in splits.values() for p in split if p != "total")) + ["total"]
     table = Table(title="where a step goes: ms per step, one instrumented pass (informative)")

@@ -320,7 +320,7 @@ def test_resolve_and_default_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setitem(tiny_cache._BUILDERS, "sdxl", fake_builder(calls))
     monkeypatch.setenv("TUNELINE_HOME", str(tmp_path / "home"))
     assert tiny.default_cache_dir() == tmp_path / "home" / "tiny"
-    assert tiny.TINY_MODEL_IDS == {"tiny-sdxl": "sdxl", "tiny-florence2": "florence2"}
+    assert tiny.TINY_MODEL_IDS == {"tiny-sdxl": "sdxl", "tiny-florence2": "florence2", "tiny-zimage": "zimage"}
     assert tiny.resolve_tiny("stabilityai/stable-diffusion-xl-base-1.0") is None
     assert tiny.resolve_tiny("tiny-sdxl") == tmp_path / "home" / "tiny" / f"tiny-sdxl-v{tiny.TINY_VERSION}"
     monkeypatch.delenv("TUNELINE_HOME")

@@ -149,7 +149,7 @@ def _print_memory_estimate(params, root: Path) -> None:
     from rich.table import Table
 
     train = params.train
-    what = (f"LoRA rank {train.lora.rank} ({train.lora.targets})" if train.mode == "lora" else "full UNet")
+    what = (f"LoRA rank {train.lora.rank} ({train.lora.targets})" if train.mode == "lora" else "full fine-tune")
     table = Table(title=f"training GPU memory, estimated: {what}, mixed_precision {train.mixed_precision}, "
                         f"gradient checkpointing {'on' if train.gradient_checkpointing else 'off'}",
                   title_justify="left")

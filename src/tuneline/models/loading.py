@@ -1,8 +1,8 @@
 """Load model components for a stage: where each comes from, in which dtype, on which device.
 
-A component's source is resolved once (`vae_source`, `text_encoder_sources`) so the same
-description feeds both the cache key (`modelref.model_identity`) and the loader: what is
-hashed is exactly what is loaded.
+A component's source is resolved once (`vae_source`, `text_encoder_sources`,
+`zimage_text_encoder_sources`) so the same description feeds both the cache key
+(`modelref.model_identity`) and the loader: what is hashed is exactly what is loaded.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from tuneline.models.ref import model_identity, resolve_model
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # SDXL's conditioning comes from these four subfolders of the base model.
 TEXT_COMPONENTS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
+# Z-Image's from these two: one tokenizer (Qwen2Tokenizer) and one Qwen3 decoder LM (Qwen3Model).
+ZIMAGE_TEXT_COMPONENTS = ("tokenizer", "text_encoder")
 
 
 @dataclass(frozen=True)
@@ -114,11 +116,20 @@ def vae_source(model: ModelConfig, root: Path | None) -> ComponentSource:
                            _base_config_identity(model, root))
 
 
-def text_encoder_sources(model: ModelConfig, root: Path | None) -> dict[str, ComponentSource]:
-    """SDXL's two tokenizers and two text encoders, all from model.base."""
+def _base_components(model: ModelConfig, root: Path | None, names: tuple[str, ...]) -> dict[str, ComponentSource]:
     base = _base_location(model, root)
     config = _base_config_identity(model, root)
-    return {name: ComponentSource(model.base, model.revision, name, base, config) for name in TEXT_COMPONENTS}
+    return {name: ComponentSource(model.base, model.revision, name, base, config) for name in names}
+
+
+def text_encoder_sources(model: ModelConfig, root: Path | None) -> dict[str, ComponentSource]:
+    """SDXL's two tokenizers and two text encoders, all from model.base."""
+    return _base_components(model, root, TEXT_COMPONENTS)
+
+
+def zimage_text_encoder_sources(model: ModelConfig, root: Path | None) -> dict[str, ComponentSource]:
+    """Z-Image's tokenizer and Qwen3 text encoder (subfolders tokenizer/, text_encoder/ of model.base)."""
+    return _base_components(model, root, ZIMAGE_TEXT_COMPONENTS)
 
 
 def load_vae(model: ModelConfig, root: Path | None, dtype: str = "auto", device: str = "auto") -> Any:
@@ -162,6 +173,56 @@ def load_text_encoders(model: ModelConfig, root: Path | None, dtype: str = "auto
         encoder.requires_grad_(False)
         encoders.append(encoder.eval() if empty_weights else encoder.eval().to(device))
     return tokenizers, encoders
+
+
+def _pipeline_class(source: ComponentSource, fallback: Any) -> Any:
+    """The transformers class that model.base's model_index.json names for `source.subfolder` (what
+    the pipeline itself loads), else `fallback` (an Auto class: a hub base, or no model_index.json)."""
+    import json
+
+    import transformers
+
+    if not isinstance(source.location, Path) or not source.subfolder:
+        return fallback
+    try:
+        entry = json.loads((source.location / "model_index.json").read_text("utf-8")).get(source.subfolder)
+    except (OSError, ValueError, AttributeError):
+        return fallback
+    if isinstance(entry, list) and len(entry) == 2 and entry[0] == "transformers":
+        return getattr(transformers, str(entry[1]), fallback)
+    return fallback
+
+
+def load_zimage_text_encoder(model: ModelConfig, root: Path | None, dtype: str = "auto", device: str = "auto",
+                             empty_weights: bool = False) -> tuple[Any, Any]:
+    """(tokenizer, text_encoder) of a Z-Image base: the Qwen3 encoder frozen, in eval mode, in `dtype` on `device`.
+
+    The classes are the ones model_index.json names (Qwen2Tokenizer, Qwen3Model), else
+    AutoTokenizer / AutoModel (which give the same for a Qwen3 folder). `empty_weights`: the
+    encoder is built from its config on the meta device, as for `load_text_encoders`.
+    """
+    quiet_libraries()  # before the import: it warns while importing
+    from transformers import AutoModel, AutoTokenizer
+
+    device = resolve_device(device)
+    weights_dtype = torch_dtype(resolve_dtype(dtype, device))
+    sources = zimage_text_encoder_sources(model, root)
+    tokenizer_source, encoder_source = sources["tokenizer"], sources["text_encoder"]
+    tokenizer = _pipeline_class(tokenizer_source, AutoTokenizer).from_pretrained(
+        tokenizer_source.location, **tokenizer_source.load_kwargs())
+    cls = _pipeline_class(encoder_source, AutoModel)
+    if empty_weights:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(encoder_source.location, **encoder_source.load_kwargs())
+        with init_empty_weights():
+            encoder = (AutoModel.from_config(config, dtype=weights_dtype) if cls is AutoModel
+                       else cls._from_config(config, dtype=weights_dtype))
+    else:
+        encoder = cls.from_pretrained(encoder_source.location, dtype=weights_dtype, **encoder_source.load_kwargs())
+    encoder.requires_grad_(False)
+    return tokenizer, (encoder.eval() if empty_weights else encoder.eval().to(device))
 
 
 def release(device: str) -> None:

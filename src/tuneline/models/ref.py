@@ -1,6 +1,6 @@
 """Where a model lives and what it is: the identity that goes into cache keys.
 
-A model reference is a tiny random model id (`tiny-sdxl`, `tiny-florence2`), a local
+A model reference is a tiny random model id (`tiny-sdxl`, `tiny-zimage`, `tiny-florence2`), a local
 folder, a local single file, or a hub id. Its identity is what decides its outputs:
 for local files the digests of the config and weight files (renaming a folder keeps
 the cache, retraining it invalidates the cache); for a hub id, id@revision.

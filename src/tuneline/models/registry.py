@@ -4,6 +4,8 @@
 
 A second family is a new adapter class registered here, never a copy of the trainer. The
 table holds import paths, so looking a family up imports only that family's module.
+
+Which family a base model is: `tuneline.models.family.detect_family`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 ADAPTERS: dict[str, str] = {
     "sdxl": "tuneline.models.sdxl:SDXLAdapter",
+    "zimage": "tuneline.models.zimage:ZImageAdapter",
     "autoencoder_kl": "tuneline.models.autoencoder:AutoencoderAdapter",
 }
 

@@ -78,12 +78,27 @@ def inference_scheduler_settings(prediction_type: str, zero_terminal_snr: bool) 
     return settings
 
 
+def flow_matching_settings(train_config: TrainConfig) -> list[str]:
+    """'train.flow_matching.<key>: value' for every flow-matching setting away from its default."""
+    from tuneline.train.config import FlowMatchingConfig
+
+    default = FlowMatchingConfig()
+    return [f"train.flow_matching.{key}: {value!r}" for key, value in train_config.flow_matching.model_dump().items()
+            if value != getattr(default, key)]
+
+
 class SDXLAdapter:
     """One SDXL model under training. Modules are plain torch modules until the trainer prepares them."""
 
     family = "sdxl"
+    denoiser_name = "unet"  # the module train.compile compiles
 
     def __init__(self, model_config: ModelConfig, train_config: TrainConfig, root: Path) -> None:
+        changed = flow_matching_settings(train_config)
+        if changed:
+            raise ParamsError(f"{', '.join(changed)}: train.flow_matching applies to flow-matching families "
+                              "(zimage) only; SDXL trains with the DDPM objective (see train.prediction_type and "
+                              "train.loss). Remove train.flow_matching or set it back to its defaults.")
         self.model_config = model_config
         self.config = train_config
         self.root = Path(root)

@@ -1,8 +1,9 @@
 """Deterministic tiny RANDOM-weight models in standard on-disk formats, for tests and demos.
 
-`tiny-sdxl` is a diffusers StableDiffusionXLPipeline folder and `tiny-florence2` a native
-transformers Florence-2 folder: every loader and pipeline runs for real, but the weights
-were never trained, so images and captions they produce mean nothing.
+`tiny-sdxl` is a diffusers StableDiffusionXLPipeline folder, `tiny-zimage` a diffusers
+ZImagePipeline folder and `tiny-florence2` a native transformers Florence-2 folder: every
+loader and pipeline runs for real, but the weights were never trained, so images and
+captions they produce mean nothing.
 
 Importing this package is instant: torch, diffusers and transformers load on first build.
 """
@@ -20,6 +21,7 @@ from tuneline.tiny.cache import (
 )
 from tuneline.tiny.florence2 import build_tiny_florence2
 from tuneline.tiny.sdxl import build_tiny_sdxl
+from tuneline.tiny.zimage import build_tiny_zimage
 
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "TinyKind",
     "build_tiny_florence2",
     "build_tiny_sdxl",
+    "build_tiny_zimage",
     "default_cache_dir",
     "ensure_tiny_model",
     "resolve_tiny",

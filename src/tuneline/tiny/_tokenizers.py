@@ -60,3 +60,21 @@ def write_bpe_files(folder: Path, vocab: dict[str, int], merges: list[str]) -> N
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), "utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", "utf-8")
+
+
+# Byte-level pairs in Qwen's style (Ġ = a leading space), so the BPE actually merges.
+_QWEN_MERGES = ("Ġ a", "Ġ t", "h e", "Ġt he", "i n", "Ġ o", "Ġo f", "Ġ c", "Ġc a", "Ġca t")
+QWEN_ENDOFTEXT = "<|endoftext|>"
+QWEN_IM_START = "<|im_start|>"
+QWEN_IM_END = "<|im_end|>"
+# Qwen3 ships <think>/</think> as added (not special) tokens; its chat template writes them.
+QWEN_THINK = ("<think>", "</think>")
+
+
+def qwen_vocab() -> tuple[dict[str, int], list[str]]:
+    """Qwen2/3-style vocab: the byte symbols first (ids 0-255, GPT-2 order as in Qwen), merges,
+    then the control tokens after the BPE vocab, as in Qwen3 (<|endoftext|>, <|im_start|>,
+    <|im_end|>, then <think>, </think>)."""
+    tokens = list(bytes_to_unicode().values()) + [_merge_result(merge) for merge in _QWEN_MERGES]
+    tokens += [QWEN_ENDOFTEXT, QWEN_IM_START, QWEN_IM_END, *QWEN_THINK]
+    return {token: index for index, token in enumerate(tokens)}, list(_QWEN_MERGES)

@@ -12,16 +12,25 @@ from tuneline.core.fsutil import build_folder_once
 from tuneline.tiny._common import NOTE_NAME, RANDOM_WARNING, TINY_VERSION
 from tuneline.tiny.florence2 import build_tiny_florence2
 from tuneline.tiny.sdxl import build_tiny_sdxl
+from tuneline.tiny.zimage import build_tiny_zimage
 
 log = logging.getLogger(__name__)
 
-TinyKind = Literal["sdxl", "florence2"]
+TinyKind = Literal["sdxl", "florence2", "zimage"]
 
 # Model ids (as a user writes them in params/CLI) -> builder kind.
-TINY_MODEL_IDS: dict[str, TinyKind] = {"tiny-sdxl": "sdxl", "tiny-florence2": "florence2"}
+TINY_MODEL_IDS: dict[str, TinyKind] = {
+    "tiny-sdxl": "sdxl",
+    "tiny-florence2": "florence2",
+    "tiny-zimage": "zimage",
+}
 
 # Looked up at call time, so tests can count or replace builds.
-_BUILDERS: dict[str, Callable[[Path], Path]] = {"sdxl": build_tiny_sdxl, "florence2": build_tiny_florence2}
+_BUILDERS: dict[str, Callable[[Path], Path]] = {
+    "sdxl": build_tiny_sdxl,
+    "florence2": build_tiny_florence2,
+    "zimage": build_tiny_zimage,
+}
 _announced: set[Path] = set()
 
 
@@ -60,6 +69,6 @@ def ensure_tiny_model(kind: TinyKind, cache_dir: Path | None = None) -> Path:
 
 
 def resolve_tiny(name: str, cache_dir: Path | None = None) -> Path | None:
-    """The built folder for a tiny model id (`tiny-sdxl`, `tiny-florence2`); None for any other name."""
+    """The built folder for a tiny model id (`tiny-sdxl`, `tiny-florence2`, `tiny-zimage`); None for any other name."""
     kind = TINY_MODEL_IDS.get(name)
     return None if kind is None else ensure_tiny_model(kind, cache_dir)

@@ -27,6 +27,16 @@ SAFE_TO_CHANGE = {"num_steps", "num_epochs", "checkpoint", "log_every", "compile
                   "channels_last", "gradient_checkpointing", "attention", "mixed_precision"}
 
 
+
+def added_later_defaults() -> dict[str, Any]:
+    """Train settings added after runs existed -> their default (dumped): at the default they are left
+    out of the run key and read as set in older checkpoints, so a run started before the setting
+    existed keeps its folder and resumes without a note."""
+    from tuneline.train.config import FlowMatchingConfig
+
+    return {"flow_matching": FlowMatchingConfig().model_dump(mode="json")}
+
+
 class ResumeRefused(ValueError):
     """The checkpoint cannot continue this configuration."""
 
@@ -45,7 +55,9 @@ def run_key(train_config: dict[str, Any], model: dict[str, Any], data_digest: st
     (batch size per bucket) belongs here: the saved sampler position indexes a batch list
     built from it.
     """
-    fixed = {key: value for key, value in train_config.items() if key not in SAFE_TO_CHANGE}
+    added = added_later_defaults()
+    fixed = {key: value for key, value in train_config.items()
+             if key not in SAFE_TO_CHANGE and not (key in added and value == added[key])}
     return digest_json({"train": fixed, "model": model, "data": data_digest, "processes": processes,
                         "batching": batching})[:16]
 
@@ -153,6 +165,7 @@ def compare_configs(saved: dict[str, Any], current: dict[str, Any],
                     section: str = "train") -> tuple[list[str], list[str]]:
     """(changes that are safe, changes that are not) between two dumped train configs."""
     safe, unsafe = [], []
+    saved = {**{key: value for key, value in added_later_defaults().items() if key in current}, **saved}
     for key in sorted(set(saved) | set(current)):
         if key not in saved and key in SAFE_TO_CHANGE:
             continue  # a speed setting added after the checkpoint was written: nothing changed

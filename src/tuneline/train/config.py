@@ -4,9 +4,9 @@ them into its params section (`tuneline.stages.train.config.TrainConfig`)."""
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
 from tuneline.core.params import Section
 
@@ -53,6 +53,51 @@ class LossConfig(Section):
     )
     min_sigma_warmup_steps: int = Field(
         0, ge=0, description="Ramp min_sigma in linearly from 0 over this many steps."
+    )
+
+
+def _parse_shift(value: Any) -> Any:
+    """'auto' or a number > 0 (YAML may hand numbers over as strings)."""
+    if value == "auto":
+        return value
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if number is None or not number > 0:
+        raise ValueError("expected 'auto' (the pipeline scheduler's shift for the resolution) or a number > 0")
+    return number
+
+
+Shift = Annotated[Union[Literal["auto"], float], BeforeValidator(_parse_shift)]
+
+
+class FlowMatchingConfig(Section):
+    """Noise levels and loss weighting of a flow-matching model (Z-Image, Flux): see
+    `tuneline.train.flow_matching`."""
+
+    timestep_sampling: Literal["uniform", "logit_normal", "mode"] = Field(
+        "logit_normal",
+        description="How each sample's noise level sigma is drawn before the shift: uniform in [0, 1], "
+        "logit_normal (sigmoid of a normal with logit_mean, logit_std), or mode (SD3's mode sampling, "
+        "mode_scale).",
+    )
+    logit_mean: float = Field(0.0, description="logit_normal: mean of the normal; > 0 leans towards noise.")
+    logit_std: float = Field(1.0, gt=0, description="logit_normal: standard deviation of the normal.")
+    mode_scale: float = Field(1.29, description="mode: scale; > 0 puts more samples at middle noise levels.")
+    shift: Shift = Field(
+        "auto",
+        description="Shift of the drawn sigmas towards noise: 'auto' uses the shift the model's scheduler "
+        "uses at inference (its static shift, or the resolution-dependent one when use_dynamic_shifting), "
+        "a number a static shift s*sigma/(1+(s-1)*sigma); 1.0 none.",
+    )
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = Field(
+        "none",
+        description="Per-sample loss weight from sigma (SD3): none, sigma_sqrt (sigma^-2), cosmap.",
     )
 
 

@@ -1,7 +1,9 @@
 """Training samples from the latents stage: cached latent distributions, captions, SDXL sizes.
 
 Latents are sampled from the stored distribution (mean + std * noise) with the trainer's
-generator, so every epoch sees a fresh sample and resume stays exact.
+generator, so every epoch sees a fresh sample and resume stays exact. Cached text embeddings
+are stacked (SDXL: fixed length, with pooled ones) or, when the files hold no `pooled`
+(Z-Image), handed over as a list of [tokens, hidden] tensors of their own lengths.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ class LatentData:
             if self.text_cache:
                 text = load_file(self.dir / item.record["text_embeddings"])
                 embeds.append(text["prompt_embeds"])
-                pooled.append(text["pooled"])
+                pooled.append(text.get("pooled"))
         mean = host_to_device(torch.stack(means), device).float()
         std = host_to_device(torch.stack(stds), device).float()
         sample = mean + std * torch.stack(noises).to(mean.device)
@@ -118,7 +120,10 @@ class LatentData:
                                                        dtype=torch.float32), device),
             "ids": [self.items[i].record["id"] for i in indices],
         }
-        if self.text_cache:
+        if self.text_cache and all(p is None for p in pooled):
+            # Z-Image: one [tokens, hidden] embedding per caption, of its own length, no pooled one.
+            batch["prompt_embeds"] = [host_to_device(embed, device) for embed in embeds]
+        elif self.text_cache:
             batch["prompt_embeds"] = host_to_device(torch.stack(embeds), device)
             batch["pooled"] = host_to_device(torch.stack(pooled), device)
         return batch

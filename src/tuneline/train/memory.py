@@ -225,7 +225,9 @@ def _meta_rules(dtype: Any) -> Any:
             if target is not None:
                 args, kwargs = cast(args, target), {k: cast(v, target) for k, v in kwargs.items()}
             if func is F.scaled_dot_product_attention:
-                return FlashAttentionOnMeta.apply(*args[:3])
+                # Positional (the UNet's processors) or by name (diffusers' attention dispatch: Z-Image).
+                qkv = [*args[:3], *(kwargs[name] for name in ("query", "key", "value")[len(args[:3]):])]
+                return FlashAttentionOnMeta.apply(*qkv)
             return func(*args, **kwargs)
 
     return MetaRules()
@@ -335,19 +337,20 @@ def conditioning_cached(params: Any) -> bool:
 
 def estimate(params: Any, root: Path, bucket: tuple[int, int] | None = None, batch_size: int | None = None,
              adapter: Any = None) -> MemoryEstimate:
-    """The GPU memory of training `params` (SDXL adapter), from the model's configs alone.
+    """The GPU memory of training `params` (the adapter of model.base's family), from the model's configs alone.
 
     `bucket`/`batch_size` default to the largest bucket of the data sets; `adapter` (already
     loaded and set up, e.g. on real weights) skips building one on the meta device.
     """
     import torch
 
-    from tuneline.models.sdxl import SDXLAdapter
+    from tuneline.models.family import detect_family
+    from tuneline.models.registry import build_adapter
 
     train = params.train
     cached = conditioning_cached(params)
     if adapter is None:
-        adapter = SDXLAdapter(params.model, train, root)
+        adapter = build_adapter(detect_family(params.model, root), params.model, train, root)
         with torch.random.fork_rng(devices=[]):  # LoRA initialisation draws: leave the caller's RNG alone
             adapter.load(conditioning_cached=cached, empty_weights=True)
             adapter.setup_training()

@@ -238,7 +238,8 @@ class Trainer:
         for name, module in self.adapter.frozen_modules().items():
             module.to(self.accelerator.device)
         if getattr(config, "compile", False):
-            self.modules["unet"] = compile_module(self.modules["unet"], config.compile_scope, self.accelerator)
+            denoiser = getattr(self.adapter, "denoiser_name", "unet")  # SDXL's UNet, Z-Image's transformer
+            self.modules[denoiser] = compile_module(self.modules[denoiser], config.compile_scope, self.accelerator)
         self.units = [OptimizationUnit(spec["name"], optimizer, scheduler,
                                        [p for group in spec["groups"] for p in group["params"]],
                                        spec.get("every", 1), spec.get("start_step", 0), spec.get("max_grad_norm"))

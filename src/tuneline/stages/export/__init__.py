@@ -3,6 +3,7 @@
 - kohya_lora: a LoRA in kohya's layout (ComfyUI, A1111, kohya sd-scripts)
 - sgm_unet: diffusers UNet module names -> the original (SGM) block names
 - single_file: a full pipeline as one single-file SDXL checkpoint (original layout), and a VAE alone (export.vae)
+- zimage: Z-Image's LoRA and diffusion model in the layouts ComfyUI loads (checked against its code)
 - metadata: ss_*, modelspec.* and provenance header entries
 - stage: the stage function (files, model card, copies)
 
@@ -11,6 +12,7 @@ Importing this package is instant: torch and diffusers load inside the functions
 
 # The modules that decide the exported files (tuneline.core.codeversion); dvc.yaml declares them.
 CODE = ("stages/export/stage.py", "stages/export/kohya_lora.py", "stages/export/metadata.py",
-        "stages/export/sgm_unet.py", "stages/export/single_file.py", "models/loading.py", "models/ref.py",
-        "models/single_file.py", "models/sdxl.py", "models/sdxl_text.py", "stages/render/generate.py",
-        "stages/render/prompts.py", "stages/render/samplers.py", "train/loss.py", "core/tensorfile.py")
+        "stages/export/sgm_unet.py", "stages/export/single_file.py", "stages/export/zimage.py", "models/loading.py",
+        "models/ref.py", "models/single_file.py", "models/family.py", "models/sdxl.py", "models/sdxl_text.py",
+        "stages/render/generate.py", "stages/render/prompts.py", "stages/render/samplers.py", "train/loss.py",
+        "core/tensorfile.py")

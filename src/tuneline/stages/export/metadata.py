@@ -14,6 +14,10 @@ from typing import Any
 SDXL_ARCHITECTURE = "stable-diffusion-xl-v1-base"
 VAE_ARCHITECTURE = f"{SDXL_ARCHITECTURE}/vae"
 SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
+# Z-Image's modelspec names, as kohya's musubi-tuner writes them (utils/sai_model_spec.py: ARCH_Z_IMAGE,
+# IMPL_Z_IMAGE; a LoRA adds "/lora"); flow matching has no modelspec.prediction_type there.
+ZIMAGE_ARCHITECTURE = "Z-Image"
+ZIMAGE_IMPLEMENTATION = "https://github.com/Tongyi-MAI/Z-Image"
 MODELSPEC_VERSION = "1.0.1"
 PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v", "v": "v"}
 
@@ -34,17 +38,18 @@ def modelspec_metadata(
     date: _dt.datetime | str | None = None,
     description: str | None = None,
     implementation_version: str | None = None,
+    implementation: str = SGM_IMPLEMENTATION,
 ) -> dict[str, str]:
     """SAI model spec 1.0.1 keys, as kohya sd-scripts writes them (ComfyUI / A1111 / SAI tooling read them).
 
-    `prediction_type` None: no such key (a VAE predicts no noise)."""
+    `prediction_type` None: no such key (a VAE predicts no noise; Z-Image's flow matching has none)."""
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type={prediction_type!r}; expected one of {sorted(PREDICTION_TYPES)}")
     width, height = resolution
     meta = {
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": architecture,
-        "modelspec.implementation": SGM_IMPLEMENTATION,
+        "modelspec.implementation": implementation,
         "modelspec.title": title,
         "modelspec.resolution": f"{width}x{height}",
     }
@@ -246,3 +251,35 @@ def check_header(metadata: Mapping[str, Any] | None) -> dict[str, str]:
     if bad:
         raise TypeError(f"safetensors metadata must be str -> str; not strings: {bad}")
     return metadata
+
+
+def zimage_metadata(
+    *,
+    kind: str,
+    title: str,
+    data_digest: str,
+    params_digest: str,
+    code_version: str,
+    mlflow_run_id: str | None = None,
+    git_commit: str = "unknown",
+    git_dirty: bool | None = None,
+    resolution: tuple[int, int] = (1024, 1024),
+    trigger_phrase: str | None = None,
+    date: _dt.datetime | str | None = None,
+    description: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
+    """Header of a Z-Image export (`kind`: checkpoint, lora or vae): `modelspec.*` 1.0.1 with the
+    architecture `Z-Image` (`Z-Image/lora`, `Z-Image/vae`) and Z-Image's implementation, no prediction
+    type (flow matching), the same provenance as the SDXL files, and `extra`."""
+    suffix = {"checkpoint": "", "lora": "/lora", "vae": "/vae"}[kind]
+    implementation = f"tuneline/{git_commit if git_commit != 'unknown' else code_version}"
+    meta = modelspec_metadata(architecture=ZIMAGE_ARCHITECTURE + suffix, title=title, resolution=resolution,
+                              prediction_type=None, trigger_phrase=None if kind == "vae" else trigger_phrase,
+                              date=None if kind == "vae" else date, description=description,
+                              implementation_version=implementation, implementation=ZIMAGE_IMPLEMENTATION)
+    meta.update(provenance_metadata(data_digest=data_digest, params_digest=params_digest, code_version=code_version,
+                                    mlflow_run_id=mlflow_run_id, git_commit=git_commit, git_dirty=git_dirty))
+    for key, value in (extra or {}).items():
+        meta[str(key)] = str(value)
+    return meta

@@ -10,6 +10,10 @@ What was trained decides the files (`<name>` is export.name):
   LoRA of the LoRA parts, meant at strength 1 on top of that checkpoint. The LoRA is not merged
   into the checkpoint: in an fp16/bf16 file the rounding would eat much of its update, and two
   files keep every trained tensor as it was trained (and the LoRA strength adjustable).
+- Z-Image (trainer_state.json's family): the LoRA as `diffusion_model.<module>.lora_A/lora_B/alpha`
+  (ComfyUI's Z-Image LoRA keys; diffusers' ZImagePipeline.load_lora_weights reads it), the full
+  fine-tune as the transformer alone in ComfyUI's Z-Image layout (models/diffusion_models); see
+  `zimage.py` for what was checked against ComfyUI.
 - with export.vae: also `<name>_vae.safetensors`, the pipeline's VAE (model.vae: models/autoencoder when
   the autoencoder stage ran; else the base's vae/) alone, in the ldm layout of standalone VAE files
   (ComfyUI's Load VAE, A1111's models/VAE).
@@ -38,7 +42,8 @@ from tuneline.stages.train.config import TrainConfig
 
 STAGE = "export"
 COMPONENTS = {"unet": "UNet", "text_encoder_1": "text encoder 1 (CLIP ViT-L)",
-              "text_encoder_2": "text encoder 2 (OpenCLIP bigG)"}
+              "text_encoder_2": "text encoder 2 (OpenCLIP bigG)", "transformer": "transformer (Z-Image DiT)"}
+FAMILY_TITLES = {"sdxl": "SDXL", "zimage": "Z-Image"}
 
 
 @dataclass
@@ -62,8 +67,14 @@ def _base_unet_config(params: Params, root: Path) -> Path:
     return base / "unet" / "config.json"
 
 
-def trained_modes(trained: TrainConfig) -> dict[str, str]:
-    """unet / text_encoder_1 / text_encoder_2 -> frozen, lora or full, as the run trained them."""
+def trained_modes(trained: TrainConfig, family: str = "sdxl") -> dict[str, str]:
+    """unet / text_encoder_1 / text_encoder_2 (Z-Image: transformer) -> frozen, lora or full, as the run
+    trained them. A Z-Image run that trained its Qwen3 text encoder has no export (ValueError)."""
+    if family == "zimage":
+        if trained.text_encoder_1.mode != "frozen" or trained.text_encoder_2.mode != "frozen":
+            raise ValueError("export: this Z-Image run trained its text encoder; only the transformer (LoRA or "
+                             "full) exports for Z-Image so far")
+        return {"transformer": trained.mode}
     return {"unet": trained.mode, "text_encoder_1": trained.text_encoder_1.mode,
             "text_encoder_2": trained.text_encoder_2.mode}
 
@@ -162,11 +173,22 @@ def provenance(common: dict[str, Any]) -> dict[str, str]:
     and the export's MLflow run."""
     from tuneline.stages.export.metadata import provenance_metadata
 
-    return provenance_metadata(**{key: common[key] for key in (
-        "data_digest", "params_digest", "code_version", "mlflow_run_id", "git_commit", "git_dirty")})
+    return provenance_metadata(**{key: common[key] for key in PROVENANCE_KEYS})
 
 
-def _vae_file(params: Params, root: Path) -> tuple[ExportedFile, bool]:
+PROVENANCE_KEYS = ("data_digest", "params_digest", "code_version", "mlflow_run_id", "git_commit", "git_dirty")
+
+
+def _zimage_header(kind: str, common: dict[str, Any], extra: dict[str, str], description: str | None = None,
+                   title: str | None = None) -> dict[str, str]:
+    from tuneline.stages.export.metadata import zimage_metadata
+
+    return zimage_metadata(kind=kind, title=title or common["title"], resolution=common["resolution"],
+                           trigger_phrase=common["trigger_phrase"], date=common["date"], description=description,
+                           extra=extra, **{key: common[key] for key in PROVENANCE_KEYS})
+
+
+def _vae_file(params: Params, root: Path, family: str = "sdxl") -> tuple[ExportedFile, bool]:
     """The VAE file of export.vae, and whether its VAE is the base model's, unchanged.
 
     The pipeline's VAE is what every stage loads: model.vae, which the stage runner points at
@@ -175,19 +197,20 @@ def _vae_file(params: Params, root: Path) -> tuple[ExportedFile, bool]:
     base_vae = not params.model.vae
     what = (f"the base model's VAE (`{params.model.base}` vae/), unchanged" if base_vae
             else f"the pipeline's VAE (`{params.model.vae}`)")
+    layout_note = ("the 16-channel Flux/Z-Image VAE in the layout of its `ae.safetensors`: ComfyUI `models/vae`"
+                   if family == "zimage" else "original layout: ComfyUI `models/vae`, A1111 `models/VAE`")
     return ExportedFile(f"{config.name}_vae.safetensors", "vae", [],
-                        f"single-file VAE ({config.dtype}, original layout: ComfyUI `models/vae`, A1111 "
-                        f"`models/VAE`): {what}"), base_vae
+                        f"single-file VAE ({config.dtype}, {layout_note}): {what}"), base_vae
 
 
 def model_card(params: Params, state: dict[str, Any], trained: TrainConfig, files: list[ExportedFile],
-               samples: list[str], samples_note: str | None, common: dict[str, Any]) -> str:
+               samples: list[str], samples_note: str | None, common: dict[str, Any], family: str = "sdxl") -> str:
     code_version = common["code_version"]
     lines = [f"# {params.export.name}", ""]
     if is_tiny(params.model.base):
-        lines += ["> **Random tiny model.** Trained from `tiny-sdxl`, a tiny model with RANDOM weights used for "
-                  "tests and demos: this file proves the pipeline works, its images mean nothing.", ""]
-    lines += [f"Fine-tuned SDXL, trained with tuneline {code_version}.", "", "## Files", ""]
+        lines += [f"> **Random tiny model.** Trained from `{params.model.base}`, a tiny model with RANDOM weights "
+                  "used for tests and demos: this file proves the pipeline works, its images mean nothing.", ""]
+    lines += [f"Fine-tuned {FAMILY_TITLES[family]}, trained with tuneline {code_version}.", "", "## Files", ""]
     lines += [f"- `{f.name}`: {f.description}" for f in files]
     models = [f for f in files if f.kind != "vae"]
     if len(models) > 1:
@@ -200,11 +223,12 @@ def model_card(params: Params, state: dict[str, Any], trained: TrainConfig, file
         "- trigger words: " + (", ".join(f"`{d.trigger_word}` ({d.name})" for d in params.datasets
                                          if d.trigger_word) or "none"),
         f"- steps: {state['step']} (epochs {state['epoch']}), seed {state['seed']}",
-        *[_component_line(name, mode, trained) for name, mode in trained_modes(trained).items()],
+        *[_component_line(name, mode, trained) for name, mode in trained_modes(trained, family).items()],
         f"- optimizer {trained.optimizer.name}, lr {trained.lr}, schedule {trained.schedule.name}, "
         f"mixed precision {trained.mixed_precision}",
-        f"- prediction type: {prediction}, zero terminal SNR: {'yes' if trained.zero_terminal_snr else 'no'}, "
-        f"resolution {params.bucket.resolution}",
+        (f"- flow matching (velocity noise - x0), resolution {params.bucket.resolution}" if family == "zimage" else
+         f"- prediction type: {prediction}, zero terminal SNR: {'yes' if trained.zero_terminal_snr else 'no'}, "
+         f"resolution {params.bucket.resolution}"),
         "",
         "## Provenance", "",
         "The same entries are in every file's header and on the export's MLflow run. The data digest names "
@@ -216,6 +240,14 @@ def model_card(params: Params, state: dict[str, Any], trained: TrainConfig, file
         lines += ["## Samples", ""] + [f"![sample]({s})" for s in samples] + [""]
     elif samples_note:
         lines += ["## Samples", "", f"None: {samples_note}.", ""]
+    if family == "zimage":
+        lines += ["## Use", "", "ComfyUI: the diffusion model goes into `models/diffusion_models` (Load Diffusion Model; "
+                  "the Qwen3 text encoder and the VAE are separate files, CLIP type `lumina2`), LoRAs into "
+                  "`models/loras`" + (", the VAE into `models/vae`." if any(f.kind == "vae" for f in files) else "."),
+                  "diffusers: `ZImagePipeline.from_pretrained(base)` then `pipe.load_lora_weights(path)`; a full "
+                  "fine-tune: the `diffusers/pipeline` folder (`ZImagePipeline.from_pretrained`).",
+                  "Guidance follows ZImagePipeline's convention: 0 turns it off; g > 0 gives pos + g*(pos - neg)."]
+        return "\n".join(lines + [""])
     lines += ["## Use", "", "ComfyUI / A1111: checkpoints go into `models/checkpoints`, LoRAs into `models/loras`"
               + (", the VAE into `models/vae` (ComfyUI's Load VAE node; A1111: `models/VAE`)."
                  if any(f.kind == "vae" for f in files) else "."),
@@ -228,7 +260,7 @@ def model_card(params: Params, state: dict[str, Any], trained: TrainConfig, file
 
 
 def _export_vae(params: Params, root: Path, file: ExportedFile, common: dict[str, Any], base_vae: bool,
-                store: Any, staging: Path) -> int:
+                store: Any, staging: Path, family: str = "sdxl") -> int:
     """Put the VAE file into `staging`, from the store when the same VAE, dtype, header and code made it
     before (the VAE is read only on a miss). 1 when it was computed, 0 when reused."""
     from tuneline.core.codeversion import code_version
@@ -243,11 +275,12 @@ def _export_vae(params: Params, root: Path, file: ExportedFile, common: dict[str
              "tuneline.random_tiny_model": str(is_tiny(params.model.base)).lower()}
     if config.author:
         extra["modelspec.author"] = config.author
-    metadata = vae_metadata(
-        title=f"{config.name} VAE", resolution=common["resolution"], extra=extra,
-        description=("the base model's VAE, unchanged" if base_vae else f"the VAE of {params.model.vae}"),
-        **{key: common[key] for key in ("data_digest", "params_digest", "code_version", "mlflow_run_id",
-                                        "git_commit", "git_dirty")})
+    description = "the base model's VAE, unchanged" if base_vae else f"the VAE of {params.model.vae}"
+    if family == "zimage":
+        metadata = _zimage_header("vae", common, extra, description, title=f"{config.name} VAE")
+    else:
+        metadata = vae_metadata(title=f"{config.name} VAE", resolution=common["resolution"], extra=extra,
+                                description=description, **{key: common[key] for key in PROVENANCE_KEYS})
     stored = store.path(digest_json({"vae": source.identity(root), "dtype": config.dtype, "code": code_version(CODE),
                                      "file": [file.name, file.kind], "metadata": metadata}), ".safetensors")
     computed = 0
@@ -269,6 +302,8 @@ def run(params: Params, root: Path, trained_dir: Path, renders_dir: Path, out_di
     from tuneline.models.ref import identify
     from tuneline.stages.export import CODE
     from tuneline.stages.render.generate import LORA_FILE, PIPELINE_DIR, weights_identity
+    from tuneline.stages.export.zimage import export_zimage_lora, transformer_to_single_file
+    from tuneline.models.family import detect_family
 
     started = time.perf_counter()
     root, trained_dir = Path(root), Path(trained_dir)
@@ -278,10 +313,11 @@ def run(params: Params, root: Path, trained_dir: Path, renders_dir: Path, out_di
         raise FileNotFoundError(f"{state_file}: no trained model to export (run the train stage first)")
     state = json.loads(state_file.read_text("utf-8"))
     trained = TrainConfig.model_validate(state["train_config"])  # what was trained, not today's params.yaml
+    family = state.get("family") or detect_family(params.model, root)  # what was trained decides the layout
     config = params.export
     weights_dir = trained_dir / "ema" if config.use_ema and (trained_dir / "ema").is_dir() else trained_dir
     weights = "ema" if weights_dir != trained_dir else "trained"
-    modes = trained_modes(trained)
+    modes = trained_modes(trained, family)
     full = [name for name, mode in modes.items() if mode == "full"]
     lora = [name for name, mode in modes.items() if mode == "lora"]
     for parts, found in ((full, weights_dir / PIPELINE_DIR), (lora, weights_dir / LORA_FILE)):
@@ -293,17 +329,21 @@ def run(params: Params, root: Path, trained_dir: Path, renders_dir: Path, out_di
         untouched = [name for name in modes if name not in full]
         files.append(ExportedFile(
             f"{config.name}.safetensors", "checkpoint", full,
+            f"single-file Z-Image diffusion model ({config.dtype}): the fully trained transformer alone in "
+            "ComfyUI's Z-Image layout (models/diffusion_models)" if family == "zimage" else
             f"single-file SDXL checkpoint ({config.dtype}) with the fully trained {_names(full)}"
             + (f"; {_names(untouched)} as in the base model" if untouched else "")))
     if lora:
         lora_settings = trained.lora
+        kind = ("Z-Image LoRA (`diffusion_model.` keys: ComfyUI, diffusers' load_lora_weights)" if family == "zimage"
+                else f"kohya {'DoRA' if lora_settings.use_dora else 'LoRA'}")
         files.append(ExportedFile(
             f"{config.name}{'_lora' if full else ''}.safetensors", "lora", lora,
-            f"kohya {'DoRA' if lora_settings.use_dora else 'LoRA'} of the {_names(lora)} (rank {lora_settings.rank}, "
+            f"{kind} of the {_names(lora)} (rank {lora_settings.rank}, "
             f"alpha {lora_settings.alpha})" + (f", to apply at strength 1.0 on top of `{files[0].name}`" if full else "")))
     base_vae = False
     if config.vae:
-        vae_file, base_vae = _vae_file(params, root)
+        vae_file, base_vae = _vae_file(params, root, family)
         files.append(vae_file)
         if base_vae:
             report.warnings.append("export: export.vae is on but the VAE is the base model's, unchanged: model.vae "
@@ -317,17 +357,20 @@ def run(params: Params, root: Path, trained_dir: Path, renders_dir: Path, out_di
     # the base model (kohya block names come from its UNet config), the header, dtype and code. A
     # rerun of the same inputs (DVC after the flow, or the other way round) writes nothing again.
     store = ItemStore(root / params.store_dir, STAGE)
-    identity = {"weights": weights_identity(weights_dir, root), "dtype": config.dtype, "code": code_version(CODE),
+    identity = {"family": family, "weights": weights_identity(weights_dir, root), "dtype": config.dtype,
+                "code": code_version(CODE),
                 "base": {key: entry["identity"] for key, entry in identify(params, root, ("model.base",)).items()}}
     made = 0
     with rebuilt_dir(out_dir) as staging:
         for file in files:
             if file.kind == "vae":
-                made += _export_vae(params, root, file, common, base_vae, store, staging)
+                made += _export_vae(params, root, file, common, base_vae, store, staging, family)
                 continue
             companion = next((other for other in files if other is not file and other.kind != "vae"), None)
             extra = _extra(params, state, weights, file, companion)
-            if file.kind == "checkpoint":
+            if family == "zimage":
+                metadata = _zimage_header(file.kind, common, extra)
+            elif file.kind == "checkpoint":
                 metadata = checkpoint_metadata(**common, extra=extra)
             else:
                 module, network_args = lora_network(trained.lora)
@@ -341,7 +384,12 @@ def run(params: Params, root: Path, trained_dir: Path, renders_dir: Path, out_di
                                              "metadata": metadata}), ".safetensors")
             if not stored.is_file():
                 made += 1
-                if file.kind == "checkpoint":
+                if family == "zimage" and file.kind == "checkpoint":
+                    transformer_to_single_file(weights_dir / PIPELINE_DIR / "transformer", stored, config.dtype,
+                                               metadata)
+                elif family == "zimage":
+                    export_zimage_lora(weights_dir / LORA_FILE, stored, metadata)
+                elif file.kind == "checkpoint":
                     pipeline_to_single_file(weights_dir / PIPELINE_DIR, stored, config.dtype, metadata)
                 else:
                     export_kohya_lora(weights_dir / LORA_FILE, stored, _base_unet_config(params, root), metadata)
@@ -354,7 +402,7 @@ def run(params: Params, root: Path, trained_dir: Path, renders_dir: Path, out_di
             link_or_copy(image, staging / "samples" / image.name)
         atomic_write_text(staging / "README.md", model_card(
             params, state, trained, files, [f"samples/{image.name}" for image in samples], samples_note,
-            common))
+            common, family))
     paths = [Path(out_dir) / file.name for file in files]
     for folder in config.copy_to:  # a folder of checkpoints or LoRAs: the VAE file has its own (models/vae)
         for path in [Path(out_dir) / file.name for file in files if file.kind != "vae"]:
@@ -368,9 +416,11 @@ def run(params: Params, root: Path, trained_dir: Path, renders_dir: Path, out_di
     report.computed, report.reused = made, len(paths) - made
     report.extra.update({"file": str(paths[0]), "files": [str(p) for p in paths],
                          "kind": "; ".join(f"{f.name}: {f.description}" for f in files),
-                         "bytes": sum(p.stat().st_size for p in paths), "samples": len(samples)})
+                         "bytes": sum(p.stat().st_size for p in paths), "samples": len(samples),
+                         "family": family})
     if is_tiny(params.model.base):
-        report.warnings.append("exported a model trained from tiny-sdxl: RANDOM weights, for pipeline checks only")
+        report.warnings.append(f"exported a model trained from {params.model.base}: RANDOM weights, for pipeline "
+                               "checks only")
     report.seconds = time.perf_counter() - started
     if metrics_dir is not None:
         report.write_metrics(metrics_dir)

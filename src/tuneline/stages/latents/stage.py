@@ -6,11 +6,22 @@ samples fresh noise every step), plus `flip_mean`/`flip_std` of the mirrored ima
 `latents.flip` is on. Its key is the bucket key of the pixels + VAE identity + dtype +
 flip + the code version (a digest of the stage's modules): the caption is not in it, so editing a caption costs no VAE work.
 
-Text embeddings (SDXL's prompt_embeds and pooled) are a second, separate cache keyed by
-caption + the identities of both tokenizers and encoders + dtype. It is only valid while
-the text encoders are frozen and the caption the trainer sees is the stored one, so
-caption dropout, caption shuffle or text-encoder training switch it off (with the reason
-in the report).
+The model family (`tuneline.models.family.detect_family`) decides only the text part; the
+VAE part is one path for every family (SDXL's 4-channel VAE, Z-Image's 16-channel one with
+a shift factor: both factors are recorded, the trainer applies (z - shift) * scale).
+
+Text embeddings are a second, separate cache, one file per caption, keyed by caption + the
+identities of the family's tokenizers and text encoders + dtype (+ what else decides them):
+- SDXL (`TEXT_FORMAT`): `prompt_embeds` [77, hidden1 + hidden2] and `pooled` [projection],
+  as StableDiffusionXLPipeline.encode_prompt.
+- Z-Image (`ZIMAGE_TEXT_FORMAT`): `prompt_embeds` [L, hidden] with only the caption's real
+  tokens (chat template included, cut at max_sequence_length), and `attention_mask` [L] (bool,
+  all True: padding is the trainer's), as ZImagePipeline._encode_prompt; the key also holds
+  max_sequence_length.
+Either way the manifest record names the file under `text_embeddings` (its key `text_key`).
+The cache is only valid while the text encoders are frozen and the caption the trainer sees
+is the stored one, so caption dropout, caption shuffle or text-encoder training switch it
+off (with the reason in the report).
 
 Sharding. `shard=(i, n)` (`tuneline latents --shard i/n`) encodes only the missing latents
 and text embeddings whose key is in shard i of n (tuneline.core.store.in_shard) into the shared
@@ -28,7 +39,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -40,6 +51,7 @@ from tuneline.core.params import ParamsError, format_resolution
 from tuneline.core.fsutil import atomic_write_bytes, atomic_write_json, digest_json, link_or_copy, rebuilt_dir
 from tuneline.core.manifest import MANIFEST, REJECTED, read_manifest, write_jsonl
 from tuneline.models.ref import is_tiny
+from tuneline.models.zimage_text import MAX_SEQUENCE_LENGTH
 from tuneline.core.report import StageReport, console
 from tuneline.core.store import ItemStore, in_shard
 
@@ -51,6 +63,7 @@ TEXT_SUFFIX = ".text.safetensors"
 METADATA_FILE = "latents.json"
 FORMAT = "tuneline-latents"
 TEXT_FORMAT = "tuneline-sdxl-text-embeddings"
+ZIMAGE_TEXT_FORMAT = "tuneline-zimage-text-embeddings"
 # Text encoders are cheap next to the VAE: a fixed batch keeps their memory small and steady.
 TEXT_BATCH = 32
 # Computed results waiting to be written; bounds memory when the encoder outruns the disk.
@@ -99,6 +112,7 @@ def latent_key(image_key: str, vae_identity: str, dtype: str, flip: bool) -> str
 
 
 def text_key(caption: str, encoder_identities: dict[str, str], dtype: str) -> str:
+    """SDXL's text-embedding key."""
     return digest_json({
         "stage": TEXT_STAGE,
         "code": CODE_VERSION,
@@ -106,6 +120,129 @@ def text_key(caption: str, encoder_identities: dict[str, str], dtype: str) -> st
         "encoders": encoder_identities,  # both tokenizers and both text encoders
         "dtype": dtype,
     })
+
+
+def zimage_text_key(caption: str, encoder_identities: dict[str, str], dtype: str,
+                    max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> str:
+    """Z-Image's text-embedding key: the cut-off length decides a long caption's embedding."""
+    return digest_json({
+        "stage": TEXT_STAGE,
+        "code": CODE_VERSION,
+        "family": "zimage",
+        "caption": caption,
+        "encoders": encoder_identities,  # the tokenizer and the Qwen3 text encoder
+        "dtype": dtype,
+        "max_sequence_length": max_sequence_length,
+    })
+
+
+class SDXLTextCache:
+    """SDXL's text cache: both CLIP encoders' penultimate hidden states and the pooled projection."""
+
+    family: ClassVar[str] = "sdxl"
+    format: ClassVar[str] = TEXT_FORMAT
+
+    def sources(self, model: Any, root: Path) -> dict[str, Any]:
+        from tuneline.models.loading import text_encoder_sources
+
+        return text_encoder_sources(model, root)
+
+    def key(self, caption: str, identities: dict[str, str], dtype: str) -> str:
+        return text_key(caption, identities, dtype)
+
+    def load(self, model: Any, root: Path, dtype: str, device: str) -> Any:
+        from tuneline.models.loading import load_text_encoders
+
+        return load_text_encoders(model, root, dtype, device)
+
+    def order(self, items: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        return items  # every prompt is padded to 77 tokens: batching order changes no cost
+
+    def encode(self, models: Any, captions: list[str], device: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """(tensors, extra metadata) per caption."""
+        from tuneline.models.sdxl_text import encode_prompts
+
+        tokenizers, encoders = models
+        embeds, pooled = encode_prompts(tokenizers, encoders, captions, device)
+        return [({"prompt_embeds": embeds[b].cpu(), "pooled": pooled[b].cpu()}, {}) for b in range(len(captions))]
+
+    def summary(self) -> dict[str, Any]:
+        return {}
+
+
+class ZImageTextCache:
+    """Z-Image's text cache: the Qwen3 encoder's hidden_states[-2] of each caption's real tokens."""
+
+    family: ClassVar[str] = "zimage"
+    format: ClassVar[str] = ZIMAGE_TEXT_FORMAT
+    max_sequence_length: ClassVar[int] = MAX_SEQUENCE_LENGTH  # ZImagePipeline's default
+
+    def sources(self, model: Any, root: Path) -> dict[str, Any]:
+        from tuneline.models.loading import zimage_text_encoder_sources
+
+        return zimage_text_encoder_sources(model, root)
+
+    def key(self, caption: str, identities: dict[str, str], dtype: str) -> str:
+        return zimage_text_key(caption, identities, dtype, self.max_sequence_length)
+
+    def load(self, model: Any, root: Path, dtype: str, device: str) -> Any:
+        from tuneline.models.loading import load_zimage_text_encoder
+
+        return load_zimage_text_encoder(model, root, dtype, device)
+
+    def order(self, items: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        # A batch is padded to its longest prompt: similar lengths together waste the least
+        # (the result does not depend on the batch: the encoder is causal and masked).
+        return sorted(items, key=lambda item: (len(item[1]), item[0]))
+
+    def encode(self, models: Any, captions: list[str], device: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        import torch
+
+        from tuneline.models.zimage_text import chat_prompts, encode_prompts
+
+        tokenizer, encoder = models
+        embeds = encode_prompts(tokenizer, encoder, captions, self.max_sequence_length, device)
+        # Untruncated lengths, to tell which captions lost their end (the pipeline cuts them silently).
+        full = [len(ids) for ids in tokenizer(chat_prompts(tokenizer, captions)).input_ids]
+        results = []
+        for embed, tokens in zip(embeds, full, strict=True):
+            embed = embed.cpu()
+            results.append(({"prompt_embeds": embed, "attention_mask": torch.ones(embed.shape[0], dtype=torch.bool)},
+                            {"tokens": embed.shape[0], "max_sequence_length": self.max_sequence_length,
+                             "truncated": tokens > self.max_sequence_length, "untruncated_tokens": tokens}))
+        return results
+
+    def summary(self) -> dict[str, Any]:
+        return {"max_sequence_length": self.max_sequence_length}
+
+
+TEXT_CACHES: dict[str, Any] = {"sdxl": SDXLTextCache(), "zimage": ZImageTextCache()}
+
+
+def text_cache(family: str) -> Any:
+    """The text-embedding cache of a model family."""
+    try:
+        return TEXT_CACHES[family]
+    except KeyError:
+        raise ParamsError(f"the latents stage has no text-embedding cache for model family {family!r}; "
+                          f"families: {', '.join(sorted(TEXT_CACHES))}") from None
+
+
+def family_notes(params: Params, family: str) -> list[str]:
+    """Set options that belong to another family and so change nothing here (reported, not silently dropped)."""
+    notes: list[str] = []
+    if family != "zimage":
+        return notes
+    train = getattr(params, "train", None)
+    second = getattr(getattr(train, "text_encoder_2", None), "mode", "frozen")
+    if second != "frozen":
+        notes.append(f"train.text_encoder_2.mode is {second!r}, but Z-Image has one text encoder (Qwen3, "
+                     "train.text_encoder_1); SDXL's second encoder does not exist here (it still turns the text "
+                     "cache off, as any trained text encoder does)")
+    if params.model.config:
+        notes.append(f"model.config ({params.model.config!r}) describes a single-file SDXL base; a Z-Image base "
+                     "is a diffusers folder or hub id, so it is not used")
+    return notes
 
 
 def caption_of(record: dict[str, Any]) -> str:
@@ -266,7 +403,7 @@ class _Writer:
 
 def _encode_latents(params: Params, root: Path, captioned_dir: Path, records: list[dict[str, Any]],
                     todo: list[int], keys: list[str], store: ItemStore, device: str, dtype: str,
-                    vae_identity: str, report: StageReport) -> dict[int, str]:
+                    vae_identity: str, report: StageReport, family: str = "sdxl") -> dict[int, str]:
     """Encode records[todo] into the store; return {index: rejection reason} for those that failed."""
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -413,38 +550,44 @@ def _encode_latents(params: Params, root: Path, captioned_dir: Path, records: li
         report.extra["fp32_retries"] = len(upcast_names)
         named = ", ".join(upcast_names[:MAX_NAMED])
         more = f" and {len(upcast_names) - MAX_NAMED} more" if len(upcast_names) > MAX_NAMED else ""
+        hint = ("The stock SDXL VAE overflows in fp16; a fixed VAE (model.vae: madebyollin/sdxl-vae-fp16-fix) "
+                "or latents.dtype bf16/fp32 avoids the retries." if family == "sdxl"
+                else "latents.dtype bf16 or fp32 avoids the retries.")
         report.warnings.append(
             f"{len(upcast_names)} image(s) gave NaN/Inf latents in {dtype} and were re-encoded in fp32: "
-            f"{named}{more}. The stock SDXL VAE overflows in fp16; a fixed VAE "
-            "(model.vae: madebyollin/sdxl-vae-fp16-fix) or latents.dtype bf16/fp32 avoids the retries."
+            f"{named}{more}. {hint}"
         )
     return failed
 
 
 def _encode_texts(params: Params, root: Path, missing: dict[str, str], text_store: ItemStore, device: str,
-                  dtype: str, identities: dict[str, str]) -> None:
-    """Encode each missing caption once ({key: caption}) into the text store."""
+                  dtype: str, identities: dict[str, str], cache: Any) -> list[str]:
+    """Encode each missing caption once ({key: caption}) into the text store, with the family's
+    `cache`; return the captions that were cut at the encoder's maximum length."""
     import torch
 
-    from tuneline.models.loading import load_text_encoders, release
-    from tuneline.models.sdxl_text import encode_prompts
+    from tuneline.models.loading import release
 
-    tokenizers, encoders = load_text_encoders(params.model, root, dtype, device)
+    models = cache.load(params.model, root, dtype, device)
     writer = _Writer()
+    truncated: list[str] = []
     try:
-        items = sorted(missing.items())
+        items = cache.order(sorted(missing.items()))
         for start in range(0, len(items), TEXT_BATCH):
             chunk = items[start:start + TEXT_BATCH]
             with torch.inference_mode():
-                embeds, pooled = encode_prompts(tokenizers, encoders, [caption for _, caption in chunk], device)
-            for b, (key, caption) in enumerate(chunk):
-                writer.write(text_store.path(key, SUFFIX), {"prompt_embeds": embeds[b].cpu(), "pooled": pooled[b].cpu()},
-                             {"format": TEXT_FORMAT, "code_version": CODE_VERSION, "caption": caption,
-                              "dtype": dtype, "encoders": identities})
+                encoded = cache.encode(models, [caption for _, caption in chunk], device)
+            for (key, caption), (tensors, extra) in zip(chunk, encoded, strict=True):
+                if extra.get("truncated"):
+                    truncated.append(caption)
+                writer.write(text_store.path(key, SUFFIX), tensors,
+                             {"format": cache.format, "code_version": CODE_VERSION, "caption": caption,
+                              "dtype": dtype, "encoders": identities, **extra})
     finally:
         writer.close()
-        del tokenizers, encoders
+        del models
         release(device)
+    return truncated
 
 
 def run(params: Params, root: Path, captioned_dir: Path, out_dir: Path, metrics_dir: Path | None = None, *,
@@ -453,7 +596,8 @@ def run(params: Params, root: Path, captioned_dir: Path, out_dir: Path, metrics_
 
     With `shard=(i, n)`: only compute shard i's missing entries into the store (see the module docstring).
     """
-    from tuneline.models.loading import resolve_device, resolve_dtype, text_encoder_sources, vae_source
+    from tuneline.models.loading import resolve_device, resolve_dtype, vae_source
+    from tuneline.models.family import detect_family
 
     started = time.perf_counter()
     root = Path(root)
@@ -465,14 +609,17 @@ def run(params: Params, root: Path, captioned_dir: Path, out_dir: Path, metrics_
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     vae_identity = vae_source(params.model, root).identity(root)
+    family = detect_family(params.model, root)
+    cache = text_cache(family)
+    report.extra["family"] = family
+    report.warnings.extend(family_notes(params, family))
 
     # Text cache: decided (and its keys computed) before any model loads, so a bad base fails fast.
     blockers = training_text_blockers(params) if config.text_embeddings else []
     identities: dict[str, str] = {}
     if config.text_embeddings and not blockers:
         try:
-            identities = {name: source.identity(root)
-                          for name, source in text_encoder_sources(params.model, root).items()}
+            identities = {name: source.identity(root) for name, source in cache.sources(params.model, root).items()}
         except ParamsError as error:
             blockers.append(str(error))
     text_on = config.text_embeddings and not blockers
@@ -481,15 +628,21 @@ def run(params: Params, root: Path, captioned_dir: Path, out_dir: Path, metrics_
     todo = [i for i, key in enumerate(keys) if not store.has(key, SUFFIX) and in_shard(key, shard)]
     report.extra["vae_loaded"] = False
     failed = _encode_latents(params, root, captioned_dir, records, todo, keys, store, device, dtype,
-                             vae_identity, report) if todo else {}
+                             vae_identity, report, family) if todo else {}
     report.computed = len(todo) - len(failed)
 
-    text_keys = [text_key(caption_of(r), identities, dtype) if text_on else None for r in records]
+    text_keys = [cache.key(caption_of(r), identities, dtype) if text_on else None for r in records]
     missing_text = {key: caption_of(r) for key, r in zip(text_keys, records)
                     if key is not None and not text_store.has(key, SUFFIX) and in_shard(key, shard)}
     report.extra["text_encoders_loaded"] = bool(missing_text)
     if missing_text:
-        _encode_texts(params, root, missing_text, text_store, device, dtype, identities)
+        truncated = _encode_texts(params, root, missing_text, text_store, device, dtype, identities, cache)
+        if truncated:
+            report.extra["captions_truncated"] = len(truncated)
+            named = "; ".join(repr(c[:60] + "...") for c in truncated[:MAX_NAMED])
+            report.warnings.append(
+                f"{len(truncated)} caption(s) are longer than {cache.max_sequence_length} tokens (chat template "
+                f"included) and were cut there, as the pipeline cuts them: {named}")
     if shard is not None:  # a shard only fills the store; the unsharded run writes the output
         for i in sorted(failed):
             report.reject(records[i].get("source", records[i]["id"]), failed[i], dataset=records[i]["dataset"])
@@ -527,6 +680,7 @@ def run(params: Params, root: Path, captioned_dir: Path, out_dir: Path, metrics_
             })
         report.reused = len(manifest) - report.computed
         summary = {
+            "family": family,
             "vae": params.model.vae or params.model.base,
             "vae_identity": vae_identity,
             "dtype": dtype,
@@ -537,6 +691,8 @@ def run(params: Params, root: Path, captioned_dir: Path, out_dir: Path, metrics_
             "text_embeddings": text_on,
             "text_embeddings_off_because": blockers if config.text_embeddings else ["latents.text_embeddings: false"],
             "text_encoders": identities,
+            "text_embeddings_format": cache.format if text_on else None,
+            **(cache.summary() if text_on else {}),
             "random_tiny_model": is_tiny(params.model.base) or is_tiny(params.model.vae or ""),
         }
         write_jsonl(staging / MANIFEST, manifest)

@@ -3,7 +3,7 @@ load; the `models` stage records their identity."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import Field
 
@@ -17,6 +17,12 @@ class ModelConfig(Section):
         "tiny-sdxl",
         description="Base model: a hub id (e.g. stabilityai/stable-diffusion-xl-base-1.0), a local diffusers "
         "folder, a local single .safetensors file (converted once; see model.config), or 'tiny-sdxl' (a tiny RANDOM-weight model for tests and demos).",
+    )
+    family: Optional[Literal["sdxl", "zimage"]] = Field(
+        None,
+        description="Model family of `base`: 'sdxl' or 'zimage'; null detects it from the `_class_name` in "
+        "base's model_index.json (StableDiffusionXLPipeline -> sdxl, ZImagePipeline -> zimage; a single-file "
+        "base is sdxl). Set it for a pipeline class detection does not know that has one family's components.",
     )
     revision: Optional[str] = Field(
         None, description="Hub revision (branch, tag or commit) of `base`; pin a commit for caches that never go stale."

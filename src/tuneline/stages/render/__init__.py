@@ -1,7 +1,8 @@
 """Stage `render`: sample images from the base and the trained model, and sheets to judge them.
 
 - prompts: the prompts file (YAML/JSON), validated with pydantic
-- samplers: sampler names -> diffusers schedulers
+- samplers: sampler names -> diffusers schedulers (Z-Image: its flow-match Euler only), and the
+  model families' render facts (pipelines, denoiser, defaults)
 - generate: pipelines, rendering, and live evaluation during training
 - sheets: the contact sheet (prompts x checkpoints)
 - transfer: image-to-image from one data set into another's trigger word
@@ -15,4 +16,5 @@ Importing this package is instant: torch and diffusers load inside the functions
 CODE = ("stages/render/stage.py", "stages/render/generate.py", "stages/render/prompts.py",
         "stages/render/samplers.py", "stages/render/sheets.py", "stages/render/transfer.py",
         "stages/render/diagnostics.py", "models/sdxl.py", "models/loading.py", "models/sdxl_text.py",
-        "stages/render/cache.py", "models/single_file.py", "models/ref.py", "train/loss.py", "core/tensorfile.py")
+        "stages/render/cache.py", "models/single_file.py", "models/ref.py",
+        "models/family.py", "train/loss.py", "core/tensorfile.py")

@@ -1,7 +1,8 @@
 """Rendered images cached per image in the item store (`<store_dir>/render/`).
 
-An image's key is what decides its pixels: the content identity of the weights (the base
-model; for trained images also the trained files, LoRA scale and EMA choice), the resolved
+An image's key is what decides its pixels: the model family's pipeline class (an SDXL and a
+Z-Image render never share an entry, whatever else matches), the content identity of the
+weights (the base model; for trained images also the trained files, LoRA scale and EMA choice), the resolved
 prompt entry (prompt, negative prompt, seed, size, steps, guidance, sampler, Karras), the
 device type and dtype, and the render code's version. Unchanged weights and prompts render
 nothing; a new prompt renders one image per column. The transfer images and the diagnostic
@@ -25,9 +26,9 @@ SUFFIX = ".png"
 
 
 class ImageCache:
-    def __init__(self, store_dir: Path, weights: dict[str, Any], device: str, dtype: str) -> None:
+    def __init__(self, store_dir: Path, weights: dict[str, Any], device: str, dtype: str, pipeline: str) -> None:
         self.store = ItemStore(store_dir, STAGE)
-        self.identity = {"weights": weights, "device": device.split(":")[0], "dtype": dtype,
+        self.identity = {"pipeline": pipeline, "weights": weights, "device": device.split(":")[0], "dtype": dtype,
                          "code": code_version(CODE)}
 
     def key(self, prompt: RenderPrompt) -> str:

@@ -32,10 +32,16 @@ class RenderConfig(Section):
         "auto", description="Pipeline precision: auto is bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on CPU."
     )
     seed: int = Field(0, description="Seed of a prompt that sets none: seed + the prompt's index.")
-    steps: int = Field(30, ge=1, description="Inference steps of a prompt that sets none.")
-    guidance_scale: float = Field(6.0, ge=0, description="Classifier-free guidance scale of a prompt that sets none.")
+    steps: Optional[int] = Field(
+        None, ge=1, description="Inference steps of a prompt that sets none; null: the model family's default "
+        "(SDXL 30; Z-Image 50, ZImagePipeline's).")
+    guidance_scale: Optional[float] = Field(
+        None, ge=0, description="Classifier-free guidance scale of a prompt that sets none; null: the family's "
+        "default (SDXL 6.0; Z-Image 5.0, ZImagePipeline's). Z-Image's convention: 0 turns guidance off, g > 0 "
+        "gives pos + g*(pos - neg) (SDXL's g is Z-Image's g - 1).")
     sampler: SamplerName = Field(
-        "euler", description=f"Sampler of a prompt that sets none: {', '.join(SAMPLER_NAMES)}."
+        "euler", description=f"Sampler of a prompt that sets none: {', '.join(SAMPLER_NAMES)}. Z-Image renders with "
+        "its own flow-match Euler only (euler); other names are refused for it."
     )
     karras: bool = Field(
         False, description="Karras sigmas for samplers that support them (not euler_a, ddim)."

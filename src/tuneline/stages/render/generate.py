@@ -29,8 +29,6 @@ EMA_DIR = "ema"  # optional: models/train/ema/, the EMA weights in the same layo
 LIVE_DIR = "live"  # renders/live/step_NNNNNN/<i>.png (or models/train/live/...)
 WEIGHTS_RECORD = "weights.json"  # renders/final/weights.json: which trained weights the final images show
 ADAPTER_NAME = "trained"
-# diffusers component -> the train section's name for it
-FULL_COMPONENTS = {"unet": None, "text_encoder": "text_encoder_1", "text_encoder_2": "text_encoder_2"}
 
 
 def save_png(image: Any, path: Path) -> Path:
@@ -41,12 +39,16 @@ def save_png(image: Any, path: Path) -> Path:
     return path
 
 
-def load_base_pipeline(model_config: ModelConfig, root: Path | None, device: str = "auto", dtype: str = "auto") -> Any:
-    """The base StableDiffusionXLPipeline of `model_config` (model.vae swapped in when set), on `device`."""
+def load_base_pipeline(model_config: ModelConfig, root: Path | None, device: str = "auto", dtype: str = "auto",
+                       family: str | None = None) -> Any:
+    """The base pipeline of `model_config` (model.vae swapped in when set), on `device`: the family's
+    text-to-image pipeline (StableDiffusionXLPipeline, ZImagePipeline); `family` None detects it."""
     quiet_libraries()  # before the import: it warns while importing
-    from diffusers import StableDiffusionXLPipeline
+    import diffusers
 
     from tuneline.models.loading import _base_location, load_vae, resolve_device, resolve_dtype, torch_dtype
+    from tuneline.models.family import detect_family
+    from tuneline.stages.render.samplers import render_family
 
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -56,7 +58,8 @@ def load_base_pipeline(model_config: ModelConfig, root: Path | None, device: str
         kwargs["revision"] = model_config.revision
     if model_config.vae:
         kwargs["vae"] = load_vae(model_config, root, dtype, device)
-    pipeline = StableDiffusionXLPipeline.from_pretrained(base, dtype=torch_dtype(dtype), **kwargs)
+    spec = render_family(family or detect_family(model_config, root))
+    pipeline = getattr(diffusers, spec.pipeline).from_pretrained(base, dtype=torch_dtype(dtype), **kwargs)
     if device != "cpu":  # loaded on the CPU; moving there again only makes diffusers warn
         with _quiet_diffusers():
             pipeline.to(device)
@@ -122,15 +125,15 @@ def _quiet_diffusers() -> Iterator[None]:
 def apply_trained(pipeline: Any, trained_dir: Path, lora_scale: float = 1.0, use_ema: bool = False) -> Applied:
     """Put the trained result on `pipeline`: full components from <dir>/pipeline, then the LoRA at `lora_scale`.
 
-    Also applies the training's prediction type and zero-terminal-SNR setting to the
-    pipeline's scheduler (from trainer_state.json).
+    The family's components (SDXL: unet and the text encoders; Z-Image: transformer and the text
+    encoder), each of the class its saved folder names. SDXL: also applies the training's prediction
+    type and zero-terminal-SNR setting to the pipeline's scheduler (from trainer_state.json); Z-Image's
+    flow-match scheduler has neither.
     """
-    import diffusers
-    import transformers
-
-    from tuneline.models.sdxl import inference_scheduler_settings
+    from tuneline.stages.render.samplers import family_of_pipeline
 
     applied = Applied()
+    spec = family_of_pipeline(pipeline)
     notes = applied.loaded
     source = applied.source = _weights_dir(trained_dir, use_ema, applied.warnings)
     state = trainer_state(trained_dir)
@@ -139,16 +142,15 @@ def apply_trained(pipeline: Any, trained_dir: Path, lora_scale: float = 1.0, use
     lora = source / LORA_FILE
     if not full.is_dir() and not lora.is_file():
         raise FileNotFoundError(f"{source}: neither {LORA_FILE} nor {PIPELINE_DIR}/ found: run stage train first")
-    device, dtype = pipeline.unet.device, pipeline.unet.dtype
+    denoiser = getattr(pipeline, spec.denoiser)
+    device, dtype = denoiser.device, denoiser.dtype
     if full.is_dir():
-        classes = {"unet": diffusers.UNet2DConditionModel, "text_encoder": transformers.CLIPTextModel,
-                   "text_encoder_2": transformers.CLIPTextModelWithProjection}
         replaced = {}
-        for component, section in FULL_COMPONENTS.items():
+        for component, section in spec.full_components.items():
             trained_fully = (train.get("mode") == "full" if section is None
                              else train.get(section, {}).get("mode") == "full")
             if (full / component).is_dir() and (trained_fully or not train):
-                module = classes[component].from_pretrained(full, subfolder=component, dtype=dtype)
+                module = _component_class(full, component).from_pretrained(full, subfolder=component, dtype=dtype)
                 replaced[component] = module.to(device).eval()
         pipeline.register_modules(**replaced)
         notes.append(f"full weights: {', '.join(replaced) or 'none'} from {full}")
@@ -157,6 +159,10 @@ def apply_trained(pipeline: Any, trained_dir: Path, lora_scale: float = 1.0, use
             pipeline.load_lora_weights(source, weight_name=LORA_FILE, adapter_name=ADAPTER_NAME)
         pipeline.set_adapters([ADAPTER_NAME], adapter_weights=[lora_scale])
         notes.append(f"LoRA {lora} at scale {lora_scale}")
+    if spec.name != "sdxl":  # flow matching: no prediction type or noise schedule to carry over
+        return applied
+    from tuneline.models.sdxl import inference_scheduler_settings
+
     config = pipeline.scheduler.config
     prediction_type = state.get("prediction_type") or train.get("prediction_type") or config.get("prediction_type")
     settings = inference_scheduler_settings(prediction_type, bool(train.get("zero_terminal_snr")))
@@ -167,20 +173,31 @@ def apply_trained(pipeline: Any, trained_dir: Path, lora_scale: float = 1.0, use
     return applied
 
 
+def _component_class(pipeline_dir: Path, component: str) -> type:
+    """The class a saved pipeline folder names for `component` in its model_index.json."""
+    import importlib
+
+    index = json.loads((Path(pipeline_dir) / "model_index.json").read_text("utf-8"))
+    library, name = index[component]
+    return getattr(importlib.import_module(library), name)
+
+
 def render_prompts(pipeline: Any, prompts: Sequence[RenderPrompt], out_dir: Path | None, prefix: str = "",
                    path_of: Any = None) -> list[Path]:
     """Render each prompt to <out_dir>/<prefix><index>.png (or `path_of(prompt)`) with its own sampler
     and seeded generator."""
     import torch
 
+    from tuneline.stages.render.samplers import family_of_pipeline
     from tuneline.stages.render.samplers import build_scheduler
 
     out_dir = Path(out_dir) if out_dir is not None else None
+    family = family_of_pipeline(pipeline)
     base_scheduler = pipeline.scheduler
     paths = []
     try:
         for prompt in prompts:
-            pipeline.scheduler = build_scheduler(prompt.sampler, base_scheduler.config, prompt.karras)
+            pipeline.scheduler = build_scheduler(prompt.sampler, base_scheduler.config, prompt.karras, family)
             generator = torch.Generator("cpu").manual_seed(prompt.seed)  # CPU noise: the same on every device
             image = pipeline(
                 prompt=prompt.prompt, negative_prompt=prompt.negative_prompt or None,
@@ -220,8 +237,34 @@ def _inference_scheduler(adapter: Any) -> Any:
                                                                   getattr(adapter.config, "zero_terminal_snr", False)))
 
 
+def _zimage_pipeline_from_training(adapter: Any, modules: dict[str, Any], vae: Any = None) -> Any:
+    """A ZImagePipeline sharing the live transformer (PEFT-wrapped in LoRA mode), the adapter's Qwen3
+    text encoder and tokenizer, `vae` (default model.vae / the base VAE, fp32) and the base's
+    flow-match scheduler."""
+    import diffusers
+
+    from tuneline.models.loading import _base_location, load_vae
+
+    transformer = _unwrap(modules["transformer"])
+    device = transformer.device
+    encoder = _unwrap(modules["text_encoder"] if "text_encoder" in modules
+                      else adapter.ensure_text_encoders(str(device))[0])
+    if vae is None:
+        vae = load_vae(adapter.model_config, adapter.root, "fp32", "cpu").to(device)
+    model = adapter.model_config
+    base = _base_location(model, adapter.root)
+    kwargs = {"revision": model.revision} if isinstance(base, str) and model.revision else {}
+    config = diffusers.FlowMatchEulerDiscreteScheduler.load_config(base, subfolder="scheduler", **kwargs)
+    pipeline = diffusers.ZImagePipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_config(config),
+                                        vae=vae, text_encoder=encoder, tokenizer=adapter.tokenizers[0],
+                                        transformer=transformer)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
 def pipeline_from_training(adapter: Any, modules: dict[str, Any], vae: Any = None) -> Any:
-    """A StableDiffusionXLPipeline sharing the live training modules (no copies).
+    """A pipeline of the adapter's family sharing the live training modules (no copies): SDXL's
+    below; Z-Image's from `modules["transformer"]` (`_zimage_pipeline_from_training`).
 
     `modules` is the trainer's name -> (possibly accelerate-prepared) module dict: the UNet
     (PEFT-wrapped in LoRA mode) and any trained text encoders; frozen encoders and the
@@ -231,6 +274,8 @@ def pipeline_from_training(adapter: Any, modules: dict[str, Any], vae: Any = Non
     the UNet's device (load it once and pass it in to avoid reloading at every evaluation).
     """
     quiet_libraries()  # before the import: it warns while importing
+    if getattr(adapter, "family", "sdxl") == "zimage":
+        return _zimage_pipeline_from_training(adapter, modules, vae)
     from diffusers import StableDiffusionXLPipeline
 
     from tuneline.models.loading import load_vae
@@ -304,7 +349,9 @@ def live_evaluate(pipeline: Any, prompts: Sequence[RenderPrompt], out_dir: Path,
 
 def live_prompts(params: Any, root: Path) -> list[RenderPrompt]:
     """The first render.live_prompts prompts of the prompts file (what live evaluation renders)."""
+    from tuneline.models.family import detect_family
     from tuneline.stages.render.prompts import load_prompts
 
     config = params.render
-    return load_prompts(Path(root) / config.prompts_file, config)[: config.live_prompts]
+    family = detect_family(params.model, root)
+    return load_prompts(Path(root) / config.prompts_file, config, family)[: config.live_prompts]

@@ -15,6 +15,7 @@ A bad file is a ParamsError naming the file, the entry and the key, with the all
 from __future__ import annotations
 
 import difflib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -24,6 +25,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from tuneline.core.params import ParamsError, parse_resolution
 from tuneline.stages.render.samplers import SamplerName, check_karras
 from tuneline.core.params import Section
+
+log = logging.getLogger(__name__)
 
 
 def _size(value: Any) -> Any:
@@ -139,8 +142,9 @@ def validate_prompts(data: Any, source: str = "prompts.yaml") -> PromptFile:
     return parsed
 
 
-def load_prompts(path: Path | str, config: Any) -> list[RenderPrompt]:
-    """Read, validate and resolve the prompts file against `config` (the render section)."""
+def load_prompts(path: Path | str, config: Any, family: str = "sdxl") -> list[RenderPrompt]:
+    """Read, validate and resolve the prompts file against `config` (the render section) for a
+    model `family` (its default steps and guidance, its samplers and image sides)."""
     import json
 
     import yaml
@@ -154,15 +158,22 @@ def load_prompts(path: Path | str, config: Any) -> list[RenderPrompt]:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as error:
         raise ParamsError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {error}") from None
-    return resolve_prompts(validate_prompts(data, str(path)), config, str(path))
+    return resolve_prompts(validate_prompts(data, str(path)), config, str(path), family)
 
 
 def _pick(*values: Any) -> Any:
     return next(v for v in values if v is not None)
 
 
-def resolve_prompts(parsed: PromptFile, config: Any, source: str = "prompts.yaml") -> list[RenderPrompt]:
-    """Every prompt with its values: its own, else the file's defaults, else the render section's."""
+def resolve_prompts(parsed: PromptFile, config: Any, source: str = "prompts.yaml",
+                    family: str = "sdxl") -> list[RenderPrompt]:
+    """Every prompt with its values: its own, else the file's defaults, else the render section's,
+    else (steps, guidance) the model family's. A value the family cannot render (a sampler other than
+    Z-Image's flow-match Euler, a side Z-Image cannot patch) is a ParamsError naming the prompt."""
+    from tuneline.stages.render.samplers import render_family
+    from tuneline.stages.render.samplers import check_family_sampler
+
+    spec = render_family(family)
     defaults = parsed.defaults
     resolved = []
     for index, entry in enumerate(parsed.prompts):
@@ -173,18 +184,36 @@ def resolve_prompts(parsed: PromptFile, config: Any, source: str = "prompts.yaml
             width, height = _pick(options.width, width), _pick(options.height, height)
         sampler = _pick(entry.sampler, defaults.sampler, config.sampler)
         karras = _pick(entry.karras, defaults.karras, config.karras)
+        if len(spec.samplers) == 1 and (entry.sampler, entry.karras, defaults.sampler, defaults.karras) != (None,) * 4:
+            # A prompts file shared with another family (the demo's SDXL samplers): this family has one
+            # sampler, so the prompt's choice cannot apply; render.sampler/karras are still checked.
+            chosen = (sampler, karras)
+            sampler, karras = _pick(config.sampler, spec.samplers[0]), bool(config.karras)
+            if chosen != (sampler, karras):
+                log.warning("%s: prompts[%d]: sampler %s%s is not available for %s; rendering with its %s",
+                            source, index, chosen[0], " with karras" if chosen[1] else "", family, sampler)
         if karras:
             try:
                 check_karras(sampler, karras)
             except ValueError as error:
                 raise ParamsError(f"{source}: prompts[{index}]: {error} (render.karras is on)") from None
+        try:
+            check_family_sampler(spec, sampler, karras)
+        except ValueError as error:
+            raise ParamsError(f"{source}: prompts[{index}]: {error} (the prompt, the file's defaults or "
+                              "render.sampler / render.karras set it)") from None
+        if width % spec.size_multiple or height % spec.size_multiple:
+            raise ParamsError(f"{source}: prompts[{index}]: size {width}x{height}: {family} needs both sides in "
+                              f"multiples of {spec.size_multiple} (the prompt, the file's defaults or "
+                              "render.width / render.height set it)")
         seed = entry.seed if entry.seed is not None else (
             defaults.seed + index if defaults.seed is not None else config.seed + index)
         resolved.append(RenderPrompt(
             index=index, prompt=entry.prompt,
             negative_prompt=_pick(entry.negative_prompt, defaults.negative_prompt, ""),
             seed=seed, height=height, width=width,
-            steps=_pick(entry.steps, defaults.steps, config.steps),
-            guidance_scale=_pick(entry.guidance_scale, defaults.guidance_scale, config.guidance_scale),
+            steps=_pick(entry.steps, defaults.steps, config.steps, spec.steps),
+            guidance_scale=_pick(entry.guidance_scale, defaults.guidance_scale, config.guidance_scale,
+                                 spec.guidance_scale),
             sampler=sampler, karras=karras))
     return resolved

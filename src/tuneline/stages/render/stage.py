@@ -73,6 +73,7 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
     from tuneline.models.ref import identify
     from tuneline.stages.render.cache import ImageCache
     from tuneline.stages.render.diagnostics import diagnostic_sheet
+    from tuneline.stages.render.samplers import render_family_of
     from tuneline.stages.render.generate import (
         LIVE_DIR,
         WEIGHTS_RECORD,
@@ -90,9 +91,11 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
     started = time.perf_counter()
     root, trained_dir, out_dir = Path(root), Path(trained_dir), Path(out_dir)
     config = params.render
-    prompts = load_prompts(root / config.prompts_file, config)  # a bad file stops before any model loads
     if not trained_dir.is_dir():
         raise FileNotFoundError(f"{trained_dir} does not exist: run stage train first")
+    # What was trained decides the pipelines (trainer_state.json's family), else model.base's family.
+    family = render_family_of(params.model, root, trained_dir)
+    prompts = load_prompts(root / config.prompts_file, config, family.name)  # a bad file stops before any model loads
     report = StageReport(STAGE, metric_keys=("items", "mean_abs_diff_vs_base"))
     tiny = is_tiny(params.model.base) or bool(trainer_state(trained_dir).get("random_tiny_model"))
     if tiny:
@@ -106,11 +109,11 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
     base_weights = {key: entry["identity"] for key, entry in identify(params, root, ("model.base", "model.vae")).items()}
     weights_dir = _weights_dir(trained_dir, config.use_ema, [])  # what apply_trained loads
     trained_weights = weights_identity(weights_dir, root)
-    base_cache = ImageCache(root / params.store_dir, {"base": base_weights}, device, dtype)
+    base_cache = ImageCache(root / params.store_dir, {"base": base_weights}, device, dtype, family.pipeline)
     final_cache = ImageCache(root / params.store_dir, {
         "base": base_weights,
         "trained": {"prediction_type": trainer_state(trained_dir).get("prediction_type"), "weights": trained_weights},
-        "lora_scale": config.lora_scale, "use_ema": config.use_ema}, device, dtype)
+        "lora_scale": config.lora_scale, "use_ema": config.use_ema}, device, dtype, family.pipeline)
     missing_base, missing_final = base_cache.missing(prompts), final_cache.missing(prompts)
     latents_dir = root / LATENTS_DIR
     has_latents = (latents_dir / "manifest.jsonl").is_file()
@@ -120,9 +123,11 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
         if len(sources) >= 2:
             jobs, warnings = transfer_jobs(sources)
             report.warnings.extend(warnings)
+    steps = config.steps if config.steps is not None else family.steps
+    guidance_scale = config.guidance_scale if config.guidance_scale is not None else family.guidance_scale
     transfer_settings = {"strength": config.transfer_strength,
-                         "steps": transfer_steps(config.steps, config.transfer_strength),
-                         "guidance_scale": config.guidance_scale, "sampler": config.sampler, "karras": config.karras,
+                         "steps": transfer_steps(steps, config.transfer_strength),
+                         "guidance_scale": guidance_scale, "sampler": config.sampler, "karras": config.karras,
                          "seed": config.seed}
 
     def transfer_path(job: Any) -> Path:
@@ -131,7 +136,9 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
 
     missing_transfer = [job for job in jobs if not transfer_path(job).is_file()]
     diagnostics_path = None
-    if config.diagnostics and has_latents:
+    if config.diagnostics and family.diagnostics:
+        report.warnings.append(f"diagnostics: skipped. {family.diagnostics}")
+    elif config.diagnostics and has_latents:
         diagnostics_path = final_cache.entry_path("diagnostics", {
             "latents": file_digest(latents_dir / "manifest.jsonl"),
             "datasets": [[d.folder, d.trigger_word] for d in params.datasets],
@@ -142,7 +149,7 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
     diagnostics_notes = diagnostics_path.with_suffix(".json") if diagnostics_path else None
     missing_diagnostics = diagnostics_path is not None and not diagnostics_path.is_file()
     if missing_base or missing_final or missing_transfer or missing_diagnostics:  # else no model is loaded
-        pipeline = load_base_pipeline(params.model, root, device, config.dtype)
+        pipeline = load_base_pipeline(params.model, root, device, config.dtype, family.name)
         render_prompts(pipeline, missing_base, None, path_of=base_cache.path)
         if missing_final or missing_transfer or missing_diagnostics:
             applied = apply_trained(pipeline, trained_dir, config.lora_scale, config.use_ema)
@@ -151,7 +158,7 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
                 console.print(f"render: {line}", markup=False, soft_wrap=True)
             render_prompts(pipeline, missing_final, None, path_of=final_cache.path)
             render_transfer(pipeline, missing_transfer, transfer_path, strength=config.transfer_strength,
-                            steps=config.steps, guidance_scale=config.guidance_scale, sampler=config.sampler,
+                            steps=steps, guidance_scale=guidance_scale, sampler=config.sampler,
                             karras=config.karras, seed=config.seed)
             if missing_diagnostics:
                 _, warnings = diagnostic_sheet(pipeline, params, latents_dir, diagnostics_path, config)
@@ -198,6 +205,7 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
         "diagnostics_rendered": int(missing_diagnostics),
         "mean_abs_diff_vs_base": round(_mean_abs_difference(base, final), 4),
         "random_tiny_model": tiny,
+        "family": family.name,
     })
     if vae_sheets:
         report.extra["autoencoder_sheets"] = relative_to_root(Path(out_dir) / "autoencoder", root)

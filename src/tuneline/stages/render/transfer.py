@@ -95,26 +95,37 @@ def transfer_steps(steps: int, strength: float) -> int:
 def render_transfer(pipeline: Any, jobs: list[TransferJob], path_of: Callable[[TransferJob], Path], *,
                     strength: float, steps: int, guidance_scale: float, sampler: str, karras: bool,
                     seed: int) -> list[Path]:
-    """Render every job to path_of(job) (the image cache's path); returns the paths."""
+    """Render every job to path_of(job) (the image cache's path); returns the paths.
+
+    The image-to-image pipeline of `pipeline`'s family shares its modules: StableDiffusionXLImg2ImgPipeline,
+    or ZImageImg2ImgPipeline (its flow-match Euler; each source image cropped to multiples of 16)."""
+    import diffusers
     import torch
-    from diffusers import StableDiffusionXLImg2ImgPipeline
     from PIL import Image
 
+    from tuneline.stages.render.samplers import family_of_pipeline
     from tuneline.stages.render.generate import _quiet_diffusers, save_png
     from tuneline.stages.render.samplers import build_scheduler
 
     if not jobs:
         return []
-    img2img = StableDiffusionXLImg2ImgPipeline(
-        vae=pipeline.vae, text_encoder=pipeline.text_encoder, text_encoder_2=pipeline.text_encoder_2,
-        tokenizer=pipeline.tokenizer, tokenizer_2=pipeline.tokenizer_2, unet=pipeline.unet,
-        scheduler=build_scheduler(sampler, pipeline.scheduler.config, karras))
+    family = family_of_pipeline(pipeline)
+    scheduler = build_scheduler(sampler, pipeline.scheduler.config, karras, family)
+    if family.name == "sdxl":
+        img2img = diffusers.StableDiffusionXLImg2ImgPipeline(
+            vae=pipeline.vae, text_encoder=pipeline.text_encoder, text_encoder_2=pipeline.text_encoder_2,
+            tokenizer=pipeline.tokenizer, tokenizer_2=pipeline.tokenizer_2, unet=pipeline.unet, scheduler=scheduler)
+    else:
+        img2img = getattr(diffusers, family.img2img)(
+            vae=pipeline.vae, text_encoder=pipeline.text_encoder, tokenizer=pipeline.tokenizer,
+            transformer=getattr(pipeline, family.denoiser), scheduler=scheduler)
     img2img.set_progress_bar_config(disable=True)
+    side = family.size_multiple
     paths = []
     for job in jobs:
         with Image.open(job.source.image) as opened:
             image = opened.convert("RGB")
-        width, height = image.width // 8 * 8, image.height // 8 * 8
+        width, height = image.width // side * side, image.height // side * side
         image = image.crop((0, 0, width, height))
         generator = torch.Generator("cpu").manual_seed(seed)
         with _quiet_diffusers():  # its VAE upcast warns on every call about casting with to()

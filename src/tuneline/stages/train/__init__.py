@@ -1,6 +1,7 @@
 """Stage `train`."""
 
 # The modules that decide the trained result (tuneline.core.codeversion); dvc.yaml declares them.
-CODE = ("stages/train/stage.py", "stages/train/plot.py", "train", "models/registry.py", "models/sdxl.py", "models/loading.py",
-        "models/sdxl_text.py", "models/single_file.py", "models/ref.py", "stages/render/generate.py",
+CODE = ("stages/train/stage.py", "stages/train/plot.py", "train", "models/registry.py", "models/family.py",
+        "models/sdxl.py", "models/loading.py", "models/sdxl_text.py", "models/zimage.py", "models/zimage_text.py",
+        "models/single_file.py", "models/ref.py", "stages/render/generate.py",
         "stages/render/prompts.py", "stages/render/samplers.py", "core/tensorfile.py")

@@ -1,5 +1,7 @@
-"""The `train` params section: what the SDXL training stage trains, and how (the trainer
-core's units are configured by the sections of `tuneline.train.config`)."""
+"""The `train` params section: what the training stage trains, and how (the trainer core's
+units are configured by the sections of `tuneline.train.config`). One section for every model
+family: the adapter of model.base's family (sdxl, zimage) reads it, and rejects the settings
+that belong to another family when they are set (see each field's description)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,8 @@ from typing import Annotated, Any, Literal, Optional
 from pydantic import BeforeValidator, Field, model_validator
 
 from tuneline.core.params import Section
-from tuneline.train.config import CheckpointConfig, EmaConfig, LossConfig, OptimizerConfig, ScheduleConfig
+from tuneline.train.config import (CheckpointConfig, EmaConfig, FlowMatchingConfig, LossConfig, OptimizerConfig,
+                                   ScheduleConfig)
 
 
 def _yaml_no(value: Any) -> Any:
@@ -25,8 +28,9 @@ class LoraConfig(Section):
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
     targets: Literal["attention", "attention_mlp", "all"] = Field(
         "attention",
-        description="Which UNet layers get adapters: attention projections; + feed-forward layers; "
-        "+ conv layers and other linear layers of the resnets (kohya's 'LoCon'-style coverage).",
+        description="Which denoiser layers get adapters: attention projections (to_q/k/v/out); + feed-forward "
+        "layers; all: SDXL + conv layers and other linear layers of the resnets (kohya's 'LoCon'-style coverage), "
+        "Z-Image + the blocks' adaLN modulation (every refiner and main block of its transformer, all three).",
     )
     use_dora: bool = Field(
         False,
@@ -43,9 +47,10 @@ class TextEncoderConfig(Section):
 
 
 class TrainConfig(Section):
-    """Stage train: the trainer core with the SDXL adapter."""
+    """Stage train: the trainer core with the adapter of the model's family (SDXL, Z-Image)."""
 
-    mode: Literal["lora", "full"] = Field("lora", description="Train LoRA adapters on the UNet, or the full UNet.")
+    mode: Literal["lora", "full"] = Field(
+        "lora", description="Train LoRA adapters on the denoiser (SDXL's UNet, Z-Image's transformer), or all of it.")
     seed: Optional[int] = Field(
         42, description="Seed of everything; null or 0 picks a random seed and records it so the run can be repeated."
     )
@@ -61,15 +66,29 @@ class TrainConfig(Section):
     )
     max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Gradient clipping norm; null disables it.")
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = Field(
-        None, description="Training target; null takes it from the model's scheduler config."
+        None, description="SDXL: training target; null takes it from the model's scheduler config. (Z-Image: "
+        "always the flow-matching velocity; must stay null.)"
     )
-    zero_terminal_snr: bool = Field(False, description="Rescale the noise schedule to zero terminal SNR.")
+    zero_terminal_snr: bool = Field(
+        False, description="SDXL: rescale the noise schedule to zero terminal SNR. (Z-Image: must stay false.)")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (mode lora, and lora text encoders).")
-    text_encoder_1: TextEncoderConfig = Field(default_factory=TextEncoderConfig, description="CLIP ViT-L text encoder.")
-    text_encoder_2: TextEncoderConfig = Field(default_factory=TextEncoderConfig, description="OpenCLIP bigG text encoder.")
+    text_encoder_1: TextEncoderConfig = Field(
+        default_factory=TextEncoderConfig,
+        description="SDXL: the CLIP ViT-L text encoder. (Z-Image's Qwen3 text encoder is always frozen: must stay "
+        "at its defaults.)")
+    text_encoder_2: TextEncoderConfig = Field(
+        default_factory=TextEncoderConfig,
+        description="SDXL: the OpenCLIP bigG text encoder. (Z-Image has none: must stay at its defaults.)")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="Optimizer.")
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Learning-rate schedule.")
-    loss: LossConfig = Field(default_factory=LossConfig, description="Loss weighting.")
+    loss: LossConfig = Field(
+        default_factory=LossConfig,
+        description="SDXL's loss weighting (min-SNR, noise offset, min sigma); Z-Image uses train.flow_matching and "
+        "rejects these when set.")
+    flow_matching: FlowMatchingConfig = Field(
+        default_factory=FlowMatchingConfig,
+        description="Flow-matching families (Z-Image): how each sample's noise level is drawn and shifted, and the "
+        "loss weighting by noise level. SDXL (DDPM) rejects these when set to anything but the defaults.")
     ema: EmaConfig = Field(default_factory=EmaConfig, description="EMA of the trained weights.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoints.")
     caption_dropout: float = Field(0.0, ge=0, le=1, description="Probability of training a sample on the empty caption.")
@@ -79,9 +98,11 @@ class TrainConfig(Section):
     shuffle_min_tokens: int = Field(2, ge=0, description="Captions with fewer tags than this are never shuffled.")
     flip: bool = Field(False, description="Random horizontal flip (needs latents.flip: the flipped latent is cached).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
-    attention: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel: torch SDPA or the plain one.")
+    attention: Literal["sdpa", "eager"] = Field(
+        "sdpa", description="Attention kernel: torch SDPA or the plain one (SDXL only; Z-Image: sdpa).")
     compile: bool = Field(
-        False, description="torch.compile the UNet (the first step waits for the compiler; later steps are faster)."
+        False, description="torch.compile the denoiser (SDXL's UNet, Z-Image's transformer; the first step waits "
+        "for the compiler, later steps are faster)."
     )
     compile_scope: Literal["blocks", "model"] = Field(
         "blocks",

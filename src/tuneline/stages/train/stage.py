@@ -1,4 +1,5 @@
-"""Stage `train`: the trainer core with the SDXL adapter, on the latents stage's output.
+"""Stage `train`: the trainer core with the adapter of model.base's family (family.detect_family:
+SDXL or Z-Image), on the latents stage's output.
 
 Writes the trained result to `out_dir` (LoRA in diffusers format and/or a full pipeline
 folder), `trainer_state.json`, metrics/train.json and the loss curve, as metrics/train_loss.csv
@@ -136,6 +137,7 @@ class LiveEvaluation:
 def run(params: Params, root: Path, latents_dir: Path, out_dir: Path, metrics_dir: Path | None = None, *,
         tracker: Any = None, checkpoint_dir: Path | None = None, resume_from: Path | None = None) -> StageReport:
     """Train (or resume), then write the result. Raises StopRequested / TrainingDiverged / ResumeRefused."""
+    from tuneline.models.family import detect_family
     from tuneline.models.registry import build_adapter
     from tuneline.train.trainer import Trainer
 
@@ -145,7 +147,7 @@ def run(params: Params, root: Path, latents_dir: Path, out_dir: Path, metrics_di
     if is_tiny(params.model.base):
         report.warnings.append(f"model.base is {params.model.base!r}: a tiny RANDOM-weight model "
                                "(pipeline check only, the result means nothing)")
-    adapter = build_adapter("sdxl", params.model, params.train, root)
+    adapter = build_adapter(detect_family(params.model, root), params.model, params.train, root)
     trainer = Trainer(params, root, latents_dir, checkpoint_dir, adapter, tracker, resume_from,
                       live_eval=LiveEvaluation(params, root, tracker), live_every=params.render.live_every)
     trainer.setup()
@@ -206,7 +208,8 @@ def run(params: Params, root: Path, latents_dir: Path, out_dir: Path, metrics_di
             atomic_write_json(staging / "trainer_state.json", {
                 **state, "seed_used": trainer.seed, "data_digest": trainer.data_digest,
                 "train_config": params.train.model_dump(mode="json"), "model": params.model.model_dump(mode="json"),
-                "random_tiny_model": is_tiny(params.model.base), "prediction_type": trainer.adapter.prediction_type,
+                "random_tiny_model": is_tiny(params.model.base), "family": trainer.adapter.family,
+                "prediction_type": trainer.adapter.prediction_type,
                 "processes": trainer.accelerator.num_processes,
                 # Names the run's checkpoint folder, where its run record is (`<checkpoints>/<run_key>/run.json`).
                 "run_key": trainer.run_key,

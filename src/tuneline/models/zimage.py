@@ -1,0 +1,307 @@
+"""The Z-Image adapter: what the trainer core needs that is specific to Z-Image.
+
+Z-Image is a flow-matching single-stream DiT (ZImageTransformer2DModel) conditioned on the
+second-to-last hidden state of one Qwen3 decoder LM, one variable-length embedding per prompt.
+The adapter loads the transformer and the scheduler config (the VAE never: latents are cached;
+the text encoder only when a step encodes captions), applies the training mode (LoRA through
+PEFT on the attention projections, optionally the feed-forward layers, or full), holds frozen
+weights in the compute dtype of mixed precision, computes the flow-matching loss exactly as
+`tuneline.train.flow_matching` defines it (its docstring has the sign conventions, checked
+against ZImagePipeline), and saves in diffusers format (LoRA that ZImagePipeline.load_lora_weights
+loads, or a full ZImagePipeline folder).
+
+The Qwen3 text encoder is always frozen here; settings of SDXL's DDPM objective or its CLIP
+encoders are ParamsErrors, raised when the adapter is built (before any compute).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from tuneline.core.logs import quiet_libraries
+from tuneline.core.params import ParamsError
+from tuneline.core.tensorfile import canonicalize
+from tuneline.models.loading import _base_location, load_vae, resolve_device, resolve_dtype, torch_dtype
+from tuneline.models.sdxl import LORA_WEIGHTS_FILE, cast_frozen, compute_dtype_name
+from tuneline.models.zimage_text import MAX_SEQUENCE_LENGTH, encode_prompts
+from tuneline.stages.models.config import ModelConfig
+from tuneline.stages.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+# PEFT target modules per train.lora.targets. A list is a suffix match on module names (every
+# attention of the noise refiner, the context refiner and the main layers); "all" also adapts
+# the blocks' adaLN modulation, named by a regex because the final layer's adaLN_modulation.0
+# is a SiLU (its Linear is .1), which PEFT cannot adapt.
+_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+_FEED_FORWARD = ["feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
+TRANSFORMER_LORA_TARGETS: dict[str, Any] = {
+    "attention": _ATTENTION,
+    "attention_mlp": _ATTENTION + _FEED_FORWARD,
+    "all": r"(noise_refiner|context_refiner|layers)\.\d+\.(attention\.(to_q|to_k|to_v|to_out\.0)"
+           r"|feed_forward\.w[123]|adaLN_modulation\.0)",
+}
+LATENT_FACTOR = 8  # Z-Image's (Flux's) VAE: latents are 1/8 of the image in each direction
+# Caption tokens the memory estimate assumes per prompt (chat template included).
+EXAMPLE_CAPTION_TOKENS = 128
+
+
+def sdxl_only_settings(config: TrainConfig) -> list[str]:
+    """The train settings set away from their defaults that Z-Image has no use for, as
+    'key: value' lines: SDXL's DDPM objective, its loss weightings and its CLIP text encoders."""
+    defaults = TrainConfig()
+    found = []
+    for key in ("prediction_type", "zero_terminal_snr"):
+        if getattr(config, key) != getattr(defaults, key):
+            found.append(f"train.{key}: {getattr(config, key)!r}")
+    for key, value in config.loss.model_dump().items():
+        if value != getattr(defaults.loss, key):
+            found.append(f"train.loss.{key}: {value!r}")
+    for name in ("text_encoder_1", "text_encoder_2"):
+        for key, value in getattr(config, name).model_dump().items():
+            if value != getattr(getattr(defaults, name), key):
+                found.append(f"train.{name}.{key}: {value!r}")
+    return found
+
+
+def check_train_config(config: TrainConfig) -> None:
+    """ParamsError naming every setting the Z-Image adapter cannot honour."""
+    problems = [f"{line} (SDXL only)" for line in sdxl_only_settings(config)]
+    if config.lora.use_dora:
+        problems.append("train.lora.use_dora: True (not supported for Z-Image yet)")
+    if config.attention == "eager":
+        problems.append("train.attention: 'eager' (Z-Image uses diffusers' attention dispatch; allowed: sdpa)")
+    if problems:
+        raise ParamsError(
+            "train settings that do not apply to the Z-Image family (model.base is a Z-Image pipeline): "
+            + "; ".join(problems) + ". Z-Image trains the flow-matching velocity (configure train.flow_matching) "
+            "with its Qwen3 text encoder frozen; remove these keys or set them back to their defaults.")
+
+
+def load_text_encoder(model: ModelConfig, root: Path | None, dtype: str = "auto", device: str = "auto",
+                      empty_weights: bool = False) -> tuple[Any, Any]:
+    """(tokenizer, text_encoder) of a Z-Image base, the encoder (Qwen3Model) frozen in eval mode."""
+    quiet_libraries()
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    device = resolve_device(device)
+    weights_dtype = torch_dtype(resolve_dtype(dtype, device))
+    base = _base_location(model, root)
+    kwargs = {"revision": model.revision} if isinstance(base, str) and model.revision else {}
+    tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer", **kwargs)
+    if empty_weights:
+        from accelerate import init_empty_weights
+
+        config = AutoConfig.from_pretrained(base, subfolder="text_encoder", **kwargs)
+        with init_empty_weights():
+            encoder = AutoModel.from_config(config, dtype=weights_dtype)
+    else:
+        encoder = AutoModel.from_pretrained(base, subfolder="text_encoder", dtype=weights_dtype, **kwargs)
+    encoder.requires_grad_(False)
+    return tokenizer, (encoder.eval() if empty_weights else encoder.eval().to(device))
+
+
+class ZImageAdapter:
+    """One Z-Image model under training. Modules are plain torch modules until the trainer prepares them."""
+
+    family = "zimage"
+    prediction_type = "flow"  # recorded in trainer_state.json: the velocity noise - x0
+    denoiser_name = "transformer"  # the module train.compile compiles
+
+    def __init__(self, model_config: ModelConfig, train_config: TrainConfig, root: Path) -> None:
+        check_train_config(train_config)
+        self.model_config = model_config
+        self.config = train_config
+        self.root = Path(root)
+        self.transformer: Any = None
+        self.scheduler_config: dict[str, Any] = {}
+        self.tokenizers: list[Any] = []
+        self.text_encoders: list[Any] = []
+        self.text_encoders_loaded_for_inference = False
+
+    @property
+    def compute_dtype(self) -> str:
+        return compute_dtype_name(self.config.mixed_precision)
+
+    def _kwargs(self, base: Path | str) -> dict[str, Any]:
+        return {"revision": self.model_config.revision} if isinstance(base, str) and self.model_config.revision else {}
+
+    # --- loading and set-up -----------------------------------------------------------
+
+    def needs_text_encoders(self, conditioning_cached: bool) -> bool:
+        """Whether a training step runs the text encoder: only when the embeddings are not cached."""
+        return not conditioning_cached
+
+    def load(self, conditioning_cached: bool = False, empty_weights: bool = False) -> None:
+        """The transformer, the scheduler's config (for the shift) and, when a step encodes
+        captions, the tokenizer and text encoder. `empty_weights`: on the meta device (the memory
+        estimate)."""
+        quiet_libraries()
+        from diffusers import FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+
+        base = _base_location(self.model_config, self.root)
+        kwargs = self._kwargs(base)
+        if empty_weights:
+            from accelerate import init_empty_weights
+
+            with init_empty_weights():
+                self.transformer = ZImageTransformer2DModel.from_config(
+                    ZImageTransformer2DModel.load_config(base, subfolder="transformer", **kwargs))
+        else:
+            self.transformer = ZImageTransformer2DModel.from_pretrained(base, subfolder="transformer", **kwargs)
+        self.scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(base, subfolder="scheduler", **kwargs))
+        self.tokenizers, self.text_encoders = [], []
+        if self.needs_text_encoders(conditioning_cached):
+            tokenizer, encoder = load_text_encoder(self.model_config, self.root, "fp32", "cpu", empty_weights)
+            self.tokenizers, self.text_encoders = [tokenizer], [encoder]
+
+    def ensure_text_encoders(self, device: str = "cpu") -> list[Any]:
+        """[the text encoder] for inference (live samples): loaded frozen, in the compute dtype, on
+        `device`, when load() left it out. Loading leaves every RNG stream as it was."""
+        import torch
+
+        if not self.text_encoders:
+            with torch.random.fork_rng(devices=[]):
+                tokenizer, encoder = load_text_encoder(self.model_config, self.root, self.compute_dtype, device)
+            self.tokenizers, self.text_encoders = [tokenizer], [encoder]
+            self.text_encoders_loaded_for_inference = True
+        return self.text_encoders
+
+    def lora_settings(self, name: str = "transformer") -> dict[str, Any]:
+        """PEFT LoraConfig arguments of the transformer; also the adapter metadata saved with the
+        weights, so every loader rebuilds the same adapter (alpha included)."""
+        lora = self.config.lora
+        return {"r": lora.rank, "lora_alpha": lora.alpha, "use_dora": lora.use_dora,
+                "target_modules": TRANSFORMER_LORA_TARGETS[lora.targets]}
+
+    def mode_of(self, name: str) -> str:
+        return self.config.mode if name == "transformer" else "frozen"
+
+    def setup_training(self) -> None:
+        """Freeze what is frozen, add the LoRA adapter (fp32 draws on the fp32 base), then hold every
+        frozen tensor in the compute dtype; gradient checkpointing when asked."""
+        from peft import LoraConfig as PeftLoraConfig
+
+        frozen_dtype = torch_dtype(self.compute_dtype)
+        mode = self.config.mode
+        self.transformer.requires_grad_(mode == "full")
+        if mode == "lora":
+            self.transformer.add_adapter(PeftLoraConfig(**self.lora_settings(), lora_dropout=self.config.lora.dropout,
+                                                        init_lora_weights="gaussian"))
+        if mode != "full":
+            cast_frozen(self.transformer, frozen_dtype)
+        for encoder in self.text_encoders:
+            cast_frozen(encoder, frozen_dtype)
+        if self.config.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+
+    def trained_modules(self) -> dict[str, Any]:
+        return {"transformer": self.transformer}
+
+    def frozen_modules(self) -> dict[str, Any]:
+        return {"text_encoder": encoder for encoder in self.text_encoders}
+
+    def param_groups(self, modules: dict[str, Any]) -> list[dict[str, Any]]:
+        params = [p for p in modules["transformer"].parameters() if p.requires_grad]
+        if not params:
+            raise ParamsError("train: the transformer has nothing to train (check train.mode and train.lora.targets)")
+        return [{"name": "transformer", "params": params, "lr": self.config.lr}]
+
+    def example_batch(self, batch_size: int, bucket: tuple[int, int], device: Any, with_text: bool = True) -> dict:
+        """A batch shaped like LatentData.batch's at `bucket` (width, height), zeros on `device`, with
+        caption features of EXAMPLE_CAPTION_TOKENS tokens each whatever `with_text` says: the frozen
+        text encoder runs without a graph, so it saves no activations for backward (the estimate
+        counts its weights; Qwen3's masking cannot run on the meta device anyway)."""
+        import torch
+
+        width, height = bucket
+        config = self.transformer.config
+        batch: dict[str, Any] = {
+            "latents": torch.zeros(batch_size, config.in_channels, height // LATENT_FACTOR, width // LATENT_FACTOR,
+                                   device=device),
+            "captions": [""] * batch_size,
+            "loss_weight": torch.ones(batch_size, device=device),
+            "ids": [f"example{i}" for i in range(batch_size)],
+            "prompt_embeds": [torch.zeros(EXAMPLE_CAPTION_TOKENS, config.cap_feat_dim, device=device)
+                              for _ in range(batch_size)],
+        }
+        return batch
+
+    # --- the loss ----------------------------------------------------------------------
+
+    def conditioning(self, captions: list[str], device: Any) -> list[Any]:
+        """One [tokens, hidden] caption feature per caption through the frozen text encoder."""
+        import torch
+
+        with torch.no_grad():
+            return encode_prompts(self.tokenizers[0], self.text_encoders[0], captions, MAX_SEQUENCE_LENGTH, device)
+
+    def sigmas(self, batch_size: int, latent_size: tuple[int, int], generator: Any, device: Any) -> Any:
+        """One noise level per sample, drawn and shifted as train.flow_matching says."""
+        from tuneline.train.flow_matching import sample_sigmas
+
+        fm = self.config.flow_matching
+        return sample_sigmas(batch_size, fm.timestep_sampling, generator, fm.logit_mean, fm.logit_std, fm.mode_scale,
+                             shift=fm.shift, scheduler_config=self.scheduler_config, latent_size=latent_size,
+                             device=device)
+
+    def loss(self, modules: dict[str, Any], batch: dict[str, Any], generator: Any, step: int) -> tuple[Any, dict]:
+        """Weighted mean flow-matching loss of the batch, and per-batch facts to log."""
+        import torch
+
+        from tuneline.models.loading import host_to_device
+        from tuneline.train.flow_matching import (flow_matching_loss, loss_weighting, noisy_latents, velocity_target,
+                                                  zimage_timestep, zimage_velocity)
+
+        latents = batch["latents"]
+        device = latents.device
+        noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+        sigmas = self.sigmas(latents.shape[0], tuple(latents.shape[-2:]), generator, device)
+        noisy = noisy_latents(latents, noise, sigmas)
+        if "prompt_embeds" in batch:
+            # Cached in the latents stage's dtype; the transformer's caption embedder takes the latents'.
+            caption_features = [features.to(latents.dtype) for features in batch["prompt_embeds"]]
+        else:
+            caption_features = self.conditioning(batch["captions"], device)
+        # The pipeline's input: a list of [C, 1, H, W] latents (one frame), the time 1 - sigma.
+        output = modules["transformer"](list(noisy.unsqueeze(2).unbind(0)), zimage_timestep(sigmas),
+                                        caption_features, return_dict=False)[0]
+        prediction = zimage_velocity(torch.stack([sample.float() for sample in output]).squeeze(2))
+        target = velocity_target(latents, noise)
+        weighting = loss_weighting(self.config.flow_matching.loss_weighting, sigmas)
+        loss = flow_matching_loss(prediction, target, weighting, host_to_device(batch["loss_weight"], device))
+        return loss, {"sigma_mean": sigmas.detach().float().mean()}
+
+    # --- outputs -----------------------------------------------------------------------
+
+    def save(self, modules: dict[str, Any], out_dir: Path) -> Path:
+        """LoRA weights in diffusers format (alpha in the adapter metadata) or a full pipeline folder."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if self.config.mode == "lora":
+            self._save_lora(modules, out_dir)
+        else:
+            self._save_pipeline(modules, out_dir / "pipeline")
+        return out_dir
+
+    def _save_lora(self, modules: dict[str, Any], out_dir: Path) -> None:
+        from diffusers import ZImagePipeline
+        from peft.utils import get_peft_model_state_dict
+
+        ZImagePipeline.save_lora_weights(
+            out_dir, transformer_lora_layers=get_peft_model_state_dict(modules["transformer"]),
+            transformer_lora_adapter_metadata=self.lora_settings(), safe_serialization=True)
+        canonicalize(out_dir / LORA_WEIGHTS_FILE)  # identical weights, identical bytes
+
+    def _save_pipeline(self, modules: dict[str, Any], out_dir: Path) -> None:
+        """The base pipeline with the trained transformer (and model.vae, the VAE the latents were made with)."""
+        from diffusers import ZImagePipeline
+
+        base = _base_location(self.model_config, self.root)
+        replaced: dict[str, Any] = {"transformer": modules["transformer"]}
+        if self.model_config.vae:
+            replaced["vae"] = load_vae(self.model_config, self.root, "fp32", "cpu")
+        pipeline = ZImagePipeline.from_pretrained(base, **self._kwargs(base), **replaced)
+        pipeline.save_pretrained(out_dir, safe_serialization=True)

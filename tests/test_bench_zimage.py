@@ -1,0 +1,31 @@
+"""bench/zimage.py --small: the trainer on Z-Image against a bare flow-matching loop, tiny shapes, on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_zimage_bench_runs_small(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
+    done = subprocess.run([sys.executable, "-m", "bench.zimage", "--small", "--work", str(tmp_path)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "RANDOM" in done.stdout and "steps/s" in done.stdout
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "zimage" and result["small"] is True
+    ours, bare = result["rows"]
+    assert ours["variant"].startswith("ours") and bare["variant"].startswith("bare")
+    for row in (ours, bare):  # both figures, every round, and the ratio (never a timing threshold)
+        assert len(row["steps_per_s"]) == result["settings"]["rounds"] and row["median"] > 0
+    assert ours["vs_bare"] > 0 and bare["vs_bare"] == 1.0
+    [ratio] = [g for g in result["goals"] if g["name"].startswith("trainer steps/s")]
+    assert ratio["kind"] == "info" and ratio["display"].endswith("x")  # tiny shapes judge no goal
+    checks = [g for g in result["goals"] if g["kind"] == "check"]
+    assert len(checks) == 2 and all(g["passed"] for g in checks), checks  # the same objective; finite losses
+    assert (tmp_path / "small" / "zimage.json").is_file() and not (tmp_path / "small" / "run").exists()

@@ -1,0 +1,78 @@
+"""The Z-Image demo: params.zimage.yaml runs the whole pipeline under `dvc repro` on the embedded
+demo data with the tiny RANDOM Z-Image, and a new photo costs one item in each data stage."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors import safe_open
+
+from conftest import save_photo
+from test_dvc_pipeline import STAGES, dvc, metrics, run_report
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _leaves(data, prefix=""):
+    if isinstance(data, dict):
+        for key, value in data.items():
+            yield from _leaves(value, f"{prefix}{key}.")
+    else:
+        yield prefix.rstrip("."), data
+
+
+def test_the_zimage_params_are_the_demo_params_with_the_family_changes_only():
+    from tuneline.config import load_params
+
+    sdxl = dict(_leaves(yaml.safe_load((REPO / "params.yaml").read_text())))
+    zimage = dict(_leaves(yaml.safe_load((REPO / "params.zimage.yaml").read_text())))
+    changed = {key: zimage.get(key) for key in sdxl.keys() | zimage.keys() if sdxl.get(key) != zimage.get(key)}
+    assert changed == {"model.base": "tiny-zimage", "train.loss.min_snr_gamma": None, "render.guidance_scale": None}
+    assert load_params(REPO / "params.zimage.yaml").model.base == "tiny-zimage"
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_the_zimage_demo_and_reruns_only_what_changed(tmp_path):
+    for name in ("dvc.yaml", ".dvcignore", "prompts.yaml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    for name in ("stages", "src", "data/raw", ".dvc"):
+        shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    document = yaml.safe_load((REPO / "params.zimage.yaml").read_text())
+    # As in the SDXL demo test: 4 steps and 2-step 128 px renders prove the same as the demo's 30 and 8.
+    document["train"]["num_steps"] = 4
+    document["render"].update(steps=2, height=128, width=128, live_every=2)  # live samples at steps 2 and 4
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
+
+    out = dvc(tmp_path, "repro")
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in out
+    assert run_report(tmp_path, "latents")["computed"] == 14
+    latents = json.loads((tmp_path / "data/latents/latents.json").read_text())
+    assert latents["family"] == "zimage" and latents["shift_factor"] == pytest.approx(0.1159)
+    record = json.loads((tmp_path / "data/latents/manifest.jsonl").read_text().splitlines()[0])
+    with safe_open(tmp_path / "data/latents" / record["latents"], "pt") as handle:
+        assert handle.get_tensor("mean").shape[0] == 16
+    with safe_open(tmp_path / "data/latents" / record["text_embeddings"], "pt") as handle:
+        assert handle.get_tensor("prompt_embeds").ndim == 2  # [tokens, hidden]: variable length
+    state = json.loads((tmp_path / "models/train/trainer_state.json").read_text())
+    assert state["family"] == "zimage" and metrics(tmp_path, "train")["steps"] == 4
+    assert (tmp_path / "renders/contact_sheet.png").is_file() and list((tmp_path / "renders/transfer").glob("*.png"))
+    assert run_report(tmp_path, "render")["live_steps"] == 2  # Z-Image live samples from the trainer's modules
+    with safe_open(tmp_path / "export/tuneline-demo.safetensors", "pt") as handle:
+        keys = list(handle.keys())
+        assert handle.metadata()["modelspec.architecture"] == "Z-Image/lora"
+    assert keys and all(key.startswith("diffusion_model.") for key in keys)
+
+    # One new photo: one decode, one crop, one caption, one latent; a new training run.
+    save_photo(tmp_path / "data/raw/shapes/new_photo.jpg", (700, 480), 42, quality=90)
+    out = dvc(tmp_path, "repro")
+    for stage in ("ingest", "bucket", "caption", "latents"):
+        found = run_report(tmp_path, stage)
+        assert (found["computed"], found["reused"] + found.get("given", 0)) == (1, 14), stage
+    # Unchanged: nothing runs but `models` (always_changed, its output the same).
+    out = dvc(tmp_path, "repro")
+    assert [line for line in out.splitlines() if "Running stage" in line] == ["Running stage 'models':"]
