@@ -148,6 +148,22 @@ def run_cli(root: Path, *args: str):
 
 
 @pytest.mark.slow
+def test_two_processes_under_accelerate_launch(zimage_project, tmp_path):
+    """DDP around the Z-Image transformer (list inputs, list outputs): two CPU processes, one result."""
+    root = stage_project(zimage_project, tmp_path, num_steps=2)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "-m", "tuneline.cli", "train"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=400)
+    assert done.returncode == 0, done.stdout + done.stderr
+    state = yaml.safe_load((root / "models/train/trainer_state.json").read_text())
+    assert state["family"] == "zimage" and state["step"] == 2 and state["processes"] == 2
+    assert sorted(p.name for p in root.glob("checkpoints/train/*/step_000002/rng_rank*.pt")) == \
+        ["rng_rank0.pt", "rng_rank1.pt"]
+
+
+@pytest.mark.slow
 def test_kill_9_then_resume_matches_a_straight_run(zimage_project, tmp_path):
     import time
 
