@@ -118,18 +118,23 @@ def lora_network(lora: Any) -> tuple[str, dict[str, str]]:
 
 def _common(
     *, architecture: str, title: str, data_digest: str, params_digest: str, code_version: str,
-    mlflow_run_id: str | None, git_commit: str, git_dirty: bool | None, prediction_type: str,
-    zero_terminal_snr: bool, resolution: tuple[int, int], trigger_phrase: str | None,
-    date: _dt.datetime | str | None, extra: Mapping[str, Any] | None,
+    mlflow_run_id: str | None, git_commit: str, git_dirty: bool | None, prediction_type: str | None,
+    zero_terminal_snr: bool | None, resolution: tuple[int, int], trigger_phrase: str | None,
+    date: _dt.datetime | str | None, extra: Mapping[str, Any] | None, description: str | None = None,
+    implementation: str = SGM_IMPLEMENTATION,
 ) -> dict[str, str]:
+    """Every exported file's header: `modelspec.*`, provenance, `tuneline.zero_terminal_snr` (not
+    written when None: a VAE, flow matching) and `extra`."""
     # kohya names its implementation version "sd-scripts/<commit>"; the same with our commit.
-    implementation = f"tuneline/{git_commit if git_commit != 'unknown' else code_version}"
+    implementation_version = f"tuneline/{git_commit if git_commit != 'unknown' else code_version}"
     meta = modelspec_metadata(architecture=architecture, title=title, resolution=resolution,
                               prediction_type=prediction_type, trigger_phrase=trigger_phrase, date=date,
-                              implementation_version=implementation)
+                              description=description, implementation_version=implementation_version,
+                              implementation=implementation)
     meta.update(provenance_metadata(data_digest=data_digest, params_digest=params_digest, code_version=code_version,
                                     mlflow_run_id=mlflow_run_id, git_commit=git_commit, git_dirty=git_dirty))
-    meta["tuneline.zero_terminal_snr"] = str(zero_terminal_snr).lower()
+    if zero_terminal_snr is not None:
+        meta["tuneline.zero_terminal_snr"] = str(zero_terminal_snr).lower()
     for key, value in (extra or {}).items():
         meta[str(key)] = str(value)
     return meta
@@ -233,14 +238,11 @@ def vae_metadata(
     `stable-diffusion-xl-v1-base/vae` (the `<base>/<component>` form sd-scripts uses for its LoRA and
     ControlNet files), no prediction type, trigger phrase or date (the UNet's training says nothing
     of the VAE's), and the same provenance as the export's other files."""
-    implementation = f"tuneline/{git_commit if git_commit != 'unknown' else code_version}"
-    meta = modelspec_metadata(architecture=VAE_ARCHITECTURE, title=title, resolution=resolution,
-                              prediction_type=None, description=description, implementation_version=implementation)
-    meta.update(provenance_metadata(data_digest=data_digest, params_digest=params_digest, code_version=code_version,
-                                    mlflow_run_id=mlflow_run_id, git_commit=git_commit, git_dirty=git_dirty))
-    for key, value in (extra or {}).items():
-        meta[str(key)] = str(value)
-    return meta
+    return _common(
+        architecture=VAE_ARCHITECTURE, title=title, data_digest=data_digest, params_digest=params_digest,
+        code_version=code_version, mlflow_run_id=mlflow_run_id, git_commit=git_commit, git_dirty=git_dirty,
+        prediction_type=None, zero_terminal_snr=None, resolution=resolution, trigger_phrase=None, date=None,
+        extra=extra, description=description)
 
 
 def check_header(metadata: Mapping[str, Any] | None) -> dict[str, str]:
@@ -273,13 +275,9 @@ def zimage_metadata(
     architecture `Z-Image` (`Z-Image/lora`, `Z-Image/vae`) and Z-Image's implementation, no prediction
     type (flow matching), the same provenance as the SDXL files, and `extra`."""
     suffix = {"checkpoint": "", "lora": "/lora", "vae": "/vae"}[kind]
-    implementation = f"tuneline/{git_commit if git_commit != 'unknown' else code_version}"
-    meta = modelspec_metadata(architecture=ZIMAGE_ARCHITECTURE + suffix, title=title, resolution=resolution,
-                              prediction_type=None, trigger_phrase=None if kind == "vae" else trigger_phrase,
-                              date=None if kind == "vae" else date, description=description,
-                              implementation_version=implementation, implementation=ZIMAGE_IMPLEMENTATION)
-    meta.update(provenance_metadata(data_digest=data_digest, params_digest=params_digest, code_version=code_version,
-                                    mlflow_run_id=mlflow_run_id, git_commit=git_commit, git_dirty=git_dirty))
-    for key, value in (extra or {}).items():
-        meta[str(key)] = str(value)
-    return meta
+    return _common(
+        architecture=ZIMAGE_ARCHITECTURE + suffix, title=title, data_digest=data_digest, params_digest=params_digest,
+        code_version=code_version, mlflow_run_id=mlflow_run_id, git_commit=git_commit, git_dirty=git_dirty,
+        prediction_type=None, zero_terminal_snr=None, resolution=resolution,
+        trigger_phrase=None if kind == "vae" else trigger_phrase, date=None if kind == "vae" else date,
+        extra=extra, description=description, implementation=ZIMAGE_IMPLEMENTATION)
