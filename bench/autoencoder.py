@@ -52,7 +52,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from bench._common import bench_main, goal, make_photo, note_load, print_goals
+from bench._common import bench_main, ensure_project, goal, note_load, print_goals
 
 NAME = "autoencoder"
 REPO = Path(__file__).resolve().parents[1]
@@ -85,34 +85,6 @@ def params_data(resolution: int, crop: int, batch_size: int, channels: int, laye
                         "num_steps": 100_000, "checkpoint": {"every_steps": 100_000},
                         "discriminator": {"start": 0, "every": 1, "channels": channels, "layers": layers}},
     }
-
-
-def ensure_project(work: Path, images: int, data: dict[str, Any]) -> tuple[Path, Any, float]:
-    """The project root with data/bucketed (reused while the spec matches), its params, seconds spent."""
-    from tuneline.config import validate_params
-
-    root = work / "project"
-    params = validate_params(data)
-    spec = {"version": GENERATOR_VERSION, "images": images, "params": data}
-    spec_file = root / "spec.json"
-    if spec_file.is_file() and json.loads(spec_file.read_text()) == spec:
-        return root, params, 0.0
-    started = time.perf_counter()
-    shutil.rmtree(root, ignore_errors=True)
-    from tuneline.stages.bucket.stage import run as run_bucket
-    from tuneline.stages.ingest.stage import run as run_ingest
-
-    rng = np.random.default_rng(SEED)
-    resolution = data["bucket"]["resolution"]
-    for index in range(images):  # square, a bit larger than the bucket: every image lands in one bucket
-        raw = root / "data/raw" / ("alpha" if index % 2 == 0 else "beta")
-        raw.mkdir(parents=True, exist_ok=True)
-        side = int(resolution * rng.uniform(1.1, 1.5))
-        make_photo((side, side), rng).save(raw / f"img{index:03d}.png", compress_level=1)
-    run_ingest(params, root, root / "data/ingested", root / "metrics")
-    run_bucket(params, root, root / "data/ingested", root / "data/bucketed", root / "metrics")
-    spec_file.write_text(json.dumps(spec))
-    return root, params, time.perf_counter() - started
 
 
 def make_ae_trainer(params: Any, root: Path, run_dir: Path) -> Any:
@@ -348,7 +320,7 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
     work = args.work.resolve() / ("small" if args.small else "default")
     data = params_data(settings["resolution"], settings["crop"], settings["batch_size"], settings["channels"],
                        settings["layers"])
-    root, params, build_s = ensure_project(work, settings["images"], data)
+    root, params, build_s = ensure_project(work, data, settings["images"], SEED, GENERATOR_VERSION, "bucket")
 
     trainer = make_ae_trainer(params, root, work / "run")
     device = str(trainer.accelerator.device)

@@ -45,7 +45,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from bench._common import bench_main, goal, make_photo, make_trainer, note_load, print_goals, rounds_table
+from bench._common import bench_main, ensure_project, goal, make_trainer, note_load, print_goals, rounds_table
 
 NAME = "train"
 REPO = Path(__file__).resolve().parents[1]
@@ -72,39 +72,6 @@ def params_data(resolution: int, batch_size: int) -> dict[str, Any]:
         # Defaults otherwise; no checkpoint can fall inside the timed window.
         "train": {"num_steps": 100_000, "checkpoint": {"every_steps": 100_000}},
     }
-
-
-def ensure_project(work: Path, images: int, resolution: int, batch_size: int) -> tuple[Path, Any, float]:
-    """The project root with data/latents (reused while the spec matches), its params, seconds spent."""
-    from tuneline.config import validate_params
-
-    root = work / "project"
-    data = params_data(resolution, batch_size)
-    params = validate_params(data)
-    spec = {"version": GENERATOR_VERSION, "images": images, "params": data}
-    spec_file = root / "spec.json"
-    if spec_file.is_file() and json.loads(spec_file.read_text()) == spec:
-        return root, params, 0.0
-    started = time.perf_counter()
-    shutil.rmtree(root, ignore_errors=True)
-    from tuneline.stages.bucket.stage import run as run_bucket
-    from tuneline.stages.caption.stage import run as run_caption
-    from tuneline.stages.ingest.stage import run as run_ingest
-    from tuneline.stages.latents.stage import run as run_latents
-
-    rng = np.random.default_rng(SEED)
-    raw = root / "data/raw/photos"
-    raw.mkdir(parents=True)
-    for index in range(images):  # square, a bit larger than the bucket: every image lands in one bucket
-        side = int(resolution * rng.uniform(1.1, 1.5))
-        make_photo((side, side), rng).save(raw / f"img{index:03d}.png", compress_level=1)
-        (raw / f"img{index:03d}.txt").write_text(f"a photo of a smooth gradient, number {index}", "utf-8")
-    run_ingest(params, root, root / "data/ingested", root / "metrics")
-    run_bucket(params, root, root / "data/ingested", root / "data/bucketed", root / "metrics")
-    run_caption(params, root, root / "data/bucketed", root / "data/captioned", root / "metrics")
-    run_latents(params, root, root / "data/captioned", root / "data/latents", root / "metrics")
-    spec_file.write_text(json.dumps(spec))
-    return root, params, time.perf_counter() - started
 
 
 # --- the two loops --------------------------------------------------------------------------
@@ -273,7 +240,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     work = args.work.resolve()
-    root, params, build_s = ensure_project(work, args.images, args.resolution, args.batch_size)
+    root, params, build_s = ensure_project(work, params_data(args.resolution, args.batch_size), args.images, SEED,
+                                           GENERATOR_VERSION, "latents")
     from tuneline.models.sdxl import SDXLAdapter
 
     trainer = make_trainer(SDXLAdapter, params, root, work / "run")

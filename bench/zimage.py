@@ -40,7 +40,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bench._common import bench_main, goal, make_photo, note_load, print_goals, rounds_table
+from bench._common import bench_main, ensure_project, goal, note_load, print_goals, rounds_table
 
 NAME = "zimage"
 REPO = Path(__file__).resolve().parents[1]
@@ -62,66 +62,10 @@ def params_data(resolution: int, batch_size: int) -> dict[str, Any]:
         "caption": {"mode": "sidecar_only"},
         "model": {"base": "tiny-zimage"},
         "latents": {"batch_size": batch_size, "dtype": "fp32", "device": "cpu", "flip": False,
-                    "text_embeddings": False},
+                    "text_embeddings": True},
         "render": {"live_every": 0},
         "train": {"num_steps": 100_000, "checkpoint": {"every_steps": 100_000}},
     }
-
-
-def cache_text_embeddings(root: Path, params: Any) -> None:
-    """Each caption's Z-Image text embedding beside its latents, as the latents stage caches them
-    ([tokens, hidden] `prompt_embeds`, no `pooled`; the record's `text_embeddings` names the file)."""
-    import torch
-    from safetensors.torch import save_file
-
-    from tuneline.core.manifest import read_manifest
-    from tuneline.models.zimage import load_text_encoder
-    from tuneline.models.zimage_text import encode_prompts
-
-    folder = root / "data/latents"
-    records = read_manifest(folder)
-    if all(r.get("text_embeddings") for r in records):
-        return
-    tokenizer, encoder = load_text_encoder(params.model, root, "fp32", "cpu")
-    with torch.no_grad():
-        features = encode_prompts(tokenizer, encoder, [r.get("caption") or "" for r in records])
-    for record, feature in zip(records, features):
-        record["text_embeddings"] = f"{record['id']}.zimage-text.safetensors"
-        save_file({"prompt_embeds": feature.contiguous()}, folder / record["text_embeddings"])
-    (folder / "manifest.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records), "utf-8")
-
-
-def ensure_project(work: Path, images: int, resolution: int, batch_size: int) -> tuple[Path, Any, float]:
-    from tuneline.config import validate_params
-
-    root = work / "project"
-    data = params_data(resolution, batch_size)
-    params = validate_params(data)
-    spec = {"version": GENERATOR_VERSION, "images": images, "params": data}
-    spec_file = root / "spec.json"
-    if spec_file.is_file() and json.loads(spec_file.read_text()) == spec:
-        return root, params, 0.0
-    started = time.perf_counter()
-    shutil.rmtree(root, ignore_errors=True)
-    from tuneline.stages.bucket.stage import run as run_bucket
-    from tuneline.stages.caption.stage import run as run_caption
-    from tuneline.stages.ingest.stage import run as run_ingest
-    from tuneline.stages.latents.stage import run as run_latents
-
-    rng = np.random.default_rng(SEED)
-    raw = root / "data/raw/photos"
-    raw.mkdir(parents=True)
-    for index in range(images):
-        side = int(resolution * rng.uniform(1.1, 1.5))
-        make_photo((side, side), rng).save(raw / f"img{index:03d}.png", compress_level=1)
-        (raw / f"img{index:03d}.txt").write_text(f"a photo of a smooth gradient, number {index}", "utf-8")
-    run_ingest(params, root, root / "data/ingested", root / "metrics")
-    run_bucket(params, root, root / "data/ingested", root / "data/bucketed", root / "metrics")
-    run_caption(params, root, root / "data/bucketed", root / "data/captioned", root / "metrics")
-    run_latents(params, root, root / "data/captioned", root / "data/latents", root / "metrics")
-    cache_text_embeddings(root, params)
-    spec_file.write_text(json.dumps(spec))
-    return root, params, time.perf_counter() - started
 
 
 class BareLoop:
@@ -217,7 +161,8 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     work = args.work.resolve() / ("small" if args.small else "default")
-    root, params, build_s = ensure_project(work, settings["images"], settings["resolution"], settings["batch_size"])
+    root, params, build_s = ensure_project(work, params_data(settings["resolution"], settings["batch_size"]),
+                                           settings["images"], SEED, GENERATOR_VERSION, "latents")
     trainer = make_trainer(ZImageAdapter, params, root, work / "run")
     if not trainer.data.text_cache or trainer.adapter.text_encoders:
         raise RuntimeError("the bench needs cached Z-Image text embeddings (no text encoder in the step)")
