@@ -94,11 +94,9 @@ def project(tmp_path: Path) -> Project:
 
 # --- a project through the latents stage, for training, render and export tests -------------
 
-@pytest.fixture(scope="module")
-def latents_project(tmp_path_factory):
-    """ingest -> bucket -> caption (sidecars) -> latents once; tests train on the result."""
-    os.environ.setdefault("TUNELINE_HOME", str(tmp_path_factory.getbasetemp() / "tuneline-home"))
-    root = tmp_path_factory.mktemp("train-project")
+def make_latents_project(root: Path, **sections: Any) -> Project:
+    """The small two-data-set project (alpha: 4 captioned JPEGs, beta: 2 PNGs) through
+    ingest -> bucket -> caption (sidecars) -> latents; `sections` replace params sections."""
     project = Project(root)
     project.params_data["datasets"][0].update(trigger_word="alf", loss_weight=1.0)
     project.params_data["datasets"][1].update(trigger_word="bet", loss_weight=0.5, repeats=2)
@@ -106,6 +104,7 @@ def latents_project(tmp_path_factory):
     project.params_data["caption"] = {"mode": "sidecar_only"}
     project.params_data["latents"] = {"flip": True}
     project.params_data["render"] = {"height": 64, "width": 64, "steps": 2, "live_prompts": 1}
+    project.params_data.update(sections)
     (root / "prompts.yaml").write_text("- {prompt: 'alf, a red thing', seed: 1}\n- {prompt: 'bet, a thing', seed: 2}\n")
     for i in range(4):
         save_photo(project.raw("alpha") / f"a{i}.jpg", (96, 64), seed=i, quality=95)
@@ -121,6 +120,13 @@ def latents_project(tmp_path_factory):
     run_caption(params, root, root / "data/bucketed", root / "data/captioned", root / "metrics")
     run_latents(params, root, root / "data/captioned", root / "data/latents", root / "metrics")
     return project
+
+
+@pytest.fixture(scope="module")
+def latents_project(tmp_path_factory):
+    """ingest -> bucket -> caption (sidecars) -> latents once; tests train on the result."""
+    os.environ.setdefault("TUNELINE_HOME", str(tmp_path_factory.getbasetemp() / "tuneline-home"))
+    return make_latents_project(tmp_path_factory.mktemp("train-project"))
 
 
 def train_params(project: Project, **train):

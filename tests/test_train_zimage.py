@@ -18,39 +18,20 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from conftest import Project, save_photo
+from conftest import Project, make_latents_project
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def zimage_project(tmp_path_factory):
-    """ingest -> bucket -> caption (sidecars) -> latents of tiny-zimage, once. The latents stage's
-    text cache is SDXL's so far: off here, the adapter encodes the captions itself."""
+    """conftest's latents project on tiny-zimage, once. The latents stage's text cache is off here,
+    so the adapter encodes the captions itself (a test below writes a cache for the cached path)."""
     os.environ.setdefault("TUNELINE_HOME", str(tmp_path_factory.getbasetemp() / "tuneline-home"))
-    root = tmp_path_factory.mktemp("zimage-project")
-    project = Project(root)
-    project.params_data["model"] = {"base": "tiny-zimage"}
-    project.params_data["datasets"][0].update(trigger_word="alf", loss_weight=1.0)
-    project.params_data["datasets"][1].update(trigger_word="bet", loss_weight=0.5, repeats=2)
-    project.params_data["bucket"].update(resolution=64, divisible_by=32, batch_size=2)
-    project.params_data["caption"] = {"mode": "sidecar_only"}
-    project.params_data["latents"] = {"flip": True, "text_embeddings": False}
-    project.params_data["render"] = {"height": 64, "width": 64, "steps": 2, "live_prompts": 1, "live_every": 0}
-    for i in range(4):
-        save_photo(project.raw("alpha") / f"a{i}.jpg", (96, 64), seed=i, quality=95)
-        (project.raw("alpha") / f"a{i}.txt").write_text(f"a red thing, number {i}, outdoors", "utf-8")
-    for i in range(2):
-        save_photo(project.raw("beta") / f"b{i}.png", (64, 96), seed=10 + i)
-    params = project.params()
-    from tuneline.stages.caption.stage import run as run_caption
-    from tuneline.stages.latents.stage import run as run_latents
-
-    project.ingest(params)
-    project.bucket(params)
-    run_caption(params, root, root / "data/bucketed", root / "data/captioned", root / "metrics")
-    run_latents(params, root, root / "data/captioned", root / "data/latents", root / "metrics")
-    return project
+    return make_latents_project(
+        tmp_path_factory.mktemp("zimage-project"), model={"base": "tiny-zimage"},
+        latents={"flip": True, "text_embeddings": False},
+        render={"height": 64, "width": 64, "steps": 2, "live_prompts": 1, "live_every": 0})
 
 
 def zparams(project: Project, **train):
