@@ -114,7 +114,7 @@ class BareLoop:
         import torch
         from diffusers import AutoencoderKL
 
-        from tuneline.models.autoencoder import patch_discriminator
+        from tuneline.models.autoencoder.adapter import patch_discriminator
         from tuneline.models.loading import vae_source
         from tuneline.stages.autoencoder.data import ImageData
 

@@ -225,7 +225,7 @@ def random_unet_state(config: dict[str, Any], device: str) -> tuple[dict[str, An
 
 
 def make_adapter_class() -> type:
-    from tuneline.models.sdxl import SDXLAdapter
+    from tuneline.models.sdxl.adapter import SDXLAdapter
 
     class RandomWeightsAdapter(SDXLAdapter):
         """SDXLAdapter whose UNet weights come from the bench's host memory instead of files."""

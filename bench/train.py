@@ -83,7 +83,7 @@ class BareLoop:
     def __init__(self, root: Path, params: Any, batch: dict[str, Any], seed: int) -> None:
         import torch
 
-        from tuneline.models.sdxl import SDXLAdapter
+        from tuneline.models.sdxl.adapter import SDXLAdapter
         from tuneline.train.optim import build_optimizer
 
         torch.manual_seed(seed)  # as Trainer.setup: the same LoRA initialisation
@@ -242,7 +242,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     work = args.work.resolve()
     root, params, build_s = ensure_project(work, params_data(args.resolution, args.batch_size), args.images, SEED,
                                            GENERATOR_VERSION, "latents")
-    from tuneline.models.sdxl import SDXLAdapter
+    from tuneline.models.sdxl.adapter import SDXLAdapter
 
     trainer = make_trainer(SDXLAdapter, params, root, work / "run")
     if not trainer.data.text_cache:

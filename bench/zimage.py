@@ -156,7 +156,7 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
     import torch
 
     from bench._common import make_trainer
-    from tuneline.models.zimage import ZImageAdapter
+    from tuneline.models.zimage.adapter import ZImageAdapter
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -55,9 +55,9 @@ def make_ae_trainer(project: Project, run: Path, params):
 
 
 def test_registry_finds_both_families():
-    from tuneline.models.autoencoder import AutoencoderAdapter
+    from tuneline.models.autoencoder.adapter import AutoencoderAdapter
     from tuneline.models.registry import adapter_class
-    from tuneline.models.sdxl import SDXLAdapter
+    from tuneline.models.sdxl.adapter import SDXLAdapter
 
     assert adapter_class("sdxl") is SDXLAdapter and adapter_class("autoencoder_kl") is AutoencoderAdapter
     with pytest.raises(KeyError, match="autoencoder_kl, sdxl"):
@@ -89,7 +89,7 @@ def test_discriminator_steps_only_after_start_and_every_nth(bucket_project, tmp_
 
 
 def test_adaptive_weight_equals_the_hand_computed_ratio(bucket_project, tmp_path):
-    from tuneline.models.autoencoder import adaptive_weight
+    from tuneline.models.autoencoder.adapter import adaptive_weight
 
     trainer = make_ae_trainer(bucket_project, tmp_path, ae_params(bucket_project))
     vae, disc = trainer.modules["vae"], trainer.modules["discriminator"]

@@ -67,9 +67,9 @@ def lora_files(tiny_dir, tmp_path_factory):
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from tuneline.stages.export.kohya_lora import export_kohya_lora
+    from tuneline.models.sdxl.kohya_lora import export_kohya_lora
     from tuneline.stages.export.metadata import kohya_metadata
-    from tuneline.models.sdxl import UNET_LORA_TARGETS
+    from tuneline.models.sdxl.adapter import UNET_LORA_TARGETS
 
     folder = tmp_path_factory.mktemp("lora")
     pipe = load_pipe(tiny_dir)
@@ -175,8 +175,8 @@ def test_kohya_names_for_the_real_sdxl_layout_go_through_diffusers_converter():
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 
-    from tuneline.stages.export.kohya_lora import diffusers_lora_to_kohya, kohya_module_name
-    from tuneline.stages.export.sgm_unet import sgm_module_prefixes
+    from tuneline.models.sdxl.kohya_lora import diffusers_lora_to_kohya, kohya_module_name
+    from tuneline.models.sdxl.sgm_unet import sgm_module_prefixes
 
     prefixes = sgm_module_prefixes(REAL_SDXL_UNET)
     name = kohya_module_name("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", prefixes)
@@ -200,8 +200,8 @@ def test_kohya_names_for_the_real_sdxl_layout_go_through_diffusers_converter():
 
 
 def test_kohya_conversion_refuses_what_it_cannot_express():
-    from tuneline.stages.export.sgm_unet import UnmappedKeyError
-    from tuneline.stages.export.kohya_lora import diffusers_lora_to_kohya
+    from tuneline.models.sdxl.sgm_unet import UnmappedKeyError
+    from tuneline.models.sdxl.kohya_lora import diffusers_lora_to_kohya
 
     pair = {"unet.mid_block.attentions.0.proj_in.lora_A.weight": torch.zeros(2, 4),
             "unet.mid_block.attentions.0.proj_in.lora_B.weight": torch.zeros(4, 2)}
@@ -227,7 +227,7 @@ def test_dora_magnitude_becomes_an_output_axis_dora_scale():
     """PEFT keeps the magnitude as (out,) for linear and (1, out, 1, 1) for conv layers; kohya/LyCORIS
     and ComfyUI read `dora_scale` shaped (out, 1[, 1, 1]) beside the LoRA pair (ComfyUI's output-axis
     test: dora_scale.shape[0] == weight.shape[0])."""
-    from tuneline.stages.export.kohya_lora import diffusers_lora_to_kohya
+    from tuneline.models.sdxl.kohya_lora import diffusers_lora_to_kohya
 
     linear, conv = "unet.mid_block.attentions.0.proj_in", "unet.down_blocks.0.resnets.0.conv1"
     magnitudes = {linear: torch.arange(1.0, 5.0), conv: torch.arange(1.0, 9.0).reshape(1, 8, 1, 1)}
@@ -257,7 +257,7 @@ def test_single_file_loads_back_exactly(tiny_dir, original, tmp_path, dtype):
     from diffusers import StableDiffusionXLPipeline
 
     from tuneline.stages.export.metadata import checkpoint_metadata
-    from tuneline.stages.export.single_file import pipeline_to_single_file
+    from tuneline.models.sdxl.checkpoint_file import pipeline_to_single_file
 
     metadata = checkpoint_metadata(title="tiny", date="2024-05-01T12:00:00", **PROVENANCE)
     path = pipeline_to_single_file(tiny_dir, tmp_path / "tiny.safetensors", dtype, metadata)
@@ -289,9 +289,9 @@ def test_single_file_loads_back_exactly(tiny_dir, original, tmp_path, dtype):
 
 
 def test_single_file_refuses_unmapped_keys(tiny_dir, tmp_path):
-    from tuneline.stages.export.sgm_unet import UnmappedKeyError
-    from tuneline.stages.export.single_file import pipeline_to_single_file
-    from tuneline.stages.export.single_file import open_clip_to_ldm, vae_to_ldm
+    from tuneline.models.sdxl.sgm_unet import UnmappedKeyError
+    from tuneline.models.sdxl.checkpoint_file import pipeline_to_single_file
+    from tuneline.models.sdxl.checkpoint_file import open_clip_to_ldm, vae_to_ldm
 
     folder = tmp_path / "pipe"
     shutil.copytree(tiny_dir, folder)

@@ -127,10 +127,10 @@ def exported_tensor(name: str, checkpoint: dict, lora: dict, prefixes: dict) -> 
     """Where the trainer's parameter `name` (as in a checkpoint's trained.safetensors) lives in the export."""
     import re
 
-    from tuneline.models.sdxl import DIFFUSERS_NAMES
-    from tuneline.stages.export.kohya_lora import kohya_module_name
-    from tuneline.stages.export.sgm_unet import unet_key_to_sgm
-    from tuneline.stages.export.single_file import CLIP_L_PREFIX, UNET_PREFIX
+    from tuneline.models.sdxl.adapter import DIFFUSERS_NAMES
+    from tuneline.models.sdxl.kohya_lora import kohya_module_name
+    from tuneline.models.sdxl.sgm_unet import unet_key_to_sgm
+    from tuneline.models.sdxl.checkpoint_file import CLIP_L_PREFIX, UNET_PREFIX
 
     component, _, rest = name.partition(".")
     adapter = re.fullmatch(r"(.+)\.lora_(A|B)\.default\.weight", rest)
@@ -153,7 +153,7 @@ def test_mixed_modes_export_every_trained_tensor_and_render_shows_the_files(late
     from safetensors.torch import load_file
 
     from tuneline.models.ref import resolve_model
-    from tuneline.stages.export.sgm_unet import sgm_module_prefixes
+    from tuneline.models.sdxl.sgm_unet import sgm_module_prefixes
     from tuneline.stages.render.generate import apply_trained, load_base_pipeline
 
     params = trained(latents_project, tmp_path, lora={"rank": 4, "alpha": 2.0}, **modes)
@@ -214,7 +214,7 @@ def test_v_prediction_zero_snr_full_fine_tune_loads_as_what_it_learned(latents_p
 def merge_kohya_dora(pipe, kohya: dict, diffusers_keys, prefixes: dict) -> None:
     """Merge a kohya DoRA into `pipe` the way LyCORIS (wd_on_output) and ComfyUI's output-axis path
     define it: W' = dora_scale * V / ||V|| per output row, V = W + alpha/rank * up @ down."""
-    from tuneline.stages.export.kohya_lora import kohya_module_name
+    from tuneline.models.sdxl.kohya_lora import kohya_module_name
 
     with torch.no_grad():
         for module_path in sorted({key.rsplit(".lora_", 1)[0] for key in diffusers_keys}):
@@ -233,9 +233,9 @@ def test_dora_trains_round_trips_in_diffusers_and_exports_comfyui_dora_scale(lat
 
     from conftest import make_trainer
     from tuneline.models.ref import resolve_model
-    from tuneline.stages.export.kohya_lora import export_kohya_lora
+    from tuneline.models.sdxl.kohya_lora import export_kohya_lora
     from tuneline.stages.export.metadata import kohya_metadata
-    from tuneline.stages.export.sgm_unet import sgm_module_prefixes
+    from tuneline.models.sdxl.sgm_unet import sgm_module_prefixes
     from tuneline.stages.render.generate import pipeline_from_training
 
     tiny = resolve_model("tiny-sdxl")

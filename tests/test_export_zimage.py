@@ -96,7 +96,7 @@ def test_exported_lora_renders_identically_in_diffusers(tmp_path, alpha):
 
 
 def test_lora_with_other_alpha_renders_within_rounding(tmp_path):
-    from tuneline.stages.export.zimage import export_zimage_lora
+    from tuneline.models.zimage.export import export_zimage_lora
 
     make_lora_run(tmp_path / "train", rank=4, alpha=3.0)
     export_zimage_lora(tmp_path / "train", tmp_path / "z.safetensors", {})
@@ -111,7 +111,7 @@ def test_lora_keys_are_comfyuis_and_its_fused_qkv_patch_equals_the_peft_delta(tm
     from diffusers import ZImagePipeline
     from peft.utils import get_peft_model_state_dict
 
-    from tuneline.stages.export.zimage import comfy_to_transformer, export_zimage_lora, transformer_to_comfy
+    from tuneline.models.zimage.export import comfy_to_transformer, export_zimage_lora, transformer_to_comfy
 
     transformer, config = lora_transformer(rank=4, alpha=6.0, feed_forward=True, seed=2)
     ZImagePipeline.save_lora_weights(tmp_path / "train", transformer_lora_layers=get_peft_model_state_dict(transformer),
@@ -149,7 +149,7 @@ def test_lora_keys_are_comfyuis_and_its_fused_qkv_patch_equals_the_peft_delta(tm
 def test_full_fine_tune_single_file_is_comfyuis_layout_and_converts_back_exactly(tmp_path):
     from diffusers import ZImageTransformer2DModel
 
-    from tuneline.stages.export.zimage import comfy_to_transformer
+    from tuneline.models.zimage.export import comfy_to_transformer
 
     make_full_run(tmp_path / "models/train", seed=4)
     run_export(tmp_path, tmp_path / "models/train", tmp_path / "export", dtype="fp32", vae=True)
@@ -185,8 +185,8 @@ def test_full_fine_tune_single_file_is_comfyuis_layout_and_converts_back_exactly
 
 
 def test_default_dtype_and_refusals(tmp_path):
-    from tuneline.stages.export.sgm_unet import UnmappedKeyError
-    from tuneline.stages.export.zimage import diffusers_lora_to_comfy, transformer_to_single_file
+    from tuneline.models.sdxl.sgm_unet import UnmappedKeyError
+    from tuneline.models.zimage.export import diffusers_lora_to_comfy, transformer_to_single_file
 
     make_full_run(tmp_path / "train", seed=1)
     out = transformer_to_single_file(tmp_path / "train/pipeline/transformer", tmp_path / "z.safetensors")

@@ -12,7 +12,7 @@ import pytest
 
 from tuneline.core.params import ParamsError
 from tuneline.models.family import detect_family
-from tuneline.stages.models.config import ModelConfig
+from tuneline.models.config import ModelConfig
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -90,7 +90,7 @@ def test_hub_id_from_hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 def test_detection_imports_no_torch(tmp_path: Path) -> None:
     pipeline_folder(tmp_path / "z", "ZImagePipeline")
     code = ("import sys; from tuneline.models.family import detect_family; "
-            "from tuneline.stages.models.config import ModelConfig; "
+            "from tuneline.models.config import ModelConfig; "
             f"assert detect_family(ModelConfig(base={str(tmp_path / 'z')!r})) == 'zimage'; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})

@@ -260,7 +260,7 @@ def test_unreadable_image_is_rejected_not_fatal(captioned):
 
 def test_single_file_base_with_model_vae_takes_the_vae_as_given(tmp_path):
     """model.vae overrides a single-file base's VAE without converting the file (text encoders convert it)."""
-    from tuneline.stages.models.config import ModelConfig
+    from tuneline.models.config import ModelConfig
     from tuneline.models.loading import vae_source
 
     (tmp_path / "base.safetensors").write_bytes(b"\0")

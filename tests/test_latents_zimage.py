@@ -211,7 +211,7 @@ def test_zimage_text_encoder_loaders(tmp_path):
     import torch
 
     from tuneline.models.loading import load_zimage_text_encoder, zimage_text_encoder_sources
-    from tuneline.stages.models.config import ModelConfig
+    from tuneline.models.config import ModelConfig
 
     model = ModelConfig(base="tiny-zimage")
     sources = zimage_text_encoder_sources(model, tmp_path)

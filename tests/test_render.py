@@ -42,7 +42,7 @@ def trained(latents_project):
     """A 2-step LoRA run (lr 1e-2) written to models/train, then the run resumed as a live trainer."""
     from accelerate.state import AcceleratorState
 
-    from tuneline.models.sdxl import SDXLAdapter
+    from tuneline.models.sdxl.adapter import SDXLAdapter
     from tuneline.stages.render.generate import pipeline_from_training
     from tuneline.stages.train.stage import run as run_train
     from tuneline.train.trainer import Trainer
@@ -329,7 +329,7 @@ def test_x0_from_a_perfect_prediction_is_the_clean_latent(prediction_type):
 
 
 def test_cross_attention_heatmap_is_non_negative_normalised_and_processors_come_back(trained):
-    from tuneline.models.sdxl_text import encode_prompts
+    from tuneline.models.sdxl.text import encode_prompts
     from tuneline.stages.render.diagnostics import attention_heatmap, recording_cross_attention, token_positions
 
     _, _, trainer, pipeline = trained
@@ -360,7 +360,7 @@ def test_full_fine_tune_replaces_the_unet_and_brings_its_prediction_type(trained
 
     from tuneline.config import validate_params
     from tuneline.core.fsutil import atomic_write_json
-    from tuneline.models.sdxl import SDXLAdapter
+    from tuneline.models.sdxl.adapter import SDXLAdapter
     from tuneline.stages.render.generate import apply_trained, load_base_pipeline
     from tuneline.train.trainer import Trainer
 

@@ -177,7 +177,7 @@ def test_pipeline_from_training_shares_the_live_transformer(tmp_path):
     from peft.utils import get_peft_model_state_dict
     from transformers import AutoTokenizer, Qwen3Model
 
-    from tuneline.stages.models.config import ModelConfig
+    from tuneline.models.config import ModelConfig
     from tuneline.stages.render.generate import pipeline_from_training
 
     transformer, config = lora_transformer(seed=5)

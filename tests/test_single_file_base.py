@@ -16,7 +16,7 @@ LATENTS = {"batch_size": 2, "dtype": "fp32", "device": "cpu", "flip": True, "tex
 def project(tmp_path_factory):
     """A small captioned project, and the tiny SDXL written as a single file at <root>/base.safetensors."""
     from tuneline.stages.caption.stage import run as run_caption
-    from tuneline.stages.export.single_file import pipeline_to_single_file
+    from tuneline.models.sdxl.checkpoint_file import pipeline_to_single_file
     from tuneline.models.ref import resolve_model
 
     with pytest.MonkeyPatch.context() as patch:
@@ -113,7 +113,7 @@ def test_single_file_base_without_model_config_offline_names_model_config(projec
     import huggingface_hub.constants
 
     from tuneline.core.params import ParamsError
-    from tuneline.stages.models.config import ModelConfig
+    from tuneline.models.config import ModelConfig
     from tuneline.models.loading import text_encoder_sources
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

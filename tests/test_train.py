@@ -188,7 +188,7 @@ def test_caption_dropout_and_shuffle_keep_the_trigger_word():
     import random
 
     from tuneline.train.captions import augment_caption
-    from tuneline.stages.train.config import TrainConfig
+    from tuneline.train.config import TrainConfig
 
     config = TrainConfig(caption_shuffle=True, keep_tokens=1)
     rng = random.Random(0)
@@ -265,7 +265,7 @@ def test_text_encoder_lora_leaves_out_layers_the_unet_never_sees(latents_project
     """SDXL conditions on each encoder's penultimate hidden state, plus the second encoder's pooled
     output (its last layer): CLIP-L's last layer changes nothing, so it gets no adapter."""
     from tuneline.models.loading import load_text_encoders
-    from tuneline.models.sdxl_text import conditioning_layers, encode_prompts
+    from tuneline.models.sdxl.text import conditioning_layers, encode_prompts
 
     params = train_params(latents_project, lora={"rank": 4, "targets": "attention_mlp"},
                           text_encoder_1={"mode": "lora"}, text_encoder_2={"mode": "lora"})
@@ -440,7 +440,7 @@ def test_check_prints_the_gpu_memory_estimate(latents_project, capsys):
 
 
 def test_speed_settings_leave_the_run_key_and_resume_alone():
-    from tuneline.stages.train.config import TrainConfig
+    from tuneline.train.config import TrainConfig
     from tuneline.train import checkpoint
 
     def key(config):

@@ -204,8 +204,8 @@ def test_nothing_but_the_transformer_is_loaded_with_cached_text(zimage_project, 
     cached = tmp_path / "latents"
     shutil.copytree(zimage_project.root / "data/latents", cached)
     from tuneline.core.manifest import read_manifest
-    from tuneline.models.zimage import load_text_encoder
-    from tuneline.models.zimage_text import encode_prompts
+    from tuneline.models.zimage.adapter import load_text_encoder
+    from tuneline.models.zimage.text import encode_prompts
 
     tokenizer, encoder = load_text_encoder(trainer.params.model, zimage_project.root, "fp32", "cpu")
     records = read_manifest(cached)
@@ -362,8 +362,8 @@ def test_settings_of_sdxl_are_refused_for_zimage(zimage_project, settings, named
 def test_flow_matching_settings_are_refused_for_sdxl(tmp_path):
     from tuneline.core.params import ParamsError
     from tuneline.models.registry import build_adapter
-    from tuneline.stages.models.config import ModelConfig
-    from tuneline.stages.train.config import TrainConfig
+    from tuneline.models.config import ModelConfig
+    from tuneline.train.config import TrainConfig
 
     build_adapter("sdxl", ModelConfig(), TrainConfig(), tmp_path)  # defaults: fine
     with pytest.raises(ParamsError, match=r"train.flow_matching.loss_weighting: 'cosmap'.*zimage"):
@@ -373,7 +373,7 @@ def test_flow_matching_settings_are_refused_for_sdxl(tmp_path):
 def test_flow_matching_at_its_defaults_keeps_older_run_keys():
     """train.flow_matching was added after SDXL runs existed: at its defaults it is not part of the
     run key and a checkpoint without it resumes with no note."""
-    from tuneline.stages.train.config import TrainConfig
+    from tuneline.train.config import TrainConfig
     from tuneline.train import checkpoint
 
     plain = TrainConfig().model_dump(mode="json")

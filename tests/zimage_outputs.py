@@ -39,7 +39,7 @@ def lora_transformer(rank: int = 4, alpha: float = 4.0, feed_forward: bool = Fal
 
 def write_trainer_state(out_dir: Path, mode: str, rank: int = 4, alpha: float = 4.0, targets: str = "attention",
                         **extra: Any) -> dict[str, Any]:
-    from tuneline.stages.train.config import TrainConfig
+    from tuneline.train.config import TrainConfig
 
     train = TrainConfig(mode=mode, lora={"rank": rank, "alpha": alpha, "targets": targets}, num_steps=2, seed=7)
     state = {"step": 2, "epoch": 1, "seed": 7, "seed_used": 7, "data_digest": "d" * 64, "family": "zimage",

@@ -1,7 +1,7 @@
 """params.yaml as one typed object: `Params` composes the sections of every stage.
 
 Each stage's section lives beside the stage (`tuneline.stages.<name>.config`), the trainer
-core's settings in `tuneline.train.config`, the model's in `tuneline.stages.models.config`, MLflow's
+core's settings in `tuneline.train.config`, the model's in `tuneline.models.config`, MLflow's
 in `tuneline.core.tracking.config`; all of them are plain pydantic, so validating params.yaml
 imports no torch. `load_params` checks every key before anything runs: an unknown key is named
 with the closest valid one and the keys allowed where it stands, a bad value with its allowed
@@ -18,7 +18,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from tuneline.core.fsutil import safe_name
 from tuneline.core.params import Section, read_params_file, validate_model
 from tuneline.core.tracking.config import TrackingConfig
-from tuneline.stages.models.config import ModelConfig
+from tuneline.models.config import ModelConfig
 from tuneline.stages.autoencoder.config import AutoencoderConfig
 from tuneline.stages.bucket.config import BucketConfig, BucketOverrides, BucketSettings
 from tuneline.stages.caption.config import CaptionConfig
@@ -26,7 +26,7 @@ from tuneline.stages.export.config import ExportConfig
 from tuneline.stages.ingest.config import IngestConfig
 from tuneline.stages.latents.config import LatentsConfig
 from tuneline.stages.render.config import RenderConfig
-from tuneline.stages.train.config import TrainConfig
+from tuneline.train.config import TrainConfig
 
 
 class DatasetConfig(Section):

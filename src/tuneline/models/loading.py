@@ -14,7 +14,7 @@ from typing import Any
 
 from tuneline.core.logs import quiet_libraries
 from tuneline.core.params import ParamsError
-from tuneline.stages.models.config import ModelConfig
+from tuneline.models.config import ModelConfig
 from tuneline.core.fsutil import digest_json
 from tuneline.models.ref import model_identity, resolve_model
 

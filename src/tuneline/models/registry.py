@@ -1,35 +1,30 @@
-"""The model adapters, keyed by family: the one place a family name becomes an adapter.
+"""The trainer adapters: a diffusion family's (tuneline.models.family) or the autoencoder kind's.
 
     adapter = build_adapter("sdxl", params.model, params.train, root)
 
-A second family is a new adapter class registered here, never a copy of the trainer. The
-table holds import paths, so looking a family up imports only that family's module.
-
-Which family a base model is: `tuneline.models.family.detect_family`.
+A new family is a new package with its `FAMILY`; nothing here changes.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
-ADAPTERS: dict[str, str] = {
-    "sdxl": "tuneline.models.sdxl:SDXLAdapter",
-    "zimage": "tuneline.models.zimage:ZImageAdapter",
-    "autoencoder_kl": "tuneline.models.autoencoder:AutoencoderAdapter",
-}
+from tuneline.models.base import load_object
+
+AUTOENCODER_KL = "autoencoder_kl"
 
 
-def adapter_class(family: str) -> type:
-    """The adapter class of `family`; KeyError naming the known families otherwise."""
-    try:
-        target = ADAPTERS[family]
-    except KeyError:
-        raise KeyError(f"unknown model family {family!r}; families: {', '.join(sorted(ADAPTERS))}") from None
-    module, name = target.split(":")
-    return getattr(importlib.import_module(module), name)
+def adapter_class(kind: str) -> type:
+    """The adapter class of a family name or of `autoencoder_kl`; ParamsError naming the known ones otherwise."""
+    if kind == AUTOENCODER_KL:
+        from tuneline.models.autoencoder import ADAPTER
+
+        return load_object(ADAPTER)
+    from tuneline.models.family import get_family
+
+    return load_object(get_family(kind).adapter)
 
 
-def build_adapter(family: str, *args: Any, **kwargs: Any) -> Any:
-    """An adapter of `family`, built with the family's own constructor arguments."""
-    return adapter_class(family)(*args, **kwargs)
+def build_adapter(kind: str, *args: Any, **kwargs: Any) -> Any:
+    """An adapter of `kind`, built with its own constructor arguments."""
+    return adapter_class(kind)(*args, **kwargs)

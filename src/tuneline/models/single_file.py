@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from tuneline.core.params import ParamsError
-from tuneline.stages.models.config import ModelConfig
+from tuneline.models.config import ModelConfig
 from tuneline.core.fsutil import build_folder_once, digest_json
 from tuneline.core.store import FileDigests
 

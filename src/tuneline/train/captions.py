@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from tuneline.stages.train.config import TrainConfig
+from tuneline.train.config import TrainConfig
 
 
 def augment_caption(caption: str, config: TrainConfig, rng: random.Random) -> str:

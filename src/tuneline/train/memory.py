@@ -275,7 +275,7 @@ def activation_bytes(adapter: Any, modules: dict[str, Any], batch: dict[str, Any
     import torch
 
     from tuneline.models.loading import torch_dtype
-    from tuneline.models.sdxl import compute_dtype_name
+    from tuneline.models.sdxl.adapter import compute_dtype_name
 
     every = [m for module in modules.values() for m in module.modules()]
     excluded = {t.untyped_storage()._cdata for m in every for t in [*m.parameters(recurse=False),

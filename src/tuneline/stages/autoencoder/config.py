@@ -8,7 +8,7 @@ from typing import Annotated, Literal, Optional
 from pydantic import BeforeValidator, Field, model_validator
 
 from tuneline.core.params import Section
-from tuneline.stages.train.config import _yaml_no
+from tuneline.train.config import _yaml_no
 from tuneline.train.config import CheckpointConfig, EmaConfig, OptimizerConfig, ScheduleConfig
 
 

@@ -11,8 +11,8 @@ Importing this package is instant: torch and diffusers load inside the functions
 """
 
 # The modules that decide the exported files (tuneline.core.codeversion); dvc.yaml declares them.
-CODE = ("stages/export/stage.py", "stages/export/kohya_lora.py", "stages/export/metadata.py",
-        "stages/export/sgm_unet.py", "stages/export/single_file.py", "stages/export/zimage.py", "models/loading.py",
-        "models/ref.py", "models/single_file.py", "models/family.py", "models/sdxl.py", "models/sdxl_text.py",
+CODE = ("stages/export/stage.py", "models/sdxl/kohya_lora.py", "stages/export/metadata.py",
+        "models/sdxl/sgm_unet.py", "models/sdxl/checkpoint_file.py", "models/zimage/export.py", "models/loading.py",
+        "models/ref.py", "models/single_file.py", "models/family.py", "models/sdxl/adapter.py", "models/sdxl/text.py",
         "stages/render/generate.py", "stages/render/prompts.py", "stages/render/samplers.py", "train/loss.py",
-        "core/tensorfile.py")
+        "core/tensorfile.py", "models/base.py")

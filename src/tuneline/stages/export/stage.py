@@ -38,7 +38,7 @@ from tuneline.core import layout
 from tuneline.core.fsutil import atomic_path, atomic_write_text, digest_json, link_or_copy, rebuilt_dir
 from tuneline.core.report import StageReport
 from tuneline.models.ref import is_tiny
-from tuneline.stages.train.config import TrainConfig
+from tuneline.train.config import TrainConfig
 
 STAGE = "export"
 COMPONENTS = {"unet": "UNet", "text_encoder_1": "text encoder 1 (CLIP ViT-L)",
@@ -267,7 +267,7 @@ def _export_vae(params: Params, root: Path, file: ExportedFile, common: dict[str
     from tuneline.models.loading import load_vae, vae_source
     from tuneline.stages.export import CODE
     from tuneline.stages.export.metadata import vae_metadata
-    from tuneline.stages.export.single_file import vae_to_single_file
+    from tuneline.models.sdxl.checkpoint_file import vae_to_single_file
 
     config = params.export
     source = vae_source(params.model, root)
@@ -294,15 +294,15 @@ def _export_vae(params: Params, root: Path, file: ExportedFile, common: dict[str
 
 def run(params: Params, root: Path, trained_dir: Path, renders_dir: Path, out_dir: Path,
         metrics_dir: Path | None = None, *, tracker: Any = None) -> StageReport:
-    from tuneline.stages.export.kohya_lora import export_kohya_lora
+    from tuneline.models.sdxl.kohya_lora import export_kohya_lora
     from tuneline.stages.export.metadata import checkpoint_metadata, kohya_metadata, lora_network
-    from tuneline.stages.export.single_file import pipeline_to_single_file
+    from tuneline.models.sdxl.checkpoint_file import pipeline_to_single_file
     from tuneline.core.codeversion import code_version
     from tuneline.core.store import ItemStore
     from tuneline.models.ref import identify
     from tuneline.stages.export import CODE
     from tuneline.stages.render.generate import LORA_FILE, PIPELINE_DIR, weights_identity
-    from tuneline.stages.export.zimage import export_zimage_lora, transformer_to_single_file
+    from tuneline.models.zimage.export import export_zimage_lora, transformer_to_single_file
     from tuneline.models.family import detect_family
 
     started = time.perf_counter()

@@ -51,7 +51,7 @@ from tuneline.core.params import ParamsError, format_resolution
 from tuneline.core.fsutil import atomic_write_bytes, atomic_write_json, digest_json, link_or_copy, rebuilt_dir
 from tuneline.core.manifest import MANIFEST, REJECTED, read_manifest, write_jsonl
 from tuneline.models.ref import is_tiny
-from tuneline.models.zimage_text import MAX_SEQUENCE_LENGTH
+from tuneline.models.zimage.text import MAX_SEQUENCE_LENGTH
 from tuneline.core.report import StageReport, console
 from tuneline.core.store import ItemStore, in_shard
 
@@ -160,7 +160,7 @@ class SDXLTextCache:
 
     def encode(self, models: Any, captions: list[str], device: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
         """(tensors, extra metadata) per caption."""
-        from tuneline.models.sdxl_text import encode_prompts
+        from tuneline.models.sdxl.text import encode_prompts
 
         tokenizers, encoders = models
         embeds, pooled = encode_prompts(tokenizers, encoders, captions, device)
@@ -198,7 +198,7 @@ class ZImageTextCache:
     def encode(self, models: Any, captions: list[str], device: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
         import torch
 
-        from tuneline.models.zimage_text import chat_prompts, encode_prompts
+        from tuneline.models.zimage.text import chat_prompts, encode_prompts
 
         tokenizer, encoder = models
         embeds = encode_prompts(tokenizer, encoder, captions, self.max_sequence_length, device)

@@ -15,6 +15,6 @@ Importing this package is instant: torch and diffusers load inside the functions
 # The modules that decide a rendered image (tuneline.core.codeversion); dvc.yaml declares them.
 CODE = ("stages/render/stage.py", "stages/render/generate.py", "stages/render/prompts.py",
         "stages/render/samplers.py", "stages/render/sheets.py", "stages/render/transfer.py",
-        "stages/render/diagnostics.py", "models/sdxl.py", "models/loading.py", "models/sdxl_text.py",
+        "stages/render/diagnostics.py", "models/sdxl/adapter.py", "models/loading.py", "models/sdxl/text.py",
         "stages/render/cache.py", "models/single_file.py", "models/ref.py",
-        "models/family.py", "train/loss.py", "core/tensorfile.py")
+        "models/family.py", "train/loss.py", "core/tensorfile.py", "models/base.py")

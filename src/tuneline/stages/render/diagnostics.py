@@ -15,7 +15,7 @@ from typing import Any
 
 from tuneline.config import Params
 from tuneline.core.manifest import read_manifest
-from tuneline.models.sdxl_text import MAX_TOKENS
+from tuneline.models.sdxl.text import MAX_TOKENS
 
 COLUMNS = ("input", "x_t", "x0 prediction")
 
@@ -151,7 +151,7 @@ def diagnostic_rows(pipeline: Any, params: Params, latents_dir: Path, timesteps:
     from diffusers import DDPMScheduler
     from safetensors.torch import load_file
 
-    from tuneline.models.sdxl_text import encode_prompts
+    from tuneline.models.sdxl.text import encode_prompts
 
     latents_dir = Path(latents_dir)
     records = read_manifest(latents_dir)

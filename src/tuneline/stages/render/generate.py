@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneline.core.logs import quiet_libraries
-from tuneline.stages.models.config import ModelConfig
+from tuneline.models.config import ModelConfig
 from tuneline.core.fsutil import atomic_path
 from tuneline.stages.render.prompts import RenderPrompt
 
@@ -161,7 +161,7 @@ def apply_trained(pipeline: Any, trained_dir: Path, lora_scale: float = 1.0, use
         notes.append(f"LoRA {lora} at scale {lora_scale}")
     if spec.name != "sdxl":  # flow matching: no prediction type or noise schedule to carry over
         return applied
-    from tuneline.models.sdxl import inference_scheduler_settings
+    from tuneline.models.sdxl.adapter import inference_scheduler_settings
 
     config = pipeline.scheduler.config
     prediction_type = state.get("prediction_type") or train.get("prediction_type") or config.get("prediction_type")
@@ -226,7 +226,7 @@ def _inference_scheduler(adapter: Any) -> Any:
     import diffusers
 
     from tuneline.models.loading import _base_location
-    from tuneline.models.sdxl import inference_scheduler_settings
+    from tuneline.models.sdxl.adapter import inference_scheduler_settings
 
     model = adapter.model_config
     base = _base_location(model, adapter.root)
@@ -279,7 +279,7 @@ def pipeline_from_training(adapter: Any, modules: dict[str, Any], vae: Any = Non
     from diffusers import StableDiffusionXLPipeline
 
     from tuneline.models.loading import load_vae
-    from tuneline.models.sdxl import TEXT_ENCODER_NAMES
+    from tuneline.models.sdxl.adapter import TEXT_ENCODER_NAMES
 
     unet = _unwrap(modules["unet"])
     device = unet.device

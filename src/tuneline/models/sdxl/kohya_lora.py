@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneline.stages.export.metadata import check_header
-from tuneline.stages.export.sgm_unet import UnmappedKeyError, sgm_module_prefixes, unet_module_to_sgm
+from tuneline.models.sdxl.sgm_unet import UnmappedKeyError, sgm_module_prefixes, unet_module_to_sgm
 
 COMPONENT_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale")

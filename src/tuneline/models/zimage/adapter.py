@@ -24,10 +24,10 @@ from tuneline.core.logs import quiet_libraries
 from tuneline.core.params import ParamsError
 from tuneline.core.tensorfile import canonicalize
 from tuneline.models.loading import _base_location, load_vae, resolve_device, resolve_dtype, torch_dtype
-from tuneline.models.sdxl import LORA_WEIGHTS_FILE, cast_frozen, compute_dtype_name
-from tuneline.models.zimage_text import MAX_SEQUENCE_LENGTH, encode_prompts
-from tuneline.stages.models.config import ModelConfig
-from tuneline.stages.train.config import TrainConfig
+from tuneline.models.sdxl.adapter import LORA_WEIGHTS_FILE, cast_frozen, compute_dtype_name
+from tuneline.models.zimage.text import MAX_SEQUENCE_LENGTH, encode_prompts
+from tuneline.models.config import ModelConfig
+from tuneline.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneline.stages.export.metadata import check_header
-from tuneline.stages.export.sgm_unet import UnmappedKeyError
+from tuneline.models.sdxl.sgm_unet import UnmappedKeyError
 
 LORA_PREFIX = "diffusion_model."
 BLOCKS = ("layers", "noise_refiner", "context_refiner")
@@ -155,7 +155,7 @@ def transformer_to_single_file(transformer_dir: Path, out_path: Path, dtype: str
     import torch
 
     from tuneline.core.tensorfile import save_tensors
-    from tuneline.stages.export.single_file import DTYPES, _load_component
+    from tuneline.models.sdxl.checkpoint_file import DTYPES, _load_component
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; expected one of {DTYPES}")
@@ -184,7 +184,7 @@ def diffusers_lora_to_comfy(state_dict: Mapping[str, Any], alphas: Any) -> dict[
     the file's adapter settings, alpha_pattern and rsLoRA included)."""
     import torch
 
-    from tuneline.stages.export.kohya_lora import _component_alpha_settings, _kohya_alpha
+    from tuneline.models.sdxl.kohya_lora import _component_alpha_settings, _kohya_alpha
 
     settings = _component_alpha_settings(alphas, "transformer") or {}
     pairs: dict[str, dict[str, Any]] = {}
@@ -225,7 +225,7 @@ def network_dim_and_alpha(tensors: Mapping[str, Any]) -> tuple[str, str]:
 def export_zimage_lora(diffusers_lora: Path, out_path: Path, metadata: Mapping[str, str], alphas: Any = None) -> Path:
     """Read the training's diffusers LoRA (file or folder), convert it and write the ComfyUI file."""
     from tuneline.core.tensorfile import save_tensors
-    from tuneline.stages.export.kohya_lora import read_diffusers_lora
+    from tuneline.models.sdxl.kohya_lora import read_diffusers_lora
 
     state_dict, settings = read_diffusers_lora(diffusers_lora)
     alphas = alphas if alphas is not None else settings

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tuneline.stages.export.metadata import check_header
-from tuneline.stages.export.sgm_unet import UnmappedKeyError, sgm_module_prefixes, unet_key_to_sgm
+from tuneline.models.sdxl.sgm_unet import UnmappedKeyError, sgm_module_prefixes, unet_key_to_sgm
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

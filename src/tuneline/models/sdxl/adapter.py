@@ -18,10 +18,10 @@ from typing import Any
 from tuneline.core.logs import quiet_libraries
 from tuneline.core.params import ParamsError
 from tuneline.core.tensorfile import canonicalize
-from tuneline.stages.models.config import ModelConfig
+from tuneline.models.config import ModelConfig
 from tuneline.models.loading import _base_location, host_to_device, load_text_encoders, load_vae
-from tuneline.models.sdxl_text import MAX_TOKENS, conditioning_layers, encode_prompts
-from tuneline.stages.train.config import TrainConfig
+from tuneline.models.sdxl.text import MAX_TOKENS, conditioning_layers, encode_prompts
+from tuneline.train.config import TrainConfig
 from tuneline.train.loss import loss_weights, per_sample_mse, snr_of
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,28 @@
+"""Z-Image: the single-stream flow-matching DiT (ZImagePipeline) with a Qwen3 text encoder.
+
+- adapter: the trainer adapter (transformer LoRA / full, flow-matching loss)
+- text: the Qwen3 prompt encoding and the latents stage's text-embedding cache
+- export: the LoRA and diffusion-model files in the layouts ComfyUI loads
+- rules: the settings a Z-Image run refuses (SDXL-only keys)
+
+Importing this package is instant: it only declares `FAMILY`.
+"""
+
+from tuneline.models.base import Family, RenderFacts
+
+FAMILY = Family(
+    name="zimage",
+    title="Z-Image",
+    pipelines=("ZImagePipeline", "ZImageImg2ImgPipeline"),
+    adapter="tuneline.models.zimage.adapter:ZImageAdapter",
+    text_cache="tuneline.models.zimage.text:ZImageTextCache",
+    exporter="tuneline.models.zimage.export:ZImageExporter",
+    rules="tuneline.models.zimage.rules:unsupported_settings",
+    render=RenderFacts(
+        pipeline="ZImagePipeline", img2img="ZImageImg2ImgPipeline", denoiser="transformer",
+        steps=50, guidance_scale=5.0, size_multiple=16, samplers=("euler",),
+        full_components={"transformer": None, "text_encoder": "text_encoder_1"},
+        diagnostics="Z-Image has no diagnostic sheet: the sheet shows the UNet's cross-attention to the trigger "
+                    "word (and its x_t / x0 columns use SDXL's DDPM noise schedule); Z-Image's single-stream "
+                    "transformer has no cross-attention"),
+)
