@@ -15,14 +15,15 @@ AUTOENCODER_KL = "autoencoder_kl"
 
 
 def adapter_class(kind: str) -> type:
-    """The adapter class of a family name or of `autoencoder_kl`; ParamsError naming the known ones otherwise."""
-    if kind == AUTOENCODER_KL:
-        from tuneline.models.autoencoder import ADAPTER
+    """The adapter class of a family name or of `autoencoder_kl`; KeyError naming the known ones otherwise."""
+    from tuneline.models.autoencoder import ADAPTER
+    from tuneline.models.family import FAMILIES
 
-        return load_object(ADAPTER)
-    from tuneline.models.family import get_family
-
-    return load_object(get_family(kind).adapter)
+    adapters = {AUTOENCODER_KL: ADAPTER, **{name: family.adapter for name, family in FAMILIES.items()}}
+    try:
+        return load_object(adapters[kind])
+    except KeyError:
+        raise KeyError(f"unknown model family {kind!r}; families: {', '.join(sorted(adapters))}") from None
 
 
 def build_adapter(kind: str, *args: Any, **kwargs: Any) -> Any:
