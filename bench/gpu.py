@@ -528,7 +528,8 @@ def latents_phase(scale: Scale, work: Path, base: Path, configs: dict[str, Any],
     from tuneline.config import validate_params
     from tuneline.core.manifest import read_manifest
     from tuneline.models.loading import load_vae, resolve_dtype
-    from tuneline.stages.latents.stage import _latent_batches, image_path, load_pixels, run as run_latents
+    from tuneline.stages.latents.stage import run as run_latents
+    from tuneline.stages.latents.vae import image_path, latent_batches, load_pixels
 
     root, generation_s = ensure_images(work, images, scale.resolution)
     vae_dir = work / "vae-random"
@@ -543,7 +544,7 @@ def latents_phase(scale: Scale, work: Path, base: Path, configs: dict[str, Any],
         "latents": {"batch_size": scale.latents_batch, "dtype": dtype, "device": scale.device, "flip": False,
                     "text_embeddings": False}})
     records = read_manifest(root / "data" / "captioned")
-    order = _latent_batches(records, list(range(len(records))), scale.latents_batch)
+    order = latent_batches(records, list(range(len(records))), scale.latents_batch)
     vae = load_vae(params.model, root, dtype, scale.device)
     from concurrent.futures import ThreadPoolExecutor
 

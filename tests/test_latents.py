@@ -1,11 +1,15 @@
-"""Stage `latents`: VAE latent distributions and text embeddings, cached per item, on the tiny SDXL."""
+"""Stage `latents`: VAE latent distributions and text embeddings, cached per item. The tests that
+hold for every family run on the tiny SDXL and the tiny Z-Image (`fcaptioned`); SDXL-only ones on
+`captioned`, Z-Image-only ones in test_latents_zimage.py."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,13 +17,39 @@ from conftest import save_photo
 from tuneline.core.manifest import read_jsonl, write_jsonl
 
 LATENTS = {"batch_size": 2, "dtype": "fp32", "device": "cpu", "flip": True, "text_embeddings": True, "workers": 2}
+ZIMAGE = {"base": "tiny-zimage"}
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the latents stage stores for one family's tiny model."""
+
+    model: dict[str, str]
+    channels: int
+    factors: tuple[float, float | None]  # (scaling_factor, shift_factor)
+    text_format: str
+    text_tensors: set[str]
+    text_encoders: set[str]
+    summary: dict[str, Any] = field(default_factory=dict)  # the text cache's fields in latents.json
+    text_metadata: dict[str, Any] = field(default_factory=dict)  # its fields in each stored file
+
+
+def expected(family: str) -> Expected:
+    if family == "sdxl":
+        return Expected({}, 4, (0.13025, None), "tuneline-sdxl-text-embeddings", {"prompt_embeds", "pooled"},
+                        {"tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"})
+    from tuneline.tiny.zimage import LATENT_CHANNELS, VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR
+
+    return Expected(ZIMAGE, LATENT_CHANNELS, (VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR), "tuneline-zimage-text-embeddings",
+                    {"prompt_embeds", "attention_mask"}, {"tokenizer", "text_encoder"},
+                    {"max_sequence_length": 512}, {"max_sequence_length": 512, "truncated": False})
 
 
 @pytest.fixture(scope="module", autouse=True)
 def tiny_home(tmp_path_factory: pytest.TempPathFactory):
-    """One TUNELINE_HOME for the module: the tiny SDXL is built once."""
+    """The session's TUNELINE_HOME: the tiny models build once for every module."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TUNELINE_HOME", str(tmp_path_factory.mktemp("tuneline-home")))
+        patch.setenv("TUNELINE_HOME", str(tmp_path_factory.getbasetemp() / "tuneline-home"))
         yield
 
 
@@ -44,68 +74,106 @@ def run(project, params=None):
                        project.root / "data/latents", project.root / "metrics")
 
 
-@pytest.fixture
-def captioned(project):
+def make_captioned(project, model: dict[str, str] | None = None):
     """Three landscape images (one bucket, batch 2 -> a full and a partial batch) and one portrait."""
     for index in range(3):
         save_photo(project.raw("alpha") / f"a{index}.jpg", (200 + 8 * index, 120), index, quality=92)
     save_photo(project.raw("beta") / "b0.png", (120, 200), 10)
     project.params_data["latents"] = dict(LATENTS)
+    if model:
+        project.params_data["model"] = dict(model)
     project.ingest()
     project.bucket()
     write_captioned(project)
     return project
 
 
+@pytest.fixture
+def captioned(project):
+    """make_captioned on the tiny SDXL (the default model.base)."""
+    return make_captioned(project)
+
+
+@pytest.fixture(params=["sdxl", "zimage"])
+def fcaptioned(request, project):
+    """make_captioned on each family's tiny model; `project.family` and `project.expected` tell which."""
+    project.family, project.expected = request.param, expected(request.param)
+    return make_captioned(project, project.expected.model)
+
+
 def by_name(project) -> dict[str, dict]:
     return {r["source"].rsplit("/", 1)[-1]: r for r in project.manifest("data/latents")}
 
 
-def test_latents_cached_then_reused_without_loading_the_vae(captioned):
+def test_latents_cached_then_reused_without_loading_the_vae(fcaptioned):
+    import torch
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    first = run(captioned)
+    expect = fcaptioned.expected
+    first = run(fcaptioned)
     assert (first.computed, first.reused, first.rejected) == (4, 0, [])
     assert first.extra["vae_loaded"] and first.extra["text_encoders_loaded"]
+    assert first.extra["family"] == fcaptioned.family and not first.warnings
     assert first.extra["text_embeddings_computed"] == 4 and first.extra["text_embeddings"] == "cached"
 
-    records = by_name(captioned)
+    records = by_name(fcaptioned)
+    for name in ("a0.jpg", "b0.png"):  # one landscape, one portrait
+        width, height = records[name]["bucket"]
+        assert records[name]["latent_shape"] == [expect.channels, height // 8, width // 8]
     wide = records["a0.jpg"]
     width, height = wide["bucket"]
-    assert wide["latent_shape"] == [4, height // 8, width // 8]
-    assert wide["scaling_factor"] == pytest.approx(0.13025) and wide["shift_factor"] is None
+    assert wide["scaling_factor"] == pytest.approx(expect.factors[0]) and wide["shift_factor"] == expect.factors[1]
     assert wide["has_flip"] and wide["caption"] == "a photo named a0.jpg" and wide["latent_dtype"] == "fp32"
-    out = captioned.root / "data/latents"
+    out = fcaptioned.root / "data/latents"
     stored = load_file(out / wide["latents"])
     assert set(stored) == {"mean", "std", "flip_mean", "flip_std"}
-    assert all(t.shape == (4, height // 8, width // 8) for t in stored.values())
-    store = captioned.root / ".tuneline/store/latents" / wide["latent_key"][:2] / f"{wide['latent_key']}.safetensors"
+    assert all(t.shape == (expect.channels, height // 8, width // 8) for t in stored.values())
+    store = fcaptioned.root / ".tuneline/store/latents" / wide["latent_key"][:2] / f"{wide['latent_key']}.safetensors"
     assert os.path.samefile(out / wide["latents"], store)  # hard link into the store
     summary = json.loads((out / "latents.json").read_text())
-    assert summary["random_tiny_model"] and summary["text_embeddings"] and summary["scaling_factor"] == 0.13025
-    assert json.loads((captioned.root / "reports/latents.json").read_text())["computed"] == 4
-    assert json.loads((captioned.root / "metrics/latents.json").read_text()) == {"items": 4, "rejected": 0}
+    assert summary["random_tiny_model"] and summary["text_embeddings"] and summary["family"] == fcaptioned.family
+    assert (summary["scaling_factor"], summary["shift_factor"]) == expect.factors
+    assert summary["text_embeddings_format"] == expect.text_format
+    assert set(summary["text_encoders"]) == expect.text_encoders
+    assert {k: summary.get(k) for k in ("max_sequence_length", *expect.summary)} == \
+        {"max_sequence_length": None, **expect.summary}
+    assert json.loads((fcaptioned.root / "reports/latents.json").read_text())["computed"] == 4
+    assert json.loads((fcaptioned.root / "metrics/latents.json").read_text()) == {"items": 4, "rejected": 0}
 
-    second = run(captioned)
+    texts = out / wide["text_embeddings"]
+    with safe_open(str(texts), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["format"] == expect.text_format and metadata["caption"] == "a photo named a0.jpg"
+    assert {key: json.loads(metadata[key]) for key in expect.text_metadata} == expect.text_metadata
+    embeds = load_file(texts)
+    assert set(embeds) == expect.text_tensors and embeds["prompt_embeds"].dtype == torch.float32
+    if "attention_mask" in expect.text_tensors:
+        assert embeds["attention_mask"].dtype == torch.bool
+        assert embeds["attention_mask"].shape == embeds["prompt_embeds"].shape[:1] and embeds["attention_mask"].all()
+
+    second = run(fcaptioned)
     assert (second.computed, second.reused) == (0, 4)
     assert not second.extra["vae_loaded"] and not second.extra["text_encoders_loaded"]
     assert second.extra["text_embeddings_reused"] == 4
-    assert by_name(captioned) == records
+    assert by_name(fcaptioned) == records
 
 
-def test_stored_distribution_is_the_vaes_and_decodes_to_the_image_size(captioned):
+def test_stored_distribution_is_the_vaes_and_decodes_to_the_image_size(fcaptioned):
     import torch
     from safetensors.torch import load_file
 
-    from tuneline.stages.latents.stage import load_pixels
     from tuneline.models.loading import load_vae
+    from tuneline.stages.latents.vae import load_pixels
 
-    params = captioned.params()
-    run(captioned, params)
-    vae = load_vae(params.model, captioned.root, "fp32", "cpu")
-    for name, record in by_name(captioned).items():
-        stored = load_file(captioned.root / "data/latents" / record["latents"])
-        pixels = load_pixels(captioned.root / "data/captioned" / record["image"])[None]
+    params = fcaptioned.params()
+    run(fcaptioned, params)
+    vae = load_vae(params.model, fcaptioned.root, "fp32", "cpu")
+    for name, record in by_name(fcaptioned).items():
+        assert (record["scaling_factor"], record["shift_factor"]) == (
+            vae.config.scaling_factor, getattr(vae.config, "shift_factor", None))
+        stored = load_file(fcaptioned.root / "data/latents" / record["latents"])
+        pixels = load_pixels(fcaptioned.root / "data/captioned" / record["image"])[None]
         assert pixels.min() >= -1 and pixels.max() <= 1 and pixels.shape[1:] == (3, record["bucket"][1], record["bucket"][0])
         with torch.no_grad():
             dist = vae.encode(pixels).latent_dist
@@ -118,31 +186,39 @@ def test_stored_distribution_is_the_vaes_and_decodes_to_the_image_size(captioned
         if name in ("a0.jpg", "b0.png"):  # one landscape, one portrait: decoding is the slow part
             # What the trainer does: sample from the stored distribution and scale; and back.
             sample = stored["mean"] + stored["std"] * torch.randn(stored["mean"].shape, generator=torch.Generator().manual_seed(0))
-            latent = (sample - (record["shift_factor"] or 0.0)) * record["scaling_factor"]
+            shift = record["shift_factor"] or 0.0
+            latent = (sample - shift) * record["scaling_factor"]
+            # The trainer's latent is (z - shift) * scale; the pipeline decodes latents / scale + shift.
+            mean_latent = (stored["mean"] - shift) * record["scaling_factor"]
+            assert torch.allclose(mean_latent / vae.config.scaling_factor + shift, stored["mean"], atol=1e-6)
             with torch.no_grad():
-                decoded = vae.decode((latent / record["scaling_factor"] + (record["shift_factor"] or 0.0))[None]).sample
+                decoded = vae.decode((latent / record["scaling_factor"] + shift)[None]).sample
             assert decoded.shape == pixels.shape and torch.isfinite(decoded).all()
 
 
-def test_new_image_costs_one_latent_and_a_caption_edit_costs_one_text_embedding(captioned):
-    first = run(captioned)
-    save_photo(captioned.raw("beta") / "b1.png", (124, 200), 11)
-    captioned.ingest()
-    captioned.bucket()
-    write_captioned(captioned)
-    added = run(captioned)
+def test_new_image_costs_one_latent_and_a_caption_edit_costs_one_text_embedding(fcaptioned):
+    first = run(fcaptioned)
+    assert (first.computed, first.extra["text_embeddings_computed"]) == (4, 4)
+    save_photo(fcaptioned.raw("beta") / "b1.png", (124, 200), 11)
+    fcaptioned.ingest()
+    fcaptioned.bucket()
+    write_captioned(fcaptioned)
+    added = run(fcaptioned)
     assert (added.computed, added.reused) == (1, 4)
     assert (added.extra["text_embeddings_computed"], added.extra["text_embeddings_reused"]) == (1, 4)
 
-    keys = {name: r["latent_key"] for name, r in by_name(captioned).items()}
-    write_captioned(captioned, {"a1.jpg": "an edited caption"})
-    edited = run(captioned)
+    keys = {name: r["latent_key"] for name, r in by_name(fcaptioned).items()}
+    write_captioned(fcaptioned, {"a1.jpg": "an edited caption"})
+    edited = run(fcaptioned)
     assert (edited.computed, edited.reused) == (0, 5) and not edited.extra["vae_loaded"]
     assert (edited.extra["text_embeddings_computed"], edited.extra["text_embeddings_reused"]) == (1, 4)
-    records = by_name(captioned)
+    records = by_name(fcaptioned)
     assert {name: r["latent_key"] for name, r in records.items()} == keys
     assert records["a1.jpg"]["caption"] == "an edited caption"
-    assert first.extra["text_embeddings_computed"] == 4
+
+    again = run(fcaptioned)
+    assert (again.computed, again.extra["text_embeddings_computed"]) == (0, 0)
+    assert not again.extra["vae_loaded"] and not again.extra["text_encoders_loaded"]
 
 
 def test_text_embeddings_are_the_pipelines_sdxl_conditioning(captioned):
@@ -170,12 +246,29 @@ def test_text_embeddings_are_the_pipelines_sdxl_conditioning(captioned):
 
 
 def test_text_cache_blockers():
-    from tuneline.stages.latents.stage import text_cache_blockers
+    from tuneline.train.cached_text import text_cache_blockers
+    from tuneline.train.config import TrainConfig
 
-    assert text_cache_blockers(0.0, False, False) == []
-    reasons = text_cache_blockers(0.1, True, True)
+    assert text_cache_blockers(TrainConfig()) == []
+    reasons = text_cache_blockers(TrainConfig(caption_dropout=0.1, caption_shuffle=True,
+                                              text_encoder_2={"mode": "lora"}))
     assert len(reasons) == 3
     assert "caption_dropout" in reasons[0] and "caption_shuffle" in reasons[1] and "train_text_encoders" in reasons[2]
+    assert text_cache_blockers(TrainConfig(text_encoder_1={"mode": "full"})) == [reasons[2]]
+
+
+def test_the_trainer_and_the_memory_estimate_use_the_same_rule(captioned):
+    """LatentData and the memory estimate answer with text_cache_blockers: cached text is used
+    exactly when the rule finds nothing (and every record has its file)."""
+    from tuneline.train.data import LatentData
+    from tuneline.train.memory import conditioning_cached
+
+    run(captioned)
+    for train in ({}, {"caption_dropout": 0.1}, {"caption_shuffle": True}, {"text_encoder_1": {"mode": "lora"}}):
+        params = captioned.params(train=train)
+        assert LatentData(params, captioned.root / "data/latents").text_cache == (not train)
+        assert conditioning_cached(params) == (not train)
+    assert not conditioning_cached(captioned.params(train={}, latents={"text_embeddings": False}))
 
 
 def test_caption_dropout_turns_the_text_cache_off_and_keeps_the_latents(captioned):
@@ -217,11 +310,11 @@ def test_half_precision_nan_batches_are_reencoded_in_fp32(captioned, tmp_path, m
     import torch
     from safetensors.torch import load_file
 
-    from tuneline.stages.latents import stage
-    from tuneline.stages.latents.stage import load_pixels
     from tuneline.models.loading import load_vae
+    from tuneline.stages.latents import vae
+    from tuneline.stages.latents.vae import load_pixels
 
-    monkeypatch.setattr(stage, "OVERLAP", overlap)
+    monkeypatch.setattr(vae, "OVERLAP", overlap)
 
     vae_dir = overflowing_vae(tmp_path / "hot-vae")
     captioned.params_data["model"] = {}
@@ -237,6 +330,7 @@ def test_half_precision_nan_batches_are_reencoded_in_fp32(captioned, tmp_path, m
     assert (report.computed, report.rejected) == (4, []) and report.extra["fp32_retries"] == 4
     (warning,) = report.warnings
     assert "re-encoded in fp32" in warning
+    assert warning.endswith("(model.vae: madebyollin/sdxl-vae-fp16-fix) or latents.dtype bf16/fp32 avoids the retries.")
     for item in captioned.manifest("data/latents"):
         assert f"{item['dataset']}/{item['id']}" in warning
         stored = load_file(captioned.root / "data/latents" / item["latents"])
@@ -269,26 +363,26 @@ def test_single_file_base_with_model_vae_takes_the_vae_as_given(tmp_path):
     assert not (tmp_path / ".tuneline" / "models").exists()
 
 
-def test_the_gpu_pipeline_stores_the_same_latents(captioned, monkeypatch):
+def test_the_gpu_pipeline_stores_the_same_latents(fcaptioned, monkeypatch):
     """The CUDA path (images decoded ahead as bytes, converted on the device, results collected one
     batch behind) run on the CPU stores exactly the CPU path's tensors and metadata."""
     from safetensors import safe_open
 
-    from tuneline.stages.latents import stage
+    from tuneline.stages.latents import vae
 
     def stored(params) -> dict:
         found = {}
-        for path in (captioned.root / params.store_dir).rglob("*.safetensors"):
+        for path in (fcaptioned.root / params.store_dir).rglob("*.safetensors"):
             with safe_open(str(path), framework="pt") as handle:
                 found[path.name] = (handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()})
         return found
 
-    params = captioned.params(latents={"text_embeddings": False})
-    run(captioned, params)
+    params = fcaptioned.params(latents={"text_embeddings": False})
+    run(fcaptioned, params)
     plain = stored(params)
-    shutil.rmtree(captioned.root / params.store_dir)
-    monkeypatch.setattr(stage, "OVERLAP", True)
-    report = run(captioned, params)
+    shutil.rmtree(fcaptioned.root / params.store_dir)
+    monkeypatch.setattr(vae, "OVERLAP", True)
+    report = run(fcaptioned, params)
     assert report.computed == 4 and not report.rejected
     piped = stored(params)
     assert len(plain) == 4 and piped.keys() == plain.keys()
@@ -296,3 +390,86 @@ def test_the_gpu_pipeline_stores_the_same_latents(captioned, monkeypatch):
         assert piped[name][0] == metadata and piped[name][1].keys() == tensors.keys() == {
             "mean", "std", "flip_mean", "flip_std"}
         assert all(piped[name][1][k].equal(t) for k, t in tensors.items())
+
+
+def _code_modules() -> set[str]:
+    from test_layout import _module_name
+
+    from tuneline.core.codeversion import code_files
+    from tuneline.stages.latents import CODE
+
+    return {_module_name(path) for path in code_files(CODE)}
+
+
+def test_the_output_module_outside_code_hides_no_result_shaping_import():
+    """output.py is listed as not result-shaping, so the layout test does not follow its imports:
+    they must all be core modules or modules CODE covers anyway."""
+    from test_layout import PACKAGE, _imports
+
+    graph = _imports()
+    code = _code_modules()
+    assert "tuneline.stages.latents.output" not in code and "tuneline.train.cached_text" not in code
+    for module in ("tuneline.stages.latents.output", "tuneline.train.cached_text"):
+        outside = sorted(t for t in graph[module] if not t.startswith("tuneline.core.") and t not in code
+                         and not t.endswith(".config"))
+        assert not outside, f"{module} imports {outside}"
+    assert (PACKAGE / "stages/latents/output.py").is_file()
+
+
+def test_every_familys_text_cache_and_what_it_imports_is_in_code():
+    """The stage loads the text caches by import path (no import the layout test could follow):
+    CODE names each family's text module and everything that shapes its results."""
+    from test_layout import _imports, _shaping_closure
+
+    from tuneline.models.family import FAMILIES
+
+    graph = _imports()
+    code = _code_modules()
+    for family in FAMILIES.values():
+        module = family.text_cache.split(":")[0]
+        assert module in code, family.name
+        assert not sorted(_shaping_closure(graph, module) - code), family.name
+
+
+def test_the_stage_names_no_family():
+    """Stages ask the family: no family name or `family ==` anywhere in the stage's package."""
+    import re
+
+    from test_layout import PACKAGE
+
+    pattern = re.compile(r"sdxl|zimage|z-image|family ==|family !=", re.IGNORECASE)
+    found = [f"{path.name}:{n}" for path in sorted((PACKAGE / "stages/latents").glob("*.py"))
+             for n, line in enumerate(path.read_text("utf-8").splitlines(), 1) if pattern.search(line)]
+    assert not found
+
+
+def test_text_keys_come_from_the_familys_cache_fields():
+    """The text key is the stage's digest of what the family's cache says decides the embedding:
+    another caption, dtype, encoder or family gives another key."""
+    from tuneline.core.fsutil import digest_json
+    from tuneline.models.family import get_family
+    from tuneline.stages.latents.keys import CODE_VERSION, text_key
+
+    sdxl, zimage = (get_family(name).load("text_cache")() for name in ("sdxl", "zimage"))
+    identities = {"tokenizer": "t", "text_encoder": "e"}
+    keys = {text_key(cache.key_fields(caption, identities, dtype))
+            for cache in (sdxl, zimage) for caption in ("a", "b") for dtype in ("fp32", "bf16")}
+    keys.add(text_key(sdxl.key_fields("a", {**identities, "text_encoder": "other"}, "fp32")))
+    assert len(keys) == 9
+    # The stage's part of the key: its store name and code version, beside the cache's fields.
+    assert text_key(sdxl.key_fields("a", identities, "fp32")) == digest_json(
+        {"stage": "text_embeddings", "code": CODE_VERSION, "caption": "a", "encoders": identities, "dtype": "fp32"})
+
+
+def test_every_familys_ignored_settings_are_real_keys_silent_at_their_defaults():
+    from tuneline.config import validate_params
+    from tuneline.models.family import FAMILIES
+    from tuneline.stages.latents.output import ignored_setting_notes
+
+    params = validate_params({"datasets": [{"name": "a", "path": "data/raw/a"}]})
+    for family in FAMILIES.values():
+        assert ignored_setting_notes(params, family.ignored_settings) == [], family.name
+    zimage = FAMILIES["zimage"].ignored_settings
+    assert [s.key for s in zimage] == ["train.text_encoder_2.mode", "model.config"]
+    set_params = validate_params({"datasets": [{"name": "a", "path": "data/raw/a"}], "model": {"config": "x"}})
+    assert ignored_setting_notes(set_params, zimage) == [zimage[1].note.format(key="model.config", value="x")]

@@ -1,5 +1,7 @@
-"""Stage `latents` on the tiny Z-Image: 16-channel latents with shift and scale, and the Qwen3
-text-embedding cache (variable length, equal to ZImagePipeline's own encode)."""
+"""Stage `latents` on the tiny Z-Image, what only Z-Image has: the Qwen3 text-embedding cache
+(variable length, equal to ZImagePipeline's own encode), switching the base between families, and
+SDXL-only options. What every family shares (16-channel latents with shift and scale included)
+runs for both families in test_latents.py."""
 
 from __future__ import annotations
 
@@ -7,11 +9,8 @@ import json
 
 import pytest
 
-from conftest import save_photo
-from test_latents import LATENTS, by_name, run, write_captioned
-from test_latents import test_the_gpu_pipeline_stores_the_same_latents as check_gpu_path_equals_cpu_path
+from test_latents import ZIMAGE, by_name, make_captioned, run, write_captioned
 
-ZIMAGE = {"base": "tiny-zimage"}
 # Chat template included this is far past 512 tokens: the pipeline cuts it at max_sequence_length.
 LONG_CAPTION = "a very long caption, " + "with red and blue squares " * 120
 
@@ -27,15 +26,7 @@ def tiny_home(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture
 def zcaptioned(project):
     """Three landscape images (one bucket, batch 2) and one portrait, on model.base tiny-zimage."""
-    for index in range(3):
-        save_photo(project.raw("alpha") / f"a{index}.jpg", (200 + 8 * index, 120), index, quality=92)
-    save_photo(project.raw("beta") / "b0.png", (120, 200), 10)
-    project.params_data["latents"] = dict(LATENTS)
-    project.params_data["model"] = dict(ZIMAGE)
-    project.ingest()
-    project.bucket()
-    write_captioned(project)
-    return project
+    return make_captioned(project, ZIMAGE)
 
 
 @pytest.fixture(scope="module")
@@ -48,63 +39,6 @@ def pipeline():
     return ZImagePipeline.from_pretrained(resolve_model("tiny-zimage"), dtype=torch.float32)
 
 
-def test_latents_have_16_channels_and_the_vaes_shift_and_scale(zcaptioned, pipeline):
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from tuneline.stages.latents.stage import ZIMAGE_TEXT_FORMAT, load_pixels
-    from tuneline.tiny.zimage import LATENT_CHANNELS, VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR
-
-    first = run(zcaptioned)
-    assert (first.computed, first.reused, first.rejected) == (4, 0, [])
-    assert first.extra["family"] == "zimage" and first.extra["text_embeddings"] == "cached"
-    assert first.extra["text_embeddings_computed"] == 4 and not first.warnings
-    out = zcaptioned.root / "data/latents"
-    summary = json.loads((out / "latents.json").read_text())
-    assert summary["family"] == "zimage" and summary["text_embeddings_format"] == ZIMAGE_TEXT_FORMAT
-    assert (summary["scaling_factor"], summary["shift_factor"]) == (VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR)
-    assert summary["max_sequence_length"] == 512 and summary["random_tiny_model"]
-    assert set(summary["text_encoders"]) == {"tokenizer", "text_encoder"}
-
-    records = by_name(zcaptioned)
-    vae = pipeline.vae
-    for name in ("a0.jpg", "b0.png"):  # one landscape, one portrait
-        record = records[name]
-        width, height = record["bucket"]
-        assert record["latent_shape"] == [LATENT_CHANNELS, height // 8, width // 8]
-        factors = (record["scaling_factor"], record["shift_factor"])
-        assert factors == (vae.config.scaling_factor, vae.config.shift_factor)
-        stored = load_file(out / record["latents"])
-        assert set(stored) == {"mean", "std", "flip_mean", "flip_std"}
-        pixels = load_pixels(zcaptioned.root / "data/captioned" / record["image"])[None]
-        with torch.no_grad():
-            dist = vae.encode(pixels).latent_dist
-        assert torch.allclose(stored["mean"], dist.mean[0], atol=1e-5)
-        assert torch.allclose(stored["std"], dist.std[0], atol=1e-5)
-        # The trainer's latent is (z - shift) * scale; ZImagePipeline decodes latents / scale + shift.
-        latent = (stored["mean"] - record["shift_factor"]) * record["scaling_factor"]
-        assert torch.allclose(latent / vae.config.scaling_factor + vae.config.shift_factor, stored["mean"], atol=1e-6)
-        with torch.no_grad():
-            decoded = vae.decode((latent / record["scaling_factor"] + record["shift_factor"])[None]).sample
-        assert decoded.shape == pixels.shape and torch.isfinite(decoded).all()
-
-    texts = out / records["a0.jpg"]["text_embeddings"]
-    with safe_open(str(texts), framework="pt") as handle:
-        metadata = handle.metadata()
-    assert metadata["format"] == ZIMAGE_TEXT_FORMAT and metadata["caption"] == "a photo named a0.jpg"
-    assert json.loads(metadata["max_sequence_length"]) == 512 and json.loads(metadata["truncated"]) is False
-    embeds = load_file(texts)
-    assert set(embeds) == {"prompt_embeds", "attention_mask"}
-    assert embeds["prompt_embeds"].dtype == torch.float32 and embeds["attention_mask"].dtype == torch.bool
-    assert embeds["attention_mask"].shape == embeds["prompt_embeds"].shape[:1] and embeds["attention_mask"].all()
-
-    second = run(zcaptioned)
-    assert (second.computed, second.reused) == (0, 4)
-    assert not second.extra["vae_loaded"] and not second.extra["text_encoders_loaded"]
-    assert second.extra["text_embeddings_reused"] == 4 and by_name(zcaptioned) == records
-
-
 def test_cached_text_embeddings_are_the_pipelines_encode_exactly(zcaptioned, pipeline):
     """Captions of very different lengths share one encode batch (padded to the longest of
     them), one is past max_sequence_length: each cached embedding equals the pipeline's encode
@@ -112,7 +46,7 @@ def test_cached_text_embeddings_are_the_pipelines_encode_exactly(zcaptioned, pip
     import torch
     from safetensors.torch import load_file
 
-    from tuneline.stages.latents.stage import TEXT_BATCH
+    from tuneline.stages.latents.text import TEXT_BATCH
     from tuneline.tiny.zimage import TEXT_HIDDEN
 
     captions = {"a0.jpg": "", "a1.jpg": "shp", "a2.jpg": "shp, a red square on a blue ground, outdoors, noon",
@@ -139,33 +73,9 @@ def test_cached_text_embeddings_are_the_pipelines_encode_exactly(zcaptioned, pip
         assert torch.equal(stored["prompt_embeds"], embeds), name
 
 
-def test_new_image_costs_one_latent_and_a_caption_edit_costs_one_text_embedding(zcaptioned):
-    first = run(zcaptioned)
-    assert (first.computed, first.extra["text_embeddings_computed"]) == (4, 4)
-    save_photo(zcaptioned.raw("beta") / "b1.png", (124, 200), 11)
-    zcaptioned.ingest()
-    zcaptioned.bucket()
-    write_captioned(zcaptioned)
-    added = run(zcaptioned)
-    assert (added.computed, added.reused) == (1, 4)
-    assert (added.extra["text_embeddings_computed"], added.extra["text_embeddings_reused"]) == (1, 4)
-
-    keys = {name: r["latent_key"] for name, r in by_name(zcaptioned).items()}
-    write_captioned(zcaptioned, {"a1.jpg": "an edited caption"})
-    edited = run(zcaptioned)
-    assert (edited.computed, edited.reused) == (0, 5) and not edited.extra["vae_loaded"]
-    assert (edited.extra["text_embeddings_computed"], edited.extra["text_embeddings_reused"]) == (1, 4)
-    records = by_name(zcaptioned)
-    assert {name: r["latent_key"] for name, r in records.items()} == keys
-    assert records["a1.jpg"]["caption"] == "an edited caption"
-
-    again = run(zcaptioned)
-    assert (again.computed, again.extra["text_embeddings_computed"]) == (0, 0)
-    assert not again.extra["vae_loaded"] and not again.extra["text_encoders_loaded"]
-
-
 def test_switching_the_base_between_sdxl_and_zimage_recomputes_and_switching_back_reuses(zcaptioned):
-    from tuneline.stages.latents.stage import TEXT_FORMAT, ZIMAGE_TEXT_FORMAT
+    from tuneline.models.sdxl.text import TEXT_FORMAT
+    from tuneline.models.zimage.text import TEXT_FORMAT as ZIMAGE_TEXT_FORMAT
 
     zimage = run(zcaptioned)
     assert (zimage.computed, zimage.extra["text_embeddings_computed"]) == (4, 4)
@@ -186,10 +96,6 @@ def test_switching_the_base_between_sdxl_and_zimage_recomputes_and_switching_bac
     assert by_name(zcaptioned) == zimage_records
     summary = json.loads((zcaptioned.root / "data/latents/latents.json").read_text())
     assert summary["family"] == "zimage" and summary["text_embeddings_format"] == ZIMAGE_TEXT_FORMAT
-
-
-def test_the_gpu_pipeline_stores_the_same_16_channel_latents(zcaptioned, monkeypatch):
-    check_gpu_path_equals_cpu_path(zcaptioned, monkeypatch)
 
 
 def test_sdxl_only_options_are_reported_and_trained_encoders_turn_the_cache_off(zcaptioned):

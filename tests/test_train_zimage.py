@@ -204,10 +204,10 @@ def test_nothing_but_the_transformer_is_loaded_with_cached_text(zimage_project, 
     cached = tmp_path / "latents"
     shutil.copytree(zimage_project.root / "data/latents", cached)
     from tuneline.core.manifest import read_manifest
-    from tuneline.models.zimage.adapter import load_text_encoder
+    from tuneline.models.loading import load_zimage_text_encoder
     from tuneline.models.zimage.text import encode_prompts
 
-    tokenizer, encoder = load_text_encoder(trainer.params.model, zimage_project.root, "fp32", "cpu")
+    tokenizer, encoder = load_zimage_text_encoder(trainer.params.model, zimage_project.root, "fp32", "cpu")
     records = read_manifest(cached)
     with torch.no_grad():
         features = encode_prompts(tokenizer, encoder, [r["caption"] for r in records])

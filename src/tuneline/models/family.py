@@ -2,7 +2,7 @@
 
     family = family_of(params.model, root)        # or FAMILIES["sdxl"], or get_family(name)
     adapter = family.build_adapter(params.model, params.train, root)
-    cache = family.text_cache()                   # the latents stage's text-embedding cache
+    cache = family.load("text_cache")()           # the latents stage's text-embedding cache
     family.render.pipeline                        # render facts: plain data, no import
 
 Each family package (`tuneline.models.sdxl`, `tuneline.models.zimage`) declares its `FAMILY` in

@@ -196,6 +196,7 @@ def _pipeline_class(source: ComponentSource, fallback: Any) -> Any:
 def load_zimage_text_encoder(model: ModelConfig, root: Path | None, dtype: str = "auto", device: str = "auto",
                              empty_weights: bool = False) -> tuple[Any, Any]:
     """(tokenizer, text_encoder) of a Z-Image base: the Qwen3 encoder frozen, in eval mode, in `dtype` on `device`.
+    The one loader of it: the trainer (live encoding, samples) and the text cache both call it.
 
     The classes are the ones model_index.json names (Qwen2Tokenizer, Qwen3Model), else
     AutoTokenizer / AutoModel (which give the same for a Qwen3 folder). `empty_weights`: the

@@ -18,6 +18,7 @@ from tuneline.config import Params
 from tuneline.core.params import ParamsError, format_resolution
 from tuneline.core.manifest import read_manifest
 from tuneline.models.loading import host_to_device
+from tuneline.train.cached_text import text_cache_blockers
 from tuneline.train.captions import augment_caption
 from tuneline.train.sampler import SampleRef
 
@@ -55,9 +56,8 @@ class LatentData:
         self.text_cache = self._text_cache_usable()
 
     def _text_cache_usable(self) -> bool:
-        train = self.params.train
-        return (all(item.record.get("text_embeddings") for item in self.items) and train.caption_dropout == 0
-                and not train.caption_shuffle and not train.train_text_encoders)
+        cached = all(item.record.get("text_embeddings") for item in self.items)
+        return cached and not text_cache_blockers(self.params.train)
 
     def sample_refs(self) -> list[SampleRef]:
         return [SampleRef(item.index, item.bucket, item.repeats) for item in self.items]

@@ -330,9 +330,9 @@ def largest_bucket(params: Any) -> tuple[tuple[int, int], int]:
 
 def conditioning_cached(params: Any) -> bool:
     """Whether the latents stage caches the text embeddings this training uses (no encoder in the step)."""
-    from tuneline.stages.latents.stage import training_text_blockers
+    from tuneline.train.cached_text import text_cache_blockers
 
-    return bool(params.latents.text_embeddings) and not training_text_blockers(params)
+    return bool(params.latents.text_embeddings) and not text_cache_blockers(params.train)
 
 
 def estimate(params: Any, root: Path, bucket: tuple[int, int] | None = None, batch_size: int | None = None,

@@ -1,14 +1,21 @@
 """SDXL prompt conditioning: what the UNet's cross-attention and added-condition inputs get from text.
 
-Shared by the latents stage (text-embedding cache) and the trainer (encoders live when
-they are trained, or when caption dropout/shuffle makes a cache invalid), so both
-produce the same tensors for the same prompt.
+Shared by the latents stage (`SDXLTextCache`, the text-embedding cache) and the trainer
+(encoders live when they are trained, or when caption dropout/shuffle makes a cache invalid),
+so both produce the same tensors for the same prompt.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from tuneline.models.base import EncodedText
+
+if TYPE_CHECKING:
+    from tuneline.models.config import ModelConfig
+    from tuneline.models.loading import ComponentSource
 
 # CLIP's context length; SDXL pads and truncates every prompt to it.
 MAX_TOKENS = 77
@@ -52,3 +59,39 @@ def encode_prompts(tokenizers: Sequence[Any], text_encoders: Sequence[Any], prom
     if pooled is None:
         raise ValueError("no text encoder with a projection (CLIPTextModelWithProjection) among text_encoders")
     return torch.cat(hidden_states, dim=-1), pooled
+
+
+TEXT_FORMAT = "tuneline-sdxl-text-embeddings"
+
+
+class SDXLTextCache:
+    """SDXL's text cache (tuneline.models.base.TextCache): per caption `prompt_embeds`
+    [77, hidden1 + hidden2] and `pooled` [projection], as StableDiffusionXLPipeline.encode_prompt."""
+
+    format: ClassVar[str] = TEXT_FORMAT
+    truncation: ClassVar[str] = ""  # CLIP's 77 tokens cut silently, as the pipeline does
+
+    def sources(self, model: ModelConfig, root: Path | None) -> dict[str, ComponentSource]:
+        from tuneline.models.loading import text_encoder_sources
+
+        return text_encoder_sources(model, root)
+
+    def key_fields(self, caption: str, identities: dict[str, str], dtype: str) -> dict[str, Any]:
+        return {"caption": caption, "encoders": identities, "dtype": dtype}  # both tokenizers and encoders
+
+    def load(self, model: ModelConfig, root: Path | None, dtype: str, device: str) -> Any:
+        from tuneline.models.loading import load_text_encoders
+
+        return load_text_encoders(model, root, dtype, device)
+
+    def order(self, items: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        return items  # every prompt is padded to 77 tokens: batching order changes no cost
+
+    def encode(self, models: Any, captions: list[str], device: str) -> list[EncodedText]:
+        tokenizers, encoders = models
+        embeds, pooled = encode_prompts(tokenizers, encoders, captions, device)
+        return [EncodedText({"prompt_embeds": embeds[b].cpu(), "pooled": pooled[b].cpu()})
+                for b in range(len(captions))]
+
+    def summary(self) -> dict[str, Any]:
+        return {}

@@ -8,7 +8,7 @@
 Importing this package is instant: it only declares `FAMILY`.
 """
 
-from tuneline.models.base import Family, RenderFacts
+from tuneline.models.base import Family, ForeignSetting, RenderFacts
 
 FAMILY = Family(
     name="zimage",
@@ -25,4 +25,13 @@ FAMILY = Family(
         diagnostics="Z-Image has no diagnostic sheet: the sheet shows the UNet's cross-attention to the trigger "
                     "word (and its x_t / x0 columns use SDXL's DDPM noise schedule); Z-Image's single-stream "
                     "transformer has no cross-attention"),
+    ignored_settings=(
+        ForeignSetting("train.text_encoder_2.mode",
+                       "{key} is {value!r}, but Z-Image has one text encoder (Qwen3, train.text_encoder_1); SDXL's "
+                       "second encoder does not exist here (it still turns the text cache off, as any trained text "
+                       "encoder does)"),
+        ForeignSetting("model.config",
+                       "{key} ({value!r}) describes a single-file SDXL base; a Z-Image base is a diffusers folder or "
+                       "hub id, so it is not used"),
+    ),
 )

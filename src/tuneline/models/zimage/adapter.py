@@ -23,7 +23,7 @@ from typing import Any
 from tuneline.core.logs import quiet_libraries
 from tuneline.core.params import ParamsError
 from tuneline.core.tensorfile import canonicalize
-from tuneline.models.loading import _base_location, load_vae, resolve_device, resolve_dtype, torch_dtype
+from tuneline.models.loading import _base_location, load_vae, load_zimage_text_encoder, torch_dtype
 from tuneline.models.sdxl.adapter import LORA_WEIGHTS_FILE, cast_frozen, compute_dtype_name
 from tuneline.models.zimage.text import MAX_SEQUENCE_LENGTH, encode_prompts
 from tuneline.models.config import ModelConfig
@@ -80,29 +80,6 @@ def check_train_config(config: TrainConfig) -> None:
             "with its Qwen3 text encoder frozen; remove these keys or set them back to their defaults.")
 
 
-def load_text_encoder(model: ModelConfig, root: Path | None, dtype: str = "auto", device: str = "auto",
-                      empty_weights: bool = False) -> tuple[Any, Any]:
-    """(tokenizer, text_encoder) of a Z-Image base, the encoder (Qwen3Model) frozen in eval mode."""
-    quiet_libraries()
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-    device = resolve_device(device)
-    weights_dtype = torch_dtype(resolve_dtype(dtype, device))
-    base = _base_location(model, root)
-    kwargs = {"revision": model.revision} if isinstance(base, str) and model.revision else {}
-    tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer", **kwargs)
-    if empty_weights:
-        from accelerate import init_empty_weights
-
-        config = AutoConfig.from_pretrained(base, subfolder="text_encoder", **kwargs)
-        with init_empty_weights():
-            encoder = AutoModel.from_config(config, dtype=weights_dtype)
-    else:
-        encoder = AutoModel.from_pretrained(base, subfolder="text_encoder", dtype=weights_dtype, **kwargs)
-    encoder.requires_grad_(False)
-    return tokenizer, (encoder.eval() if empty_weights else encoder.eval().to(device))
-
-
 class ZImageAdapter:
     """One Z-Image model under training. Modules are plain torch modules until the trainer prepares them."""
 
@@ -154,7 +131,7 @@ class ZImageAdapter:
         self.scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(base, subfolder="scheduler", **kwargs))
         self.tokenizers, self.text_encoders = [], []
         if self.needs_text_encoders(conditioning_cached):
-            tokenizer, encoder = load_text_encoder(self.model_config, self.root, "fp32", "cpu", empty_weights)
+            tokenizer, encoder = load_zimage_text_encoder(self.model_config, self.root, "fp32", "cpu", empty_weights)
             self.tokenizers, self.text_encoders = [tokenizer], [encoder]
 
     def ensure_text_encoders(self, device: str = "cpu") -> list[Any]:
@@ -164,7 +141,7 @@ class ZImageAdapter:
 
         if not self.text_encoders:
             with torch.random.fork_rng(devices=[]):
-                tokenizer, encoder = load_text_encoder(self.model_config, self.root, self.compute_dtype, device)
+                tokenizer, encoder = load_zimage_text_encoder(self.model_config, self.root, self.compute_dtype, device)
             self.tokenizers, self.text_encoders = [tokenizer], [encoder]
             self.text_encoders_loaded_for_inference = True
         return self.text_encoders

@@ -27,9 +27,9 @@ class LatentsConfig(Section):
     )
     text_embeddings: bool = Field(
         True,
-        description="Also cache each caption's text embeddings (SDXL: both CLIP encoders' prompt embeddings and "
-        "pooled; Z-Image: the Qwen3 encoder's embeddings of the caption's tokens) when that is valid (off "
-        "automatically with caption dropout or shuffle, or when the text encoders are trained).",
+        description="Also cache each caption's text embeddings (what the model family's frozen text encoders make "
+        "of it, as its pipeline encodes a prompt) when that is valid (off automatically with caption dropout or "
+        "shuffle, or when the text encoders are trained).",
     )
     workers: Optional[int] = Field(
         None,

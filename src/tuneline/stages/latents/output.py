@@ -1,0 +1,146 @@
+"""The latents stage's output folder and report: the manifest assembled from the store, the
+summary (latents.json), the warnings and counts. Nothing here decides a stored item's bytes or
+key, so it is outside the stage's CODE: editing a message re-encodes nothing. It imports only
+tuneline.core and modules in CODE (tests/test_latents.py checks this).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from tuneline.core.fsutil import atomic_write_json, link_or_copy, rebuilt_dir
+from tuneline.core.manifest import MANIFEST, REJECTED, write_jsonl
+from tuneline.core.report import StageReport
+from tuneline.core.store import ItemStore
+from tuneline.models.base import ForeignSetting
+from tuneline.stages.latents.keys import SUFFIX, TEXT_SUFFIX, caption_of
+
+METADATA_FILE = "latents.json"
+# Images or captions named in a warning; a VAE that overflows in fp16 would list every image.
+MAX_NAMED = 20
+FACTORS = ("scaling_factor", "shift_factor")
+
+
+def ignored_setting_notes(params: Any, settings: Iterable[ForeignSetting]) -> list[str]:
+    """The family's notes on other families' settings that are set away from their defaults
+    (they change nothing here: reported, not silently dropped)."""
+    notes = []
+    for setting in settings:
+        *path, name = setting.key.split(".")
+        section = params
+        for part in path:
+            section = getattr(section, part)
+        value = getattr(section, name)
+        if value != type(section).model_fields[name].get_default(call_default_factory=True):
+            notes.append(setting.note.format(key=setting.key, value=value))
+    return notes
+
+
+def note_latents(report: StageReport, todo: int, failed: int, vae_load_s: float | None, fp32_retried: list[str],
+                 dtype: str, overflow_hint: str | None) -> None:
+    """The VAE pass in the report: counts, load time, and the warning for fp32 re-encodes."""
+    report.computed = todo - failed
+    report.extra["vae_loaded"] = vae_load_s is not None
+    if vae_load_s is not None:
+        report.extra["vae_load_s"] = round(vae_load_s, 3)
+    if not fp32_retried:
+        return
+    report.extra["fp32_retries"] = len(fp32_retried)
+    named = ", ".join(fp32_retried[:MAX_NAMED])
+    more = f" and {len(fp32_retried) - MAX_NAMED} more" if len(fp32_retried) > MAX_NAMED else ""
+    hint = overflow_hint or "latents.dtype bf16 or fp32 avoids the retries."
+    report.warnings.append(
+        f"{len(fp32_retried)} image(s) gave NaN/Inf latents in {dtype} and were re-encoded in fp32: "
+        f"{named}{more}. {hint}"
+    )
+
+
+def note_texts(report: StageReport, computed: int, truncated: list[str], truncation: str) -> None:
+    """The text pass in the report: whether encoders loaded, and the captions that were cut."""
+    report.extra["text_encoders_loaded"] = bool(computed)
+    if truncated:
+        report.extra["captions_truncated"] = len(truncated)
+        named = "; ".join(repr(c[:60] + "...") for c in truncated[:MAX_NAMED])
+        report.warnings.append(
+            f"{len(truncated)} caption(s) are {truncation} and were cut there, as the pipeline cuts them: {named}")
+
+
+def read_latent_header(path: Path) -> tuple[dict[str, str], list[int]]:
+    """(safetensors metadata, shape of `mean`) without reading the tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata() or {}, list(handle.get_slice("mean").get_shape())
+
+
+def finish_shard(report: StageReport, records: list[dict[str, Any]], failed: dict[int, str],
+                 shard: tuple[int, int], text_computed: int, device: str, dtype: str, started: float) -> StageReport:
+    """A shard only fills the store; the unsharded run writes the output."""
+    for i in sorted(failed):
+        report.reject(records[i].get("source", records[i]["id"]), failed[i], dataset=records[i]["dataset"])
+    report.extra.update({"shard": f"{shard[0]}/{shard[1]}", "text_embeddings_computed": text_computed,
+                         "device": device, "dtype": dtype})
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def write_output(out_dir: Path, report: StageReport, *, records: list[dict[str, Any]], keys: list[str],
+                 text_keys: list[str | None], failed: dict[int, str], store: ItemStore, text_store: ItemStore,
+                 summary: dict[str, Any], text_computed: int, device: str, base: str, started: float,
+                 metrics_dir: Path | None) -> StageReport:
+    """Rebuild `out_dir` from the store (links), with its manifest, rejected.jsonl and latents.json
+    (`summary` plus the VAE's factors, read from a stored file: a fully cached run never needs
+    the VAE config); finish the report."""
+    manifest = []
+    factors: dict[str, Any] = dict.fromkeys(FACTORS)
+    dtype, flip = summary["dtype"], summary["flip"]
+    with rebuilt_dir(out_dir) as staging:
+        for i, (record, key) in enumerate(zip(records, keys)):
+            if i in failed:
+                report.reject(record.get("source", record["id"]), failed[i], dataset=record["dataset"])
+                continue
+            latents = f"{record['dataset']}/{record['id']}{SUFFIX}"
+            link_or_copy(store.path(key, SUFFIX), staging / latents)
+            metadata, shape = read_latent_header(store.path(key, SUFFIX))
+            factors = {name: json.loads(metadata[name]) for name in FACTORS}
+            texts = None
+            if text_keys[i] is not None:
+                texts = f"{record['dataset']}/{record['id']}{TEXT_SUFFIX}"
+                link_or_copy(text_store.path(text_keys[i], SUFFIX), staging / texts)
+            manifest.append({
+                **record,
+                "latents": latents,
+                "latent_key": key,
+                "latent_shape": shape,
+                "latent_dtype": dtype,
+                **factors,
+                "has_flip": flip,
+                "text_embeddings": texts,
+                "text_key": text_keys[i],
+            })
+        report.reused = len(manifest) - report.computed
+        summary = {**summary, **factors,
+                   "latent_stores": "mean and std of the VAE's latent distribution, not scaled: "
+                                    "sample, then (latent - shift_factor) * scaling_factor"}
+        write_jsonl(staging / MANIFEST, manifest)
+        write_jsonl(staging / REJECTED, report.rejected)
+        atomic_write_json(staging / METADATA_FILE, summary)
+
+    unique_text = {k for k in text_keys if k is not None}
+    report.extra["text_embeddings"] = ("cached" if summary["text_embeddings"]
+                                       else "off: " + "; ".join(summary["text_embeddings_off_because"]))
+    report.extra["text_embeddings_computed"] = text_computed
+    report.extra["text_embeddings_reused"] = len(unique_text) - text_computed
+    report.extra["empty_captions"] = sum(1 for r in manifest if not caption_of(r))
+    report.extra["device"] = device
+    report.extra["dtype"] = dtype
+    if summary["random_tiny_model"]:
+        report.extra["model"] = f"{base} (tiny RANDOM weights: latents mean nothing)"
+    report.seconds = time.perf_counter() - started
+    if metrics_dir is not None:
+        report.write_metrics(metrics_dir)
+    return report
