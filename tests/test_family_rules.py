@@ -208,3 +208,15 @@ def test_the_flow_checks_the_family_rules_before_its_first_task(tmp_path):
     with pytest.raises(ParamsError, match=r"train\.loss\.min_snr_gamma: 5\.0 is SDXL only"):
         pipeline(root=str(root), overrides={"model.base": "tiny-zimage"})
     assert not (root / "data/ingested").exists() and not (root / ".tuneline/prefect/records").exists()
+
+
+def test_tuneline_repro_checks_before_dvc_starts(tmp_path, capsys, monkeypatch):
+    from tuneline.orchestration import services
+
+    started = []
+    monkeypatch.setattr(services, "run_repro", lambda *args: started.append(args) or 0)
+    project(tmp_path, "tiny-zimage", train={"loss": {"min_snr_gamma": 5.0}})
+    code, out = cli(tmp_path, capsys, "repro")
+    assert code == 2 and "train.loss.min_snr_gamma: 5.0 is SDXL only" in out and not started
+    project(tmp_path, "tiny-zimage")
+    assert cli(tmp_path, capsys, "repro")[0] == 0 and len(started) == 1
