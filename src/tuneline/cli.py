@@ -231,6 +231,10 @@ def _run_orchestration_command(args) -> int:
         return serve_main(["--root", str(args.root.resolve()), "--params", str(args.params.resolve()), *args.serve_args])
     try:
         params = load_params(args.params)
+        if args.command == "repro":  # each stage checks too; this names them before dvc starts any
+            from tuneline.preflight import check_settings
+
+            check_settings(params, args.root)
     except ParamsError as error:
         print_error("configuration error", str(error))
         return 2

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from tuneline.core.fsutil import safe_name
+from tuneline.core.fsutil import ProjectPath, safe_name
 from tuneline.core.params import Section, read_params_file, validate_model
 from tuneline.core.tracking.config import TrackingConfig
 from tuneline.models.config import ModelConfig
@@ -33,7 +33,10 @@ class DatasetConfig(Section):
     """One folder of training images with its own settings."""
 
     name: str = Field(description="Data set name; also its folder name in every stage output.")
-    path: Path = Field(description="Folder of images (searched recursively), relative to the project root.")
+    # Inside the project: dvc.yaml tracks data/raw, and a form run must not read any folder of the machine.
+    path: ProjectPath = Field(
+        description="Folder of images (searched recursively), relative to the project root and inside it "
+        "(symlink a folder kept elsewhere into data/raw).")
     repeats: int = Field(1, ge=1, description="How many times each image is seen per epoch.")
     loss_weight: float = Field(1.0, gt=0, description="Weight of this data set's samples in the loss.")
     trigger_word: Optional[str] = Field(
@@ -59,9 +62,10 @@ class DatasetConfig(Section):
 class Params(Section):
     """The whole params.yaml."""
 
-    store_dir: Path = Field(
+    store_dir: ProjectPath = Field(
         Path(".tuneline/store"),
-        description="Persistent per-item result store (outside DVC outs); relative to the project root.",
+        description="Persistent per-item result store (outside DVC outs); relative to the project root and inside "
+        "it (symlink it to another disk if needed).",
     )
     datasets: list[DatasetConfig] = Field(min_length=1, description="The data sets of this run.")
     ingest: IngestConfig = Field(default_factory=IngestConfig, description="Stage ingest.")
@@ -90,6 +94,23 @@ class Params(Section):
             except ValidationError as error:
                 reasons = "; ".join(item["msg"] for item in error.errors())
                 raise ValueError(f"datasets[{dataset.name}].bucket: {reasons}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _crop_fits_a_bucket(self) -> "Params":
+        """An autoencoder crop longer than the shorter side of every bucket can never be taken: the
+        stage would cut it to the smallest bucket side without a word, after bucket has run."""
+        if not self.autoencoder.enabled:
+            return self
+        from tuneline.stages.bucket.aspect import generate_buckets
+
+        longest = max(min(bucket) for dataset in self.datasets
+                      for bucket in generate_buckets(self.bucket_settings_for(dataset)))
+        if self.autoencoder.crop_size > longest:
+            raise ValueError(
+                f"autoencoder.crop_size: {self.autoencoder.crop_size} is longer than the shorter side of every "
+                f"bucket (the longest is {longest}, from the bucket section and the data sets' overrides); "
+                f"allowed: a multiple of 8 from 16 to {longest // 8 * 8}, or larger buckets")
         return self
 
     def bucket_settings_for(self, dataset: DatasetConfig) -> BucketSettings:

@@ -2,7 +2,10 @@
 
 `load_params` checks the file itself; `preflight` checks what it points at: data set folders,
 model references (local paths that must exist; hub ids that must be cached or reachable),
-the prompts file live samples need, and optimizers that need hardware this machine lacks.
+the prompts file live samples need, optimizers that need hardware this machine lacks, and the
+model family's rules (settings the train, render or export stage would refuse for this family,
+`tuneline.models.<family>.rules`). Every stage runs it before any compute, so a run with a
+setting its train stage will refuse stops at its first stage, not after ingest..latents.
 Errors are raised together as one ParamsError naming each key; warnings are returned.
 """
 
@@ -15,6 +18,8 @@ from pathlib import Path
 
 from tuneline.config import Params
 from tuneline.core.params import ParamsError
+from tuneline.models.base import Family
+from tuneline.models.config import ModelConfig
 
 # Stages that read each kind of reference; `tuneline check` runs every check.
 _DATASET_STAGES = {"ingest", "check"}
@@ -76,6 +81,55 @@ def check_model_ref(key: str, ref: str, revision: str | None, root: Path) -> tup
     return [], []
 
 
+def _rules_family(model: ModelConfig, root: Path) -> Family:
+    from tuneline.models.family import detect_family, get_family
+    from tuneline.tiny import TINY_MODEL_IDS
+
+    if model.family is None and model.base in TINY_MODEL_IDS:
+        # A tiny id names its family: no need to build the model to read its model_index.json.
+        return get_family(TINY_MODEL_IDS[model.base])
+    return get_family(detect_family(model, root))
+
+
+def family_problems(params: Params, root: Path | str, required: bool = True) -> list[str]:
+    """The settings the model family refuses (its rules, on the train and render sections), one
+    line each. Finding the family reads model_index.json only. When it cannot be found (no such
+    base, offline): one line saying so if `required`, else none (the stages that load the model
+    say it)."""
+    try:
+        family = _rules_family(params.model, Path(root))
+    except (ParamsError, OSError, ValueError) as error:  # hub id checks raise ValueErrors too
+        return [str(error) if isinstance(error, ParamsError) else f"model.base {params.model.base!r}: cannot tell "
+                f"its model family ({type(error).__name__}: {error}); set model.family"] if required else []
+    return family.unsupported_settings(params.train, params.render)
+
+
+def check_settings(params: Params, root: Path | str) -> None:
+    """ParamsError naming every setting a stage of the run would refuse for the model family:
+    what a driver (the Prefect flow, `tuneline repro`) runs before its first stage."""
+    problems = family_problems(params, root)
+    if problems:
+        raise ParamsError("params.yaml has settings that a stage of the run would refuse:\n"
+                          + "\n".join(f"  - {problem}" for problem in problems))
+
+
+def _crop_warnings(params: Params) -> list[str]:
+    """The autoencoder cuts every crop to the smallest bucket side among the images (config.py
+    refuses a crop no bucket can hold): say which buckets would cut it."""
+    from tuneline.core.params import format_resolution
+    from tuneline.stages.bucket.aspect import generate_buckets
+
+    crop = params.autoencoder.crop_size
+    short = sorted({(dataset.name, bucket) for dataset in params.datasets
+                    for bucket in generate_buckets(params.bucket_settings_for(dataset)) if min(bucket) < crop})
+    if not short:
+        return []
+    listed = ", ".join(f"{format_resolution(bucket)} ({name})" for name, bucket in short[:6])
+    return [f"autoencoder.crop_size: {crop} is longer than the shorter side of some buckets: {listed}"
+            f"{' ...' if len(short) > 6 else ''}; when one of them holds an image, every crop is cut to its "
+            "shorter side (the crop used is in models/autoencoder/autoencoder_state.json)"]
+
+
 def preflight(params: Params, root: Path | str, stages: Iterable[str] = ("check",)) -> list[str]:
     """Raise ParamsError listing every problem `stages` would hit; return warnings to show."""
     root = Path(root)
@@ -114,6 +168,14 @@ def preflight(params: Params, root: Path | str, stages: Iterable[str] = ("check"
         errors += _optimizer_problems(params)
     if stages & {"render"} and not (root / params.render.prompts_file).is_file():
         errors.append(f"render.prompts_file: {params.render.prompts_file} does not exist")
+    if stages & {"autoencoder", "check"} and params.autoencoder.enabled:
+        warnings += _crop_warnings(params)
+    # Every stage: a setting the train, render or export stage will refuse stops the run before its
+    # first stage computes anything. Stages that load no model skip the rules when the family cannot
+    # be told; the model stages name the reference (once: not when model.base is already named).
+    model_stage = bool(stages & _MODEL_STAGES)
+    if not (model_stage and any(error.startswith("model.base:") for error in errors)):
+        errors += family_problems(params, root, required=model_stage)
     if errors:
         raise ParamsError("params.yaml does not fit this machine or project:\n"
                           + "\n".join(f"  - {error}" for error in errors))

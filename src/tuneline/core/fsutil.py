@@ -11,7 +11,9 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import AfterValidator
 
 _CHUNK = 1 << 20
 _UMASK = os.umask(0)  # read once at import: os.umask can only be read by setting it
@@ -124,6 +126,91 @@ def safe_name(name: str) -> str:
     cleaned = _UNSAFE.sub("_", name.strip())
     cleaned = re.sub(r"\.{2,}", ".", cleaned).strip("._-")
     return cleaned[:100]
+
+
+# --- settings that become file and folder names --------------------------------------------
+# A params value joined into a path must not lead out of the project (`export.name:
+# ../../x`). Names of files a stage writes are one name inside its output folder; paths the
+# project reads or writes relative to its root stay under the root; destinations the user
+# chose on purpose (export.copy_to, a model folder, an MLflow store) stay explicit paths.
+
+FILE_NAME_RULE = ("a file name is one name inside its output folder: no / or \\, no NUL or control characters, "
+                  "not '.' or '..', no leading dot, at most 200 bytes")
+PROJECT_PATH_RULE = ("a project path is relative to the project root and stays inside it: no absolute path, "
+                     "no '..', no leading ~, no \\ (use /), no NUL; symlink a folder into the project to use "
+                     "one kept elsewhere")
+_MAX_NAME_BYTES = 200  # leaves room for suffixes such as `_lora.safetensors` under the usual 255
+
+
+def _control_character(text: str) -> str | None:
+    if "\x00" in text:
+        return "a NUL byte"
+    bad = next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
+    return None if bad is None else f"the control character {bad!r}"
+
+
+def file_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a file name inside an output folder (naming the rule), or None."""
+    control = _control_character(name)
+    if control:
+        problem = f"has {control}"
+    elif "/" in name or "\\" in name:
+        separator = "/" if "/" in name else "\\"
+        problem = f"has a path separator ({separator})"
+    elif not name.strip():
+        problem = "is empty"
+    elif name in (".", ".."):
+        problem = f"is {name!r}, a folder"
+    elif name.startswith("."):
+        problem = "starts with a dot"
+    elif len(name.encode("utf-8")) > _MAX_NAME_BYTES:
+        problem = f"is {len(name.encode('utf-8'))} bytes long"
+    else:
+        return None
+    return f"not a file name: it {problem}; {FILE_NAME_RULE}"
+
+
+def project_path_problem(path: str | Path) -> str | None:
+    """Why `path` is not a relative path inside the project (naming the rule), or None. Checked on
+    the text, not the disk: a symlink inside the project may point anywhere, on purpose."""
+    text = str(path)
+    control = _control_character(text)
+    if control:
+        problem = f"has {control}"
+    elif "\\" in text:
+        problem = "has a backslash"
+    elif text.startswith("~"):
+        problem = "starts with ~ (a home folder)"
+    elif Path(text).is_absolute():
+        problem = "is an absolute path"
+    elif ".." in Path(text).parts:
+        problem = "has a '..' component"
+    else:
+        return None
+    return f"not a path inside the project: it {problem}; {PROJECT_PATH_RULE}"
+
+
+def chosen_path_problem(path: str | Path) -> str | None:
+    """Why `path`, a destination or source the user may choose anywhere on purpose, is no path."""
+    return "not a path: it has a NUL byte, which no file name can hold" if "\x00" in str(path) else None
+
+
+def _rule(check: Callable[[Any], str | None]) -> AfterValidator:
+    def validate(value: Any) -> Any:
+        problem = check(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    return AfterValidator(validate)
+
+
+# Field types of the params sections (pydantic): the value is refused with the rule named.
+FileName = Annotated[str, _rule(file_name_problem)]  # export.name: export/<name>.safetensors
+ProjectPath = Annotated[Path, _rule(project_path_problem)]  # store_dir, datasets[].path
+ProjectFile = Annotated[str, _rule(project_path_problem)]  # render.prompts_file
+ChosenPath = Annotated[Path, _rule(chosen_path_problem)]  # export.copy_to: anywhere, on purpose
+ChosenReference = Annotated[str, _rule(chosen_path_problem)]  # model folders, MLflow stores, hub ids
 
 
 def relative_to_root(path: Path, root: Path) -> str:

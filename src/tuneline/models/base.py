@@ -12,14 +12,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from tuneline.core.params import ParamsError
+
 if TYPE_CHECKING:
     from tuneline.models.config import ModelConfig
+    from tuneline.train.config import TrainConfig
 
 
 def load_object(target: str) -> Any:
     """`package.module:name` -> the object (imports the module)."""
     module, name = target.split(":")
     return getattr(importlib.import_module(module), name)
+
+
+class RenderChoices(Protocol):
+    """The render settings a family's rules read; the `render` params section fits it."""
+
+    @property
+    def sampler(self) -> str: ...
+
+    @property
+    def karras(self) -> bool: ...
+
+    @property
+    def width(self) -> int: ...
+
+    @property
+    def height(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -72,6 +91,19 @@ class Family:
     def load(self, part: str) -> Any:
         """One of the heavy parts by field name: `family.load("exporter")`."""
         return load_object(getattr(self, part))
+
+    def unsupported_settings(self, train: TrainConfig, render: RenderChoices | None = None) -> list[str]:
+        """Every setting this family refuses (its `rules`), each naming the key, its value and what is
+        allowed. `render` None: only the train section is checked (an adapter has no other)."""
+        rules = self.load("rules")
+        return rules(train, render)
+
+    def refuse_unsupported(self, train: TrainConfig, render: RenderChoices | None = None) -> None:
+        """ParamsError naming every setting this family refuses; returns when there is none."""
+        problems = self.unsupported_settings(train, render)
+        if problems:
+            raise ParamsError(f"settings that do not apply to the {self.title} family (model.base is a {self.title} "
+                              "model):\n" + "\n".join(f"  - {problem}" for problem in problems))
 
     def part_file(self, part: str) -> str:
         """The module file of a heavy part, relative to the tuneline package: what a stage's CODE names."""

@@ -7,13 +7,14 @@ from typing import Literal, Optional
 
 from pydantic import Field
 
+from tuneline.core.fsutil import ChosenReference
 from tuneline.core.params import Section
 
 
 class ModelConfig(Section):
     """The base model that latents, training, rendering and export use."""
 
-    base: str = Field(
+    base: ChosenReference = Field(
         "tiny-sdxl",
         description="Base model: a hub id (e.g. stabilityai/stable-diffusion-xl-base-1.0), a local diffusers "
         "folder, a local single .safetensors file (converted once; see model.config), or 'tiny-sdxl' (a tiny RANDOM-weight model for tests and demos).",
@@ -27,11 +28,11 @@ class ModelConfig(Section):
     revision: Optional[str] = Field(
         None, description="Hub revision (branch, tag or commit) of `base`; pin a commit for caches that never go stale."
     )
-    vae: Optional[str] = Field(
+    vae: Optional[ChosenReference] = Field(
         None,
         description="Replacement VAE (hub id or local folder), e.g. madebyollin/sdxl-vae-fp16-fix; null uses base's VAE.",
     )
-    config: Optional[str] = Field(
+    config: Optional[ChosenReference] = Field(
         None,
         description="Diffusers folder or hub id whose configs describe a single-file base (needed offline; "
         "e.g. stabilityai/stable-diffusion-xl-base-1.0 or tiny-sdxl)",

@@ -310,14 +310,17 @@ def pipeline(params_path: str = "params.yaml", root: str = ".",
     from tuneline.orchestration.overrides import load_with_overrides, write_params_file
     from tuneline.orchestration.spec import load_stage_specs
     from tuneline.core.tracking.tracker import end_parent_run, start_parent_run
+    from tuneline.preflight import check_settings
 
     logger = get_run_logger()
     if int(shards) < 1:
         raise ValueError(f"shards must be at least 1, got {shards!r}")
     root_path = Path(root).resolve()
     params_file = Path(params_path) if Path(params_path).is_absolute() else root_path / params_path
-    # Bad overrides or params stop here, before any task, with validate_params' message.
+    # Bad overrides or params stop here, before any task, with validate_params' message; so do
+    # settings a later stage would refuse for the model family (train starts after ingest..latents).
     data, params = load_with_overrides(params_file, overrides)
+    check_settings(params, root_path)
     specs = load_stage_specs(root_path)
     unknown = [spec.name for spec in specs if spec.name not in registry.STAGE_NAMES]
     if unknown:

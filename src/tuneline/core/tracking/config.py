@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from tuneline.core.fsutil import ChosenReference
 from tuneline.core.params import Section
 
 _SQLITE = "sqlite:///"
@@ -21,12 +22,12 @@ class TrackingConfig(Section):
     """MLflow tracking: one parent run per pipeline run, one child run per stage."""
 
     enabled: bool = Field(True, description="Log stages and training to MLflow. false makes every tracker a no-op.")
-    tracking_uri: str = Field(
+    tracking_uri: ChosenReference = Field(
         "sqlite:///mlflow.db",
         description="MLflow tracking URI: a local SQLite file (a relative path is taken from the project "
         "root, so every stage uses one database wherever it runs) or a server such as http://host:5000.",
     )
-    artifact_root: str = Field(
+    artifact_root: ChosenReference = Field(
         "mlartifacts",
         description="Where run artifacts (eval images, exported files) go: a folder relative to the project "
         "root, an absolute path, or a URI such as s3://bucket/prefix. Used when the experiment is created; "

@@ -20,6 +20,7 @@ from tuneline.core.params import ParamsError
 from tuneline.core.tensorfile import canonicalize
 from tuneline.models.config import ModelConfig
 from tuneline.models.loading import _base_location, host_to_device, load_text_encoders, load_vae
+from tuneline.models.sdxl import FAMILY
 from tuneline.models.sdxl.text import MAX_TOKENS, conditioning_layers, encode_prompts
 from tuneline.train.config import TrainConfig
 from tuneline.train.loss import loss_weights, per_sample_mse, snr_of
@@ -78,15 +79,6 @@ def inference_scheduler_settings(prediction_type: str, zero_terminal_snr: bool) 
     return settings
 
 
-def flow_matching_settings(train_config: TrainConfig) -> list[str]:
-    """'train.flow_matching.<key>: value' for every flow-matching setting away from its default."""
-    from tuneline.train.config import FlowMatchingConfig
-
-    default = FlowMatchingConfig()
-    return [f"train.flow_matching.{key}: {value!r}" for key, value in train_config.flow_matching.model_dump().items()
-            if value != getattr(default, key)]
-
-
 class SDXLAdapter:
     """One SDXL model under training. Modules are plain torch modules until the trainer prepares them."""
 
@@ -94,11 +86,7 @@ class SDXLAdapter:
     denoiser_name = "unet"  # the module train.compile compiles
 
     def __init__(self, model_config: ModelConfig, train_config: TrainConfig, root: Path) -> None:
-        changed = flow_matching_settings(train_config)
-        if changed:
-            raise ParamsError(f"{', '.join(changed)}: train.flow_matching applies to flow-matching families "
-                              "(zimage) only; SDXL trains with the DDPM objective (see train.prediction_type and "
-                              "train.loss). Remove train.flow_matching or set it back to its defaults.")
+        FAMILY.refuse_unsupported(train_config)  # also checked before any stage computes (tuneline.preflight)
         self.model_config = model_config
         self.config = train_config
         self.root = Path(root)

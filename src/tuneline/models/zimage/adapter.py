@@ -25,6 +25,7 @@ from tuneline.core.params import ParamsError
 from tuneline.core.tensorfile import canonicalize
 from tuneline.models.loading import _base_location, load_vae, load_zimage_text_encoder, torch_dtype
 from tuneline.models.sdxl.adapter import LORA_WEIGHTS_FILE, cast_frozen, compute_dtype_name
+from tuneline.models.zimage import FAMILY
 from tuneline.models.zimage.text import MAX_SEQUENCE_LENGTH, encode_prompts
 from tuneline.models.config import ModelConfig
 from tuneline.train.config import TrainConfig
@@ -48,38 +49,6 @@ LATENT_FACTOR = 8  # Z-Image's (Flux's) VAE: latents are 1/8 of the image in eac
 EXAMPLE_CAPTION_TOKENS = 128
 
 
-def sdxl_only_settings(config: TrainConfig) -> list[str]:
-    """The train settings set away from their defaults that Z-Image has no use for, as
-    'key: value' lines: SDXL's DDPM objective, its loss weightings and its CLIP text encoders."""
-    defaults = TrainConfig()
-    found = []
-    for key in ("prediction_type", "zero_terminal_snr"):
-        if getattr(config, key) != getattr(defaults, key):
-            found.append(f"train.{key}: {getattr(config, key)!r}")
-    for key, value in config.loss.model_dump().items():
-        if value != getattr(defaults.loss, key):
-            found.append(f"train.loss.{key}: {value!r}")
-    for name in ("text_encoder_1", "text_encoder_2"):
-        for key, value in getattr(config, name).model_dump().items():
-            if value != getattr(getattr(defaults, name), key):
-                found.append(f"train.{name}.{key}: {value!r}")
-    return found
-
-
-def check_train_config(config: TrainConfig) -> None:
-    """ParamsError naming every setting the Z-Image adapter cannot honour."""
-    problems = [f"{line} (SDXL only)" for line in sdxl_only_settings(config)]
-    if config.lora.use_dora:
-        problems.append("train.lora.use_dora: True (not supported for Z-Image yet)")
-    if config.attention == "eager":
-        problems.append("train.attention: 'eager' (Z-Image uses diffusers' attention dispatch; allowed: sdpa)")
-    if problems:
-        raise ParamsError(
-            "train settings that do not apply to the Z-Image family (model.base is a Z-Image pipeline): "
-            + "; ".join(problems) + ". Z-Image trains the flow-matching velocity (configure train.flow_matching) "
-            "with its Qwen3 text encoder frozen; remove these keys or set them back to their defaults.")
-
-
 class ZImageAdapter:
     """One Z-Image model under training. Modules are plain torch modules until the trainer prepares them."""
 
@@ -88,7 +57,7 @@ class ZImageAdapter:
     denoiser_name = "transformer"  # the module train.compile compiles
 
     def __init__(self, model_config: ModelConfig, train_config: TrainConfig, root: Path) -> None:
-        check_train_config(train_config)
+        FAMILY.refuse_unsupported(train_config)  # also checked before any stage computes (tuneline.preflight)
         self.model_config = model_config
         self.config = train_config
         self.root = Path(root)

@@ -6,13 +6,14 @@ from typing import Literal, Optional
 
 from pydantic import Field
 
+from tuneline.core.fsutil import ChosenReference
 from tuneline.core.params import Section
 
 
 class CaptionConfig(Section):
     """Stage `caption`: caption every bucketed image with Florence-2, keeping sidecar captions and hand edits."""
 
-    model: str = Field(
+    model: ChosenReference = Field(
         "tiny-florence2",
         description="Florence-2 model: a hub id (e.g. florence-community/Florence-2-base), a local folder in the "
         "native transformers layout, or 'tiny-florence2' (a tiny RANDOM-weight model: its captions mean nothing).",

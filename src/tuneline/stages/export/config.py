@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal, Optional
 
 from pydantic import Field
 
+from tuneline.core.fsutil import ChosenPath, FileName
 from tuneline.core.params import Section
 
 
 class ExportConfig(Section):
     """Stage export: single files for ComfyUI / A1111 / diffusers' from_single_file."""
 
-    name: str = Field("tuneline", description="File name (without extension) and title of the exported model.")
+    name: FileName = Field(
+        "tuneline", description="File name (without extension) and title of the exported model: one file name "
+        "inside export/ (no / or \\, no NUL, not '.' or '..', no leading dot).")
     dtype: Literal["fp16", "bf16", "fp32"] = Field(
         "fp16", description="Precision of the single-file checkpoint (full fine-tunes); LoRA weights keep fp32."
     )
-    copy_to: list[Path] = Field(
+    copy_to: list[ChosenPath] = Field(
         default_factory=list,
         description="Folders (e.g. ComfyUI's models/loras or models/checkpoints) that receive a copy of the finished "
         "file, written atomically so a watching UI never loads half a file.",

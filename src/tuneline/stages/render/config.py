@@ -7,15 +7,16 @@ from typing import Literal, Optional
 from pydantic import Field, model_validator
 
 from tuneline.stages.render.samplers import SAMPLER_NAMES, SamplerName, check_karras
+from tuneline.core.fsutil import ProjectFile
 from tuneline.core.params import Section
 
 
 class RenderConfig(Section):
     """Stage render: images of the base and the trained model with the same seeds, and sheets to compare them."""
 
-    prompts_file: str = Field(
+    prompts_file: ProjectFile = Field(
         "prompts.yaml",
-        description="Prompts file (YAML or JSON, relative to the project root): a list of prompts, or "
+        description="Prompts file (YAML or JSON, relative to the project root and inside it): a list of prompts, or "
         "{defaults: {...}, prompts: [...]}; each prompt may set negative_prompt, seed, size, steps, "
         "guidance_scale, sampler, karras.",
     )
