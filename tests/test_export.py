@@ -68,7 +68,7 @@ def lora_files(tiny_dir, tmp_path_factory):
     from peft.utils import get_peft_model_state_dict
 
     from tuneline.models.sdxl.kohya_lora import export_kohya_lora
-    from tuneline.stages.export.metadata import kohya_metadata
+    from tuneline.models.sdxl.export import kohya_metadata
     from tuneline.models.sdxl.adapter import UNET_LORA_TARGETS
 
     folder = tmp_path_factory.mktemp("lora")
@@ -256,7 +256,7 @@ def original(tiny_dir):
 def test_single_file_loads_back_exactly(tiny_dir, original, tmp_path, dtype):
     from diffusers import StableDiffusionXLPipeline
 
-    from tuneline.stages.export.metadata import checkpoint_metadata
+    from tuneline.models.sdxl.export import checkpoint_metadata
     from tuneline.models.sdxl.checkpoint_file import pipeline_to_single_file
 
     metadata = checkpoint_metadata(title="tiny", date="2024-05-01T12:00:00", **PROVENANCE)

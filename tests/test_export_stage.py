@@ -234,7 +234,7 @@ def test_dora_trains_round_trips_in_diffusers_and_exports_comfyui_dora_scale(lat
     from conftest import make_trainer
     from tuneline.models.ref import resolve_model
     from tuneline.models.sdxl.kohya_lora import export_kohya_lora
-    from tuneline.stages.export.metadata import kohya_metadata
+    from tuneline.models.sdxl.export import kohya_metadata
     from tuneline.models.sdxl.sgm_unet import sgm_module_prefixes
     from tuneline.stages.render.generate import pipeline_from_training
 
