@@ -35,7 +35,7 @@ from tuneline.core.fsutil import atomic_path, atomic_write_text, digest_json, li
 from tuneline.core.report import StageReport
 from tuneline.models.base import ExportedFile, HeaderFacts
 from tuneline.models.ref import is_tiny
-from tuneline.train.config import TrainConfig
+from tuneline.train.config import LoraConfig, TrainConfig
 
 if TYPE_CHECKING:
     from tuneline.models.base import Exporter, Family
@@ -184,7 +184,7 @@ def model_card(params: Params, state: dict[str, Any], trained: TrainConfig, file
 
 
 def _export_vae(params: Params, root: Path, file: ExportedFile, facts: HeaderFacts, base_vae: bool,
-                store: Any, staging: Path, exporter: Exporter, lora: Any) -> int:
+                store: Any, staging: Path, exporter: Exporter, lora: LoraConfig) -> int:
     """Put the VAE file into `staging`, from the store when the same VAE, dtype, header and code made it
     before (the VAE is read only on a miss). 1 when it was computed, 0 when reused."""
     from tuneline.core.codeversion import code_version
