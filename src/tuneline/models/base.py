@@ -59,7 +59,7 @@ class Family:
     pipelines: tuple[str, ...]  # model_index.json `_class_name`s that are this family
     adapter: str  # the trainer adapter class (tuneline.train.adapter.Adapter)
     text_cache: str  # the latents stage's text-embedding cache class
-    exporter: str  # the export stage's writer of this family's files
+    exporter: str  # the export stage's writer of this family's files (an `Exporter`)
     rules: str  # function(params) -> list of settings this family refuses, each naming its key
     render: RenderFacts
     single_file_base: bool = False  # whether a single .safetensors base is this family
