@@ -86,12 +86,19 @@ def test_lora_export_header_card_copy_and_diffusers_load(latents_project, tmp_pa
         assert f"- `{key}`: `{header[key]}`" in card, key
     # The real client: the kohya file renders what the diffusers-format result renders.
     images = []
-    for lora in (path, tmp_path / "models/train/ema"):
+    for lora in (path, tmp_path / "models/train/ema", None):
         pipe = StableDiffusionXLPipeline.from_pretrained(resolve_model("tiny-sdxl"))
-        pipe.load_lora_weights(lora)
+        if lora is not None:
+            pipe.load_lora_weights(lora)
         images.append(pipe("alf, a thing", num_inference_steps=2, height=64, width=64, output_type="pt",
                            generator=torch.Generator().manual_seed(0)).images)
-    assert torch.allclose(images[0], images[1], atol=1e-5)
+    exported, from_training, base = images
+    assert torch.allclose(exported, from_training, atol=1e-5)
+    # ... and that is not the base image: two steps of this LoRA move the render by 0.096 at most and 0.0088
+    # on average (measured; pixels in [0, 1]), hundreds of times the tolerance above. A LoRA that exports or
+    # trains as nothing (zero up weights) renders the base and fails here.
+    change = (exported - base).abs()
+    assert change.max() > 0.05 and change.mean() > 0.004, (change.max(), change.mean())
 
 
 def test_code_provenance_outside_a_git_checkout_is_the_version_alone(tmp_path):
@@ -234,7 +241,7 @@ def test_dora_trains_round_trips_in_diffusers_and_exports_comfyui_dora_scale(lat
     from conftest import make_trainer
     from tuneline.models.ref import resolve_model
     from tuneline.models.sdxl.kohya_lora import export_kohya_lora
-    from tuneline.stages.export.metadata import kohya_metadata
+    from tuneline.models.sdxl.export import kohya_metadata
     from tuneline.models.sdxl.sgm_unet import sgm_module_prefixes
     from tuneline.stages.render.generate import pipeline_from_training
 

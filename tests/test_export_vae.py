@@ -137,7 +137,7 @@ SDXL_VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=["DownEnc
 def test_full_size_sdxl_vae_is_exactly_what_comfyui_builds_for_it():
     from diffusers import AutoencoderKL
 
-    from tuneline.models.sdxl.checkpoint_file import vae_single_file_state_dict
+    from tuneline.models.export import vae_single_file_state_dict
 
     with torch.device("meta"):  # shapes only: the full SDXL VAE without 335 MB of weights
         vae = AutoencoderKL(**SDXL_VAE_CONFIG)
@@ -154,7 +154,7 @@ def test_tiny_vae_file_has_comfyui_layout_and_diffusers_reads_it_back_exactly(tm
     from diffusers import AutoencoderKL
 
     from tuneline.models.ref import resolve_model
-    from tuneline.models.sdxl.checkpoint_file import vae_to_single_file
+    from tuneline.models.export import vae_to_single_file
 
     tiny = resolve_model("tiny-sdxl")
     vae = AutoencoderKL.from_pretrained(tiny, subfolder="vae").eval()

@@ -32,9 +32,10 @@ def render_params(project, **render):
 
 
 def prompts_of(project, params):
+    from tuneline.models.family import FAMILIES
     from tuneline.stages.render.prompts import load_prompts
 
-    return load_prompts(project.root / params.render.prompts_file, params.render)
+    return load_prompts(project.root / params.render.prompts_file, params.render, FAMILIES["sdxl"])
 
 
 @pytest.fixture(scope="module")
@@ -149,29 +150,31 @@ def tiny_scheduler_config(tmp_path_factory):
     ({"prompts": []}, r"prompts: List should have at least 1 item"),
 ])
 def test_bad_prompt_files_name_the_file_entry_and_key(tmp_path, data, expected):
+    from tuneline.models.family import FAMILIES
     from tuneline.stages.render.config import RenderConfig
     from tuneline.stages.render.prompts import load_prompts
 
     path = tmp_path / "my_prompts.yaml"
     path.write_text(yaml.safe_dump(data), "utf-8")
     with pytest.raises(ParamsError, match=expected) as error:
-        load_prompts(path, RenderConfig())
+        load_prompts(path, RenderConfig(), FAMILIES["sdxl"])
     assert str(error.value).startswith(f"{path} is invalid")
 
 
 def test_prompt_values_come_from_the_prompt_then_defaults_then_the_render_section(tmp_path):
+    from tuneline.models.family import FAMILIES
     from tuneline.stages.render.config import RenderConfig
     from tuneline.stages.render.prompts import load_prompts
 
     path = tmp_path / "p.json"
     path.write_text(json.dumps({"defaults": {"size": "128x64", "seed": 5, "sampler": "heun"},
                                 "prompts": ["a", {"prompt": "b", "height": 32, "seed": 1, "karras": True}]}))
-    a, b = load_prompts(path, RenderConfig(steps=3, guidance_scale=2.0))
+    a, b = load_prompts(path, RenderConfig(steps=3, guidance_scale=2.0), FAMILIES["sdxl"])
     assert (a.width, a.height, a.seed, a.sampler, a.karras) == (128, 64, 5, "heun", False)
     assert (a.steps, a.guidance_scale, a.negative_prompt) == (3, 2.0, "")
     assert (b.width, b.height, b.seed, b.karras, b.index) == (128, 32, 1, True, 1)
     with pytest.raises(ParamsError, match="p.json: prompts file not found"):
-        load_prompts(tmp_path / "missing/p.json", RenderConfig())
+        load_prompts(tmp_path / "missing/p.json", RenderConfig(), FAMILIES["sdxl"])
 
 
 # --- rendering ----------------------------------------------------------------------------
@@ -312,7 +315,7 @@ def test_live_evaluate_leaves_parameters_modes_and_rng_untouched(trained, tmp_pa
 def test_x0_from_a_perfect_prediction_is_the_clean_latent(prediction_type):
     from diffusers import DDPMScheduler
 
-    from tuneline.stages.render.diagnostics import predicted_x0
+    from tuneline.models.sdxl.diagnostics import predicted_x0
 
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                               prediction_type=prediction_type)
@@ -330,7 +333,7 @@ def test_x0_from_a_perfect_prediction_is_the_clean_latent(prediction_type):
 
 def test_cross_attention_heatmap_is_non_negative_normalised_and_processors_come_back(trained):
     from tuneline.models.sdxl.text import encode_prompts
-    from tuneline.stages.render.diagnostics import attention_heatmap, recording_cross_attention, token_positions
+    from tuneline.models.sdxl.diagnostics import attention_heatmap, recording_cross_attention, token_positions
 
     _, _, trainer, pipeline = trained
     positions = token_positions(pipeline.tokenizer, "alf, a red thing", "alf")
@@ -396,7 +399,7 @@ def test_render_runs_as_a_stage_of_the_cli(rendered):
 
 def test_ema_choice_is_explained(tmp_path):
     from tuneline.core.fsutil import atomic_write_json
-    from tuneline.stages.render.generate import _weights_dir
+    from tuneline.train.output import choose_weights as _weights_dir
 
     def state(enabled: bool) -> None:
         atomic_write_json(tmp_path / "trainer_state.json", {"train_config": {"ema": {"enabled": enabled}}})

@@ -98,42 +98,43 @@ def test_full_fine_tune_renders_the_trained_transformer(tmp_path):
 def test_zimage_defaults_samplers_and_sizes(tmp_path):
     from diffusers import ZImagePipeline
 
+    from tuneline.models.family import FAMILIES
     from tuneline.stages.render.config import RenderConfig
-    from tuneline.stages.render.samplers import render_family
     from tuneline.stages.render.prompts import load_prompts
 
     signature = inspect.signature(ZImagePipeline.__call__).parameters
-    family = render_family("zimage")
+    zimage, sdxl_family = FAMILIES["zimage"], FAMILIES["sdxl"]
+    family = zimage.render
     assert (family.steps, family.guidance_scale) == (signature["num_inference_steps"].default,
                                                       signature["guidance_scale"].default)
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(["a", {"prompt": "b", "steps": 3, "guidance_scale": 0.0}]), "utf-8")
     config = RenderConfig(height=32, width=48)
-    first, second = load_prompts(path, config, "zimage")
+    first, second = load_prompts(path, config, zimage)
     assert (first.steps, first.guidance_scale, second.steps, second.guidance_scale) == (50, 5.0, 3, 0.0)
-    sdxl = load_prompts(path, config, "sdxl")[0]
+    sdxl = load_prompts(path, config, sdxl_family)[0]
     assert (sdxl.steps, sdxl.guidance_scale) == (30, 6.0)  # SDXL's defaults unchanged
-    assert load_prompts(path, RenderConfig(height=32, width=48, steps=4, guidance_scale=1.5), "zimage")[0].steps == 4
+    assert load_prompts(path, RenderConfig(height=32, width=48, steps=4, guidance_scale=1.5), zimage)[0].steps == 4
     with pytest.raises(ParamsError, match="flow-match Euler"):
-        load_prompts(path, RenderConfig(sampler="dpmpp_2m", height=32, width=32), "zimage")
+        load_prompts(path, RenderConfig(sampler="dpmpp_2m", height=32, width=32), zimage)
     with pytest.raises(ParamsError, match="Karras"):
-        load_prompts(path, RenderConfig(karras=True, height=32, width=32), "zimage")
+        load_prompts(path, RenderConfig(karras=True, height=32, width=32), zimage)
     with pytest.raises(ParamsError, match="multiples of 16"):
-        load_prompts(path, RenderConfig(height=40, width=32), "zimage")
-    load_prompts(path, RenderConfig(height=40, width=32), "sdxl")  # fine for SDXL
+        load_prompts(path, RenderConfig(height=40, width=32), zimage)
+    load_prompts(path, RenderConfig(height=40, width=32), sdxl_family)  # fine for SDXL
 
 
 def test_scheduler_is_the_flow_match_euler_of_the_base():
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from tuneline.stages.render.samplers import render_family
+    from tuneline.models.family import FAMILIES
     from tuneline.stages.render.samplers import build_scheduler
 
     config = FlowMatchEulerDiscreteScheduler.load_config(tiny_zimage(), subfolder="scheduler")
-    scheduler = build_scheduler("euler", config, False, render_family("zimage"))
+    scheduler = build_scheduler("euler", config, False, FAMILIES["zimage"])
     assert type(scheduler) is FlowMatchEulerDiscreteScheduler and scheduler.config.shift == config["shift"]
     with pytest.raises(ParamsError, match="not available for zimage"):
-        build_scheduler("heun", config, False, render_family("zimage"))
+        build_scheduler("heun", config, False, FAMILIES["zimage"])
 
 
 def test_cache_keys_differ_between_families(tmp_path):
@@ -202,14 +203,15 @@ def test_a_shared_prompts_file_with_sdxl_samplers_renders_with_zimages_euler(cap
     flow-match Euler and says so; render.sampler set to an SDXL sampler is still refused (above)."""
     import logging
 
+    from tuneline.models.family import FAMILIES
     from tuneline.stages.render.config import RenderConfig
     from tuneline.stages.render.prompts import load_prompts
 
     repo = Path(__file__).resolve().parents[1]
     with caplog.at_level(logging.WARNING, logger="tuneline"):
-        prompts = load_prompts(repo / "prompts.yaml", RenderConfig(height=64, width=64), "zimage")
+        prompts = load_prompts(repo / "prompts.yaml", RenderConfig(height=64, width=64), FAMILIES["zimage"])
     assert [(p.sampler, p.karras) for p in prompts] == [("euler", False)] * 3
     warned = [r.getMessage() for r in caplog.records if "not available for zimage" in r.getMessage()]
     assert len(warned) == 2 and "dpmpp_2m with karras" in warned[0] and "euler_a" in warned[1]
-    sdxl = load_prompts(repo / "prompts.yaml", RenderConfig(height=64, width=64), "sdxl")
+    sdxl = load_prompts(repo / "prompts.yaml", RenderConfig(height=64, width=64), FAMILIES["sdxl"])
     assert [(p.sampler, p.karras) for p in sdxl] == [("euler", False), ("dpmpp_2m", True), ("euler_a", False)]

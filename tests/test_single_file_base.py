@@ -101,10 +101,10 @@ def test_single_file_base_trains(project, tmp_path, monkeypatch):
     assert summary["steps"] == 2 and summary["final_loss"] > 0
     (folder,) = converted_folders(project)
     # Render and export read the same converted folder.
-    from tuneline.stages.export.stage import _base_unet_config
+    from tuneline.models.sdxl.export import base_unet_config
     from tuneline.stages.render.generate import load_base_pipeline
 
-    assert _base_unet_config(params, project.root) == folder / "unet" / "config.json"
+    assert base_unet_config(params.model, project.root) == folder / "unet" / "config.json"
     pipeline = load_base_pipeline(params.model, project.root, "cpu", "fp32")
     assert pipeline.unet.config.sample_size == trainer.adapter.unet.config.sample_size
 

@@ -2,12 +2,16 @@
 (`TextCache`): plain data and protocols, no registry, no torch.
 
 Each family package declares one `FAMILY = Family(...)` in its `__init__`; `tuneline.models.family`
-collects them and tells which one a base model is.
+collects them and tells which one a base model is. The heavy parts a family names answer typed
+Protocols: `Renderer` (the render stage's questions) and `Exporter` (the export stage's, speaking of
+`ExportedFile` and `HeaderFacts`).
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import importlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -16,7 +20,9 @@ from tuneline.core.params import ParamsError
 
 if TYPE_CHECKING:
     from tuneline.models.config import ModelConfig
-    from tuneline.train.config import TrainConfig
+    from tuneline.train.config import LoraConfig, TrainConfig
+
+PROVENANCE_KEYS = ("data_digest", "params_digest", "code_version", "mlflow_run_id", "git_commit", "git_dirty")
 
 
 def load_object(target: str) -> Any:
@@ -56,6 +62,11 @@ class RenderFacts:
     # trained fully (None: train.mode)
     full_components: dict[str, str | None] = field(default_factory=dict)
     diagnostics: str | None = None  # None: the diagnostic sheet works; else why it is skipped
+    # A family with one sampler of its own: its scheduler class, rebuilt from the base's scheduler config
+    # whatever sampler name selects it (None: each name's scheduler from the sampler table).
+    scheduler: str | None = None
+    sampler_note: str | None = None  # added to the refusal of a sampler name the family does not take
+    karras_refusal: str | None = None  # None: Karras sigmas as the sampler allows; else why the family has none
 
 
 @dataclass(frozen=True)
@@ -84,6 +95,10 @@ class Family:
     # Advice when half-precision VAE batches overflow and are re-encoded in fp32 (None: the generic one).
     vae_overflow_hint: str | None = None
     ignored_settings: tuple[ForeignSetting, ...] = ()  # other families' settings, reported when set
+    renderer: str = ""  # the render stage's family behaviour (a `Renderer`); every family names one
+    # Stage name -> this family's modules (relative to the package, as CODE names them) that decide what the
+    # stage makes for it. The stage loads them by name, so its imports do not show them: its CODE adds these.
+    code: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def build_adapter(self, *args: Any, **kwargs: Any) -> Any:
         return load_object(self.adapter)(*args, **kwargs)
@@ -105,10 +120,11 @@ class Family:
             raise ParamsError(f"settings that do not apply to the {self.title} family (model.base is a {self.title} "
                               "model):\n" + "\n".join(f"  - {problem}" for problem in problems))
 
-    def part_file(self, part: str) -> str:
-        """The module file of a heavy part, relative to the tuneline package: what a stage's CODE names."""
-        module = getattr(self, part).split(":")[0]
-        return module.removeprefix("tuneline.").replace(".", "/") + ".py"
+    def build_exporter(self) -> Exporter:
+        return load_object(self.exporter)()
+
+    def build_renderer(self) -> Renderer:
+        return load_object(self.renderer)()
 
 
 # --- the text-embedding cache (Family.text_cache) -------------------------------------------
@@ -164,4 +180,106 @@ class TextCache(Protocol):
 
     def summary(self) -> dict[str, Any]:
         """Fields for the output folder's latents.json while the cache is on."""
+        ...
+
+
+# --- what the render and export stages ask a family --------------------------------------------------
+
+@dataclass
+class ExportedFile:
+    """One file of the export: its name, what it is, and which trained components it carries."""
+
+    name: str
+    kind: str  # "checkpoint", "lora" or "vae"
+    components: list[str]
+    description: str
+
+
+@dataclass(frozen=True)
+class HeaderFacts:
+    """What every file of one export says of the training run (the family's header adds its own keys)."""
+
+    title: str
+    data_digest: str
+    params_digest: str
+    code_version: str
+    mlflow_run_id: str | None
+    git_commit: str
+    git_dirty: bool | None
+    date: _dt.datetime | None  # when the weights were made (not when they were exported)
+    prediction_type: str
+    zero_terminal_snr: bool
+    resolution: tuple[int, int]
+    trigger_phrase: str | None
+    training_started_at: _dt.datetime | None = None
+
+    def provenance_args(self) -> dict[str, Any]:
+        """The provenance entries' arguments (tuneline.models.export.provenance_metadata)."""
+        return {key: getattr(self, key) for key in PROVENANCE_KEYS}
+
+
+class Renderer(Protocol):
+    """What rendering asks a family beyond its RenderFacts (`Family.renderer`, built with no arguments)."""
+
+    def scheduler_settings(self, prediction_type: str | None, zero_terminal_snr: bool) -> dict[str, Any]:
+        """Scheduler config entries that make the base's scheduler sample what training learned ({}: none)."""
+        ...
+
+    def pipeline_from_training(self, adapter: Any, modules: Mapping[str, Any], vae: Any = None) -> Any:
+        """The family's text-to-image pipeline sharing the live training modules (live samples)."""
+        ...
+
+    def diagnostic_rows(self, pipeline: Any, latents_dir: Path, timesteps: Sequence[int], samples: int,
+                        token: str | None, trigger_words: Mapping[str, str | None],
+                        seed: int = 0) -> tuple[list[tuple[str, list[Any]]], list[str], list[str]]:
+        """(rows of (label, tiles), column labels, warnings) of the diagnostic sheet; only asked of a
+        family whose RenderFacts.diagnostics is None."""
+        ...
+
+
+class Exporter(Protocol):
+    """What the export stage asks a family (`Family.exporter`, built with no arguments): which trained
+    parts there are, how its files are described, headed and written, and the model card lines that
+    differ between families."""
+
+    components: Mapping[str, str]  # trained part (as trained_modes names it) -> its name for people
+    vae_layout: str  # how the standalone VAE file is laid out and where it goes
+
+    def trained_modes(self, trained: TrainConfig) -> dict[str, str]:
+        """Trained part -> frozen, lora or full, as the run trained it; ValueError when it cannot export."""
+        ...
+
+    def names(self, parts: Sequence[str]) -> str:
+        """The parts' names for people, joined ("UNet and text encoder 1 ...")."""
+        ...
+
+    def checkpoint_description(self, full: Sequence[str], untouched: Sequence[str], dtype: str) -> str: ...
+
+    def lora_kind(self, lora: LoraConfig) -> str:
+        """What the LoRA file is ("kohya LoRA", ...): the model card's and report's first words of it."""
+        ...
+
+    def component_line(self, name: str, mode: str, lora: LoraConfig) -> str:
+        """The model card's line of one trained part."""
+        ...
+
+    def header(self, kind: str, facts: HeaderFacts, extra: Mapping[str, str], *, file_name: str, lora: LoraConfig,
+               description: str | None = None) -> dict[str, str]:
+        """The safetensors header of a file of `kind` (checkpoint, lora, vae)."""
+        ...
+
+    def write_checkpoint(self, pipeline_dir: Path, out: Path, dtype: str, metadata: Mapping[str, str]) -> Path: ...
+
+    def write_lora(self, lora_file: Path, out: Path, metadata: Mapping[str, str], model: ModelConfig,
+                   root: Path) -> Path: ...
+
+    def write_vae(self, state_dict: Mapping[str, Any], config: Mapping[str, Any], out: Path, dtype: str,
+                  metadata: Mapping[str, str]) -> Path: ...
+
+    def card_training(self, prediction_type: str, trained: TrainConfig, resolution: int) -> str:
+        """The model card's line of the training objective."""
+        ...
+
+    def card_use(self, files: Sequence[ExportedFile], prediction_type: str, trained: TrainConfig) -> list[str]:
+        """The model card's "Use" section: where the files go and how to load them."""
         ...

@@ -2,7 +2,9 @@
 
 - adapter: the trainer adapter (two CLIP text encoders, UNet, LoRA / DoRA / full)
 - text: prompt encoding and the latents stage's text-embedding cache
-- kohya_lora, sgm_unet, checkpoint_file: the files other tools load (kohya LoRA, single-file checkpoint)
+- export: the export stage's writer (SDXLExporter) and headers; kohya_lora, sgm_unet, checkpoint_file: the
+  files other tools load (kohya LoRA, single-file checkpoint, VAE)
+- render: live samples from the training modules, the trained scheduler settings, the diagnostic sheet
 - rules: the settings an SDXL run refuses
 
 Importing this package is instant: it only declares `FAMILY`.
@@ -26,4 +28,10 @@ FAMILY = Family(
     single_file_base=True,  # the single-file loader (tuneline.models.single_file) is SDXL's
     vae_overflow_hint="The stock SDXL VAE overflows in fp16; a fixed VAE (model.vae: madebyollin/sdxl-vae-fp16-fix) "
                       "or latents.dtype bf16/fp32 avoids the retries.",
+    renderer="tuneline.models.sdxl.render:SDXLRenderer",
+    code={"latents": ("models/sdxl/text.py",),
+          "render": ("models/sdxl/render.py", "models/sdxl/diagnostics.py", "models/sdxl/adapter.py",
+                     "models/sdxl/text.py"),
+          "export": ("models/sdxl/export.py", "models/sdxl/kohya_lora.py", "models/sdxl/sgm_unet.py",
+                     "models/sdxl/checkpoint_file.py")},
 )

@@ -24,10 +24,10 @@ from tuneline.models.sdxl import FAMILY
 from tuneline.models.sdxl.text import MAX_TOKENS, conditioning_layers, encode_prompts
 from tuneline.train.config import TrainConfig
 from tuneline.train.loss import loss_weights, per_sample_mse, snr_of
+from tuneline.train.output import LORA_FILE, PIPELINE_DIR
 
 log = logging.getLogger(__name__)
 
-LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name, which save_lora_weights writes
 
 # PEFT target modules per preset (suffix match on module names).
 UNET_LORA_TARGETS = {
@@ -321,7 +321,7 @@ class SDXLAdapter:
         if "lora" in modes:
             self._save_lora(modules, out_dir)
         if "full" in modes:
-            self._save_pipeline(modules, out_dir / "pipeline")
+            self._save_pipeline(modules, out_dir / PIPELINE_DIR)
         return out_dir
 
     def _save_lora(self, modules: dict[str, Any], out_dir: Path) -> None:
@@ -339,7 +339,7 @@ class SDXLAdapter:
                     for key, value in get_peft_model_state_dict(modules[name]).items()}
                 arguments[f"{keyword}_lora_adapter_metadata"] = self.lora_settings(name)
         StableDiffusionXLPipeline.save_lora_weights(out_dir, **arguments, safe_serialization=True)
-        canonicalize(out_dir / LORA_WEIGHTS_FILE)  # identical weights, identical bytes
+        canonicalize(out_dir / LORA_FILE)  # identical weights, identical bytes
 
     def _save_pipeline(self, modules: dict[str, Any], out_dir: Path) -> None:
         """The base pipeline with the fully trained components replaced (LoRA-only parts stay base) and

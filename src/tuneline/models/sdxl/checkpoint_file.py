@@ -11,8 +11,9 @@ Each mapping inverts what diffusers' single-file loader reads (`convert_ldm_unet
 `convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`, `convert_open_clip_checkpoint`).
 Every input tensor gets a name or the export raises: nothing is dropped silently.
 
+The VAE's ldm names come from `tuneline.models.export.ldm_vae_state_dict`, whose
 `vae_to_single_file` writes a VAE alone the way standalone VAE files are (sdxl_vae.safetensors,
-sdxl-vae-fp16-fix): the same ldm names without the `first_stage_model.` prefix, which ComfyUI's
+sdxl-vae-fp16-fix): the same names without the `first_stage_model.` prefix, which ComfyUI's
 Load VAE node and A1111's VAE folder read.
 """
 
@@ -24,44 +25,26 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from tuneline.stages.export.metadata import check_header
-from tuneline.models.sdxl.sgm_unet import UnmappedKeyError, sgm_module_prefixes, unet_key_to_sgm
+from tuneline.models.export import (
+    DTYPES,
+    UnmappedKeyError,
+    check_diffusers_round_trip,
+    check_header,
+    ldm_vae_state_dict,
+    load_component,
+)
+from tuneline.models.sdxl.sgm_unet import sgm_module_prefixes, unet_key_to_sgm
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
 OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
-DTYPES = ("fp16", "bf16", "fp32")
 
 # Buffers HF keeps in some state dicts that the ldm layout does not have (recomputed on load).
 _IGNORABLE_TEXT_KEYS = {"embeddings.position_ids"}
 
 
 # --- reading a diffusers folder -----------------------------------------------------------------
-
-def _load_component(folder: Path) -> dict[str, Any]:
-    """All tensors of one component folder: single file, sharded (index.json) or legacy .bin."""
-    from safetensors.torch import load_file
-
-    for stem in ("diffusion_pytorch_model", "model"):
-        single = folder / f"{stem}.safetensors"
-        if single.is_file():
-            return load_file(str(single))
-        index = folder / f"{stem}.safetensors.index.json"
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text("utf-8"))["weight_map"].values()))
-            tensors: dict[str, Any] = {}
-            for shard in shards:
-                tensors.update(load_file(str(folder / shard)))
-            return tensors
-        legacy = folder / f"{stem}.bin"
-        if legacy.is_file():
-            import torch
-
-            return torch.load(legacy, map_location="cpu", weights_only=True)
-    found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else "folder missing"
-    raise FileNotFoundError(f"no weights in {folder} (looked for *.safetensors, sharded index or .bin; found {found})")
-
 
 def _read_config(folder: Path) -> dict[str, Any]:
     return json.loads((folder / "config.json").read_text("utf-8"))
@@ -75,56 +58,9 @@ def unet_to_sgm(state_dict: Mapping[str, Any], unet_config: Any) -> dict[str, An
     return {UNET_PREFIX + unet_key_to_sgm(key, prefixes): value for key, value in state_dict.items()}
 
 
-_VAE_TOP = {
-    "conv_in": "conv_in", "conv_out": "conv_out", "conv_norm_out": "norm_out",
-}
-_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-_VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"}
-
-
-def _vae_key_to_ldm(key: str, num_up_blocks: int) -> str:
-    if key.split(".")[0] in ("quant_conv", "post_quant_conv"):
-        return key
-    coder, _, rest = key.partition(".")
-    if coder not in ("encoder", "decoder"):
-        raise UnmappedKeyError(f"VAE key {key!r} has no ldm name")
-    module, _, param = rest.rpartition(".")
-    if module in _VAE_TOP:
-        return f"{coder}.{_VAE_TOP[module]}.{param}"
-    patterns = (
-        (r"down_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)", lambda m: f"down.{m[1]}.block.{m[2]}.{_VAE_RESNET[m[3]]}"),
-        (r"down_blocks\.(\d+)\.downsamplers\.0\.conv", lambda m: f"down.{m[1]}.downsample.conv"),
-        (r"up_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)",
-         lambda m: f"up.{num_up_blocks - 1 - int(m[1])}.block.{m[2]}.{_VAE_RESNET[m[3]]}"),
-        (r"up_blocks\.(\d+)\.upsamplers\.0\.conv", lambda m: f"up.{num_up_blocks - 1 - int(m[1])}.upsample.conv"),
-        (r"mid_block\.resnets\.(\d+)\.(\w+)", lambda m: f"mid.block_{int(m[1]) + 1}.{_VAE_RESNET[m[2]]}"),
-        (r"mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)",
-         lambda m: f"mid.attn_1.{_VAE_ATTENTION[m[1]]}"),
-    )
-    wrong_side = "up_blocks" if coder == "encoder" else "down_blocks"
-    for pattern, build in patterns:
-        match = re.fullmatch(pattern, module)
-        if match is None:
-            continue
-        if module.startswith(wrong_side):
-            break
-        try:
-            return f"{coder}.{build(match)}.{param}"
-        except KeyError:
-            break
-    raise UnmappedKeyError(f"VAE key {key!r} has no ldm name")
-
-
 def vae_to_ldm(state_dict: Mapping[str, Any], vae_config: Mapping[str, Any]) -> dict[str, Any]:
     """diffusers AutoencoderKL tensors -> `first_stage_model.*`; mid attention weights as 1x1 convs."""
-    num_up = len(vae_config["up_block_types"])
-    out = {}
-    for key, value in state_dict.items():
-        ldm = _vae_key_to_ldm(key, num_up)
-        if ".mid.attn_1." in ldm and ldm.endswith(".weight") and value.ndim == 2:
-            value = value[:, :, None, None]  # ldm's attention uses Conv2d(1x1); loaders squeeze it back
-        out[VAE_PREFIX + ldm] = value
-    return out
+    return {VAE_PREFIX + key: value for key, value in ldm_vae_state_dict(state_dict, vae_config).items()}
 
 
 def _text_model_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -217,7 +153,7 @@ def prediction_markers(scheduler_config: Mapping[str, Any]) -> dict[str, Any]:
 def pipeline_state_dicts(pipeline_dir: Path) -> dict[str, dict[str, Any]]:
     """The four weight sets of an SDXL diffusers folder, read from disk without building models."""
     pipeline_dir = Path(pipeline_dir)
-    return {name: _load_component(pipeline_dir / name) for name in ("unet", "vae", "text_encoder", "text_encoder_2")}
+    return {name: load_component(pipeline_dir / name) for name in ("unet", "vae", "text_encoder", "text_encoder_2")}
 
 
 def sdxl_to_single_file_state_dict(pipeline_dir: Path) -> dict[str, Any]:
@@ -256,17 +192,7 @@ def _check_against_diffusers_loader(
 
     for name, back in (("unet", convert_ldm_unet_checkpoint(dict(checkpoint), unet_config)),
                        ("vae", convert_ldm_vae_checkpoint(dict(checkpoint), vae_config))):
-        _check_round_trip(name, weights[name], back)
-
-
-def _check_round_trip(name: str, original: Mapping[str, Any], back: Mapping[str, Any]) -> None:
-    missing = original.keys() - back.keys()
-    extra = back.keys() - original.keys()
-    wrong = [k for k in original.keys() & back.keys() if back[k] is not None and back[k].shape != original[k].shape]
-    if missing or extra or wrong:
-        raise UnmappedKeyError(
-            f"{name}: diffusers' single-file loader would not read this export back "
-            f"(missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}, wrong shape {wrong[:3]})")
+        check_diffusers_round_trip(name, weights[name], back)
 
 
 def pipeline_to_single_file(
@@ -278,7 +204,7 @@ def pipeline_to_single_file(
     """Write `pipeline_dir` (a diffusers SDXL folder) as ONE .safetensors checkpoint in the SGM layout.
 
     Floating tensors are cast to `dtype`; the file is written atomically with `metadata`
-    (strings only: see `tuneline.stages.export.metadata.checkpoint_metadata`).
+    (strings only: see `tuneline.models.sdxl.export.checkpoint_metadata`).
     """
     import torch
 
@@ -292,43 +218,6 @@ def pipeline_to_single_file(
         key: (value.to(target) if value.is_floating_point() else value).contiguous()
         for key, value in sdxl_to_single_file_state_dict(pipeline_dir).items()
     }
-    out_path = Path(out_path)
-    save_tensors(tensors, out_path, header)
-    return out_path
-
-
-# --- a VAE alone --------------------------------------------------------------------------------
-
-def vae_single_file_state_dict(state_dict: Mapping[str, Any], vae_config: Mapping[str, Any]) -> dict[str, Any]:
-    """An AutoencoderKL's tensors as a standalone VAE file holds them: ldm names (`encoder.down.0.block.0.
-    norm1.weight`, `decoder.mid.attn_1.q.weight` as a 1x1 conv, `quant_conv.*`) with no `first_stage_model.`
-    prefix. Checked against diffusers' single-file VAE loader, which must give back every key and shape."""
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
-    tensors = {key.removeprefix(VAE_PREFIX): value for key, value in vae_to_ldm(state_dict, vae_config).items()}
-    _check_round_trip("vae", state_dict, convert_ldm_vae_checkpoint(dict(tensors), dict(vae_config)))
-    return tensors
-
-
-def vae_to_single_file(
-    state_dict: Mapping[str, Any],
-    vae_config: Mapping[str, Any],
-    out_path: Path,
-    dtype: Literal["fp16", "bf16", "fp32"] = "fp16",
-    metadata: Mapping[str, str] | None = None,
-) -> Path:
-    """Write an AutoencoderKL (its state dict and config) as ONE standalone .safetensors VAE in the ldm
-    layout; floating tensors cast to `dtype`, written atomically with `metadata` and a canonical header."""
-    import torch
-
-    from tuneline.core.tensorfile import save_tensors
-
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}; expected one of {DTYPES}")
-    header = check_header(metadata)
-    target = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    tensors = {key: (value.to(target) if value.is_floating_point() else value).contiguous()
-               for key, value in vae_single_file_state_dict(state_dict, vae_config).items()}
     out_path = Path(out_path)
     save_tensors(tensors, out_path, header)
     return out_path

@@ -25,20 +25,23 @@ alpha written per module is the one that keeps the effective weight identical.
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tuneline.stages.export.metadata import check_header
-from tuneline.models.sdxl.sgm_unet import UnmappedKeyError, sgm_module_prefixes, unet_module_to_sgm
+from tuneline.models.export import (
+    UnmappedKeyError,
+    check_header,
+    lora_alpha_settings,
+    module_alpha,
+    read_diffusers_lora,
+)
+from tuneline.models.sdxl.sgm_unet import sgm_module_prefixes, unet_module_to_sgm
 
 COMPONENT_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale")
 _PEFT_PARTS = {"lora_A": "down", "lora_B": "up"}
-DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 # Text encoder modules that live under CLIP's `text_model.` (transformers 5 dropped that
 # prefix from CLIPTextModel, CLIPTextModelWithProjection keeps it; kohya always has it).
 _TEXT_MODEL_CHILDREN = ("encoder.", "embeddings.", "final_layer_norm")
@@ -68,48 +71,6 @@ def kohya_module_name(component: str, module: str, unet_prefixes: Mapping[str, t
     else:
         path = _text_module_name(module)
     return COMPONENT_PREFIXES[component] + path.replace(".", "_")
-
-
-def _component_alpha_settings(alphas: Any, component: str) -> dict[str, Any] | None:
-    """Normalise `alphas` to PEFT-like settings for one component: lora_alpha, r, alpha_pattern, use_rslora."""
-    if isinstance(alphas, (tuple, list)):
-        rank, alpha = alphas
-        return {"r": int(rank), "lora_alpha": float(alpha), "strict_rank": True}
-    if not isinstance(alphas, Mapping):
-        raise TypeError("alphas must be (rank, alpha) or a mapping per component (unet, text_encoder, text_encoder_2)")
-    if component in alphas:
-        value = alphas[component]
-        if isinstance(value, (int, float)):
-            return {"lora_alpha": float(value)}
-        if isinstance(value, Mapping):
-            return dict(value)
-        raise TypeError(f"alphas[{component!r}] must be a number or a mapping, got {type(value).__name__}")
-    # The flat form diffusers writes in the file header: "unet.lora_alpha", "unet.r", ...
-    flat = {key.partition(".")[2]: value for key, value in alphas.items() if key.startswith(f"{component}.")}
-    return flat or None
-
-
-def _pattern_value(patterns: Mapping[str, Any] | None, module: str) -> Any:
-    # PEFT's get_pattern_key: a pattern matches a module name's tail on a dot boundary.
-    for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
-    return None
-
-
-def _kohya_alpha(settings: dict[str, Any], module: str, rank: int, explicit: float | None, key: str) -> float:
-    if explicit is not None:  # a per-module `.alpha` in the source (network_alphas style)
-        return float(explicit)
-    if settings.get("strict_rank") and rank != settings["r"]:
-        raise ValueError(f"{key}: rank {rank} in the weights but alphas says rank {settings['r']}")
-    alpha = _pattern_value(settings.get("alpha_pattern"), module)
-    alpha = settings.get("lora_alpha") if alpha is None else alpha
-    if alpha is None:
-        raise ValueError(f"no lora_alpha for {key}: pass alphas explicitly (the file has no adapter metadata)")
-    alpha = float(alpha)
-    if settings.get("use_rslora"):
-        alpha *= math.sqrt(rank)  # PEFT scale alpha/sqrt(r) == kohya scale (alpha*sqrt(r))/r
-    return alpha
 
 
 def diffusers_lora_to_kohya(state_dict: Mapping[str, Any], alphas: Any, unet_config: Any) -> dict[str, Any]:
@@ -160,8 +121,8 @@ def diffusers_lora_to_kohya(state_dict: Mapping[str, Any], alphas: Any, unet_con
         if up.shape[1] != rank:
             raise ValueError(f"{key}: lora_A rank {rank} does not match lora_B shape {tuple(up.shape)}")
         if component not in settings_cache:
-            settings_cache[component] = _component_alpha_settings(alphas, component) or {}
-        alpha = _kohya_alpha(settings_cache[component], module, rank, explicit_alphas.get((component, module)), key)
+            settings_cache[component] = lora_alpha_settings(alphas, component) or {}
+        alpha = module_alpha(settings_cache[component], module, rank, explicit_alphas.get((component, module)), key)
         name = kohya_module_name(component, module, prefixes)
         if f"{name}.lora_down.weight" in out:
             raise ValueError(f"two LoRA modules map to the kohya name {name!r}")
@@ -201,30 +162,6 @@ def save_kohya_lora(path: Path, tensors: Mapping[str, Any], metadata: Mapping[st
     path = Path(path)
     save_tensors({k: v.contiguous() for k, v in tensors.items()}, path, header)
     return path
-
-
-def read_diffusers_lora(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """(state dict, adapter settings per component or None) of a diffusers LoRA file or its folder.
-
-    The settings come from the `lora_adapter_metadata` header that `save_lora_weights` writes
-    when given `*_lora_adapter_metadata`; without it the file does not say its alpha.
-    """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / DIFFUSERS_LORA_FILE
-    with safe_open(str(path), framework="pt") as handle:
-        header = handle.metadata() or {}
-    raw = header.get("lora_adapter_metadata")
-    settings: dict[str, Any] | None = None
-    if raw:
-        settings = {}
-        for key, value in json.loads(raw).items():
-            component, _, field = key.partition(".")
-            settings.setdefault(component, {})[field] = value
-    return load_file(str(path)), settings
 
 
 def export_kohya_lora(

@@ -21,6 +21,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from tuneline.models.export import UnmappedKeyError
+
 # Resnet children: diffusers name -> SGM name (inverse of update_unet_resnet_ldm_to_diffusers).
 RESNET_CHILDREN = {
     "norm1": "in_layers.0",
@@ -46,13 +48,6 @@ _ATTENTION_CHILD = re.compile(
     r"norm|proj_in|proj_out|transformer_blocks\.\d+\."
     r"(norm[123]|attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
 )
-
-
-class UnmappedKeyError(KeyError):
-    """A weight name the target layout has no place for: exporting it would silently drop it."""
-
-    def __str__(self) -> str:  # KeyError repr()s its message; keep it readable
-        return str(self.args[0]) if self.args else ""
 
 
 def load_unet_config(config: Any) -> dict[str, Any]:

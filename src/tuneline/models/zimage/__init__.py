@@ -2,7 +2,8 @@
 
 - adapter: the trainer adapter (transformer LoRA / full, flow-matching loss)
 - text: the Qwen3 prompt encoding and the latents stage's text-embedding cache
-- export: the LoRA and diffusion-model files in the layouts ComfyUI loads
+- export: the LoRA and diffusion-model files in the layouts ComfyUI loads (ZImageExporter)
+- render: live samples from the training modules (its flow-match Euler, no diagnostic sheet)
 - rules: the settings a Z-Image run refuses (SDXL-only keys)
 
 Importing this package is instant: it only declares `FAMILY`.
@@ -24,7 +25,14 @@ FAMILY = Family(
         full_components={"transformer": None, "text_encoder": "text_encoder_1"},
         diagnostics="Z-Image has no diagnostic sheet: the sheet shows the UNet's cross-attention to the trigger "
                     "word (and its x_t / x0 columns use SDXL's DDPM noise schedule); Z-Image's single-stream "
-                    "transformer has no cross-attention"),
+                    "transformer has no cross-attention",
+        scheduler="FlowMatchEulerDiscreteScheduler",
+        sampler_note="Z-Image renders with its own flow-match Euler, FlowMatchEulerDiscreteScheduler, named euler",
+        karras_refusal="karras: Z-Image's flow-match Euler takes its sigmas from the shift of its scheduler; "
+                       "Karras sigmas are an SDXL sampler option (set karras: false)"),
+    renderer="tuneline.models.zimage.render:ZImageRenderer",
+    code={"latents": ("models/zimage/text.py",), "render": ("models/zimage/render.py",),
+          "export": ("models/zimage/export.py",)},
     ignored_settings=(
         ForeignSetting("train.text_encoder_2.mode",
                        "{key} is {value!r}, but Z-Image has one text encoder (Qwen3, train.text_encoder_1); SDXL's "

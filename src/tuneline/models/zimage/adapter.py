@@ -24,11 +24,12 @@ from tuneline.core.logs import quiet_libraries
 from tuneline.core.params import ParamsError
 from tuneline.core.tensorfile import canonicalize
 from tuneline.models.loading import _base_location, load_vae, load_zimage_text_encoder, torch_dtype
-from tuneline.models.sdxl.adapter import LORA_WEIGHTS_FILE, cast_frozen, compute_dtype_name
+from tuneline.models.sdxl.adapter import cast_frozen, compute_dtype_name
 from tuneline.models.zimage import FAMILY
 from tuneline.models.zimage.text import MAX_SEQUENCE_LENGTH, encode_prompts
 from tuneline.models.config import ModelConfig
 from tuneline.train.config import TrainConfig
+from tuneline.train.output import LORA_FILE, PIPELINE_DIR
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +230,7 @@ class ZImageAdapter:
         if self.config.mode == "lora":
             self._save_lora(modules, out_dir)
         else:
-            self._save_pipeline(modules, out_dir / "pipeline")
+            self._save_pipeline(modules, out_dir / PIPELINE_DIR)
         return out_dir
 
     def _save_lora(self, modules: dict[str, Any], out_dir: Path) -> None:
@@ -239,7 +240,7 @@ class ZImageAdapter:
         ZImagePipeline.save_lora_weights(
             out_dir, transformer_lora_layers=get_peft_model_state_dict(modules["transformer"]),
             transformer_lora_adapter_metadata=self.lora_settings(), safe_serialization=True)
-        canonicalize(out_dir / LORA_WEIGHTS_FILE)  # identical weights, identical bytes
+        canonicalize(out_dir / LORA_FILE)  # identical weights, identical bytes
 
     def _save_pipeline(self, modules: dict[str, Any], out_dir: Path) -> None:
         """The base pipeline with the trained transformer (and model.vae, the VAE the latents were made with)."""

@@ -34,13 +34,27 @@ our inverse and with diffusers' `convert_z_image_transformer_checkpoint_to_diffu
 
 from __future__ import annotations
 
+import datetime as _dt
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tuneline.stages.export.metadata import check_header
-from tuneline.models.sdxl.sgm_unet import UnmappedKeyError
+from tuneline.models.base import ExportedFile, HeaderFacts
+from tuneline.models.export import (
+    DTYPES,
+    UnmappedKeyError,
+    check_header,
+    header_metadata,
+    load_component,
+    lora_alpha_settings,
+    module_alpha,
+    read_diffusers_lora,
+)
+
+if TYPE_CHECKING:
+    from tuneline.models.config import ModelConfig
+    from tuneline.train.config import LoraConfig, TrainConfig
 
 LORA_PREFIX = "diffusion_model."
 BLOCKS = ("layers", "noise_refiner", "context_refiner")
@@ -155,14 +169,13 @@ def transformer_to_single_file(transformer_dir: Path, out_path: Path, dtype: str
     import torch
 
     from tuneline.core.tensorfile import save_tensors
-    from tuneline.models.sdxl.checkpoint_file import DTYPES, _load_component
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; expected one of {DTYPES}")
     header = check_header(metadata)
     transformer_dir = Path(transformer_dir)
     config = json.loads((transformer_dir / "config.json").read_text("utf-8"))
-    weights = _load_component(transformer_dir)
+    weights = load_component(transformer_dir)
     converted = transformer_to_comfy(weights, config)
     _check_round_trip(weights, comfy_to_transformer(converted, config))
     # and diffusers' own reader of the original layout (ZImageTransformer2DModel.from_single_file)
@@ -184,9 +197,7 @@ def diffusers_lora_to_comfy(state_dict: Mapping[str, Any], alphas: Any) -> dict[
     the file's adapter settings, alpha_pattern and rsLoRA included)."""
     import torch
 
-    from tuneline.models.sdxl.kohya_lora import _component_alpha_settings, _kohya_alpha
-
-    settings = _component_alpha_settings(alphas, "transformer") or {}
+    settings = lora_alpha_settings(alphas, "transformer") or {}
     pairs: dict[str, dict[str, Any]] = {}
     for key, tensor in state_dict.items():
         component, _, rest = key.partition(".")
@@ -208,7 +219,7 @@ def diffusers_lora_to_comfy(state_dict: Mapping[str, Any], alphas: Any) -> dict[
         rank = down.shape[0]
         if up.shape[1] != rank:
             raise ValueError(f"transformer.{module}: lora_A rank {rank} does not match lora_B {tuple(up.shape)}")
-        alpha = _kohya_alpha(settings, module, rank, None, f"transformer.{module}")
+        alpha = module_alpha(settings, module, rank, None, f"transformer.{module}")
         out[f"{LORA_PREFIX}{module}.lora_A.weight"] = down.detach().contiguous()
         out[f"{LORA_PREFIX}{module}.lora_B.weight"] = up.detach().contiguous()
         out[f"{LORA_PREFIX}{module}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
@@ -225,7 +236,6 @@ def network_dim_and_alpha(tensors: Mapping[str, Any]) -> tuple[str, str]:
 def export_zimage_lora(diffusers_lora: Path, out_path: Path, metadata: Mapping[str, str], alphas: Any = None) -> Path:
     """Read the training's diffusers LoRA (file or folder), convert it and write the ComfyUI file."""
     from tuneline.core.tensorfile import save_tensors
-    from tuneline.models.sdxl.kohya_lora import read_diffusers_lora
 
     state_dict, settings = read_diffusers_lora(diffusers_lora)
     alphas = alphas if alphas is not None else settings
@@ -235,3 +245,106 @@ def export_zimage_lora(diffusers_lora: Path, out_path: Path, metadata: Mapping[s
     rank, alpha = network_dim_and_alpha(tensors)
     header = check_header({**dict(metadata), "ss_network_dim": rank, "ss_network_alpha": alpha})
     return save_tensors(tensors, Path(out_path), header)
+
+
+# --- headers ------------------------------------------------------------------------------------
+
+# Z-Image's modelspec names, as kohya's musubi-tuner writes them (utils/sai_model_spec.py: ARCH_Z_IMAGE,
+# IMPL_Z_IMAGE; a LoRA adds "/lora"); flow matching has no modelspec.prediction_type there.
+ZIMAGE_ARCHITECTURE = "Z-Image"
+ZIMAGE_IMPLEMENTATION = "https://github.com/Tongyi-MAI/Z-Image"
+
+
+def zimage_metadata(
+    *,
+    kind: str,
+    title: str,
+    data_digest: str,
+    params_digest: str,
+    code_version: str,
+    mlflow_run_id: str | None = None,
+    git_commit: str = "unknown",
+    git_dirty: bool | None = None,
+    resolution: tuple[int, int] = (1024, 1024),
+    trigger_phrase: str | None = None,
+    date: _dt.datetime | str | None = None,
+    description: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
+    """Header of a Z-Image export (`kind`: checkpoint, lora or vae): `modelspec.*` 1.0.1 with the
+    architecture `Z-Image` (`Z-Image/lora`, `Z-Image/vae`) and Z-Image's implementation, no prediction
+    type (flow matching), the same provenance as the SDXL files, and `extra`."""
+    suffix = {"checkpoint": "", "lora": "/lora", "vae": "/vae"}[kind]
+    return header_metadata(
+        architecture=ZIMAGE_ARCHITECTURE + suffix, implementation=ZIMAGE_IMPLEMENTATION, title=title,
+        data_digest=data_digest, params_digest=params_digest, code_version=code_version, mlflow_run_id=mlflow_run_id,
+        git_commit=git_commit, git_dirty=git_dirty, prediction_type=None, zero_terminal_snr=None,
+        resolution=resolution, trigger_phrase=None if kind == "vae" else trigger_phrase,
+        date=None if kind == "vae" else date, extra=extra, description=description)
+
+
+# --- the exporter -------------------------------------------------------------------------------
+
+COMPONENTS = {"transformer": "transformer (Z-Image DiT)"}
+
+
+class ZImageExporter:
+    """The export stage's questions, answered for Z-Image (the `Exporter` Protocol of tuneline.models.base):
+    the transformer's LoRA in ComfyUI's keys, the full fine-tune as the transformer alone, the 16-channel
+    VAE in the layout of its `ae.safetensors`."""
+
+    components = COMPONENTS
+    vae_layout = "the 16-channel Flux/Z-Image VAE in the layout of its `ae.safetensors`: ComfyUI `models/vae`"
+
+    def trained_modes(self, trained: TrainConfig) -> dict[str, str]:
+        """A run that trained its Qwen3 text encoder has no export (ValueError)."""
+        if trained.text_encoder_1.mode != "frozen" or trained.text_encoder_2.mode != "frozen":
+            raise ValueError("export: this Z-Image run trained its text encoder; only the transformer (LoRA or "
+                             "full) exports for Z-Image so far")
+        return {"transformer": trained.mode}
+
+    def names(self, parts: Sequence[str]) -> str:
+        return " and ".join(COMPONENTS[p] for p in parts)
+
+    def checkpoint_description(self, full: Sequence[str], untouched: Sequence[str], dtype: str) -> str:
+        return (f"single-file Z-Image diffusion model ({dtype}): the fully trained transformer alone in "
+                "ComfyUI's Z-Image layout (models/diffusion_models)")
+
+    def lora_kind(self, lora: LoraConfig) -> str:
+        return "Z-Image LoRA (`diffusion_model.` keys: ComfyUI, diffusers' load_lora_weights)"
+
+    def component_line(self, name: str, mode: str, lora: LoraConfig) -> str:
+        if mode != "lora":
+            return f"- {COMPONENTS[name]}: {mode}"
+        return f"- {COMPONENTS[name]}: {'DoRA' if lora.use_dora else 'LoRA'} rank {lora.rank}, alpha {lora.alpha}"
+
+    def header(self, kind: str, facts: HeaderFacts, extra: Mapping[str, str], *, file_name: str, lora: LoraConfig,
+               description: str | None = None) -> dict[str, str]:
+        return zimage_metadata(kind=kind, title=facts.title, resolution=facts.resolution,
+                               trigger_phrase=facts.trigger_phrase, date=facts.date, description=description,
+                               extra=extra, **facts.provenance_args())
+
+    def write_checkpoint(self, pipeline_dir: Path, out: Path, dtype: str, metadata: Mapping[str, str]) -> Path:
+        return transformer_to_single_file(Path(pipeline_dir) / "transformer", out, dtype, metadata)
+
+    def write_lora(self, lora_file: Path, out: Path, metadata: Mapping[str, str], model: ModelConfig,
+                   root: Path) -> Path:
+        return export_zimage_lora(lora_file, out, metadata)
+
+    def write_vae(self, state_dict: Mapping[str, Any], config: Mapping[str, Any], out: Path, dtype: str,
+                  metadata: Mapping[str, str]) -> Path:
+        # The Flux-lineage VAE keeps the ldm layout of SD's (16 latent channels, no quant convs).
+        from tuneline.models.export import vae_to_single_file
+
+        return vae_to_single_file(state_dict, config, out, dtype, metadata)
+
+    def card_training(self, prediction_type: str, trained: TrainConfig, resolution: int) -> str:
+        return f"- flow matching (velocity noise - x0), resolution {resolution}"
+
+    def card_use(self, files: Sequence[ExportedFile], prediction_type: str, trained: TrainConfig) -> list[str]:
+        return ["## Use", "", "ComfyUI: the diffusion model goes into `models/diffusion_models` (Load Diffusion Model; "
+                "the Qwen3 text encoder and the VAE are separate files, CLIP type `lumina2`), LoRAs into "
+                "`models/loras`" + (", the VAE into `models/vae`." if any(f.kind == "vae" for f in files) else "."),
+                "diffusers: `ZImagePipeline.from_pretrained(base)` then `pipe.load_lora_weights(path)`; a full "
+                "fine-tune: the `diffusers/pipeline` folder (`ZImagePipeline.from_pretrained`).",
+                "Guidance follows ZImagePipeline's convention: 0 turns it off; g > 0 gives pos + g*(pos - neg)."]

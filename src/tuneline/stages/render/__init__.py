@@ -1,20 +1,24 @@
 """Stage `render`: sample images from the base and the trained model, and sheets to judge them.
 
 - prompts: the prompts file (YAML/JSON), validated with pydantic
-- samplers: sampler names -> diffusers schedulers (Z-Image: its flow-match Euler only), and the
-  model families' render facts (pipelines, denoiser, defaults)
+- samplers: sampler names -> diffusers schedulers, and which a family takes (its render facts)
 - generate: pipelines, rendering, and live evaluation during training
-- sheets: the contact sheet (prompts x checkpoints)
+- sheets: the contact sheet (prompts x checkpoints) and the diagnostic sheet's grid
 - transfer: image-to-image from one data set into another's trigger word
-- diagnostics: x_t / x0 prediction / cross-attention sheet
 - stage: the stage function
 
-Importing this package is instant: torch and diffusers load inside the functions that need them.
+What differs between model families comes from the family (tuneline.models.family): its render
+facts (pipelines, samplers, defaults) and its renderer (live pipeline, trained scheduler settings,
+diagnostic sheet). Importing this package is instant: torch and diffusers load inside the functions
+that need them.
 """
 
-# The modules that decide a rendered image (tuneline.core.codeversion); dvc.yaml declares them.
+from tuneline.models.family import FAMILIES
+
+# The modules that decide a rendered image (tuneline.core.codeversion); dvc.yaml declares them. The
+# families' renderers are loaded by name: each family lists its modules (Family.code["render"]).
 CODE = ("stages/render/stage.py", "stages/render/generate.py", "stages/render/prompts.py",
         "stages/render/samplers.py", "stages/render/sheets.py", "stages/render/transfer.py",
-        "stages/render/diagnostics.py", "models/sdxl/adapter.py", "models/loading.py", "models/sdxl/text.py",
-        "stages/render/cache.py", "models/single_file.py", "models/ref.py",
-        "models/family.py", "train/loss.py", "core/tensorfile.py", "models/base.py")
+        "stages/render/cache.py", "models/loading.py", "models/single_file.py", "models/ref.py",
+        "models/family.py", "models/base.py", "train/output.py", "train/loss.py", "core/tensorfile.py",
+        *(path for family in FAMILIES.values() for path in family.code.get("render", ())))

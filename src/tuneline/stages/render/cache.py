@@ -1,7 +1,7 @@
 """Rendered images cached per image in the item store (`<store_dir>/render/`).
 
-An image's key is what decides its pixels: the model family's pipeline class (an SDXL and a
-Z-Image render never share an entry, whatever else matches), the content identity of the
+An image's key is what decides its pixels: the model family's pipeline class (renders of two
+families never share an entry, whatever else matches), the content identity of the
 weights (the base model; for trained images also the trained files, LoRA scale and EMA choice), the resolved
 prompt entry (prompt, negative prompt, seed, size, steps, guidance, sampler, Karras), the
 device type and dtype, and the render code's version. Unchanged weights and prompts render

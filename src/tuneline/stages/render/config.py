@@ -35,14 +35,14 @@ class RenderConfig(Section):
     seed: int = Field(0, description="Seed of a prompt that sets none: seed + the prompt's index.")
     steps: Optional[int] = Field(
         None, ge=1, description="Inference steps of a prompt that sets none; null: the model family's default "
-        "(SDXL 30; Z-Image 50, ZImagePipeline's).")
+        "(its pipeline's own).")
     guidance_scale: Optional[float] = Field(
         None, ge=0, description="Classifier-free guidance scale of a prompt that sets none; null: the family's "
-        "default (SDXL 6.0; Z-Image 5.0, ZImagePipeline's). Z-Image's convention: 0 turns guidance off, g > 0 "
-        "gives pos + g*(pos - neg) (SDXL's g is Z-Image's g - 1).")
+        "default. Each family keeps its pipeline's convention (a flow-matching pipeline may read 0 as guidance "
+        "off and g > 0 as pos + g*(pos - neg), where g - 1 is the classic scale).")
     sampler: SamplerName = Field(
-        "euler", description=f"Sampler of a prompt that sets none: {', '.join(SAMPLER_NAMES)}. Z-Image renders with "
-        "its own flow-match Euler only (euler); other names are refused for it."
+        "euler", description=f"Sampler of a prompt that sets none: {', '.join(SAMPLER_NAMES)}. A family with a "
+        "sampler of its own takes its name only (euler) and refuses the others."
     )
     karras: bool = Field(
         False, description="Karras sigmas for samplers that support them (not euler_a, ddim)."

@@ -14,19 +14,19 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from tuneline.core.fsutil import atomic_path
 from tuneline.core.logs import quiet_libraries
 from tuneline.models.config import ModelConfig
-from tuneline.core.fsutil import atomic_path
 from tuneline.stages.render.prompts import RenderPrompt
+from tuneline.train.output import LORA_FILE, PIPELINE_DIR, choose_weights, read_trainer_state
+
+if TYPE_CHECKING:
+    from tuneline.models.base import Family
 
 log = logging.getLogger(__name__)
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
-PIPELINE_DIR = "pipeline"
-EMA_DIR = "ema"  # optional: models/train/ema/, the EMA weights in the same layout, when saved apart
-LIVE_DIR = "live"  # renders/live/step_NNNNNN/<i>.png (or models/train/live/...)
 WEIGHTS_RECORD = "weights.json"  # renders/final/weights.json: which trained weights the final images show
 ADAPTER_NAME = "trained"
 
@@ -40,15 +40,14 @@ def save_png(image: Any, path: Path) -> Path:
 
 
 def load_base_pipeline(model_config: ModelConfig, root: Path | None, device: str = "auto", dtype: str = "auto",
-                       family: str | None = None) -> Any:
+                       family: Family | None = None) -> Any:
     """The base pipeline of `model_config` (model.vae swapped in when set), on `device`: the family's
-    text-to-image pipeline (StableDiffusionXLPipeline, ZImagePipeline); `family` None detects it."""
+    text-to-image pipeline (RenderFacts.pipeline); `family` None detects it."""
     quiet_libraries()  # before the import: it warns while importing
     import diffusers
 
+    from tuneline.models.family import family_of
     from tuneline.models.loading import _base_location, load_vae, resolve_device, resolve_dtype, torch_dtype
-    from tuneline.models.family import detect_family
-    from tuneline.stages.render.samplers import render_family
 
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -58,7 +57,7 @@ def load_base_pipeline(model_config: ModelConfig, root: Path | None, device: str
         kwargs["revision"] = model_config.revision
     if model_config.vae:
         kwargs["vae"] = load_vae(model_config, root, dtype, device)
-    spec = render_family(family or detect_family(model_config, root))
+    spec = (family or family_of(model_config, root)).render
     pipeline = getattr(diffusers, spec.pipeline).from_pretrained(base, dtype=torch_dtype(dtype), **kwargs)
     if device != "cpu":  # loaded on the CPU; moving there again only makes diffusers warn
         with _quiet_diffusers():
@@ -67,37 +66,15 @@ def load_base_pipeline(model_config: ModelConfig, root: Path | None, device: str
     return pipeline
 
 
-def trainer_state(trained_dir: Path) -> dict[str, Any]:
-    path = Path(trained_dir) / "trainer_state.json"
-    return json.loads(path.read_text("utf-8")) if path.is_file() else {}
+def family_of_pipeline(pipeline: Any) -> Family:
+    """The family of a built pipeline (by its class: text-to-image or image-to-image)."""
+    from tuneline.models.family import FAMILIES
 
-
-def _weights_dir(trained_dir: Path, use_ema: bool, notes: list[str]) -> Path:
-    """Where the weights to render are: models/train, or models/train/ema when asked and present."""
-    trained_dir = Path(trained_dir)
-    ema_enabled = bool(trainer_state(trained_dir).get("train_config", {}).get("ema", {}).get("enabled"))
-    separate = trained_dir / EMA_DIR
-    if use_ema:
-        if separate.is_dir():
-            return separate
-        if not ema_enabled:
-            notes.append("render.use_ema is on but the run kept no EMA weights (train.ema.enabled was off): "
-                         "rendering the trained weights")
-    elif ema_enabled and not separate.is_dir():
-        notes.append("train.ema.enabled was on: the trainer's result holds the EMA weights, so those are rendered "
-                     "(render.use_ema: false has no raw weights to choose)")
-    return trained_dir
-
-
-def weights_identity(weights_dir: Path, root: Path | None = None) -> str:
-    """Digest of the trained weights in `weights_dir` (its LoRA file and full pipeline folder): names
-    exactly what a sample was rendered from and what export ships (file digests are cached by stat)."""
-    from tuneline.core.fsutil import digest_json
-    from tuneline.models.ref import model_identity
-
-    weights_dir = Path(weights_dir)
-    return digest_json({name: model_identity(str(weights_dir / name), root=root)
-                        for name in (LORA_FILE, PIPELINE_DIR) if (weights_dir / name).exists()})
+    name = type(pipeline).__name__
+    for family in FAMILIES.values():
+        if name in (family.render.pipeline, family.render.img2img):
+            return family
+    raise KeyError(f"{name} is no pipeline of a known family ({', '.join(FAMILIES)})")
 
 
 @dataclass
@@ -125,18 +102,16 @@ def _quiet_diffusers() -> Iterator[None]:
 def apply_trained(pipeline: Any, trained_dir: Path, lora_scale: float = 1.0, use_ema: bool = False) -> Applied:
     """Put the trained result on `pipeline`: full components from <dir>/pipeline, then the LoRA at `lora_scale`.
 
-    The family's components (SDXL: unet and the text encoders; Z-Image: transformer and the text
-    encoder), each of the class its saved folder names. SDXL: also applies the training's prediction
-    type and zero-terminal-SNR setting to the pipeline's scheduler (from trainer_state.json); Z-Image's
-    flow-match scheduler has neither.
+    The family's components (RenderFacts.full_components), each of the class its saved folder names;
+    then the scheduler settings training learned, as the family's renderer gives them from
+    trainer_state.json (a prediction type, a noise schedule; none for a family that has neither).
     """
-    from tuneline.stages.render.samplers import family_of_pipeline
-
+    family = family_of_pipeline(pipeline)
+    spec = family.render
     applied = Applied()
-    spec = family_of_pipeline(pipeline)
     notes = applied.loaded
-    source = applied.source = _weights_dir(trained_dir, use_ema, applied.warnings)
-    state = trainer_state(trained_dir)
+    source = applied.source = choose_weights(trained_dir, use_ema, applied.warnings)
+    state = read_trainer_state(trained_dir)
     train = state.get("train_config", {})
     full = source / PIPELINE_DIR
     lora = source / LORA_FILE
@@ -159,13 +134,9 @@ def apply_trained(pipeline: Any, trained_dir: Path, lora_scale: float = 1.0, use
             pipeline.load_lora_weights(source, weight_name=LORA_FILE, adapter_name=ADAPTER_NAME)
         pipeline.set_adapters([ADAPTER_NAME], adapter_weights=[lora_scale])
         notes.append(f"LoRA {lora} at scale {lora_scale}")
-    if spec.name != "sdxl":  # flow matching: no prediction type or noise schedule to carry over
-        return applied
-    from tuneline.models.sdxl.adapter import inference_scheduler_settings
-
     config = pipeline.scheduler.config
     prediction_type = state.get("prediction_type") or train.get("prediction_type") or config.get("prediction_type")
-    settings = inference_scheduler_settings(prediction_type, bool(train.get("zero_terminal_snr")))
+    settings = family.build_renderer().scheduler_settings(prediction_type, bool(train.get("zero_terminal_snr")))
     overrides = {key: value for key, value in settings.items() if config.get(key) != value}
     if overrides:
         pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config, **overrides)
@@ -188,7 +159,6 @@ def render_prompts(pipeline: Any, prompts: Sequence[RenderPrompt], out_dir: Path
     and seeded generator."""
     import torch
 
-    from tuneline.stages.render.samplers import family_of_pipeline
     from tuneline.stages.render.samplers import build_scheduler
 
     out_dir = Path(out_dir) if out_dir is not None else None
@@ -221,78 +191,22 @@ def _unwrap(module: Any) -> Any:
     return extract_model_from_parallel(module, keep_fp32_wrapper=True, keep_torch_compile=False)
 
 
-def _inference_scheduler(adapter: Any) -> Any:
-    """The base folder's scheduler, with the training's prediction type and zero-terminal-SNR setting."""
-    import diffusers
-
-    from tuneline.models.loading import _base_location
-    from tuneline.models.sdxl.adapter import inference_scheduler_settings
-
-    model = adapter.model_config
-    base = _base_location(model, adapter.root)
-    kwargs = {"revision": model.revision} if isinstance(base, str) and model.revision else {}
-    config = diffusers.EulerDiscreteScheduler.load_config(base, subfolder="scheduler", **kwargs)
-    cls = getattr(diffusers, str(config.get("_class_name")), diffusers.EulerDiscreteScheduler)
-    return cls.from_config(config, **inference_scheduler_settings(adapter.prediction_type,
-                                                                  getattr(adapter.config, "zero_terminal_snr", False)))
-
-
-def _zimage_pipeline_from_training(adapter: Any, modules: dict[str, Any], vae: Any = None) -> Any:
-    """A ZImagePipeline sharing the live transformer (PEFT-wrapped in LoRA mode), the adapter's Qwen3
-    text encoder and tokenizer, `vae` (default model.vae / the base VAE, fp32) and the base's
-    flow-match scheduler."""
-    import diffusers
-
-    from tuneline.models.loading import _base_location, load_vae
-
-    transformer = _unwrap(modules["transformer"])
-    device = transformer.device
-    encoder = _unwrap(modules["text_encoder"] if "text_encoder" in modules
-                      else adapter.ensure_text_encoders(str(device))[0])
-    if vae is None:
-        vae = load_vae(adapter.model_config, adapter.root, "fp32", "cpu").to(device)
-    model = adapter.model_config
-    base = _base_location(model, adapter.root)
-    kwargs = {"revision": model.revision} if isinstance(base, str) and model.revision else {}
-    config = diffusers.FlowMatchEulerDiscreteScheduler.load_config(base, subfolder="scheduler", **kwargs)
-    pipeline = diffusers.ZImagePipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_config(config),
-                                        vae=vae, text_encoder=encoder, tokenizer=adapter.tokenizers[0],
-                                        transformer=transformer)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
 def pipeline_from_training(adapter: Any, modules: dict[str, Any], vae: Any = None) -> Any:
-    """A pipeline of the adapter's family sharing the live training modules (no copies): SDXL's
-    below; Z-Image's from `modules["transformer"]` (`_zimage_pipeline_from_training`).
+    """A pipeline of the adapter's family sharing the live training modules (no copies), built by the
+    family's renderer.
 
-    `modules` is the trainer's name -> (possibly accelerate-prepared) module dict: the UNet
-    (PEFT-wrapped in LoRA mode) and any trained text encoders; frozen encoders and the
-    tokenizers come from the adapter (which loads them on the UNet's device if training did
-    not need them). Under mixed precision the frozen weights are in its compute dtype: render
-    under the training's autocast. `vae` defaults to model.vae / the base VAE in fp32 on
-    the UNet's device (load it once and pass it in to avoid reloading at every evaluation).
+    `modules` is the trainer's name -> (possibly accelerate-prepared) module dict: the denoiser
+    (PEFT-wrapped in LoRA mode) and any trained text encoders; frozen encoders and the tokenizers
+    come from the adapter (which loads them on the denoiser's device if training did not need
+    them). Under mixed precision the frozen weights are in its compute dtype: render under the
+    training's autocast. `vae` defaults to model.vae / the base VAE in fp32 on the denoiser's
+    device (load it once and pass it in to avoid reloading at every evaluation).
     """
+    from tuneline.models.family import get_family
+
     quiet_libraries()  # before the import: it warns while importing
-    if getattr(adapter, "family", "sdxl") == "zimage":
-        return _zimage_pipeline_from_training(adapter, modules, vae)
-    from diffusers import StableDiffusionXLPipeline
-
-    from tuneline.models.loading import load_vae
-    from tuneline.models.sdxl.adapter import TEXT_ENCODER_NAMES
-
-    unet = _unwrap(modules["unet"])
-    device = unet.device
-    # Training on cached text embeddings loads no text encoder; rendering needs them.
-    frozen_encoders = adapter.ensure_text_encoders(str(device))
-    encoders = [_unwrap(modules.get(name, encoder)) for name, encoder in zip(TEXT_ENCODER_NAMES, frozen_encoders)]
-    if vae is None:
-        vae = load_vae(adapter.model_config, adapter.root, "fp32", "cpu").to(device)
-    pipeline = StableDiffusionXLPipeline(
-        vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=adapter.tokenizers[0],
-        tokenizer_2=adapter.tokenizers[1], unet=unet, scheduler=_inference_scheduler(adapter))
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    live = {name: _unwrap(module) for name, module in modules.items()}
+    return get_family(adapter.family).build_renderer().pipeline_from_training(adapter, live, vae)
 
 
 @contextmanager
@@ -349,9 +263,9 @@ def live_evaluate(pipeline: Any, prompts: Sequence[RenderPrompt], out_dir: Path,
 
 def live_prompts(params: Any, root: Path) -> list[RenderPrompt]:
     """The first render.live_prompts prompts of the prompts file (what live evaluation renders)."""
-    from tuneline.models.family import detect_family
+    from tuneline.models.family import family_of
     from tuneline.stages.render.prompts import load_prompts
 
     config = params.render
-    family = detect_family(params.model, root)
+    family = family_of(params.model, root)
     return load_prompts(Path(root) / config.prompts_file, config, family)[: config.live_prompts]

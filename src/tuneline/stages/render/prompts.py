@@ -18,13 +18,15 @@ import difflib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from tuneline.core.params import ParamsError, parse_resolution
+from tuneline.core.params import ParamsError, Section, parse_resolution
 from tuneline.stages.render.samplers import SamplerName, check_karras
-from tuneline.core.params import Section
+
+if TYPE_CHECKING:
+    from tuneline.models.base import Family
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +144,7 @@ def validate_prompts(data: Any, source: str = "prompts.yaml") -> PromptFile:
     return parsed
 
 
-def load_prompts(path: Path | str, config: Any, family: str = "sdxl") -> list[RenderPrompt]:
+def load_prompts(path: Path | str, config: Any, family: Family) -> list[RenderPrompt]:
     """Read, validate and resolve the prompts file against `config` (the render section) for a
     model `family` (its default steps and guidance, its samplers and image sides)."""
     import json
@@ -165,15 +167,13 @@ def _pick(*values: Any) -> Any:
     return next(v for v in values if v is not None)
 
 
-def resolve_prompts(parsed: PromptFile, config: Any, source: str = "prompts.yaml",
-                    family: str = "sdxl") -> list[RenderPrompt]:
+def resolve_prompts(parsed: PromptFile, config: Any, source: str, family: Family) -> list[RenderPrompt]:
     """Every prompt with its values: its own, else the file's defaults, else the render section's,
-    else (steps, guidance) the model family's. A value the family cannot render (a sampler other than
-    Z-Image's flow-match Euler, a side Z-Image cannot patch) is a ParamsError naming the prompt."""
-    from tuneline.stages.render.samplers import render_family
+    else (steps, guidance) the model family's. A value the family cannot render (a sampler it does not
+    take, a side its pipeline cannot patch) is a ParamsError naming the prompt."""
     from tuneline.stages.render.samplers import check_family_sampler
 
-    spec = render_family(family)
+    spec = family.render
     defaults = parsed.defaults
     resolved = []
     for index, entry in enumerate(parsed.prompts):
@@ -185,26 +185,26 @@ def resolve_prompts(parsed: PromptFile, config: Any, source: str = "prompts.yaml
         sampler = _pick(entry.sampler, defaults.sampler, config.sampler)
         karras = _pick(entry.karras, defaults.karras, config.karras)
         if len(spec.samplers) == 1 and (entry.sampler, entry.karras, defaults.sampler, defaults.karras) != (None,) * 4:
-            # A prompts file shared with another family (the demo's SDXL samplers): this family has one
+            # A prompts file shared with another family (the demo's names several samplers): this family has one
             # sampler, so the prompt's choice cannot apply; render.sampler/karras are still checked.
             chosen = (sampler, karras)
             sampler, karras = _pick(config.sampler, spec.samplers[0]), bool(config.karras)
             if chosen != (sampler, karras):
                 log.warning("%s: prompts[%d]: sampler %s%s is not available for %s; rendering with its %s",
-                            source, index, chosen[0], " with karras" if chosen[1] else "", family, sampler)
+                            source, index, chosen[0], " with karras" if chosen[1] else "", family.name, sampler)
         if karras:
             try:
                 check_karras(sampler, karras)
             except ValueError as error:
                 raise ParamsError(f"{source}: prompts[{index}]: {error} (render.karras is on)") from None
         try:
-            check_family_sampler(spec, sampler, karras)
+            check_family_sampler(family, sampler, karras)
         except ValueError as error:
             raise ParamsError(f"{source}: prompts[{index}]: {error} (the prompt, the file's defaults or "
                               "render.sampler / render.karras set it)") from None
         if width % spec.size_multiple or height % spec.size_multiple:
-            raise ParamsError(f"{source}: prompts[{index}]: size {width}x{height}: {family} needs both sides in "
-                              f"multiples of {spec.size_multiple} (the prompt, the file's defaults or "
+            raise ParamsError(f"{source}: prompts[{index}]: size {width}x{height}: {family.name} needs both sides "
+                              f"in multiples of {spec.size_multiple} (the prompt, the file's defaults or "
                               "render.width / render.height set it)")
         seed = entry.seed if entry.seed is not None else (
             defaults.seed + index if defaults.seed is not None else config.seed + index)

@@ -1,4 +1,4 @@
-"""Labelled image grids: the contact sheet (prompts x checkpoints) and the layout other sheets share."""
+"""Labelled image grids: the contact sheet (prompts x checkpoints), the diagnostic sheet, and the layout they share."""
 
 from __future__ import annotations
 
@@ -85,3 +85,18 @@ def contact_sheet(columns: Sequence[tuple[str, Path]], prompts: Sequence[Any], o
     labels = [f"{p.index}: {p.prompt} (seed {p.seed})" for p in prompts]
     sheet = grid_sheet(cells, labels, [label for label, _ in columns], tile)
     return save_png(sheet, out_path)
+
+
+def diagnostic_sheet(pipeline: Any, params: Any, latents_dir: Path, out_path: Path, config: Any,
+                     tile: int | None = None) -> tuple[Path, list[str]]:
+    """renders/diagnostics.png: the rows the family's renderer draws from a few training samples (its
+    RenderFacts.diagnostics is None), with the render section's diagnostic_* settings; (path, warnings)."""
+    from tuneline.stages.render.generate import family_of_pipeline, save_png
+
+    trigger_words = {dataset.folder: dataset.trigger_word for dataset in params.datasets}
+    rows, columns, warnings = family_of_pipeline(pipeline).build_renderer().diagnostic_rows(
+        pipeline, latents_dir, config.diagnostic_timesteps, config.diagnostic_samples, config.diagnostic_token,
+        trigger_words, config.seed)
+    sheet = grid_sheet([tiles for _, tiles in rows], [label for label, _ in rows], columns,
+                       tile or config.sheet_tile)
+    return save_png(sheet, out_path), warnings

@@ -72,21 +72,17 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
     from tuneline.models.loading import release, resolve_device, resolve_dtype
     from tuneline.models.ref import identify
     from tuneline.stages.render.cache import ImageCache
-    from tuneline.stages.render.diagnostics import diagnostic_sheet
-    from tuneline.stages.render.samplers import render_family_of
-    from tuneline.stages.render.generate import (
+    from tuneline.stages.render.generate import WEIGHTS_RECORD, apply_trained, load_base_pipeline, render_prompts
+    from tuneline.stages.render.prompts import load_prompts
+    from tuneline.stages.render.sheets import contact_sheet, diagnostic_sheet, live_steps
+    from tuneline.stages.render.transfer import render_transfer, transfer_jobs, transfer_sources, transfer_steps
+    from tuneline.train.output import (
         LIVE_DIR,
-        WEIGHTS_RECORD,
-        _weights_dir,
-        apply_trained,
-        load_base_pipeline,
-        render_prompts,
-        trainer_state,
+        choose_weights,
+        read_trainer_state,
+        trained_family,
         weights_identity,
     )
-    from tuneline.stages.render.prompts import load_prompts
-    from tuneline.stages.render.sheets import contact_sheet, live_steps
-    from tuneline.stages.render.transfer import render_transfer, transfer_jobs, transfer_sources, transfer_steps
 
     started = time.perf_counter()
     root, trained_dir, out_dir = Path(root), Path(trained_dir), Path(out_dir)
@@ -94,10 +90,12 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
     if not trained_dir.is_dir():
         raise FileNotFoundError(f"{trained_dir} does not exist: run stage train first")
     # What was trained decides the pipelines (trainer_state.json's family), else model.base's family.
-    family = render_family_of(params.model, root, trained_dir)
-    prompts = load_prompts(root / config.prompts_file, config, family.name)  # a bad file stops before any model loads
+    family = trained_family(trained_dir, params.model, root)
+    facts = family.render
+    prompts = load_prompts(root / config.prompts_file, config, family)  # a bad file stops before any model loads
     report = StageReport(STAGE, metric_keys=("items", "mean_abs_diff_vs_base"))
-    tiny = is_tiny(params.model.base) or bool(trainer_state(trained_dir).get("random_tiny_model"))
+    state = read_trainer_state(trained_dir)
+    tiny = is_tiny(params.model.base) or bool(state.get("random_tiny_model"))
     if tiny:
         report.warnings.append(f"model.base is {params.model.base!r}: a tiny RANDOM-weight model, so these images "
                                "are noise-like and mean nothing (pipeline check only)")
@@ -107,13 +105,13 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     base_weights = {key: entry["identity"] for key, entry in identify(params, root, ("model.base", "model.vae")).items()}
-    weights_dir = _weights_dir(trained_dir, config.use_ema, [])  # what apply_trained loads
+    weights_dir = choose_weights(trained_dir, config.use_ema)  # what apply_trained loads
     trained_weights = weights_identity(weights_dir, root)
-    base_cache = ImageCache(root / params.store_dir, {"base": base_weights}, device, dtype, family.pipeline)
+    base_cache = ImageCache(root / params.store_dir, {"base": base_weights}, device, dtype, facts.pipeline)
     final_cache = ImageCache(root / params.store_dir, {
         "base": base_weights,
-        "trained": {"prediction_type": trainer_state(trained_dir).get("prediction_type"), "weights": trained_weights},
-        "lora_scale": config.lora_scale, "use_ema": config.use_ema}, device, dtype, family.pipeline)
+        "trained": {"prediction_type": state.get("prediction_type"), "weights": trained_weights},
+        "lora_scale": config.lora_scale, "use_ema": config.use_ema}, device, dtype, facts.pipeline)
     missing_base, missing_final = base_cache.missing(prompts), final_cache.missing(prompts)
     latents_dir = root / LATENTS_DIR
     has_latents = (latents_dir / "manifest.jsonl").is_file()
@@ -123,8 +121,8 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
         if len(sources) >= 2:
             jobs, warnings = transfer_jobs(sources)
             report.warnings.extend(warnings)
-    steps = config.steps if config.steps is not None else family.steps
-    guidance_scale = config.guidance_scale if config.guidance_scale is not None else family.guidance_scale
+    steps = config.steps if config.steps is not None else facts.steps
+    guidance_scale = config.guidance_scale if config.guidance_scale is not None else facts.guidance_scale
     transfer_settings = {"strength": config.transfer_strength,
                          "steps": transfer_steps(steps, config.transfer_strength),
                          "guidance_scale": guidance_scale, "sampler": config.sampler, "karras": config.karras,
@@ -136,8 +134,8 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
 
     missing_transfer = [job for job in jobs if not transfer_path(job).is_file()]
     diagnostics_path = None
-    if config.diagnostics and family.diagnostics:
-        report.warnings.append(f"diagnostics: skipped. {family.diagnostics}")
+    if config.diagnostics and facts.diagnostics:
+        report.warnings.append(f"diagnostics: skipped. {facts.diagnostics}")
     elif config.diagnostics and has_latents:
         diagnostics_path = final_cache.entry_path("diagnostics", {
             "latents": file_digest(latents_dir / "manifest.jsonl"),
@@ -149,7 +147,7 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
     diagnostics_notes = diagnostics_path.with_suffix(".json") if diagnostics_path else None
     missing_diagnostics = diagnostics_path is not None and not diagnostics_path.is_file()
     if missing_base or missing_final or missing_transfer or missing_diagnostics:  # else no model is loaded
-        pipeline = load_base_pipeline(params.model, root, device, config.dtype, family.name)
+        pipeline = load_base_pipeline(params.model, root, device, config.dtype, family)
         render_prompts(pipeline, missing_base, None, path_of=base_cache.path)
         if missing_final or missing_transfer or missing_diagnostics:
             applied = apply_trained(pipeline, trained_dir, config.lora_scale, config.use_ema)

@@ -97,30 +97,22 @@ def render_transfer(pipeline: Any, jobs: list[TransferJob], path_of: Callable[[T
                     seed: int) -> list[Path]:
     """Render every job to path_of(job) (the image cache's path); returns the paths.
 
-    The image-to-image pipeline of `pipeline`'s family shares its modules: StableDiffusionXLImg2ImgPipeline,
-    or ZImageImg2ImgPipeline (its flow-match Euler; each source image cropped to multiples of 16)."""
+    The image-to-image pipeline of `pipeline`'s family (RenderFacts.img2img) shares its components;
+    each source image is cropped to the family's side multiple."""
     import diffusers
     import torch
     from PIL import Image
 
-    from tuneline.stages.render.samplers import family_of_pipeline
-    from tuneline.stages.render.generate import _quiet_diffusers, save_png
+    from tuneline.stages.render.generate import _quiet_diffusers, family_of_pipeline, save_png
     from tuneline.stages.render.samplers import build_scheduler
 
     if not jobs:
         return []
     family = family_of_pipeline(pipeline)
     scheduler = build_scheduler(sampler, pipeline.scheduler.config, karras, family)
-    if family.name == "sdxl":
-        img2img = diffusers.StableDiffusionXLImg2ImgPipeline(
-            vae=pipeline.vae, text_encoder=pipeline.text_encoder, text_encoder_2=pipeline.text_encoder_2,
-            tokenizer=pipeline.tokenizer, tokenizer_2=pipeline.tokenizer_2, unet=pipeline.unet, scheduler=scheduler)
-    else:
-        img2img = getattr(diffusers, family.img2img)(
-            vae=pipeline.vae, text_encoder=pipeline.text_encoder, tokenizer=pipeline.tokenizer,
-            transformer=getattr(pipeline, family.denoiser), scheduler=scheduler)
+    img2img = getattr(diffusers, family.render.img2img)(**{**pipeline.components, "scheduler": scheduler})
     img2img.set_progress_bar_config(disable=True)
-    side = family.size_multiple
+    side = family.render.size_multiple
     paths = []
     for job in jobs:
         with Image.open(job.source.image) as opened:

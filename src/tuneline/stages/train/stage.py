@@ -30,6 +30,7 @@ from tuneline.models.ref import is_tiny
 from tuneline.core.report import StageReport
 from tuneline.stages.train.plot import write_loss_curve_png
 from tuneline.train.runs import MLFLOW_RUN_FILE, track_training_run, write_run_record  # noqa: F401
+from tuneline.train.output import LIVE_DIR, TRAINER_STATE
 
 STAGE = "train"
 LOSS_CURVE = "train_loss.csv"
@@ -93,7 +94,7 @@ class LossCurve:
 
 
 def live_dir(trainer: Any) -> Path:
-    return trainer.checkpoint_dir / "live"
+    return trainer.checkpoint_dir / LIVE_DIR
 
 
 class LiveEvaluation:
@@ -201,11 +202,11 @@ def run(params: Params, root: Path, latents_dir: Path, out_dir: Path, metrics_di
             trainer.save_outputs(staging)
             live = live_dir(trainer)
             if live.is_dir():  # this run's samples, kept with its checkpoints across resumes
-                shutil.copytree(live, staging / "live")
+                shutil.copytree(live, staging / LIVE_DIR)
             state = trainer.state.to_json()
             del state["history"]  # wall-clock times and MLflow run ids: in the run record (RUN_RECORD)
             # A DVC output: only what the run's inputs and its steps decide (no times, no run ids).
-            atomic_write_json(staging / "trainer_state.json", {
+            atomic_write_json(staging / TRAINER_STATE, {
                 **state, "seed_used": trainer.seed, "data_digest": trainer.data_digest,
                 "train_config": params.train.model_dump(mode="json"), "model": params.model.model_dump(mode="json"),
                 "random_tiny_model": is_tiny(params.model.base), "family": trainer.adapter.family,

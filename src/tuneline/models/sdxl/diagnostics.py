@@ -1,19 +1,18 @@
-"""The diagnostic sheet: what the trained model makes of a few training samples.
+"""SDXL's diagnostic sheet: what the trained UNet makes of a few training samples.
 
 For each sample (the stored latent mean, not a random draw) and timestep t, side by side:
-the input (VAE decode of the clean latent), the noised x_t, the model's x0 prediction and
-a cross-attention heatmap of one caption token over the input. Saved as renders/diagnostics.png.
+the input (VAE decode of the clean latent), the noised x_t (the DDPM schedule of the pipeline's
+scheduler), the model's x0 prediction and a cross-attention heatmap of one caption token over the
+input. The render stage draws the rows into renders/diagnostics.png.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuneline.config import Params
 from tuneline.core.manifest import read_manifest
 from tuneline.models.sdxl.text import MAX_TOKENS
 
@@ -124,12 +123,6 @@ def overlay(image: Any, heat: Any, alpha: float = 0.55) -> Any:
     return Image.blend(image.convert("RGB"), heat_image, alpha)
 
 
-@dataclass
-class DiagnosticRow:
-    label: str
-    tiles: list[Any]  # PIL images (None where there is nothing to show)
-
-
 def pick_samples(records: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
     """`count` records taking data sets in turn (first items first), so each data set shows up."""
     by_dataset: dict[str, list[dict[str, Any]]] = {}
@@ -144,9 +137,12 @@ def pick_samples(records: list[dict[str, Any]], count: int) -> list[dict[str, An
     return picked
 
 
-def diagnostic_rows(pipeline: Any, params: Params, latents_dir: Path, timesteps: Sequence[int], samples: int,
-                    token: str | None, seed: int = 0) -> tuple[list[DiagnosticRow], list[str], list[str]]:
-    """(rows, column labels, warnings) of the diagnostic sheet, with `pipeline`'s (trained) UNet."""
+def diagnostic_rows(pipeline: Any, latents_dir: Path, timesteps: Sequence[int], samples: int, token: str | None,
+                    trigger_words: Mapping[str, str | None],
+                    seed: int = 0) -> tuple[list[tuple[str, list[Any]]], list[str], list[str]]:
+    """(rows of (label, tiles), column labels, warnings) of the diagnostic sheet, with `pipeline`'s (trained)
+    UNet; `trigger_words`: data set folder -> its trigger word (the default token of its samples). A tile
+    is a PIL image, or None where there is nothing to show."""
     import torch
     from diffusers import DDPMScheduler
     from safetensors.torch import load_file
@@ -165,7 +161,7 @@ def diagnostic_rows(pipeline: Any, params: Params, latents_dir: Path, timesteps:
     unet, vae = pipeline.unet, pipeline.vae
     device, dtype = unet.device, unet.dtype
     warnings: list[str] = []
-    rows: list[DiagnosticRow] = []
+    rows: list[tuple[str, list[Any]]] = []
     token_label = token or "trigger word"
 
     def decode(latent: Any) -> Any:
@@ -174,8 +170,7 @@ def diagnostic_rows(pipeline: Any, params: Params, latents_dir: Path, timesteps:
 
     with torch.inference_mode():
         for number, record in enumerate(pick_samples(records, samples)):
-            dataset = next((d for d in params.datasets if d.folder == record["dataset"]), None)
-            word = token or (dataset.trigger_word if dataset else None)
+            word = token or trigger_words.get(record["dataset"])
             caption = record.get("caption") or ""
             positions = token_positions(pipeline.tokenizer, caption, word) if word else []
             if not positions:
@@ -204,18 +199,7 @@ def diagnostic_rows(pipeline: Any, params: Params, latents_dir: Path, timesteps:
                 heat = None
                 if maps:
                     heat = overlay(input_image, attention_heatmap(maps, tuple(clean.shape[-2:]))[0])
-                rows.append(DiagnosticRow(f"{record['dataset']}/{record['id']} t={t}",
-                                          [input_image, decode(noisy), decode(x0), heat]))
+                rows.append((f"{record['dataset']}/{record['id']} t={t}",
+                             [input_image, decode(noisy), decode(x0), heat]))
     return rows, [*COLUMNS, f"attention: {token_label}"], sorted(set(warnings))
 
-
-def diagnostic_sheet(pipeline: Any, params: Params, latents_dir: Path, out_path: Path, config: Any,
-                     tile: int | None = None) -> tuple[Path, list[str]]:
-    """renders/diagnostics.png from the render section's diagnostic_* settings; (path, warnings)."""
-    from tuneline.stages.render.generate import save_png
-    from tuneline.stages.render.sheets import grid_sheet
-
-    rows, columns, warnings = diagnostic_rows(pipeline, params, latents_dir, config.diagnostic_timesteps,
-                                              config.diagnostic_samples, config.diagnostic_token, config.seed)
-    sheet = grid_sheet([row.tiles for row in rows], [row.label for row in rows], columns, tile or config.sheet_tile)
-    return save_png(sheet, out_path), warnings
