@@ -15,15 +15,16 @@ class BucketSettings(Section):
     resolution: int = Field(
         1024,
         ge=64,
-        description="Side of the square whose area generated buckets keep: 1024 gives SDXL's "
-        "~1 megapixel buckets (1024x1024, 1152x896, ...).",
+        description="Side of the square whose area generated buckets keep: 1024 gives the "
+        "~1 megapixel buckets (1024x1024, 1152x896, ...) both families were trained at.",
     )
     resolutions: Optional[list[Resolution]] = Field(
         None,
         description="Explicit bucket list as 'WIDTHxHEIGHT' strings. When set, no buckets are "
         "generated from resolution/min_aspect/max_aspect.",
     )
-    divisible_by: int = Field(64, ge=8, description="Bucket sides are multiples of this (64 for SDXL).")
+    divisible_by: int = Field(64, ge=8, description="Bucket sides are multiples of this (64 is the common choice; at least the family's "
+                              "render size multiple).")
     min_aspect: float = Field(0.5, gt=0, description="Smallest width/height ratio of a generated bucket.")
     max_aspect: float = Field(2.0, gt=0, description="Largest width/height ratio of a generated bucket.")
     no_upscale: bool = Field(
