@@ -15,14 +15,16 @@ AUTOENCODER_KL = "autoencoder_kl"
 
 
 def adapter_class(kind: str) -> type:
-    """The adapter class of a family name or of `autoencoder_kl`; ParamsError naming the known ones otherwise."""
+    """The adapter class of a family name or of `autoencoder_kl`; KeyError naming the known kinds otherwise."""
+    from tuneline.models.family import FAMILIES
+
     if kind == AUTOENCODER_KL:
         from tuneline.models.autoencoder import ADAPTER
 
         return load_object(ADAPTER)
-    from tuneline.models.family import get_family
-
-    return load_object(get_family(kind).adapter)
+    if kind not in FAMILIES:
+        raise KeyError(f"no trainer adapter for {kind!r}; kinds: {', '.join(sorted([AUTOENCODER_KL, *FAMILIES]))}")
+    return load_object(FAMILIES[kind].adapter)
 
 
 def build_adapter(kind: str, *args: Any, **kwargs: Any) -> Any:

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from tuneline.stages.export.metadata import check_header
+from tuneline.core.tensorfile import check_header
 from tuneline.models.sdxl.sgm_unet import UnmappedKeyError, sgm_module_prefixes, unet_key_to_sgm
 
 UNET_PREFIX = "model.diffusion_model."

@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tuneline.stages.export.metadata import check_header
+from tuneline.core.tensorfile import check_header
 from tuneline.models.sdxl.sgm_unet import UnmappedKeyError, sgm_module_prefixes, unet_module_to_sgm
 
 COMPONENT_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}

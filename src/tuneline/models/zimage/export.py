@@ -39,7 +39,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tuneline.stages.export.metadata import check_header
+from tuneline.core.tensorfile import check_header
 from tuneline.models.sdxl.sgm_unet import UnmappedKeyError
 
 LORA_PREFIX = "diffusion_model."

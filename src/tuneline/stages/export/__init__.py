@@ -15,4 +15,4 @@ CODE = ("stages/export/stage.py", "models/sdxl/kohya_lora.py", "stages/export/me
         "models/sdxl/sgm_unet.py", "models/sdxl/checkpoint_file.py", "models/zimage/export.py", "models/loading.py",
         "models/ref.py", "models/single_file.py", "models/family.py", "models/sdxl/adapter.py", "models/sdxl/text.py",
         "stages/render/generate.py", "stages/render/prompts.py", "stages/render/samplers.py", "train/loss.py",
-        "core/tensorfile.py", "models/base.py")
+        "core/tensorfile.py", "models/base.py", "core/device.py", "train/units.py")

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from tuneline.core.tensorfile import check_header  # noqa: F401  (moved to core: the model writers use it)
+
 SDXL_ARCHITECTURE = "stable-diffusion-xl-v1-base"
 VAE_ARCHITECTURE = f"{SDXL_ARCHITECTURE}/vae"
 SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
@@ -243,16 +245,6 @@ def vae_metadata(
         code_version=code_version, mlflow_run_id=mlflow_run_id, git_commit=git_commit, git_dirty=git_dirty,
         prediction_type=None, zero_terminal_snr=None, resolution=resolution, trigger_phrase=None, date=None,
         extra=extra, description=description)
-
-
-def check_header(metadata: Mapping[str, Any] | None) -> dict[str, str]:
-    """Refuse non-string header values instead of letting safetensors fail deep inside."""
-    metadata = dict(metadata or {})
-    bad = {key: type(value).__name__ for key, value in metadata.items()
-           if not isinstance(key, str) or not isinstance(value, str)}
-    if bad:
-        raise TypeError(f"safetensors metadata must be str -> str; not strings: {bad}")
-    return metadata
 
 
 def zimage_metadata(

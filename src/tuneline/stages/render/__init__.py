@@ -17,4 +17,4 @@ CODE = ("stages/render/stage.py", "stages/render/generate.py", "stages/render/pr
         "stages/render/samplers.py", "stages/render/sheets.py", "stages/render/transfer.py",
         "stages/render/diagnostics.py", "models/sdxl/adapter.py", "models/loading.py", "models/sdxl/text.py",
         "stages/render/cache.py", "models/single_file.py", "models/ref.py",
-        "models/family.py", "train/loss.py", "core/tensorfile.py", "models/base.py")
+        "models/family.py", "train/loss.py", "core/tensorfile.py", "models/base.py", "core/device.py", "train/units.py")
