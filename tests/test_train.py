@@ -234,7 +234,9 @@ def test_loss_falls_on_fixed_noise(latents_project, tmp_path):
     before = trainer.evaluate(seed=0)
     trainer.fit()
     after = trainer.evaluate(seed=0)
-    assert after < 0.8 * before, (before, after)
+    # Measured 0.196 (0.857 -> 0.168). With a tenth of the learning rate it reaches 0.42, with the
+    # optimizer stepping at every 4th step only 0.51: both fail here (0.8 let them pass).
+    assert after < 0.3 * before, (before, after)
 
 
 def run_cli(root: Path, *args: str, launcher: tuple[str, ...] = ("-m", "tuneline.cli")) -> subprocess.Popen:
@@ -612,3 +614,89 @@ def test_speed_settings_leave_the_run_key_and_resume_alone():
     assert checkpoint.compare_configs(older, plain.model_dump(mode="json")) == ([], [])
     safe, unsafe = checkpoint.compare_configs(older, faster.model_dump(mode="json"))
     assert unsafe == [] and [line.split(":")[0] for line in safe] == ["train.compile", "train.mixed_precision"]
+
+
+def protocol_members(protocol: type) -> dict[str, object]:
+    """name -> the protocol's own definition (a function, or None for a data attribute), over its bases."""
+    members: dict[str, object] = {}
+    for klass in reversed(protocol.__mro__):
+        if klass is object or not getattr(klass, "_is_protocol", False) or klass.__name__ == "Protocol":
+            continue
+        members.update({name: None for name in klass.__dict__.get("__annotations__", {})})
+        members.update({name: value for name, value in klass.__dict__.items()
+                        if not name.startswith("_") and (callable(value) or isinstance(value, property))})
+    return members
+
+
+def assert_implements(instance: object, protocol: type) -> None:
+    """Every member of `protocol` is on `instance`; methods take the protocol's parameters, by name."""
+    import inspect
+
+    for name, definition in protocol_members(protocol).items():
+        assert hasattr(instance, name), f"{type(instance).__name__} lacks {protocol.__name__}.{name}"
+        if inspect.isfunction(definition):
+            wanted = list(inspect.signature(definition).parameters)[1:]
+            found = list(inspect.signature(getattr(instance, name)).parameters)
+            assert found[:len(wanted)] == wanted, f"{type(instance).__name__}.{name}{found} is not {wanted}"
+
+
+def test_every_adapter_implements_the_whole_trainer_contract(latents_project, tmp_path):
+    """The trainer probes nothing: SDXL, Z-Image and the autoencoder implement every member of the
+    Protocol it calls (the diffusion families the memory estimate's and live samples' too), every
+    config section and data source what the trainer reads of them."""
+    from tuneline.models.autoencoder.config import AutoencoderConfig
+    from tuneline.models.config import ModelConfig
+    from tuneline.models.family import FAMILIES
+    from tuneline.models.registry import AUTOENCODER_KL, build_adapter
+    from tuneline.stages.autoencoder.data import ImageData
+    from tuneline.stages.train.stage import latent_data
+    from tuneline.train.adapter import DiffusionAdapter, TrainerAdapter, TrainerConfig, TrainingData
+    from tuneline.train.config import TrainConfig
+
+    assert {"load", "unit_losses", "optimization_units", "ema_modules", "compiled_module"} <= \
+        set(protocol_members(TrainerAdapter))
+    assert {"loss", "example_batch", "prediction_type"} <= set(protocol_members(DiffusionAdapter))
+    for family in FAMILIES:
+        adapter = build_adapter(family, ModelConfig(base=f"tiny-{family}"), TrainConfig(), tmp_path)
+        assert_implements(adapter, DiffusionAdapter)
+        assert adapter.family == family and adapter.compiled_module in ("unet", "transformer")
+    autoencoder = build_adapter(AUTOENCODER_KL, ModelConfig(), AutoencoderConfig(), tmp_path)
+    assert_implements(autoencoder, TrainerAdapter)
+    # The check itself catches what the autoencoder does not offer: load(empty_weights), prediction_type, loss.
+    with pytest.raises(AssertionError, match=r"AutoencoderAdapter\.load\['conditioning_cached'\] is not"):
+        assert_implements(autoencoder, DiffusionAdapter)
+    autoencoder.load = lambda conditioning_cached=False, empty_weights=False: None
+    with pytest.raises(AssertionError, match=r"AutoencoderAdapter lacks DiffusionAdapter\.(prediction_type|loss)"):
+        assert_implements(autoencoder, DiffusionAdapter)
+    for section in (TrainConfig(), AutoencoderConfig()):
+        assert_implements(section, TrainerConfig)
+    params = train_params(latents_project)
+    assert_implements(latent_data(params, latents_project.root / "data/latents"), TrainingData)
+    assert_implements(ImageData.__new__(ImageData), TrainingData)
+
+
+def test_the_run_key_is_the_one_older_checkpoints_were_written_under(latents_project, tmp_path):
+    """Checkpoints written before the trainer took a ModelSource still resume: the run key (their folder's
+    name) and what a resume compares are computed from the same values as then (the model section with
+    the identity models.ref.identify gives model.base and model.vae)."""
+    from tuneline.models.ref import identify
+    from tuneline.tiny import resolve_tiny
+    from tuneline.train import checkpoint
+
+    vae = tmp_path / "my-vae"
+    shutil.copytree(resolve_tiny("tiny-sdxl") / "vae", vae)
+    plain = train_params(latents_project)
+    with_vae = plain.model_copy(update={"model": plain.model.model_copy(update={"vae": str(vae)})})
+    for params in (plain, with_vae):
+        trainer = make_trainer(latents_project, tmp_path / str(bool(params.model.vae)), params)
+        identity = {key: entry["identity"] for key, entry in
+                    identify(params, latents_project.root, ("model.base", "model.vae")).items()}
+        assert sorted(identity) == (["model.base", "model.vae"] if params.model.vae else ["model.base"])
+        assert trainer.model.identity == identity
+        assert trainer.run_key == checkpoint.run_key(
+            params.train.model_dump(mode="json"), {**params.model.model_dump(mode="json"), "identity": identity},
+            trainer.data.digest(), 1, trainer.data.batching())
+        saved = checkpoint.read_state(trainer.save())
+        assert saved["model"] == params.model.model_dump(mode="json") and saved["model_identity"] == identity
+        assert set(saved) == {"train_state", "train_config", "model", "data_digest", "processes", "batching",
+                              "model_identity"}
