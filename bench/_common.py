@@ -126,12 +126,12 @@ def make_trainer(adapter_class: type, params: Any, root: Path, run_dir: Path, fr
     false: then it resumes from them)."""
     from accelerate.state import AcceleratorState
 
-    from tuneline.train.trainer import Trainer
+    from tuneline.stages.train.stage import build_trainer
 
     AcceleratorState._reset_state(True)
     if fresh:
         shutil.rmtree(run_dir, ignore_errors=True)
-    trainer = Trainer(params, root, root / "data/latents", run_dir / "checkpoints",
-                      adapter_class(params.model, params.train, root))
+    trainer = build_trainer(params, root, root / "data/latents", run_dir / "checkpoints",
+                            adapter_class(params.model, params.train, root))
     trainer.setup()
     return trainer

@@ -91,15 +91,12 @@ def make_ae_trainer(params: Any, root: Path, run_dir: Path) -> Any:
     """The Trainer the autoencoder stage builds (adapter, ImageData, the `autoencoder` section), set up."""
     from accelerate.state import AcceleratorState
 
-    from tuneline.models.registry import build_adapter
     from tuneline.stages.autoencoder.data import ImageData
-    from tuneline.train.trainer import Trainer
+    from tuneline.stages.autoencoder.stage import build_trainer
 
     AcceleratorState._reset_state(True)
     shutil.rmtree(run_dir, ignore_errors=True)
-    adapter = build_adapter("autoencoder_kl", params.model, params.autoencoder, root)
-    trainer = Trainer(params, root, None, run_dir / "checkpoints", adapter, config=params.autoencoder,
-                      data=ImageData(params, root / "data/bucketed"), section="autoencoder")
+    trainer = build_trainer(params, root, ImageData(params, root / "data/bucketed"), run_dir / "checkpoints")
     trainer.setup()
     return trainer
 

@@ -445,6 +445,7 @@ def adamw8bit_phase(scale: Scale, adapter_class: type, base: Path, root: Path, w
 
     import torch
 
+    from tuneline.stages.train.memory import estimate_training_memory
     from tuneline.train import memory
 
     if scale.device != "cuda":
@@ -459,7 +460,7 @@ def adamw8bit_phase(scale: Scale, adapter_class: type, base: Path, root: Path, w
     loop.step()
     peak, _ = measured_peak(trainer, loop, 1, scale.device)
     saved = trainer.save()
-    estimate = memory.estimate(params, root, bucket=(scale.resolution,) * 2, batch_size=1)
+    estimate = estimate_training_memory(params, root, bucket=(scale.resolution,) * 2, batch_size=1)
     real = memory.real_optimizer_state_bytes(trainer.units[0].optimizer)
     loss = loop.last_loss()
     del trainer, loop
@@ -641,6 +642,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # A cold compile, as a user's first run (the inductor cache would otherwise remember this bench).
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="tuneline-bench-inductor-")
 
+    from tuneline.stages.train.memory import estimate_training_memory
     from tuneline.train import memory
     from tuneline.train import trainer as trainer_module
 
@@ -676,7 +678,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         loop.step()  # warm-up: the optimizer state exists from here on
         peak, how = measured_peak(trainer, loop, 2, scale.device)
         peak -= baseline
-        estimate = memory.estimate(params, root, bucket=(scale.resolution,) * 2, batch_size=batch)
+        estimate = estimate_training_memory(params, root, bucket=(scale.resolution,) * 2, batch_size=batch)
         exact = estimate_check(estimate, trainer)
         memory_rows.append({"case": label, "measured": peak, "how": how, "baseline": baseline, "estimate": estimate.peak,
                             "estimate_parts": estimate.to_json(), "estimate_weights_exact": exact,

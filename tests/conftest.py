@@ -140,14 +140,11 @@ def train_params(project: Project, **train):
 def make_trainer(project: Project, run: Path, params, resume_from: Path | None = None, live_every: int = 0):
     from accelerate.state import AcceleratorState
 
-    from tuneline.models.registry import build_adapter
-    from tuneline.stages.train.stage import LiveEvaluation
-    from tuneline.train.trainer import Trainer
+    from tuneline.stages.train.stage import LiveEvaluation, build_trainer
 
     AcceleratorState._reset_state(True)  # one process, many trainers
-    trainer = Trainer(params, project.root, project.root / "data/latents", run / "checkpoints",
-                      build_adapter("sdxl", params.model, params.train, project.root),
-                      resume_from=resume_from,
-                      live_eval=LiveEvaluation(params, project.root, None), live_every=live_every)
+    trainer = build_trainer(params, project.root, project.root / "data/latents", run / "checkpoints",
+                            resume_from=resume_from,  # the adapter of model.base's family
+                            live_eval=LiveEvaluation(params, project.root, None), live_every=live_every)
     trainer.setup()
     return trainer

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import Project, save_photo
+from resume_checks import assert_resumed_exactly
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +43,12 @@ def ae_params(project: Project, **settings):
 def make_ae_trainer(project: Project, run: Path, params):
     from accelerate.state import AcceleratorState
 
-    from tuneline.models.registry import build_adapter
     from tuneline.stages.autoencoder.data import ImageData
-    from tuneline.train.trainer import Trainer
+    from tuneline.stages.autoencoder.stage import build_trainer
 
     AcceleratorState._reset_state(True)
-    adapter = build_adapter("autoencoder_kl", params.model, params.autoencoder, project.root)
-    trainer = Trainer(params, project.root, None, run / "checkpoints", adapter, config=params.autoencoder,
-                      data=ImageData(params, project.root / "data/bucketed"), section="autoencoder")
+    trainer = build_trainer(params, project.root, ImageData(params, project.root / "data/bucketed"),
+                            run / "checkpoints")
     trainer.setup()
     return trainer
 
@@ -137,6 +136,7 @@ def test_resume_is_exact_with_both_optimizers(bucket_project, tmp_path):
     settings = {"num_steps": 4, "ema": {"enabled": True, "decay": 0.9},
                 "discriminator": {"start": 1, "every": 1}, "schedule": {"name": "cosine", "warmup_steps": 1}}
     straight = make_ae_trainer(bucket_project, tmp_path / "a", ae_params(bucket_project, **settings))
+    base = straight.trained_weights()
     straight.fit()
 
     def stop_at_two(state, result, seconds):
@@ -148,6 +148,7 @@ def test_resume_is_exact_with_both_optimizers(bucket_project, tmp_path):
         halves.fit(on_log=stop_at_two)
     resumed = make_ae_trainer(bucket_project, tmp_path / "b", ae_params(bucket_project, **settings))
     assert resumed.state.step == 2
+    assert any("step_000002 at step 2" in m for m in resumed.messages)
     resumed.fit()
     [a] = (tmp_path / "a/checkpoints").glob("*/step_000004")
     [b] = (tmp_path / "b/checkpoints").glob("*/step_000004")
@@ -157,8 +158,10 @@ def test_resume_is_exact_with_both_optimizers(bucket_project, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     ta, tb = (torch.load(f / "training.pt", weights_only=True) for f in (a, b))
     assert set(ta["units"]) == {"autoencoder", "discriminator"}
-    assert all(torch.equal(x, y) for x, y in zip(ta["ema"]["shadow"].values(), tb["ema"]["shadow"].values()))
+    # Equal key sets, not empty, key by key (EMA too), moved from the base, resumed at step 2.
+    assert_resumed_exactly(a, b, base, resumed_at=2, ema=True)
     assert not any(k.startswith("discriminator.") for k in ta["ema"]["shadow"])
+    assert {k.split(".")[0] for k in ta["ema"]["shadow"]} == {"vae"}
 
 
 @pytest.fixture(scope="module")

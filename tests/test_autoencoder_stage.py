@@ -18,6 +18,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from conftest import Project, save_photo
+from resume_checks import assert_resumed_exactly, checkpoint_at, latest_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,13 +56,29 @@ def start(root: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+def base_weights(root: Path, run: Path) -> dict[str, torch.Tensor]:
+    """The trained parameters of the CLI project at `root` before step 1 (same seed: same discriminator)."""
+    from accelerate.state import AcceleratorState
+
+    from tuneline.config import validate_params
+    from tuneline.stages.autoencoder.data import ImageData
+    from tuneline.stages.autoencoder.stage import build_trainer
+
+    params = validate_params(yaml.safe_load((root / "params.yaml").read_text("utf-8")))
+    AcceleratorState._reset_state(True)
+    trainer = build_trainer(params, root, ImageData(params, root / "data/bucketed"), run)
+    trainer.setup()
+    return trainer.trained_weights()
+
+
 @pytest.mark.slow
 def test_kill_9_then_resume_matches_a_straight_run_and_mlflow_has_the_run(bucketed, tmp_path):
-    straight = cli_project(bucketed, tmp_path / "straight")
+    ema = {"ema": {"enabled": True, "decay": 0.9}}
+    straight = cli_project(bucketed, tmp_path / "straight", **ema)
     process = start(straight)
     output = process.communicate(timeout=400)[0]
     assert process.returncode == 0, output
-    killed = cli_project(bucketed, tmp_path / "killed")
+    killed = cli_project(bucketed, tmp_path / "killed", **ema)
     process = start(killed)
     deadline = time.time() + 400
     while not list(killed.glob("checkpoints/autoencoder/*/step_000004")):
@@ -69,14 +86,19 @@ def test_kill_9_then_resume_matches_a_straight_run_and_mlflow_has_the_run(bucket
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+    stopped_at = latest_step(killed / "checkpoints/autoencoder")
+    assert 4 <= stopped_at < 6, f"the kill landed after the run finished (latest step {stopped_at}): nothing resumed"
     resumed = start(killed)
     output = resumed.communicate(timeout=400)[0]
     assert resumed.returncode == 0, output
-    assert "resumed from" in output
+    assert "resumed from" in output and f"step_{stopped_at:06d} at step {stopped_at}" in output, output
     [a] = [load_file(p) for p in straight.glob("checkpoints/autoencoder/*/step_000006/trained.safetensors")]
     [b] = [load_file(p) for p in killed.glob("checkpoints/autoencoder/*/step_000006/trained.safetensors")]
     assert {k.split(".")[0] for k in a} == {"vae", "discriminator"}
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resumed_exactly(checkpoint_at(straight / "checkpoints/autoencoder", 6),
+                           checkpoint_at(killed / "checkpoints/autoencoder", 6),
+                           base_weights(killed, tmp_path / "base"), resumed_at=stopped_at, ema=True)
     # The written VAE: the same bytes either way, and a diffusers AutoencoderKL folder.
     for name in ("diffusion_pytorch_model.safetensors", "config.json", "autoencoder_state.json", "sheets/alpha.png"):
         assert (straight / "models/autoencoder" / name).read_bytes() == (killed / "models/autoencoder" / name).read_bytes()

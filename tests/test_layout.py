@@ -65,6 +65,31 @@ def test_core_and_stage_configs_import_no_heavy_library():
     assert done.stdout.strip() == "[]"
 
 
+# What models/ and train/ never import (at the top or inside a function): the stages, the whole
+# params root (tuneline.config: a stage's config section is passed instead) and what runs stages.
+ABOVE_MODELS_AND_TRAIN = ("tuneline.stages", "tuneline.config", "tuneline.orchestration", "tuneline.cli",
+                          "tuneline.preflight", "tuneline.demo")
+
+
+def _is_above_models_and_train(module: str) -> bool:
+    return any(module == top or module.startswith(top + ".") for top in ABOVE_MODELS_AND_TRAIN)
+
+
+def test_models_and_train_import_nothing_above_them():
+    """Checked on the real tree, and the check itself on imports it must catch and must let pass."""
+    graph = _imports()
+    above = {name: sorted(t for t in targets if _is_above_models_and_train(t)) for name, targets in graph.items()
+             if name.startswith(("tuneline.models", "tuneline.train"))}
+    assert len(above) > 20 and "tuneline.train.trainer" in above and "tuneline.models.sdxl.adapter" in above
+    assert {name: found for name, found in above.items() if found} == {}
+    caught = ["tuneline.stages.bucket.aspect", "tuneline.stages", "tuneline.config", "tuneline.config.Params",
+              "tuneline.orchestration.registry", "tuneline.cli", "tuneline.preflight"]
+    allowed = ["tuneline.core.params", "tuneline.models.config", "tuneline.train.config", "tuneline.configuration",
+               "tuneline.stagesx"]
+    assert [m for m in caught if not _is_above_models_and_train(m)] == []
+    assert [m for m in allowed if _is_above_models_and_train(m)] == []
+
+
 def test_no_import_circle_and_layers_point_down():
     graph = _imports()
     for name, targets in graph.items():
@@ -75,6 +100,9 @@ def test_no_import_circle_and_layers_point_down():
         if name.startswith("tuneline.stages"):
             bad = [t for t in targets if t.startswith(("tuneline.orchestration", "tuneline.cli"))]
             assert not bad, f"stage module {name} imports {bad}"
+        if name.startswith(("tuneline.models", "tuneline.train")):
+            bad = [t for t in targets if _is_above_models_and_train(t)]
+            assert not bad, f"{name} imports {bad}: models/ and train/ sit below the stages and the params root"
     # Depth-first search for a cycle; report it as a path.
     state: dict[str, int] = {}
     stack: list[str] = []

@@ -46,7 +46,7 @@ def trained(latents_project):
     from tuneline.models.sdxl.adapter import SDXLAdapter
     from tuneline.stages.render.generate import pipeline_from_training
     from tuneline.stages.train.stage import run as run_train
-    from tuneline.train.trainer import Trainer
+    from tuneline.stages.train.stage import build_trainer
 
     root = latents_project.root
     (root / "prompts.yaml").write_text(yaml.safe_dump(PROMPTS), "utf-8")
@@ -55,8 +55,8 @@ def trained(latents_project):
     run_train(params, root, root / "data/latents", root / "models/train", root / "metrics",
               checkpoint_dir=root / "checkpoints/train")
     AcceleratorState._reset_state(True)
-    trainer = Trainer(params, root, root / "data/latents", root / "checkpoints/train",
-                      SDXLAdapter(params.model, params.train, root))
+    trainer = build_trainer(params, root, root / "data/latents", root / "checkpoints/train",
+                            SDXLAdapter(params.model, params.train, root))
     trainer.setup()  # resumes at step 2
     return latents_project, params, trainer, pipeline_from_training(trainer.adapter, trainer.modules)
 
@@ -365,14 +365,14 @@ def test_full_fine_tune_replaces_the_unet_and_brings_its_prediction_type(trained
     from tuneline.core.fsutil import atomic_write_json
     from tuneline.models.sdxl.adapter import SDXLAdapter
     from tuneline.stages.render.generate import apply_trained, load_base_pipeline
-    from tuneline.train.trainer import Trainer
+    from tuneline.stages.train.stage import build_trainer
 
     project, _, _, _ = trained
     params = validate_params({**project.params_data, "train": {
         "mode": "full", "num_steps": 1, "seed": 3, "lr": 1e-2, "prediction_type": "v_prediction"}})
     AcceleratorState._reset_state(True)
-    trainer = Trainer(params, project.root, project.root / "data/latents", tmp_path / "checkpoints",
-                      SDXLAdapter(params.model, params.train, project.root))
+    trainer = build_trainer(params, project.root, project.root / "data/latents", tmp_path / "checkpoints",
+                            SDXLAdapter(params.model, params.train, project.root))
     trainer.setup()
     trainer.fit()
     out = trainer.save_outputs(tmp_path / "out")

@@ -1,6 +1,7 @@
 """Training the tiny RANDOM Z-Image (flow-matching DiT): the adapter under the same trainer core as
-SDXL: learning, exact resume, kill -9, LoRA and full saves that diffusers loads, loss weights,
-cached variable-length text, and the settings that belong to another family."""
+SDXL: learning, LoRA and full saves that diffusers loads, loss weights, cached variable-length text,
+and the settings that belong to another family. Exact resume, kill -9, two processes and the memory
+estimate are tested for both families at once in test_train.py (on this module's zimage_project)."""
 
 from __future__ import annotations
 
@@ -8,19 +9,14 @@ import logging
 import os
 import random
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from conftest import Project, make_latents_project
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -46,21 +42,14 @@ def ztrainer(project: Project, run: Path, params, resume_from: Path | None = Non
     from accelerate.state import AcceleratorState
 
     from tuneline.models.family import detect_family
-    from tuneline.models.registry import build_adapter
-    from tuneline.train.trainer import Trainer
+    from tuneline.stages.train.stage import build_trainer
 
     AcceleratorState._reset_state(True)  # one process, many trainers
-    family = detect_family(params.model, project.root)
-    assert family == "zimage"
-    trainer = Trainer(params, project.root, latents or project.root / "data/latents", run / "checkpoints",
-                      build_adapter(family, params.model, params.train, project.root), resume_from=resume_from)
+    assert detect_family(params.model, project.root) == "zimage"
+    trainer = build_trainer(params, project.root, latents or project.root / "data/latents", run / "checkpoints",
+                            resume_from=resume_from)
     trainer.setup()
     return trainer
-
-
-def trained_weights(run: Path, step: int) -> dict[str, torch.Tensor]:
-    [folder] = (run / "checkpoints").glob(f"*/step_{step:06d}")
-    return load_file(folder / "trained.safetensors")
 
 
 def tiny_pipeline():
@@ -76,7 +65,7 @@ def render(pipeline, seed: int = 3) -> torch.Tensor:
                     generator=torch.Generator().manual_seed(seed), output_type="pt").images
 
 
-# --- learning and resume ---------------------------------------------------------------------
+# --- learning ---------------------------------------------------------------------------------
 
 @pytest.mark.slow
 def test_loss_falls_on_fixed_noise(zimage_project, tmp_path):
@@ -87,88 +76,6 @@ def test_loss_falls_on_fixed_noise(zimage_project, tmp_path):
     after = trainer.evaluate(seed=0)
     print(f"zimage learning: {before:.4f} -> {after:.4f} ({after / before:.3f})")
     assert after < 0.8 * before, (before, after)
-
-
-def test_resume_is_exact(zimage_project, tmp_path):
-    from tuneline.train.trainer import StopRequested
-
-    extra = {"ema": {"enabled": True, "decay": 0.9}, "caption_dropout": 0.3, "flip": True, "num_steps": 4,
-             "lora": {"dropout": 0.1}, "schedule": {"name": "cosine", "warmup_steps": 1},
-             "flow_matching": {"timestep_sampling": "mode", "loss_weighting": "cosmap"}}
-    straight = ztrainer(zimage_project, tmp_path / "a", zparams(zimage_project, **extra))
-    straight.fit()
-
-    def stop_at_two(state, result, seconds):
-        if state.step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    halves = ztrainer(zimage_project, tmp_path / "b", zparams(zimage_project, **extra))
-    with pytest.raises(StopRequested):
-        halves.fit(on_log=stop_at_two)
-    resumed = ztrainer(zimage_project, tmp_path / "b", zparams(zimage_project, **extra))
-    assert resumed.state.step == 2
-    resumed.fit()
-    a, b = trained_weights(tmp_path / "a", 4), trained_weights(tmp_path / "b", 4)
-    assert a.keys() == b.keys() and len(a) > 0 and all(k.startswith("transformer.") for k in a)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not all(torch.equal(a[k], trained_weights(tmp_path / "b", 2)[k]) for k in a)  # it did train
-
-
-def stage_project(project: Project, tmp_path: Path, **train) -> Path:
-    root = tmp_path / "stage"
-    shutil.copytree(project.root / "data/latents", root / "data/latents")
-    data = {**project.params_data, "train": {"seed": 5, "checkpoint": {"every_steps": 2}, **train}}
-    (root / "params.yaml").write_text(yaml.safe_dump(data), "utf-8")
-    return root
-
-
-def run_cli(root: Path, *args: str):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
-    return subprocess.Popen([sys.executable, "-m", "tuneline.cli", *args], cwd=root, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-@pytest.mark.slow
-def test_two_processes_under_accelerate_launch(zimage_project, tmp_path):
-    """DDP around the Z-Image transformer (list inputs, list outputs): two CPU processes, one result."""
-    root = stage_project(zimage_project, tmp_path, num_steps=2)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
-    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                           "-m", "tuneline.cli", "train"], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=400)
-    assert done.returncode == 0, done.stdout + done.stderr
-    state = yaml.safe_load((root / "models/train/trainer_state.json").read_text())
-    assert state["family"] == "zimage" and state["step"] == 2 and state["processes"] == 2
-    assert sorted(p.name for p in root.glob("checkpoints/train/*/step_000002/rng_rank*.pt")) == \
-        ["rng_rank0.pt", "rng_rank1.pt"]
-
-
-@pytest.mark.slow
-def test_kill_9_then_resume_matches_a_straight_run(zimage_project, tmp_path):
-    import time
-
-    straight = stage_project(zimage_project, tmp_path / "straight", num_steps=6)
-    process = run_cli(straight, "train")
-    assert process.wait(timeout=300) == 0, process.stdout.read()
-    killed = stage_project(zimage_project, tmp_path / "killed", num_steps=6)
-    process = run_cli(killed, "train")
-    deadline = time.time() + 300
-    while not list(killed.glob("checkpoints/train/*/step_000004")):
-        assert time.time() < deadline and process.poll() is None
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    resumed = run_cli(killed, "train")
-    output = resumed.communicate(timeout=300)[0]
-    assert resumed.returncode == 0, output
-    assert "resumed from" in output
-    [a] = [load_file(p) for p in straight.glob("checkpoints/train/*/step_000006/trained.safetensors")]
-    [b] = [load_file(p) for p in killed.glob("checkpoints/train/*/step_000006/trained.safetensors")]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    state = yaml.safe_load((killed / "models/train/trainer_state.json").read_text())
-    assert state["family"] == "zimage" and state["step"] == 6
-    assert (killed / "models/train/pytorch_lora_weights.safetensors").is_file()
 
 
 def test_the_train_stage_picks_the_zimage_adapter(zimage_project, tmp_path):
@@ -207,7 +114,7 @@ def test_nothing_but_the_transformer_is_loaded_with_cached_text(zimage_project, 
     from tuneline.models.loading import load_zimage_text_encoder
     from tuneline.models.zimage.text import encode_prompts
 
-    tokenizer, encoder = load_zimage_text_encoder(trainer.params.model, zimage_project.root, "fp32", "cpu")
+    tokenizer, encoder = load_zimage_text_encoder(zparams(zimage_project).model, zimage_project.root, "fp32", "cpu")
     records = read_manifest(cached)
     with torch.no_grad():
         features = encode_prompts(tokenizer, encoder, [r["caption"] for r in records])
@@ -383,32 +290,3 @@ def test_flow_matching_at_its_defaults_keeps_older_run_keys():
     changed = TrainConfig(flow_matching={"shift": 2.0}).model_dump(mode="json")
     assert checkpoint.run_key(changed, {}, "d", 1, {}) != checkpoint.run_key(plain, {}, "d", 1, {})
     assert checkpoint.compare_configs(older, changed)[1]  # unsafe
-
-
-@pytest.mark.parametrize("settings", [
-    {"mixed_precision": "bf16", "gradient_checkpointing": True, "lora": {"rank": 4, "targets": "all"}},
-    {"mode": "full", "ema": {"enabled": True}},
-])
-def test_the_memory_estimate_counts_weights_and_optimizer_state_exactly(zimage_project, tmp_path, settings):
-    """`tuneline check`'s estimate works for Z-Image: built on the meta device from the configs, its
-    weight, trained-parameter and optimizer-state bytes equal a real trainer's on the same settings."""
-    from tuneline.train import memory
-
-    params = zparams(zimage_project, **settings)
-    trainer = ztrainer(zimage_project, tmp_path, params)
-    real_weights: dict[str, int] = {}
-    real_trained = 0
-    modules = [*trainer.modules.values(), *trainer.adapter.frozen_modules().values()]
-    for tensor in {id(t): t for m in modules for t in [*m.parameters(), *m.buffers()]}.values():
-        if tensor.requires_grad:
-            real_trained += tensor.numel() * tensor.element_size()
-        else:
-            name = memory.dtype_name(tensor.dtype)
-            real_weights[name] = real_weights.get(name, 0) + tensor.numel() * tensor.element_size()
-    estimate = memory.estimate(params, zimage_project.root, bucket=(64, 64), batch_size=2)
-    assert estimate.weights == real_weights and estimate.trained == estimate.gradients == real_trained
-    assert estimate.ema == (real_trained if params.train.ema.enabled else 0)
-    assert 0 < estimate.activations and estimate.peak > estimate.weights_total + estimate.optimizer
-    trainer.fit()
-    real = memory.real_optimizer_state_bytes(trainer.units[0].optimizer)
-    assert estimate.optimizers["adamw"] == real

@@ -130,6 +130,7 @@ def _print_memory_estimate(params, root: Path) -> None:
     """The training's GPU memory, estimated from the model's configs (see tuneline.train.memory)."""
     from tuneline.core.report import console, print_warning
     from tuneline.models.ref import resolve_model
+    from tuneline.stages.train.memory import estimate_training_memory
     from tuneline.train import memory
 
     base = resolve_model(params.model.base, root)
@@ -141,7 +142,7 @@ def _print_memory_estimate(params, root: Path) -> None:
                           "conversion; the first stage that loads it (tuneline latents) converts it", markup=False)
             return
     try:
-        estimate = memory.estimate(params, root)
+        estimate = estimate_training_memory(params, root)
     except Exception as error:  # noqa: BLE001 - the estimate is advice: never fail the check on it
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print_warning(f"no GPU memory estimate: {type(error).__name__}: {first[:200]}")

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from tuneline.core.fsutil import atomic_path
 
@@ -56,3 +58,13 @@ def canonicalize(path: Path, in_place: bool = False) -> Path:
             while chunk := handle.read(1 << 24):
                 out.write(chunk)
     return path
+
+
+def check_header(metadata: Mapping[str, Any] | None) -> dict[str, str]:
+    """Refuse non-string header values instead of letting safetensors fail deep inside."""
+    metadata = dict(metadata or {})
+    bad = {key: type(value).__name__ for key, value in metadata.items()
+           if not isinstance(key, str) or not isinstance(value, str)}
+    if bad:
+        raise TypeError(f"safetensors metadata must be str -> str; not strings: {bad}")
+    return metadata

@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from tuneline.core.tensorfile import check_header  # noqa: F401  (the exporters import it from here)
+
 MODELSPEC_VERSION = "1.0.1"
 PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v", "v": "v"}
 DTYPES = ("fp16", "bf16", "fp32")
@@ -108,16 +110,6 @@ def header_metadata(
     for key, value in (extra or {}).items():
         meta[str(key)] = str(value)
     return meta
-
-
-def check_header(metadata: Mapping[str, Any] | None) -> dict[str, str]:
-    """Refuse non-string header values instead of letting safetensors fail deep inside."""
-    metadata = dict(metadata or {})
-    bad = {key: type(value).__name__ for key, value in metadata.items()
-           if not isinstance(key, str) or not isinstance(value, str)}
-    if bad:
-        raise TypeError(f"safetensors metadata must be str -> str; not strings: {bad}")
-    return metadata
 
 
 # --- reading what training wrote -----------------------------------------------------------------

@@ -12,14 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tuneline.core.device import TORCH_DTYPES, resolve_device, resolve_dtype, torch_dtype  # noqa: F401  (moved to core)
 from tuneline.core.logs import quiet_libraries
 from tuneline.core.params import ParamsError
 from tuneline.models.config import ModelConfig
 from tuneline.core.fsutil import digest_json
 from tuneline.models.ref import model_identity, resolve_model
 
-# Config names -> torch dtype attribute names.
-TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # SDXL's conditioning comes from these four subfolders of the base model.
 TEXT_COMPONENTS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
 # Z-Image's from these two: one tokenizer (Qwen2Tokenizer) and one Qwen3 decoder LM (Qwen3Model).
@@ -51,34 +50,6 @@ class ComponentSource:
         if isinstance(self.location, str) and self.revision:
             kwargs["revision"] = self.revision
         return kwargs
-
-
-def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'; 'cuda' without a GPU is a configuration error."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ParamsError(f"device is {device!r} but torch sees no CUDA GPU; allowed: auto, cpu, cuda")
-    return device
-
-
-def resolve_dtype(dtype: str, device: str) -> str:
-    """'auto' -> bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on CPU, where half precision is slow."""
-    import torch
-
-    if dtype != "auto":
-        return dtype
-    if device.startswith("cuda"):
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
-
-
-def torch_dtype(name: str) -> Any:
-    import torch
-
-    return getattr(torch, TORCH_DTYPES[name])
 
 
 def _base_location(model: ModelConfig, root: Path | None) -> Path | str:

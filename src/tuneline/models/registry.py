@@ -15,15 +15,16 @@ AUTOENCODER_KL = "autoencoder_kl"
 
 
 def adapter_class(kind: str) -> type:
-    """The adapter class of a family name or of `autoencoder_kl`; KeyError naming the known ones otherwise."""
-    from tuneline.models.autoencoder import ADAPTER
+    """The adapter class of a family name or of `autoencoder_kl`; KeyError naming the known kinds otherwise."""
     from tuneline.models.family import FAMILIES
 
-    adapters = {AUTOENCODER_KL: ADAPTER, **{name: family.adapter for name, family in FAMILIES.items()}}
-    try:
-        return load_object(adapters[kind])
-    except KeyError:
-        raise KeyError(f"unknown model family {kind!r}; families: {', '.join(sorted(adapters))}") from None
+    if kind == AUTOENCODER_KL:
+        from tuneline.models.autoencoder import ADAPTER
+
+        return load_object(ADAPTER)
+    if kind not in FAMILIES:
+        raise KeyError(f"no trainer adapter for {kind!r}; kinds: {', '.join(sorted([AUTOENCODER_KL, *FAMILIES]))}")
+    return load_object(FAMILIES[kind].adapter)
 
 
 def build_adapter(kind: str, *args: Any, **kwargs: Any) -> Any:

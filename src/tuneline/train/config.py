@@ -4,7 +4,7 @@ them into its params section (`TrainConfig`, below)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 from pydantic import BeforeValidator, Field, model_validator
 
@@ -160,6 +160,8 @@ class TextEncoderConfig(Section):
 
 class TrainConfig(Section):
     """Stage train: the trainer core with the adapter of the model's family (SDXL, Z-Image)."""
+
+    SECTION: ClassVar[str] = "train"  # its name in params.yaml and in messages
 
     mode: Literal["lora", "full"] = Field(
         "lora", description="Train LoRA adapters on the denoiser (SDXL's UNet, Z-Image's transformer), or all of it.")

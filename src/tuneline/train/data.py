@@ -10,17 +10,26 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuneline.config import Params
 from tuneline.core.params import ParamsError, format_resolution
 from tuneline.core.manifest import read_manifest
 from tuneline.models.loading import host_to_device
 from tuneline.train.cached_text import text_cache_blockers
 from tuneline.train.captions import augment_caption
+from tuneline.train.config import TrainConfig
 from tuneline.train.sampler import SampleRef
+
+
+@dataclass(frozen=True)
+class DatasetWeights:
+    """How much one data set counts in training: times seen per epoch, weight in the loss."""
+
+    repeats: int = 1
+    loss_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -33,23 +42,28 @@ class LatentItem:
 
 
 class LatentData:
-    """The latents stage's output folder as training items."""
+    """The latents stage's output folder as training items.
 
-    def __init__(self, params: Params, latents_dir: Path) -> None:
-        self.params = params
+    `datasets`: data set folder name -> its weights (items of other data sets are left out: removed
+    from params.yaml since the latents were cached); `batch_size_for(bucket)`: the bucket stage's
+    batch size of a bucket (width, height)."""
+
+    def __init__(self, latents_dir: Path, train: TrainConfig, datasets: Mapping[str, DatasetWeights],
+                 batch_size_for: Callable[[tuple[int, int]], int]) -> None:
+        self.train = train
         self.dir = Path(latents_dir)
+        self._batch_size_for = batch_size_for
         records = read_manifest(self.dir)
         if not records:
             raise ParamsError(f"{self.dir}: no latents to train on (run the earlier stages first)")
         self.items = []
         for record in records:
-            try:
-                dataset = params.dataset(record["dataset"])
-            except KeyError:
-                continue  # a data set removed from params.yaml since the latents were cached
+            dataset = datasets.get(record["dataset"])
+            if dataset is None:
+                continue
             self.items.append(LatentItem(len(self.items), record, tuple(record["bucket"]), dataset.repeats,
                                          dataset.loss_weight))
-        if params.train.flip and not all(item.record.get("has_flip") for item in self.items):
+        if train.flip and not all(item.record.get("has_flip") for item in self.items):
             raise ParamsError("train.flip: true needs flipped latents: set latents.flip: true and rerun latents")
         self.scaling_factor = float(records[0].get("scaling_factor") or 0.13025)
         self.shift_factor = float(records[0].get("shift_factor") or 0.0)
@@ -57,18 +71,18 @@ class LatentData:
 
     def _text_cache_usable(self) -> bool:
         cached = all(item.record.get("text_embeddings") for item in self.items)
-        return cached and not text_cache_blockers(self.params.train)
+        return cached and not text_cache_blockers(self.train)
 
     def sample_refs(self) -> list[SampleRef]:
         return [SampleRef(item.index, item.bucket, item.repeats) for item in self.items]
 
     def batch_size_for(self, bucket: tuple[int, int]) -> int:
-        return self.params.bucket.batch_size_for(bucket)
+        return self._batch_size_for(bucket)
 
     def batching(self) -> dict[str, int]:
         """Batch size of every bucket trained on: with the seed and the items, it fixes the batch sequence."""
         buckets = sorted({item.bucket for item in self.items})
-        return {format_resolution(bucket): self.params.bucket.batch_size_for(bucket) for bucket in buckets}
+        return {format_resolution(bucket): self._batch_size_for(bucket) for bucket in buckets}
 
     def digest(self) -> str:
         """Digest of what is trained on (latent and text keys, captions, weights): the data identity."""
@@ -88,7 +102,7 @@ class LatentData:
         import torch
         from safetensors.torch import load_file
 
-        train = self.params.train
+        train = self.train
         means, stds, noises, captions, crops, embeds, pooled = [], [], [], [], [], [], []
         for index in indices:  # the RNG draws in item order: flip, noise, caption (exact resume)
             item = self.items[index]

@@ -11,7 +11,8 @@ frozen weights in the compute dtype, LoRA adapters in fp32, gradient checkpointi
   moments + a 4-byte step per tensor, Lion one moment, Adafactor factored second moments,
   Prodigy moments + s + p0, 8-bit AdamW uint8 moments with fp32 block scales;
 - **EMA** shadow (fp32 copy of the trained parameters) when on and not on the CPU;
-- **activations** at the largest bucket (pixels x batch size): one forward of the real loss
+- **activations** at the bucket the caller names (for a run: its largest, pixels x batch size;
+  tuneline.stages.train.memory picks it from the bucket settings): one forward of the real loss
   on meta tensors of that shape, counting every tensor autograd saves for backward (each
   storage once, parameters excluded) through `torch.autograd.graph.saved_tensors_hooks`.
   Mixed precision is emulated with the dtype rules of CUDA autocast (matmuls and
@@ -33,6 +34,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tuneline.models.config import ModelConfig
+from tuneline.train.adapter import DiffusionAdapter
+from tuneline.train.config import TrainConfig
 
 GIB = 1024**3
 # bitsandbytes 0.50.2 Optimizer2State: tensors smaller than this keep fp32 state; 8-bit state is
@@ -269,13 +274,12 @@ class _SavedCounter:
         return sum(self.storages.values())
 
 
-def activation_bytes(adapter: Any, modules: dict[str, Any], batch: dict[str, Any], mixed_precision: str) -> dict[str, int]:
+def activation_bytes(adapter: DiffusionAdapter, modules: dict[str, Any], batch: dict[str, Any], mixed_precision: str) -> dict[str, int]:
     """Estimated activation memory of one training micro-batch: {"saved", "checkpointed_block",
     "gradients_in_flight", "total"} in bytes. `modules` and `batch` are on the meta device."""
     import torch
 
-    from tuneline.models.loading import torch_dtype
-    from tuneline.models.sdxl.adapter import compute_dtype_name
+    from tuneline.core.device import compute_dtype_name, torch_dtype
 
     every = [m for module in modules.values() for m in module.modules()]
     excluded = {t.untyped_storage()._cdata for m in every for t in [*m.parameters(recurse=False),
@@ -313,33 +317,14 @@ def activation_bytes(adapter: Any, modules: dict[str, Any], batch: dict[str, Any
 # --- the estimate of a run -------------------------------------------------------------------
 
 
-def largest_bucket(params: Any) -> tuple[tuple[int, int], int]:
-    """((width, height), batch size) of the bucket with the most pixels per batch over every data set."""
-    from tuneline.stages.bucket.aspect import generate_buckets
+def estimate(model: ModelConfig, train: TrainConfig, root: Path, bucket: tuple[int, int], batch_size: int, *,
+             text_cached: bool, live_samples: bool = False, adapter: DiffusionAdapter | None = None) -> MemoryEstimate:
+    """The GPU memory of training `model` (the adapter of model.base's family) with `train`, from the
+    model's configs alone, its activations at `bucket` (width, height) x `batch_size`.
 
-    cases = []
-    for dataset in params.datasets:
-        for bucket in generate_buckets(params.bucket_settings_for(dataset)):
-            cases.append((bucket[0] * bucket[1] * params.bucket.batch_size_for(bucket), tuple(bucket)))
-    if not cases:
-        side = params.bucket.resolution if isinstance(params.bucket.resolution, int) else 1024
-        return (side, side), params.bucket.batch_size
-    _, bucket = max(cases)
-    return bucket, params.bucket.batch_size_for(bucket)
-
-
-def conditioning_cached(params: Any) -> bool:
-    """Whether the latents stage caches the text embeddings this training uses (no encoder in the step)."""
-    from tuneline.train.cached_text import text_cache_blockers
-
-    return bool(params.latents.text_embeddings) and not text_cache_blockers(params.train)
-
-
-def estimate(params: Any, root: Path, bucket: tuple[int, int] | None = None, batch_size: int | None = None,
-             adapter: Any = None) -> MemoryEstimate:
-    """The GPU memory of training `params` (the adapter of model.base's family), from the model's configs alone.
-
-    `bucket`/`batch_size` default to the largest bucket of the data sets; `adapter` (already
+    The caller says what only the pipeline knows: the bucket (the largest one the data sets make),
+    whether the latents stage caches the text embeddings this training can use (`text_cached`: then
+    no text encoder is loaded), and whether live samples render during training. `adapter` (already
     loaded and set up, e.g. on real weights) skips building one on the meta device.
     """
     import torch
@@ -347,12 +332,10 @@ def estimate(params: Any, root: Path, bucket: tuple[int, int] | None = None, bat
     from tuneline.models.family import detect_family
     from tuneline.models.registry import build_adapter
 
-    train = params.train
-    cached = conditioning_cached(params)
     if adapter is None:
-        adapter = build_adapter(detect_family(params.model, root), params.model, train, root)
+        adapter = build_adapter(detect_family(model, root), model, train, root)
         with torch.random.fork_rng(devices=[]):  # LoRA initialisation draws: leave the caller's RNG alone
-            adapter.load(conditioning_cached=cached, empty_weights=True)
+            adapter.load(conditioning_cached=text_cached, empty_weights=True)
             adapter.setup_training()
     modules = adapter.trained_modules()
     on_device = [*modules.values(), *adapter.frozen_modules().values()]
@@ -361,19 +344,16 @@ def estimate(params: Any, root: Path, bucket: tuple[int, int] | None = None, bat
     optimizers = {name: optimizer_state_bytes(name, parameters, train.optimizer.betas[0]) for name in OPTIMIZERS}
     optimizer = optimizers[train.optimizer.name]
     ema = sum(p.numel() * 4 for p in parameters) if train.ema.enabled and not train.ema.on_cpu else 0
-    if bucket is None or batch_size is None:
-        found_bucket, found_batch = largest_bucket(params)
-        bucket, batch_size = bucket or found_bucket, batch_size or found_batch
     notes = []
-    batch = adapter.example_batch(batch_size, bucket, "meta", with_text=cached)
+    batch = adapter.example_batch(batch_size, bucket, "meta", with_text=text_cached)
     detail = activation_bytes(adapter, modules, batch, train.mixed_precision)
-    if not cached:
+    if not text_cached:
         notes.append("the text encoders run every step (text embeddings not cached): their weights are counted")
     smallest = min(optimizers, key=optimizers.get)
     if optimizers[smallest] < optimizer and optimizer - optimizers[smallest] > 0.05 * GIB:
         notes.append(f"train.optimizer.name {smallest} would keep {format_bytes(optimizers[smallest])} of state "
                      f"instead of {format_bytes(optimizer)}")
-    if params.render.live_every:
+    if live_samples:
         notes.append("live samples load the VAE and (if not loaded) the text encoders onto the GPU while rendering")
     return MemoryEstimate(
         weights=frozen, trained=trained, gradients=trained, optimizer=optimizer, optimizer_name=train.optimizer.name,

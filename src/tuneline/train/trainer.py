@@ -1,16 +1,15 @@
 """The trainer core: family-agnostic, explicit, resumable, under HF accelerate.
 
-    trainer = Trainer(params, root, latents_dir, checkpoint_root, adapter)
+    trainer = Trainer(config, adapter, data, ModelSource.of(model, root), checkpoint_root)
     trainer.setup()          # load, prepare, resume from this run's latest checkpoint if any
     result = trainer.fit()   # train_step until num_steps / num_epochs or a stop signal
 
-The model family lives behind the adapter (looked up by family in tuneline.models.registry):
-it loads the modules, names the trained ones and their parameter groups, and computes the loss.
-Optimization is a list of units (optimizer + LR schedule over some parameter groups, stepped
-every N steps after step S, with its own loss, clipping and grad norm). SDXL has one unit
-("model", from `train`); an adapter with `optimization_units()` declares several (the
-autoencoder: the VAE and its discriminator) and computes their losses in `unit_losses()`.
-The data source and the config section are arguments too (default: the latents and `train`).
+The stage builds the pieces: the config section (`train`, `autoencoder`), the adapter of the
+model (tuneline.models.registry), the data source (the latents, the autoencoder's crops). What the
+trainer calls on each is typed in tuneline.train.adapter. Optimization is a list of units
+(optimizer + LR schedule over some parameter groups, stepped every N steps after step S, with its
+own loss, clipping and grad norm) that the adapter declares: a diffusion family one ("model"),
+the autoencoder two (the VAE and its discriminator).
 """
 
 from __future__ import annotations
@@ -23,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from tuneline.config import Params
 from tuneline.core.stops import resume_command
 from tuneline.train import checkpoint
-from tuneline.train.data import LatentData
+from tuneline.train.adapter import ModelSource, TrainerAdapter, TrainerConfig, TrainingData
+from tuneline.train.units import UnitSpec
 from tuneline.train.sampler import BucketBatchSampler
 from tuneline.train.state import TrainRandom, TrainState
 
@@ -157,112 +156,133 @@ class NonFiniteGuard:
 
 
 class Trainer:
-    def __init__(self, params: Params, root: Path, latents_dir: Path, checkpoint_root: Path, adapter: Any,
-                 tracker: Any = None, resume_from: Path | None = None, live_eval: Any = None,
-                 live_every: int = 0, config: Any = None, data: Any = None, section: str = "train") -> None:
-        self.params = params
-        # The config section the core reads (seed, steps, precision, optimizer, schedule, EMA,
-        # checkpoints) and the data source (digest, batching, batch): `train` and the latents by default.
-        self.config = config if config is not None else params.train
-        self.section = section
-        self.root = Path(root)
+    """One training run: `setup()` loads, prepares and resumes; `fit()` trains to the end.
+
+    config: the params section it runs on (`train`, `autoencoder`); adapter: the model; data: the
+    batches, built by the stage; model: the base model's settings and identity (run key);
+    checkpoint_root: where runs keep their checkpoint folders (`<root>/<run key>/step_*`);
+    resume_from: a checkpoint to resume instead of this run's latest; live_eval(trainer): called
+    on the main process every live_every steps (samples, evaluations); it must leave the training
+    state untouched, RNG included, so exact resume still holds.
+    """
+
+    def __init__(self, config: TrainerConfig, adapter: TrainerAdapter, data: TrainingData, model: ModelSource,
+                 checkpoint_root: Path, *, resume_from: Path | None = None,
+                 live_eval: Callable[[Trainer], Any] | None = None, live_every: int = 0) -> None:
+        self.config = config
+        self.adapter = adapter
+        self.data = data
+        self.model = model
         self.checkpoint_root = Path(checkpoint_root)
         self.resume_from = Path(resume_from) if resume_from else None
-        self.adapter = adapter
-        self.tracker = tracker
-        self.data = data if data is not None else LatentData(params, latents_dir)
         self.data_digest = self.data.digest()
         self.stop_signal: int | None = None
-        # live_eval(trainer) renders samples every live_every steps (main process); it must leave
-        # the training state untouched, RNG included, so exact resume still holds.
         self.live_eval, self.live_every = live_eval, live_every
         self.messages: list[str] = []  # resume notes, safe config changes: shown and logged
 
     # --- set-up -------------------------------------------------------------------------
 
     def setup(self) -> None:
-        import torch
-        from accelerate import Accelerator
-
-        from tuneline.models.ref import identify
-        from tuneline.train.ema import EMA
-        from tuneline.train.optim import build_optimizer, check_optimizer_available
-        from tuneline.train.schedule import build_scheduler
-
-        config = self.config
-        self.accelerator = Accelerator(mixed_precision=config.mixed_precision,
-                                       cpu=not torch.cuda.is_available())
-        self.guard = NonFiniteGuard()
-        self.batching = self.data.batching()
-        # The weights' content, not only their names: a model replaced in place is a different run.
-        self.model_identity = {key: entry["identity"] for key, entry in
-                               identify(self.params, self.root, ("model.base", "model.vae")).items()}
-        self.run_key = checkpoint.run_key(self.config.model_dump(mode="json"),
-                                          {**self.params.model.model_dump(mode="json"), "identity": self.model_identity},
-                                          self.data_digest, self.accelerator.num_processes, self.batching)
-        self.checkpoint_dir = self.checkpoint_root / self.run_key
-        check_optimizer_available(config.optimizer, self.accelerator.device.type)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        self.seed = self._resolve_seed()
-        torch.manual_seed(self.seed)
-        random.seed(self.seed)
-        # Nothing the step does not use is loaded: with cached text embeddings, no text encoder.
-        self.adapter.load(conditioning_cached=self.data.text_cache)
-        self.adapter.setup_training()
-        modules = self.adapter.trained_modules()
-        if getattr(config, "channels_last", False):
-            for module in modules.values():
-                module.to(memory_format=torch.channels_last)
-        groups = self.adapter.param_groups(modules)
-        self.parameters = [p for group in groups for p in group["params"]]
+        """Start accelerate, name the run, seed, load the model, build the units and the EMA, resume."""
+        self._start()
+        modules = self._load_model()
         self.sampler = BucketBatchSampler(self.data.sample_refs(), self.data.batch_size_for, self.seed,
                                           self.accelerator.num_processes, self.accelerator.process_index)
         self.batches_per_epoch = len(self.sampler)
         self.total_steps = self._total_steps()
-        # One unit from the config section, unless the adapter declares its own (several optimizers).
-        if hasattr(self.adapter, "optimization_units"):
-            specs = self.adapter.optimization_units(modules)
-        else:
-            specs = [{"name": "model", "groups": groups, "optimizer": config.optimizer, "schedule": config.schedule,
-                      "max_grad_norm": config.max_grad_norm}]
+        self._prepare(modules, self.adapter.optimization_units(modules))
+        self._start_ema()
+        self.random = TrainRandom(self.seed, self.accelerator.process_index, self.accelerator.device)
+        self.state = TrainState(seed=self.seed)
+        self._resume_or_start()
+        self.state.history.append({"started_at_step": self.state.step, "time": time.time(),
+                                   "processes": self.accelerator.num_processes})
+
+    def _start(self) -> None:
+        """The accelerator, the run's key and checkpoint folder, the seed (every global RNG seeded)."""
+        import torch
+        from accelerate import Accelerator
+
+        from tuneline.train.optim import check_optimizer_available
+
+        self.accelerator = Accelerator(mixed_precision=self.config.mixed_precision,
+                                       cpu=not torch.cuda.is_available())
+        self.guard = NonFiniteGuard()
+        self.batching = self.data.batching()
+        self.run_key = checkpoint.run_key(self.config.model_dump(mode="json"), self._model_key(), self.data_digest,
+                                          self.accelerator.num_processes, self.batching)
+        self.checkpoint_dir = self.checkpoint_root / self.run_key
+        # Before anything loads: a missing package or a CPU-only optimizer fails in seconds.
+        check_optimizer_available(self.config.optimizer, self.accelerator.device.type)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        self.seed = self._resolve_seed()
+        torch.manual_seed(self.seed)
+        random.seed(self.seed)
+
+    def _model_key(self) -> dict[str, Any]:
+        # The weights' content, not only their names: a model replaced in place is a different run.
+        return {**self.model.settings, "identity": self.model.identity}
+
+    def _load_model(self) -> dict[str, Any]:
+        """The adapter's trained modules, loaded and set up (LoRA initialisation draws from the seeded RNG)."""
+        import torch
+
+        # Nothing the step does not use is loaded: with cached text embeddings, no text encoder.
+        self.adapter.load(conditioning_cached=self.data.text_cache)
+        self.adapter.setup_training()
+        modules = self.adapter.trained_modules()
+        if self.config.channels_last:
+            for module in modules.values():
+                module.to(memory_format=torch.channels_last)
+        return modules
+
+    def _prepare(self, modules: dict[str, Any], specs: list[UnitSpec]) -> None:
+        """One optimizer and LR schedule per unit; modules and optimizers through accelerate.prepare
+        (device placement, DDP); frozen modules to the device; the denoiser compiled when asked."""
+        from tuneline.train.optim import build_optimizer, check_optimizer_available
+        from tuneline.train.schedule import build_scheduler
+
+        device_type = self.accelerator.device.type
         optimizers, schedulers = [], []
         for spec in specs:
-            check_optimizer_available(spec["optimizer"], self.accelerator.device.type)
-            optimizer = build_optimizer(spec["optimizer"], spec["groups"], self.accelerator.device.type)
+            check_optimizer_available(spec.optimizer, device_type)
+            optimizer = build_optimizer(spec.optimizer, list(spec.groups), device_type)
             optimizers.append(optimizer)
-            schedulers.append(build_scheduler(optimizer, spec["schedule"], max(1, steps_due(
-                self.total_steps, spec.get("every", 1), spec.get("start_step", 0)))))
+            # A unit's schedule runs over the steps it steps at.
+            schedulers.append(build_scheduler(optimizer, spec.schedule,
+                                              max(1, steps_due(self.total_steps, spec.every, spec.start_step))))
         names = list(modules)
         prepared = self.accelerator.prepare(*modules.values(), *optimizers)
         self.modules = dict(zip(names, prepared[:len(names)]))
-        for name, module in self.adapter.frozen_modules().items():
+        for module in self.adapter.frozen_modules().values():
             module.to(self.accelerator.device)
-        if getattr(config, "compile", False):
-            denoiser = getattr(self.adapter, "denoiser_name", "unet")  # SDXL's UNet, Z-Image's transformer
-            self.modules[denoiser] = compile_module(self.modules[denoiser], config.compile_scope, self.accelerator)
-        self.units = [OptimizationUnit(spec["name"], optimizer, scheduler,
-                                       [p for group in spec["groups"] for p in group["params"]],
-                                       spec.get("every", 1), spec.get("start_step", 0), spec.get("max_grad_norm"))
+        if self.config.compile:
+            name = self.adapter.compiled_module
+            self.modules[name] = compile_module(self.modules[name], self.config.compile_scope, self.accelerator)
+        self.units = [OptimizationUnit(spec.name, optimizer, scheduler, spec.parameters, spec.every,
+                                       spec.start_step, spec.max_grad_norm)
                       for spec, optimizer, scheduler in zip(specs, prepared[len(names):], schedulers)]
-        # EMA over the modules the adapter names (the autoencoder, not its discriminator), default all.
-        ema_modules = getattr(self.adapter, "ema_modules", None)
-        self.ema = (EMA(self._named_trained_parameters(ema_modules() if ema_modules else None), config.ema)
-                    if config.ema.enabled else None)
-        self.random = TrainRandom(self.seed, self.accelerator.process_index, self.accelerator.device)
-        self.state = TrainState(seed=self.seed)
+        self.parameters = self.units[0].parameters  # the main unit's: the model's trained parameters
+
+    def _start_ema(self) -> None:
+        from tuneline.train.ema import EMA
+
+        self.ema = (EMA(self._named_trained_parameters(self.adapter.ema_modules()), self.config.ema)
+                    if self.config.ema.enabled else None)
+
+    def _resume_or_start(self) -> None:
+        """Resume from `resume_from` or this run's latest checkpoint; else say why a new run starts."""
         found, note = (self.resume_from, None) if self.resume_from else checkpoint.find_latest(self.checkpoint_dir)
         if note:
             self.messages.append(note)
         if found is not None:
             self.resume(found)
-        else:
-            others = sorted(p.name for p in self.checkpoint_root.glob("*") if checkpoint.latest(p) is not None)
-            if others:
-                self.messages.append(
-                    f"new run {self.run_key}: the checkpoints in {self.checkpoint_root} ({', '.join(others)}) are of "
-                    "other settings or data, so this run starts from the base model")
-        self.state.history.append({"started_at_step": self.state.step, "time": time.time(),
-                                   "processes": self.accelerator.num_processes})
+            return
+        others = sorted(p.name for p in self.checkpoint_root.glob("*") if checkpoint.latest(p) is not None)
+        if others:
+            self.messages.append(
+                f"new run {self.run_key}: the checkpoints in {self.checkpoint_root} ({', '.join(others)}) are of "
+                "other settings or data, so this run starts from the base model")
 
     def _resolve_seed(self) -> int:
         """The configured seed, or (null/0) a random one, read from the checkpoint when resuming."""
@@ -277,7 +297,8 @@ class Trainer:
         # Every process must use the main process's pick.
         seed = int(self.accelerator.reduce(torch.tensor(seed if self.accelerator.is_main_process else 0,
                                                         device=self.accelerator.device), "sum"))
-        self.messages.append(f"train.seed is {self.config.seed!r}: picked seed {seed} (recorded; set it to repeat)")
+        self.messages.append(f"{self.config.SECTION}.seed is {self.config.seed!r}: picked seed {seed} "
+                             "(recorded; set it to repeat)")
         return seed
 
     def _total_steps(self) -> int:
@@ -286,7 +307,12 @@ class Trainer:
         steps_per_epoch = max(1, self.batches_per_epoch // self.config.gradient_accumulation)
         return self.config.num_epochs * steps_per_epoch
 
-    def _named_trained_parameters(self, names: Any = None) -> list[tuple[str, Any]]:
+    def trained_weights(self) -> dict[str, Any]:
+        """A CPU copy of every trained parameter by `<module>.<parameter>` name: a checkpoint's trained.safetensors."""
+        return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in self._named_trained_parameters()}
+
+    def _named_trained_parameters(self, names: list[str] | None = None) -> list[tuple[str, Any]]:
+        """(module.parameter name, parameter) of the trained parameters of `names` (default: every trained module)."""
         return [(f"{name}.{pname}", p) for name, module in self.modules.items() if names is None or name in names
                 for pname, p in self.accelerator.unwrap_model(module).named_parameters() if p.requires_grad]
 
@@ -312,8 +338,8 @@ class Trainer:
         before the optimizer steps on a NaN/Inf; fit() passes sync=False and checks on the steps
         that log, save or render (see NonFiniteGuard).
 
-        One unit: `adapter.loss` and a plain backward (the SDXL path). Several: `adapter.unit_losses`
-        returns a loss per unit; each due unit's loss is backpropagated into its own parameters only
+        `adapter.unit_losses` returns a loss per due unit. One unit: a plain backward (a diffusion
+        family). Several: each due unit's loss is backpropagated into its own parameters only
         (`inputs=`), so one unit's loss never leaks gradients into another's (the GAN loss of the
         autoencoder into the discriminator). The first unit's loss is the step's loss.
         """
@@ -338,12 +364,8 @@ class Trainer:
             ids.extend(batch["ids"])
             last = i == len(micro_batches) - 1
             with _no_sync(accelerator, self.modules.values(), enabled=not last), accelerator.autocast():
-                if single:
-                    loss, extra = self.adapter.loss(self.modules, batch, self.random.torch, self.state.step)
-                    losses = {main: loss}
-                else:
-                    losses, extra = self.adapter.unit_losses(self.modules, batch, self.random.torch, self.state.step,
-                                                             [unit.name for unit in due])
+                losses, extra = self.adapter.unit_losses(self.modules, batch, self.random.torch, self.state.step,
+                                                         [unit.name for unit in due])
             for name, loss in losses.items():
                 detached = loss.detach().float()
                 ok = torch.isfinite(detached)
@@ -414,12 +436,9 @@ class Trainer:
         with torch.no_grad(), self.accelerator.autocast():
             for indices in self.sampler.all_batches(epoch=0):
                 batch = self.data.batch(indices, generator, python_rng, self.accelerator.device)
-                if len(self.units) == 1:
-                    loss, _ = self.adapter.loss(self.modules, batch, generator, self.state.step)
-                else:
-                    losses, _ = self.adapter.unit_losses(self.modules, batch, generator, self.state.step,
-                                                         [self.units[0].name])
-                    loss = losses[self.units[0].name]
+                main = self.units[0].name
+                losses, _ = self.adapter.unit_losses(self.modules, batch, generator, self.state.step, [main])
+                loss = losses[main]
                 total += float(loss) * len(indices)
                 count += len(indices)
         return total / count
@@ -441,9 +460,7 @@ class Trainer:
         torch.save(self.random.state_dict(), staging / f"rng_rank{accelerator.process_index}.pt")
         final = None
         if accelerator.is_main_process:
-            trained = {name: p.detach().to("cpu", copy=True).contiguous()
-                       for name, p in self._named_trained_parameters()}
-            save_file(trained, staging / "trained.safetensors")
+            save_file(self.trained_weights(), staging / "trained.safetensors")
             training = {"units": {u.name: {"optimizer": u.optimizer.state_dict(),
                                            "scheduler": u.scheduler.state_dict()} for u in self.units},
                         "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
@@ -452,11 +469,11 @@ class Trainer:
             checkpoint.write_state(staging, {
                 "train_state": self.state.to_json(),
                 "train_config": self.config.model_dump(mode="json"),
-                "model": self.params.model.model_dump(mode="json"),
+                "model": self.model.settings,
                 "data_digest": self.data_digest,
                 "processes": accelerator.num_processes,
                 "batching": self.batching,
-                "model_identity": self.model_identity,
+                "model_identity": self.model.identity,
             })
             final = checkpoint.finish(self.checkpoint_dir, self.state.step, self.config.checkpoint.keep_last)
         accelerator.wait_for_everyone()
@@ -469,10 +486,10 @@ class Trainer:
 
         saved = checkpoint.read_state(folder)
         safe, unsafe = checkpoint.compare_configs(saved["train_config"], self.config.model_dump(mode="json"),
-                                                  self.section)
-        if saved["model"] != self.params.model.model_dump(mode="json"):
-            unsafe.append(f"model: {saved['model']} -> {self.params.model.model_dump(mode='json')}")
-        if saved.get("model_identity", self.model_identity) != self.model_identity:
+                                                  self.config.SECTION)
+        if saved["model"] != self.model.settings:
+            unsafe.append(f"model: {saved['model']} -> {self.model.settings}")
+        if saved.get("model_identity", self.model.identity) != self.model.identity:
             unsafe.append("the model's weights changed (the files at model.base / model.vae differ)")
         if saved["data_digest"] != self.data_digest:
             unsafe.append("the training data changed (images, captions, repeats or loss weights)")
@@ -538,7 +555,7 @@ class Trainer:
         for message in self.messages:
             accelerator.print(message)
         bar = tqdm(total=self.total_steps if self.config.num_steps else None, initial=self.state.step,
-                   disable=not accelerator.is_local_main_process, desc=self.section, dynamic_ncols=True)
+                   disable=not accelerator.is_local_main_process, desc=self.config.SECTION, dynamic_ncols=True)
         session_start, session_steps, last = time.perf_counter(), 0, None
         try:
             while not self._done():

@@ -13,7 +13,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from tuneline.models.autoencoder.config import AutoencoderConfig
+from tuneline.models.config import ModelConfig
 from tuneline.models.loading import vae_source
+from tuneline.train.units import ParamGroup, UnitSpec
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +85,9 @@ class AutoencoderAdapter:
     """One AutoencoderKL under fine-tuning, with its discriminator."""
 
     family = "autoencoder_kl"
+    compiled_module = "vae"  # the autoencoder section offers no compile (AutoencoderConfig.compile)
 
-    def __init__(self, model_config: Any, config: Any, root: Path) -> None:
+    def __init__(self, model_config: ModelConfig, config: AutoencoderConfig, root: Path) -> None:
         self.model_config = model_config
         self.config = config  # the `autoencoder` section
         self.root = Path(root)
@@ -127,19 +131,18 @@ class AutoencoderAdapter:
     def ema_modules(self) -> list[str]:
         return ["vae"]
 
-    def param_groups(self, modules: dict[str, Any]) -> list[dict[str, Any]]:
+    def param_groups(self, modules: dict[str, Any]) -> list[ParamGroup]:
         return [{"params": [p for p in modules["vae"].parameters() if p.requires_grad], "lr": self.config.lr,
                  "name": "vae"}]
 
-    def optimization_units(self, modules: dict[str, Any]) -> list[dict[str, Any]]:
+    def optimization_units(self, modules: dict[str, Any]) -> list[UnitSpec]:
         disc = self.config.discriminator
         return [
-            {"name": AUTOENCODER, "groups": self.param_groups(modules), "optimizer": self.config.optimizer,
-             "schedule": self.config.schedule, "max_grad_norm": self.config.max_grad_norm},
-            {"name": DISCRIMINATOR, "groups": [{"params": list(modules["discriminator"].parameters()),
-                                                "lr": disc.lr, "name": "discriminator"}],
-             "optimizer": disc.optimizer, "schedule": disc.schedule, "max_grad_norm": disc.max_grad_norm,
-             "every": disc.every, "start_step": disc.start},
+            UnitSpec(AUTOENCODER, self.param_groups(modules), self.config.optimizer, self.config.schedule,
+                     self.config.max_grad_norm),
+            UnitSpec(DISCRIMINATOR, [{"params": list(modules["discriminator"].parameters()), "lr": disc.lr,
+                                      "name": "discriminator"}],
+                     disc.optimizer, disc.schedule, disc.max_grad_norm, every=disc.every, start_step=disc.start),
         ]
 
     def unit_losses(self, modules: dict[str, Any], batch: dict[str, Any], generator: Any, step: int,

@@ -30,6 +30,7 @@ FAMILY = Family(
                       "or latents.dtype bf16/fp32 avoids the retries.",
     renderer="tuneline.models.sdxl.render:SDXLRenderer",
     code={"latents": ("models/sdxl/text.py",),
+          "train": ("models/sdxl/adapter.py", "models/sdxl/text.py"),
           "render": ("models/sdxl/render.py", "models/sdxl/diagnostics.py", "models/sdxl/adapter.py",
                      "models/sdxl/text.py"),
           "export": ("models/sdxl/export.py", "models/sdxl/kohya_lora.py", "models/sdxl/sgm_unet.py",

@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from tuneline.core.device import cast_frozen, compute_dtype_name, torch_dtype
 from tuneline.core.logs import quiet_libraries
 from tuneline.core.params import ParamsError
 from tuneline.core.tensorfile import canonicalize
@@ -22,6 +23,7 @@ from tuneline.models.config import ModelConfig
 from tuneline.models.loading import _base_location, host_to_device, load_text_encoders, load_vae
 from tuneline.models.sdxl import FAMILY
 from tuneline.models.sdxl.text import MAX_TOKENS, conditioning_layers, encode_prompts
+from tuneline.train.units import MODEL_UNIT, ParamGroup, UnitSpec, model_unit
 from tuneline.train.config import TrainConfig
 from tuneline.train.loss import loss_weights, per_sample_mse, snr_of
 from tuneline.train.output import LORA_FILE, PIPELINE_DIR
@@ -44,31 +46,6 @@ TEXT_LORA_TARGETS = {
 TEXT_ENCODER_NAMES = ("text_encoder_1", "text_encoder_2")  # params names; diffusers: text_encoder, text_encoder_2
 DIFFUSERS_NAMES = {"unet": "unet", "text_encoder_1": "text_encoder", "text_encoder_2": "text_encoder_2"}
 LATENT_FACTOR = 8  # SDXL's VAE: latents are 1/8 of the image in each direction
-# train.mixed_precision -> the dtype frozen weights are held in (config name, as in models.loading).
-COMPUTE_DTYPES = {"bf16": "bf16", "fp16": "fp16"}
-
-
-def compute_dtype_name(mixed_precision: str) -> str:
-    """The dtype autocast computes in: frozen weights are stored in it ('fp32' without mixed precision)."""
-    return COMPUTE_DTYPES.get(mixed_precision, "fp32")
-
-
-def cast_frozen(module: Any, dtype: Any) -> None:
-    """Cast the frozen floating parameters and buffers of `module` to `dtype`, in place; trained
-    parameters (requires_grad) keep theirs. Autocast casts fp32 weights to the compute dtype at every
-    use anyway, so an fp32 copy of a frozen weight only costs memory (SDXL's UNet: 10.3 GB vs 5.1)."""
-    import torch
-
-    with torch.no_grad():
-        for sub in module.modules():
-            for key, parameter in sub._parameters.items():
-                if parameter is not None and not parameter.requires_grad and parameter.is_floating_point():
-                    parameter.data = parameter.data.to(dtype)
-            for key, buffer in sub._buffers.items():
-                if buffer is not None and buffer.is_floating_point():
-                    sub._buffers[key] = buffer.to(dtype)
-
-
 def inference_scheduler_settings(prediction_type: str, zero_terminal_snr: bool) -> dict[str, Any]:
     """Scheduler config entries that make an inference pipeline sample what training learned: the
     target, and with zero terminal SNR the rescaled betas and trailing timesteps (the first step
@@ -83,7 +60,7 @@ class SDXLAdapter:
     """One SDXL model under training. Modules are plain torch modules until the trainer prepares them."""
 
     family = "sdxl"
-    denoiser_name = "unet"  # the module train.compile compiles
+    compiled_module = "unet"  # the module train.compile compiles
 
     def __init__(self, model_config: ModelConfig, train_config: TrainConfig, root: Path) -> None:
         FAMILY.refuse_unsupported(train_config)  # also checked before any stage computes (tuneline.preflight)
@@ -185,8 +162,6 @@ class SDXLAdapter:
         """
         from peft import LoraConfig as PeftLoraConfig
 
-        from tuneline.models.loading import torch_dtype
-
         config = self.config
         frozen_dtype = torch_dtype(self.compute_dtype)
         modules = [("unet", self.unet), *zip(TEXT_ENCODER_NAMES, self.text_encoders)]
@@ -221,9 +196,9 @@ class SDXLAdapter:
         return {name: encoder for name, encoder in zip(TEXT_ENCODER_NAMES, self.text_encoders)
                 if getattr(self.config, name).mode == "frozen"}
 
-    def param_groups(self, modules: dict[str, Any]) -> list[dict[str, Any]]:
+    def param_groups(self, modules: dict[str, Any]) -> list[ParamGroup]:
         """One optimizer group per trained module, each with its own learning rate."""
-        groups = []
+        groups: list[ParamGroup] = []
         for name, module in modules.items():
             params = [p for p in module.parameters() if p.requires_grad]
             if not params:
@@ -231,6 +206,13 @@ class SDXLAdapter:
             lr = self.config.lr if name == "unet" else (getattr(self.config, name).lr or self.config.lr)
             groups.append({"name": name, "params": params, "lr": lr})
         return groups
+
+    def optimization_units(self, modules: dict[str, Any]) -> list[UnitSpec]:
+        """One unit over every trained module, from the train section."""
+        return [model_unit(self.param_groups(modules), self.config)]
+
+    def ema_modules(self) -> list[str]:
+        return list(self.trained_modules())
 
     def example_batch(self, batch_size: int, bucket: tuple[int, int], device: Any, with_text: bool = True) -> dict:
         """A batch shaped like LatentData.batch's at `bucket` (width, height) in pixels, zeros on
@@ -310,6 +292,12 @@ class SDXLAdapter:
                                                                                                     device)
         # Per-batch facts stay tensors: reading them is a host sync, done only when they are logged.
         return (per_sample * weights).mean(), {"timestep_mean": timesteps.detach().float().mean()}
+
+    def unit_losses(self, modules: dict[str, Any], batch: dict[str, Any], generator: Any, step: int,
+                    due: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The one unit's loss (`loss`), under the trainer's unit contract."""
+        loss, extra = self.loss(modules, batch, generator, step)
+        return {MODEL_UNIT: loss}, extra
 
     # --- outputs -----------------------------------------------------------------------
 

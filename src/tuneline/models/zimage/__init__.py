@@ -31,7 +31,8 @@ FAMILY = Family(
         karras_refusal="karras: Z-Image's flow-match Euler takes its sigmas from the shift of its scheduler; "
                        "Karras sigmas are an SDXL sampler option (set karras: false)"),
     renderer="tuneline.models.zimage.render:ZImageRenderer",
-    code={"latents": ("models/zimage/text.py",), "render": ("models/zimage/render.py",),
+    code={"latents": ("models/zimage/text.py",), "train": ("models/zimage/adapter.py", "models/zimage/text.py"),
+          "render": ("models/zimage/render.py",),
           "export": ("models/zimage/export.py",)},
     ignored_settings=(
         ForeignSetting("train.text_encoder_2.mode",

@@ -20,14 +20,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from tuneline.core.device import cast_frozen, compute_dtype_name, torch_dtype
 from tuneline.core.logs import quiet_libraries
 from tuneline.core.params import ParamsError
 from tuneline.core.tensorfile import canonicalize
-from tuneline.models.loading import _base_location, load_vae, load_zimage_text_encoder, torch_dtype
-from tuneline.models.sdxl.adapter import cast_frozen, compute_dtype_name
+from tuneline.models.loading import _base_location, load_vae, load_zimage_text_encoder
 from tuneline.models.zimage import FAMILY
 from tuneline.models.zimage.text import MAX_SEQUENCE_LENGTH, encode_prompts
 from tuneline.models.config import ModelConfig
+from tuneline.train.units import MODEL_UNIT, ParamGroup, UnitSpec, model_unit
 from tuneline.train.config import TrainConfig
 from tuneline.train.output import LORA_FILE, PIPELINE_DIR
 
@@ -55,7 +56,7 @@ class ZImageAdapter:
 
     family = "zimage"
     prediction_type = "flow"  # recorded in trainer_state.json: the velocity noise - x0
-    denoiser_name = "transformer"  # the module train.compile compiles
+    compiled_module = "transformer"  # the module train.compile compiles
 
     def __init__(self, model_config: ModelConfig, train_config: TrainConfig, root: Path) -> None:
         FAMILY.refuse_unsupported(train_config)  # also checked before any stage computes (tuneline.preflight)
@@ -150,11 +151,18 @@ class ZImageAdapter:
     def frozen_modules(self) -> dict[str, Any]:
         return {"text_encoder": encoder for encoder in self.text_encoders}
 
-    def param_groups(self, modules: dict[str, Any]) -> list[dict[str, Any]]:
+    def param_groups(self, modules: dict[str, Any]) -> list[ParamGroup]:
         params = [p for p in modules["transformer"].parameters() if p.requires_grad]
         if not params:
             raise ParamsError("train: the transformer has nothing to train (check train.mode and train.lora.targets)")
         return [{"name": "transformer", "params": params, "lr": self.config.lr}]
+
+    def optimization_units(self, modules: dict[str, Any]) -> list[UnitSpec]:
+        """One unit over the transformer, from the train section."""
+        return [model_unit(self.param_groups(modules), self.config)]
+
+    def ema_modules(self) -> list[str]:
+        return list(self.trained_modules())
 
     def example_batch(self, batch_size: int, bucket: tuple[int, int], device: Any, with_text: bool = True) -> dict:
         """A batch shaped like LatentData.batch's at `bucket` (width, height), zeros on `device`, with
@@ -220,6 +228,12 @@ class ZImageAdapter:
         weighting = loss_weighting(self.config.flow_matching.loss_weighting, sigmas)
         loss = flow_matching_loss(prediction, target, weighting, host_to_device(batch["loss_weight"], device))
         return loss, {"sigma_mean": sigmas.detach().float().mean()}
+
+    def unit_losses(self, modules: dict[str, Any], batch: dict[str, Any], generator: Any, step: int,
+                    due: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The one unit's loss (`loss`), under the trainer's unit contract."""
+        loss, extra = self.loss(modules, batch, generator, step)
+        return {MODEL_UNIT: loss}, extra
 
     # --- outputs -----------------------------------------------------------------------
 

@@ -15,14 +15,19 @@ in checkpoints/autoencoder/<run key>/ and persist, so an interrupted run resumes
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneline.config import Params
 from tuneline.core import layout
 from tuneline.core.fsutil import atomic_write_json, rebuilt_dir, relative_to_root
 from tuneline.core.report import StageReport
 from tuneline.models.ref import is_tiny
+
+if TYPE_CHECKING:
+    from tuneline.stages.autoencoder.data import ImageData
+    from tuneline.train.trainer import Trainer
 
 STAGE = "autoencoder"
 DISABLED_FILE = "disabled.json"
@@ -66,6 +71,19 @@ def _disabled(out_dir: Path, metrics_dir: Path | None, checkpoint_dir: Path) -> 
     return report
 
 
+def build_trainer(params: Params, root: Path, data: ImageData, checkpoint_dir: Path, *,
+                  live_eval: Callable[[Trainer], Any] | None = None, live_every: int = 0) -> Trainer:
+    """The autoencoder stage's Trainer (not set up): the autoencoder section and adapter on `data`
+    (the bucketed images: ImageData), the base model's identity."""
+    from tuneline.models.registry import AUTOENCODER_KL, build_adapter
+    from tuneline.train.adapter import ModelSource
+    from tuneline.train.trainer import Trainer
+
+    adapter = build_adapter(AUTOENCODER_KL, params.model, params.autoencoder, root)
+    return Trainer(params.autoencoder, adapter, data, ModelSource.of(params.model, root), checkpoint_dir,
+                   live_eval=live_eval, live_every=live_every)
+
+
 def run(params: Params, root: Path, bucketed_dir: Path, out_dir: Path, metrics_dir: Path | None = None, *,
         tracker: Any = None, checkpoint_dir: Path | None = None) -> StageReport:
     """Train (or resume) the VAE and write it; a recorded no-op when autoencoder.enabled is false.
@@ -80,11 +98,9 @@ def run(params: Params, root: Path, bucketed_dir: Path, out_dir: Path, metrics_d
     from diffusers import AutoencoderKL
 
     from tuneline.models.loading import load_vae
-    from tuneline.models.registry import build_adapter
     from tuneline.stages.autoencoder.data import ImageData
     from tuneline.stages.autoencoder.evaluate import evaluate, reconstruct, reconstruction_sheet
     from tuneline.train.runs import track_training_run, write_run_record
-    from tuneline.train.trainer import Trainer
 
     started = time.perf_counter()
     report = StageReport(STAGE, metric_keys=METRIC_KEYS)
@@ -95,9 +111,7 @@ def run(params: Params, root: Path, bucketed_dir: Path, out_dir: Path, metrics_d
     data = ImageData(params, bucketed_dir)
     holdout = data.holdout_pixels()
     evaluation = Evaluation(holdout, tracker)
-    adapter = build_adapter("autoencoder_kl", params.model, config, root)
-    trainer = Trainer(params, root, None, checkpoint_dir, adapter, tracker,
-                      config=config, data=data, section=STAGE, live_eval=evaluation, live_every=config.eval_every)
+    trainer = build_trainer(params, root, data, checkpoint_dir, live_eval=evaluation, live_every=config.eval_every)
     trainer.setup()
     main = trainer.accelerator.is_main_process
     first_step = trainer.state.step

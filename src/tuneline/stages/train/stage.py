@@ -1,5 +1,5 @@
-"""Stage `train`: the trainer core with the adapter of model.base's family (family.detect_family:
-SDXL or Z-Image), on the latents stage's output.
+"""Stage `train`: the trainer core with the adapter of model.base's family (tuneline.models.family),
+on the latents stage's output.
 
 Writes the trained result to `out_dir` (LoRA in diffusers format and/or a full pipeline
 folder), `trainer_state.json`, metrics/train.json and the loss curve, as metrics/train_loss.csv
@@ -20,8 +20,9 @@ import csv
 import io
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneline.config import Params
 from tuneline.core import layout
@@ -36,6 +37,11 @@ STAGE = "train"
 LOSS_CURVE = "train_loss.csv"
 LOSS_PICTURE = "train_loss.png"
 RUN_RECORD = layout.TRAIN_RUN_RECORD  # noqa: F401  (tests read the name here)
+
+if TYPE_CHECKING:
+    from tuneline.train.adapter import TrainerAdapter
+    from tuneline.train.data import LatentData
+    from tuneline.train.trainer import Trainer
 
 
 class LossCurve:
@@ -135,22 +141,41 @@ class LiveEvaluation:
                     module.to("cpu")
 
 
+def latent_data(params: Params, latents_dir: Path) -> LatentData:
+    """The latents stage's output as the train section trains on it (data set weights, bucket batch sizes)."""
+    from tuneline.train.data import DatasetWeights, LatentData
+
+    weights = {dataset.folder: DatasetWeights(dataset.repeats, dataset.loss_weight) for dataset in params.datasets}
+    return LatentData(latents_dir, params.train, weights, params.bucket.batch_size_for)
+
+
+def build_trainer(params: Params, root: Path, latents_dir: Path, checkpoint_dir: Path,
+                  adapter: TrainerAdapter | None = None, *, resume_from: Path | None = None,
+                  live_eval: Callable[[Trainer], Any] | None = None, live_every: int = 0) -> Trainer:
+    """The train stage's Trainer (not set up): the train section, the adapter of model.base's family
+    (or `adapter`), the latents, the base model's identity."""
+    from tuneline.models.family import detect_family
+    from tuneline.models.registry import build_adapter
+    from tuneline.train.adapter import ModelSource
+    from tuneline.train.trainer import Trainer
+
+    if adapter is None:  # first: a setting the family refuses fails before any data is read
+        adapter = build_adapter(detect_family(params.model, root), params.model, params.train, root)
+    return Trainer(params.train, adapter, latent_data(params, latents_dir), ModelSource.of(params.model, root),
+                   checkpoint_dir, resume_from=resume_from, live_eval=live_eval, live_every=live_every)
+
+
 def run(params: Params, root: Path, latents_dir: Path, out_dir: Path, metrics_dir: Path | None = None, *,
         tracker: Any = None, checkpoint_dir: Path | None = None, resume_from: Path | None = None) -> StageReport:
     """Train (or resume), then write the result. Raises StopRequested / TrainingDiverged / ResumeRefused."""
-    from tuneline.models.family import detect_family
-    from tuneline.models.registry import build_adapter
-    from tuneline.train.trainer import Trainer
-
     started = time.perf_counter()
     checkpoint_dir = checkpoint_dir or Path(root) / layout.CHECKPOINTS
     report = StageReport(STAGE, metric_keys=("steps", "loss", "seconds_per_step"))
     if is_tiny(params.model.base):
         report.warnings.append(f"model.base is {params.model.base!r}: a tiny RANDOM-weight model "
                                "(pipeline check only, the result means nothing)")
-    adapter = build_adapter(detect_family(params.model, root), params.model, params.train, root)
-    trainer = Trainer(params, root, latents_dir, checkpoint_dir, adapter, tracker, resume_from,
-                      live_eval=LiveEvaluation(params, root, tracker), live_every=params.render.live_every)
+    trainer = build_trainer(params, root, latents_dir, checkpoint_dir, resume_from=resume_from,
+                            live_eval=LiveEvaluation(params, root, tracker), live_every=params.render.live_every)
     trainer.setup()
     main = trainer.accelerator.is_main_process
     # The run's whole loss history lives with its checkpoints, which DVC never deletes (it deletes
