@@ -26,6 +26,7 @@ from tuneline.core.stops import resume_command
 from tuneline.train import checkpoint
 from tuneline.train.adapter import ModelSource, TrainerAdapter, TrainerConfig, TrainingData
 from tuneline.train.units import UnitSpec
+from tuneline.train.output import EMA_DIR
 from tuneline.train.sampler import BucketBatchSampler
 from tuneline.train.state import TrainRandom, TrainState
 
@@ -620,7 +621,7 @@ class Trainer:
         unwrapped = {name: self.accelerator.unwrap_model(m) for name, m in self.modules.items()}
         if self.ema is not None:
             with self.ema.swap():
-                saved = self.adapter.save(unwrapped, Path(out_dir) if only_ema else Path(out_dir) / "ema")
+                saved = self.adapter.save(unwrapped, Path(out_dir) if only_ema else Path(out_dir) / EMA_DIR)
             if only_ema:
                 return saved
         return self.adapter.save(unwrapped, out_dir)
