@@ -138,7 +138,7 @@ def test_later_stages_use_the_trained_vae_and_only_latents_recompute(latents_pro
     for folder in ("data/captioned", "data/latents", ".tuneline/store"):
         shutil.copytree(latents_project.root / folder, root / folder)
     count = len((root / "data/latents/manifest.jsonl").read_text().splitlines())
-    enabled = validate_params({**latents_project.params_data, "autoencoder": {"enabled": True}})
+    enabled = validate_params({**latents_project.params_data, "autoencoder": {"enabled": True, "crop_size": 32}})
     with pytest.raises(ParamsError, match="models/autoencoder holds no trained VAE"):
         stage("latents").run(enabled, root)
     # A "trained" VAE: the tiny base VAE with other weights.

@@ -260,15 +260,15 @@ def test_text_cache_blockers():
 def test_the_trainer_and_the_memory_estimate_use_the_same_rule(captioned):
     """LatentData and the memory estimate answer with text_cache_blockers: cached text is used
     exactly when the rule finds nothing (and every record has its file)."""
-    from tuneline.train.data import LatentData
-    from tuneline.train.memory import conditioning_cached
+    from tuneline.stages.train.memory import text_cached
+    from tuneline.stages.train.stage import latent_data
 
     run(captioned)
     for train in ({}, {"caption_dropout": 0.1}, {"caption_shuffle": True}, {"text_encoder_1": {"mode": "lora"}}):
         params = captioned.params(train=train)
-        assert LatentData(params, captioned.root / "data/latents").text_cache == (not train)
-        assert conditioning_cached(params) == (not train)
-    assert not conditioning_cached(captioned.params(train={}, latents={"text_embeddings": False}))
+        assert latent_data(params, captioned.root / "data/latents").text_cache == (not train)
+        assert text_cached(params) == (not train)
+    assert not text_cached(captioned.params(train={}, latents={"text_embeddings": False}))
 
 
 def test_caption_dropout_turns_the_text_cache_off_and_keeps_the_latents(captioned):
