@@ -52,7 +52,8 @@ def assert_resumed_exactly(straight: Path, resumed: Path, base: dict[str, torch.
     unmoved = [key for key in a if torch.equal(a[key], base[key])]
     # Every trained module moved; a rare tensor may not (the discriminator's last bias has no gradient
     # while the hinge loss sees every logit on the wrong side, and no weight decay: measured 1 of 118).
-    assert {key.split(".")[0] for key in a} == {key.split(".")[0] for key in a if key not in unmoved}, unmoved[:5]
+    modules, moved = {key.split(".")[0] for key in a}, {key.split(".")[0] for key in a if key not in unmoved}
+    assert modules == moved, f"trained modules that never moved from the base: {sorted(modules - moved)}"
     assert len(unmoved) <= 0.02 * len(a), f"{len(unmoved)} of {len(a)} trained tensors never moved from the base, " \
         f"e.g. {unmoved[:3]}"
 

@@ -87,7 +87,8 @@ def test_kill_9_then_resume_matches_a_straight_run_and_mlflow_has_the_run(bucket
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     stopped_at = latest_step(killed / "checkpoints/autoencoder")
-    assert 4 <= stopped_at < 6, f"the kill landed after the run finished (latest step {stopped_at}): nothing resumed"
+    # Step 4's folder was there; `latest` still names step 2 if the kill landed between the rename and its update.
+    assert 2 <= stopped_at < 6, f"the kill landed after the run finished (latest step {stopped_at}): nothing resumed"
     resumed = start(killed)
     output = resumed.communicate(timeout=400)[0]
     assert resumed.returncode == 0, output

@@ -14,7 +14,6 @@ from typing import Any
 
 from tuneline.core.device import TORCH_DTYPES, resolve_device, resolve_dtype, torch_dtype  # noqa: F401  (moved to core)
 from tuneline.core.logs import quiet_libraries
-from tuneline.core.params import ParamsError
 from tuneline.models.config import ModelConfig
 from tuneline.core.fsutil import digest_json
 from tuneline.models.ref import model_identity, resolve_model
