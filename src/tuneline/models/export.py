@@ -3,7 +3,7 @@ tuneline's provenance), reading the training's diffusers LoRA and weights, and t
 file in the original (ldm) layout.
 
 The export stage asks the family's exporter (`Family.exporter`, the `Exporter` Protocol in
-tuneline.models.base, with the ExportedFile and HeaderFacts it speaks of) which files to write and
+tuneline.models.contracts, with the ExportedFile and HeaderFacts it speaks of) which files to write and
 how; the exporters build their headers and files from the pieces here. A safetensors header holds strings only: every header helper returns
 `dict[str, str]`. Importing this module is instant (torch loads inside the functions).
 """

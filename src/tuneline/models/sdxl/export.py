@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tuneline.models.base import ExportedFile, HeaderFacts
+from tuneline.models.contracts import ExportedFile, HeaderFacts
 from tuneline.models.export import header_metadata
 
 if TYPE_CHECKING:
@@ -171,7 +171,7 @@ def base_unet_config(model: ModelConfig, root: Path) -> Path:
 
 
 class SDXLExporter:
-    """The export stage's questions, answered for SDXL (the `Exporter` Protocol of tuneline.models.base)."""
+    """The export stage's questions, answered for SDXL (the `Exporter` Protocol of tuneline.models.contracts)."""
 
     components = COMPONENTS
     vae_layout = "original layout: ComfyUI `models/vae`, A1111 `models/VAE`"

@@ -1,4 +1,4 @@
-"""What rendering asks of SDXL beyond its RenderFacts (the `Renderer` Protocol of tuneline.models.base):
+"""What rendering asks of SDXL beyond its RenderFacts (the `Renderer` Protocol of tuneline.models.contracts):
 the scheduler settings training learned, live samples from the training modules, the diagnostic sheet."""
 
 from __future__ import annotations

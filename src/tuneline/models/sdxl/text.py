@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from tuneline.models.base import EncodedText
+from tuneline.models.contracts import EncodedText
 
 if TYPE_CHECKING:
     from tuneline.models.config import ModelConfig
@@ -65,7 +65,7 @@ TEXT_FORMAT = "tuneline-sdxl-text-embeddings"
 
 
 class SDXLTextCache:
-    """SDXL's text cache (tuneline.models.base.TextCache): per caption `prompt_embeds`
+    """SDXL's text cache (tuneline.models.contracts.TextCache): per caption `prompt_embeds`
     [77, hidden1 + hidden2] and `pooled` [projection], as StableDiffusionXLPipeline.encode_prompt."""
 
     format: ClassVar[str] = TEXT_FORMAT

@@ -40,7 +40,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tuneline.models.base import ExportedFile, HeaderFacts
+from tuneline.models.contracts import ExportedFile, HeaderFacts
 from tuneline.models.export import (
     DTYPES,
     UnmappedKeyError,
@@ -289,7 +289,7 @@ COMPONENTS = {"transformer": "transformer (Z-Image DiT)"}
 
 
 class ZImageExporter:
-    """The export stage's questions, answered for Z-Image (the `Exporter` Protocol of tuneline.models.base):
+    """The export stage's questions, answered for Z-Image (the `Exporter` Protocol of tuneline.models.contracts):
     the transformer's LoRA in ComfyUI's keys, the full fine-tune as the transformer alone, the 16-channel
     VAE in the layout of its `ae.safetensors`."""
 

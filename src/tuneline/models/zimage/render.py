@@ -1,4 +1,4 @@
-"""What rendering asks of Z-Image beyond its RenderFacts (the `Renderer` Protocol of tuneline.models.base):
+"""What rendering asks of Z-Image beyond its RenderFacts (the `Renderer` Protocol of tuneline.models.contracts):
 live samples from the training modules. Flow matching carries no prediction type or noise schedule over
 to the scheduler, and there is no diagnostic sheet (RenderFacts.diagnostics says why)."""
 

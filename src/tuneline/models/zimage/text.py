@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from tuneline.models.base import EncodedText
+from tuneline.models.contracts import EncodedText
 
 if TYPE_CHECKING:
     from tuneline.models.config import ModelConfig
@@ -50,7 +50,7 @@ def encode_prompts(tokenizer: Any, text_encoder: Any, prompts: list[str],
 
 
 class ZImageTextCache:
-    """Z-Image's text cache (tuneline.models.base.TextCache): per caption `prompt_embeds`
+    """Z-Image's text cache (tuneline.models.contracts.TextCache): per caption `prompt_embeds`
     [L, hidden] of only its real tokens (chat template included, cut at max_sequence_length) and
     `attention_mask` [L] (bool, all True: padding is the trainer's), as ZImagePipeline._encode_prompt.
     The key also holds max_sequence_length, which decides a long caption's embedding."""

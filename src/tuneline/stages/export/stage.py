@@ -1,7 +1,7 @@
 """Stage `export`: the trained result as single files other tools load, with a model card.
 
 What was trained decides the files (`<name>` is export.name); the trained family's exporter
-(`Family.exporter`, the `Exporter` Protocol of tuneline.models.base) says which parts there are and
+(`Family.exporter`, the `Exporter` Protocol of tuneline.models.contracts) says which parts there are and
 how each file is laid out, headed and written:
 
 - LoRA only: `<name>.safetensors`, the LoRA in the layout the family's tools load.
@@ -33,12 +33,13 @@ from tuneline.config import Params
 from tuneline.core import layout
 from tuneline.core.fsutil import atomic_path, atomic_write_text, digest_json, link_or_copy, rebuilt_dir
 from tuneline.core.report import StageReport
-from tuneline.models.base import ExportedFile, HeaderFacts
+from tuneline.models.contracts import ExportedFile, HeaderFacts
 from tuneline.models.ref import is_tiny
 from tuneline.train.config import LoraConfig, TrainConfig
 
 if TYPE_CHECKING:
-    from tuneline.models.base import Exporter, Family
+    from tuneline.models.base import Family
+    from tuneline.models.contracts import Exporter
 
 STAGE = "export"
 

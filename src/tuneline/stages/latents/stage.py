@@ -3,7 +3,7 @@
 Two caches, each one file per item in its own store:
 - latents (`vae.py`): the VAE's latent distribution of each image, one path for every family;
 - text embeddings (`text.py`): each distinct caption encoded by the model family's text cache
-  (`Family.text_cache`, tuneline.models.base.TextCache), only while that is valid for the
+  (`Family.text_cache`, tuneline.models.contracts.TextCache), only while that is valid for the
   training run (tuneline.train.cached_text: off with caption dropout or shuffle, or trained
   text encoders, with the reason in the report).
 Their keys are in `keys.py`. The output folder, the summary and the report (`output.py`) are
@@ -27,7 +27,7 @@ from tuneline.core.params import ParamsError
 from tuneline.core.report import StageReport
 from tuneline.core.store import ItemStore, in_shard
 from tuneline.models.ref import is_tiny
-from tuneline.models.base import TextCache
+from tuneline.models.contracts import TextCache
 from tuneline.stages.latents.keys import STAGE, SUFFIX, TEXT_STAGE, caption_of, latent_key, text_key
 from tuneline.stages.latents.output import (finish_shard, ignored_setting_notes, note_latents, note_texts,
                                             write_output)

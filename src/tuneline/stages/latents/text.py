@@ -1,5 +1,5 @@
 """The text half of the latents stage: each distinct caption encoded once by the family's text
-cache (tuneline.models.base.TextCache), one stored file per caption.
+cache (tuneline.models.contracts.TextCache), one stored file per caption.
 
 The file holds the cache's tensors and, as metadata, its `format`, the code version, the caption,
 the dtype, the encoders' identities and the cache's own fields. The manifest record names it under
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneline.core.store import ItemStore
-from tuneline.models.base import TextCache
+from tuneline.models.contracts import TextCache
 from tuneline.stages.latents.files import Writer
 from tuneline.stages.latents.keys import CODE_VERSION, SUFFIX
 
