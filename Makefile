@@ -22,11 +22,17 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/dvc repro
 
+# Two workers, whole files each (a file's module fixtures are built once), handed out in the
+# order of tests/conftest.py's LONGEST_FIRST: by default xdist sorts files by their number of
+# tests, which starts the long one-test end-to-end files last. Each worker gets its share of the
+# cores (tests/conftest.py).
+PYTEST_XDIST := -n 2 --dist loadfile --no-loadscope-reorder
+
 test: install
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest $(PYTEST_XDIST)
 
 test-fast: install
-	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not slow"
+	$(BIN)/python -m pytest $(PYTEST_XDIST) -m "not slow"
 
 bench: install
 	$(BIN)/python -m bench.run_all

@@ -14,14 +14,6 @@ from tuneline.stages.caption import florence as florence_runner
 from tuneline.stages.caption.text import clean_caption, with_trigger
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tiny_home(tmp_path_factory: pytest.TempPathFactory):
-    """One TUNELINE_HOME for the module, so the tiny Florence-2 is built once."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TUNELINE_HOME", str(tmp_path_factory.mktemp("tuneline-home")))
-        yield
-
-
 @pytest.fixture
 def five(project):
     """alpha: a0 (sidecar), a1, a2; beta: b0, b1. alpha's trigger word is 'trig'."""

@@ -36,7 +36,6 @@ def prefect_env(tmp_path_factory):
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     os.environ["DO_NOT_TRACK"] = "1"
     os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"  # first start on a fresh home: ~25 s
-    os.environ.setdefault("TUNELINE_HOME", str(base / "tuneline-home"))
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
     yield
@@ -419,11 +418,15 @@ def test_flow_caches_cancels_resumes_and_reruns_only_what_changed(tmp_path):
                       "latents": True, "train": True}
     assert (run_report(root, "ingest")["computed"], run_report(root, "bucket")["computed"]) == (0, 0)
 
-    # 6. A model replaced in place (same path, new weights): the latents recompute, all 15.
+    # 6. A model replaced in place (same path, new weights): the latents recompute, all 15. (The
+    #    flow stops at latents from here: training on a new VAE was shown by the DVC tests.)
     from safetensors.torch import load_file, save_file
 
     from tuneline.tiny import resolve_tiny
 
+    document = yaml.safe_load((root / "dvc.yaml").read_text())
+    del document["stages"]["train"]
+    (root / "dvc.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
     shutil.copytree(resolve_tiny("tiny-sdxl") / "vae", root / "my-vae")
     settings = {"train.num_steps": 1, "model.vae": "my-vae"}
     # A byte-identical copy of the base's VAE: the same identity, nothing to recompute.

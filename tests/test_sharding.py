@@ -16,14 +16,6 @@ LATENTS = {"batch_size": 2, "dtype": "fp32", "device": "cpu", "flip": True, "tex
 CAPTION = {"model": "tiny-florence2", "mode": "fill", "batch_size": 4, "num_beams": 1, "max_new_tokens": 6}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tiny_home(tmp_path_factory: pytest.TempPathFactory):
-    """One TUNELINE_HOME for the module: the tiny models are built once."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TUNELINE_HOME", str(tmp_path_factory.mktemp("tuneline-home")))
-        yield
-
-
 def test_shard_option_and_key_partition():
     from tuneline.cli import parse_shard
     from tuneline.core.store import in_shard

@@ -1,5 +1,6 @@
 """The Z-Image demo: params.zimage.yaml runs the whole pipeline under `dvc repro` on the embedded
-demo data with the tiny RANDOM Z-Image, and a new photo costs one item in each data stage."""
+demo data with the tiny RANDOM Z-Image; the Prefect flow in the same workspace adds a new photo
+at the cost of one item in each data stage, and `dvc repro` after it recomputes nothing."""
 
 import json
 import shutil
@@ -11,7 +12,8 @@ import yaml
 from safetensors import safe_open
 
 from conftest import save_photo
-from test_dvc_pipeline import STAGES, dvc, metrics, run_report
+from test_dvc_pipeline import STAGES, dvc, flow, metrics, run_report, tracked_files
+from test_flows import prefect_env  # noqa: F401  (autouse: ephemeral Prefect, one PREFECT_HOME per session)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,12 +69,27 @@ def test_dvc_repro_runs_the_zimage_demo_and_reruns_only_what_changed(tmp_path):
         assert handle.metadata()["modelspec.architecture"] == "Z-Image/lora"
     assert keys and all(key.startswith("diffusion_model.") for key in keys)
 
-    # One new photo: one decode, one crop, one caption, one latent; a new training run.
+    # One new photo, through the Prefect flow (this family's flow run): one decode, one crop, one
+    # caption, one latent; a new training run, rendered and exported.
     save_photo(tmp_path / "data/raw/shapes/new_photo.jpg", (700, 480), 42, quality=90)
-    out = dvc(tmp_path, "repro")
+    stages = flow(tmp_path)
+    assert not any(result["cached"] for result in stages.values())
     for stage in ("ingest", "bucket", "caption", "latents"):
         found = run_report(tmp_path, stage)
         assert (found["computed"], found["reused"] + found.get("given", 0)) == (1, 14), stage
+    assert (stages["train"]["report"]["computed"], stages["train"]["report"]["reused"]) == (4, 0)
+    assert stages["export"]["report"]["computed"] == 1
+    # `dvc repro` after the flow: its outputs are not the ones in dvc.lock, so every stage runs, and
+    # each finds its items in the store (training: all 4 steps done); the bytes stay the flow's.
+    # (`models` counts the identities it writes again into the folder DVC cleared: same content.)
+    before = {path: digest for path, digest in tracked_files(tmp_path).items() if path != "dvc.lock"}
+    out = dvc(tmp_path, "repro")
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in out
+    for stage in set(STAGES) - {"models"}:
+        assert run_report(tmp_path, stage)["computed"] == 0, stage
+    assert run_report(tmp_path, "train")["reused"] == 4
+    assert {path: digest for path, digest in tracked_files(tmp_path).items() if path != "dvc.lock"} == before
     # Unchanged: nothing runs but `models` (always_changed, its output the same).
     out = dvc(tmp_path, "repro")
     assert [line for line in out.splitlines() if "Running stage" in line] == ["Running stage 'models':"]
