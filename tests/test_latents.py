@@ -45,14 +45,6 @@ def expected(family: str) -> Expected:
                     {"max_sequence_length": 512}, {"max_sequence_length": 512, "truncated": False})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tiny_home(tmp_path_factory: pytest.TempPathFactory):
-    """The session's TUNELINE_HOME: the tiny models build once for every module."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TUNELINE_HOME", str(tmp_path_factory.getbasetemp() / "tuneline-home"))
-        yield
-
-
 def write_captioned(project, captions: dict[str, str] | None = None) -> list[dict]:
     """data/captioned as the caption stage writes it: the bucketed images plus a `caption` per record."""
     captions = captions or {}

@@ -15,14 +15,6 @@ from test_latents import ZIMAGE, by_name, make_captioned, run, write_captioned
 LONG_CAPTION = "a very long caption, " + "with red and blue squares " * 120
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tiny_home(tmp_path_factory: pytest.TempPathFactory):
-    """The session's TUNELINE_HOME: the tiny models build once for every module."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TUNELINE_HOME", str(tmp_path_factory.getbasetemp() / "tuneline-home"))
-        yield
-
-
 @pytest.fixture
 def zcaptioned(project):
     """Three landscape images (one bucket, batch 2) and one portrait, on model.base tiny-zimage."""
