@@ -170,7 +170,6 @@ def _check(params_path: Path, root: Path, estimate_memory: bool = True) -> int:
     from tuneline.core.params import format_resolution
     from tuneline.core.report import console, print_error, print_warning
     from tuneline.preflight import preflight
-    from tuneline.stages.bucket.aspect import generate_buckets
 
     try:
         params = load_params(params_path)
@@ -182,7 +181,7 @@ def _check(params_path: Path, root: Path, estimate_memory: bool = True) -> int:
     for warning in warnings:
         print_warning(warning)
     for dataset in params.datasets:
-        buckets = generate_buckets(params.bucket_settings_for(dataset))
+        buckets = params.buckets_for(dataset)
         listed = ", ".join(format_resolution(b) for b in buckets)
         console.print(f"  data set {dataset.name!r} ({dataset.path}): {len(buckets)} buckets: {listed}",
                       markup=False, soft_wrap=True)

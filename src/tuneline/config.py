@@ -102,10 +102,7 @@ class Params(Section):
         stage would cut it to the smallest bucket side without a word, after bucket has run."""
         if not self.autoencoder.enabled:
             return self
-        from tuneline.stages.bucket.aspect import generate_buckets
-
-        longest = max(min(bucket) for dataset in self.datasets
-                      for bucket in generate_buckets(self.bucket_settings_for(dataset)))
+        longest = max(min(bucket) for dataset in self.datasets for bucket in self.buckets_for(dataset))
         if self.autoencoder.crop_size > longest:
             raise ValueError(
                 f"autoencoder.crop_size: {self.autoencoder.crop_size} is longer than the shorter side of every "
@@ -119,6 +116,12 @@ class Params(Section):
         if dataset.bucket is not None:
             merged.update(dataset.bucket.model_dump(exclude_none=True))
         return BucketSettings(**merged)
+
+    def buckets_for(self, dataset: DatasetConfig) -> list[tuple[int, int]]:
+        """The buckets the bucket stage generates for this data set (its overrides applied)."""
+        from tuneline.stages.bucket.aspect import generate_buckets
+
+        return [tuple(bucket) for bucket in generate_buckets(self.bucket_settings_for(dataset))]
 
     def dataset(self, folder: str) -> DatasetConfig:
         for dataset in self.datasets:

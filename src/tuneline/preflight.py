@@ -106,11 +106,10 @@ def _crop_warnings(params: Params) -> list[str]:
     """The autoencoder cuts every crop to the smallest bucket side among the images (config.py
     refuses a crop no bucket can hold): say which buckets would cut it."""
     from tuneline.core.params import format_resolution
-    from tuneline.stages.bucket.aspect import generate_buckets
 
     crop = params.autoencoder.crop_size
     short = sorted({(dataset.name, bucket) for dataset in params.datasets
-                    for bucket in generate_buckets(params.bucket_settings_for(dataset)) if min(bucket) < crop})
+                    for bucket in params.buckets_for(dataset) if min(bucket) < crop})
     if not short:
         return []
     listed = ", ".join(f"{format_resolution(bucket)} ({name})" for name, bucket in short[:6])

@@ -12,12 +12,8 @@ from tuneline.train.memory import MemoryEstimate
 
 def largest_bucket(params: Any) -> tuple[tuple[int, int], int]:
     """((width, height), batch size) of the bucket with the most pixels per batch over every data set."""
-    from tuneline.stages.bucket.aspect import generate_buckets
-
-    cases = []
-    for dataset in params.datasets:
-        for bucket in generate_buckets(params.bucket_settings_for(dataset)):
-            cases.append((bucket[0] * bucket[1] * params.bucket.batch_size_for(bucket), tuple(bucket)))
+    cases = [(bucket[0] * bucket[1] * params.bucket.batch_size_for(bucket), bucket)
+             for dataset in params.datasets for bucket in params.buckets_for(dataset)]
     if not cases:
         side = params.bucket.resolution if isinstance(params.bucket.resolution, int) else 1024
         return (side, side), params.bucket.batch_size
