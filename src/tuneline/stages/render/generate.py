@@ -67,14 +67,13 @@ def load_base_pipeline(model_config: ModelConfig, root: Path | None, device: str
 
 
 def family_of_pipeline(pipeline: Any) -> Family:
-    """The family of a built pipeline (by its class: text-to-image or image-to-image)."""
-    from tuneline.models.family import FAMILIES
+    """The family of a built pipeline (by its class, as detection reads model_index.json)."""
+    from tuneline.models.family import FAMILY_NAMES, PIPELINE_FAMILIES, get_family
 
     name = type(pipeline).__name__
-    for family in FAMILIES.values():
-        if name in (family.render.pipeline, family.render.img2img):
-            return family
-    raise KeyError(f"{name} is no pipeline of a known family ({', '.join(FAMILIES)})")
+    if name not in PIPELINE_FAMILIES:
+        raise KeyError(f"{name} is no pipeline of a known family ({', '.join(FAMILY_NAMES)})")
+    return get_family(PIPELINE_FAMILIES[name])
 
 
 @dataclass
