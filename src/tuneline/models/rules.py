@@ -35,15 +35,18 @@ def changed_settings(section: BaseModel, default: BaseModel, prefix: str,
     return found
 
 
-def render_problems(title: str, facts: RenderFacts, render: RenderChoices | None,
-                    sampler_note: str = "") -> list[str]:
-    """render.sampler outside the family's samplers, and image sides off its multiple."""
+def render_problems(title: str, facts: RenderFacts, render: RenderChoices | None) -> list[str]:
+    """render.sampler outside the family's samplers, Karras sigmas where the family has none, and
+    image sides off its multiple (the render stage refuses the same from the same facts)."""
     if render is None:
         return []
     problems = []
     if render.sampler not in facts.samplers:
-        problems.append(f"render.sampler: {shown(render.sampler)} is not a {title} sampler{sampler_note}; allowed: "
+        note = f" ({facts.sampler_note})" if facts.sampler_note else ""
+        problems.append(f"render.sampler: {shown(render.sampler)} is not a {title} sampler{note}; allowed: "
                         f"{', '.join(facts.samplers)}")
+    if render.karras and facts.karras_refusal:
+        problems.append(f"render.karras: true: {facts.karras_refusal}; allowed: false")
     for key in ("width", "height"):
         side = getattr(render, key)
         if side % facts.size_multiple:

@@ -28,8 +28,8 @@ FAMILY = Family(
                     "transformer has no cross-attention",
         scheduler="FlowMatchEulerDiscreteScheduler",
         sampler_note="Z-Image renders with its own flow-match Euler, FlowMatchEulerDiscreteScheduler, named euler",
-        karras_refusal="karras: Z-Image's flow-match Euler takes its sigmas from the shift of its scheduler; "
-                       "Karras sigmas are an SDXL sampler option (set karras: false)"),
+        karras_refusal="Z-Image's flow-match Euler takes its sigmas from the shift of its scheduler; "
+                       "Karras sigmas are an SDXL sampler option"),
     renderer="tuneline.models.zimage.render:ZImageRenderer",
     code={"latents": ("models/zimage/text.py",), "train": ("models/zimage/adapter.py", "models/zimage/text.py"),
           "render": ("models/zimage/render.py",),

@@ -34,10 +34,4 @@ def unsupported_settings(train: TrainConfig, render: RenderChoices | None = None
     if train.attention != "sdpa":
         problems.append(f"train.attention: {shown(train.attention)}: Z-Image uses diffusers' attention dispatch; "
                         "allowed: 'sdpa'")
-    problems += render_problems(FAMILY.title, FAMILY.render, render,
-                                " (Z-Image renders with its own flow-match Euler, FlowMatchEulerDiscreteScheduler, "
-                                "named euler)")
-    if render is not None and render.karras:
-        problems.append("render.karras: true: Z-Image's flow-match Euler takes its sigmas from the shift of its "
-                        "scheduler; Karras sigmas are an SDXL sampler option; allowed: false")
-    return problems
+    return problems + render_problems(FAMILY.title, FAMILY.render, render)

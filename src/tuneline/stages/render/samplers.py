@@ -55,7 +55,7 @@ def check_family_sampler(family: Family, sampler: str, karras: bool) -> None:
         raise ValueError(f"sampler {sampler!r} is not available for {family.name}{why}; valid: "
                          f"{', '.join(facts.samplers)}")
     if karras and facts.karras_refusal:
-        raise ValueError(facts.karras_refusal)
+        raise ValueError(f"karras: {facts.karras_refusal} (set karras: false)")
 
 
 def build_scheduler(name: str, base_config: Any, karras: bool = False, family: Family | None = None) -> Any:
