@@ -18,7 +18,8 @@ from pathlib import Path
 
 from tuneline.config import Params
 from tuneline.core.params import ParamsError
-from tuneline.models.family import family_of
+from tuneline.models.base import Family
+from tuneline.models.config import ModelConfig
 
 # Stages that read each kind of reference; `tuneline check` runs every check.
 _DATASET_STAGES = {"ingest", "check"}
@@ -80,13 +81,23 @@ def check_model_ref(key: str, ref: str, revision: str | None, root: Path) -> tup
     return [], []
 
 
+def _rules_family(model: ModelConfig, root: Path) -> Family:
+    from tuneline.models.family import detect_family, get_family
+    from tuneline.tiny import TINY_MODEL_IDS
+
+    if model.family is None and model.base in TINY_MODEL_IDS:
+        # A tiny id names its family: no need to build the model to read its model_index.json.
+        return get_family(TINY_MODEL_IDS[model.base])
+    return get_family(detect_family(model, root))
+
+
 def family_problems(params: Params, root: Path | str, required: bool = True) -> list[str]:
     """The settings the model family refuses (its rules, on the train and render sections), one
     line each. Finding the family reads model_index.json only. When it cannot be found (no such
     base, offline): one line saying so if `required`, else none (the stages that load the model
     say it)."""
     try:
-        family = family_of(params.model, Path(root))
+        family = _rules_family(params.model, Path(root))
     except (ParamsError, OSError, ValueError) as error:  # hub id checks raise ValueErrors too
         return [str(error) if isinstance(error, ParamsError) else f"model.base {params.model.base!r}: cannot tell "
                 f"its model family ({type(error).__name__}: {error}); set model.family"] if required else []

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tuneline.core.params import ParamsError
-from tuneline.models.base import Family
+from tuneline.models.base import Family, RenderFacts, load_object
 
 if TYPE_CHECKING:
     from tuneline.models.config import ModelConfig
@@ -60,19 +60,14 @@ def family_of(model: ModelConfig, root: Path | None = None) -> Family:
 def detect_family(model: ModelConfig, root: Path | None = None) -> str:
     """The family of `model.base`: `model.family` when set, else from its model_index.json.
 
-    The base may be a tiny model id (its family is in its name: nothing is built), a local
-    diffusers folder, a hub id (its model_index.json read from the HF cache, else fetched: one
-    small file) or a single file, which is SDXL today (the single-file loader is SDXL's). An
-    unknown or unreadable pipeline class is a ParamsError that names the known families and the
-    `model.family` override.
+    The base may be a tiny model id, a local diffusers folder, a hub id (its model_index.json
+    read from the HF cache, else fetched: one small file) or a single file, which is SDXL
+    today (the single-file loader is SDXL's). An unknown or unreadable pipeline class is a
+    ParamsError that names the known families and the `model.family` override.
     """
     if model.family is not None:
         return model.family
     from tuneline.models.ref import resolve_model
-    from tuneline.tiny import TINY_MODEL_IDS
-
-    if TINY_MODEL_IDS.get(model.base) in FAMILIES:
-        return TINY_MODEL_IDS[model.base]
 
     resolved = resolve_model(model.base, root)
     if isinstance(resolved, Path) and resolved.is_file():
