@@ -54,12 +54,12 @@ def choose_weights(trained_dir: Path, use_ema: bool, notes: list[str] | None = N
     return trained_dir
 
 
-def trained_family(trained_dir: Path, model: ModelConfig, root: Path | None = None) -> Family:
-    """The family that was trained: trainer_state.json's `family`, else `model`'s (detect_family; a
-    trainer_state.json without `family` predates the second family)."""
+def trained_family(state: dict[str, Any], model: ModelConfig, root: Path | None = None) -> Family:
+    """The family that was trained: the trainer state's `family` (read_trainer_state), else `model`'s
+    (detect_family; a trainer_state.json without `family` predates the second family)."""
     from tuneline.models.family import family_of, get_family
 
-    name = read_trainer_state(trained_dir).get("family")
+    name = state.get("family")
     return get_family(name) if name else family_of(model, root)
 
 

@@ -236,7 +236,7 @@ def run(params: Params, root: Path, trained_dir: Path, renders_dir: Path, out_di
         raise FileNotFoundError(f"{trained_dir / TRAINER_STATE}: no trained model to export (run the train stage "
                                 "first)")
     trained = TrainConfig.model_validate(state["train_config"])  # what was trained, not today's params.yaml
-    family = trained_family(trained_dir, params.model, root)  # what was trained decides the layout
+    family = trained_family(state, params.model, root)  # what was trained decides the layout
     exporter = family.build_exporter()
     config = params.export
     weights_dir = choose_weights(trained_dir, config.use_ema)

@@ -90,11 +90,11 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
     if not trained_dir.is_dir():
         raise FileNotFoundError(f"{trained_dir} does not exist: run stage train first")
     # What was trained decides the pipelines (trainer_state.json's family), else model.base's family.
-    family = trained_family(trained_dir, params.model, root)
+    state = read_trainer_state(trained_dir)
+    family = trained_family(state, params.model, root)
     facts = family.render
     prompts = load_prompts(root / config.prompts_file, config, family)  # a bad file stops before any model loads
     report = StageReport(STAGE, metric_keys=("items", "mean_abs_diff_vs_base"))
-    state = read_trainer_state(trained_dir)
     tiny = is_tiny(params.model.base) or bool(state.get("random_tiny_model"))
     if tiny:
         report.warnings.append(f"model.base is {params.model.base!r}: a tiny RANDOM-weight model, so these images "
