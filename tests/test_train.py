@@ -694,8 +694,11 @@ def test_the_run_key_is_the_one_older_checkpoints_were_written_under(latents_pro
                     identify(params, latents_project.root, ("model.base", "model.vae")).items()}
         assert sorted(identity) == (["model.base", "model.vae"] if params.model.vae else ["model.base"])
         assert trainer.model.identity == identity
+        # The model section as it was dumped before model.variant / quantize / training_adapter existed.
+        older = {key: value for key, value in params.model.model_dump(mode="json").items()
+                 if key not in ("variant", "quantize", "training_adapter")}
         assert trainer.run_key == checkpoint.run_key(
-            params.train.model_dump(mode="json"), {**params.model.model_dump(mode="json"), "identity": identity},
+            params.train.model_dump(mode="json"), {**older, "identity": identity},
             trainer.data.digest(), 1, trainer.data.batching())
         saved = checkpoint.read_state(trainer.save())
         assert saved["model"] == params.model.model_dump(mode="json") and saved["model_identity"] == identity

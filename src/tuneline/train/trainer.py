@@ -222,7 +222,9 @@ class Trainer:
 
     def _model_key(self) -> dict[str, Any]:
         # The weights' content, not only their names: a model replaced in place is a different run.
-        return {**self.model.settings, "identity": self.model.identity}
+        from tuneline.models.config import run_key_settings
+
+        return {**run_key_settings(self.model.settings), "identity": self.model.identity}
 
     def _load_model(self) -> dict[str, Any]:
         """The adapter's trained modules, loaded and set up (LoRA initialisation draws from the seeded RNG)."""
@@ -488,8 +490,10 @@ class Trainer:
         saved = checkpoint.read_state(folder)
         safe, unsafe = checkpoint.compare_configs(saved["train_config"], self.config.model_dump(mode="json"),
                                                   self.config.SECTION)
-        if saved["model"] != self.model.settings:
-            unsafe.append(f"model: {saved['model']} -> {self.model.settings}")
+        from tuneline.models.config import run_key_settings
+
+        if run_key_settings(saved["model"]) != run_key_settings(self.model.settings):
+            unsafe.append(f"model: {run_key_settings(saved['model'])} -> {run_key_settings(self.model.settings)}")
         if saved.get("model_identity", self.model.identity) != self.model.identity:
             unsafe.append("the model's weights changed (the files at model.base / model.vae differ)")
         if saved["data_digest"] != self.data_digest:
