@@ -277,6 +277,21 @@ def test_serve_and_repro_pass_every_argument_on(monkeypatch):
     assert seen[2].dvc_args == [] and str(seen[2].params) == "p.yaml"
 
 
+def test_the_flows_command_line_reads_set_like_dvc_exp_run(monkeypatch, capsys):
+    """`python -m flows.pipeline -S`: values read as YAML, `null` to set_to_null, after --overrides."""
+    from tuneline.orchestration import flow
+
+    seen = {}
+    monkeypatch.setattr(flow, "pipeline", lambda **kwargs: seen.update(kwargs) or {})
+    assert flow.main(["--overrides", '{"train.seed": 3, "set_to_null": ["model.config"]}', "-S", "train.seed=4",
+                      "-S", "model.vae=null", "-S", "bucket.batch_sizes.1024x1024=1", "-S", "train.flip=true"]) == 0
+    assert seen["overrides"] == {"train.seed": 4, "set_to_null": ["model.config", "model.vae"],
+                                 "bucket.batch_sizes.1024x1024": 1, "train.flip": True}
+    with pytest.raises(SystemExit) as stopped:
+        flow.main(["-S", "train.seed"])
+    assert stopped.value.code == 2 and "-S 'train.seed': expected KEY=VALUE" in capsys.readouterr().err
+
+
 def test_a_bad_override_stops_the_flow_before_any_task(tmp_path):
     from tuneline.core.params import ParamsError
 

@@ -126,10 +126,12 @@ def run_stage(stage: str, params_path: Path, root: Path, options: dict | None = 
 CARD_SIZES_GIB = (8, 12, 16, 24)
 
 
-def _print_memory_estimate(params, root: Path) -> None:
-    """The training's GPU memory, estimated from the model's configs (see tuneline.train.memory)."""
+def _print_memory_estimate(params, root: Path):
+    """The training's GPU memory, estimated from the model's configs (see tuneline.train.memory);
+    returns the estimate, or None when there is none."""
     from tuneline.core.report import console, print_warning
     from tuneline.models.ref import resolve_model
+    from tuneline.stages.train.fit import fits_card
     from tuneline.stages.train.memory import estimate_training_memory
     from tuneline.train import memory
 
@@ -140,13 +142,13 @@ def _print_memory_estimate(params, root: Path) -> None:
         if not is_converted(converted_dir(base, params.model, root)):  # converting would load the whole file
             console.print("  no GPU memory estimate yet: model.base is a single file, whose configs come from its "
                           "conversion; the first stage that loads it (tuneline latents) converts it", markup=False)
-            return
+            return None
     try:
         estimate = estimate_training_memory(params, root)
     except Exception as error:  # noqa: BLE001 - the estimate is advice: never fail the check on it
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print_warning(f"no GPU memory estimate: {type(error).__name__}: {first[:200]}")
-        return
+        return None
     from rich.table import Table
 
     train = params.train
@@ -159,25 +161,70 @@ def _print_memory_estimate(params, root: Path) -> None:
     for name, size in estimate.rows():
         table.add_row(name, memory.format_bytes(size))
     console.print(table)
-    fits = ", ".join(f"{gib} GiB {'yes' if estimate.peak <= gib * memory.GIB * 0.9 else 'no'}"
-                     for gib in CARD_SIZES_GIB)
+    fits = ", ".join(f"{gib} GiB {'yes' if fits_card(estimate.peak, gib) else 'no'}" for gib in CARD_SIZES_GIB)
     console.print(f"  fits a card of (leaving 10% for CUDA's context and fragmentation): {fits}", markup=False)
     for note in estimate.notes:
         console.print(f"  note: {note}", markup=False, soft_wrap=True)
+    return estimate
 
 
-def _check(params_path: Path, root: Path, estimate_memory: bool = True) -> int:
+def _print_fit(params, root: Path, card_gib: float, start) -> int:
+    """`check --fit`: the cheapest setting changes that fit the card (tuneline.stages.train.fit);
+    0 when the plan fits, 1 when nothing tried does."""
+    from tuneline.core.report import console
+    from tuneline.stages.train.fit import USABLE_FRACTION, plan_fit
+    from tuneline.train.memory import GIB, format_bytes
+
+    def say(text: str) -> None:
+        console.print(text, markup=False, soft_wrap=True)
+
+    card = f"{card_gib:g} GiB"
+    if start is None:
+        say(f"--fit {card}: no plan without a memory estimate")
+        return 1
+    plan = plan_fit(params, root, card_gib, start)
+    say(f"--fit {card}: the estimated peak must stay under {format_bytes(int(plan.budget))} ({USABLE_FRACTION:.0%} of "
+        f"the card, the rest for CUDA's context and fragmentation); now {format_bytes(plan.start)}")
+    if not plan.changes and plan.fits:
+        say("  it fits as configured: nothing to change")
+        return 0
+    width = max(len(" ".join(change.set_args())) for change in plan.changes) if plan.changes else 0
+    for change in plan.changes:
+        say(f"  {' '.join(change.set_args()):<{width}}  {format_bytes(change.peak):>10}  {change.why}")
+    for note in plan.notes:
+        say(f"  note: {note}")
+    timing = f"({plan.estimates} estimates, {plan.seconds:.1f} s)"
+    if plan.fits:
+        count = len(plan.changes)
+        say(f"fits a {card} card at {format_bytes(plan.peak)} after {count} change{'s' * (count != 1)} {timing}; "
+            "run with them (dvc exp run, python -m flows.pipeline and tuneline check take the same -S):")
+        say(f"  dvc exp run {' '.join(plan.set_args())}")
+        return 0
+    after = "with every change above" if plan.changes else "as configured; no change tried lowers it"
+    say(f"does not fit a {card} card: the smallest estimate reached is {format_bytes(plan.peak)} {after} "
+        f"(a card of {plan.peak / GIB / USABLE_FRACTION:.1f} GiB would take it) {timing}")
+    return 1
+
+
+def _check(params_path: Path, root: Path, estimate_memory: bool = True, fit_gib: float | None = None,
+           sets: list[str] | None = None) -> int:
     from tuneline.core.params import format_resolution
     from tuneline.core.report import console, print_error, print_warning
     from tuneline.preflight import preflight
 
     try:
-        params = load_params(params_path)
+        if sets:
+            from tuneline.orchestration.overrides import load_with_overrides, parse_set_args
+
+            _, params = load_with_overrides(params_path, parse_set_args(sets))
+        else:
+            params = load_params(params_path)
         warnings = preflight(params, root, stages=("check",))
     except ParamsError as error:
         print_error("configuration error", str(error))
         return 2
-    console.print(f"{params_path}: valid", markup=False)
+    console.print(f"{params_path}{' with ' + ' '.join(f'-S {s}' for s in sets) if sets else ''}: valid",
+                  markup=False, soft_wrap=True)
     for warning in warnings:
         print_warning(warning)
     for dataset in params.datasets:
@@ -186,8 +233,20 @@ def _check(params_path: Path, root: Path, estimate_memory: bool = True) -> int:
         console.print(f"  data set {dataset.name!r} ({dataset.path}): {len(buckets)} buckets: {listed}",
                       markup=False, soft_wrap=True)
     if estimate_memory:
-        _print_memory_estimate(params, root)
+        estimate = _print_memory_estimate(params, root)
+        if fit_gib is not None:
+            return _print_fit(params, root, fit_gib, estimate)
     return 0
+
+
+def parse_fit(text: str) -> float:
+    """`--fit`'s value: a card size in GiB above 0."""
+    from tuneline.stages.train.fit import parse_card_size
+
+    try:
+        return parse_card_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _add_orchestration_commands(commands) -> None:
@@ -254,6 +313,12 @@ def main(argv: list[str] | None = None) -> int:
                                               "the training's GPU memory")
     check.add_argument("--no-memory", action="store_true",
                        help="skip the GPU memory estimate (it builds the model from its configs: a few seconds)")
+    check.add_argument("--fit", type=parse_fit, default=None, metavar="GIB",
+                       help="print the cheapest setting changes (as -S key=value) that bring the estimate under a "
+                            "card of GIB GiB, with the estimate after each; exit 1 when none does")
+    check.add_argument("-S", "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                       help="check with this setting changed, as `dvc exp run -S` sets it (value read as YAML; "
+                            "params.yaml is not changed); repeatable")
     for entry in registry.STAGES:
         command = commands.add_parser(entry.name, help=f"run stage {entry.name}")
         if entry.name == "train":
@@ -272,7 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("ui", "serve", "repro"):
         return _run_orchestration_command(args)
     if args.command == "check":
-        return _check(args.params, args.root, estimate_memory=not args.no_memory)
+        if args.fit is not None and args.no_memory:
+            parser.error("--fit needs the memory estimate: drop --no-memory")
+        return _check(args.params, args.root, estimate_memory=not args.no_memory, fit_gib=args.fit, sets=args.sets)
     options = {"resume_from": args.resume_from} if args.command == "train" else {}
     if getattr(args, "shard", None) is not None:
         options["shard"] = args.shard

@@ -393,8 +393,6 @@ def main(argv: list[str] | None = None) -> int:
     import json
     import signal
 
-    import yaml
-
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="params file, relative to the root")
     parser.add_argument("--root", default=".", help="project root (default: .)")
@@ -406,18 +404,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", type=int, default=1, metavar="N",
                         help="run caption and latents as N concurrent shard processes (default: 1, no sharding)")
     args = parser.parse_args(argv)
-    overrides: dict[str, Any] = json.loads(args.overrides) if args.overrides else {}
-    for item in args.sets:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"-S {item!r}: expected KEY=VALUE")
-        parsed = yaml.safe_load(value)
-        if parsed is None:  # `-S model.vae=null` means null; a null in an override map means "keep"
-            overrides.setdefault(SET_TO_NULL, []).append(key.strip())
-        else:
-            overrides[key.strip()] = parsed
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     from tuneline.core.params import ParamsError
+    from tuneline.orchestration.overrides import parse_set_args
+
+    overrides: dict[str, Any] = json.loads(args.overrides) if args.overrides else {}
+    try:
+        sets = parse_set_args(args.sets)
+    except ParamsError as error:
+        parser.error(str(error))
+    nulls = sets.pop(SET_TO_NULL, [])
+    overrides.update(sets)
+    if nulls:
+        overrides.setdefault(SET_TO_NULL, []).extend(nulls)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     from prefect.exceptions import CancelledRun
 
     from tuneline.orchestration.runner import StageProcessFailed

@@ -111,6 +111,27 @@ def load_with_overrides(params_path: Path | str, overrides: Any = None) -> tuple
     return apply_overrides(read_params_file(params_path), overrides, str(params_path))
 
 
+def parse_set_args(items: list[str]) -> dict[str, Any]:
+    """`-S key=value` arguments (as `dvc exp run -S` takes them: the value read as YAML) -> an
+    overrides mapping; `key=null` goes to set_to_null. ParamsError for an item without `=`."""
+    import yaml
+
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ParamsError(f"-S {item!r}: expected KEY=VALUE, like -S train.lr=1e-4")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ParamsError(f"-S {item!r}: the value is not valid YAML ({error})") from None
+        if parsed is None:  # `-S model.vae=null` means null; a null in an override map means "keep"
+            overrides.setdefault(SET_TO_NULL, []).append(key.strip())
+        else:
+            overrides[key.strip()] = parsed
+    return overrides
+
+
 def override_args(overrides: Any) -> list[str]:
     """The overrides as `-S key=value` arguments of `python -m flows.pipeline` (values as JSON,
     which `-S` reads as YAML; a key set to null as `key=null`)."""
