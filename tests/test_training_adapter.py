@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import signal
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,7 +107,8 @@ def test_the_saved_lora_and_the_checkpoints_hold_the_trained_lora_alone(trained)
     assert any(not torch.equal(adapted_lora[k], plain_lora[k]) for k in adapted_lora)  # it trained otherwise
     [plain_ckpt] = (run / "plain" / "checkpoints").glob("*/step_000002")
     [adapted_ckpt] = (run / "adapted" / "checkpoints").glob("*/step_000002")
-    assert load_file(adapted_ckpt / "trained.safetensors").keys() == load_file(plain_ckpt / "trained.safetensors").keys()
+    assert load_file(adapted_ckpt / "trained.safetensors").keys() == \
+        load_file(plain_ckpt / "trained.safetensors").keys()
 
 
 def test_the_exported_lora_holds_the_trained_lora_alone(trained, tmp_path):
@@ -125,8 +125,31 @@ def test_the_exported_lora_holds_the_trained_lora_alone(trained, tmp_path):
     assert keys["adapted"] == keys["plain"] and not any("training_adapter" in k for k in keys["adapted"])
 
 
+def test_the_memory_estimate_counts_the_adapter_weights_exactly(trained):
+    """On the meta device the adapter's layers come from its file's header: the estimate's frozen bytes equal the
+    real adapted trainer's, and exceed the plain estimate by the adapter's tensors."""
+    from tuneline.stages.train.memory import estimate_training_memory
+    from tuneline.tiny import tiny_training_adapter_file
+    from tuneline.train import memory
+
+    family, project, adapted = trained["family"], trained["project"], trained["adapted"]
+    modules = [*adapted.modules.values(), *adapted.adapter.frozen_modules().values()]
+    real: dict[str, int] = {}
+    for tensor in {id(t): t for m in modules for t in [*m.parameters(), *m.buffers()]}.values():
+        if not tensor.requires_grad:
+            name = memory.dtype_name(tensor.dtype)
+            real[name] = real.get(name, 0) + tensor.numel() * tensor.element_size()
+    with_adapter = estimate_training_memory(adapter_params(project), project.root, bucket=(64, 64), batch_size=1)
+    plain = estimate_training_memory(train_params(project), project.root, bucket=(64, 64), batch_size=1)
+    assert with_adapter.weights == real
+    file = load_file(tiny_training_adapter_file(f"tiny-{family}-training-adapter"))
+    assert with_adapter.weights["fp32"] - plain.weights["fp32"] == sum(t.numel() * 4 for t in file.values())
+    assert with_adapter.trained == plain.trained
+
+
 # The render stage's defaults for each run: Z-Image set to Turbo (9 steps, guidance 0), SDXL's own (30, 6).
-RENDERED = {"zimage": ({"variant": "turbo"}, ("turbo", 9, 0.0)), "sdxl": ({}, ("base", 30, 6.0))}
+# (SDXL renders 4 steps here: its own defaults are tested in test_variant.py.)
+RENDERED = {"zimage": ({"variant": "turbo"}, {}, ("turbo", 9, 0.0)), "sdxl": ({}, {"steps": 4}, ("base", 4, 6.0))}
 
 
 def test_live_samples_and_the_final_render_leave_the_adapter_out(trained, tmp_path):
@@ -142,13 +165,13 @@ def test_live_samples_and_the_final_render_leave_the_adapter_out(trained, tmp_pa
     from tuneline.stages.render.stage import run as run_render
 
     family = trained["family"]
-    model, (variant, steps, guidance) = RENDERED[family]
+    model, render, (variant, steps, guidance) = RENDERED[family]
     project = Project(tmp_path)
     (project.root / "prompts.yaml").write_text(yaml.safe_dump([{"prompt": "alf, a red thing", "seed": 3}]), "utf-8")
     params = project.params(model={"base": f"tiny-{family}", "training_adapter": f"tiny-{family}-training-adapter",
                                    **model},
                             render={"height": 32, "width": 32, "sheet_tile": 32, "transfer": False,
-                                    "diagnostics": False})
+                                    "diagnostics": False, **render})
     shutil.copytree(trained["run"] / "adapted" / "out", project.root / "models/train")
     report = run_render(params, project.root, project.root / "models/train", project.root / "renders",
                         project.root / "metrics")
@@ -214,6 +237,8 @@ def test_resume_is_exact_with_a_training_adapter(request, family, tmp_path):
 
 def test_the_adapter_file_is_part_of_the_run_key_and_of_models_identity(latents_project, tmp_path):
     from tuneline.models.training_adapter import identity_entry
+    from tuneline.stages.models.stage import read_identity
+    from tuneline.stages.models.stage import run as run_models
     from tuneline.stages.train.stage import build_trainer
     from tuneline.tiny import tiny_training_adapter_file
 
@@ -232,6 +257,9 @@ def test_the_adapter_file_is_part_of_the_run_key_and_of_models_identity(latents_
     params = adapter_params(project, str(file))
     first, entry = run_key(params), identity_entry(params.model, project.root)
     assert first == run_key(params) and entry["model.training_adapter"]["kind"] == "local"
+    run_models(params, project.root, tmp_path / "identity")  # the models stage records it beside model.base
+    recorded = read_identity(tmp_path / "identity")
+    assert recorded["model.training_adapter"] == entry["model.training_adapter"] and "model.base" in recorded
     assert first != run_key(train_params(project))  # with and without an adapter
     assert first != run_key(adapter_params(project, {"ref": str(file), "scale": 0.5}))
     tensors = load_file(file)
@@ -258,7 +286,8 @@ def test_bad_training_adapter_settings_are_refused_before_any_compute(latents_pr
     refused(hub, r"model\.training_adapter\.weight_name.*model\.training_adapter\.revision")
     refused({"ref": hub, "weight_name": "a.safetensors"}, r"model\.training_adapter\.revision: None.*40 hex")
     refused({"ref": hub, "weight_name": "a.safetensors", "revision": "main"}, r"revision: 'main'")
-    refused({"ref": hub, "weight_name": "a.bin", "revision": HUB_COMMIT}, r"weight_name: 'a\.bin' is not a \.safetensors")
+    refused({"ref": hub, "weight_name": "a.bin", "revision": HUB_COMMIT},
+            r"weight_name: 'a\.bin' is not a \.safetensors")
     refused("adapters/missing.safetensors", r"model\.training_adapter\.ref: 'adapters/missing\.safetensors' is not a")
     pickle = project.root / "adapter.pt"
     pickle.write_bytes(b"not a safetensors file")

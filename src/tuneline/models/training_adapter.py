@@ -24,6 +24,7 @@ pinned 40-hex revision; safetensors only (no pickle).
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import warnings
 from collections.abc import Iterable, Iterator
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
     from tuneline.core.store import FileDigests
     from tuneline.models.base import Family
     from tuneline.models.config import ModelConfig, TrainingAdapterConfig
+
+log = logging.getLogger(__name__)
 
 KEY = "model.training_adapter"
 ADAPTER_NAME = "training_adapter"  # its PEFT adapter name in the denoiser (the trained LoRA is "default")
@@ -161,16 +164,48 @@ def _set_active(module: Any, names: list[str]) -> None:
         parameter.requires_grad_(flag)
 
 
-def _state_dict(family: Family, denoiser: Any, source: AdapterSource) -> tuple[dict[str, Any], Any, Any]:
+def _on_disk(source: AdapterSource) -> Path | None:
+    """The adapter file if it is on this machine: a local file, or a hub file already in the HF cache."""
+    if source.local is not None:
+        return source.local
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(source.repo, source.weight_name, revision=source.revision)  # type: ignore[arg-type]
+    return Path(found) if isinstance(found, str) else None
+
+
+def _shapes_only(file: Path) -> dict[str, Any]:
+    """The file's tensors on the meta device (shapes and dtypes from its header), scalars (alphas) read for real."""
+    import torch
+    from safetensors import safe_open
+
+    dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+    tensors = {}
+    with safe_open(str(file), framework="pt") as handle:
+        for key in handle.keys():
+            part = handle.get_slice(key)
+            shape = part.get_shape()
+            if len(shape) == 0 or shape == [1] or part.get_dtype() not in dtypes:
+                tensors[key] = handle.get_tensor(key)  # an alpha: the loaders read its value
+            else:
+                tensors[key] = torch.empty(shape, dtype=dtypes[part.get_dtype()], device="meta")
+    return tensors
+
+
+def _state_dict(family: Family, denoiser: Any, source: AdapterSource,
+                tensors: dict[str, Any] | None = None) -> tuple[dict[str, Any], Any, Any]:
     """(state dict with the denoiser's prefix, network alphas, adapter metadata) as the family's pipeline reads
-    the file (its lora_state_dict converts kohya / ComfyUI layouts)."""
+    the file, or `tensors` read from it (its lora_state_dict converts kohya / ComfyUI layouts)."""
     import diffusers
 
     pipeline = getattr(diffusers, family.render.pipeline)
     kwargs: dict[str, Any] = {"use_safetensors": True, "return_lora_metadata": True}
     if family.render.denoiser == "unet":
         kwargs["unet_config"] = denoiser.config  # maps kohya's SGM block names, as load_lora_weights passes it
-    if source.local is not None:
+    if tensors is not None:
+        loaded = pipeline.lora_state_dict(tensors, **kwargs)
+    elif source.local is not None:
         loaded = pipeline.lora_state_dict(str(source.local.parent), weight_name=source.local.name,
                                           local_files_only=True, **kwargs)
     else:
@@ -188,7 +223,9 @@ def load_training_adapter(family: Family, denoiser: Any, model: ModelConfig, tra
     active with the trained one at its scale. Leaves every RNG stream as it was, so the trained LoRA starts from
     the same draws with or without it. None when no adapter is set; else what was loaded (for reports).
 
-    On the meta device (the memory estimate builds the model without weights) nothing is loaded."""
+    On the meta device (the memory estimate builds the model without weights) the adapter's layers are made
+    from the file's header alone (nothing read or allocated), so the estimate counts them; a hub file not
+    downloaded yet is left out then (with a log line)."""
     import torch
 
     config = model.training_adapter
@@ -197,10 +234,17 @@ def load_training_adapter(family: Family, denoiser: Any, model: ModelConfig, tra
     if train_mode != "lora":
         raise ParamsError(problems(model, train_mode, root)[0])
     source = resolve_source(config, root)
-    if any(parameter.device.type == "meta" for parameter in denoiser.parameters()):
-        return None
+    meta = any(parameter.device.type == "meta" for parameter in denoiser.parameters())
+    tensors = None
+    if meta:
+        file = _on_disk(source)
+        if file is None:
+            log.warning("%s %s@%s/%s is not downloaded yet: the memory estimate leaves its weights out", KEY,
+                        source.repo, source.revision, source.weight_name)
+            return None
+        tensors = _shapes_only(file)
     prefix = family.render.denoiser
-    state_dict, alphas, metadata = _state_dict(family, denoiser, source)
+    state_dict, alphas, metadata = _state_dict(family, denoiser, source, tensors)
     foreign = sorted({key.split(".")[0] for key in state_dict if not key.startswith(f"{prefix}.")})
     if foreign:
         raise ParamsError(f"{KEY}: {config.ref!r} also holds LoRA weights for {', '.join(foreign)}; a training "
@@ -210,11 +254,11 @@ def load_training_adapter(family: Family, denoiser: Any, model: ModelConfig, tra
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():  # PEFT draws the new layers' init first
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # a second adapter: on purpose
         denoiser.load_lora_adapter(state_dict, prefix=prefix, network_alphas=alphas, adapter_name=ADAPTER_NAME,
-                                   metadata=metadata)
+                                   metadata=metadata, low_cpu_mem_usage=meta)  # meta: the header's shapes, assigned
     loaded = [(name, p) for name, p in denoiser.named_parameters() if f".{ADAPTER_NAME}." in name]
     if len(loaded) != len(state_dict):
-        raise ParamsError(f"{KEY}: {config.ref!r}: {len(state_dict) - len(loaded)} of its {len(state_dict)} tensors fit "
-                          f"no layer of the {family.title} {prefix}; is it a LoRA for this model?")
+        raise ParamsError(f"{KEY}: {config.ref!r}: {len(state_dict) - len(loaded)} of its {len(state_dict)} tensors "
+                          f"fit no layer of the {family.title} {prefix}; is it a LoRA for this model?")
     for _, parameter in loaded:
         parameter.requires_grad_(False)
     _set_active(denoiser, [*trained, ADAPTER_NAME])

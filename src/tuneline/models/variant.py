@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from tuneline.core.params import ParamsError
 
@@ -38,14 +38,8 @@ class VariantChoice:
     variant: Variant
     reason: str  # "model.variant", "hub id 'Tongyi-MAI/Z-Image-Turbo' names it", ...
     detected: bool  # False: set by model.variant, the family's only variant, or nothing named one
-    steps: int
+    steps: int  # render default: the variant's, else the family's
     guidance_scale: float
-
-    def report(self) -> dict[str, Any]:
-        """The render report's entry: the variant, why, and its defaults with their source."""
-        return {"name": self.variant.name, "decided_by": self.reason, "distilled": self.variant.distilled,
-                "steps": self.steps, "guidance_scale": self.guidance_scale,
-                "source": self.variant.source or "the family's defaults"}
 
 
 def variant_named(family: Family, name: str) -> Variant:

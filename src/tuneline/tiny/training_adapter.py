@@ -46,7 +46,8 @@ def build_tiny_training_adapter(path: Path, family: str, seed: int = 0) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     class_name, subfolder = _DENOISER[family]
-    denoiser = getattr(diffusers, class_name).from_pretrained(ensure_tiny_model(family), subfolder=subfolder)  # type: ignore[arg-type]
+    denoiser = getattr(diffusers, class_name).from_pretrained(ensure_tiny_model(family),  # type: ignore[arg-type]
+                                                              subfolder=subfolder)
     with seeded(seed, 10):
         denoiser.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=_TARGETS, init_lora_weights=False))
         with torch.no_grad():  # PEFT's random B is large next to tiny random weights: a clear but moderate change

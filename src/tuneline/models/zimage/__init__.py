@@ -25,8 +25,8 @@ TURBO = Variant(
     source="Tongyi-MAI/Z-Image-Turbo model card and diffusers' ZImagePipeline docs: 9 steps (8 transformer "
            "forwards), guidance 0",
     markers=("turbo",),
-    problem="a LoRA trained on a step-distilled model directly comes out grainy or generic and its few-step "
-            "sampling breaks down (kohya-ss/musubi-tuner#769)",
+    problem="a LoRA trained on it directly comes out grainy (kohya-ss/musubi-tuner#769) or generic, as its "
+            "distillation breaks down",
     adapter_example="{ref: ostris/zimage_turbo_training_adapter, weight_name: "
                     "zimage_turbo_training_adapter_v2.safetensors, revision: <its commit>}",
     advice="train Z-Image Base (Tongyi-MAI/Z-Image) or a de-distilled checkpoint (ostris/Z-Image-De-Turbo) instead "

@@ -108,7 +108,7 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
     state = read_trainer_state(trained_dir)
     family = trained_family(state, params.model, root)
     facts = family.render
-    variant = resolve_variant(params.model, family, root)  # its render defaults (steps, guidance) when unset
+    variant = resolve_variant(params.model, family, root)  # model.base's release: its steps and guidance when unset
     prompts = load_prompts(root / config.prompts_file, config, family,
                            variant.variant)  # a bad file stops before any model loads
     report = StageReport(STAGE, metric_keys=("items", "mean_abs_diff_vs_base"))
