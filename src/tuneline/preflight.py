@@ -96,12 +96,30 @@ def family_problems(params: Params, root: Path | str, required: bool = True) -> 
     line each. Finding the family reads model_index.json only. When it cannot be found (no such
     base, offline): one line saying so if `required`, else none (the stages that load the model
     say it)."""
+    from tuneline.models.training_adapter import problems as training_adapter_problems
+    from tuneline.models.variant import variant_problems
+
+    adapter = training_adapter_problems(params.model, params.train.mode, Path(root))
     try:
         family = _rules_family(params.model, Path(root))
     except (ParamsError, OSError, ValueError) as error:  # hub id checks raise ValueErrors too
-        return [str(error) if isinstance(error, ParamsError) else f"model.base {params.model.base!r}: cannot tell "
-                f"its model family ({type(error).__name__}: {error}); set model.family"] if required else []
-    return family.unsupported_settings(params.train, params.render)
+        return ([str(error) if isinstance(error, ParamsError) else f"model.base {params.model.base!r}: cannot tell "
+                 f"its model family ({type(error).__name__}: {error}); set model.family"] if required else []) + adapter
+    return family.unsupported_settings(params.train, params.render) + variant_problems(params.model, family) + adapter
+
+
+def _variant_warnings(params: Params, root: Path) -> list[str]:
+    """`tuneline check`: the variant nothing names, and a step-distilled one trained without a training adapter."""
+    from tuneline.models.variant import resolve_variant, training_warning, undetected_warning
+
+    try:
+        family = _rules_family(params.model, root)
+        choice = resolve_variant(params.model, family, root)
+    except (ParamsError, OSError, ValueError):  # said as an error already
+        return []
+    found = (undetected_warning(choice, params.model, family),
+             training_warning(choice, params.model, params.train, family))
+    return [warning for warning in found if warning]
 
 
 def check_settings(params: Params, root: Path | str) -> None:
@@ -175,6 +193,8 @@ def preflight(params: Params, root: Path | str, stages: Iterable[str] = ("check"
     model_stage = bool(stages & _MODEL_STAGES)
     if not (model_stage and any(error.startswith("model.base:") for error in errors)):
         errors += family_problems(params, root, required=model_stage)
+    if "check" in stages and not errors:  # the train stage's report says it again when it trains
+        warnings += _variant_warnings(params, root)
     if errors:
         raise ParamsError("params.yaml does not fit this machine or project:\n"
                           + "\n".join(f"  - {error}" for error in errors))

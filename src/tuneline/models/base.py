@@ -41,14 +41,35 @@ class RenderChoices(Protocol):
 
 
 @dataclass(frozen=True)
+class Variant:
+    """One release of a family (`model.variant`): its render defaults and whether it is step-distilled.
+
+    `markers` are the words that name it in a hub id, a folder or file name or a model card's title or
+    front matter (lower case, `-` for any separator); where several variants' markers match, the longest
+    match wins ("de-turbo" names a de-distilled base, not Turbo)."""
+
+    name: str  # the model.variant value
+    distilled: bool  # step-distilled: training it directly (without model.training_adapter) degrades it
+    steps: int | None = None  # render default; None: RenderFacts.steps
+    guidance_scale: float | None = None  # render default; None: RenderFacts.guidance_scale
+    source: str = ""  # where its render defaults come from (shown in the render report)
+    markers: tuple[str, ...] = ()
+    # A distilled variant trained without a training adapter is warned about (tuneline.models.variant): what
+    # goes wrong, an example model.training_adapter, and what to train instead.
+    problem: str = ""
+    adapter_example: str = ""
+    advice: str = ""
+
+
+@dataclass(frozen=True)
 class RenderFacts:
     """What rendering needs to know of a family: plain data, so config validation stays torch-free."""
 
     pipeline: str  # diffusers class of text-to-image
     img2img: str  # diffusers class of image-to-image (domain transfer)
     denoiser: str  # the pipeline component trained and swapped: unet / transformer
-    steps: int  # default inference steps
-    guidance_scale: float  # default guidance scale (in the family's own convention)
+    steps: int  # default inference steps; a variant may set its own (Variant.steps)
+    guidance_scale: float  # default guidance scale (in the family's own convention); a variant may set its own
     size_multiple: int  # image sides must be multiples of this
     samplers: tuple[str, ...]  # render.sampler names this family accepts
     # diffusers component of a full fine-tune -> the train section that says whether it was
@@ -60,6 +81,9 @@ class RenderFacts:
     scheduler: str | None = None
     sampler_note: str | None = None  # added to the refusal of a sampler name the family does not take
     karras_refusal: str | None = None  # None: Karras sigmas as the sampler allows; else why the family has none
+    # The family's releases (model.variant), the first one assumed when nothing names one; each may set the
+    # render defaults above for itself.
+    variants: tuple[Variant, ...] = (Variant("base", distilled=False),)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ VariantName = Literal["base", "turbo"]
 
 
 class TrainingAdapterConfig(Section):
-    """A LoRA merged into the frozen base for the training steps only (never in the result)."""
+    """A LoRA active in the frozen base during the training steps only (never in the result): loaded as a second,
+    frozen adapter of the denoiser (tuneline.models.training_adapter)."""
 
     ref: ChosenReference = Field(
         description="A LoRA .safetensors file (any layout diffusers' load_lora_weights reads: diffusers, kohya, "
@@ -28,7 +29,7 @@ class TrainingAdapterConfig(Section):
     revision: Optional[str] = Field(
         None, description="The hub commit of a hub id (40 hex digits): a training adapter changes what is "
         "learned, so it is pinned like a cache key.")
-    scale: float = Field(1.0, gt=0, le=4, description="Strength the adapter is merged at during training.")
+    scale: float = Field(1.0, gt=0, le=4, description="Strength the adapter is applied at during training.")
 
     @model_validator(mode="before")
     @classmethod
@@ -77,9 +78,9 @@ class ModelConfig(Section):
     )
     training_adapter: Optional[TrainingAdapterConfig] = Field(
         None,
-        description="A LoRA merged into the frozen base for training steps only (e.g. a de-distilling adapter "
-        "for Z-Image-Turbo): never in the exported LoRA, the final render or live samples. A file path, or "
-        "{ref: hub id, weight_name: ..., revision: <commit>}.",
+        description="A LoRA active in the frozen base for training steps only (e.g. a de-distilling adapter "
+        "for Z-Image-Turbo), LoRA mode only: never in the exported LoRA, the final render or live samples. A "
+        ".safetensors file path, or {ref: hub id, weight_name: ..., revision: <commit>}.",
     )
 
 

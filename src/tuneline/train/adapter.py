@@ -146,15 +146,18 @@ class DiffusionAdapter(TrainerAdapter, Protocol):
 @dataclass(frozen=True)
 class ModelSource:
     """The model a run starts from: the model section as written and the content identity of its weight
-    files (model.base, model.vae). Both are in the run key: a model replaced in place is a different run."""
+    files (model.base, model.vae, model.training_adapter). Both are in the run key: a model replaced in place
+    is a different run."""
 
     settings: dict[str, Any]  # ModelConfig.model_dump(mode="json")
     identity: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def of(cls, model: ModelConfig, root: Path) -> "ModelSource":
-        """`model` (a ModelConfig) with the digests of the files model.base and model.vae name (hub ids: id@revision)."""
+        """`model` (a ModelConfig) with the digests of the files model.base, model.vae and model.training_adapter
+        name (hub ids: id@revision)."""
         from tuneline.models.ref import _default_digests, model_identity
+        from tuneline.models.training_adapter import KEY, adapter_identity
 
         references = {"model.base": (model.base, model.revision)}
         if model.vae:
@@ -163,6 +166,8 @@ class ModelSource:
         try:
             identity = {key: model_identity(ref, revision, root=root, digests=digests)
                         for key, (ref, revision) in references.items()}
+            if model.training_adapter is not None:
+                identity[KEY] = adapter_identity(model.training_adapter, root, digests)
         finally:
             digests.close()
         return cls(model.model_dump(mode="json"), identity)

@@ -495,7 +495,8 @@ class Trainer:
         if run_key_settings(saved["model"]) != run_key_settings(self.model.settings):
             unsafe.append(f"model: {run_key_settings(saved['model'])} -> {run_key_settings(self.model.settings)}")
         if saved.get("model_identity", self.model.identity) != self.model.identity:
-            unsafe.append("the model's weights changed (the files at model.base / model.vae differ)")
+            unsafe.append("the model's weights changed (the files at model.base / model.vae / "
+                          "model.training_adapter differ)")
         if saved["data_digest"] != self.data_digest:
             unsafe.append("the training data changed (images, captions, repeats or loss weights)")
         if saved["processes"] != self.accelerator.num_processes:

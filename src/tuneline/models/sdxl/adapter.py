@@ -22,6 +22,7 @@ from tuneline.core.tensorfile import canonicalize
 from tuneline.models.config import ModelConfig
 from tuneline.models.loading import _base_location, host_to_device, load_text_encoders, load_vae
 from tuneline.models.sdxl import FAMILY
+from tuneline.models.training_adapter import load_training_adapter
 from tuneline.models.sdxl.text import MAX_TOKENS, conditioning_layers, encode_prompts
 from tuneline.train.units import MODEL_UNIT, ParamGroup, UnitSpec, model_unit
 from tuneline.train.config import TrainConfig
@@ -171,6 +172,8 @@ class SDXLAdapter:
             if mode == "lora":
                 module.add_adapter(PeftLoraConfig(**self.lora_settings(name), lora_dropout=config.lora.dropout,
                                                   init_lora_weights="gaussian"))
+            if name == "unet":  # model.training_adapter: frozen, active in training steps only
+                load_training_adapter(FAMILY, module, self.model_config, mode, self.root)
             if mode != "full":
                 cast_frozen(module, frozen_dtype)
         if config.gradient_checkpointing:

@@ -9,7 +9,28 @@
 Importing this package is instant: it only declares `FAMILY`.
 """
 
-from tuneline.models.base import Family, ForeignSetting, RenderFacts
+from tuneline.models.base import Family, ForeignSetting, RenderFacts, Variant
+
+# Render defaults from the model cards: Tongyi-MAI/Z-Image (github.com/Tongyi-MAI/Z-Image README, "Z-Image":
+# num_inference_steps=50, guidance_scale=4; recommended 28-50 steps, guidance 3.0-5.0) and
+# Tongyi-MAI/Z-Image-Turbo (the same README and diffusers' ZImagePipeline docs: num_inference_steps=9, "8 DiT
+# forwards", guidance_scale=0.0, "guidance should be 0 for the Turbo models").
+BASE = Variant(
+    "base", distilled=False, steps=50, guidance_scale=4.0,
+    source="Tongyi-MAI/Z-Image model card: 50 steps, guidance 4 (recommended 28-50 steps, guidance 3-5)",
+    # A de-distilled Turbo (De-Turbo) trains and renders as a base.
+    markers=("de-turbo", "deturbo", "de-distill", "dedistill", "undistill", "z-image-base", "zimage-base"))
+TURBO = Variant(
+    "turbo", distilled=True, steps=9, guidance_scale=0.0,
+    source="Tongyi-MAI/Z-Image-Turbo model card and diffusers' ZImagePipeline docs: 9 steps (8 transformer "
+           "forwards), guidance 0",
+    markers=("turbo",),
+    problem="a LoRA trained on it directly comes out grainy (kohya-ss/musubi-tuner#769) or generic, as its "
+            "distillation breaks down",
+    adapter_example="{ref: ostris/zimage_turbo_training_adapter, weight_name: "
+                    "zimage_turbo_training_adapter_v2.safetensors, revision: <its commit>}",
+    advice="train Z-Image Base (Tongyi-MAI/Z-Image) or a de-distilled checkpoint (ostris/Z-Image-De-Turbo) instead "
+           "and render the LoRA on Turbo")
 
 FAMILY = Family(
     name="zimage",
@@ -29,7 +50,8 @@ FAMILY = Family(
         scheduler="FlowMatchEulerDiscreteScheduler",
         sampler_note="Z-Image renders with its own flow-match Euler, FlowMatchEulerDiscreteScheduler, named euler",
         karras_refusal="Z-Image's flow-match Euler takes its sigmas from the shift of its scheduler; "
-                       "Karras sigmas are an SDXL sampler option"),
+                       "Karras sigmas are an SDXL sampler option",
+        variants=(BASE, TURBO)),
     renderer="tuneline.models.zimage.render:ZImageRenderer",
     code={"latents": ("models/zimage/text.py",), "train": ("models/zimage/adapter.py", "models/zimage/text.py"),
           "render": ("models/zimage/render.py",),

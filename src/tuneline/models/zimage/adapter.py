@@ -25,6 +25,7 @@ from tuneline.core.logs import quiet_libraries
 from tuneline.core.params import ParamsError
 from tuneline.core.tensorfile import canonicalize
 from tuneline.models.loading import _base_location, load_vae, load_zimage_text_encoder
+from tuneline.models.training_adapter import load_training_adapter
 from tuneline.models.zimage import FAMILY
 from tuneline.models.zimage.text import MAX_SEQUENCE_LENGTH, encode_prompts
 from tuneline.models.config import ModelConfig
@@ -138,6 +139,7 @@ class ZImageAdapter:
         if mode == "lora":
             self.transformer.add_adapter(PeftLoraConfig(**self.lora_settings(), lora_dropout=self.config.lora.dropout,
                                                         init_lora_weights="gaussian"))
+        load_training_adapter(FAMILY, self.transformer, self.model_config, mode, self.root)  # frozen, steps only
         if mode != "full":
             cast_frozen(self.transformer, frozen_dtype)
         for encoder in self.text_encoders:

@@ -162,6 +162,9 @@ def model_card(params: Params, state: dict[str, Any], trained: TrainConfig, file
     lines += [
         "", "## Training", "",
         f"- base model: `{params.model.base}`" + (f" @ `{params.model.revision}`" if params.model.revision else ""),
+        *([f"- training adapter: `{adapter.ref}` at scale {adapter.scale}, active in the training steps only and "
+           "in none of these files: use them on the plain base model"] if (adapter := params.model.training_adapter)
+          else []),
         "- trigger words: " + (", ".join(f"`{d.trigger_word}` ({d.name})" for d in params.datasets
                                          if d.trigger_word) or "none"),
         f"- steps: {state['step']} (epochs {state['epoch']}), seed {state['seed']}",

@@ -7,4 +7,5 @@ the flow's cache keys) rerun what depends on it.
 """
 
 # The modules that decide the identities (tuneline.core.codeversion): tiny models are built by code.
-CODE = ("stages/models/stage.py", "models/ref.py", "tiny")
+CODE = ("stages/models/stage.py", "models/ref.py", "models/training_adapter.py", "models/base.py", "models/contracts.py",
+        "tiny")

@@ -10,6 +10,7 @@ from tuneline.config import Params
 from tuneline.core.fsutil import atomic_write_json, rebuilt_dir
 from tuneline.core.report import StageReport
 from tuneline.models.ref import identify
+from tuneline.models.training_adapter import identity_entry
 
 STAGE = "models"
 IDENTITY_FILE = "models.json"
@@ -26,7 +27,7 @@ def run(params: Params, root: Path, out_dir: Path, metrics_dir: Path | None = No
     """Identify every model reference of `params`; rewrite `out_dir` only when an identity changed."""
     started = time.perf_counter()
     report = StageReport(STAGE, metric_keys=("items",))
-    identities = identify(params, Path(root))
+    identities = identify(params, Path(root)) | identity_entry(params.model, Path(root))  # + model.training_adapter
     out_dir = Path(out_dir)
     try:
         unchanged = read_identity(out_dir) == identities

@@ -261,10 +261,13 @@ def live_evaluate(pipeline: Any, prompts: Sequence[RenderPrompt], out_dir: Path,
 
 
 def live_prompts(params: Any, root: Path) -> list[RenderPrompt]:
-    """The first render.live_prompts prompts of the prompts file (what live evaluation renders)."""
+    """The first render.live_prompts prompts of the prompts file (what live evaluation renders), with the
+    render defaults of model.base's variant."""
     from tuneline.models.family import family_of
+    from tuneline.models.variant import resolve_variant
     from tuneline.stages.render.prompts import load_prompts
 
     config = params.render
     family = family_of(params.model, root)
-    return load_prompts(Path(root) / config.prompts_file, config, family)[: config.live_prompts]
+    variant = resolve_variant(params.model, family, root).variant
+    return load_prompts(Path(root) / config.prompts_file, config, family, variant)[: config.live_prompts]

@@ -26,7 +26,7 @@ from tuneline.core.params import ParamsError, Section, parse_resolution
 from tuneline.stages.render.samplers import SamplerName, check_karras
 
 if TYPE_CHECKING:
-    from tuneline.models.base import Family
+    from tuneline.models.base import Family, Variant
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +144,10 @@ def validate_prompts(data: Any, source: str = "prompts.yaml") -> PromptFile:
     return parsed
 
 
-def load_prompts(path: Path | str, config: Any, family: Family) -> list[RenderPrompt]:
+def load_prompts(path: Path | str, config: Any, family: Family, variant: Variant | None = None) -> list[RenderPrompt]:
     """Read, validate and resolve the prompts file against `config` (the render section) for a
-    model `family` (its default steps and guidance, its samplers and image sides)."""
+    model `family` (its default steps and guidance, its samplers and image sides) and its `variant`
+    (whose default steps and guidance win over the family's; see tuneline.models.variant)."""
     import json
 
     import yaml
@@ -160,20 +161,23 @@ def load_prompts(path: Path | str, config: Any, family: Family) -> list[RenderPr
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as error:
         raise ParamsError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {error}") from None
-    return resolve_prompts(validate_prompts(data, str(path)), config, str(path), family)
+    return resolve_prompts(validate_prompts(data, str(path)), config, str(path), family, variant)
 
 
 def _pick(*values: Any) -> Any:
     return next(v for v in values if v is not None)
 
 
-def resolve_prompts(parsed: PromptFile, config: Any, source: str, family: Family) -> list[RenderPrompt]:
+def resolve_prompts(parsed: PromptFile, config: Any, source: str, family: Family,
+                    variant: Variant | None = None) -> list[RenderPrompt]:
     """Every prompt with its values: its own, else the file's defaults, else the render section's,
-    else (steps, guidance) the model family's. A value the family cannot render (a sampler it does not
-    take, a side its pipeline cannot patch) is a ParamsError naming the prompt."""
+    else (steps, guidance) the model variant's, else the family's. A value the family cannot render (a
+    sampler it does not take, a side its pipeline cannot patch) is a ParamsError naming the prompt."""
     from tuneline.stages.render.samplers import check_family_sampler
 
     spec = family.render
+    default_steps = _pick(variant.steps if variant else None, spec.steps)
+    default_guidance = _pick(variant.guidance_scale if variant else None, spec.guidance_scale)
     defaults = parsed.defaults
     resolved = []
     for index, entry in enumerate(parsed.prompts):
@@ -212,8 +216,8 @@ def resolve_prompts(parsed: PromptFile, config: Any, source: str, family: Family
             index=index, prompt=entry.prompt,
             negative_prompt=_pick(entry.negative_prompt, defaults.negative_prompt, ""),
             seed=seed, height=height, width=width,
-            steps=_pick(entry.steps, defaults.steps, config.steps, spec.steps),
+            steps=_pick(entry.steps, defaults.steps, config.steps, default_steps),
             guidance_scale=_pick(entry.guidance_scale, defaults.guidance_scale, config.guidance_scale,
-                                 spec.guidance_scale),
+                                 default_guidance),
             sampler=sampler, karras=karras))
     return resolved

@@ -18,13 +18,16 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneline.config import Params
 from tuneline.core import layout
 from tuneline.core.fsutil import atomic_write_json, file_digest, link_or_copy, relative_to_root
 from tuneline.models.ref import is_tiny
 from tuneline.core.report import StageReport, console
+
+if TYPE_CHECKING:
+    from tuneline.models.variant import VariantChoice
 
 STAGE = "render"
 LATENTS_DIR = "data/latents"
@@ -66,11 +69,23 @@ def autoencoder_sheets(params: Params, root: Path, out_dir: Path) -> list[Path]:
     return placed
 
 
+def render_defaults(variant: VariantChoice, config: Any) -> dict[str, Any]:
+    """The report's account of the steps and guidance a prompt that sets neither gets, and where they come from."""
+    origin = f"variant {variant.variant.name}: {variant.variant.source or 'the family defaults'}"
+    return {"variant": variant.variant.name, "variant_decided_by": variant.reason,
+            "default_steps": config.steps if config.steps is not None else variant.steps,
+            "default_guidance_scale": config.guidance_scale if config.guidance_scale is not None
+            else variant.guidance_scale,
+            "defaults_from": f"steps: {'render.steps' if config.steps is not None else origin}; guidance_scale: "
+                             f"{'render.guidance_scale' if config.guidance_scale is not None else origin}"}
+
+
 def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_dir: Path | None = None, *,
         tracker: Any = None) -> StageReport:
     """Render base and trained images, the contact sheet, domain transfer and the diagnostic sheet."""
     from tuneline.models.loading import release, resolve_device, resolve_dtype
     from tuneline.models.ref import identify
+    from tuneline.models.variant import resolve_variant
     from tuneline.stages.render.cache import ImageCache
     from tuneline.stages.render.generate import WEIGHTS_RECORD, apply_trained, load_base_pipeline, render_prompts
     from tuneline.stages.render.prompts import load_prompts
@@ -93,7 +108,9 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
     state = read_trainer_state(trained_dir)
     family = trained_family(state, params.model, root)
     facts = family.render
-    prompts = load_prompts(root / config.prompts_file, config, family)  # a bad file stops before any model loads
+    variant = resolve_variant(params.model, family, root)  # model.base's release: its steps and guidance when unset
+    prompts = load_prompts(root / config.prompts_file, config, family,
+                           variant.variant)  # a bad file stops before any model loads
     report = StageReport(STAGE, metric_keys=("items", "mean_abs_diff_vs_base"))
     tiny = is_tiny(params.model.base) or bool(state.get("random_tiny_model"))
     if tiny:
@@ -121,8 +138,8 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
         if len(sources) >= 2:
             jobs, warnings = transfer_jobs(sources)
             report.warnings.extend(warnings)
-    steps = config.steps if config.steps is not None else facts.steps
-    guidance_scale = config.guidance_scale if config.guidance_scale is not None else facts.guidance_scale
+    steps = config.steps if config.steps is not None else variant.steps
+    guidance_scale = config.guidance_scale if config.guidance_scale is not None else variant.guidance_scale
     transfer_settings = {"strength": config.transfer_strength,
                          "steps": transfer_steps(steps, config.transfer_strength),
                          "guidance_scale": guidance_scale, "sampler": config.sampler, "karras": config.karras,
@@ -204,6 +221,7 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
         "mean_abs_diff_vs_base": round(_mean_abs_difference(base, final), 4),
         "random_tiny_model": tiny,
         "family": family.name,
+        **render_defaults(variant, config),
     })
     if vae_sheets:
         report.extra["autoencoder_sheets"] = relative_to_root(Path(out_dir) / "autoencoder", root)

@@ -120,6 +120,7 @@ class LiveEvaluation:
 
     def __call__(self, trainer: Any) -> None:
         from tuneline.models.loading import load_vae
+        from tuneline.models.training_adapter import training_adapter_off
         from tuneline.stages.render.generate import live_evaluate, live_prompts, pipeline_from_training
 
         device = trainer.accelerator.device
@@ -132,8 +133,8 @@ class LiveEvaluation:
             self.pipeline = pipeline_from_training(trainer.adapter, trainer.modules, vae)
         for module in self.offloaded:
             module.to(device)
-        try:
-            with trainer.accelerator.autocast():
+        try:  # live samples show the model users get: without model.training_adapter
+            with trainer.accelerator.autocast(), training_adapter_off(self.pipeline.components.values()):
                 live_evaluate(self.pipeline, self.prompts, live_dir(trainer), trainer.state.step, self.tracker)
         finally:
             if device.type != "cpu":
@@ -165,6 +166,22 @@ def build_trainer(params: Params, root: Path, latents_dir: Path, checkpoint_dir:
                    checkpoint_dir, resume_from=resume_from, live_eval=live_eval, live_every=live_every)
 
 
+def variant_notes(params: Params, root: Path, trainer: Trainer, report: StageReport) -> str:
+    """model.base's variant (for the report); training a step-distilled one without a training adapter adds
+    one warning with the fix to the trainer's messages (shown as training starts, and in the report)."""
+    from tuneline.models.family import get_family
+    from tuneline.models.variant import resolve_variant, training_warning
+
+    family = get_family(trainer.adapter.family)
+    choice = resolve_variant(params.model, family, root)
+    warning = training_warning(choice, params.model, params.train, family)
+    if warning:
+        trainer.messages.append(warning)
+    adapter = params.model.training_adapter
+    report.extra["training_adapter"] = adapter.ref if adapter is not None else None
+    return choice.variant.name
+
+
 def run(params: Params, root: Path, latents_dir: Path, out_dir: Path, metrics_dir: Path | None = None, *,
         tracker: Any = None, checkpoint_dir: Path | None = None, resume_from: Path | None = None) -> StageReport:
     """Train (or resume), then write the result. Raises StopRequested / TrainingDiverged / ResumeRefused."""
@@ -177,6 +194,7 @@ def run(params: Params, root: Path, latents_dir: Path, out_dir: Path, metrics_di
     trainer = build_trainer(params, root, latents_dir, checkpoint_dir, resume_from=resume_from,
                             live_eval=LiveEvaluation(params, root, tracker), live_every=params.render.live_every)
     trainer.setup()
+    variant = variant_notes(params, root, trainer, report)
     main = trainer.accelerator.is_main_process
     # The run's whole loss history lives with its checkpoints, which DVC never deletes (it deletes
     # declared outputs such as metrics/train_loss.csv before a stage runs); the metrics files are
@@ -245,7 +263,7 @@ def run(params: Params, root: Path, latents_dir: Path, out_dir: Path, metrics_di
     report.computed = summary["session_steps"]
     report.reused = summary["steps"] - summary["session_steps"]
     report.extra.update({"steps": summary["steps"], "epochs": summary["epochs"], "seed": summary["seed"],
-                         "run_key": trainer.run_key,
+                         "run_key": trainer.run_key, "variant": variant,
                          # From the run's history (the same after a session that trained nothing):
                          "loss": curve.last_loss() if curve else None,
                          "seconds_per_step": curve.seconds_per_step() if curve else None,
