@@ -60,6 +60,8 @@ class RenderFacts:
     scheduler: str | None = None
     sampler_note: str | None = None  # added to the refusal of a sampler name the family does not take
     karras_refusal: str | None = None  # None: Karras sigmas as the sampler allows; else why the family has none
+    # The pipeline's text-encoder components: left out (None) when prompts come as cached embeddings.
+    text_encoders: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -179,8 +179,12 @@ def diagnostic_rows(pipeline: Any, latents_dir: Path, timesteps: Sequence[int], 
                                 "render.diagnostic_token is not set: no attention map")
             mean = load_file(latents_dir / record["latents"])["mean"].float()[None]
             clean = ((mean - shift) * scaling).to(device)
-            embeds, pooled = encode_prompts([pipeline.tokenizer, pipeline.tokenizer_2],
-                                            [pipeline.text_encoder, pipeline.text_encoder_2], [caption], device)
+            if pipeline.text_encoder is None:  # a pipeline without encoders: the latents stage's cached caption
+                text = load_file(latents_dir / record["text_embeddings"])
+                embeds, pooled = text["prompt_embeds"][None].to(device), text["pooled"][None].to(device)
+            else:
+                embeds, pooled = encode_prompts([pipeline.tokenizer, pipeline.tokenizer_2],
+                                                [pipeline.text_encoder, pipeline.text_encoder_2], [caption], device)
             (orig_w, orig_h), (top, left), (target_w, target_h) = (
                 record["original_size"], record["crop_top_left"], record["bucket"])
             time_ids = torch.tensor([[orig_h, orig_w, top, left, target_h, target_w]], dtype=embeds.dtype,

@@ -29,7 +29,8 @@ FAMILY = Family(
         scheduler="FlowMatchEulerDiscreteScheduler",
         sampler_note="Z-Image renders with its own flow-match Euler, FlowMatchEulerDiscreteScheduler, named euler",
         karras_refusal="Z-Image's flow-match Euler takes its sigmas from the shift of its scheduler; "
-                       "Karras sigmas are an SDXL sampler option"),
+                       "Karras sigmas are an SDXL sampler option",
+        text_encoders=("text_encoder",)),
     renderer="tuneline.models.zimage.render:ZImageRenderer",
     code={"latents": ("models/zimage/text.py",), "train": ("models/zimage/adapter.py", "models/zimage/text.py"),
           "render": ("models/zimage/render.py",),

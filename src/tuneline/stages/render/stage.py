@@ -10,6 +10,12 @@ Writes into the output folder (renders/):
 and metrics/render.json. live/ (written during training) is read, never removed. Every image
 (the transfer images and the diagnostic sheet too) is cached in the item store by the weights'
 content and what else decides its pixels: a rerun with unchanged weights loads no model.
+
+The prompts come as the embeddings the latents stage cached (data/prompt_embeds; the diagnostic
+sheet's captions from data/latents): then no text encoder is loaded and the images are those the
+text encoders would give. When a text is not cached, or the run trained a text encoder, the text
+encoders encode them as before (one warning when a cache was expected). The report says which
+(`prompt_embeddings`).
 """
 
 from __future__ import annotations
@@ -27,8 +33,8 @@ from tuneline.models.ref import is_tiny
 from tuneline.core.report import StageReport, console
 
 STAGE = "render"
-LATENTS_DIR = "data/latents"
-CAPTIONED_DIR = "data/captioned"
+LATENTS_DIR = layout.LATENTS
+CAPTIONED_DIR = layout.CAPTIONED
 
 
 def _log_images(tracker: Any, paths: list[Path], out_dir: Path) -> None:
@@ -64,6 +70,27 @@ def autoencoder_sheets(params: Params, root: Path, out_dir: Path) -> list[Path]:
         link_or_copy(sheet, folder / sheet.name)
         placed.append(folder / sheet.name)
     return placed
+
+
+def _cached_texts(params: Params, root: Path, family: Any, state: dict[str, Any], dtype: str, prompts: list[Any],
+                  transfer_prompts: list[str], diagnostics: bool, latents_dir: Path) -> tuple[Any, str]:
+    """The cached embeddings of every text this run renders, or (None, why not: "" when that is expected,
+    the run having trained a text encoder). The diagnostic sheet encodes training captions: it needs
+    the latents stage's caption cache (latents.json: text_embeddings)."""
+    from tuneline.stages.render.embeds import cached_prompt_embeddings, needed_texts, text_encoders_trained
+
+    if text_encoders_trained(state):
+        return None, ""
+    if diagnostics:
+        try:
+            captions_cached = json.loads((latents_dir / "latents.json").read_text("utf-8")).get("text_embeddings")
+        except (OSError, ValueError):
+            captions_cached = False
+        if not captions_cached:
+            return None, f"the diagnostic sheet needs the captions' embeddings, and {latents_dir} has none cached"
+    pairs = [(prompt.prompt, prompt.negative_prompt) for prompt in prompts]
+    texts = needed_texts(pairs + [(text, None) for text in transfer_prompts])
+    return cached_prompt_embeddings(root / layout.PROMPT_EMBEDS, family, params.model, root, texts, dtype)
 
 
 def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_dir: Path | None = None, *,
@@ -146,18 +173,26 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
         report.warnings.append(f"diagnostics: {latents_dir} has no manifest.jsonl, no diagnostic sheet")
     diagnostics_notes = diagnostics_path.with_suffix(".json") if diagnostics_path else None
     missing_diagnostics = diagnostics_path is not None and not diagnostics_path.is_file()
+    prompts_from = None  # nothing rendered
     if missing_base or missing_final or missing_transfer or missing_diagnostics:  # else no model is loaded
-        pipeline = load_base_pipeline(params.model, root, device, config.dtype, family)
-        render_prompts(pipeline, missing_base, None, path_of=base_cache.path)
+        # From the cached embeddings when every text is there: no text encoder is loaded.
+        embedded, why = _cached_texts(params, root, family, state, dtype, [*missing_base, *missing_final],
+                                      [job.prompt for job in missing_transfer], missing_diagnostics, latents_dir)
+        prompts_from = f"cache ({layout.PROMPT_EMBEDS})" if embedded is not None else "text encoders"
+        if why:
+            report.warnings.append(f"prompts encoded with the text encoders: {why}")
+        pipeline = load_base_pipeline(params.model, root, device, config.dtype, family,
+                                      text_encoders=embedded is None)
+        render_prompts(pipeline, missing_base, None, path_of=base_cache.path, embedded=embedded)
         if missing_final or missing_transfer or missing_diagnostics:
             applied = apply_trained(pipeline, trained_dir, config.lora_scale, config.use_ema)
             report.warnings.extend(applied.warnings)
             for line in applied.loaded:
                 console.print(f"render: {line}", markup=False, soft_wrap=True)
-            render_prompts(pipeline, missing_final, None, path_of=final_cache.path)
+            render_prompts(pipeline, missing_final, None, path_of=final_cache.path, embedded=embedded)
             render_transfer(pipeline, missing_transfer, transfer_path, strength=config.transfer_strength,
                             steps=steps, guidance_scale=guidance_scale, sampler=config.sampler,
-                            karras=config.karras, seed=config.seed)
+                            karras=config.karras, seed=config.seed, embedded=embedded)
             if missing_diagnostics:
                 _, warnings = diagnostic_sheet(pipeline, params, latents_dir, diagnostics_path, config)
                 atomic_write_json(diagnostics_notes, {"warnings": warnings})  # shown again on cached runs
@@ -204,6 +239,7 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
         "mean_abs_diff_vs_base": round(_mean_abs_difference(base, final), 4),
         "random_tiny_model": tiny,
         "family": family.name,
+        "prompt_embeddings": prompts_from,
     })
     if vae_sheets:
         report.extra["autoencoder_sheets"] = relative_to_root(Path(out_dir) / "autoencoder", root)

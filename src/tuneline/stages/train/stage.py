@@ -106,9 +106,12 @@ def live_dir(trainer: Any) -> Path:
 class LiveEvaluation:
     """Renders the first render.live_prompts prompts with the live modules (see tuneline.stages.render.generate).
 
-    What only rendering needs (the VAE, and the text encoders when training uses cached
-    embeddings) is loaded once, kept on the CPU, and on the GPU only while rendering, so the
-    training steps never share the card with it. Rendering runs under the training's autocast:
+    The prompts come as the embeddings the latents stage cached (data/prompt_embeds): then no text
+    encoder is loaded and only the VAE joins the training modules on the GPU, for the decode. When one
+    is not cached (the prompts file edited since, or trained text encoders) the text encoders encode
+    them, with one warning. What only rendering needs (the VAE, and those text encoders when training
+    uses cached embeddings) is loaded once, kept on the CPU, and on the GPU only while rendering, so
+    the training steps never share the card with it. Rendering runs under the training's autocast:
     the frozen weights are in its compute dtype, the LoRA weights in fp32.
     """
 
@@ -116,25 +119,41 @@ class LiveEvaluation:
         self.params, self.root, self.tracker = params, Path(root), tracker
         self.pipeline: Any = None
         self.prompts: list[Any] = []
+        self.embedded: Any = None  # the prompts' cached embeddings (None: the text encoders encode them)
         self.offloaded: list[Any] = []  # modules that live on the CPU between renders
 
-    def __call__(self, trainer: Any) -> None:
+    def _build(self, trainer: Any) -> None:
+        """The live pipeline, once: it shares the live modules, it does not copy them."""
         from tuneline.models.loading import load_vae
-        from tuneline.stages.render.generate import live_evaluate, live_prompts, pipeline_from_training
+        from tuneline.stages.render.generate import live_prompt_embeddings, live_prompts, pipeline_from_training
 
-        device = trainer.accelerator.device
-        if self.pipeline is None:  # built once: it shares the live modules, it does not copy them
-            self.prompts = live_prompts(self.params, self.root)
-            vae = load_vae(self.params.model, self.root, "fp32", "cpu")
+        self.prompts = live_prompts(self.params, self.root)
+        self.embedded, why = live_prompt_embeddings(self.params, self.root, self.prompts)
+        if why:
+            message = f"live samples encode their prompts with the text encoders: {why}"
+            trainer.accelerator.print(message)
+            trainer.messages.append(message)
+        vae = load_vae(self.params.model, self.root, "fp32", "cpu")
+        self.offloaded = [vae]
+        if self.embedded is None:
             loaded_before = list(trainer.adapter.text_encoders)
             encoders = trainer.adapter.ensure_text_encoders("cpu")
-            self.offloaded = [vae] + [encoder for encoder in encoders if encoder not in loaded_before]
-            self.pipeline = pipeline_from_training(trainer.adapter, trainer.modules, vae)
+            self.offloaded += [encoder for encoder in encoders if encoder not in loaded_before]
+        self.pipeline = pipeline_from_training(trainer.adapter, trainer.modules, vae,
+                                               text_encoders=self.embedded is None)
+
+    def __call__(self, trainer: Any) -> None:
+        from tuneline.stages.render.generate import live_evaluate
+
+        device = trainer.accelerator.device
+        if self.pipeline is None:
+            self._build(trainer)
         for module in self.offloaded:
             module.to(device)
         try:
             with trainer.accelerator.autocast():
-                live_evaluate(self.pipeline, self.prompts, live_dir(trainer), trainer.state.step, self.tracker)
+                live_evaluate(self.pipeline, self.prompts, live_dir(trainer), trainer.state.step, self.tracker,
+                              self.embedded)
         finally:
             if device.type != "cpu":
                 for module in self.offloaded:
