@@ -104,7 +104,8 @@ def test_the_latents_stage_caches_every_prompt_text_once(trained):
     # "bet, a photo" is also the beta images' caption: one stored file, encoded once, as a caption.
     beta = [r for r in read_manifest(project.root / "data/latents") if r["dataset"] == "beta"]
     assert beta and all(r["text_key"] + ".safetensors" == index["texts"]["bet, a photo"] for r in beta)
-    assert (folder / index["texts"]["bet, a photo"]).samefile(project.root / "data/latents" / beta[0]["text_embeddings"])
+    shared = folder / index["texts"]["bet, a photo"]
+    assert shared.samefile(project.root / "data/latents" / beta[0]["text_embeddings"])
     assert report["prompt_embeddings_computed"] == 5
 
 

@@ -142,7 +142,8 @@ def diagnostic_rows(pipeline: Any, latents_dir: Path, timesteps: Sequence[int], 
                     seed: int = 0) -> tuple[list[tuple[str, list[Any]]], list[str], list[str]]:
     """(rows of (label, tiles), column labels, warnings) of the diagnostic sheet, with `pipeline`'s (trained)
     UNet; `trigger_words`: data set folder -> its trigger word (the default token of its samples). A tile
-    is a PIL image, or None where there is nothing to show."""
+    is a PIL image, or None where there is nothing to show. A sample's caption is encoded by the pipeline's
+    text encoders, or, in a pipeline without them, read from the latents stage's text cache."""
     import torch
     from diffusers import DDPMScheduler
     from safetensors.torch import load_file

@@ -90,7 +90,8 @@ def _named(texts: list[str]) -> str:
 def cached_prompt_embeddings(folder: Path, family: Family, model: ModelConfig, root: Path | None,
                              texts: list[str], dtype: str | None = None) -> tuple[PromptEmbeddings | None, str]:
     """(the cached embeddings, "") when `folder` holds every one of `texts` as `model`'s text encoders
-    make them (in `dtype`, unless None); else (None, why not: one sentence ending in what to do)."""
+    make them (in `dtype`, unless None); else (None, why not: one sentence ending in what to do; "" when
+    the latents stage cached none on purpose: latents.text_embeddings off, trained text encoders)."""
     import json
 
     from tuneline.core.params import ParamsError
@@ -105,8 +106,8 @@ def cached_prompt_embeddings(folder: Path, family: Family, model: ModelConfig, r
         return None, f"{folder / INDEX} is unreadable ({error}): {rerun}"
     if index.get("format") != FORMAT:
         return None, f"{folder / INDEX} is not a {FORMAT} index: {rerun}"
-    if index.get("off_because"):
-        return None, "the latents stage cached no prompt embeddings: " + "; ".join(index["off_because"])
+    if index.get("off_because"):  # switched off on purpose (its report says why): nothing to warn about
+        return None, ""
     cache = family.load("text_cache")()
     if (index.get("family"), index.get("text_embeddings_format")) != (family.name, cache.format):
         return None, (f"the cached prompt embeddings are {index.get('family')}'s, the model is {family.name}: "

@@ -24,13 +24,18 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneline.config import Params
 from tuneline.core import layout
 from tuneline.core.fsutil import atomic_write_json, file_digest, link_or_copy, relative_to_root
 from tuneline.models.ref import is_tiny
 from tuneline.core.report import StageReport, console
+
+if TYPE_CHECKING:
+    from tuneline.models.base import Family
+    from tuneline.stages.render.embeds import PromptEmbeddings
+    from tuneline.stages.render.prompts import RenderPrompt
 
 STAGE = "render"
 LATENTS_DIR = layout.LATENTS
@@ -72,8 +77,9 @@ def autoencoder_sheets(params: Params, root: Path, out_dir: Path) -> list[Path]:
     return placed
 
 
-def _cached_texts(params: Params, root: Path, family: Any, state: dict[str, Any], dtype: str, prompts: list[Any],
-                  transfer_prompts: list[str], diagnostics: bool, latents_dir: Path) -> tuple[Any, str]:
+def _cached_texts(params: Params, root: Path, family: Family, state: dict[str, Any], dtype: str,
+                  prompts: list[RenderPrompt], transfer_prompts: list[str], diagnostics: bool,
+                  latents_dir: Path) -> tuple[PromptEmbeddings | None, str]:
     """The cached embeddings of every text this run renders, or (None, why not: "" when that is expected,
     the run having trained a text encoder). The diagnostic sheet encodes training captions: it needs
     the latents stage's caption cache (latents.json: text_embeddings)."""
