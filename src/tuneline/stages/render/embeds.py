@@ -26,6 +26,7 @@ from tuneline.core.fsutil import canonical_json
 if TYPE_CHECKING:
     from tuneline.models.base import Family
     from tuneline.models.config import ModelConfig
+    from tuneline.stages.render.prompts import RenderPrompt
 
 INDEX = "prompt_embeds.json"
 FORMAT = "tuneline-prompt-embeddings"
@@ -126,3 +127,28 @@ def cached_prompt_embeddings(folder: Path, family: Family, model: ModelConfig, r
     if missing:
         return None, f"{len(missing)} prompt text(s) are not cached ({_named(missing)}): {rerun}"
     return embeddings, ""
+
+
+def render_prompt_embeddings(model: ModelConfig, root: Path, family: Family, state: Mapping[str, Any], dtype: str,
+                             prompts: list[RenderPrompt], transfer_prompts: list[str],
+                             diagnostics_latents: Path | None) -> tuple[PromptEmbeddings | None, str]:
+    """The render stage's cached embeddings of every text it renders (`prompts`, the transfer prompts),
+    or (None, why not: "" when that is expected, the run of trainer_state `state` having trained a text
+    encoder). A diagnostic sheet to draw (`diagnostics_latents`: the latents folder its samples come
+    from) encodes training captions: it needs that folder's caption cache (latents.json)."""
+    import json
+
+    from tuneline.core import layout
+
+    if text_encoders_trained(state):
+        return None, ""
+    if diagnostics_latents is not None:
+        try:
+            captions = json.loads((diagnostics_latents / "latents.json").read_text("utf-8")).get("text_embeddings")
+        except (OSError, ValueError):
+            captions = False
+        if not captions:
+            return None, f"the diagnostic sheet needs the captions' embeddings, and {diagnostics_latents} has none"
+    pairs = [(prompt.prompt, prompt.negative_prompt) for prompt in prompts]
+    texts = needed_texts(pairs + [(text, None) for text in transfer_prompts])
+    return cached_prompt_embeddings(Path(root) / layout.PROMPT_EMBEDS, family, model, root, texts, dtype)

@@ -268,16 +268,6 @@ def live_evaluate(pipeline: Any, prompts: Sequence[RenderPrompt], out_dir: Path,
     return paths
 
 
-def live_prompts(params: Any, root: Path) -> list[RenderPrompt]:
-    """The first render.live_prompts prompts of the prompts file (what live evaluation renders)."""
-    from tuneline.models.family import family_of
-    from tuneline.stages.render.prompts import load_prompts
-
-    config = params.render
-    family = family_of(params.model, root)
-    return load_prompts(Path(root) / config.prompts_file, config, family)[: config.live_prompts]
-
-
 def live_prompt_embeddings(params: Any, root: Path,
                            prompts: Sequence[RenderPrompt]) -> tuple[PromptEmbeddings | None, str]:
     """The cached embeddings of the live prompts (the latents stage's data/prompt_embeds), or None and why
@@ -292,3 +282,13 @@ def live_prompt_embeddings(params: Any, root: Path,
     # Any dtype: training itself conditions on the cached captions of the same latents run.
     return cached_prompt_embeddings(Path(root) / layout.PROMPT_EMBEDS, family_of(params.model, root), params.model,
                                     root, texts)
+
+
+def live_prompts(params: Any, root: Path) -> list[RenderPrompt]:
+    """The first render.live_prompts prompts of the prompts file (what live evaluation renders)."""
+    from tuneline.models.family import family_of
+    from tuneline.stages.render.prompts import load_prompts
+
+    config = params.render
+    family = family_of(params.model, root)
+    return load_prompts(Path(root) / config.prompts_file, config, family)[: config.live_prompts]

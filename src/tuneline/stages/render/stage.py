@@ -24,7 +24,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tuneline.config import Params
 from tuneline.core import layout
@@ -32,14 +32,9 @@ from tuneline.core.fsutil import atomic_write_json, file_digest, link_or_copy, r
 from tuneline.models.ref import is_tiny
 from tuneline.core.report import StageReport, console
 
-if TYPE_CHECKING:
-    from tuneline.models.base import Family
-    from tuneline.stages.render.embeds import PromptEmbeddings
-    from tuneline.stages.render.prompts import RenderPrompt
-
 STAGE = "render"
-LATENTS_DIR = layout.LATENTS
-CAPTIONED_DIR = layout.CAPTIONED
+LATENTS_DIR = "data/latents"
+CAPTIONED_DIR = "data/captioned"
 
 
 def _log_images(tracker: Any, paths: list[Path], out_dir: Path) -> None:
@@ -77,34 +72,13 @@ def autoencoder_sheets(params: Params, root: Path, out_dir: Path) -> list[Path]:
     return placed
 
 
-def _cached_texts(params: Params, root: Path, family: Family, state: dict[str, Any], dtype: str,
-                  prompts: list[RenderPrompt], transfer_prompts: list[str], diagnostics: bool,
-                  latents_dir: Path) -> tuple[PromptEmbeddings | None, str]:
-    """The cached embeddings of every text this run renders, or (None, why not: "" when that is expected,
-    the run having trained a text encoder). The diagnostic sheet encodes training captions: it needs
-    the latents stage's caption cache (latents.json: text_embeddings)."""
-    from tuneline.stages.render.embeds import cached_prompt_embeddings, needed_texts, text_encoders_trained
-
-    if text_encoders_trained(state):
-        return None, ""
-    if diagnostics:
-        try:
-            captions_cached = json.loads((latents_dir / "latents.json").read_text("utf-8")).get("text_embeddings")
-        except (OSError, ValueError):
-            captions_cached = False
-        if not captions_cached:
-            return None, f"the diagnostic sheet needs the captions' embeddings, and {latents_dir} has none cached"
-    pairs = [(prompt.prompt, prompt.negative_prompt) for prompt in prompts]
-    texts = needed_texts(pairs + [(text, None) for text in transfer_prompts])
-    return cached_prompt_embeddings(root / layout.PROMPT_EMBEDS, family, params.model, root, texts, dtype)
-
-
 def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_dir: Path | None = None, *,
         tracker: Any = None) -> StageReport:
     """Render base and trained images, the contact sheet, domain transfer and the diagnostic sheet."""
     from tuneline.models.loading import release, resolve_device, resolve_dtype
     from tuneline.models.ref import identify
     from tuneline.stages.render.cache import ImageCache
+    from tuneline.stages.render.embeds import render_prompt_embeddings
     from tuneline.stages.render.generate import WEIGHTS_RECORD, apply_trained, load_base_pipeline, render_prompts
     from tuneline.stages.render.prompts import load_prompts
     from tuneline.stages.render.sheets import contact_sheet, diagnostic_sheet, live_steps
@@ -182,8 +156,10 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
     prompts_from = None  # nothing rendered
     if missing_base or missing_final or missing_transfer or missing_diagnostics:  # else no model is loaded
         # From the cached embeddings when every text is there: no text encoder is loaded.
-        embedded, why = _cached_texts(params, root, family, state, dtype, [*missing_base, *missing_final],
-                                      [job.prompt for job in missing_transfer], missing_diagnostics, latents_dir)
+        embedded, why = render_prompt_embeddings(params.model, root, family, state, dtype,
+                                                 [*missing_base, *missing_final],
+                                                 [job.prompt for job in missing_transfer],
+                                                 latents_dir if missing_diagnostics else None)
         prompts_from = f"cache ({layout.PROMPT_EMBEDS})" if embedded is not None else "text encoders"
         if why:
             report.warnings.append(f"prompts encoded with the text encoders: {why}")
@@ -244,8 +220,8 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
         "diagnostics_rendered": int(missing_diagnostics),
         "mean_abs_diff_vs_base": round(_mean_abs_difference(base, final), 4),
         "random_tiny_model": tiny,
-        "family": family.name,
         "prompt_embeddings": prompts_from,
+        "family": family.name,
     })
     if vae_sheets:
         report.extra["autoencoder_sheets"] = relative_to_root(Path(out_dir) / "autoencoder", root)

@@ -39,6 +39,7 @@ LOSS_PICTURE = "train_loss.png"
 RUN_RECORD = layout.TRAIN_RUN_RECORD  # noqa: F401  (tests read the name here)
 
 if TYPE_CHECKING:
+    from tuneline.stages.render.embeds import PromptEmbeddings
     from tuneline.train.adapter import TrainerAdapter
     from tuneline.train.data import LatentData
     from tuneline.train.trainer import Trainer
@@ -119,35 +120,40 @@ class LiveEvaluation:
         self.params, self.root, self.tracker = params, Path(root), tracker
         self.pipeline: Any = None
         self.prompts: list[Any] = []
-        self.embedded: Any = None  # the prompts' cached embeddings (None: the text encoders encode them)
+        self.embedded: PromptEmbeddings | None = None  # the prompts' cached embeddings (None: the text encoders encode them)
         self.offloaded: list[Any] = []  # modules that live on the CPU between renders
 
-    def _build(self, trainer: Any) -> None:
-        """The live pipeline, once: it shares the live modules, it does not copy them."""
-        from tuneline.models.loading import load_vae
-        from tuneline.stages.render.generate import live_prompt_embeddings, live_prompts, pipeline_from_training
+    def cached_prompts(self, trainer: Any) -> PromptEmbeddings | None:
+        """The live prompts' cached embeddings, or None (then one warning says why, unless the run
+        trains a text encoder: its samples must show what the trained encoders make of the prompts)."""
+        from tuneline.stages.render.generate import live_prompt_embeddings
 
-        self.prompts = live_prompts(self.params, self.root)
-        self.embedded, why = live_prompt_embeddings(self.params, self.root, self.prompts)
+        embedded, why = live_prompt_embeddings(self.params, self.root, self.prompts)
         if why:
             message = f"live samples encode their prompts with the text encoders: {why}"
             trainer.accelerator.print(message)
-            trainer.messages.append(message)
-        vae = load_vae(self.params.model, self.root, "fp32", "cpu")
-        self.offloaded = [vae]
-        if self.embedded is None:
-            loaded_before = list(trainer.adapter.text_encoders)
-            encoders = trainer.adapter.ensure_text_encoders("cpu")
-            self.offloaded += [encoder for encoder in encoders if encoder not in loaded_before]
-        self.pipeline = pipeline_from_training(trainer.adapter, trainer.modules, vae,
-                                               text_encoders=self.embedded is None)
+            trainer.messages.append(message)  # and in the report's warnings
+        return embedded
+
+    def text_encoders(self, trainer: Any) -> list[Any]:
+        """The frozen text encoders for rendering from text, loaded on the CPU when training did not need
+        them (those it loaded here live on the CPU between renders: returned)."""
+        loaded_before = list(trainer.adapter.text_encoders)
+        encoders = trainer.adapter.ensure_text_encoders("cpu")
+        return [encoder for encoder in encoders if encoder not in loaded_before]
 
     def __call__(self, trainer: Any) -> None:
-        from tuneline.stages.render.generate import live_evaluate
+        from tuneline.models.loading import load_vae
+        from tuneline.stages.render.generate import live_evaluate, live_prompts, pipeline_from_training
 
         device = trainer.accelerator.device
-        if self.pipeline is None:
-            self._build(trainer)
+        if self.pipeline is None:  # built once: it shares the live modules, it does not copy them
+            self.prompts = live_prompts(self.params, self.root)
+            self.embedded = self.cached_prompts(trainer)
+            vae = load_vae(self.params.model, self.root, "fp32", "cpu")
+            self.offloaded = [vae] + (self.text_encoders(trainer) if self.embedded is None else [])
+            self.pipeline = pipeline_from_training(trainer.adapter, trainer.modules, vae,
+                                                   text_encoders=self.embedded is None)
         for module in self.offloaded:
             module.to(device)
         try:
