@@ -120,7 +120,7 @@ class LiveEvaluation:
         self.params, self.root, self.tracker = params, Path(root), tracker
         self.pipeline: Any = None
         self.prompts: list[Any] = []
-        self.embedded: PromptEmbeddings | None = None  # the prompts' cached embeddings (None: the text encoders encode them)
+        self.embedded: PromptEmbeddings | None = None  # the prompts' cached embeddings (None: encode them)
         self.offloaded: list[Any] = []  # modules that live on the CPU between renders
 
     def cached_prompts(self, trainer: Any) -> PromptEmbeddings | None:
