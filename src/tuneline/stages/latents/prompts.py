@@ -95,7 +95,7 @@ def note_prompts(report: StageReport, texts: PromptTexts, keys: dict[str, str], 
 
 
 def write_prompt_embeds(out_dir: Path, keys: dict[str, str], text_store: ItemStore, *, family: str,
-                        text_format: str | None, dtype: str, encoders: dict[str, str], prompts_file: str,
+                        text_format: str, dtype: str, encoders: dict[str, str], prompts_file: str,
                         off_because: list[str]) -> None:
     """Rebuild `out_dir`: each text's stored file (a link) and the index (text -> file)."""
     files = {text: f"{key}{SUFFIX}" for text, key in keys.items()}

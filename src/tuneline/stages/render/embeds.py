@@ -75,7 +75,7 @@ class PromptEmbeddings:
         return [text for text in texts if text not in self.files]
 
 
-def index_record(*, family: str, text_format: str | None, dtype: str, encoders: Mapping[str, str],
+def index_record(*, family: str, text_format: str, dtype: str, encoders: Mapping[str, str],
                  prompts_file: str, files: Mapping[str, str], off_because: list[str]) -> dict[str, Any]:
     """The index as the latents stage writes it (a function of its inputs only: DVC tracks it)."""
     return {"format": FORMAT, "family": family, "text_embeddings_format": text_format, "dtype": dtype,
