@@ -84,6 +84,8 @@ def test_dvc_repro_runs_the_demo_and_reruns_only_what_changed(tmp_path):
     assert (tmp_path / "models/train/pytorch_lora_weights.safetensors").is_file()
     assert (tmp_path / "renders/contact_sheet.png").is_file()
     assert (tmp_path / "export/tuneline-demo.safetensors").is_file()
+    # The render prompts (and transfer prompts) were cached by latents: render loaded no text encoder.
+    assert run_report(tmp_path, "render")["prompt_embeddings"] == "cache (data/prompt_embeds)"
     assert "metrics/train_loss.csv" in dvc(tmp_path, "plots", "show", "--json")
     # Offline plots: the page's Vega plots need a CDN, the loss picture is a file beside it.
     dvc(tmp_path, "plots", "show", "--out", str(tmp_path / "plots-html"))
@@ -143,14 +145,21 @@ def test_dvc_repro_runs_the_demo_and_reruns_only_what_changed(tmp_path):
         found = run_report(tmp_path, stage)
         assert (found["computed"], found["reused"] + found.get("given", 0)) == (1, 14), stage
 
-    # A prompt edit rerenders; it never retrains.
+    # A prompt edit rerenders; it never retrains. latents reruns to cache the new prompt's embeddings
+    # (data/prompt_embeds), every item reused and data/latents byte for byte as it was, so train does not.
+    latents_files = {path: digest for path, digest in tracked_files(tmp_path).items() if path.startswith("data/latents/")}
     prompts = (tmp_path / "prompts.yaml").read_text()
     (tmp_path / "prompts.yaml").write_text(prompts.replace("shp", "shp, blue", 1))
     out = dvc(tmp_path, "repro")
-    assert "Running stage 'render'" in out
-    assert "Running stage 'train'" not in out and "Running stage 'latents'" not in out
+    assert "Running stage 'latents'" in out and "Running stage 'render'" in out
+    assert "Running stage 'train'" not in out
+    latents = run_report(tmp_path, "latents")
+    assert (latents["computed"], latents["reused"], latents["prompt_embeddings_computed"]) == (0, 15, 1)
+    assert {path: digest for path, digest in tracked_files(tmp_path).items()
+            if path.startswith("data/latents/")} == latents_files
     # Only the edited prompt is rendered again, base and trained; the other images come from the store.
     assert (run_report(tmp_path, "render")["base_rendered"], run_report(tmp_path, "render")["final_rendered"]) == (1, 1)
+    assert run_report(tmp_path, "render")["prompt_embeddings"] == "cache (data/prompt_embeds)"
 
     # A bucket-only parameter reruns bucket, not ingest (up to train: render and export after a new
     # training run were shown above).

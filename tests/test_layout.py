@@ -146,14 +146,17 @@ def test_registry_dvc_yaml_and_entry_points_agree():
 # included, are in every key), bookkeeping, display, locking, tracking, orchestration. Their
 # imports are not followed. Tiny models count through the content of the files they build.
 # The latents stage's output/report module rebuilds the output folder from the store every run,
-# and the text-cache rule only decides whether text items are made and used: neither decides a
-# stored item's bytes or key (the train stage's CODE covers the rule with all of train/).
+# its prompts module only picks which prompt texts its text cache encodes (text.py and keys.py make
+# them) and writes their index, and the text-cache rule only decides whether text items are made and
+# used: none decides a stored item's bytes or key (the train stage's CODE covers the rule with all of
+# train/; the render stage's CODE covers the prompts file and the index reader).
 NOT_RESULT_SHAPING = ("tuneline.config", "tuneline.preflight", "tuneline.cli", "tuneline.core.params",
                       "tuneline.core.fsutil", "tuneline.core.store", "tuneline.core.manifest", "tuneline.core.report",
                       "tuneline.core.parallel", "tuneline.core.layout", "tuneline.core.lock", "tuneline.core.logs",
                       "tuneline.core.stops",
                       "tuneline.core.codeversion", "tuneline.core.tracking", "tuneline.orchestration", "tuneline.tiny",
-                      "tuneline.stages.latents.output", "tuneline.train.cached_text")
+                      "tuneline.stages.latents.output", "tuneline.stages.latents.prompts",
+                      "tuneline.train.cached_text")
 
 
 def _exempt(module: str) -> bool:

@@ -11,6 +11,8 @@ BUCKETED = "data/bucketed"
 AUTOENCODER = "models/autoencoder"
 CAPTIONED = "data/captioned"
 LATENTS = "data/latents"
+# The latents stage's second output: the render prompts' text embeddings (live samples and render read them).
+PROMPT_EMBEDS = "data/prompt_embeds"
 TRAINED = "models/train"
 RENDERS = "renders"
 EXPORT = "export"

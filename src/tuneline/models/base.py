@@ -84,6 +84,8 @@ class RenderFacts:
     # The family's releases (model.variant), the first one assumed when nothing names one; each may set the
     # render defaults above for itself.
     variants: tuple[Variant, ...] = (Variant("base", distilled=False),)
+    # The pipeline's text-encoder components: left out (None) when prompts come as cached embeddings.
+    text_encoders: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

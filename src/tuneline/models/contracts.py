@@ -7,7 +7,7 @@ import path; each family package holds its own. Plain types, no torch.
 from __future__ import annotations
 
 import datetime as _dt
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -117,8 +117,18 @@ class Renderer(Protocol):
         """Scheduler config entries that make the base's scheduler sample what training learned ({}: none)."""
         ...
 
-    def pipeline_from_training(self, adapter: Any, modules: Mapping[str, Any], vae: Any = None) -> Any:
-        """The family's text-to-image pipeline sharing the live training modules (live samples)."""
+    def pipeline_from_training(self, adapter: Any, modules: Mapping[str, Any], vae: Any = None,
+                               text_encoders: bool = True) -> Any:
+        """The family's text-to-image pipeline sharing the live training modules (live samples); without
+        `text_encoders` it has none (nor tokenizers) and renders from cached embeddings only."""
+        ...
+
+    def text_inputs(self, pipeline: Any, prompt: str, negative_prompt: str | None, guidance_scale: float,
+                    embedded: Callable[[str], Mapping[str, Any]] | None) -> dict[str, Any]:
+        """The text arguments of one call of `pipeline` (text-to-image or image-to-image): the texts
+        (`embedded` None: the pipeline's text encoders encode them), else each needed text's cached
+        tensors `embedded(text)` (as the family's TextCache stored them) in the form the pipeline takes,
+        so that the image equals the one rendered from the texts."""
         ...
 
     def diagnostic_rows(self, pipeline: Any, latents_dir: Path, timesteps: Sequence[int], samples: int,

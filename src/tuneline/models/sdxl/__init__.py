@@ -24,7 +24,8 @@ FAMILY = Family(
         pipeline="StableDiffusionXLPipeline", img2img="StableDiffusionXLImg2ImgPipeline", denoiser="unet",
         steps=30, guidance_scale=6.0, size_multiple=8,
         samplers=("euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde", "ddim", "lms"),
-        full_components={"unet": None, "text_encoder": "text_encoder_1", "text_encoder_2": "text_encoder_2"}),
+        full_components={"unet": None, "text_encoder": "text_encoder_1", "text_encoder_2": "text_encoder_2"},
+        text_encoders=("text_encoder", "text_encoder_2")),
     single_file_base=True,  # the single-file loader (tuneline.models.single_file) is SDXL's
     vae_overflow_hint="The stock SDXL VAE overflows in fp16; a fixed VAE (model.vae: madebyollin/sdxl-vae-fp16-fix) "
                       "or latents.dtype bf16/fp32 avoids the retries.",

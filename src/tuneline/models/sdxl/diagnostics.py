@@ -142,7 +142,8 @@ def diagnostic_rows(pipeline: Any, latents_dir: Path, timesteps: Sequence[int], 
                     seed: int = 0) -> tuple[list[tuple[str, list[Any]]], list[str], list[str]]:
     """(rows of (label, tiles), column labels, warnings) of the diagnostic sheet, with `pipeline`'s (trained)
     UNet; `trigger_words`: data set folder -> its trigger word (the default token of its samples). A tile
-    is a PIL image, or None where there is nothing to show."""
+    is a PIL image, or None where there is nothing to show. A sample's caption is encoded by the pipeline's
+    text encoders, or, in a pipeline without them, read from the latents stage's text cache."""
     import torch
     from diffusers import DDPMScheduler
     from safetensors.torch import load_file
@@ -179,8 +180,12 @@ def diagnostic_rows(pipeline: Any, latents_dir: Path, timesteps: Sequence[int], 
                                 "render.diagnostic_token is not set: no attention map")
             mean = load_file(latents_dir / record["latents"])["mean"].float()[None]
             clean = ((mean - shift) * scaling).to(device)
-            embeds, pooled = encode_prompts([pipeline.tokenizer, pipeline.tokenizer_2],
-                                            [pipeline.text_encoder, pipeline.text_encoder_2], [caption], device)
+            if pipeline.text_encoder is None:  # a pipeline without encoders: the latents stage's cached caption
+                text = load_file(latents_dir / record["text_embeddings"])
+                embeds, pooled = text["prompt_embeds"][None].to(device), text["pooled"][None].to(device)
+            else:
+                embeds, pooled = encode_prompts([pipeline.tokenizer, pipeline.tokenizer_2],
+                                                [pipeline.text_encoder, pipeline.text_encoder_2], [caption], device)
             (orig_w, orig_h), (top, left), (target_w, target_h) = (
                 record["original_size"], record["crop_top_left"], record["bucket"])
             time_ids = torch.tensor([[orig_h, orig_w, top, left, target_h, target_w]], dtype=embeds.dtype,

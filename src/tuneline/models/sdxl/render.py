@@ -3,7 +3,7 @@ the scheduler settings training learned, live samples from the training modules,
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +31,13 @@ class SDXLRenderer:
 
         return inference_scheduler_settings(prediction_type, zero_terminal_snr)  # type: ignore[arg-type]
 
-    def pipeline_from_training(self, adapter: Any, modules: Mapping[str, Any], vae: Any = None) -> Any:
+    def pipeline_from_training(self, adapter: Any, modules: Mapping[str, Any], vae: Any = None,
+                               text_encoders: bool = True) -> Any:
         """A StableDiffusionXLPipeline sharing the live UNet (PEFT-wrapped in LoRA mode) and any trained text
         encoders of `modules` (unwrapped); frozen encoders and the tokenizers come from the adapter (which
         loads them on the UNet's device if training did not need them), the scheduler is the base's with
-        the training's prediction type. `vae` defaults to model.vae / the base VAE in fp32."""
+        the training's prediction type. `vae` defaults to model.vae / the base VAE in fp32. Without
+        `text_encoders`: no encoder and no tokenizer (prompts come as cached embeddings)."""
         from diffusers import StableDiffusionXLPipeline
 
         from tuneline.models.loading import load_vae
@@ -43,16 +45,40 @@ class SDXLRenderer:
 
         unet = modules["unet"]
         device = unet.device
-        # Training on cached text embeddings loads no text encoder; rendering needs them.
-        frozen_encoders = adapter.ensure_text_encoders(str(device))
-        encoders = [modules.get(name, encoder) for name, encoder in zip(TEXT_ENCODER_NAMES, frozen_encoders)]
+        encoders: list[Any] = [None, None]
+        tokenizers: list[Any] = [None, None]
+        if text_encoders:
+            # Training on cached text embeddings loads no text encoder; rendering from text needs them.
+            frozen_encoders = adapter.ensure_text_encoders(str(device))
+            encoders = [modules.get(name, encoder) for name, encoder in zip(TEXT_ENCODER_NAMES, frozen_encoders)]
+            tokenizers = adapter.tokenizers
         if vae is None:
             vae = load_vae(adapter.model_config, adapter.root, "fp32", "cpu").to(device)
         pipeline = StableDiffusionXLPipeline(
-            vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=adapter.tokenizers[0],
-            tokenizer_2=adapter.tokenizers[1], unet=unet, scheduler=_inference_scheduler(adapter))
+            vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=tokenizers[0],
+            tokenizer_2=tokenizers[1], unet=unet, scheduler=_inference_scheduler(adapter))
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
+
+    def text_inputs(self, pipeline: Any, prompt: str, negative_prompt: str | None, guidance_scale: float,
+                    embedded: Callable[[str], Mapping[str, Any]] | None) -> dict[str, Any]:
+        """As StableDiffusionXL(Img2Img)Pipeline.encode_prompt makes them: prompt_embeds [1, 77, hidden] and
+        pooled_prompt_embeds [1, projection]; a negative only where guidance (above 1) uses one, and none
+        for an empty negative when the pipeline's force_zeros_for_empty_prompt makes it zeros itself."""
+        if embedded is None:
+            return {"prompt": prompt, "negative_prompt": negative_prompt or None}
+        unet = pipeline.unet
+
+        def tensors(text: str) -> tuple[Any, Any]:
+            stored = embedded(text)
+            return (stored["prompt_embeds"][None].to(unet.device, unet.dtype),
+                    stored["pooled"][None].to(unet.device, unet.dtype))
+
+        inputs = {}
+        inputs["prompt_embeds"], inputs["pooled_prompt_embeds"] = tensors(prompt)
+        if guidance_scale > 1 and (negative_prompt or not pipeline.config.force_zeros_for_empty_prompt):
+            inputs["negative_prompt_embeds"], inputs["negative_pooled_prompt_embeds"] = tensors(negative_prompt or "")
+        return inputs
 
     def diagnostic_rows(self, pipeline: Any, latents_dir: Path, timesteps: Sequence[int], samples: int,
                         token: str | None, trigger_words: Mapping[str, str | None],

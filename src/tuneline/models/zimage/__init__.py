@@ -43,7 +43,7 @@ FAMILY = Family(
     render=RenderFacts(
         pipeline="ZImagePipeline", img2img="ZImageImg2ImgPipeline", denoiser="transformer",
         steps=50, guidance_scale=5.0, size_multiple=16, samplers=("euler",),
-        full_components={"transformer": None, "text_encoder": "text_encoder_1"},
+        full_components={"transformer": None, "text_encoder": "text_encoder_1"}, text_encoders=("text_encoder",),
         diagnostics="Z-Image has no diagnostic sheet: the sheet shows the UNet's cross-attention to the trigger "
                     "word (and its x_t / x0 columns use SDXL's DDPM noise schedule); Z-Image's single-stream "
                     "transformer has no cross-attention",

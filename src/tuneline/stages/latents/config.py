@@ -29,7 +29,9 @@ class LatentsConfig(Section):
         True,
         description="Also cache each caption's text embeddings (what the model family's frozen text encoders make "
         "of it, as its pipeline encodes a prompt) when that is valid (off automatically with caption dropout or "
-        "shuffle, or when the text encoders are trained).",
+        "shuffle, or when the text encoders are trained), and those of the render prompts (data/prompt_embeds: "
+        "live samples and the render stage then load no text encoder; off only when the text encoders are "
+        "trained). false: neither.",
     )
     workers: Optional[int] = Field(
         None,

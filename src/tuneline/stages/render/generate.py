@@ -24,6 +24,7 @@ from tuneline.train.output import LORA_FILE, PIPELINE_DIR, choose_weights, read_
 
 if TYPE_CHECKING:
     from tuneline.models.base import Family
+    from tuneline.stages.render.embeds import PromptEmbeddings
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +41,10 @@ def save_png(image: Any, path: Path) -> Path:
 
 
 def load_base_pipeline(model_config: ModelConfig, root: Path | None, device: str = "auto", dtype: str = "auto",
-                       family: Family | None = None) -> Any:
+                       family: Family | None = None, text_encoders: bool = True) -> Any:
     """The base pipeline of `model_config` (model.vae swapped in when set), on `device`: the family's
-    text-to-image pipeline (RenderFacts.pipeline); `family` None detects it."""
+    text-to-image pipeline (RenderFacts.pipeline); `family` None detects it. Without `text_encoders` its
+    text encoders (RenderFacts.text_encoders) are not loaded: it renders from cached prompt embeddings."""
     quiet_libraries()  # before the import: it warns while importing
     import diffusers
 
@@ -58,6 +60,8 @@ def load_base_pipeline(model_config: ModelConfig, root: Path | None, device: str
     if model_config.vae:
         kwargs["vae"] = load_vae(model_config, root, dtype, device)
     spec = (family or family_of(model_config, root)).render
+    if not text_encoders:
+        kwargs.update(dict.fromkeys(spec.text_encoders))  # None: diffusers loads no such component
     pipeline = getattr(diffusers, spec.pipeline).from_pretrained(base, dtype=torch_dtype(dtype), **kwargs)
     if device != "cpu":  # loaded on the CPU; moving there again only makes diffusers warn
         with _quiet_diffusers():
@@ -153,24 +157,26 @@ def _component_class(pipeline_dir: Path, component: str) -> type:
 
 
 def render_prompts(pipeline: Any, prompts: Sequence[RenderPrompt], out_dir: Path | None, prefix: str = "",
-                   path_of: Any = None) -> list[Path]:
+                   path_of: Any = None, embedded: PromptEmbeddings | None = None) -> list[Path]:
     """Render each prompt to <out_dir>/<prefix><index>.png (or `path_of(prompt)`) with its own sampler
-    and seeded generator."""
+    and seeded generator; with `embedded`, from the cached prompt embeddings (the same images)."""
     import torch
 
     from tuneline.stages.render.samplers import build_scheduler
 
     out_dir = Path(out_dir) if out_dir is not None else None
     family = family_of_pipeline(pipeline)
+    renderer = family.build_renderer()
     base_scheduler = pipeline.scheduler
     paths = []
     try:
         for prompt in prompts:
             pipeline.scheduler = build_scheduler(prompt.sampler, base_scheduler.config, prompt.karras, family)
             generator = torch.Generator("cpu").manual_seed(prompt.seed)  # CPU noise: the same on every device
+            texts = renderer.text_inputs(pipeline, prompt.prompt, prompt.negative_prompt, prompt.guidance_scale,
+                                         embedded)
             image = pipeline(
-                prompt=prompt.prompt, negative_prompt=prompt.negative_prompt or None,
-                height=prompt.height, width=prompt.width, num_inference_steps=prompt.steps,
+                **texts, height=prompt.height, width=prompt.width, num_inference_steps=prompt.steps,
                 guidance_scale=prompt.guidance_scale, generator=generator,
             ).images[0]
             target = path_of(prompt) if path_of is not None else out_dir / f"{prefix}{prompt.index}.png"
@@ -190,7 +196,7 @@ def _unwrap(module: Any) -> Any:
     return extract_model_from_parallel(module, keep_fp32_wrapper=True, keep_torch_compile=False)
 
 
-def pipeline_from_training(adapter: Any, modules: dict[str, Any], vae: Any = None) -> Any:
+def pipeline_from_training(adapter: Any, modules: dict[str, Any], vae: Any = None, text_encoders: bool = True) -> Any:
     """A pipeline of the adapter's family sharing the live training modules (no copies), built by the
     family's renderer.
 
@@ -199,13 +205,14 @@ def pipeline_from_training(adapter: Any, modules: dict[str, Any], vae: Any = Non
     come from the adapter (which loads them on the denoiser's device if training did not need
     them). Under mixed precision the frozen weights are in its compute dtype: render under the
     training's autocast. `vae` defaults to model.vae / the base VAE in fp32 on the denoiser's
-    device (load it once and pass it in to avoid reloading at every evaluation).
+    device (load it once and pass it in to avoid reloading at every evaluation). Without
+    `text_encoders` the pipeline has none: it renders from cached prompt embeddings only.
     """
     from tuneline.models.family import get_family
 
     quiet_libraries()  # before the import: it warns while importing
     live = {name: _unwrap(module) for name, module in modules.items()}
-    return get_family(adapter.family).build_renderer().pipeline_from_training(adapter, live, vae)
+    return get_family(adapter.family).build_renderer().pipeline_from_training(adapter, live, vae, text_encoders)
 
 
 @contextmanager
@@ -239,8 +246,9 @@ def live_step_dir(out_dir: Path, step: int) -> Path:
 
 
 def live_evaluate(pipeline: Any, prompts: Sequence[RenderPrompt], out_dir: Path, step: int,
-                  tracker: Any = None) -> list[Path]:
-    """Render `prompts` to <out_dir>/step_<step:06d>/<i>.png without disturbing training.
+                  tracker: Any = None, embedded: PromptEmbeddings | None = None) -> list[Path]:
+    """Render `prompts` to <out_dir>/step_<step:06d>/<i>.png without disturbing training (from their
+    cached embeddings `embedded` when given).
 
     Global RNG streams and train/eval flags are restored afterwards; everything runs under
     torch.inference_mode, so no graph and no gradient is touched. Call it on the main
@@ -250,7 +258,7 @@ def live_evaluate(pipeline: Any, prompts: Sequence[RenderPrompt], out_dir: Path,
 
     modules = [c for c in pipeline.components.values() if isinstance(c, torch.nn.Module)]
     with preserved_training_state(modules), torch.inference_mode():
-        paths = render_prompts(pipeline, prompts, live_step_dir(out_dir, step))
+        paths = render_prompts(pipeline, prompts, live_step_dir(out_dir, step), embedded=embedded)
     if tracker is not None:
         from PIL import Image
 
@@ -258,6 +266,22 @@ def live_evaluate(pipeline: Any, prompts: Sequence[RenderPrompt], out_dir: Path,
             with Image.open(path) as image:
                 tracker.log_image(image.copy(), f"live/{path.parent.name}/{path.name}")
     return paths
+
+
+def live_prompt_embeddings(params: Any, root: Path,
+                           prompts: Sequence[RenderPrompt]) -> tuple[PromptEmbeddings | None, str]:
+    """The cached embeddings of the live prompts (the latents stage's data/prompt_embeds), or None and why
+    the live samples encode with the text encoders ("" when that is expected: trained text encoders)."""
+    from tuneline.core import layout
+    from tuneline.models.family import family_of
+    from tuneline.stages.render.embeds import cached_prompt_embeddings, needed_texts
+
+    if params.train.train_text_encoders:  # the trained encoders make the prompts of their samples
+        return None, ""
+    texts = needed_texts((prompt.prompt, prompt.negative_prompt) for prompt in prompts)
+    # Any dtype: training itself conditions on the cached captions of the same latents run.
+    return cached_prompt_embeddings(Path(root) / layout.PROMPT_EMBEDS, family_of(params.model, root), params.model,
+                                    root, texts)
 
 
 def live_prompts(params: Any, root: Path) -> list[RenderPrompt]:

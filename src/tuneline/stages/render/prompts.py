@@ -148,6 +148,11 @@ def load_prompts(path: Path | str, config: Any, family: Family, variant: Variant
     """Read, validate and resolve the prompts file against `config` (the render section) for a
     model `family` (its default steps and guidance, its samplers and image sides) and its `variant`
     (whose default steps and guidance win over the family's; see tuneline.models.variant)."""
+    return resolve_prompts(read_prompts_file(path), config, str(path), family, variant)
+
+
+def read_prompts_file(path: Path | str) -> PromptFile:
+    """Read and validate the prompts file (unresolved: what it says, whatever the render section)."""
     import json
 
     import yaml
@@ -161,7 +166,14 @@ def load_prompts(path: Path | str, config: Any, family: Family, variant: Variant
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as error:
         raise ParamsError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {error}") from None
-    return resolve_prompts(validate_prompts(data, str(path)), config, str(path), family, variant)
+    return validate_prompts(data, str(path))
+
+
+def prompt_pairs(parsed: PromptFile) -> list[tuple[str, str]]:
+    """(prompt, negative prompt) of every entry, as resolve_prompts resolves them (no render setting
+    decides a text)."""
+    return [(entry.prompt, _pick(entry.negative_prompt, parsed.defaults.negative_prompt, ""))
+            for entry in parsed.prompts]
 
 
 def _pick(*values: Any) -> Any:

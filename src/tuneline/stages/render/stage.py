@@ -10,6 +10,12 @@ Writes into the output folder (renders/):
 and metrics/render.json. live/ (written during training) is read, never removed. Every image
 (the transfer images and the diagnostic sheet too) is cached in the item store by the weights'
 content and what else decides its pixels: a rerun with unchanged weights loads no model.
+
+The prompts come as the embeddings the latents stage cached (data/prompt_embeds; the diagnostic
+sheet's captions from data/latents): then no text encoder is loaded and the images are those the
+text encoders would give. When a text is not cached, or the run trained a text encoder, the text
+encoders encode them as before (one warning when a cache was expected). The report says which
+(`prompt_embeddings`).
 """
 
 from __future__ import annotations
@@ -87,6 +93,7 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
     from tuneline.models.ref import identify
     from tuneline.models.variant import resolve_variant
     from tuneline.stages.render.cache import ImageCache
+    from tuneline.stages.render.embeds import render_prompt_embeddings
     from tuneline.stages.render.generate import WEIGHTS_RECORD, apply_trained, load_base_pipeline, render_prompts
     from tuneline.stages.render.prompts import load_prompts
     from tuneline.stages.render.sheets import contact_sheet, diagnostic_sheet, live_steps
@@ -163,18 +170,28 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
         report.warnings.append(f"diagnostics: {latents_dir} has no manifest.jsonl, no diagnostic sheet")
     diagnostics_notes = diagnostics_path.with_suffix(".json") if diagnostics_path else None
     missing_diagnostics = diagnostics_path is not None and not diagnostics_path.is_file()
+    prompts_from = None  # nothing rendered
     if missing_base or missing_final or missing_transfer or missing_diagnostics:  # else no model is loaded
-        pipeline = load_base_pipeline(params.model, root, device, config.dtype, family)
-        render_prompts(pipeline, missing_base, None, path_of=base_cache.path)
+        # From the cached embeddings when every text is there: no text encoder is loaded.
+        embedded, why = render_prompt_embeddings(params.model, root, family, state, dtype,
+                                                 [*missing_base, *missing_final],
+                                                 [job.prompt for job in missing_transfer],
+                                                 latents_dir if missing_diagnostics else None)
+        prompts_from = f"cache ({layout.PROMPT_EMBEDS})" if embedded is not None else "text encoders"
+        if why:
+            report.warnings.append(f"prompts encoded with the text encoders: {why}")
+        pipeline = load_base_pipeline(params.model, root, device, config.dtype, family,
+                                      text_encoders=embedded is None)
+        render_prompts(pipeline, missing_base, None, path_of=base_cache.path, embedded=embedded)
         if missing_final or missing_transfer or missing_diagnostics:
             applied = apply_trained(pipeline, trained_dir, config.lora_scale, config.use_ema)
             report.warnings.extend(applied.warnings)
             for line in applied.loaded:
                 console.print(f"render: {line}", markup=False, soft_wrap=True)
-            render_prompts(pipeline, missing_final, None, path_of=final_cache.path)
+            render_prompts(pipeline, missing_final, None, path_of=final_cache.path, embedded=embedded)
             render_transfer(pipeline, missing_transfer, transfer_path, strength=config.transfer_strength,
                             steps=steps, guidance_scale=guidance_scale, sampler=config.sampler,
-                            karras=config.karras, seed=config.seed)
+                            karras=config.karras, seed=config.seed, embedded=embedded)
             if missing_diagnostics:
                 _, warnings = diagnostic_sheet(pipeline, params, latents_dir, diagnostics_path, config)
                 atomic_write_json(diagnostics_notes, {"warnings": warnings})  # shown again on cached runs
@@ -220,6 +237,7 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
         "diagnostics_rendered": int(missing_diagnostics),
         "mean_abs_diff_vs_base": round(_mean_abs_difference(base, final), 4),
         "random_tiny_model": tiny,
+        "prompt_embeddings": prompts_from,
         "family": family.name,
         **render_defaults(variant, config),
     })

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -41,8 +42,14 @@ def transfer_prompt(source: TransferSource, target_trigger: str) -> str:
 
 def transfer_sources(params: Params, latents_dir: Path, captioned_dir: Path) -> list[TransferSource]:
     """The first latents-manifest item of each data set (in params order) with its captioned image."""
+    return sources_of(params, read_manifest(latents_dir), captioned_dir)
+
+
+def sources_of(params: Params, records: Iterable[dict[str, Any]], captioned_dir: Path) -> list[TransferSource]:
+    """transfer_sources from the latents manifest's `records` (the latents stage, which writes them,
+    caches the transfer prompts' embeddings)."""
     firsts: dict[str, dict[str, Any]] = {}
-    for record in read_manifest(latents_dir):
+    for record in records:
         firsts.setdefault(record["dataset"], record)
     sources = []
     for dataset in params.datasets:
@@ -94,11 +101,12 @@ def transfer_steps(steps: int, strength: float) -> int:
 
 def render_transfer(pipeline: Any, jobs: list[TransferJob], path_of: Callable[[TransferJob], Path], *,
                     strength: float, steps: int, guidance_scale: float, sampler: str, karras: bool,
-                    seed: int) -> list[Path]:
+                    seed: int, embedded: Callable[[str], Any] | None = None) -> list[Path]:
     """Render every job to path_of(job) (the image cache's path); returns the paths.
 
     The image-to-image pipeline of `pipeline`'s family (RenderFacts.img2img) shares its components;
-    each source image is cropped to the family's side multiple."""
+    each source image is cropped to the family's side multiple. With `embedded`, the prompts come as
+    their cached embeddings (tuneline.stages.render.embeds)."""
     import diffusers
     import torch
     from PIL import Image
@@ -109,6 +117,7 @@ def render_transfer(pipeline: Any, jobs: list[TransferJob], path_of: Callable[[T
     if not jobs:
         return []
     family = family_of_pipeline(pipeline)
+    renderer = family.build_renderer()
     scheduler = build_scheduler(sampler, pipeline.scheduler.config, karras, family)
     img2img = getattr(diffusers, family.render.img2img)(**{**pipeline.components, "scheduler": scheduler})
     img2img.set_progress_bar_config(disable=True)
@@ -121,7 +130,8 @@ def render_transfer(pipeline: Any, jobs: list[TransferJob], path_of: Callable[[T
         image = image.crop((0, 0, width, height))
         generator = torch.Generator("cpu").manual_seed(seed)
         with _quiet_diffusers():  # its VAE upcast warns on every call about casting with to()
-            result = img2img(prompt=job.prompt, image=image, strength=strength,
+            texts = renderer.text_inputs(img2img, job.prompt, None, guidance_scale, embedded)
+            result = img2img(**texts, image=image, strength=strength,
                              num_inference_steps=transfer_steps(steps, strength), guidance_scale=guidance_scale,
                              generator=generator).images[0]
         paths.append(save_png(result, path_of(job)))

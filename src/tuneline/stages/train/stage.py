@@ -39,6 +39,7 @@ LOSS_PICTURE = "train_loss.png"
 RUN_RECORD = layout.TRAIN_RUN_RECORD  # noqa: F401  (tests read the name here)
 
 if TYPE_CHECKING:
+    from tuneline.stages.render.embeds import PromptEmbeddings
     from tuneline.train.adapter import TrainerAdapter
     from tuneline.train.data import LatentData
     from tuneline.train.trainer import Trainer
@@ -106,9 +107,12 @@ def live_dir(trainer: Any) -> Path:
 class LiveEvaluation:
     """Renders the first render.live_prompts prompts with the live modules (see tuneline.stages.render.generate).
 
-    What only rendering needs (the VAE, and the text encoders when training uses cached
-    embeddings) is loaded once, kept on the CPU, and on the GPU only while rendering, so the
-    training steps never share the card with it. Rendering runs under the training's autocast:
+    The prompts come as the embeddings the latents stage cached (data/prompt_embeds): then no text
+    encoder is loaded and only the VAE joins the training modules on the GPU, for the decode. When one
+    is not cached (the prompts file edited since, or trained text encoders) the text encoders encode
+    them, with one warning. What only rendering needs (the VAE, and those text encoders when training
+    uses cached embeddings) is loaded once, kept on the CPU, and on the GPU only while rendering, so
+    the training steps never share the card with it. Rendering runs under the training's autocast:
     the frozen weights are in its compute dtype, the LoRA weights in fp32.
     """
 
@@ -116,7 +120,27 @@ class LiveEvaluation:
         self.params, self.root, self.tracker = params, Path(root), tracker
         self.pipeline: Any = None
         self.prompts: list[Any] = []
+        self.embedded: PromptEmbeddings | None = None  # the prompts' cached embeddings (None: encode them)
         self.offloaded: list[Any] = []  # modules that live on the CPU between renders
+
+    def cached_prompts(self, trainer: Any) -> PromptEmbeddings | None:
+        """The live prompts' cached embeddings, or None (then one warning says why, unless the run
+        trains a text encoder: its samples must show what the trained encoders make of the prompts)."""
+        from tuneline.stages.render.generate import live_prompt_embeddings
+
+        embedded, why = live_prompt_embeddings(self.params, self.root, self.prompts)
+        if why:
+            message = f"live samples encode their prompts with the text encoders: {why}"
+            trainer.accelerator.print(message)
+            trainer.messages.append(message)  # and in the report's warnings
+        return embedded
+
+    def text_encoders(self, trainer: Any) -> list[Any]:
+        """The frozen text encoders for rendering from text, loaded on the CPU when training did not need
+        them (those it loaded here live on the CPU between renders: returned)."""
+        loaded_before = list(trainer.adapter.text_encoders)
+        encoders = trainer.adapter.ensure_text_encoders("cpu")
+        return [encoder for encoder in encoders if encoder not in loaded_before]
 
     def __call__(self, trainer: Any) -> None:
         from tuneline.models.loading import load_vae
@@ -126,16 +150,17 @@ class LiveEvaluation:
         device = trainer.accelerator.device
         if self.pipeline is None:  # built once: it shares the live modules, it does not copy them
             self.prompts = live_prompts(self.params, self.root)
+            self.embedded = self.cached_prompts(trainer)
             vae = load_vae(self.params.model, self.root, "fp32", "cpu")
-            loaded_before = list(trainer.adapter.text_encoders)
-            encoders = trainer.adapter.ensure_text_encoders("cpu")
-            self.offloaded = [vae] + [encoder for encoder in encoders if encoder not in loaded_before]
-            self.pipeline = pipeline_from_training(trainer.adapter, trainer.modules, vae)
+            self.offloaded = [vae] + (self.text_encoders(trainer) if self.embedded is None else [])
+            self.pipeline = pipeline_from_training(trainer.adapter, trainer.modules, vae,
+                                                   text_encoders=self.embedded is None)
         for module in self.offloaded:
             module.to(device)
         try:  # live samples show the model users get: without model.training_adapter
             with trainer.accelerator.autocast(), training_adapter_off(self.pipeline.components.values()):
-                live_evaluate(self.pipeline, self.prompts, live_dir(trainer), trainer.state.step, self.tracker)
+                live_evaluate(self.pipeline, self.prompts, live_dir(trainer), trainer.state.step, self.tracker,
+                              self.embedded)
         finally:
             if device.type != "cpu":
                 for module in self.offloaded:
