@@ -208,20 +208,26 @@ def write_config_folder(folder: Path, configs: dict[str, dict[str, Any]]) -> Pat
     return folder
 
 
-def random_unet_state(config: dict[str, Any], device: str) -> tuple[dict[str, Any], int, float]:
-    """(fp32 state dict on the host, parameter count, seconds): random init on `device`, then copied out."""
+def random_state(model_class: Any, config: dict[str, Any], device: str, seed: int = SEED) -> tuple[dict[str, Any], int, float]:
+    """(fp32 state dict on the host, parameter count, seconds) of `model_class` built from `config`:
+    random init on `device` (fast on a GPU), then copied out."""
     import torch
-    from diffusers import UNet2DConditionModel
 
     started = time.perf_counter()
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     with torch.device(device):
-        unet = UNet2DConditionModel.from_config(config)
-    count = sum(p.numel() for p in unet.parameters())
-    state = {name: tensor.detach().to("cpu") for name, tensor in unet.state_dict().items()}
-    del unet
+        model = model_class.from_config(config)
+    count = sum(p.numel() for p in model.parameters())
+    state = {name: tensor.detach().to("cpu") for name, tensor in model.state_dict().items()}
+    del model
     free(device)
     return state, count, time.perf_counter() - started
+
+
+def random_unet_state(config: dict[str, Any], device: str) -> tuple[dict[str, Any], int, float]:
+    from diffusers import UNet2DConditionModel
+
+    return random_state(UNet2DConditionModel, config, device)
 
 
 def make_adapter_class() -> type:

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from bench._common import bench_main, goal, make_trainer, print_goals
-from bench.gpu import TrainerLoop, free, measured_peak, synchronize, timed
+from bench.gpu import TrainerLoop, free, measured_peak, random_state, timed
 
 NAME = "gpu_zimage"
 REPO = Path(__file__).resolve().parents[1]
@@ -87,18 +87,10 @@ def write_config_folder(folder: Path, source: Path) -> Path:
 
 def random_transformer_state(folder: Path, device: str) -> tuple[dict[str, Any], int, float]:
     """(fp32 state dict on the host, parameter count, seconds): random init on `device`, copied out."""
-    import torch
     from diffusers import ZImageTransformer2DModel
 
-    started = time.perf_counter()
-    torch.manual_seed(SEED)
-    with torch.device(device):
-        model = ZImageTransformer2DModel.from_config(ZImageTransformer2DModel.load_config(folder, subfolder="transformer"))
-    count = sum(p.numel() for p in model.parameters())
-    state = {name: tensor.detach().to("cpu") for name, tensor in model.state_dict().items()}
-    del model
-    free(device)
-    return state, count, time.perf_counter() - started
+    config = ZImageTransformer2DModel.load_config(folder, subfolder="transformer")
+    return random_state(ZImageTransformer2DModel, config, device, SEED)
 
 
 def make_adapter_class() -> type:
