@@ -77,7 +77,8 @@ def run(params: Params, root: Path, captioned_dir: Path, out_dir: Path, metrics_
     note_latents(report, len(todo), len(encoded.failed), encoded.vae_load_s, encoded.fp32_retried, dtype,
                  family.vae_overflow_hint)
 
-    text_keys = [text_key(cache.key_fields(caption_of(r), identities, dtype)) if text_on else None for r in records]
+    text_keys = [text_key(cache.key_fields(caption_of(r), identities, dtype, params.model.quantize)) if text_on else None
+                 for r in records]
     missing_text = {key: caption_of(r) for key, r in zip(text_keys, records)
                     if key is not None and not text_store.has(key, SUFFIX) and in_shard(key, shard)}
     truncated = (encode_texts(params.model, root, missing_text, text_store, device, dtype, identities, cache)
