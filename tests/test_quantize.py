@@ -218,16 +218,18 @@ def test_a_quantized_run_learns_and_its_loss_tracks_the_unquantized_run(request,
     assert abs(after / before - plain_after / plain_before) <= 0.01
 
 
-@pytest.mark.parametrize("family, level", [("sdxl", "int8"), ("zimage", "nf4")])
-def test_resume_is_exact_on_a_quantized_base(request, family, level, tmp_path):
+@pytest.mark.parametrize("family, level, settings", [
+    ("sdxl", "int8", {}), ("zimage", "nf4", {"mixed_precision": "bf16", "gradient_checkpointing": True})])
+def test_resume_is_exact_on_a_quantized_base(request, family, level, settings, tmp_path):
     """As test_train's exact resume (EMA, caption dropout through the quantized text encoders, LoRA
-    dropout, a schedule; SDXL renders live samples at every step through its quantized pipeline)."""
+    dropout, a schedule; SDXL renders live samples at every step through its quantized pipeline;
+    Z-Image under bf16 autocast, its frozen base quantized from bf16)."""
     import signal
 
     from tuneline.train.trainer import StopRequested
 
     project = family_project(request, family)
-    params = qparams(project, level, **RESUME_SETTINGS, **FAMILY_RESUME_SETTINGS[family])
+    params = qparams(project, level, **RESUME_SETTINGS, **FAMILY_RESUME_SETTINGS[family], **settings)
     live_every = 1 if family == "sdxl" else 0
     straight = make_trainer(project, tmp_path / "a", params, live_every=live_every)
     base = straight.trained_weights()
@@ -347,7 +349,7 @@ def test_check_refuses_training_a_quantized_base_fully(latents_project, capsys, 
         assert main(["--root", str(root), "--params", str(tmp_path / "full.yaml"), "check"]) == 2
         out = " ".join(capsys.readouterr().out.split())
         assert f"{key}: 'full' cannot train a quantized base (model.quantize: 'int8'" in out, out
-        assert "allowed with it: 'lora' or 'frozen'" in out
+        assert ("allowed with it: 'lora';" if key == "train.mode" else "allowed with it: 'lora' or 'frozen';") in out
     params = qparams(latents_project, "nf4", mode="full")
     with pytest.raises(ParamsError, match="train.mode: 'full' cannot train a quantized base"):
         SDXLAdapter(params.model, params.train, root)

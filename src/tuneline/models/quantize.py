@@ -34,12 +34,12 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from tuneline.core.params import ParamsError
+from tuneline.models.config import QUANTIZE_LEVELS
 
 if TYPE_CHECKING:
     from tuneline.train.config import TrainConfig
 
-LEVELS = ("none", "int8", "fp8", "nf4")  # as tuneline.models.config.QUANTIZE_LEVELS
-LIBRARY = {"int8": "torchao", "fp8": "torchao", "nf4": "bitsandbytes"}
+LIBRARY = {"int8": "torchao", "fp8": "torchao", "nf4": "bitsandbytes"}  # every level but none
 NF4_BLOCK = 64  # values per absmax (QLoRA's block size)
 NESTED_BLOCK = 256  # absmax values per second-level scale (bitsandbytes' double quantization)
 NF4_CODE = 16  # entries of the NF4 code book (fp32), one copy per layer
@@ -72,7 +72,7 @@ def quantized_tensor_bytes(level: str, out_features: int, in_features: int) -> d
         blocks = math.ceil(n / NF4_BLOCK)
         return {"data": math.ceil(n / 2), "absmax": blocks, "code": 4 * NF4_CODE, "offset": 4,
                 "nested_absmax": 4 * math.ceil(blocks / NESTED_BLOCK), "nested_code": 4 * NESTED_CODE}
-    raise ValueError(f"no quantized layout for level {level!r}; allowed: {', '.join(LEVELS[1:])}")
+    raise ValueError(f"no quantized layout for level {level!r}; allowed: {', '.join(LIBRARY)}")
 
 
 def layer_bytes(layer: Any) -> int:
@@ -121,18 +121,6 @@ def _without_wrappers(name: str) -> str:
 # --- the layers --------------------------------------------------------------------------------
 
 
-def _autocast_input(x: Any) -> Any:
-    """`x` in autocast's dtype when autocast is on, as autocast runs a plain Linear. A quantized
-    weight's own linear computes and returns in its input's dtype: fp32 after a norm, twice the
-    activation bytes of the layer it replaces."""
-    import torch
-
-    device = x.device.type
-    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
-        return x.to(torch.get_autocast_dtype(device))
-    return x
-
-
 @lru_cache(maxsize=None)
 def _layer_class(level: str) -> type:
     """The quantized layer class of `level`, made on first use (torch and its library load here)."""
@@ -154,7 +142,8 @@ def _layer_class(level: str) -> type:
                 self.support_avx512bf16_for_cpu = False
 
             def forward(self, x: Any) -> Any:
-                return super().forward(_autocast_input(x))
+                # In (and out in) the frozen dtype, as autocast runs a plain Linear (see TorchaoLinear).
+                return super().forward(x.to(self.compute_dtype))
 
         return NF4Linear
 
@@ -172,10 +161,13 @@ def _layer_class(level: str) -> type:
             return grad.matmul(ctx.weight.dequantize().to(grad.dtype)), None, None
 
     class TorchaoLinear(QuantizedLayer, torch.nn.Linear):
-        """nn.Linear whose weight is a torchao Int8Tensor / Float8Tensor."""
+        """nn.Linear whose weight is a torchao Int8Tensor / Float8Tensor. It computes in the frozen
+        dtype (the weight's), which is autocast's under mixed precision: as autocast runs a plain
+        Linear. The quantized weight's own linear would compute and return in its input's dtype,
+        fp32 after a norm: twice the activation bytes of the layer it replaces."""
 
         def forward(self, x: Any) -> Any:
-            return FrozenQuantizedLinear.apply(_autocast_input(x), self.weight, self.bias)
+            return FrozenQuantizedLinear.apply(x.to(self.weight.dtype), self.weight, self.bias)
 
     class Int8Linear(TorchaoLinear):
         level = "int8"
@@ -225,7 +217,7 @@ def quantize_frozen(module: Any, level: str, dtype: Any = None, keep: Sequence[s
     if level == "none":
         return 0
     if level not in LIBRARY:
-        raise ParamsError(f"model.quantize: {level!r} is not a level; allowed: {', '.join(LEVELS)}")
+        raise ParamsError(f"model.quantize: {level!r} is not a level; allowed: {', '.join(QUANTIZE_LEVELS)}")
     if dtype is not None:
         from tuneline.core.device import cast_frozen
 
@@ -289,11 +281,13 @@ def full_training_problems(level: str, train: TrainConfig) -> list[str]:
     encoder settings it has no use for."""
     if level == "none":
         return []
-    modes = {"train.mode": train.mode, "train.text_encoder_1.mode": train.text_encoder_1.mode,
-             "train.text_encoder_2.mode": train.text_encoder_2.mode}
+    # params key -> (its mode, what it allows besides 'full')
+    modes = {"train.mode": (train.mode, "'lora'"),
+             "train.text_encoder_1.mode": (train.text_encoder_1.mode, "'lora' or 'frozen'"),
+             "train.text_encoder_2.mode": (train.text_encoder_2.mode, "'lora' or 'frozen'")}
     return [f"{key}: 'full' cannot train a quantized base (model.quantize: {level!r} stores the frozen weights in "
-            f"{level}, and a quantized weight is not trainable); allowed with it: 'lora' or 'frozen'; or set "
-            "model.quantize: 'none' to fine-tune fully" for key, mode in modes.items() if mode == "full"]
+            f"{level}, and a quantized weight is not trainable); allowed with it: {others}; or set "
+            "model.quantize: 'none' to fine-tune fully" for key, (mode, others) in modes.items() if mode == "full"]
 
 
 def refuse_full_training(level: str, train: TrainConfig) -> None:
