@@ -437,20 +437,26 @@ def test_the_stage_names_no_family():
 
 def test_text_keys_come_from_the_familys_cache_fields():
     """The text key is the stage's digest of what the family's cache says decides the embedding:
-    another caption, dtype, encoder or family gives another key."""
+    another caption, dtype, encoder, family or model.quantize level gives another key; at
+    quantize 'none' the fields are the ones keys had before the setting existed."""
     from tuneline.core.fsutil import digest_json
     from tuneline.models.family import get_family
     from tuneline.stages.latents.keys import CODE_VERSION, text_key
 
     sdxl, zimage = (get_family(name).load("text_cache")() for name in ("sdxl", "zimage"))
     identities = {"tokenizer": "t", "text_encoder": "e"}
-    keys = {text_key(cache.key_fields(caption, identities, dtype))
-            for cache in (sdxl, zimage) for caption in ("a", "b") for dtype in ("fp32", "bf16")}
-    keys.add(text_key(sdxl.key_fields("a", {**identities, "text_encoder": "other"}, "fp32")))
-    assert len(keys) == 9
+    keys = {text_key(cache.key_fields(caption, identities, dtype, quantize))
+            for cache in (sdxl, zimage) for caption in ("a", "b") for dtype in ("fp32", "bf16")
+            for quantize in ("none", "int8", "fp8", "nf4")}
+    keys.add(text_key(sdxl.key_fields("a", {**identities, "text_encoder": "other"}, "fp32", "none")))
+    assert len(keys) == 33
     # The stage's part of the key: its store name and code version, beside the cache's fields.
-    assert text_key(sdxl.key_fields("a", identities, "fp32")) == digest_json(
+    assert text_key(sdxl.key_fields("a", identities, "fp32", "none")) == digest_json(
         {"stage": "text_embeddings", "code": CODE_VERSION, "caption": "a", "encoders": identities, "dtype": "fp32"})
+    assert zimage.key_fields("a", identities, "bf16", "none") == {
+        "family": "zimage", "caption": "a", "encoders": identities, "dtype": "bf16", "max_sequence_length": 512}
+    assert sdxl.key_fields("a", identities, "fp32", "nf4") == {
+        "caption": "a", "encoders": identities, "dtype": "fp32", "quantize": "nf4"}
 
 
 def test_every_familys_ignored_settings_are_real_keys_silent_at_their_defaults():

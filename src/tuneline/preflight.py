@@ -20,6 +20,7 @@ from tuneline.config import Params
 from tuneline.core.params import ParamsError
 from tuneline.models.base import Family
 from tuneline.models.config import ModelConfig
+from tuneline.models.quantize import full_training_problems
 
 # Stages that read each kind of reference; `tuneline check` runs every check.
 _DATASET_STAGES = {"ingest", "check"}
@@ -125,7 +126,7 @@ def _variant_warnings(params: Params, root: Path) -> list[str]:
 def check_settings(params: Params, root: Path | str) -> None:
     """ParamsError naming every setting a stage of the run would refuse for the model family:
     what a driver (the Prefect flow, `tuneline repro`) runs before its first stage."""
-    problems = family_problems(params, root)
+    problems = family_problems(params, root) + full_training_problems(params.model.quantize, params.train)
     if problems:
         raise ParamsError("params.yaml has settings that a stage of the run would refuse:\n"
                           + "\n".join(f"  - {problem}" for problem in problems))
@@ -193,6 +194,7 @@ def preflight(params: Params, root: Path | str, stages: Iterable[str] = ("check"
     model_stage = bool(stages & _MODEL_STAGES)
     if not (model_stage and any(error.startswith("model.base:") for error in errors)):
         errors += family_problems(params, root, required=model_stage)
+    errors += full_training_problems(params.model.quantize, params.train)  # the train stage's refusal
     if "check" in stages and not errors:  # the train stage's report says it again when it trains
         warnings += _variant_warnings(params, root)
     if errors:
@@ -205,8 +207,8 @@ def _optimizer_problems(params: Params) -> list[str]:
     if params.train.optimizer.name != "adamw8bit":
         return []
     if importlib.util.find_spec("bitsandbytes") is None:
-        return ["train.optimizer.name: adamw8bit needs bitsandbytes and a CUDA GPU: pip install 'tuneline[gpu]' on "
-                "the GPU machine, or choose one of adamw, lion, adafactor, prodigy"]
+        return ["train.optimizer.name: adamw8bit needs bitsandbytes and a CUDA GPU: pip install bitsandbytes==0.50.2 "
+                "(a tuneline dependency) on the GPU machine, or choose one of adamw, lion, adafactor, prodigy"]
     import torch
 
     if not torch.cuda.is_available():

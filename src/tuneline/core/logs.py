@@ -3,8 +3,8 @@
 The terminal gets what a person needs: one progress bar per long loop, the stage table and
 warnings that matter (tuneline's own, at WARNING and above). Everything else, including
 the libraries' chatter (MLflow's database and system-metrics INFO lines, transformers' and
-diffusers' notices, Python warnings), goes to `.tuneline/logs/<stage>.log`, one file per
-stage, appended to on every run.
+diffusers' notices, Python warnings, what torchao and bitsandbytes say when PEFT imports them),
+goes to `.tuneline/logs/<stage>.log`, one file per stage, appended to on every run.
 
     configure(root, "latents")   # first thing in a stage process
     ...
@@ -16,10 +16,19 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 LOG_DIR = Path(".tuneline") / "logs"
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+# Libraries that talk at import or first use, whatever tuneline does with them (PEFT imports torchao
+# and bitsandbytes whenever it adds a LoRA): torchao's missing CUDA extensions and Triton, torch's
+# pytree deprecation of torchao's enums (printed by torch's own stderr handler), bitsandbytes'
+# optional CPU kernels, diffusers' torchao quantizer. Their records go to the stage's log file only.
+STAGE_LOG_ONLY = ("torchao", "bitsandbytes", "torch.utils._pytree", "diffusers.quantizers")
+# PEFT's note on every LoRA layer over a torchao weight: tuneline never merges into a quantized base.
+_PEFT_TORCHAO_NOTE = "TorchaoLoraLinear was instantiated without `get_apply_tensor_subclass`"
 
 # Read once at import by the libraries, so set before they are imported. (MLflow's own switch,
 # MLFLOW_CONFIGURE_LOGGING, is set by the tracker, the one place tuneline imports mlflow.)
@@ -52,14 +61,38 @@ def configure(root: Path, stage: str) -> Path:
     to_terminal._tuneline = True  # type: ignore[attr-defined]
     top.addHandler(to_terminal)
     logging.captureWarnings(True)  # Python warnings (FutureWarning, UserWarning) -> the file
+    _route_to_stage_log()
     return path
+
+
+class _StageLogOnly(logging.Handler):
+    """Hands a record to the stage's log file (configure's file handler) and to nothing else: no
+    terminal, and no last-resort stderr print in a process that has no stage log (`tuneline check`)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for handler in logging.getLogger().handlers:
+            if getattr(handler, "_tuneline", False) and isinstance(handler, logging.FileHandler):
+                if record.levelno >= handler.level:
+                    handler.handle(record)
+
+
+def _route_to_stage_log() -> None:
+    """The STAGE_LOG_ONLY loggers write to the stage log only (idempotent; imports nothing)."""
+    for name in STAGE_LOG_ONLY:
+        logger = logging.getLogger(name)
+        logger.propagate = False  # torch's stderr handler sits on "torch"; the root's would print the rest
+        if not any(isinstance(handler, _StageLogOnly) for handler in logger.handlers):
+            logger.addHandler(_StageLogOnly())
+    warnings.filterwarnings("ignore", message=_PEFT_TORCHAO_NOTE, category=UserWarning)
 
 
 def quiet_libraries() -> None:
     """transformers and diffusers install their own stderr handlers when first used: remove them
     so their records reach the log file instead, and turn off diffusers' loading bars. Call where
     a model is about to be loaded (idempotent). Both, always: a diffusers pipeline imports
-    transformers later, in from_pretrained, and it warns then ("requires torchvision")."""
+    transformers later, in from_pretrained, and it warns then ("requires torchvision"). Also sends
+    the quantization libraries' chatter to the stage log only (STAGE_LOG_ONLY)."""
+    _route_to_stage_log()
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 

@@ -118,6 +118,10 @@ class Family:
     # Stage name -> this family's modules (relative to the package, as CODE names them) that decide what the
     # stage makes for it. The stage loads them by name, so its imports do not show them: its CODE adds these.
     code: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Diffusers component (unet, transformer, text_encoder, ...) -> names of its modules that model.quantize
+    # leaves in full precision (small embedders, final layers: tuneline.models.quantize.kept); every other
+    # frozen nn.Linear is quantized.
+    full_precision: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def build_adapter(self, *args: Any, **kwargs: Any) -> Any:
         return load_object(self.adapter)(*args, **kwargs)

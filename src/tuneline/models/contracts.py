@@ -54,8 +54,9 @@ class TextCache(Protocol):
         """The tokenizers and text encoders, by name: their identities go into every key."""
         ...
 
-    def key_fields(self, caption: str, identities: dict[str, str], dtype: str) -> dict[str, Any]:
-        """Everything but the stage's code version that decides `caption`'s stored embedding."""
+    def key_fields(self, caption: str, identities: dict[str, str], dtype: str, quantize: str) -> dict[str, Any]:
+        """Everything but the stage's code version that decides `caption`'s stored embedding;
+        `quantize` is model.quantize, which `load` encodes with (a level other than 'none' is in the key)."""
         ...
 
     def load(self, model: ModelConfig, root: Path | None, dtype: str, device: str) -> Any:

@@ -16,6 +16,7 @@ from tuneline.core.device import TORCH_DTYPES, resolve_device, resolve_dtype, to
 from tuneline.core.logs import quiet_libraries
 from tuneline.models.config import ModelConfig
 from tuneline.core.fsutil import digest_json
+from tuneline.models.quantize import quantize_frozen
 from tuneline.models.ref import model_identity, resolve_model
 
 # SDXL's conditioning comes from these four subfolders of the base model.
@@ -115,12 +116,14 @@ def load_vae(model: ModelConfig, root: Path | None, dtype: str = "auto", device:
     return vae.eval().to(device)
 
 
-def load_text_encoders(model: ModelConfig, root: Path | None, dtype: str = "auto",
-                       device: str = "auto", empty_weights: bool = False) -> tuple[list[Any], list[Any]]:
+def load_text_encoders(model: ModelConfig, root: Path | None, dtype: str = "auto", device: str = "auto",
+                       empty_weights: bool = False, quantized: bool = True) -> tuple[list[Any], list[Any]]:
     """([tokenizer, tokenizer_2], [text_encoder, text_encoder_2]) of an SDXL base, encoders frozen in eval mode.
 
     `empty_weights`: the encoders are built from their configs on the meta device (shapes and
-    dtypes only, nothing read or allocated), as the memory estimate needs them.
+    dtypes only, nothing read or allocated), as the memory estimate needs them. `quantized`: the
+    frozen linear layers at model.quantize (tuneline.models.quantize; nothing at 'none'); False for
+    a trainer, which quantizes them once it has cast them to its compute dtype.
     """
     quiet_libraries()  # before the import: it warns while importing
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -141,6 +144,10 @@ def load_text_encoders(model: ModelConfig, root: Path | None, dtype: str = "auto
         else:
             encoder = cls.from_pretrained(sources[name].location, dtype=weights_dtype, **sources[name].load_kwargs())
         encoder.requires_grad_(False)
+        if quantized:  # before the move: full-precision weights never occupy the GPU
+            from tuneline.models.sdxl import FAMILY
+
+            quantize_frozen(encoder, model.quantize, keep=FAMILY.full_precision.get(name, ()))
         encoders.append(encoder.eval() if empty_weights else encoder.eval().to(device))
     return tokenizers, encoders
 
@@ -164,13 +171,13 @@ def _pipeline_class(source: ComponentSource, fallback: Any) -> Any:
 
 
 def load_zimage_text_encoder(model: ModelConfig, root: Path | None, dtype: str = "auto", device: str = "auto",
-                             empty_weights: bool = False) -> tuple[Any, Any]:
+                             empty_weights: bool = False, quantized: bool = True) -> tuple[Any, Any]:
     """(tokenizer, text_encoder) of a Z-Image base: the Qwen3 encoder frozen, in eval mode, in `dtype` on `device`.
     The one loader of it: the trainer (live encoding, samples) and the text cache both call it.
 
     The classes are the ones model_index.json names (Qwen2Tokenizer, Qwen3Model), else
-    AutoTokenizer / AutoModel (which give the same for a Qwen3 folder). `empty_weights`: the
-    encoder is built from its config on the meta device, as for `load_text_encoders`.
+    AutoTokenizer / AutoModel (which give the same for a Qwen3 folder). `empty_weights` and
+    `quantized`: as for `load_text_encoders`.
     """
     quiet_libraries()  # before the import: it warns while importing
     from transformers import AutoModel, AutoTokenizer
@@ -193,6 +200,10 @@ def load_zimage_text_encoder(model: ModelConfig, root: Path | None, dtype: str =
     else:
         encoder = cls.from_pretrained(encoder_source.location, dtype=weights_dtype, **encoder_source.load_kwargs())
     encoder.requires_grad_(False)
+    if quantized:  # before the move: full-precision weights never occupy the GPU
+        from tuneline.models.zimage import FAMILY
+
+        quantize_frozen(encoder, model.quantize, keep=FAMILY.full_precision.get("text_encoder", ()))
     return tokenizer, (encoder.eval() if empty_weights else encoder.eval().to(device))
 
 

@@ -6,6 +6,8 @@ frozen weights in the compute dtype, LoRA adapters in fp32, gradient checkpointi
 
 - **weights**: every frozen parameter and buffer of the modules a step uses, summed per dtype
   (the text encoders only when the step runs them; with cached embeddings they are not loaded);
+  with model.quantize, the quantized linear weights per level ("int8", "fp8", "nf4") by the exact
+  formula of what the level stores (tuneline.models.quantize.quantized_tensor_bytes);
 - **trained parameters** and their **gradients** (same dtype, fp32);
 - **optimizer state**, per optimizer from the shapes (`optimizer_state_bytes`): AdamW two
   moments + a 4-byte step per tensor, Lion one moment, Adafactor factored second moments,
@@ -102,11 +104,17 @@ def tensor_bytes(tensor: Any) -> int:
 
 def weight_bytes(modules: list[Any]) -> tuple[dict[str, int], int, list[str]]:
     """(frozen parameter + buffer bytes per dtype, trained parameter bytes, trained dtypes) of `modules`,
-    each tensor once (tied weights are one tensor)."""
+    each tensor once (tied weights are one tensor). A quantized layer's weight counts under its level
+    with every tensor the level stores for it (its bias under the bias's dtype)."""
+    from tuneline.models.quantize import layer_bytes, quantized_layers
+
     frozen: dict[str, int] = {}
     trained = 0
     trained_dtypes: set[str] = set()
     seen: set[int] = set()
+    for layer in quantized_layers(modules):
+        frozen[layer.level] = frozen.get(layer.level, 0) + layer_bytes(layer)
+        seen.add(id(layer.weight))
     for module in modules:
         for tensor in [*module.parameters(), *module.buffers()]:
             if id(tensor) in seen:

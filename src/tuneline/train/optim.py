@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 # Which importable module each optimizer needs, and how to get it.
 _REQUIREMENTS: dict[str, tuple[str, str]] = {
     "adamw": ("torch", "torch"),
-    "adamw8bit": ("bitsandbytes", "pip install 'tuneline[gpu]' (bitsandbytes==0.50.2)"),
+    "adamw8bit": ("bitsandbytes", "pip install bitsandbytes==0.50.2 (a tuneline dependency)"),
     "lion": ("lion_pytorch", "pip install lion-pytorch==0.2.5"),
     "adafactor": ("transformers", "pip install transformers==5.23.0"),
     "prodigy": ("prodigyopt", "pip install prodigyopt==1.1.2"),

@@ -36,4 +36,8 @@ FAMILY = Family(
                      "models/sdxl/text.py"),
           "export": ("models/sdxl/export.py", "models/sdxl/kohya_lora.py", "models/sdxl/sgm_unet.py",
                      "models/sdxl/checkpoint_file.py")},
+    # The UNet's timestep and added-condition (pooled text, size) embedders, and the pooled text
+    # projection of the second encoder: small, and every image's conditioning passes through them
+    # (diffusers keeps Z-Image's and Flux's embedders out of quantization the same way).
+    full_precision={"unet": ("time_embedding", "add_embedding"), "text_encoder_2": ("text_projection",)},
 )

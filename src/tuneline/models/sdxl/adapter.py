@@ -21,6 +21,7 @@ from tuneline.core.params import ParamsError
 from tuneline.core.tensorfile import canonicalize
 from tuneline.models.config import ModelConfig
 from tuneline.models.loading import _base_location, host_to_device, load_text_encoders, load_vae
+from tuneline.models.quantize import keep_trained_fp32, quantize_frozen, refuse_full_training
 from tuneline.models.sdxl import FAMILY
 from tuneline.models.training_adapter import load_training_adapter
 from tuneline.models.sdxl.text import MAX_TOKENS, conditioning_layers, encode_prompts
@@ -65,6 +66,7 @@ class SDXLAdapter:
 
     def __init__(self, model_config: ModelConfig, train_config: TrainConfig, root: Path) -> None:
         FAMILY.refuse_unsupported(train_config)  # also checked before any stage computes (tuneline.preflight)
+        refuse_full_training(model_config.quantize, train_config)
         self.model_config = model_config
         self.config = train_config
         self.root = Path(root)
@@ -117,7 +119,7 @@ class SDXLAdapter:
         self.tokenizers, self.text_encoders = [], []
         if self.needs_text_encoders(conditioning_cached):
             self.tokenizers, self.text_encoders = load_text_encoders(self.model_config, self.root, "fp32", "cpu",
-                                                                     empty_weights=empty_weights)
+                                                                     empty_weights=empty_weights, quantized=False)
 
     def ensure_text_encoders(self, device: str = "cpu") -> list[Any]:
         """The text encoders for inference (live samples): loaded frozen, in the compute dtype, on
@@ -160,6 +162,9 @@ class SDXLAdapter:
         Adapters are added to the fp32 base, so their initial values are fp32 draws whatever the
         precision (PEFT would give them the base layer's dtype), and only then is every frozen
         tensor cast: under mixed precision the frozen weights are bf16/fp16, the trained ones fp32.
+        With model.quantize the frozen tensors are cast first and the frozen linear layers quantized
+        (tuneline.models.quantize), then the adapters are added (PEFT's quantized LoRA layers) and
+        put back in fp32: their initial values are the same draws rounded to the frozen dtype.
         """
         from peft import LoraConfig as PeftLoraConfig
 
@@ -169,9 +174,12 @@ class SDXLAdapter:
         for name, module in modules:
             mode = self.mode_of(name)
             module.requires_grad_(mode == "full")
+            quantize_frozen(module, self.model_config.quantize, frozen_dtype,
+                            FAMILY.full_precision.get(DIFFUSERS_NAMES[name], ()))
             if mode == "lora":
                 module.add_adapter(PeftLoraConfig(**self.lora_settings(name), lora_dropout=config.lora.dropout,
                                                   init_lora_weights="gaussian"))
+                keep_trained_fp32(module)
             if name == "unet":  # model.training_adapter: frozen, active in training steps only
                 load_training_adapter(FAMILY, module, self.model_config, mode, self.root)
             if mode != "full":

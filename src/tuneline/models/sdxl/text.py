@@ -76,8 +76,11 @@ class SDXLTextCache:
 
         return text_encoder_sources(model, root)
 
-    def key_fields(self, caption: str, identities: dict[str, str], dtype: str) -> dict[str, Any]:
-        return {"caption": caption, "encoders": identities, "dtype": dtype}  # both tokenizers and encoders
+    def key_fields(self, caption: str, identities: dict[str, str], dtype: str, quantize: str) -> dict[str, Any]:
+        from tuneline.models.quantize import cache_key_fields
+
+        return {"caption": caption, "encoders": identities, "dtype": dtype,  # both tokenizers and encoders
+                **cache_key_fields(quantize)}
 
     def load(self, model: ModelConfig, root: Path | None, dtype: str, device: str) -> Any:
         from tuneline.models.loading import load_text_encoders

@@ -56,6 +56,11 @@ FAMILY = Family(
     code={"latents": ("models/zimage/text.py",), "train": ("models/zimage/adapter.py", "models/zimage/text.py"),
           "render": ("models/zimage/render.py",),
           "export": ("models/zimage/export.py",)},
+    # What musubi-tuner keeps out of its fp8 base (FP8_OPTIMIZATION_EXCLUDE_KEYS: "_embedder", "final_layer")
+    # and diffusers calls precision sensitive (_skip_layerwise_casting_patterns: t_embedder, cap_embedder):
+    # the timestep, patch, caption (and SigLIP) embedders and the final layer.
+    full_precision={"transformer": ("t_embedder", "all_x_embedder", "cap_embedder", "siglip_embedder",
+                                    "all_final_layer")},
     ignored_settings=(
         ForeignSetting("train.text_encoder_2.mode",
                        "{key} is {value!r}, but Z-Image has one text encoder (Qwen3, train.text_encoder_1); SDXL's "

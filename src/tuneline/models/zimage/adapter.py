@@ -25,6 +25,7 @@ from tuneline.core.logs import quiet_libraries
 from tuneline.core.params import ParamsError
 from tuneline.core.tensorfile import canonicalize
 from tuneline.models.loading import _base_location, load_vae, load_zimage_text_encoder
+from tuneline.models.quantize import keep_trained_fp32, quantize_frozen, refuse_full_training
 from tuneline.models.training_adapter import load_training_adapter
 from tuneline.models.zimage import FAMILY
 from tuneline.models.zimage.text import MAX_SEQUENCE_LENGTH, encode_prompts
@@ -61,6 +62,7 @@ class ZImageAdapter:
 
     def __init__(self, model_config: ModelConfig, train_config: TrainConfig, root: Path) -> None:
         FAMILY.refuse_unsupported(train_config)  # also checked before any stage computes (tuneline.preflight)
+        refuse_full_training(model_config.quantize, train_config)
         self.model_config = model_config
         self.config = train_config
         self.root = Path(root)
@@ -103,7 +105,8 @@ class ZImageAdapter:
         self.scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(base, subfolder="scheduler", **kwargs))
         self.tokenizers, self.text_encoders = [], []
         if self.needs_text_encoders(conditioning_cached):
-            tokenizer, encoder = load_zimage_text_encoder(self.model_config, self.root, "fp32", "cpu", empty_weights)
+            tokenizer, encoder = load_zimage_text_encoder(self.model_config, self.root, "fp32", "cpu", empty_weights,
+                                                          quantized=False)
             self.tokenizers, self.text_encoders = [tokenizer], [encoder]
 
     def ensure_text_encoders(self, device: str = "cpu") -> list[Any]:
@@ -130,20 +133,26 @@ class ZImageAdapter:
 
     def setup_training(self) -> None:
         """Freeze what is frozen, add the LoRA adapter (fp32 draws on the fp32 base), then hold every
-        frozen tensor in the compute dtype; gradient checkpointing when asked."""
+        frozen tensor in the compute dtype; gradient checkpointing when asked. With model.quantize the
+        frozen tensors are cast and quantized first, and the adapter put back in fp32 once added (see
+        SDXLAdapter.setup_training)."""
         from peft import LoraConfig as PeftLoraConfig
 
         frozen_dtype = torch_dtype(self.compute_dtype)
         mode = self.config.mode
         self.transformer.requires_grad_(mode == "full")
+        quantize_frozen(self.transformer, self.model_config.quantize, frozen_dtype,
+                        FAMILY.full_precision.get("transformer", ()))
         if mode == "lora":
             self.transformer.add_adapter(PeftLoraConfig(**self.lora_settings(), lora_dropout=self.config.lora.dropout,
                                                         init_lora_weights="gaussian"))
+            keep_trained_fp32(self.transformer)
         load_training_adapter(FAMILY, self.transformer, self.model_config, mode, self.root)  # frozen, steps only
         if mode != "full":
             cast_frozen(self.transformer, frozen_dtype)
         for encoder in self.text_encoders:
             cast_frozen(encoder, frozen_dtype)
+            quantize_frozen(encoder, self.model_config.quantize, keep=FAMILY.full_precision.get("text_encoder", ()))
         if self.config.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
 

@@ -64,10 +64,12 @@ class ZImageTextCache:
 
         return zimage_text_encoder_sources(model, root)
 
-    def key_fields(self, caption: str, identities: dict[str, str], dtype: str) -> dict[str, Any]:
+    def key_fields(self, caption: str, identities: dict[str, str], dtype: str, quantize: str) -> dict[str, Any]:
+        from tuneline.models.quantize import cache_key_fields
+
         return {"family": "zimage", "caption": caption,
                 "encoders": identities,  # the tokenizer and the Qwen3 text encoder
-                "dtype": dtype, "max_sequence_length": self.max_sequence_length}
+                "dtype": dtype, "max_sequence_length": self.max_sequence_length, **cache_key_fields(quantize)}
 
     def load(self, model: ModelConfig, root: Path | None, dtype: str, device: str) -> Any:
         from tuneline.models.loading import load_zimage_text_encoder

@@ -16,7 +16,7 @@ from tuneline.core.params import ParamsError
 
 # The modules that decide what the stage's result is (tuneline.core.codeversion).
 CODE = ("stages/autoencoder/stage.py", "stages/autoencoder/data.py", "stages/autoencoder/evaluate.py",
-        "models/autoencoder/adapter.py", "models/registry.py", "models/loading.py", "models/ref.py", "models/single_file.py", "train", "models/base.py", "models/contracts.py", "models/family.py", "core/device.py",
+        "models/autoencoder/adapter.py", "models/registry.py", "models/loading.py", "models/quantize.py", "models/ref.py", "models/single_file.py", "train", "models/base.py", "models/contracts.py", "models/family.py", "core/device.py",
         "models/training_adapter.py")
 
 

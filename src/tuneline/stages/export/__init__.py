@@ -12,7 +12,7 @@ from tuneline.models.family import FAMILIES
 # The modules that decide the exported files (tuneline.core.codeversion); dvc.yaml declares them. The
 # families' exporters are loaded by name: each family lists its modules (Family.code["export"]).
 CODE = ("stages/export/stage.py", "stages/export/metadata.py", "models/export.py", "models/base.py", "models/contracts.py", "core/device.py",
-        "models/family.py", "models/loading.py", "models/ref.py", "models/single_file.py", "train/output.py",
+        "models/family.py", "models/loading.py", "models/quantize.py", "models/ref.py", "models/single_file.py", "train/output.py",
         "stages/render/embeds.py",
         "stages/render/generate.py", "stages/render/prompts.py", "stages/render/samplers.py", "core/tensorfile.py",
         "models/variant.py",

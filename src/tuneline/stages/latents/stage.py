@@ -90,7 +90,9 @@ def run(params: Params, root: Path, captioned_dir: Path, out_dir: Path, metrics_
     note_latents(report, len(todo), len(encoded.failed), encoded.vae_load_s, encoded.fp32_retried, dtype,
                  family.vae_overflow_hint)
 
-    text_keys = [text_key(cache.key_fields(caption_of(r), identities, dtype)) if text_on else None for r in records]
+    quantize = params.model.quantize  # a quantized text encoder is in the key
+    text_keys = [text_key(cache.key_fields(caption_of(r), identities, dtype, quantize)) if text_on else None
+                 for r in records]
     missing_text = {key: caption_of(r) for key, r in zip(text_keys, records)
                     if key is not None and not text_store.has(key, SUFFIX) and in_shard(key, shard)}
     # The prompts' texts: by the assembling run only, with the captions (the encoders load once).
@@ -98,7 +100,7 @@ def run(params: Params, root: Path, captioned_dir: Path, out_dir: Path, metrics_
     if shard is None and not prompt_blockers:
         kept = [record for i, record in enumerate(records) if i not in encoded.failed]
         prompts = prompt_texts(params, root, kept, captioned_dir)
-    prompt_keys = {text: text_key(cache.key_fields(text, identities, dtype)) for text in prompts.texts}
+    prompt_keys = {text: text_key(cache.key_fields(text, identities, dtype, quantize)) for text in prompts.texts}
     missing_prompts = {key: text for text, key in prompt_keys.items()
                        if key not in missing_text and not text_store.has(key, SUFFIX)}
     truncated = (encode_texts(params.model, root, {**missing_text, **missing_prompts}, text_store, device, dtype,

@@ -19,7 +19,7 @@ from tuneline.models.family import FAMILIES
 # families' renderers are loaded by name: each family lists its modules (Family.code["render"]).
 CODE = ("stages/render/stage.py", "stages/render/generate.py", "stages/render/prompts.py",
         "stages/render/samplers.py", "stages/render/sheets.py", "stages/render/transfer.py",
-        "stages/render/cache.py", "stages/render/embeds.py", "models/loading.py", "models/single_file.py",
+        "stages/render/cache.py", "stages/render/embeds.py", "models/loading.py", "models/quantize.py", "models/single_file.py",
         "models/ref.py",
         "models/family.py", "models/base.py", "models/contracts.py", "core/device.py", "train/output.py", "train/units.py", "train/loss.py", "core/tensorfile.py",
         "models/variant.py", "models/training_adapter.py",

@@ -44,12 +44,14 @@ def load_base_pipeline(model_config: ModelConfig, root: Path | None, device: str
                        family: Family | None = None, text_encoders: bool = True) -> Any:
     """The base pipeline of `model_config` (model.vae swapped in when set), on `device`: the family's
     text-to-image pipeline (RenderFacts.pipeline); `family` None detects it. Without `text_encoders` its
-    text encoders (RenderFacts.text_encoders) are not loaded: it renders from cached prompt embeddings."""
+    text encoders (RenderFacts.text_encoders) are not loaded: it renders from cached prompt embeddings. With
+    model.quantize its denoiser and text encoders are quantized before they move to the device."""
     quiet_libraries()  # before the import: it warns while importing
     import diffusers
 
     from tuneline.models.family import family_of
     from tuneline.models.loading import _base_location, load_vae, resolve_device, resolve_dtype, torch_dtype
+    from tuneline.models.quantize import quantize_pipeline
 
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -59,10 +61,12 @@ def load_base_pipeline(model_config: ModelConfig, root: Path | None, device: str
         kwargs["revision"] = model_config.revision
     if model_config.vae:
         kwargs["vae"] = load_vae(model_config, root, dtype, device)
-    spec = (family or family_of(model_config, root)).render
+    family = family or family_of(model_config, root)
+    spec = family.render
     if not text_encoders:
         kwargs.update(dict.fromkeys(spec.text_encoders))  # None: diffusers loads no such component
     pipeline = getattr(diffusers, spec.pipeline).from_pretrained(base, dtype=torch_dtype(dtype), **kwargs)
+    quantize_pipeline(pipeline, model_config.quantize, family.full_precision)
     if device != "cpu":  # loaded on the CPU; moving there again only makes diffusers warn
         with _quiet_diffusers():
             pipeline.to(device)

@@ -91,6 +91,7 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
     """Render base and trained images, the contact sheet, domain transfer and the diagnostic sheet."""
     from tuneline.models.loading import release, resolve_device, resolve_dtype
     from tuneline.models.ref import identify
+    from tuneline.models.quantize import cache_key_fields
     from tuneline.models.variant import resolve_variant
     from tuneline.stages.render.cache import ImageCache
     from tuneline.stages.render.embeds import render_prompt_embeddings
@@ -129,6 +130,7 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     base_weights = {key: entry["identity"] for key, entry in identify(params, root, ("model.base", "model.vae")).items()}
+    base_weights.update(cache_key_fields(params.model.quantize))  # a quantized base renders other pixels
     weights_dir = choose_weights(trained_dir, config.use_ema)  # what apply_trained loads
     trained_weights = weights_identity(weights_dir, root)
     base_cache = ImageCache(root / params.store_dir, {"base": base_weights}, device, dtype, facts.pipeline)
