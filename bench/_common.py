@@ -66,6 +66,9 @@ def failed_checks(result: dict[str, Any]) -> list[str]:
 
 def bench_main(run: Callable[[list[str]], dict[str, Any]], argv: Sequence[str]) -> int:
     """`python -m bench.<name>`: run, print the JSON record; exit 1 only when a correctness check failed."""
+    from tuneline.core.logs import quiet_libraries
+
+    quiet_libraries()  # the libraries' import chatter (torchao, bitsandbytes) stays off the terminal
     result = run(list(argv))
     print(json.dumps(result, separators=(",", ":")))
     return 1 if failed_checks(result) else 0

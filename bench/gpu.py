@@ -415,20 +415,30 @@ def measured_peak(trainer: Any, loop: TrainerLoop, steps: int, device: str) -> t
         synchronize(device)
         return torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
     modules = [*trainer.modules.values(), *trainer.adapter.frozen_modules().values()]
-    tensors = {id(t): t for m in modules for t in [*m.parameters(), *m.buffers()]}.values()
-    owned = {t.untyped_storage().data_ptr() for t in tensors}
+    tensors = {id(t): t for m in modules for t in [*m.parameters(), *m.buffers()]}
+
+    def storage(tensor: Any) -> int | None:
+        """The data pointer of a plain tensor's storage; None for a wrapper subclass (model.quantize's
+        torchao weights: their bytes are in inner tensors, counted by memory.weight_bytes)."""
+        try:
+            return tensor.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):
+            return None
+
+    owned = {storage(t) for t in tensors.values()} - {None}
     saved: dict[int, int] = {}
 
     def pack(tensor: Any) -> Any:
-        pointer = tensor.untyped_storage().data_ptr()
-        if pointer not in owned:
+        pointer = storage(tensor)
+        if id(tensor) not in tensors and pointer is not None and pointer not in owned:
             saved[pointer] = tensor.untyped_storage().nbytes()
         return tensor
 
     for _ in range(steps):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             loop.step()
-    weights = sum(t.numel() * t.element_size() for t in tensors)
+    frozen, trained, _ = memory.weight_bytes(modules)  # quantized layers by what they store
+    weights = sum(frozen.values()) + trained
     gradients = sum(p.numel() * p.element_size() for p in trainer.parameters)
     state = memory.real_optimizer_state_bytes(trainer.units[0].optimizer)
     return weights + gradients + state + sum(saved.values()), "tensor bytes (CPU: weights, grads, optimizer, saved)"

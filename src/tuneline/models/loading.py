@@ -147,7 +147,8 @@ def load_text_encoders(model: ModelConfig, root: Path | None, dtype: str = "auto
         if quantized:  # before the move: full-precision weights never occupy the GPU
             from tuneline.models.sdxl import FAMILY
 
-            quantize_frozen(encoder, model.quantize, keep=FAMILY.full_precision.get(name, ()))
+            quantize_frozen(encoder, model.quantize, keep=FAMILY.full_precision.get(name, ()),
+                            device=None if empty_weights else device)
         encoders.append(encoder.eval() if empty_weights else encoder.eval().to(device))
     return tokenizers, encoders
 
@@ -203,7 +204,8 @@ def load_zimage_text_encoder(model: ModelConfig, root: Path | None, dtype: str =
     if quantized:  # before the move: full-precision weights never occupy the GPU
         from tuneline.models.zimage import FAMILY
 
-        quantize_frozen(encoder, model.quantize, keep=FAMILY.full_precision.get("text_encoder", ()))
+        quantize_frozen(encoder, model.quantize, keep=FAMILY.full_precision.get("text_encoder", ()),
+                        device=None if empty_weights else device)
     return tokenizer, (encoder.eval() if empty_weights else encoder.eval().to(device))
 
 

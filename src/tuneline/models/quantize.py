@@ -178,12 +178,15 @@ def _layer_class(level: str) -> type:
     return {"int8": Int8Linear, "fp8": Fp8Linear}[level]
 
 
-def _quantized_layer(level: str, layer: Any) -> Any:
-    """The quantized replacement of the frozen nn.Linear `layer` (its weight in its dtype and device)."""
+def _quantized_layer(level: str, layer: Any, device: Any = None) -> Any:
+    """The quantized replacement of the frozen nn.Linear `layer` (its weight in its dtype), on `device`
+    (None: the weight's)."""
     import torch
 
     cls = _layer_class(level)
     weight = layer.weight.detach()
+    if device is not None:
+        weight = weight.to(device)
     if level == "nf4":
         import bitsandbytes as bnb
 
@@ -204,16 +207,19 @@ def _quantized_layer(level: str, layer: Any) -> Any:
                                        hp_value_lb=FP8_AMAX_FLOOR))
         new.weight = torch.nn.Parameter(tensor, requires_grad=False)
     if layer.bias is not None:
-        new.bias = layer.bias
+        new.bias = layer.bias if device is None else torch.nn.Parameter(layer.bias.detach().to(device),
+                                                                         requires_grad=False)
     new.train(layer.training)
     return new
 
 
-def quantize_frozen(module: Any, level: str, dtype: Any = None, keep: Sequence[str] = ()) -> int:
+def quantize_frozen(module: Any, level: str, dtype: Any = None, keep: Sequence[str] = (), device: Any = None) -> int:
     """Quantize the frozen nn.Linear layers of `module` in place (those `frozen_linear_layers` gives)
     at `level`; return how many. 'none' changes nothing. With `dtype`, every frozen floating tensor
     of `module` is cast to it first, so the weights are quantized from (and compute in) the dtype
-    the unquantized base would have been held in. Works on the meta device (the memory estimate)."""
+    the unquantized base would have been held in. With `device`, each layer is quantized there, one
+    at a time, and stays there (the rest of `module` does not move): a GPU quantizes a 6B transformer
+    in seconds where the CPU takes minutes (nf4 most). Works on the meta device (the memory estimate)."""
     if level == "none":
         return 0
     if level not in LIBRARY:
@@ -230,7 +236,7 @@ def quantize_frozen(module: Any, level: str, dtype: Any = None, keep: Sequence[s
     count = 0
     with torch.no_grad():
         for _, layer, attribute, parent in list(frozen_linear_layers(module, keep)):
-            setattr(parent, attribute, _quantized_layer(level, layer))
+            setattr(parent, attribute, _quantized_layer(level, layer, device))
             count += 1
     if level == "nf4":
         # What transformers and diffusers set on a model loaded in 4 bits: PEFT then wraps its
@@ -239,10 +245,12 @@ def quantize_frozen(module: Any, level: str, dtype: Any = None, keep: Sequence[s
     return count
 
 
-def quantize_pipeline(pipeline: Any, level: str, full_precision: dict[str, tuple[str, ...]]) -> None:
+def quantize_pipeline(pipeline: Any, level: str, full_precision: dict[str, tuple[str, ...]],
+                      device: Any = None) -> None:
     """Quantize a diffusers pipeline for inference: its denoiser and text encoders (every torch module
     component but the VAE, which is mostly convolutions and makes the pixels), each frozen first, its
-    family's full-precision layers kept (`full_precision`: component -> names). 'none' changes nothing."""
+    family's full-precision layers kept (`full_precision`: component -> names), quantized on `device`
+    (see quantize_frozen). 'none' changes nothing."""
     if level == "none":
         return
     import torch
@@ -250,7 +258,7 @@ def quantize_pipeline(pipeline: Any, level: str, full_precision: dict[str, tuple
     for name, component in pipeline.components.items():
         if isinstance(component, torch.nn.Module) and name != "vae":
             component.requires_grad_(False)
-            quantize_frozen(component, level, keep=full_precision.get(name, ()))
+            quantize_frozen(component, level, keep=full_precision.get(name, ()), device=device)
 
 
 def keep_trained_fp32(module: Any) -> None:

@@ -93,8 +93,9 @@ class TrainerAdapter(Protocol):
         """Load the modules; with `conditioning_cached` the batches carry text embeddings (no encoders)."""
         ...
 
-    def setup_training(self) -> None:
-        """Freeze, add adapters, cast frozen weights: ready for trained_modules()."""
+    def setup_training(self, device: Any = None) -> None:
+        """Freeze, add adapters, cast frozen weights: ready for trained_modules(). `device`: where the
+        training runs (model.quantize quantizes the frozen layers there; None: where they are)."""
         ...
 
     def trained_modules(self) -> dict[str, Any]:

@@ -232,7 +232,7 @@ class Trainer:
 
         # Nothing the step does not use is loaded: with cached text embeddings, no text encoder.
         self.adapter.load(conditioning_cached=self.data.text_cache)
-        self.adapter.setup_training()
+        self.adapter.setup_training(self.accelerator.device)
         modules = self.adapter.trained_modules()
         if self.config.channels_last:
             for module in modules.values():

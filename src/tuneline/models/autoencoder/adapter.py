@@ -113,7 +113,7 @@ class AutoencoderAdapter:
 
             self.perceptual = lpips.LPIPS(net="vgg", verbose=False).eval().requires_grad_(False)
 
-    def setup_training(self) -> None:
+    def setup_training(self, device: Any = None) -> None:
         self.vae.requires_grad_(True)
         if self.config.mode == "decoder":  # latents made by the base encoder stay valid
             self.vae.encoder.requires_grad_(False)

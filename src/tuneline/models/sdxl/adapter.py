@@ -155,7 +155,7 @@ class SDXLAdapter:
         """frozen, lora or full for unet / text_encoder_1 / text_encoder_2."""
         return self.config.mode if name == "unet" else getattr(self.config, name).mode
 
-    def setup_training(self) -> None:
+    def setup_training(self, device: Any = None) -> None:
         """Freeze what is frozen, add LoRA adapters, hold frozen weights in the compute dtype, enable
         memory/speed options.
 
@@ -175,7 +175,7 @@ class SDXLAdapter:
             mode = self.mode_of(name)
             module.requires_grad_(mode == "full")
             quantize_frozen(module, self.model_config.quantize, frozen_dtype,
-                            FAMILY.full_precision.get(DIFFUSERS_NAMES[name], ()))
+                            FAMILY.full_precision.get(DIFFUSERS_NAMES[name], ()), device)
             if mode == "lora":
                 module.add_adapter(PeftLoraConfig(**self.lora_settings(name), lora_dropout=config.lora.dropout,
                                                   init_lora_weights="gaussian"))

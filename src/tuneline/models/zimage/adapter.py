@@ -131,7 +131,7 @@ class ZImageAdapter:
     def mode_of(self, name: str) -> str:
         return self.config.mode if name == "transformer" else "frozen"
 
-    def setup_training(self) -> None:
+    def setup_training(self, device: Any = None) -> None:
         """Freeze what is frozen, add the LoRA adapter (fp32 draws on the fp32 base), then hold every
         frozen tensor in the compute dtype; gradient checkpointing when asked. With model.quantize the
         frozen tensors are cast and quantized first, and the adapter put back in fp32 once added (see
@@ -142,7 +142,7 @@ class ZImageAdapter:
         mode = self.config.mode
         self.transformer.requires_grad_(mode == "full")
         quantize_frozen(self.transformer, self.model_config.quantize, frozen_dtype,
-                        FAMILY.full_precision.get("transformer", ()))
+                        FAMILY.full_precision.get("transformer", ()), device)
         if mode == "lora":
             self.transformer.add_adapter(PeftLoraConfig(**self.lora_settings(), lora_dropout=self.config.lora.dropout,
                                                         init_lora_weights="gaussian"))
@@ -152,7 +152,8 @@ class ZImageAdapter:
             cast_frozen(self.transformer, frozen_dtype)
         for encoder in self.text_encoders:
             cast_frozen(encoder, frozen_dtype)
-            quantize_frozen(encoder, self.model_config.quantize, keep=FAMILY.full_precision.get("text_encoder", ()))
+            quantize_frozen(encoder, self.model_config.quantize, keep=FAMILY.full_precision.get("text_encoder", ()),
+                            device=device)
         if self.config.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
 

@@ -66,7 +66,7 @@ def load_base_pipeline(model_config: ModelConfig, root: Path | None, device: str
     if not text_encoders:
         kwargs.update(dict.fromkeys(spec.text_encoders))  # None: diffusers loads no such component
     pipeline = getattr(diffusers, spec.pipeline).from_pretrained(base, dtype=torch_dtype(dtype), **kwargs)
-    quantize_pipeline(pipeline, model_config.quantize, family.full_precision)
+    quantize_pipeline(pipeline, model_config.quantize, family.full_precision, device)
     if device != "cpu":  # loaded on the CPU; moving there again only makes diffusers warn
         with _quiet_diffusers():
             pipeline.to(device)
