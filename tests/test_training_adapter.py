@@ -338,3 +338,31 @@ def test_training_turbo_without_an_adapter_warns_once_with_the_fix(zimage_projec
     full = adapter_params(zimage_project, None, variant="turbo", mode="full")
     [note] = distilled(preflight(full, zimage_project.root, ("check",)))
     assert "train.mode full" in note and "Z-Image Base" in note
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_adapter_works_on_a_quantized_base(request, family, tmp_path):
+    """model.quantize with model.training_adapter: the adapter sits on the quantized layers (PEFT's
+    torchao / bitsandbytes LoRA layers), frozen and active; training changes the trained LoRA alone and
+    the saved LoRA has the keys of a run without the adapter."""
+    from tuneline.models.quantize import QuantizedLayer
+
+    project = request.getfixturevalue(PROJECTS[family])
+    params = adapter_params(project)
+    params = params.model_copy(update={"model": params.model.model_copy(update={"quantize": "nf4"})})
+    trainer = make_trainer(project, tmp_path / "run", params)
+    denoiser = denoiser_of(trainer, family)
+    quantized = [m for m in denoiser.modules() if isinstance(m, QuantizedLayer)]
+    loaded = adapter_tensors(denoiser)
+    assert quantized and loaded and not any(p.requires_grad for p in loaded.values())
+    assert denoiser.active_adapters() == ["default", "training_adapter"]
+    before = {name: p.detach().clone() for name, p in loaded.items()}
+    start = trainer.trained_weights()
+    summary = trainer.fit()
+    assert np.isfinite(summary["final_loss"])
+    assert_same_tensors(before, {name: p.detach() for name, p in adapter_tensors(denoiser).items()}, "training adapter")
+    assert any(not torch.equal(start[name], value) for name, value in trainer.trained_weights().items())
+    trainer.save_outputs(tmp_path / "out")
+    saved = load_file(tmp_path / "out" / LORA_FILE)
+    assert saved and not any("training_adapter" in key for key in saved)
+    assert len(saved) == len(trainer.trained_weights())  # one saved tensor per trained LoRA tensor, nothing else
