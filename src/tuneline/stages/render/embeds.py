@@ -38,7 +38,7 @@ MAX_NAMED = 3
 def needed_texts(pairs: Iterable[tuple[str, str | None]]) -> list[str]:
     """Every text a render of (prompt, negative prompt) pairs may encode, once each, in order: each
     prompt and each negative prompt, and the empty prompt for a pair without a negative (the negative
-    a pipeline encodes for guidance; SDXL zeros it instead where its config says so)."""
+    a pipeline encodes for guidance, unless its config zeros an empty negative)."""
     texts: dict[str, None] = {}
     for prompt, negative in pairs:
         texts[prompt] = None
