@@ -211,10 +211,11 @@ def _quantize(params: Any, estimate: MemoryEstimate) -> Proposal:
     if level is None:
         return None
     if level == "int8":
-        why = ("the frozen denoiser stored in int8 (weight-only), the LoRA trains on top; fp8 is the "
-               "alternative on GPUs with fp8 support")
+        why = ("the frozen denoiser (and any text encoder loaded) stored in int8, weight-only; the LoRA trains on "
+               "top in fp32; fp8 takes the same bytes")
     else:
-        why = "the frozen denoiser stored in 4-bit NormalFloat (QLoRA's nf4): needs bitsandbytes and a CUDA GPU"
+        why = ("the frozen denoiser stored in 4-bit NormalFloat (QLoRA's nf4, bitsandbytes): half of int8's bytes, "
+               "more sensitive to quality")
     return {"model.quantize": level}, why
 
 
