@@ -232,11 +232,43 @@ def _check(params_path: Path, root: Path, estimate_memory: bool = True, fit_gib:
         listed = ", ".join(format_resolution(b) for b in buckets)
         console.print(f"  data set {dataset.name!r} ({dataset.path}): {len(buckets)} buckets: {listed}",
                       markup=False, soft_wrap=True)
+    for line in _split_lines(params, root):
+        console.print(line, markup=False, soft_wrap=True)
     if estimate_memory:
         estimate = _print_memory_estimate(params, root)
         if fit_gib is not None:
             return _print_fit(params, root, fit_gib, estimate)
     return 0
+
+
+def _split_lines(params, root: Path) -> list[str]:
+    """The held-out split of each data set: its rule, and its train / validation counts over the
+    items of the latest stage output there is (the latents stage records the same split)."""
+    from tuneline.core import layout
+    from tuneline.core.manifest import MANIFEST, read_jsonl
+    from tuneline.core.split import ALL, VALIDATION, describe, split_of
+
+    if all(dataset.validation is None for dataset in params.datasets):
+        return ["  validation split: none (datasets[].validation unset: every image trains)"]
+    source = next((folder for folder in (layout.LATENTS, layout.CAPTIONED, layout.BUCKETED, layout.INGESTED)
+                   if (Path(root) / folder / MANIFEST).is_file()), None)
+    ids: dict[str, list[str]] = {}
+    if source is not None:
+        for record in read_jsonl(Path(root) / source / MANIFEST):
+            ids.setdefault(record["dataset"], []).append(record["id"])
+    settings = {dataset.folder: dataset.validation for dataset in params.datasets}
+    sides = split_of({dataset.folder: ids.get(dataset.folder, []) for dataset in params.datasets}, settings)
+    lines = [f"  validation split (by content id; a fraction is the strictly stable form), counted over {source}:"
+             if source else "  validation split (by content id; a fraction is the strictly stable form), "
+                            "counts known after ingest:"]
+    for dataset in params.datasets:
+        side = sides[dataset.folder]
+        held = sum(1 for value in side.values() if value == VALIDATION)
+        counts = f"train {len(side) - held}, validation {held}" if source else "counts after ingest"
+        lines.append(f"    {dataset.name!r}: {counts}; {describe(dataset.validation)}")
+        if source and side and held == len(side) and dataset.validation != ALL:
+            lines.append(f"      note: the count holds out every image of {dataset.name!r}; write 'all' if you mean it")
+    return lines
 
 
 def parse_fit(text: str) -> float:

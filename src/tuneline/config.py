@@ -11,7 +11,7 @@ values (see `tuneline.core.params`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -27,6 +27,7 @@ from tuneline.stages.ingest.config import IngestConfig
 from tuneline.stages.latents.config import LatentsConfig
 from tuneline.stages.render.config import RenderConfig
 from tuneline.train.config import TrainConfig
+from tuneline.core.split import ALL, ALLOWED as VALIDATION_ALLOWED, parse_validation
 
 
 class DatasetConfig(Section):
@@ -45,6 +46,10 @@ class DatasetConfig(Section):
     bucket: Optional[BucketOverrides] = Field(  # type: ignore[valid-type]
         None, description="Overrides of the bucket section for this data set only."
     )
+    validation: Optional[Union[int, float, str]] = Field(
+        None, description="Images held out of training for the validation loss, chosen by each image's content "
+        f"id (tuneline.core.split): {VALIDATION_ALLOWED}. A fraction never moves an image when others are "
+        "added, removed or renamed; a count moves at most one. Changing it recomputes no latent.")
 
     @field_validator("name")
     @classmethod
@@ -52,6 +57,11 @@ class DatasetConfig(Section):
         if not safe_name(value):
             raise ValueError(f"data set name {value!r} has no usable characters (use letters, digits, . _ -)")
         return value
+
+    @field_validator("validation", mode="before")
+    @classmethod
+    def _validation(cls, value: Any) -> Any:
+        return parse_validation(value)
 
     @property
     def folder(self) -> str:
@@ -94,6 +104,14 @@ class Params(Section):
             except ValidationError as error:
                 reasons = "; ".join(item["msg"] for item in error.errors())
                 raise ValueError(f"datasets[{dataset.name}].bucket: {reasons}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _something_trains(self) -> "Params":
+        if all(dataset.validation == ALL for dataset in self.datasets):
+            names = ", ".join(f"datasets[{dataset.name}].validation" for dataset in self.datasets)
+            raise ValueError(f"{names}: every data set is validation-only ('all'): nothing to train on; "
+                             f"allowed: {VALIDATION_ALLOWED}, with at least one data set that trains")
         return self
 
     @model_validator(mode="after")

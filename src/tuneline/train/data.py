@@ -17,6 +17,7 @@ from typing import Any
 
 from tuneline.core.params import ParamsError, format_resolution
 from tuneline.core.manifest import read_manifest
+from tuneline.core.split import TRAIN, VALIDATION
 from tuneline.models.loading import host_to_device
 from tuneline.train.cached_text import text_cache_blockers
 from tuneline.train.captions import augment_caption
@@ -46,7 +47,12 @@ class LatentData:
 
     `datasets`: data set folder name -> its weights (items of other data sets are left out: removed
     from params.yaml since the latents were cached); `batch_size_for(bucket)`: the bucket stage's
-    batch size of a bucket (width, height)."""
+    batch size of a bucket (width, height).
+
+    `items` are the records the latents stage marked `split: train` (a record without the field
+    is one: manifests written before the split existed); the held-out ones (`split: validation`,
+    `datasets[].validation`) are in `validation`, indexed on their own, and never in `items`, so
+    no sampler reference or training batch can reach them."""
 
     def __init__(self, latents_dir: Path, train: TrainConfig, datasets: Mapping[str, DatasetWeights],
                  batch_size_for: Callable[[tuple[int, int]], int]) -> None:
@@ -56,13 +62,21 @@ class LatentData:
         records = read_manifest(self.dir)
         if not records:
             raise ParamsError(f"{self.dir}: no latents to train on (run the earlier stages first)")
-        self.items = []
+        self.items: list[LatentItem] = []
+        self.validation: list[LatentItem] = []
         for record in records:
             dataset = datasets.get(record["dataset"])
             if dataset is None:
                 continue
-            self.items.append(LatentItem(len(self.items), record, tuple(record["bucket"]), dataset.repeats,
-                                         dataset.loss_weight))
+            side = record.get("split", TRAIN)
+            if side not in (TRAIN, VALIDATION):
+                raise ParamsError(f"{self.dir}: item {record['id']} has split {side!r}; expected {TRAIN!r} or "
+                                  f"{VALIDATION!r} (rerun latents)")
+            kept = self.items if side == TRAIN else self.validation
+            kept.append(LatentItem(len(kept), record, tuple(record["bucket"]), dataset.repeats, dataset.loss_weight))
+        if not self.items:
+            raise ParamsError(f"{self.dir}: every item is held out for validation (datasets[].validation): "
+                              "nothing to train on; hold out fewer images or add a data set that trains")
         if train.flip and not all(item.record.get("has_flip") for item in self.items):
             raise ParamsError("train.flip: true needs flipped latents: set latents.flip: true and rerun latents")
         self.scaling_factor = float(records[0].get("scaling_factor") or 0.13025)
@@ -70,7 +84,7 @@ class LatentData:
         self.text_cache = self._text_cache_usable()
 
     def _text_cache_usable(self) -> bool:
-        cached = all(item.record.get("text_embeddings") for item in self.items)
+        cached = all(item.record.get("text_embeddings") for item in [*self.items, *self.validation])
         return cached and not text_cache_blockers(self.train)
 
     def sample_refs(self) -> list[SampleRef]:
@@ -85,11 +99,17 @@ class LatentData:
         return {format_resolution(bucket): self._batch_size_for(bucket) for bucket in buckets}
 
     def digest(self) -> str:
-        """Digest of what is trained on (latent and text keys, captions, weights): the data identity."""
+        """Digest of what is trained on (latent and text keys, captions, weights) and of what is held out:
+        the data identity. Without held-out items it is the digest runs had before the split existed
+        (they keep their run key); a changed split is a different run."""
         from tuneline.core.fsutil import digest_json
 
-        return digest_json([[i.record.get("latent_key"), i.record.get("caption"), i.repeats, i.loss_weight]
-                            for i in self.items])
+        def entries(items: list[LatentItem]) -> list[list[Any]]:
+            return [[i.record.get("latent_key"), i.record.get("caption"), i.repeats, i.loss_weight] for i in items]
+
+        if not self.validation:
+            return digest_json(entries(self.items))
+        return digest_json({TRAIN: entries(self.items), VALIDATION: entries(self.validation)})
 
     def batch(self, indices: list[int], generator: Any, python_rng: random.Random, device: Any) -> dict[str, Any]:
         """Load, sample and stack one batch (all items share a bucket).

@@ -15,6 +15,7 @@ from typing import Any
 from tuneline.core.fsutil import atomic_write_json, link_or_copy, rebuilt_dir
 from tuneline.core.manifest import MANIFEST, REJECTED, write_jsonl
 from tuneline.core.report import StageReport
+from tuneline.core.split import TRAIN, VALIDATION, describe, split_of
 from tuneline.core.store import ItemStore
 from tuneline.models.base import ForeignSetting
 from tuneline.stages.latents.keys import SUFFIX, TEXT_SUFFIX, caption_of
@@ -88,13 +89,35 @@ def finish_shard(report: StageReport, records: list[dict[str, Any]], failed: dic
     return report
 
 
+def record_splits(params: Any, records: list[dict[str, Any]], failed: dict[int, str]
+                  ) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """Each record's side of the held-out split (`datasets[].validation`, tuneline.core.split),
+    decided over the items kept, and per data set its rule and counts. Not in any item key: changing
+    the setting recomputes no latent or text embedding, only this manifest."""
+    settings = {dataset.folder: dataset.validation for dataset in params.datasets}
+    ids: dict[str, list[str]] = {}
+    for i, record in enumerate(records):
+        if i not in failed:
+            ids.setdefault(record["dataset"], []).append(record["id"])
+    sides = split_of(ids, settings)
+    splits = [sides.get(record["dataset"], {}).get(record["id"], TRAIN) for record in records]
+    summary = {}
+    for dataset, side in sorted(sides.items()):
+        held = sum(1 for value in side.values() if value == VALIDATION)
+        summary[dataset] = {"rule": describe(settings.get(dataset)), "validation_setting": settings.get(dataset),
+                            "train": len(side) - held, "validation": held}
+    return splits, summary
+
+
 def write_output(out_dir: Path, report: StageReport, *, records: list[dict[str, Any]], keys: list[str],
                  text_keys: list[str | None], failed: dict[int, str], store: ItemStore, text_store: ItemStore,
                  summary: dict[str, Any], text_computed: int, device: str, base: str, started: float,
-                 metrics_dir: Path | None) -> StageReport:
+                 metrics_dir: Path | None, params: Any) -> StageReport:
     """Rebuild `out_dir` from the store (links), with its manifest, rejected.jsonl and latents.json
     (`summary` plus the VAE's factors, read from a stored file: a fully cached run never needs
-    the VAE config); finish the report."""
+    the VAE config, and the held-out split); finish the report. `params`: the whole params (the
+    split's settings; more of the record can come from it without touching the stage's CODE)."""
+    splits, split_summary = record_splits(params, records, failed)
     manifest = []
     factors: dict[str, Any] = dict.fromkeys(FACTORS)
     dtype, flip = summary["dtype"], summary["flip"]
@@ -121,9 +144,10 @@ def write_output(out_dir: Path, report: StageReport, *, records: list[dict[str, 
                 "has_flip": flip,
                 "text_embeddings": texts,
                 "text_key": text_keys[i],
+                "split": splits[i],
             })
         report.reused = len(manifest) - report.computed
-        summary = {**summary, **factors,
+        summary = {**summary, **factors, "split": split_summary,
                    "latent_stores": "mean and std of the VAE's latent distribution, not scaled: "
                                     "sample, then (latent - shift_factor) * scaling_factor"}
         write_jsonl(staging / MANIFEST, manifest)
@@ -136,6 +160,9 @@ def write_output(out_dir: Path, report: StageReport, *, records: list[dict[str, 
     report.extra["text_embeddings_computed"] = text_computed
     report.extra["text_embeddings_reused"] = len(unique_text) - text_computed
     report.extra["empty_captions"] = sum(1 for r in manifest if not caption_of(r))
+    report.extra["validation_items"] = sum(1 for r in manifest if r["split"] == VALIDATION)
+    report.extra["train_items"] = len(manifest) - report.extra["validation_items"]
+    report.metric_keys = (*report.metric_keys, "train_items", "validation_items")  # the inputs decide them
     report.extra["device"] = device
     report.extra["dtype"] = dtype
     if summary["random_tiny_model"]:
