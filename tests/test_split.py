@@ -163,8 +163,8 @@ def test_changing_the_split_recomputes_nothing_and_is_recorded(captioned, capsys
     assert summary["split"]["alpha"]["train"] == 2 and summary["split"]["alpha"]["validation"] == 1
     assert summary["split"]["beta"] == {**summary["split"]["beta"], "train": 0, "validation": 1,
                                         "validation_setting": ALL}
-    metrics = json.loads((captioned.root / "metrics/latents.json").read_text())
-    assert (metrics["train_items"], metrics["validation_items"]) == (2, 2)
+    stage_report = json.loads((captioned.root / "reports/latents.json").read_text())
+    assert (stage_report["train_items"], stage_report["validation_items"], stage_report["computed"]) == (2, 2, 0)
 
     split_data = latent_data(captioned, params)
     assert {i.record["id"] for i in split_data.items} == set(alpha) - expected_alpha

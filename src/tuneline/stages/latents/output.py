@@ -162,7 +162,6 @@ def write_output(out_dir: Path, report: StageReport, *, records: list[dict[str, 
     report.extra["empty_captions"] = sum(1 for r in manifest if not caption_of(r))
     report.extra["validation_items"] = sum(1 for r in manifest if r["split"] == VALIDATION)
     report.extra["train_items"] = len(manifest) - report.extra["validation_items"]
-    report.metric_keys = (*report.metric_keys, "train_items", "validation_items")  # the inputs decide them
     report.extra["device"] = device
     report.extra["dtype"] = dtype
     if summary["random_tiny_model"]:
