@@ -306,3 +306,70 @@ def test_keep_last_pruning_keeps_the_steps_asked_for(tmp_path):
         checkpoint.finish(tmp_path, step, keep_last=2, keep=[2])
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000002", "step_000004", "step_000005"]
     assert Path(tmp_path / "latest").read_text().strip() == "step_000005"
+
+
+TWO_PROCESS_VALIDATION = '''
+import json
+import sys
+from pathlib import Path
+
+import tuneline.stages.train.stage as stage
+from tuneline.cli import main
+from tuneline.train.trainer import Trainer
+
+{hold_out}
+
+real_validate = Trainer.validate
+
+
+def validate(self):
+    metrics = real_validate(self)
+    out = Path(sys.argv[1]) / f"rank{{self.accelerator.process_index}}_step{{self.state.step}}.json"
+    out.write_text(json.dumps(metrics))
+    return metrics
+
+
+Trainer.validate = validate
+original = stage.latent_data
+stage.latent_data = lambda params, latents_dir: hold_out(original(params, latents_dir))
+sys.exit(main(["train"]))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_processes_share_the_validation_and_agree(request, family, held_out, tmp_path):
+    """DDP on two CPU processes: each process validates its share of the batches, the sums are added up,
+    both get the same numbers, and they equal one process's validation of the same weights."""
+    import inspect
+
+    import yaml
+
+    from test_train import run_cli, stage_project
+
+    project = request.getfixturevalue("latents_project" if family == "sdxl" else "zimage_project")
+    root = stage_project(project, tmp_path, num_steps=2, validation={"every_steps": 1})
+    script, logged = tmp_path / "two_process_validation.py", tmp_path / "logged"
+    script.write_text(TWO_PROCESS_VALIDATION.format(hold_out=inspect.getsource(hold_out)), "utf-8")
+    logged.mkdir()
+    process = run_cli(root, str(script), str(logged), launcher=(
+        "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no"))
+    output = process.communicate(timeout=400)[0]
+    assert process.returncode == 0, output
+    for step in (1, 2):
+        rank0, rank1 = (json.loads((logged / f"rank{r}_step{step}.json").read_text()) for r in (0, 1))
+        assert rank0 == rank1 and rank0["val/loss"] > 0
+    state = json.loads((root / "models/train/trainer_state.json").read_text())
+    assert state["processes"] == 2 and state["best_validation_step"] in (1, 2)
+
+    # One process, the two-process run's final weights: the same validation loss.
+    from tuneline.config import validate_params
+
+    params = validate_params(yaml.safe_load((root / "params.yaml").read_text("utf-8")))
+    trainer = make_trainer(project, tmp_path / "one", params)
+    final = load_file(checkpoint_at(root / "checkpoints/train", 2) / "trained.safetensors")
+    with torch.no_grad():
+        for name, parameter in trainer._named_trained_parameters():
+            parameter.copy_(final[name])
+    assert trainer.validate() == rank0
