@@ -184,6 +184,8 @@ def preflight(params: Params, root: Path | str, stages: Iterable[str] = ("check"
                           f"{params.render.live_every} renders its prompts during training (set live_every: 0 "
                           "to train without live samples)")
         errors += _optimizer_problems(params)
+    if stages & {"train", "render", "export", "check"}:
+        errors += best_weights_problems(params)
     if stages & {"render"} and not (root / params.render.prompts_file).is_file():
         errors.append(f"render.prompts_file: {params.render.prompts_file} does not exist")
     if stages & {"autoencoder", "check"} and params.autoencoder.enabled:
@@ -201,6 +203,17 @@ def preflight(params: Params, root: Path | str, stages: Iterable[str] = ("check"
         raise ParamsError("params.yaml does not fit this machine or project:\n"
                           + "\n".join(f"  - {error}" for error in errors))
     return warnings
+
+
+def best_weights_problems(params: Params) -> list[str]:
+    """render.weights / export.weights: best needs a run that computes a validation loss."""
+    if params.train.validation.every_steps > 0:
+        return []
+    return [f"{key}: best needs the weights of the lowest validation loss, and train.validation.every_steps is 0 "
+            f"(off): set train.validation.every_steps > 0 with held-out items (datasets[].validation), or set "
+            f"{key}: final (allowed: final, best)"
+            for key, value in (("render.weights", params.render.weights), ("export.weights", params.export.weights))
+            if value == "best"]
 
 
 def _optimizer_problems(params: Params) -> list[str]:

@@ -79,6 +79,24 @@ class TrainingData(Protocol):
         ...
 
 
+class ValidationData(Protocol):
+    """The held-out items (datasets[].validation) the validation loss reads: the latents stage's output."""
+
+    def validation_refs(self) -> list[SampleRef]:
+        """Each held-out item once, indexed into the held-out list."""
+        ...
+
+    def validation_datasets(self) -> list[str]:
+        """The data sets the held-out items belong to, sorted."""
+        ...
+
+    def batch_size_for(self, bucket: tuple[int, int]) -> int: ...
+
+    def validation_batch(self, indices: list[int], seed: int, device: Any) -> dict[str, Any]:
+        """A batch of held-out items (one bucket) with `noise` and `datasets`, every draw fixed by (seed, item id)."""
+        ...
+
+
 class TrainerAdapter(Protocol):
     """Everything the trainer core calls on a model.
 
@@ -135,6 +153,14 @@ class DiffusionAdapter(TrainerAdapter, Protocol):
 
     def loss(self, modules: dict[str, Any], batch: dict[str, Any], generator: Any, step: int) -> tuple[Any, dict]:
         """The weighted mean loss of the batch (the "model" unit's), and per-batch facts to log."""
+        ...
+
+    def per_sample_losses(self, modules: dict[str, Any], batch: dict[str, Any], noise: Any, timesteps: Any,
+                          step: int) -> tuple[Any, Any]:
+        """(weighted, unweighted) loss of each sample of `batch` at the given `noise` (like the latents) and
+        `timesteps` (one per sample, 1..999: the DDPM timestep, or sigma * 1000 for flow matching): the
+        training loss's terms without its random draws (the validation loss). Weighted: the noise-level
+        weighting and the data set's weight, as `loss` averages them."""
         ...
 
     def example_batch(self, batch_size: int, bucket: tuple[int, int], device: Any, with_text: bool = True) -> dict:

@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from tuneline.core.fsutil import atomic_write_json, atomic_write_text, digest_json
 
@@ -24,7 +24,9 @@ STATE_FILE = "state.json"
 
 # Train settings that may differ between a checkpoint and the run resuming it.
 SAFE_TO_CHANGE = {"num_steps", "num_epochs", "checkpoint", "log_every", "compile", "compile_scope",
-                  "channels_last", "gradient_checkpointing", "attention", "mixed_precision"}
+                  "channels_last", "gradient_checkpointing", "attention", "mixed_precision",
+                  # Reads the weights with its own generators, in eval mode: training computes the same.
+                  "validation"}
 
 
 
@@ -32,9 +34,10 @@ def added_later_defaults() -> dict[str, Any]:
     """Train settings added after runs existed -> their default (dumped): at the default they are left
     out of the run key and read as set in older checkpoints, so a run started before the setting
     existed keeps its folder and resumes without a note."""
-    from tuneline.train.config import FlowMatchingConfig
+    from tuneline.train.config import FlowMatchingConfig, ValidationConfig
 
-    return {"flow_matching": FlowMatchingConfig().model_dump(mode="json")}
+    return {"flow_matching": FlowMatchingConfig().model_dump(mode="json"),
+            "validation": ValidationConfig().model_dump(mode="json")}
 
 
 class ResumeRefused(ValueError):
@@ -95,8 +98,9 @@ def begin(root: Path, step: int) -> Path:
     return staging
 
 
-def finish(root: Path, step: int, keep_last: int) -> Path:
-    """Main process: rename the staging folder into place, point `latest` at it, prune old ones."""
+def finish(root: Path, step: int, keep_last: int, keep: Iterable[int] = ()) -> Path:
+    """Main process: rename the staging folder into place, point `latest` at it, prune old ones
+    (all but the last `keep_last`, and never the steps in `keep`: the best validation loss's)."""
     root = Path(root)
     final = root / checkpoint_name(step)
     staging = staging_dir(root, step)
@@ -110,8 +114,10 @@ def finish(root: Path, step: int, keep_last: int) -> Path:
     os.rename(staging, final)
     shutil.rmtree(aside, ignore_errors=True)
     atomic_write_text(root / LATEST, final.name + "\n")
+    kept = {checkpoint_name(s) for s in keep}
     for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name not in kept:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

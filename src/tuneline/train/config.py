@@ -124,6 +124,39 @@ class CheckpointConfig(Section):
     keep_last: int = Field(2, ge=1, description="Keep this many most recent checkpoints.")
 
 
+class ValidationConfig(Section):
+    """The held-out loss: the training loss of the validation items (datasets[].validation) at fixed
+    noise levels and fixed noise, so it moves only when the weights do (kohya sd-scripts' validation,
+    SimpleTuner's eval loss). Computing it leaves training as it was: safe to change on resume."""
+
+    every_steps: int = Field(
+        0, ge=0, description="Compute the validation loss every N optimizer steps and on the last step; 0 turns it "
+        "off. A step whose loss is the lowest so far is checkpointed and kept (models/train/best/).")
+    points: int = Field(
+        4, ge=1, le=64, description="With timesteps null: evaluate at this many noise levels evenly spaced across the "
+        "schedule, t_k = 1000 * k / (points + 1), k = 1..points (4: 200, 400, 600, 800).")
+    timesteps: Optional[list[int]] = Field(
+        None, description="The noise levels to evaluate at, as training timesteps 1..999: the DDPM timestep for SDXL, "
+        "sigma = t / 1000 for flow-matching families (Z-Image; unshifted: the level itself). null: `points` levels "
+        "evenly spaced.")
+    seed: int = Field(0, ge=0, description="Seed of the fixed noise: each item's noise is drawn from (seed, item id).")
+
+    @model_validator(mode="after")
+    def _levels(self) -> "ValidationConfig":
+        for step in self.timesteps or []:
+            if not 1 <= step <= 999:
+                raise ValueError(f"timesteps: {step} is outside 1..999")
+        if self.timesteps is not None and (not self.timesteps or len(set(self.timesteps)) != len(self.timesteps)):
+            raise ValueError(f"timesteps: {self.timesteps} must be distinct and not empty")
+        return self
+
+    def levels(self) -> list[int]:
+        """The timesteps to evaluate at, ascending."""
+        if self.timesteps is not None:
+            return sorted(self.timesteps)
+        return [round(1000 * k / (self.points + 1)) for k in range(1, self.points + 1)]
+
+
 # --- the `train` params section: what the training stage trains, and how --------------------
 
 def _yaml_no(value: Any) -> Any:
@@ -205,6 +238,9 @@ class TrainConfig(Section):
         "loss weighting by noise level. SDXL (DDPM) rejects these when set to anything but the defaults.")
     ema: EmaConfig = Field(default_factory=EmaConfig, description="EMA of the trained weights.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoints.")
+    validation: ValidationConfig = Field(
+        default_factory=ValidationConfig,
+        description="The validation loss on the held-out items (datasets[].validation) and the best checkpoint.")
     caption_dropout: float = Field(0.0, ge=0, le=1, description="Probability of training a sample on the empty caption.")
     caption_shuffle: bool = Field(False, description="Shuffle caption tags (split on caption_separator) every step.")
     caption_separator: str = Field(",", min_length=1, description="Tag separator for caption_shuffle.")

@@ -63,6 +63,7 @@ class LatentData:
         if not records:
             raise ParamsError(f"{self.dir}: no latents to train on (run the earlier stages first)")
         self.items: list[LatentItem] = []
+        # Held-out items (datasets[].validation): never in a training batch; the validation loss reads them.
         self.validation: list[LatentItem] = []
         for record in records:
             dataset = datasets.get(record["dataset"])
@@ -123,9 +124,9 @@ class LatentData:
         from safetensors.torch import load_file
 
         train = self.train
-        means, stds, noises, captions, crops, embeds, pooled = [], [], [], [], [], [], []
-        for index in indices:  # the RNG draws in item order: flip, noise, caption (exact resume)
-            item = self.items[index]
+        means, stds, noises, captions, crops, texts = [], [], [], [], [], []
+        items = [self.items[index] for index in indices]
+        for item in items:  # the RNG draws in item order: flip, noise, caption (exact resume)
             tensors = load_file(self.dir / item.record["latents"])
             flip = train.flip and python_rng.random() < 0.5
             mean, std = (tensors["flip_mean"], tensors["flip_std"]) if flip else (tensors["mean"], tensors["std"])
@@ -138,22 +139,63 @@ class LatentData:
             crops.append((top, left))
             captions.append(augment_caption(item.record.get("caption") or "", train, python_rng))
             if self.text_cache:
-                text = load_file(self.dir / item.record["text_embeddings"])
-                embeds.append(text["prompt_embeds"])
-                pooled.append(text.get("pooled"))
+                texts.append(load_file(self.dir / item.record["text_embeddings"]))
+        return self._assemble(items, means, stds, noises, crops, captions, texts, device)
+
+    def validation_refs(self) -> list[SampleRef]:
+        """The held-out items, indexed into `validation`, each once."""
+        return [SampleRef(index, item.bucket, 1) for index, item in enumerate(self.validation)]
+
+    def validation_datasets(self) -> list[str]:
+        return sorted({item.record["dataset"] for item in self.validation})
+
+    def validation_batch(self, indices: list[int], seed: int, device: Any) -> dict[str, Any]:
+        """A batch of the held-out items at `indices` (one bucket) whose every draw is fixed per item:
+        the latent sample and the diffusion noise (`noise`) come from a CPU generator seeded with (seed,
+        item id), so they do not depend on the batch, the process, the device or the training streams.
+        No flip, no caption augmentation; `datasets` names each item's data set."""
+        import torch
+        from safetensors.torch import load_file
+
+        means, stds, noises, diffusion_noise, crops, captions, texts = [], [], [], [], [], [], []
+        items = [self.validation[index] for index in indices]
+        for item in items:
+            generator = torch.Generator(device="cpu").manual_seed(item_seed(seed, item.record["id"]))
+            tensors = load_file(self.dir / item.record["latents"])
+            means.append(tensors["mean"])
+            stds.append(tensors["std"])
+            noises.append(torch.randn(tensors["mean"].shape, generator=generator))
+            diffusion_noise.append(torch.randn(tensors["mean"].shape, generator=generator))
+            crops.append(tuple(item.record["crop_top_left"]))
+            captions.append(item.record.get("caption") or "")
+            if self.text_cache:
+                texts.append(load_file(self.dir / item.record["text_embeddings"]))
+        batch = self._assemble(items, means, stds, noises, crops, captions, texts, device)
+        batch["noise"] = host_to_device(torch.stack(diffusion_noise), device)
+        batch["datasets"] = [item.record["dataset"] for item in items]
+        return batch
+
+    def _assemble(self, items: list[LatentItem], means: list[Any], stds: list[Any], noises: list[Any],
+                  crops: list[tuple[int, int]], captions: list[str], texts: list[dict[str, Any]],
+                  device: Any) -> dict[str, Any]:
+        """Stack the loaded parts of a batch into what the adapters read."""
+        import torch
+
         mean = host_to_device(torch.stack(means), device).float()
         std = host_to_device(torch.stack(stds), device).float()
         sample = mean + std * torch.stack(noises).to(mean.device)
         batch = {
             "latents": (sample - self.shift_factor) * self.scaling_factor,
             "captions": captions,
-            "original_size": [self.items[i].record["original_size"] for i in indices],
+            "original_size": [item.record["original_size"] for item in items],
             "crop_top_left": crops,
-            "target_size": [self.items[i].bucket for i in indices],
-            "loss_weight": host_to_device(torch.tensor([self.items[i].loss_weight for i in indices],
+            "target_size": [item.bucket for item in items],
+            "loss_weight": host_to_device(torch.tensor([item.loss_weight for item in items],
                                                        dtype=torch.float32), device),
-            "ids": [self.items[i].record["id"] for i in indices],
+            "ids": [item.record["id"] for item in items],
         }
+        embeds = [text["prompt_embeds"] for text in texts]
+        pooled = [text.get("pooled") for text in texts]
         if self.text_cache and all(p is None for p in pooled):
             # Z-Image: one [tokens, hidden] embedding per caption, of its own length, no pooled one.
             batch["prompt_embeds"] = [host_to_device(embed, device) for embed in embeds]
@@ -161,6 +203,13 @@ class LatentData:
             batch["prompt_embeds"] = host_to_device(torch.stack(embeds), device)
             batch["pooled"] = host_to_device(torch.stack(pooled), device)
         return batch
+
+
+def item_seed(seed: int, item_id: str) -> int:
+    """A generator seed from the validation seed and an item's content id (stable across runs and machines)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{seed}:{item_id}".encode()).digest()[:7], "big")
 
 
 def read_latents_summary(latents_dir: Path) -> dict[str, Any]:

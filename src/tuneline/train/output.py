@@ -5,6 +5,7 @@
       pytorch_lora_weights.safetensors     the LoRA parts, as diffusers' save_lora_weights names them
       pipeline/                            the fully trained parts: a whole diffusers pipeline folder
       ema/                                 the EMA weights in the same layout, when kept apart
+      best/                                the weights of the lowest validation loss, same layout
       live/                                samples rendered during training
 
 Every reader takes the names, the trainer state, the choice of EMA or raw weights and the trained
@@ -25,6 +26,7 @@ TRAINER_STATE = "trainer_state.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name, which save_lora_weights writes
 PIPELINE_DIR = "pipeline"
 EMA_DIR = "ema"
+BEST_DIR = "best"
 LIVE_DIR = "live"
 
 
@@ -34,12 +36,28 @@ def read_trainer_state(trained_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text("utf-8")) if path.is_file() else {}
 
 
-def choose_weights(trained_dir: Path, use_ema: bool, notes: list[str] | None = None) -> Path:
-    """Where the weights to use are: `trained_dir`, or its ema/ when `use_ema` asks and it is there.
+def choose_weights(trained_dir: Path, use_ema: bool, notes: list[str] | None = None, weights: str = "final",
+                   key: str = "weights") -> Path:
+    """Where the weights to use are: `trained_dir`, or its ema/ when `use_ema` asks and it is there; with
+    `weights` "best", its best/ (the lowest validation loss's weights; `use_ema` does not apply).
 
     `notes` receives why the choice may differ from what was asked: with train.ema.enabled and no
-    ema/ folder the trainer's result already holds the EMA weights (there are no raw ones)."""
+    ema/ folder the trainer's result already holds the EMA weights (there are no raw ones). `key` names
+    the setting that asked for `weights` in the error when there are no best weights."""
     trained_dir = Path(trained_dir)
+    if weights == "best":
+        best = trained_dir / BEST_DIR
+        if not best.is_dir():
+            from tuneline.core.params import ParamsError
+
+            raise ParamsError(
+                f"{key}: 'best' needs the weights of the lowest validation loss, and {trained_dir} has none "
+                f"({best} is missing): the run computed no validation loss. Set train.validation.every_steps > 0 with "
+                f"held-out items (datasets[].validation) and train again, or set {key}: final (allowed: final, best)")
+        if use_ema and notes is not None:
+            notes.append(f"{key}: best uses the trained weights of the best validation step (the EMA is not kept "
+                         "per step)")
+        return best
     separate = trained_dir / EMA_DIR
     if use_ema and separate.is_dir():
         return separate
@@ -52,6 +70,15 @@ def choose_weights(trained_dir: Path, use_ema: bool, notes: list[str] | None = N
             notes.append("train.ema.enabled was on: the trainer's result holds the EMA weights, so those are "
                          "rendered (render.use_ema: false has no raw weights to choose)")
     return trained_dir
+
+
+def exported_step(state: dict[str, Any], weights: str) -> tuple[int, str]:
+    """(the step whose weights `weights` ("final" or "best") are, why those): from trainer_state.json."""
+    steps = state.get("step", 0)
+    if weights == "best":
+        step, loss = state.get("best_validation_step", 0), state.get("best_validation_loss")
+        return step, f"best validation loss {loss:.6g} at step {step} of {steps}"
+    return steps, f"final weights at step {steps} of {steps}"
 
 
 def trained_family(state: dict[str, Any], model: ModelConfig, root: Path | None = None) -> Family:

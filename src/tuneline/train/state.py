@@ -20,6 +20,8 @@ class TrainState:
     position: int = 0  # batches of `epoch` already consumed by this process
     micro_step: int = 0  # micro-batches done (for gradient accumulation)
     samples_seen: int = 0
+    best_validation_step: int = 0  # the step of the lowest validation loss so far (0: none yet)
+    best_validation_loss: float | None = None  # that loss (train.validation)
     history: list[dict[str, Any]] = field(default_factory=list)  # one entry per (re)start
 
     def to_json(self) -> dict[str, Any]:

@@ -26,9 +26,10 @@ from tuneline.core.stops import resume_command
 from tuneline.train import checkpoint
 from tuneline.train.adapter import ModelSource, TrainerAdapter, TrainerConfig, TrainingData
 from tuneline.train.units import UnitSpec
-from tuneline.train.output import EMA_DIR
+from tuneline.train.output import BEST_DIR, EMA_DIR
 from tuneline.train.sampler import BucketBatchSampler
 from tuneline.train.state import TrainRandom, TrainState
+from tuneline.train.validation import LOSS, Validation
 
 log = logging.getLogger(__name__)
 
@@ -164,12 +165,14 @@ class Trainer:
     checkpoint_root: where runs keep their checkpoint folders (`<root>/<run key>/step_*`);
     resume_from: a checkpoint to resume instead of this run's latest; live_eval(trainer): called
     on the main process every live_every steps (samples, evaluations); it must leave the training
-    state untouched, RNG included, so exact resume still holds.
+    state untouched, RNG included, so exact resume still holds. validation: the held-out loss (None: off),
+    computed every validation.config.every_steps steps and on the last; its best step is checkpointed and kept.
     """
 
     def __init__(self, config: TrainerConfig, adapter: TrainerAdapter, data: TrainingData, model: ModelSource,
                  checkpoint_root: Path, *, resume_from: Path | None = None,
-                 live_eval: Callable[[Trainer], Any] | None = None, live_every: int = 0) -> None:
+                 live_eval: Callable[[Trainer], Any] | None = None, live_every: int = 0,
+                 validation: Validation | None = None) -> None:
         self.config = config
         self.adapter = adapter
         self.data = data
@@ -179,6 +182,7 @@ class Trainer:
         self.data_digest = self.data.digest()
         self.stop_signal: int | None = None
         self.live_eval, self.live_every = live_eval, live_every
+        self.validation = validation
         self.messages: list[str] = []  # resume notes, safe config changes: shown and logged
 
     # --- set-up -------------------------------------------------------------------------
@@ -446,6 +450,52 @@ class Trainer:
                 count += len(indices)
         return total / count
 
+    def validate(self) -> dict[str, float] | None:
+        """The validation loss of the current weights (see tuneline.train.validation); None when off.
+
+        Without gradients, in eval mode, every draw from per-item CPU generators, the global RNG
+        streams forked: training continues exactly as without it. Every process takes part (each a
+        share of the batches, the sums added up); every process gets the same numbers.
+        """
+        import torch
+
+        validation = self.validation
+        if validation is None:
+            return None
+        accelerator = self.accelerator
+        device = accelerator.device
+        datasets = validation.data.validation_datasets()
+        levels = validation.config.levels()
+        position = {name: d for d, name in enumerate(datasets)}
+        # float64 sums on the host: the order of additions is fixed by the batches, not the device.
+        sums = torch.zeros(len(datasets), len(levels), 3, dtype=torch.float64)
+        batches = validation.batches()[accelerator.process_index::accelerator.num_processes]
+        for module in self.modules.values():
+            module.eval()
+        forked = [torch.cuda.current_device()] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=forked), torch.no_grad(), accelerator.autocast():
+            for indices in batches:
+                batch = validation.data.validation_batch(indices, validation.config.seed, device)
+                rows = torch.tensor([position[name] for name in batch["datasets"]])
+                for k, timestep in enumerate(levels):
+                    timesteps = torch.full((len(indices),), timestep, dtype=torch.long, device=device)
+                    weighted, plain = validation.adapter.per_sample_losses(self.modules, batch, batch["noise"],
+                                                                           timesteps, self.state.step)
+                    parts = torch.stack([weighted.double().cpu(), plain.double().cpu(),
+                                         torch.ones(len(indices), dtype=torch.float64)], dim=1)
+                    sums[:, k].index_add_(0, rows, parts)
+        if accelerator.num_processes > 1:
+            sums = accelerator.reduce(sums.to(device), "sum").cpu()
+        return validation.metrics(sums)
+
+    def _record_best(self, loss: float) -> bool:
+        """Record `loss` as the best validation loss when it is lower than any before; True when it is."""
+        best = self.state.best_validation_loss
+        if best is not None and not loss < best:
+            return False
+        self.state.best_validation_step, self.state.best_validation_loss = self.state.step, loss
+        return True
+
     # --- checkpoints ----------------------------------------------------------------------
 
     def save(self) -> Path | None:
@@ -478,7 +528,8 @@ class Trainer:
                 "batching": self.batching,
                 "model_identity": self.model.identity,
             })
-            final = checkpoint.finish(self.checkpoint_dir, self.state.step, self.config.checkpoint.keep_last)
+            best = [self.state.best_validation_step] if self.state.best_validation_step else []
+            final = checkpoint.finish(self.checkpoint_dir, self.state.step, self.config.checkpoint.keep_last, keep=best)
         accelerator.wait_for_everyone()
         return final
 
@@ -527,8 +578,23 @@ class Trainer:
             self.ema.load_state_dict(training["ema"])
         rng = checkpoint.load_torch(folder / f"rng_rank{self.accelerator.process_index}.pt")
         self.state = TrainState.from_json(saved["train_state"])
+        self._forget_best_if_incomparable(saved["train_config"])
         self.messages.extend(self.random.load_state_dict(rng, self.state.step))
         self.messages.append(f"resumed from {folder} at step {self.state.step} (epoch {self.state.epoch})")
+
+    def _forget_best_if_incomparable(self, saved_config: dict[str, Any]) -> None:
+        """A best validation loss measured at other levels or noise is not comparable: start the record again."""
+        current = self.config.model_dump(mode="json").get("validation")
+        if self.state.best_validation_step and saved_config.get("validation") != current:
+            fields = ("timesteps", "points", "seed")
+            before = {key: saved_config.get("validation", {}).get(key) for key in fields}
+            after = {key: (current or {}).get(key) for key in fields}
+            if before != after:
+                self.messages.append(
+                    f"train.validation levels or seed changed ({before} -> {after}): the best validation loss so far "
+                    f"({self.state.best_validation_loss} at step {self.state.best_validation_step}) is not comparable, "
+                    "so the record starts again")
+                self.state.best_validation_step, self.state.best_validation_loss = 0, None
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -552,8 +618,11 @@ class Trainer:
         flag = torch.tensor(1.0 if self.stop_signal is not None else 0.0, device=self.accelerator.device)
         return float(self.accelerator.reduce(flag, "max")) > 0
 
-    def fit(self, on_log: Any = None) -> dict[str, Any]:
-        """Train until done; save on schedule, at the end, and on SIGTERM/SIGINT (then raise StopRequested)."""
+    def fit(self, on_log: Any = None, on_validate: Any = None) -> dict[str, Any]:
+        """Train until done; save on schedule, at the end, and on SIGTERM/SIGINT (then raise StopRequested).
+
+        With validation on, after each due step: the validation loss, `on_validate(state, metrics)`,
+        and a checkpoint at a step whose loss is the lowest so far (kept by keep_last pruning)."""
         from tqdm.auto import tqdm
 
         accelerator = self.accelerator
@@ -574,13 +643,20 @@ class Trainer:
                 bar.update(1)
                 logging = self.state.step % self.config.log_every == 0
                 live = self.live_eval is not None and self.live_every and self.state.step % self.live_every == 0
-                if logging or live or self._done():
+                validating = self.validation is not None and self.validation.due(self.state.step, self._done())
+                if logging or live or validating or self._done():
                     self.check_finite()
                 if logging:
                     bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{next(iter(result.lrs.values())):.2e}",
                                     s_step=f"{seconds_per_step:.2f}")
                     if on_log is not None:
                         on_log(self.state, result, seconds_per_step)
+                improved = False
+                if validating:
+                    metrics = self.validate()
+                    improved = self._record_best(metrics[LOSS])
+                    if on_validate is not None:
+                        on_validate(self.state, metrics)
                 if live:
                     accelerator.wait_for_everyone()
                     if accelerator.is_main_process:
@@ -592,7 +668,8 @@ class Trainer:
                         f"stopped by signal {self.stop_signal} at step {self.state.step}; checkpoint "
                         f"{saved or self.checkpoint_dir}. To resume, run {resume_command()}",
                         saved or self.checkpoint_dir)
-                if self._checkpoint_due(epoch_before) and not self._done():
+                # A new best validation loss gets a checkpoint of its step (its weights are the best ones).
+                if (self._checkpoint_due(epoch_before) or improved) and not self._done():
                     self.save()
             if session_steps or not self.saved_at_current_step():
                 self.save()  # a session that trained nothing leaves its checkpoint (and DVC's hash of it) as it was
@@ -619,17 +696,45 @@ class Trainer:
     def save_outputs(self, out_dir: Path, only_ema: bool = False) -> Path | None:
         """The trained result in diffusers format, main process only; with EMA on, the EMA
         weights also go to `out_dir/ema` in the same layout (render and export choose), or,
-        with `only_ema`, are the only weights written (a stage whose output is the weights to use)."""
+        with `only_ema`, are the only weights written (a stage whose output is the weights to use). With a
+        best validation step, its weights go to `out_dir/best` in the same layout."""
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return None
         unwrapped = {name: self.accelerator.unwrap_model(m) for name, m in self.modules.items()}
+        self._save_best(unwrapped, Path(out_dir) / BEST_DIR)
         if self.ema is not None:
             with self.ema.swap():
                 saved = self.adapter.save(unwrapped, Path(out_dir) if only_ema else Path(out_dir) / EMA_DIR)
             if only_ema:
                 return saved
         return self.adapter.save(unwrapped, out_dir)
+
+    def _save_best(self, unwrapped: dict[str, Any], out_dir: Path) -> None:
+        """The weights of the best validation step (its kept checkpoint) to `out_dir`, in the adapter's
+        layout; the live weights are put back after. Nothing without a best step."""
+        import torch
+        from safetensors.torch import load_file
+
+        step = self.state.best_validation_step
+        if not step:
+            return
+        folder = self.checkpoint_dir / checkpoint.checkpoint_name(step)
+        if not (folder / "trained.safetensors").is_file():
+            self.messages.append(f"the best validation step {step} has no checkpoint in {self.checkpoint_dir}: "
+                                 "no best weights written")
+            return
+        best, current = load_file(folder / "trained.safetensors"), self.trained_weights()
+        parameters = self._named_trained_parameters()
+        try:
+            with torch.no_grad():
+                for name, parameter in parameters:
+                    parameter.copy_(best[name].to(parameter.device, parameter.dtype))
+            self.adapter.save(unwrapped, out_dir)
+        finally:
+            with torch.no_grad():
+                for name, parameter in parameters:
+                    parameter.copy_(current[name].to(parameter.device, parameter.dtype))
 
 
 def compile_module(module: Any, scope: str, accelerator: Any, backend: str | None = None) -> Any:

@@ -284,6 +284,22 @@ class SDXLAdapter:
             noise = noise + self.config.loss.noise_offset * offset
         steps = self.noise_scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator, device=device)
+        per_sample, weights = self._per_sample(modules, batch, noise, timesteps, step)
+        # Per-batch facts stay tensors: reading them is a host sync, done only when they are logged.
+        return (per_sample * weights).mean(), {"timestep_mean": timesteps.detach().float().mean()}
+
+    def per_sample_losses(self, modules: dict[str, Any], batch: dict[str, Any], noise: Any, timesteps: Any,
+                          step: int) -> tuple[Any, Any]:
+        """(weighted, unweighted) loss of each sample at the given noise and timesteps (the validation
+        loss): the training loss's terms, weighted by min-SNR / min-sigma and the data set's weight, or not."""
+        per_sample, weights = self._per_sample(modules, batch, noise, timesteps.long(), step)
+        return per_sample * weights, per_sample
+
+    def _per_sample(self, modules: dict[str, Any], batch: dict[str, Any], noise: Any, timesteps: Any,
+                    step: int) -> tuple[Any, Any]:
+        """(squared error of each sample, its weight) of the epsilon / v target at `noise`, `timesteps`."""
+        latents = batch["latents"]
+        device = latents.device
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -301,8 +317,7 @@ class SDXLAdapter:
         snr = snr_of(self.noise_scheduler.alphas_cumprod, timesteps)
         weights = loss_weights(self.config.loss, snr, self.prediction_type, step) * host_to_device(batch["loss_weight"],
                                                                                                     device)
-        # Per-batch facts stay tensors: reading them is a host sync, done only when they are logged.
-        return (per_sample * weights).mean(), {"timestep_mean": timesteps.detach().float().mean()}
+        return per_sample, weights
 
     def unit_losses(self, modules: dict[str, Any], batch: dict[str, Any], generator: Any, step: int,
                     due: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -219,27 +219,53 @@ class ZImageAdapter:
         import torch
 
         from tuneline.models.loading import host_to_device
-        from tuneline.train.flow_matching import (flow_matching_loss, loss_weighting, noisy_latents, velocity_target,
-                                                  zimage_timestep, zimage_velocity)
+        from tuneline.train.flow_matching import flow_matching_loss, loss_weighting
 
         latents = batch["latents"]
         device = latents.device
         noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
         sigmas = self.sigmas(latents.shape[0], tuple(latents.shape[-2:]), generator, device)
+        prediction, target = self._prediction_and_target(modules, batch, noise, sigmas)
+        weighting = loss_weighting(self.config.flow_matching.loss_weighting, sigmas)
+        loss = flow_matching_loss(prediction, target, weighting, host_to_device(batch["loss_weight"], device))
+        return loss, {"sigma_mean": sigmas.detach().float().mean()}
+
+    def per_sample_losses(self, modules: dict[str, Any], batch: dict[str, Any], noise: Any, timesteps: Any,
+                          step: int) -> tuple[Any, Any]:
+        """(weighted, unweighted) loss of each sample at the given noise and noise levels (the validation
+        loss): sigma = timesteps / 1000, unshifted; weighted by train.flow_matching.loss_weighting and
+        the data set's weight, or not."""
+        from tuneline.models.loading import host_to_device
+        from tuneline.train.flow_matching import flow_matching_loss, loss_weighting
+        from tuneline.train.loss import per_sample_mse
+
+        latents = batch["latents"]
+        sigmas = timesteps.float().to(latents.device) / 1000.0
+        prediction, target = self._prediction_and_target(modules, batch, noise, sigmas)
+        weighting = loss_weighting(self.config.flow_matching.loss_weighting, sigmas)
+        weighted = flow_matching_loss(prediction, target, weighting, host_to_device(batch["loss_weight"], latents.device),
+                                      reduce=False)
+        return weighted, per_sample_mse(prediction, target)
+
+    def _prediction_and_target(self, modules: dict[str, Any], batch: dict[str, Any], noise: Any,
+                               sigmas: Any) -> tuple[Any, Any]:
+        """The velocity the transformer predicts at `noise`, `sigmas`, and the target noise - x0."""
+        import torch
+
+        from tuneline.train.flow_matching import noisy_latents, velocity_target, zimage_timestep, zimage_velocity
+
+        latents = batch["latents"]
         noisy = noisy_latents(latents, noise, sigmas)
         if "prompt_embeds" in batch:
             # Cached in the latents stage's dtype; the transformer's caption embedder takes the latents'.
             caption_features = [features.to(latents.dtype) for features in batch["prompt_embeds"]]
         else:
-            caption_features = self.conditioning(batch["captions"], device)
+            caption_features = self.conditioning(batch["captions"], latents.device)
         # The pipeline's input: a list of [C, 1, H, W] latents (one frame), the time 1 - sigma.
         output = modules["transformer"](list(noisy.unsqueeze(2).unbind(0)), zimage_timestep(sigmas),
                                         caption_features, return_dict=False)[0]
         prediction = zimage_velocity(torch.stack([sample.float() for sample in output]).squeeze(2))
-        target = velocity_target(latents, noise)
-        weighting = loss_weighting(self.config.flow_matching.loss_weighting, sigmas)
-        loss = flow_matching_loss(prediction, target, weighting, host_to_device(batch["loss_weight"], device))
-        return loss, {"sigma_mean": sigmas.detach().float().mean()}
+        return prediction, velocity_target(latents, noise)
 
     def unit_losses(self, modules: dict[str, Any], batch: dict[str, Any], generator: Any, step: int,
                     due: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -26,6 +26,9 @@ class ExportConfig(Section):
     )
     keep_diffusers: bool = Field(True, description="Also keep the diffusers-format result beside the single file.")
     use_ema: bool = Field(True, description="Export the EMA weights when the run kept them (train.ema.enabled).")
+    weights: Literal["final", "best"] = Field(
+        "final", description="Which weights to export: final (the last step's) or best (the step of the lowest "
+        "validation loss, models/train/best/; needs train.validation.every_steps > 0 and held-out items).")
     samples: int = Field(4, ge=0, description="Sample images from the render stage put in the model card.")
     author: Optional[str] = Field(None, description="Author named in the model card and metadata.")
     vae: bool = Field(

@@ -81,7 +81,11 @@ def header_facts(params: Params, state: dict[str, Any], trained: TrainConfig, re
 
 def _extra(params: Params, state: dict[str, Any], weights: str, file: ExportedFile,
            companion: ExportedFile | None) -> dict[str, str]:
+    from tuneline.train.output import exported_step
+
+    step, why = exported_step(state, params.export.weights)
     extra = {"tuneline.base_model": params.model.base, "tuneline.steps": str(state["step"]),
+             "tuneline.exported_step": str(step), "tuneline.exported_weights": why,
              "tuneline.random_tiny_model": str(is_tiny(params.model.base)).lower(), "tuneline.weights": weights,
              "tuneline.trained_components": ",".join(file.components)}
     if companion is not None:  # mixed modes: neither file alone is the trained model
@@ -148,6 +152,8 @@ def _vae_file(params: Params, exporter: Exporter) -> tuple[ExportedFile, bool]:
 def model_card(params: Params, state: dict[str, Any], trained: TrainConfig, files: list[ExportedFile],
                samples: list[str], samples_note: str | None, facts: HeaderFacts, family: Family,
                exporter: Exporter) -> str:
+    from tuneline.train.output import exported_step
+
     lines = [f"# {params.export.name}", ""]
     if is_tiny(params.model.base):
         lines += [f"> **Random tiny model.** Trained from `{params.model.base}`, a tiny model with RANDOM weights "
@@ -168,6 +174,7 @@ def model_card(params: Params, state: dict[str, Any], trained: TrainConfig, file
         "- trigger words: " + (", ".join(f"`{d.trigger_word}` ({d.name})" for d in params.datasets
                                          if d.trigger_word) or "none"),
         f"- steps: {state['step']} (epochs {state['epoch']}), seed {state['seed']}",
+        f"- exported weights: {exported_step(state, params.export.weights)[1]}",
         *[exporter.component_line(name, mode, trained.lora) for name, mode in exporter.trained_modes(trained).items()],
         f"- optimizer {trained.optimizer.name}, lr {trained.lr}, schedule {trained.schedule.name}, "
         f"mixed precision {trained.mixed_precision}",
@@ -242,8 +249,8 @@ def run(params: Params, root: Path, trained_dir: Path, renders_dir: Path, out_di
     family = trained_family(state, params.model, root)  # what was trained decides the layout
     exporter = family.build_exporter()
     config = params.export
-    weights_dir = choose_weights(trained_dir, config.use_ema)
-    weights = "ema" if weights_dir != trained_dir else "trained"
+    weights_dir = choose_weights(trained_dir, config.use_ema, None, config.weights, "export.weights")
+    weights = "best" if config.weights == "best" else "ema" if weights_dir != trained_dir else "trained"
     modes = exporter.trained_modes(trained)
     full = [name for name, mode in modes.items() if mode == "full"]
     lora = [name for name, mode in modes.items() if mode == "lora"]

@@ -26,6 +26,9 @@ class RenderConfig(Section):
         description="Render the EMA weights: models/train/ema/ when the trainer saved them apart; otherwise the "
         "trainer's result already holds the EMA weights whenever train.ema.enabled was on.",
     )
+    weights: Literal["final", "best"] = Field(
+        "final", description="Which trained weights to render: final (the last step's) or best (the step of the "
+        "lowest validation loss, models/train/best/; needs train.validation.every_steps > 0 and held-out items).")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where the pipeline runs; auto picks CUDA when available."
     )

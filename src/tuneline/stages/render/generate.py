@@ -106,7 +106,8 @@ def _quiet_diffusers() -> Iterator[None]:
         diffusers_logging.set_verbosity(level)
 
 
-def apply_trained(pipeline: Any, trained_dir: Path, lora_scale: float = 1.0, use_ema: bool = False) -> Applied:
+def apply_trained(pipeline: Any, trained_dir: Path, lora_scale: float = 1.0, use_ema: bool = False,
+                  weights: str = "final") -> Applied:
     """Put the trained result on `pipeline`: full components from <dir>/pipeline, then the LoRA at `lora_scale`.
 
     The family's components (RenderFacts.full_components), each of the class its saved folder names;
@@ -117,7 +118,7 @@ def apply_trained(pipeline: Any, trained_dir: Path, lora_scale: float = 1.0, use
     spec = family.render
     applied = Applied()
     notes = applied.loaded
-    source = applied.source = choose_weights(trained_dir, use_ema, applied.warnings)
+    source = applied.source = choose_weights(trained_dir, use_ema, applied.warnings, weights, "render.weights")
     state = read_trainer_state(trained_dir)
     train = state.get("train_config", {})
     full = source / PIPELINE_DIR

@@ -131,7 +131,7 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
     dtype = resolve_dtype(config.dtype, device)
     base_weights = {key: entry["identity"] for key, entry in identify(params, root, ("model.base", "model.vae")).items()}
     base_weights.update(cache_key_fields(params.model.quantize))  # a quantized base renders other pixels
-    weights_dir = choose_weights(trained_dir, config.use_ema)  # what apply_trained loads
+    weights_dir = choose_weights(trained_dir, config.use_ema, None, config.weights, "render.weights")  # what apply_trained loads
     trained_weights = weights_identity(weights_dir, root)
     base_cache = ImageCache(root / params.store_dir, {"base": base_weights}, device, dtype, facts.pipeline)
     final_cache = ImageCache(root / params.store_dir, {
@@ -186,7 +186,7 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
                                       text_encoders=embedded is None)
         render_prompts(pipeline, missing_base, None, path_of=base_cache.path, embedded=embedded)
         if missing_final or missing_transfer or missing_diagnostics:
-            applied = apply_trained(pipeline, trained_dir, config.lora_scale, config.use_ema)
+            applied = apply_trained(pipeline, trained_dir, config.lora_scale, config.use_ema, config.weights)
             report.warnings.extend(applied.warnings)
             for line in applied.loaded:
                 console.print(f"render: {line}", markup=False, soft_wrap=True)
@@ -205,7 +205,8 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
     # EMA choice, a LoRA scale other than the exported strength 1).
     atomic_write_json(out_dir / "final" / WEIGHTS_RECORD, {
         "weights_identity": trained_weights,
-        "weights": "trained" if weights_dir == trained_dir else "ema", "lora_scale": config.lora_scale})
+        "weights": "best" if config.weights == "best" else "trained" if weights_dir == trained_dir else "ema",
+        "lora_scale": config.lora_scale})
     images = [*base, *final]
 
     live = live_steps(trained_dir / LIVE_DIR, out_dir / LIVE_DIR)

@@ -15,10 +15,14 @@ from typing import Any, Sequence
 from tuneline.core.fsutil import atomic_write_bytes
 
 
-def loss_curve_png(rows: Sequence[dict[str, Any]], title: str = "train") -> bytes:
-    """A PNG with two panels over the step: the loss (top) and the learning rate (bottom).
+def loss_curve_png(rows: Sequence[dict[str, Any]], title: str = "train",
+                   validation_rows: Sequence[dict[str, Any]] = ()) -> bytes:
+    """A PNG with panels over the step: the loss (top), the validation loss (middle, when
+    `validation_rows` has rows: weighted and unweighted, the best step marked) and the learning rate
+    (bottom).
 
-    `rows` are loss-curve rows (step, loss, lr as numbers or strings; empty values skipped).
+    `rows` are loss-curve rows (step, loss, lr as numbers or strings; empty values skipped);
+    `validation_rows` validation-curve rows (step, loss, loss_unweighted, ...).
     """
     # Object-oriented matplotlib with the Agg canvas: no pyplot, no global backend switch,
     # nothing that needs a display. Imported here: the stage module stays cheap to import.
@@ -26,13 +30,32 @@ def loss_curve_png(rows: Sequence[dict[str, Any]], title: str = "train") -> byte
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    def column(name: str) -> tuple[list[int], list[float]]:
-        pairs = [(int(row["step"]), float(row[name])) for row in rows if row.get(name) not in (None, "")]
+    def column(name: str, source: Sequence[dict[str, Any]] = rows) -> tuple[list[int], list[float]]:
+        pairs = [(int(row["step"]), float(row[name])) for row in source if row.get(name) not in (None, "")]
         return [s for s, _ in pairs], [v for _, v in pairs]
 
-    figure = Figure(figsize=(8, 6), dpi=100)
-    FigureCanvasAgg(figure)
-    loss_axes, lr_axes = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    if validation_rows:
+        figure = Figure(figsize=(8, 8), dpi=100)
+        FigureCanvasAgg(figure)
+        loss_axes, val_axes, lr_axes = figure.subplots(3, 1, sharex=True, gridspec_kw={"height_ratios": [2, 2, 1]})
+        val_steps, val_losses = column("loss", validation_rows)
+        plain_steps, plain_losses = column("loss_unweighted", validation_rows)
+        val_axes.plot(val_steps, val_losses, color="tab:green", linewidth=1.2, marker="o", markersize=3,
+                      label="validation loss")
+        if plain_losses != val_losses:
+            val_axes.plot(plain_steps, plain_losses, color="tab:gray", linewidth=1.0, linestyle="--",
+                          label="unweighted")
+        if val_losses:
+            best = min(range(len(val_losses)), key=lambda i: (val_losses[i], val_steps[i]))
+            val_axes.plot([val_steps[best]], [val_losses[best]], marker="*", color="tab:red", markersize=12,
+                          linestyle="none", label=f"best {val_losses[best]:.4f} at step {val_steps[best]}")
+        val_axes.set_ylabel("validation loss")
+        val_axes.grid(True, alpha=0.3)
+        val_axes.legend(loc="upper right", fontsize=8)
+    else:
+        figure = Figure(figsize=(8, 6), dpi=100)
+        FigureCanvasAgg(figure)
+        loss_axes, lr_axes = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
     steps, losses = column("loss")
     loss_axes.plot(steps, losses, color="tab:blue", linewidth=1.2, marker="o" if len(steps) < 30 else None,
                    markersize=3)
@@ -56,6 +79,7 @@ def loss_curve_png(rows: Sequence[dict[str, Any]], title: str = "train") -> byte
     return buffer.getvalue()
 
 
-def write_loss_curve_png(rows: Sequence[dict[str, Any]], path: Path, title: str = "train") -> Path:
-    atomic_write_bytes(Path(path), loss_curve_png(rows, title))
+def write_loss_curve_png(rows: Sequence[dict[str, Any]], path: Path, title: str = "train",
+                         validation_rows: Sequence[dict[str, Any]] = ()) -> Path:
+    atomic_write_bytes(Path(path), loss_curve_png(rows, title, validation_rows))
     return Path(path)

@@ -4,7 +4,9 @@ on the latents stage's output.
 Writes the trained result to `out_dir` (LoRA in diffusers format and/or a full pipeline
 folder), `trainer_state.json`, metrics/train.json and the loss curve, as metrics/train_loss.csv
 (step, loss, lr: `dvc plots show` draws it) and metrics/train_loss.png (loss and learning rate,
-drawn here: an image plot shows offline). Checkpoints live in `checkpoint_dir/<run key>/`,
+drawn here: an image plot shows offline). With train.validation on: metrics/train_val.csv (the
+validation loss per step, data set and level; a third panel in the picture), the best validation
+loss and its step in metrics/train.json and trainer_state.json, its weights in `out_dir/best/`. Checkpoints live in `checkpoint_dir/<run key>/`,
 which persists between runs: running the stage again after an interruption resumes from the
 latest one; changed settings or data start a new run (see tuneline.train.checkpoint.run_key).
 
@@ -22,7 +24,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from tuneline.config import Params
 from tuneline.core import layout
@@ -31,10 +33,11 @@ from tuneline.models.ref import is_tiny
 from tuneline.core.report import StageReport
 from tuneline.stages.train.plot import write_loss_curve_png
 from tuneline.train.runs import MLFLOW_RUN_FILE, track_training_run, write_run_record  # noqa: F401
-from tuneline.train.output import LIVE_DIR, TRAINER_STATE
+from tuneline.train.output import BEST_DIR, LIVE_DIR, TRAINER_STATE
 
 STAGE = "train"
 LOSS_CURVE = "train_loss.csv"
+VALIDATION_CURVE = "train_val.csv"  # step, loss, loss_unweighted, loss/<data set>, loss/t<k>
 LOSS_PICTURE = "train_loss.png"
 RUN_RECORD = layout.TRAIN_RUN_RECORD  # noqa: F401  (tests read the name here)
 
@@ -98,6 +101,52 @@ class LossCurve:
                 steps += step - previous
             previous = step
         return round(total / steps, 4) if steps else None
+
+
+class ValidationCurve:
+    """The run's validation history, kept beside its checkpoints like the loss curve: one row per
+    validation (step, then the `val/` metrics without the prefix); rows past a resumed step are dropped."""
+
+    def __init__(self, path: Path, resumed_step: int, names: list[str]) -> None:
+        self.path = Path(path)
+        self.rows: list[dict[str, str]] = []
+        if self.path.is_file() and resumed_step > 0:
+            with open(self.path, newline="") as handle:
+                self.rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= resumed_step]
+        columns = ["step", *(self.column(name) for name in names)]
+        # Columns of earlier sessions (another data set, other levels) stay, after today's.
+        self.fields = columns + [key for row in self.rows for key in row if key not in columns]
+        self.fields = list(dict.fromkeys(self.fields))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._write_all()
+
+    @staticmethod
+    def column(name: str) -> str:
+        return name.removeprefix("val/")
+
+    def _write_all(self) -> None:
+        atomic_write_bytes(self.path, self.tracked_csv())
+
+    def add(self, step: int, metrics: dict[str, float]) -> None:
+        self.rows.append({"step": str(step), **{self.column(k): f"{v:.6f}" for k, v in metrics.items()}})
+        self.fields = list(dict.fromkeys(self.fields + list(self.rows[-1])))
+        self._write_all()
+
+    def tracked_csv(self) -> bytes:
+        """metrics/train_val.csv: every row (the header alone when the run validates nothing)."""
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=self.fields, restval="", extrasaction="ignore", lineterminator="\r\n")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        return text.getvalue().encode("utf-8")
+
+    def best(self) -> tuple[int, float] | None:
+        """(step, loss) of the lowest validation loss in the history, the earliest on a tie."""
+        scored = [(float(row["loss"]), int(row["step"])) for row in self.rows if row.get("loss")]
+        if not scored:
+            return None
+        loss, step = min(scored)
+        return step, loss
 
 
 def live_dir(trainer: Any) -> Path:
@@ -182,13 +231,23 @@ def build_trainer(params: Params, root: Path, latents_dir: Path, checkpoint_dir:
     (or `adapter`), the latents, the base model's identity."""
     from tuneline.models.family import detect_family
     from tuneline.models.registry import build_adapter
-    from tuneline.train.adapter import ModelSource
+    from tuneline.train.adapter import DiffusionAdapter, ModelSource
     from tuneline.train.trainer import Trainer
+    from tuneline.train.validation import Validation
 
     if adapter is None:  # first: a setting the family refuses fails before any data is read
         adapter = build_adapter(detect_family(params.model, root), params.model, params.train, root)
-    return Trainer(params.train, adapter, latent_data(params, latents_dir), ModelSource.of(params.model, root),
-                   checkpoint_dir, resume_from=resume_from, live_eval=live_eval, live_every=live_every)
+    data = latent_data(params, latents_dir)
+    settings = params.train.validation
+    # The train stage's adapters are the diffusion families' (build_adapter of a family).
+    validation = (Validation(settings, cast(DiffusionAdapter, adapter), data)
+                  if settings.every_steps and data.validation else None)
+    trainer = Trainer(params.train, adapter, data, ModelSource.of(params.model, root), checkpoint_dir,
+                      resume_from=resume_from, live_eval=live_eval, live_every=live_every, validation=validation)
+    if settings.every_steps and not data.validation:
+        trainer.messages.append(f"train.validation.every_steps is {settings.every_steps} but no data set holds items "
+                                "out (datasets[].validation): no validation loss is computed")
+    return trainer
 
 
 def variant_notes(params: Params, root: Path, trainer: Trainer, report: StageReport) -> str:
@@ -212,7 +271,8 @@ def run(params: Params, root: Path, latents_dir: Path, out_dir: Path, metrics_di
     """Train (or resume), then write the result. Raises StopRequested / TrainingDiverged / ResumeRefused."""
     started = time.perf_counter()
     checkpoint_dir = checkpoint_dir or Path(root) / layout.CHECKPOINTS
-    report = StageReport(STAGE, metric_keys=("steps", "loss", "seconds_per_step"))
+    report = StageReport(STAGE, metric_keys=("steps", "loss", "seconds_per_step", "val_loss_best",
+                                             "val_loss_best_step"))
     if is_tiny(params.model.base):
         report.warnings.append(f"model.base is {params.model.base!r}: a tiny RANDOM-weight model "
                                "(pipeline check only, the result means nothing)")
@@ -225,6 +285,9 @@ def run(params: Params, root: Path, latents_dir: Path, out_dir: Path, metrics_di
     # declared outputs such as metrics/train_loss.csv before a stage runs); the metrics files are
     # drawn from it, rewritten at the end of every session.
     curve = LossCurve(trainer.checkpoint_dir / LOSS_CURVE, trainer.state.step) if main else None
+    names = trainer.validation.metric_names() if trainer.validation is not None else []
+    validation_curve = (ValidationCurve(trainer.checkpoint_dir / VALIDATION_CURVE, trainer.state.step, names)
+                        if main else None)
     mlflow_run_id = track_training_run(trainer, tracker) if main else None
     if tracker is not None:
         tracker.log_params({"train": params.train.model_dump(mode="json"), "model": params.model.model_dump(mode="json"),
@@ -251,14 +314,25 @@ def run(params: Params, root: Path, latents_dir: Path, out_dir: Path, metrics_di
                 metrics["amp_scale"] = trainer.accelerator.scaler.get_scale()
             tracker.log_metrics(metrics, step=state.step)
 
+    def on_validate(state: Any, metrics: dict[str, float]) -> None:
+        if not main:
+            return
+        validation_curve.add(state.step, metrics)
+        best = f", best {state.best_validation_loss:.6f} at step {state.best_validation_step}"
+        trainer.accelerator.print(f"step {state.step}: validation loss {metrics['val/loss']:.6f}{best}")
+        if tracker is not None:
+            tracker.log_metrics(metrics, step=state.step)
+
     try:
-        summary = trainer.fit(on_log)
+        summary = trainer.fit(on_log, on_validate)
     finally:
         if curve is not None:
             curve.close()
             plots_dir = Path(metrics_dir or out_dir)
             atomic_write_bytes(plots_dir / LOSS_CURVE, curve.tracked_csv())
-            picture = write_loss_curve_png(curve.rows, plots_dir / LOSS_PICTURE, f"train run {trainer.run_key}")
+            atomic_write_bytes(plots_dir / VALIDATION_CURVE, validation_curve.tracked_csv())
+            picture = write_loss_curve_png(curve.rows, plots_dir / LOSS_PICTURE, f"train run {trainer.run_key}",
+                                           validation_curve.rows)
             if tracker is not None and trainer.state.step > first_step:  # an idle session records nothing
                 tracker.log_artifact(picture, STAGE)
             # After a finished or stopped session that trained and saved steps (a session that trained
@@ -282,7 +356,8 @@ def run(params: Params, root: Path, latents_dir: Path, out_dir: Path, metrics_di
                 "processes": trainer.accelerator.num_processes,
                 # Names the run's checkpoint folder, where its run record is (`<checkpoints>/<run_key>/run.json`).
                 "run_key": trainer.run_key,
-                "ema_weights": trainer.ema is not None})
+                "ema_weights": trainer.ema is not None,
+                "best_weights": (staging / BEST_DIR).is_dir()})
     else:
         trainer.save_outputs(out_dir)  # joins the barrier; only the main process writes
     report.computed = summary["session_steps"]
@@ -295,6 +370,9 @@ def run(params: Params, root: Path, latents_dir: Path, out_dir: Path, metrics_di
                          # This session only:
                          "session_final_loss": summary["final_loss"],
                          "session_seconds_per_step": round(summary["seconds_per_step"], 4)})
+    if trainer.state.best_validation_step:
+        report.extra.update({"val_loss_best": trainer.state.best_validation_loss,
+                             "val_loss_best_step": trainer.state.best_validation_step})
     report.warnings.extend(trainer.messages)
     report.seconds = time.perf_counter() - started
     if metrics_dir is not None and main:
