@@ -221,6 +221,10 @@ def test_best_weights_without_validation_are_a_clear_error(latents_project, tmp_
     assert [p.split(":")[0] for p in problems] == ["render.weights", "export.weights"]
     assert all("train.validation.every_steps" in p and "final, best" in p for p in problems)
     data["train"]["validation"] = {"every_steps": 5}
+    # Validation on, but no data set holds an image out: still nothing to choose the best by.
+    problems = best_weights_problems(validate_params(data))
+    assert len(problems) == 2 and all("no data set holds images out" in p for p in problems)
+    data["datasets"][0]["validation"] = 1
     assert best_weights_problems(validate_params(data)) == []
     with pytest.raises(ParamsError, match=r"export.weights: 'best' .*\(allowed: final, best\)"):
         choose_weights(tmp_path, False, None, "best", "export.weights")

@@ -206,11 +206,17 @@ def preflight(params: Params, root: Path | str, stages: Iterable[str] = ("check"
 
 
 def best_weights_problems(params: Params) -> list[str]:
-    """render.weights / export.weights: best needs a run that computes a validation loss."""
-    if params.train.validation.every_steps > 0:
+    """render.weights / export.weights: best needs a run that computes a validation loss: validation on
+    (train.validation.every_steps) and some data set holding images out (datasets[].validation)."""
+    missing = []
+    if params.train.validation.every_steps <= 0:
+        missing.append("train.validation.every_steps is 0 (off)")
+    if not any(dataset.validation for dataset in params.datasets):
+        missing.append("no data set holds images out (every datasets[].validation is null)")
+    if not missing:
         return []
-    return [f"{key}: best needs the weights of the lowest validation loss, and train.validation.every_steps is 0 "
-            f"(off): set train.validation.every_steps > 0 with held-out items (datasets[].validation), or set "
+    return [f"{key}: best needs the weights of the lowest validation loss, and {' and '.join(missing)}: set "
+            f"train.validation.every_steps > 0 with held-out items (datasets[].validation), or set "
             f"{key}: final (allowed: final, best)"
             for key, value in (("render.weights", params.render.weights), ("export.weights", params.export.weights))
             if value == "best"]
