@@ -25,7 +25,10 @@ because on a shared machine a descheduled OpenMP sibling thread stalls every one
 model's thousands of small ops, and 2-thread steps were seen to swing 30-fold (0.07 s to
 3 s) with the load. After W warm-up steps each, rounds alternate ours, bare, ours-text so a
 noisy neighbour hurts all alike; the goal is the median over rounds of (ours steps/s / bare
-steps/s in that round). Then one instrumented pass splits our step into data
+steps/s in that round). Validation's cost: one image of the project is held out
+(datasets[].validation: 1) and validated every 10 steps, as the demo does; one Trainer.validate()
+(the best of 3) against the 10 training steps between two validations is the share it adds to the
+train stage (goal: at most 10%). Then one instrumented pass splits our step into data
 (LatentData.batch), text conditioning, UNet forward, backward, clip, optimizer step and the
 rest (wrappers on those calls and forward hooks on the UNet; removed afterwards).
 """
@@ -54,6 +57,8 @@ DEFAULT_WORK = REPO / "bench" / "out" / NAME
 GENERATOR_VERSION = 1
 SEED = 11
 GOAL_RATIO = 0.90  # ours steps/s over bare-loop steps/s
+VALIDATION_EVERY = 10  # train.validation.every_steps, as the demo sets it
+GOAL_VALIDATION_COST = 0.10  # validation time / training time between two validations
 
 
 # --- the project ----------------------------------------------------------------------------
@@ -62,7 +67,8 @@ GOAL_RATIO = 0.90  # ours steps/s over bare-loop steps/s
 def params_data(resolution: int, batch_size: int) -> dict[str, Any]:
     return {
         "store_dir": ".tuneline/store",
-        "datasets": [{"name": "photos", "path": "data/raw/photos", "trigger_word": "zqx"}],
+        # One image held out, validated every 10 steps: the demo's validation settings (params.yaml).
+        "datasets": [{"name": "photos", "path": "data/raw/photos", "trigger_word": "zqx", "validation": 1}],
         "ingest": {"min_size": 64, "workers": 1},
         "bucket": {"resolution": resolution, "divisible_by": 32, "batch_size": batch_size, "workers": 1},
         "caption": {"mode": "sidecar_only"},
@@ -70,7 +76,8 @@ def params_data(resolution: int, batch_size: int) -> dict[str, Any]:
         "latents": {"batch_size": batch_size, "dtype": "fp32", "device": "cpu", "flip": False,
                     "text_embeddings": True},
         # Defaults otherwise; no checkpoint can fall inside the timed window.
-        "train": {"num_steps": 100_000, "checkpoint": {"every_steps": 100_000}},
+        "train": {"num_steps": 100_000, "checkpoint": {"every_steps": 100_000},
+                  "validation": {"every_steps": VALIDATION_EVERY}},
     }
 
 
@@ -285,6 +292,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
               flush=True)
     load_after = os.getloadavg()[0]
 
+    # Validation's share of the train stage's time: one validate() (every held-out item at every level,
+    # the best of 3) against the VALIDATION_EVERY training steps between two validations.
+    validate_s = min(timed_steps(trainer.validate, 1) for _ in range(3))
     with_text_cache(True)
     split_cached = split_ours(trainer, args.split_steps)
     with_text_cache(False)
@@ -299,10 +309,13 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     paired = {k: [o / b for o, b in zip(rates[k], rates["bare"])] for k in ("ours", "ours_text")}
     ratio = statistics.median(paired["ours"])
     ratio_text = statistics.median(paired["ours_text"])
+    validation_cost = validate_s * median["ours"] / VALIDATION_EVERY
     bare_losses = [float(x) for x in bare.losses]
     finite = all(np.isfinite(ours_losses)) and all(np.isfinite(bare_losses))
     goals = [
         goal(NAME, "trainer steps/s / bare loop", ratio, f"{ratio:.2f}x", f">= {GOAL_RATIO:.2f}x", ratio >= GOAL_RATIO),
+        goal(NAME, f"validation time / training time (every {VALIDATION_EVERY} steps)", validation_cost,
+             f"{validation_cost:.1%}", f"<= {GOAL_VALIDATION_COST:.0%}", validation_cost <= GOAL_VALIDATION_COST),
         goal(NAME, "losses finite (ours, bare)", float(finite), f"{len(ours_losses)} + {len(bare_losses)} steps",
              "all finite", finite and ours_losses and bare_losses, kind="check"),
     ]
@@ -326,6 +339,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
                               f"{params.train.optimizer.name}, fp32, CPU",
                      "timed": "trainer.train_step(trainer.next_batches()) in a loop, not fit(); set-up excluded"},
         "rows": rows,
+        "validation": {"every_steps": VALIDATION_EVERY, "items": len(trainer.data.validation),
+                       "levels": len(params.train.validation.levels()), "validate_s": validate_s,
+                       "cost": validation_cost},
         "split_ms_per_step": {"ours (cached text)": split_cached, "ours (text encoders)": split_text,
                               "bare": split_plain},
         "losses": {"ours_last": ours_losses[-1], "bare_last": bare_losses[-1]},

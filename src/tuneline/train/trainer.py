@@ -459,6 +459,8 @@ class Trainer:
         """
         import torch
 
+        from tuneline.train.validation import repeat_batch
+
         validation = self.validation
         if validation is None:
             return None
@@ -475,15 +477,17 @@ class Trainer:
         forked = [torch.cuda.current_device()] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=forked), torch.no_grad(), accelerator.autocast():
             for indices in batches:
-                batch = validation.data.validation_batch(indices, validation.config.seed, device)
+                # Every item at every level in one forward (validation.batches sizes it to the bucket's batch).
+                batch = repeat_batch(validation.data.validation_batch(indices, validation.config.seed, device),
+                                     len(levels))
+                timesteps = torch.tensor(levels * len(indices), dtype=torch.long, device=device)
+                weighted, plain = validation.adapter.per_sample_losses(self.modules, batch, batch["noise"],
+                                                                       timesteps, self.state.step)
+                parts = torch.stack([weighted.double().cpu(), plain.double().cpu(),
+                                     torch.ones(len(timesteps), dtype=torch.float64)], dim=1)
                 rows = torch.tensor([position[name] for name in batch["datasets"]])
-                for k, timestep in enumerate(levels):
-                    timesteps = torch.full((len(indices),), timestep, dtype=torch.long, device=device)
-                    weighted, plain = validation.adapter.per_sample_losses(self.modules, batch, batch["noise"],
-                                                                           timesteps, self.state.step)
-                    parts = torch.stack([weighted.double().cpu(), plain.double().cpu(),
-                                         torch.ones(len(indices), dtype=torch.float64)], dim=1)
-                    sums[:, k].index_add_(0, rows, parts)
+                for k in range(len(levels)):  # sample j is item j // len(levels) at level j % len(levels)
+                    sums[:, k].index_add_(0, rows[k::len(levels)], parts[k::len(levels)])
         if accelerator.num_processes > 1:
             sums = accelerator.reduce(sums.to(device), "sum").cpu()
         return validation.metrics(sums)

@@ -42,13 +42,15 @@ class Validation:
         return every > 0 and (step % every == 0 or last)
 
     def batches(self) -> list[list[int]]:
-        """The held-out items by bucket (buckets in order), in chunks of the bucket's batch size."""
+        """The held-out items by bucket (buckets in order), in chunks that, every item at every level,
+        make one forward of the bucket's batch size (at least one item: a forward of `levels` samples)."""
         by_bucket: dict[tuple[int, int], list[int]] = defaultdict(list)
         for ref in self.data.validation_refs():
             by_bucket[ref.bucket].append(ref.index)
         batches = []
+        levels = len(self.config.levels())
         for bucket in sorted(by_bucket):
-            size = max(1, self.data.batch_size_for(bucket))
+            size = max(1, self.data.batch_size_for(bucket) // levels)
             indices = by_bucket[bucket]
             batches += [indices[i:i + size] for i in range(0, len(indices), size)]
         return batches
@@ -69,3 +71,19 @@ class Validation:
             part = sums[:, k].sum(dim=0)
             result[f"{LOSS}/{level_key(timestep)}"] = float(part[0] / part[2])
         return result
+
+
+def repeat_batch(batch: dict[str, Any], times: int) -> dict[str, Any]:
+    """`batch` with every sample repeated `times` times in place (sample-major: s0, s0, ..., s1, ...):
+    tensors along their first dimension, lists entry by entry (Z-Image's per-caption embeddings too)."""
+    import torch
+
+    repeated: dict[str, Any] = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            repeated[key] = value.repeat_interleave(times, dim=0)
+        elif isinstance(value, list):
+            repeated[key] = [entry for entry in value for _ in range(times)]
+        else:
+            repeated[key] = value
+    return repeated
