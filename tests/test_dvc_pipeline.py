@@ -95,8 +95,15 @@ def test_dvc_repro_runs_the_demo_and_reruns_only_what_changed(tmp_path):
     assert picture.read_bytes() == (tmp_path / "metrics/train_loss.png").read_bytes()
     # Tracked metrics: a few numbers, each decided by the inputs (what the run did is in reports/).
     assert {stage: sorted(metrics(tmp_path, stage)) for stage in ("models", "bucket", "train", "render", "export")} == {
-        "models": ["items"], "bucket": ["items", "rejected"], "train": ["loss", "seconds_per_step", "steps"],
+        "models": ["items"], "bucket": ["items", "rejected"],
+        "train": ["loss", "seconds_per_step", "steps", "val_loss_best", "val_loss_best_step"],
         "render": ["items", "mean_abs_diff_vs_base"], "export": ["bytes", "items"]}
+    # The demo holds one shape out and validates every 10 steps and on the last: a row each, a DVC plot.
+    assert "metrics/train_val.csv" in dvc(tmp_path, "plots", "show", "--json")
+    steps = metrics(tmp_path, "train")["steps"]
+    validated = [int(row.split(",")[0]) for row in (tmp_path / "metrics/train_val.csv").read_text().splitlines()[1:]]
+    assert validated == sorted({*range(10, steps + 1, 10), steps})
+    assert metrics(tmp_path, "train")["val_loss_best_step"] in validated
 
     # The Prefect flow in the same workspace: it has no records yet, so every stage runs, computes
     # nothing (all from the item store, training resumes at its last step) and writes the same bytes.
