@@ -873,16 +873,25 @@ def goals_of(scale: Scale, results: dict[str, Any]) -> list[dict[str, Any]]:
     return goals
 
 
-def print_report(result: dict[str, Any]) -> None:
+def random_weights_console(result: dict[str, Any]) -> Any:
+    """The GPU benches' report console, its first line printed: model, size, device, and that the weights
+    are RANDOM (bench.gpu, bench.gpu_zimage)."""
     from rich.console import Console
-    from rich.table import Table
-
-    from tuneline.train import memory
 
     console = Console(highlight=False, width=max(120, Console().width))
     s = result["settings"]
     console.print(f"{s['model']}; {s['resolution']}x{s['resolution']}, {result['machine']['device']}, torch "
                   f"{result['machine']['torch']}; the weights are RANDOM: only speed and memory mean something")
+    return console
+
+
+def print_report(result: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from tuneline.train import memory
+
+    console = random_weights_console(result)
+    s = result["settings"]
     speed = result["speed"]
     table = Table(title=f"{NAME}: batch {s['batch']}, steps/s per round (alternating), median, samples/s, MFU")
     for column in ("loop", "rounds", "median steps/s", "samples/s", "MFU"):

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from bench._common import bench_main, goal, make_trainer, print_goals
-from bench.gpu import TrainerLoop, free, measured_peak, random_state, timed
+from bench.gpu import TrainerLoop, free, measured_peak, random_state, random_weights_console, timed
 
 NAME = "gpu_zimage"
 REPO = Path(__file__).resolve().parents[1]
@@ -303,15 +303,11 @@ def goals_of(scale: Scale, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def print_report(result: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     from tuneline.train import memory
 
-    console = Console(highlight=False, width=max(120, Console().width))
-    s = result["settings"]
-    console.print(f"{s['model']}; {s['resolution']}x{s['resolution']}, {result['machine']['device']}, torch "
-                  f"{result['machine']['torch']}; the weights are RANDOM: only speed and memory mean something")
+    console = random_weights_console(result)
     table = Table(title=f"{NAME}: model.quantize levels, batch 1, peak memory and steps/s")
     for column in ("model.quantize", "frozen weights", "measured peak", "estimated", "error", "steps/s (median)",
                    "vs bf16"):

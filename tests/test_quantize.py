@@ -18,7 +18,8 @@ from safetensors import safe_open
 
 from conftest import Project, make_trainer
 from resume_checks import assert_resumed_exactly
-from test_train import FAMILIES, RESUME_SETTINGS, FAMILY_RESUME_SETTINGS, checkpoint_of, family_project
+from test_train import (FAMILIES, RESUME_SETTINGS, FAMILY_RESUME_SETTINGS, checkpoint_of, family_project,
+                        saved_tensor_bytes)
 from test_train_zimage import zimage_project  # noqa: F401  (a fixture: the Z-Image latents project)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,33 +140,6 @@ def test_the_estimate_counts_the_quantized_frozen_bytes_of_the_real_model(reques
     assert estimate.weights_total < unquantized.weights_total
 
 
-def saved_tensor_bytes(trainer, batch) -> int:
-    """Bytes of the distinct storages autograd saves for backward in one real CPU forward of the loss, the
-    modules' own tensors excluded (test_train's helper, also reading a quantized weight's inner tensors)."""
-    from tuneline.models.quantize import quantized_layers, stored_tensors
-
-    modules = [*trainer.modules.values(), *trainer.adapter.frozen_modules().values()]
-    layers = list(quantized_layers(modules))
-    quantized = {id(layer.weight) for layer in layers}
-    owned = {t.untyped_storage().data_ptr() for m in modules for t in [*m.parameters(), *m.buffers()]
-             if id(t) not in quantized}
-    owned |= {t.untyped_storage().data_ptr() for layer in layers for t in stored_tensors(layer).values()}
-    saved: dict[int, int] = {}
-
-    def pack(tensor):
-        pointer = tensor.untyped_storage().data_ptr()
-        if pointer not in owned:
-            saved[pointer] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    for module in trainer.modules.values():
-        module.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), trainer.accelerator.autocast():
-        loss, _ = trainer.adapter.loss(trainer.modules, batch, torch.Generator().manual_seed(0), 0)
-    assert loss.requires_grad
-    return sum(saved.values())
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_quantized_step_saves_no_more_for_backward_than_the_unquantized_one(request, family, tmp_path):
     """The real CPU step's saved tensors with a quantized base are those of the unquantized step (no
@@ -178,7 +152,7 @@ def test_a_quantized_step_saves_no_more_for_backward_than_the_unquantized_one(re
         params = qparams(project, level)
         trainer = make_trainer(project, tmp_path / level, params)
         batch = trainer.adapter.example_batch(2, (64, 64), "cpu", with_text=trainer.data.text_cache)
-        saved[level] = saved_tensor_bytes(trainer, batch)
+        saved[level] = saved_tensor_bytes(trainer, batch)[0]
         estimate = estimate_training_memory(params, project.root, bucket=(64, 64), batch_size=2)
         assert 0.98 <= estimate.detail["saved"] / saved[level] <= 1.10, (level, estimate.detail, saved)
     assert saved["int8"] <= 1.01 * saved["none"] and saved["nf4"] <= 1.01 * saved["none"], saved

@@ -246,6 +246,16 @@ def run_cli(root: Path, *args: str, launcher: tuple[str, ...] = ("-m", "tuneline
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+def launch_two_processes(root: Path, *args: str) -> str:
+    """`accelerate launch` of `args` on two CPU processes (DDP) in `root`; its output, after checking it ran."""
+    process = run_cli(root, *args, launcher=(
+        "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no"))
+    output = process.communicate(timeout=400)[0]
+    assert process.returncode == 0, output
+    return output
+
+
 def stage_project(project: Project, tmp_path: Path, **train) -> Path:
     root = tmp_path / "stage"
     shutil.copytree(project.root / "data/latents", root / "data/latents")
@@ -328,11 +338,7 @@ def test_two_processes_under_accelerate_launch(request, family, tmp_path):
     script, weights = tmp_path / "per_process_weights.py", tmp_path / "weights"
     script.write_text(PER_PROCESS_WEIGHTS, "utf-8")
     weights.mkdir()
-    process = run_cli(root, str(script), str(weights), launcher=(
-        "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no"))
-    output = process.communicate(timeout=400)[0]
-    assert process.returncode == 0, output
+    launch_two_processes(root, str(script), str(weights))
     state = yaml.safe_load((root / "models/train/trainer_state.json").read_text())
     assert state["family"] == family and state["step"] == 2 and state["processes"] == 2
     assert sorted(p.name for p in root.glob("checkpoints/train/*/step_000002/rng_rank*.pt")) == \
@@ -521,9 +527,16 @@ def test_the_memory_estimate_counts_weights_and_optimizer_state_exactly(request,
 
 def saved_tensor_bytes(trainer, batch) -> tuple[int, int]:
     """(bytes, largest) of the distinct storages autograd saves for backward in one real CPU forward of the
-    trainer's loss on `batch`, parameters and buffers excluded: what the estimate's activation term counts."""
+    trainer's loss on `batch`, parameters and buffers excluded (a quantized weight by its inner tensors,
+    tuneline.models.quantize.stored_tensors): what the estimate's activation term counts."""
+    from tuneline.models.quantize import quantized_layers, stored_tensors
+
     modules = [*trainer.modules.values(), *trainer.adapter.frozen_modules().values()]
-    owned = {t.untyped_storage().data_ptr() for m in modules for t in [*m.parameters(), *m.buffers()]}
+    layers = list(quantized_layers(modules))
+    quantized = {id(layer.weight) for layer in layers}
+    owned = {t.untyped_storage().data_ptr() for m in modules for t in [*m.parameters(), *m.buffers()]
+             if id(t) not in quantized}
+    owned |= {t.untyped_storage().data_ptr() for layer in layers for t in stored_tensors(layer).values()}
     saved: dict[int, int] = {}
 
     def pack(tensor):

@@ -349,18 +349,14 @@ def test_two_processes_share_the_validation_and_agree(request, family, held_out,
 
     import yaml
 
-    from test_train import run_cli, stage_project
+    from test_train import launch_two_processes, stage_project
 
     project = request.getfixturevalue("latents_project" if family == "sdxl" else "zimage_project")
     root = stage_project(project, tmp_path, num_steps=2, validation={"every_steps": 1})
     script, logged = tmp_path / "two_process_validation.py", tmp_path / "logged"
     script.write_text(TWO_PROCESS_VALIDATION.format(hold_out=inspect.getsource(hold_out)), "utf-8")
     logged.mkdir()
-    process = run_cli(root, str(script), str(logged), launcher=(
-        "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no"))
-    output = process.communicate(timeout=400)[0]
-    assert process.returncode == 0, output
+    launch_two_processes(root, str(script), str(logged))
     for step in (1, 2):
         rank0, rank1 = (json.loads((logged / f"rank{r}_step{step}.json").read_text()) for r in (0, 1))
         assert rank0 == rank1 and rank0["val/loss"] > 0
