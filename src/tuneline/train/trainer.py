@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tuneline.core.stops import resume_command
+from tuneline.models.config import run_key_settings
 from tuneline.train import checkpoint
 from tuneline.train.adapter import ModelSource, TrainerAdapter, TrainerConfig, TrainingData
 from tuneline.train.units import UnitSpec
@@ -226,8 +227,6 @@ class Trainer:
 
     def _model_key(self) -> dict[str, Any]:
         # The weights' content, not only their names: a model replaced in place is a different run.
-        from tuneline.models.config import run_key_settings
-
         return {**run_key_settings(self.model.settings), "identity": self.model.identity}
 
     def _load_model(self) -> dict[str, Any]:
@@ -545,10 +544,9 @@ class Trainer:
         saved = checkpoint.read_state(folder)
         safe, unsafe = checkpoint.compare_configs(saved["train_config"], self.config.model_dump(mode="json"),
                                                   self.config.SECTION)
-        from tuneline.models.config import run_key_settings
-
-        if run_key_settings(saved["model"]) != run_key_settings(self.model.settings):
-            unsafe.append(f"model: {run_key_settings(saved['model'])} -> {run_key_settings(self.model.settings)}")
+        saved_model, model = run_key_settings(saved["model"]), run_key_settings(self.model.settings)
+        if saved_model != model:
+            unsafe.append(f"model: {saved_model} -> {model}")
         if saved.get("model_identity", self.model.identity) != self.model.identity:
             unsafe.append("the model's weights changed (the files at model.base / model.vae / "
                           "model.training_adapter differ)")
