@@ -127,6 +127,9 @@ def test_dvc_repro_runs_the_demo_and_reruns_only_what_changed(tmp_path):
     # ...and `dvc repro` runs only `models`; its output is unchanged, so nothing else runs.
     assert [line for line in out.splitlines() if "Running stage" in line] == ["Running stage 'models':"]
     assert tracked_files(tmp_path) == after
+    # It kept its previous identity (a persistent output), so it knows nothing changed and says nothing.
+    assert (run_report(tmp_path, "models")["computed"], run_report(tmp_path, "models")["warnings"]) == (0, [])
+    assert "identity changed" not in out
     # The flow again after DVC: every stage is a cache hit (`models` runs always, computing nothing).
     started = time.monotonic()
     stages = flow(tmp_path)

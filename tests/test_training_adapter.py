@@ -257,7 +257,8 @@ def test_the_adapter_file_is_part_of_the_run_key_and_of_models_identity(latents_
     params = adapter_params(project, str(file))
     first, entry = run_key(params), identity_entry(params.model, project.root)
     assert first == run_key(params) and entry["model.training_adapter"]["kind"] == "local"
-    run_models(params, project.root, tmp_path / "identity")  # the models stage records it beside model.base
+    first_report = run_models(params, project.root, tmp_path / "identity")  # recorded beside model.base
+    assert (first_report.computed, first_report.warnings) == (2, [])  # a first identification changed nothing
     recorded = read_identity(tmp_path / "identity")
     assert recorded["model.training_adapter"] == entry["model.training_adapter"] and "model.base" in recorded
     assert first != run_key(train_params(project))  # with and without an adapter
@@ -269,6 +270,12 @@ def test_the_adapter_file_is_part_of_the_run_key_and_of_models_identity(latents_
     save_file(tensors, file)  # the same path, other weights: another run
     assert run_key(params) != first
     assert identity_entry(params.model, project.root) != entry
+    # The models stage warns when, and only when, an identity changed, and names it.
+    changed = run_models(params, project.root, tmp_path / "identity")
+    assert changed.computed == 2
+    assert changed.warnings == ["model identity changed (model.training_adapter): stages that use it will rerun"]
+    again = run_models(params, project.root, tmp_path / "identity")
+    assert (again.computed, again.reused, again.warnings) == (0, 2, [])
 
 
 def test_bad_training_adapter_settings_are_refused_before_any_compute(latents_project, tmp_path):

@@ -30,9 +30,10 @@ def run(params: Params, root: Path, out_dir: Path, metrics_dir: Path | None = No
     identities = identify(params, Path(root)) | identity_entry(params.model, Path(root))  # + model.training_adapter
     out_dir = Path(out_dir)
     try:
-        unchanged = read_identity(out_dir) == identities
+        previous: dict[str, dict[str, Any]] | None = read_identity(out_dir)
     except (OSError, ValueError):
-        unchanged = False
+        previous = None  # the first run (or an unreadable record): identified, nothing "changed"
+    unchanged = previous == identities
     if not unchanged:
         with rebuilt_dir(out_dir) as staging:
             atomic_write_json(staging / IDENTITY_FILE, identities)
@@ -44,8 +45,10 @@ def run(params: Params, root: Path, out_dir: Path, metrics_dir: Path | None = No
                                    "not seen; set the revision to a commit hash")
     # No "changed" flag in the metrics: a tracked output must not differ when its inputs do not.
     report.extra.update({key: entry["kind"] for key, entry in identities.items()})
-    if not unchanged:
-        report.warnings.append(f"model identity changed: stages that use the models will rerun ({out_dir})")
+    if previous is not None and not unchanged:
+        changed = sorted(key for key in previous.keys() | identities.keys() if previous.get(key) != identities.get(key))
+        report.warnings.append(f"model identity changed ({', '.join(changed)}): stages that use "
+                               f"{'it' if len(changed) == 1 else 'them'} will rerun")
     report.seconds = time.perf_counter() - started
     if metrics_dir is not None:
         report.write_metrics(metrics_dir)
