@@ -167,6 +167,34 @@ def test_cache_keys_follow_content_params_and_code(tmp_path):
     assert not outputs_match(root, spec, ingest)
 
 
+def test_a_flow_run_digests_each_raw_file_once_and_keys_do_not_change(tmp_path, monkeypatch):
+    """The raw data is pinned once per flow run: the ingest and bucket keys (both read data/raw and
+    each data set folder) digest no raw file again, and equal the keys computed without pins."""
+    from collections import Counter
+
+    from tuneline.config import load_params
+    from tuneline.core.store import FileDigests
+    from tuneline.orchestration.cachekey import Digester, stage_key
+    from tuneline.orchestration.spec import load_stage_specs
+
+    root = demo_project(tmp_path, ("ingest", "bucket"))
+    specs = {spec.name: spec for spec in load_stage_specs(root)}
+    params = load_params(root / "params.yaml")
+    unpinned = {name: stage_key(specs[name], params, root).key for name in ("ingest", "bucket")}
+
+    digested: Counter[Path] = Counter()
+    original = FileDigests.digest
+    monkeypatch.setattr(FileDigests, "digest", lambda self, path: digested.update([path]) or original(self, path))
+    with Digester(root, params.store_dir) as digester:
+        raw = digester.raw_inputs(params)
+    with Digester(root, params.store_dir, pinned=raw) as digester:
+        pinned = {name: stage_key(specs[name], params, root, digester).key for name in ("ingest", "bucket")}
+    raw_files = {path for path in digested if (root / "data/raw") in path.parents}
+    assert len(raw_files) == len(list((root / "data/raw").rglob("*.*"))) > 20
+    assert {digested[path] for path in raw_files} == {1}
+    assert pinned == unpinned
+
+
 def test_overrides_get_the_params_yaml_messages():
     from tuneline.config import validate_params
     from tuneline.core.params import ParamsError

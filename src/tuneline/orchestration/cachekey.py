@@ -51,12 +51,16 @@ class Digester:
     """Content digests of files and folders through the stat cache. Pass the item store's
     folder to share its cache with ingest: then each raw file is hashed once, by either."""
 
-    def __init__(self, root: Path, store_dir: Path | str | None = None) -> None:
+    def __init__(self, root: Path, store_dir: Path | str | None = None, pinned: dict[str, str] | None = None) -> None:
         from tuneline.core.store import FileDigests
 
         self.root = Path(root)
         folder = self.root / (store_dir if store_dir is not None else STATE_DIR)
         self._digests = FileDigests(folder / "file-digests.sqlite")
+        # Tree digests decided once for a whole flow run (the raw data sets, which no stage writes).
+        self.pinned = dict(pinned or {})
+        # One Digester answers for one moment: a file is digested once, however many trees hold it.
+        self._file_digests: dict[Path, str] = {}
 
     def close(self) -> None:
         self._digests.close()
@@ -69,11 +73,23 @@ class Digester:
 
     def tree(self, relative: str) -> str:
         """Digest of every file's relative path and bytes under root/relative ('missing' if absent)."""
+        if relative in self.pinned:
+            return self.pinned[relative]
         path = self.root / relative
         if not path.exists():
             return "missing"
-        listing = [(f.relative_to(path).as_posix() if f != path else "", self._digests.digest(f)) for f in _files(path)]
+        listing = [(f.relative_to(path).as_posix() if f != path else "", self._file(f)) for f in _files(path)]
         return _sha256(canonical_json(listing).encode())
+
+    def _file(self, path: Path) -> str:
+        if path not in self._file_digests:
+            self._file_digests[path] = self._digests.digest(path)
+        return self._file_digests[path]
+
+    def raw_inputs(self, params: Any) -> dict[str, str]:
+        """Tree digests of data/raw and every data set folder, each file digested once: pin them
+        for a flow run (`Digester(..., pinned=...)`) so no stage key walks the raw data again."""
+        return {relative: self.tree(relative) for relative in ["data/raw", *_dataset_folders(params)]}
 
     def data(self, relative: str) -> str:
         """An input: a stage output's manifest digest, or the tree digest of anything else."""

@@ -333,8 +333,10 @@ def pipeline(params_path: str = "params.yaml", root: str = ".",
         logger.info("concurrency limit tag:%s = %d", GPU_TAG, gpu_limit)
 
     with Digester(root_path, params.store_dir) as digester:
+        # The raw data, digested once per flow run: the stage keys below reuse these digests.
+        raw_inputs = digester.raw_inputs(params)
         # The raw data set folders; the data digest (tuneline.data_digest) names what training used.
-        raw_data_digest = digest_json({d.name: digester.tree(str(d.path)) for d in params.datasets})
+        raw_data_digest = digest_json({d.name: raw_inputs[str(d.path)] for d in params.datasets})
     parent_run_id = start_parent_run(params.tracking, root_path, run_name=f"pipeline {flow_run.get_name() or ''}".strip(),
                                      tags={"tuneline.raw_data_digest": raw_data_digest, "tuneline.orchestrator": "prefect",
                                            "prefect.flow_run_id": flow_run.get_id() or ""})
@@ -344,7 +346,7 @@ def pipeline(params_path: str = "params.yaml", root: str = ".",
     kept = False
     try:
         for spec in specs:
-            with Digester(root_path, params.store_dir) as digester:
+            with Digester(root_path, params.store_dir, pinned=raw_inputs) as digester:
                 key = stage_key(spec, params, root_path, digester)
                 valid = outputs_match(root_path, spec, key.key, digester) and not spec.always_changed
             shard_states = None
