@@ -121,7 +121,7 @@ def test_stage_learns_on_the_demo_data_and_writes_a_vq_model(demo_bucket_project
     Measured (300 steps, one core, about 16 s): PSNR 8.78 (random start) -> 8.91, 9.66, 10.12 at steps 100, 200,
     300; perplexity ~17 of 64 codes. The GAN is off: on this tiny random model the GAN term from step 200 takes
     the PSNR back to ~9.2 by step 300 (the kl kind's demo test has it on). Without dead-code restarts (taming's
-    EMAVQ) the codebook collapses to one code here (perplexity 1.0) and the PSNR does not rise (8.78 -> 8.89)."""
+    EMAVQ) the codebook collapses to one code here (perplexity 1.0) and the PSNR does not rise (8.78 -> 8.68)."""
     from diffusers import VQModel
 
     from tuneline.models.autoencoder.vq import quantize
