@@ -248,7 +248,7 @@ class AutoencoderAdapter:
         return AutoencoderKL.from_pretrained(folder)
 
     def save(self, modules: dict[str, Any], out_dir: Path) -> Path:
-        """The autoencoder as a diffusers AutoencoderKL folder."""
+        """The autoencoder as a diffusers folder: AutoencoderKL (kind kl) or VQModel (kind vq, the same code)."""
         out_dir = Path(out_dir)
         modules["vae"].save_pretrained(out_dir, safe_serialization=True)
         return out_dir
