@@ -1,7 +1,7 @@
 """Bench: the autoencoder stage's Trainer against a bare two-optimizer PyTorch loop, same run.
 
-    python -m bench.autoencoder [--images 10] [--crop 64] [--batch-size 4] [--steps 2] [--rounds 21]
-                                [--channels 16] [--device cpu|cuda] [--threads 1] [--strict]
+    python -m bench.autoencoder [--kind kl|vq] [--images 10] [--crop 64] [--batch-size 4] [--steps 2]
+                                [--rounds 21] [--channels 16] [--device cpu|cuda] [--threads 1] [--strict]
     python -m bench.autoencoder --small      (tiny shapes, 2 rounds: what the test suite runs)
 
 Builds a small project once under bench/out/autoencoder (photo-like PNGs, two data sets, one
@@ -34,6 +34,14 @@ The model is the pipeline's own tiny RANDOM VAE (tiny-sdxl's vae/: 4 blocks, cha
 x8) at 64 px crops, batch 4, with a 3-layer PatchGAN of 16 channels: about 0.2 s a step on one
 CPU thread, long enough that the bench measures the loop, not Python noise. The stage's default
 PatchGAN (64 channels) at its default 256 px crops takes about 7 s a step here.
+
+`--kind vq` benches autoencoder.kind: vq the same way: ours is the Trainer with the VQAdapter (a
+RANDOM VQModel with tiny-sdxl's VAE shapes, mode full, a codebook of 256 codes updated by EMA,
+dead codes under an EMA cluster size of 0.1 restarted); bare is a hand-written loop on a copy of
+the same VQModel: encode, nearest codes (cdist), commitment, straight-through, decode, L1, GAN loss,
+the adaptive weight, the discriminator's hinge loss, the two AdamW; then the codebook's EMA update
+(one-hot counts and sums, decay, Laplace smoothing), the dead-code restarts from the same generator
+and the logged perplexity and usage, all written out in the loop.
 """
 
 from __future__ import annotations
@@ -63,6 +71,7 @@ SEED = 16
 GOAL_RATIO = 0.90  # ours steps/s over bare-loop steps/s
 LOSS_RTOL = 1e-4  # ours and bare losses agree step by step (same weights, data, streams, arithmetic)
 
+VQ_SETTINGS = {"codebook_size": 256, "dead_code_threshold": 0.1, "usage_window": 100}  # --kind vq
 SMALL = {"images": 6, "resolution": 64, "crop": 32, "batch_size": 2, "channels": 8, "layers": 2,
          "warmup": 1, "steps": 2, "rounds": 2, "split_steps": 2}
 DEFAULT = {"images": 10, "resolution": 128, "crop": 64, "batch_size": 4, "channels": 16, "layers": 3,
@@ -72,7 +81,9 @@ DEFAULT = {"images": 10, "resolution": 128, "crop": 64, "batch_size": 4, "channe
 # --- the project ----------------------------------------------------------------------------
 
 
-def params_data(resolution: int, crop: int, batch_size: int, channels: int, layers: int) -> dict[str, Any]:
+def params_data(resolution: int, crop: int, batch_size: int, channels: int, layers: int,
+                kind: str = "kl") -> dict[str, Any]:
+    kind_settings = {"kind": "vq", "mode": "full", "vq": VQ_SETTINGS} if kind == "vq" else {}
     return {
         "store_dir": ".tuneline/store",
         "datasets": [{"name": "alpha", "path": "data/raw/alpha"}, {"name": "beta", "path": "data/raw/beta"}],
@@ -83,7 +94,8 @@ def params_data(resolution: int, crop: int, batch_size: int, channels: int, laye
         # the discriminator from step 0, every step; no checkpoint can fall inside the timed window.
         "autoencoder": {"enabled": True, "crop_size": crop, "batch_size": batch_size, "seed": SEED,
                         "num_steps": 100_000, "checkpoint": {"every_steps": 100_000},
-                        "discriminator": {"start": 0, "every": 1, "channels": channels, "layers": layers}},
+                        "discriminator": {"start": 0, "every": 1, "channels": channels, "layers": layers},
+                        **kind_settings},
     }
 
 
@@ -105,11 +117,11 @@ def make_ae_trainer(params: Any, root: Path, run_dir: Path) -> Any:
 
 
 class BareLoop:
-    """Two AdamW optimizers on the same AutoencoderKL and PatchGAN, written out by hand."""
+    """Two AdamW optimizers on the same AutoencoderKL (or VQModel) and PatchGAN, written out by hand."""
 
     def __init__(self, trainer: Any, params: Any, root: Path, device: str) -> None:
         import torch
-        from diffusers import AutoencoderKL
+        from diffusers import AutoencoderKL, VQModel
 
         from tuneline.models.autoencoder.adapter import patch_discriminator
         from tuneline.models.loading import vae_source
@@ -117,23 +129,38 @@ class BareLoop:
 
         config = params.autoencoder
         disc = config.discriminator
-        if config.mode != "decoder" or config.perceptual != "none" or config.reconstruction != "l1" \
+        self.kind = config.kind
+        mode = "full" if self.kind == "vq" else "decoder"
+        if config.mode != mode or config.perceptual != "none" or config.reconstruction != "l1" \
                 or config.ema.enabled or disc.loss != "hinge" or config.gradient_accumulation != 1:
-            raise ValueError("the bare loop is written for decoder mode, L1, no LPIPS, no EMA, hinge, no accumulation")
+            raise ValueError(f"the bare loop is written for {mode} mode, L1, no LPIPS, no EMA, hinge, no accumulation")
         for schedule in (config.schedule, disc.schedule):
             if schedule.name != "constant" or schedule.warmup_steps:
                 raise ValueError("the bare loop is written for a constant LR schedule without warmup")
         self.device = torch.device(device)
-        source = vae_source(params.model, root)
-        self.vae = AutoencoderKL.from_pretrained(source.location, **source.load_kwargs())
+        trained = trainer.accelerator.unwrap_model(trainer.modules["vae"])
+        if self.kind == "vq":
+            self.vae = VQModel(**{k: v for k, v in trained.config.items() if not k.startswith("_")})
+        else:
+            source = vae_source(params.model, root)
+            self.vae = AutoencoderKL.from_pretrained(source.location, **source.load_kwargs())
         self.discriminator = patch_discriminator(disc.layers, disc.channels)
         # The trainer's weights at step 0 (its seeded initialisation of the discriminator included).
-        self.vae.load_state_dict(trainer.accelerator.unwrap_model(trainer.modules["vae"]).state_dict())
+        self.vae.load_state_dict(trained.state_dict())
         self.discriminator.load_state_dict(
             trainer.accelerator.unwrap_model(trainer.modules["discriminator"]).state_dict())
         self.vae.to(self.device).requires_grad_(True)
-        self.vae.encoder.requires_grad_(False)
-        self.vae.quant_conv.requires_grad_(False)
+        if self.kind == "vq":
+            self.vae.quantize.requires_grad_(False)  # the codebook follows its EMA below
+            self.vq = config.vq
+            codebook = self.vae.quantize.embedding.weight
+            self.cluster_size = torch.zeros(codebook.shape[0], device=self.device)
+            self.embed_avg = codebook.detach().clone()
+            self.last_used = torch.zeros(codebook.shape[0], dtype=torch.int64, device=self.device)
+            self.steps_done = 0
+        else:
+            self.vae.encoder.requires_grad_(False)
+            self.vae.quant_conv.requires_grad_(False)
         self.vae.train()
         self.discriminator.to(self.device).train()
         self.ae_params = [p for p in self.vae.parameters() if p.requires_grad]
@@ -171,18 +198,24 @@ class BareLoop:
         vae, disc = self.vae, self.discriminator
         x = self.data.batch(self.next_indices(), self.generator, self.python_rng, self.device)["pixels"]
         lap("data (ImageData.batch)")
-        with torch.no_grad():
-            posterior = vae.encode(x).latent_dist
-        z = posterior.sample(generator=self.generator)
-        reconstruction = vae.decode(z).sample
-        rec = (reconstruction - x).abs().mean()
-        posterior.kl().mean()  # the adapter computes it (for its log) in decoder mode too
+        if self.kind == "vq":
+            reconstruction, regularizer = self.vq_forward(x)
+            rec = (reconstruction - x).abs().mean()
+            rec_loss = rec + regularizer
+        else:
+            with torch.no_grad():
+                posterior = vae.encode(x).latent_dist
+            z = posterior.sample(generator=self.generator)
+            reconstruction = vae.decode(z).sample
+            rec = (reconstruction - x).abs().mean()
+            posterior.kl().mean()  # the adapter computes it (for its log) in decoder mode too
+            rec_loss = rec
         gan = -disc(reconstruction).mean()
         last_layer = vae.decoder.conv_out.weight
         rec_grad = torch.autograd.grad(rec, last_layer, retain_graph=True)[0]
         gan_grad = torch.autograd.grad(gan, last_layer, retain_graph=True)[0]
         weight = torch.clamp(torch.norm(rec_grad) / (torch.norm(gan_grad) + 1e-4), 0.0, 1e4).detach()
-        ae_loss = rec + weight * self.disc_weight * gan
+        ae_loss = rec_loss + weight * self.disc_weight * gan
         logits_real = disc(x)
         logits_fake = disc(reconstruction.detach())
         disc_loss = 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
@@ -201,6 +234,43 @@ class BareLoop:
             optimizer.zero_grad(set_to_none=True)
             lap("optimizer step + schedule + zero_grad")
         self.losses.append((ae_loss.detach(), disc_loss.detach()))
+
+    def vq_forward(self, x: Any) -> tuple[Any, Any]:
+        """(reconstruction, beta * commitment) of a VQ step, the codebook's EMA update and restarts done."""
+        import torch
+        import torch.nn.functional as F
+
+        vae, vq = self.vae, self.vq
+        z_e = vae.encode(x).latents
+        codebook = vae.quantize.embedding.weight
+        z = z_e.permute(0, 2, 3, 1).contiguous()
+        flat = z.view(-1, codebook.shape[1])
+        indices = torch.argmin(torch.cdist(flat, codebook), dim=1)
+        z_q = codebook[indices].view(z.shape).permute(0, 3, 1, 2).contiguous()
+        commitment = torch.mean((z_e - z_q.detach()) ** 2)
+        self.steps_done += 1
+        with torch.no_grad():
+            onehot = F.one_hot(indices, codebook.shape[0]).float()
+            counts, sums = onehot.sum(0), onehot.t() @ flat.detach()
+            self.cluster_size.mul_(vq.decay).add_(counts, alpha=1 - vq.decay)
+            self.embed_avg.mul_(vq.decay).add_(sums, alpha=1 - vq.decay)
+            n = self.cluster_size.sum()
+            smoothed = (self.cluster_size + vq.epsilon) / (n + codebook.shape[0] * vq.epsilon) * n
+            codebook.copy_(self.embed_avg / smoothed.unsqueeze(1))
+            self.last_used[counts > 0] = self.steps_done
+            dead = self.cluster_size < vq.dead_code_threshold
+            picks = flat.detach()[torch.randint(0, flat.shape[0], (codebook.shape[0],), generator=self.generator,
+                                                device=self.generator.device)]
+            codebook[dead] = picks[dead]
+            self.embed_avg[dead] = picks[dead] * vq.dead_code_threshold
+            self.cluster_size[dead] = vq.dead_code_threshold
+            # What the adapter logs: perplexity, usage in the window, codes restarted.
+            p = counts / counts.sum()
+            torch.exp(-torch.sum(p * torch.log(p + 1e-10)))
+            ((self.last_used > 0) & (self.last_used > self.steps_done - vq.usage_window)).float().mean()
+            dead.sum()
+        straight_through = z_e + (z_q - z_e).detach()
+        return vae.decode(straight_through, force_not_quantize=True).sample, vq.beta * commitment
 
 
 # --- timing -----------------------------------------------------------------------------------
@@ -282,6 +352,8 @@ def split_bare(bare: BareLoop, steps: int, finish: Callable[[], Any]) -> dict[st
 
 def run(argv: Sequence[str]) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m bench.autoencoder", description=__doc__.split("\n")[0])
+    parser.add_argument("--kind", choices=("kl", "vq"), default="kl",
+                        help="autoencoder.kind benched (default kl: the KL VAE in decoder mode; vq: a VQModel, full)")
     parser.add_argument("--small", action="store_true",
                         help="tiny shapes and 2 rounds (what the test suite runs; says nothing about the goal)")
     for key, text in (("images", "generated images (half per data set; one per data set is held out)"),
@@ -314,9 +386,10 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the trainer runs on CUDA whenever it sees one
     if args.threads:
         torch.set_num_threads(args.threads)
-    work = args.work.resolve() / ("small" if args.small else "default")
+    # One project per kind (the params differ, so a shared one would be rebuilt at every switch).
+    work = args.work.resolve() / (("small" if args.small else "default") + ("" if args.kind == "kl" else f"-{args.kind}"))
     data = params_data(settings["resolution"], settings["crop"], settings["batch_size"], settings["channels"],
-                       settings["layers"])
+                       settings["layers"], args.kind)
     root, params, build_s = ensure_project(work, data, settings["images"], SEED, GENERATOR_VERSION, "bucket")
 
     trainer = make_ae_trainer(params, root, work / "run")
@@ -343,8 +416,9 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
     shape = (settings["batch_size"], 3, trainer.data.crop, trainer.data.crop)
     threads = torch.get_num_threads()
     print(f"bench {NAME}: {len(trainer.data.items)} training items ({len(trainer.data.holdout)} held out), bucket "
-          f"{trainer.data.items[0].bucket}, batch {shape}, device {device}, torch threads {threads}; the tiny "
-          "RANDOM VAE of tiny-sdxl", flush=True)
+          f"{trainer.data.items[0].bucket}, batch {shape}, device {device}, torch threads {threads}; "
+          + ("the tiny RANDOM VAE of tiny-sdxl" if args.kind == "kl" else
+             "a RANDOM VQModel with the shapes of tiny-sdxl's VAE (autoencoder.kind: vq)"), flush=True)
 
     for _ in range(settings["warmup"]):  # oneDNN builds its kernels per shape: before any timing
         ours_step()
@@ -412,7 +486,7 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
     trained = sum(p.numel() for p in bare.ae_params)
     cpu_ms = {k: [1000 * s / settings["steps"] for s in v] for k, v in cpu_seconds.items()}
     rows = [
-        {"variant": "ours: Trainer, AutoencoderAdapter", "steps_per_s": rates["ours"],
+        {"variant": f"ours: Trainer, {type(trainer.adapter).__name__}", "steps_per_s": rates["ours"],
          "median": median["ours"], "vs_bare": ratio, "ratios": paired,
          "cpu_ms_per_step": cpu_ms["ours"], "cpu_vs_bare": cpu_ratio},
         {"variant": "bare: 2 x AdamW, by hand", "steps_per_s": rates["bare"],
@@ -427,8 +501,14 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
                     "device": torch.cuda.get_device_name(0) if cuda else "cpu",
                     "load_average": [round(load_before, 2), round(load_after, 2)]},
         "settings": {**settings, "batch_shape": list(shape), "device": device,
-                     "model": f"tiny-sdxl vae (RANDOM weights; {sum(p.numel() for p in vae.parameters()):,} "
-                              f"parameters, {trained:,} trained: decoder mode) + PatchGAN "
+                     "kind": args.kind,
+                     "model": (f"tiny-sdxl vae (RANDOM weights; {sum(p.numel() for p in vae.parameters()):,} "
+                               f"parameters, {trained:,} trained: decoder mode)" if args.kind == "kl" else
+                               f"VQModel with tiny-sdxl's VAE shapes (RANDOM weights; "
+                               f"{sum(p.numel() for p in vae.parameters()):,} parameters, {trained:,} trained: full "
+                               f"mode; a codebook of {VQ_SETTINGS['codebook_size']} codes by EMA, dead codes "
+                               f"under {VQ_SETTINGS['dead_code_threshold']} restarted)")
+                              + " + PatchGAN "
                               f"({sum(p.numel() for p in bare.disc_params):,} parameters, {settings['layers']} "
                               f"layers, {settings['channels']} channels), AdamW x2, fp32",
                      "schedule": "discriminator start 0, every 1; clip 1.0 both; constant lr; no EMA",

@@ -12,6 +12,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+# The autoencoder resume tests' settings per autoencoder.kind (in-process and kill -9): vq trains the whole model,
+# with a small codebook whose dead codes restart, so the restarts' draws from the trainer's generator resume too.
+AUTOENCODER_KINDS = {"kl": {}, "vq": {"kind": "vq", "mode": "full",
+                                      "vq": {"codebook_size": 32, "dead_code_threshold": 0.5}}}
+
 
 def checkpoint_at(checkpoints: Path, step: int) -> Path:
     """The one run folder's checkpoint of `step` under a checkpoint root (`<root>/<run key>/step_N`)."""
@@ -72,6 +77,14 @@ def assert_resumed_exactly(straight: Path, resumed: Path, base: dict[str, torch.
         assert any(not torch.equal(ema_weights[k], base[k].float()) for k in ema_weights)
     else:
         assert ta["ema"] is None and tb["ema"] is None
+
+    # What a step changes outside the optimizer (a VQ codebook and its EMA statistics), when the adapter has any.
+    from tuneline.train.checkpoint import ADAPTER_STATE_FILE
+
+    assert (straight / ADAPTER_STATE_FILE).is_file() == (resumed / ADAPTER_STATE_FILE).is_file()
+    if (straight / ADAPTER_STATE_FILE).is_file():
+        assert_same_tensors(load_file(straight / ADAPTER_STATE_FILE), load_file(resumed / ADAPTER_STATE_FILE),
+                            "adapter state")
 
     sa, sb = read_state(straight), read_state(resumed)
     assert sa["train_state"]["step"] == sb["train_state"]["step"] > resumed_at > 0

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import Project, save_photo
-from resume_checks import assert_resumed_exactly
+from resume_checks import AUTOENCODER_KINDS, assert_resumed_exactly
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_registry_finds_both_families():
     from tuneline.models.sdxl.adapter import SDXLAdapter
 
     assert adapter_class("sdxl") is SDXLAdapter and adapter_class("autoencoder_kl") is AutoencoderAdapter
-    with pytest.raises(KeyError, match="autoencoder_kl, sdxl"):
+    with pytest.raises(KeyError, match="autoencoder_kl, autoencoder_vq, sdxl"):
         adapter_class("flux")
 
 
@@ -130,11 +130,13 @@ def test_kl_term_is_on_ldm_scale(bucket_project, tmp_path):
                                                          rel=1e-5)
 
 
-def test_resume_is_exact_with_both_optimizers(bucket_project, tmp_path):
+@pytest.mark.parametrize("kind", AUTOENCODER_KINDS)
+def test_resume_is_exact_with_both_optimizers(bucket_project, tmp_path, kind):
     from tuneline.train.trainer import StopRequested
 
     settings = {"num_steps": 4, "ema": {"enabled": True, "decay": 0.9},
-                "discriminator": {"start": 1, "every": 1}, "schedule": {"name": "cosine", "warmup_steps": 1}}
+                "discriminator": {"start": 1, "every": 1}, "schedule": {"name": "cosine", "warmup_steps": 1},
+                **AUTOENCODER_KINDS[kind]}
     straight = make_ae_trainer(bucket_project, tmp_path / "a", ae_params(bucket_project, **settings))
     base = straight.trained_weights()
     straight.fit()
@@ -154,7 +156,8 @@ def test_resume_is_exact_with_both_optimizers(bucket_project, tmp_path):
     [b] = (tmp_path / "b/checkpoints").glob("*/step_000004")
     wa, wb = load_file(a / "trained.safetensors"), load_file(b / "trained.safetensors")
     assert any(k.startswith("discriminator.") for k in wa) and any(k.startswith("vae.decoder.") for k in wa)
-    assert not any(k.startswith("vae.encoder.") for k in wa)
+    assert any(k.startswith("vae.encoder.") for k in wa) == (kind == "vq")  # kl: decoder mode; vq: full
+    assert not any(k.startswith("vae.quantize.") for k in wa)  # the codebook: in no optimizer, not "trained"
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     ta, tb = (torch.load(f / "training.pt", weights_only=True) for f in (a, b))
     assert set(ta["units"]) == {"autoencoder", "discriminator"}
@@ -162,6 +165,15 @@ def test_resume_is_exact_with_both_optimizers(bucket_project, tmp_path):
     assert_resumed_exactly(a, b, base, resumed_at=2, ema=True)
     assert not any(k.startswith("discriminator.") for k in ta["ema"]["shadow"])
     assert {k.split(".")[0] for k in ta["ema"]["shadow"]} == {"vae"}
+    if kind == "vq":  # the codebook and its EMA statistics resumed (assert_resumed_exactly compared them)
+        from tuneline.train.checkpoint import ADAPTER_STATE_FILE
+
+        state = load_file(a / ADAPTER_STATE_FILE)
+        assert set(state) == {"vae.quantize.embedding.weight", "codebook_ema.cluster_size",
+                              "codebook_ema.embed_avg", "codebook_ema.last_used"}
+        assert state["codebook_ema.cluster_size"].sum() > 0 and int(state["codebook_ema.last_used"].max()) == 4
+    else:
+        assert not (a / "adapter_state.safetensors").exists()
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from conftest import Project, save_photo
-from resume_checks import assert_resumed_exactly, checkpoint_at, latest_step
+from resume_checks import AUTOENCODER_KINDS, assert_resumed_exactly, checkpoint_at, latest_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,8 +72,9 @@ def base_weights(root: Path, run: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_matches_a_straight_run_and_mlflow_has_the_run(bucketed, tmp_path):
-    ema = {"ema": {"enabled": True, "decay": 0.9}}
+@pytest.mark.parametrize("kind", AUTOENCODER_KINDS)
+def test_kill_9_then_resume_matches_a_straight_run_and_mlflow_has_the_run(bucketed, tmp_path, kind):
+    ema = {"ema": {"enabled": True, "decay": 0.9}, **AUTOENCODER_KINDS[kind]}
     straight = cli_project(bucketed, tmp_path / "straight", **ema)
     process = start(straight)
     output = process.communicate(timeout=400)[0]
@@ -100,7 +101,9 @@ def test_kill_9_then_resume_matches_a_straight_run_and_mlflow_has_the_run(bucket
     assert_resumed_exactly(checkpoint_at(straight / "checkpoints/autoencoder", 6),
                            checkpoint_at(killed / "checkpoints/autoencoder", 6),
                            base_weights(killed, tmp_path / "base"), resumed_at=stopped_at, ema=True)
-    # The written VAE: the same bytes either way, and a diffusers AutoencoderKL folder.
+    # The written VAE: the same bytes either way, and a diffusers AutoencoderKL (kl) or VQModel (vq) folder.
+    written = json.loads((straight / "models/autoencoder/config.json").read_text())["_class_name"]
+    assert written == {"kl": "AutoencoderKL", "vq": "VQModel"}[kind]
     for name in ("diffusion_pytorch_model.safetensors", "config.json", "autoencoder_state.json", "sheets/alpha.png"):
         assert (straight / "models/autoencoder" / name).read_bytes() == (killed / "models/autoencoder" / name).read_bytes()
     metrics = json.loads((straight / "metrics/autoencoder.json").read_text())
@@ -114,10 +117,13 @@ def test_kill_9_then_resume_matches_a_straight_run_and_mlflow_has_the_run(bucket
     [run] = client.search_runs([client.get_experiment_by_name("tuneline").experiment_id],
                                "tags.`tuneline.stage` = 'autoencoder'")
     assert run.info.status == "FINISHED"
+    names = ("loss", "autoencoder/grad_norm", "discriminator/stepped", "adaptive_weight", "disc_start", "disc_every",
+             "disc_weight", "eval/psnr", "final/psnr", "base/psnr")
+    vq_terms = ("commitment", "perplexity", "codebook_usage", "codes_restarted")
     metric = {name: [m.step for m in client.get_metric_history(run.info.run_id, name)]
-              for name in ("loss", "autoencoder/grad_norm", "discriminator/stepped", "adaptive_weight",
-                           "disc_start", "disc_every", "disc_weight", "eval/psnr", "final/psnr", "base/psnr")}
+              for name in names + vq_terms}
     assert metric["loss"] == metric["adaptive_weight"] == metric["disc_every"] == [1, 2, 3, 4, 5, 6]
+    assert all(metric[name] == ([1, 2, 3, 4, 5, 6] if kind == "vq" else []) for name in vq_terms), metric
     assert metric["eval/psnr"] == [3, 6] and metric["final/psnr"] == [6] and metric["base/psnr"] == [6]
     stepped = [m.value for m in client.get_metric_history(run.info.run_id, "discriminator/stepped")]
     assert stepped == [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]  # after disc_start (1), every 2nd step

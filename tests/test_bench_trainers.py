@@ -14,11 +14,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("bench", ["autoencoder", "zimage"])
-def test_trainer_bench_runs_small(bench, tmp_path):
+@pytest.mark.parametrize("bench,options", [("autoencoder", []), ("autoencoder", ["--kind", "vq"]), ("zimage", [])],
+                         ids=["autoencoder", "autoencoder-vq", "zimage"])
+def test_trainer_bench_runs_small(bench, options, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
-    done = subprocess.run([sys.executable, "-m", f"bench.{bench}", "--small", "--work", str(tmp_path)], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-m", f"bench.{bench}", "--small", "--work", str(tmp_path), *options],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "RANDOM" in done.stdout and "steps/s" in done.stdout
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -34,6 +35,9 @@ def test_trainer_bench_runs_small(bench, tmp_path):
     assert checks and all(g["passed"] for g in checks), checks
     if bench == "autoencoder":  # same weights, data and random streams: the two loops compute the same losses
         assert result["losses"]["compared_steps"] >= 3
+        assert result["settings"]["kind"] == ("vq" if options else "kl")
+        assert ours["variant"].endswith("VQAdapter" if options else "AutoencoderAdapter")
     else:  # the same objective before training; finite losses
         assert len(checks) == 2
-    assert (tmp_path / "small" / f"{bench}.json").is_file() and not (tmp_path / "small" / "run").exists()
+    work = tmp_path / ("small-vq" if options else "small")
+    assert (work / f"{bench}.json").is_file() and not (work / "run").exists()

@@ -661,7 +661,7 @@ def test_every_adapter_implements_the_whole_trainer_contract(latents_project, tm
     from tuneline.models.autoencoder.config import AutoencoderConfig
     from tuneline.models.config import ModelConfig
     from tuneline.models.family import FAMILIES
-    from tuneline.models.registry import AUTOENCODER_KL, build_adapter
+    from tuneline.models.registry import AUTOENCODER_KL, AUTOENCODER_VQ, build_adapter
     from tuneline.stages.autoencoder.data import ImageData
     from tuneline.stages.train.stage import latent_data
     from tuneline.train.adapter import DiffusionAdapter, TrainerAdapter, TrainerConfig, TrainingData
@@ -674,6 +674,8 @@ def test_every_adapter_implements_the_whole_trainer_contract(latents_project, tm
         adapter = build_adapter(family, ModelConfig(base=f"tiny-{family}"), TrainConfig(), tmp_path)
         assert_implements(adapter, DiffusionAdapter)
         assert adapter.family == family and adapter.compiled_module in ("unet", "transformer")
+    assert_implements(build_adapter(AUTOENCODER_VQ, ModelConfig(), AutoencoderConfig(kind="vq", mode="full"), tmp_path),
+                      TrainerAdapter)
     autoencoder = build_adapter(AUTOENCODER_KL, ModelConfig(), AutoencoderConfig(), tmp_path)
     assert_implements(autoencoder, TrainerAdapter)
     # The check itself catches what the autoencoder does not offer: load(empty_weights), prediction_type, loss.

@@ -26,6 +26,8 @@ from tuneline.models.quantize import full_training_problems
 _DATASET_STAGES = {"ingest", "check"}
 _MODEL_STAGES = {"autoencoder", "latents", "train", "render", "export", "check"}
 _CAPTION_STAGES = {"caption", "check"}
+# Stages that encode or decode with model.vae: the autoencoder stage's output when it is on (registry uses_vae).
+_VAE_STAGES = {"latents", "train", "render", "export", "check"}
 _HUB_TIMEOUT_S = 5.0
 
 
@@ -126,7 +128,8 @@ def _variant_warnings(params: Params, root: Path) -> list[str]:
 def check_settings(params: Params, root: Path | str) -> None:
     """ParamsError naming every setting a stage of the run would refuse for the model family:
     what a driver (the Prefect flow, `tuneline repro`) runs before its first stage."""
-    problems = family_problems(params, root) + full_training_problems(params.model.quantize, params.train)
+    problems = (family_problems(params, root) + full_training_problems(params.model.quantize, params.train)
+                + autoencoder_problems(params))
     if problems:
         raise ParamsError("params.yaml has settings that a stage of the run would refuse:\n"
                           + "\n".join(f"  - {problem}" for problem in problems))
@@ -190,6 +193,8 @@ def preflight(params: Params, root: Path | str, stages: Iterable[str] = ("check"
         errors.append(f"render.prompts_file: {params.render.prompts_file} does not exist")
     if stages & {"autoencoder", "check"} and params.autoencoder.enabled:
         warnings += _crop_warnings(params)
+    if stages & _VAE_STAGES:
+        errors += autoencoder_problems(params)
     # Every stage: a setting the train, render or export stage will refuse stops the run before its
     # first stage computes anything. Stages that load no model skip the rules when the family cannot
     # be told; the model stages name the reference (once: not when model.base is already named).
@@ -203,6 +208,15 @@ def preflight(params: Params, root: Path | str, stages: Iterable[str] = ("check"
         raise ParamsError("params.yaml does not fit this machine or project:\n"
                           + "\n".join(f"  - {error}" for error in errors))
     return warnings
+
+
+def autoencoder_problems(params: Params) -> list[str]:
+    """The autoencoder stage's output when the stages that encode or decode cannot use it as model.vae
+    (autoencoder.kind: vq): one line, else none."""
+    from tuneline.models.autoencoder import latent_vae_problem
+
+    problem = latent_vae_problem(params.autoencoder.enabled, params.autoencoder.kind)
+    return [problem] if problem else []
 
 
 def best_weights_problems(params: Params) -> list[str]:

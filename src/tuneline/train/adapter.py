@@ -138,6 +138,11 @@ class TrainerAdapter(Protocol):
         (optimizer steps done so far); every random draw from `generator`."""
         ...
 
+    def state_tensors(self, modules: dict[str, Any]) -> dict[str, Any]:
+        """name -> live tensor that a step changes outside the optimizer (a VQ codebook and its EMA statistics;
+        none for a diffusion family): saved in every checkpoint, copied back in place on resume."""
+        ...
+
     def save(self, modules: dict[str, Any], out_dir: Path) -> Path:
         """Write the trained result (unwrapped modules) in the family's own format."""
         ...

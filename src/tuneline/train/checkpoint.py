@@ -2,6 +2,8 @@
 
 Layout of one checkpoint folder `step_000050/`:
   trained.safetensors   the trained parameters only (LoRA weights, or the full modules)
+  adapter_state.safetensors  tensors a step changes outside the optimizer (a VQ codebook and its EMA
+                        statistics: TrainerAdapter.state_tensors); only when the adapter has any
   training.pt           optimizer, LR scheduler, grad scaler and EMA states
   rng_rank<r>.pt        every RNG stream of process r
   state.json            TrainState, the train config and the data digest it was made with
@@ -21,6 +23,7 @@ from tuneline.core.fsutil import atomic_write_json, atomic_write_text, digest_js
 
 LATEST = "latest"
 STATE_FILE = "state.json"
+ADAPTER_STATE_FILE = "adapter_state.safetensors"
 
 # Train settings that may differ between a checkpoint and the run resuming it.
 SAFE_TO_CHANGE = {"num_steps", "num_epochs", "checkpoint", "log_every", "compile", "compile_scope",
@@ -34,10 +37,13 @@ def added_later_defaults() -> dict[str, Any]:
     """Train settings added after runs existed -> their default (dumped): at the default they are left
     out of the run key and read as set in older checkpoints, so a run started before the setting
     existed keeps its folder and resumes without a note."""
+    from tuneline.models.autoencoder.config import VQConfig
     from tuneline.train.config import FlowMatchingConfig, ValidationConfig
 
     return {"flow_matching": FlowMatchingConfig().model_dump(mode="json"),
-            "validation": ValidationConfig().model_dump(mode="json")}
+            "validation": ValidationConfig().model_dump(mode="json"),
+            # the autoencoder section's (issue 27): a kl run started before them keeps its folder
+            "kind": "kl", "vq": VQConfig().model_dump(mode="json")}
 
 
 class ResumeRefused(ValueError):

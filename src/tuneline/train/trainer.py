@@ -317,6 +317,10 @@ class Trainer:
         """A CPU copy of every trained parameter by `<module>.<parameter>` name: a checkpoint's trained.safetensors."""
         return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in self._named_trained_parameters()}
 
+    def state_tensors(self) -> dict[str, Any]:
+        """The adapter's tensors that steps change outside the optimizer (a VQ codebook), by name; most have none."""
+        return self.adapter.state_tensors(self.modules)
+
     def _named_trained_parameters(self, names: list[str] | None = None) -> list[tuple[str, Any]]:
         """(module.parameter name, parameter) of the trained parameters of `names` (default: every trained module)."""
         return [(f"{name}.{pname}", p) for name, module in self.modules.items() if names is None or name in names
@@ -517,6 +521,10 @@ class Trainer:
         final = None
         if accelerator.is_main_process:
             save_file(self.trained_weights(), staging / "trained.safetensors")
+            state = self.state_tensors()
+            if state:
+                save_file({name: t.detach().to("cpu", copy=True).contiguous() for name, t in state.items()},
+                          staging / checkpoint.ADAPTER_STATE_FILE)
             training = {"units": {u.name: {"optimizer": u.optimizer.state_dict(),
                                            "scheduler": u.scheduler.state_dict()} for u in self.units},
                         "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
@@ -567,6 +575,11 @@ class Trainer:
         with torch.no_grad():
             for name, parameter in self._named_trained_parameters():
                 parameter.copy_(trained[name].to(parameter.device, parameter.dtype))
+            state = self.state_tensors()
+            if state:
+                saved_state = load_file(folder / checkpoint.ADAPTER_STATE_FILE)
+                for name, tensor in state.items():
+                    tensor.copy_(saved_state[name].to(tensor.device, tensor.dtype))
         training = checkpoint.load_torch(folder / "training.pt")
         for unit in self.units:
             unit.optimizer.load_state_dict(training["units"][unit.name]["optimizer"])

@@ -1,4 +1,5 @@
-"""The autoencoder adapter: fine-tune an AutoencoderKL (decoder or full) against a PatchGAN.
+"""The autoencoder adapter (kind kl): fine-tune an AutoencoderKL (decoder or full) against a PatchGAN.
+The VQ kind (tuneline.models.autoencoder.vq) derives from it: the same units, GAN and perceptual terms.
 
 Two optimization units on the trainer core: "autoencoder" (every step) and "discriminator"
 (every `discriminator.every` steps after `discriminator.start`). The autoencoder's loss is
@@ -81,6 +82,20 @@ def lpips_available() -> str | None:
     return None
 
 
+def evaluation_forward(network: Any, pixels: Any, forward: Any) -> Any:
+    """`forward(pixels)` in eval mode without gradients, on the network's device; clamped to [-1, 1], fp32, on
+    the CPU. The network's train/eval mode is put back after."""
+    import torch
+
+    device = next(network.parameters()).device
+    was_training = network.training
+    network.eval()
+    with torch.no_grad():
+        out = forward(pixels.to(device)).float().clamp(-1, 1).cpu()
+    network.train(was_training)
+    return out
+
+
 class AutoencoderAdapter:
     """One AutoencoderKL under fine-tuning, with its discriminator."""
 
@@ -97,13 +112,10 @@ class AutoencoderAdapter:
         self.last: dict[str, Any] = {}  # the last step's reconstructions (for tests)
 
     def load(self, conditioning_cached: bool = False) -> None:
-        from diffusers import AutoencoderKL
-
         from tuneline.core.logs import quiet_libraries
 
         quiet_libraries()
-        source = vae_source(self.model_config, self.root)
-        self.vae = AutoencoderKL.from_pretrained(source.location, **source.load_kwargs())
+        self.vae = self.build_network()
         if self.config.perceptual == "lpips":
             why = lpips_available()
             if why is not None:
@@ -113,11 +125,22 @@ class AutoencoderAdapter:
 
             self.perceptual = lpips.LPIPS(net="vgg", verbose=False).eval().requires_grad_(False)
 
+    def build_network(self) -> Any:
+        """The network training starts from: the base VAE (model.vae, else model.base's vae/)."""
+        from diffusers import AutoencoderKL
+
+        source = vae_source(self.model_config, self.root)
+        return AutoencoderKL.from_pretrained(source.location, **source.load_kwargs())
+
+    def freeze(self, network: Any) -> None:
+        """Turn off what does not train (after everything was turned on)."""
+        if self.config.mode == "decoder":  # latents made by the base encoder stay valid
+            network.encoder.requires_grad_(False)
+            network.quant_conv.requires_grad_(False)
+
     def setup_training(self, device: Any = None) -> None:
         self.vae.requires_grad_(True)
-        if self.config.mode == "decoder":  # latents made by the base encoder stay valid
-            self.vae.encoder.requires_grad_(False)
-            self.vae.quant_conv.requires_grad_(False)
+        self.freeze(self.vae)
         self.vae.train()
         disc = self.config.discriminator
         self.discriminator = patch_discriminator(disc.layers, disc.channels)
@@ -145,6 +168,23 @@ class AutoencoderAdapter:
                      disc.optimizer, disc.schedule, disc.max_grad_norm, every=disc.every, start_step=disc.start),
         ]
 
+    def autoencode(self, inner: Any, x: Any, generator: Any, step: int) -> tuple[Any, Any, dict[str, Any]]:
+        """(reconstruction of `x`, the regularizer added to the loss or None, its logged terms): the kind's own
+        part of a step. KL: a posterior sample decoded; the KL term (trained in full mode only)."""
+        import torch
+
+        config = self.config
+        with torch.set_grad_enabled(config.mode == "full"):
+            posterior = inner.encode(x).latent_dist
+        z = posterior.sample(generator=generator)
+        reconstruction = inner.decode(z).sample
+        # diffusers' kl() sums over the latent's elements; the reconstruction is a mean over pixels.
+        # kl_weight is meant on LDM's scale (taming/ldm LPIPSWithDiscriminator: both terms summed per
+        # image), so the KL is divided by the pixels per image to keep that ratio (else it weighs
+        # 3*H*W times more: at 256 px crops, 1e-6 acts like 0.2).
+        kl = posterior.kl().mean() / x[0].numel()
+        return reconstruction, config.kl_weight * kl if config.mode == "full" else None, {"kl": kl.detach()}
+
     def unit_losses(self, modules: dict[str, Any], batch: dict[str, Any], generator: Any, step: int,
                     due: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Losses of the due units at optimizer step `step` (steps done so far) and the logged terms."""
@@ -154,10 +194,7 @@ class AutoencoderAdapter:
         vae, discriminator = modules["vae"], modules["discriminator"]
         inner = getattr(vae, "module", vae)
         x = batch["pixels"]
-        with torch.set_grad_enabled(config.mode == "full"):
-            posterior = inner.encode(x).latent_dist
-        z = posterior.sample(generator=generator)
-        reconstruction = inner.decode(z).sample
+        reconstruction, regularizer, terms = self.autoencode(inner, x, generator, step)
         self.last = {"input": x.detach(), "reconstruction": reconstruction.detach()}
         difference = (reconstruction.float() - x.float())
         rec = difference.abs().mean() if config.reconstruction == "l1" else difference.pow(2).mean()
@@ -167,13 +204,8 @@ class AutoencoderAdapter:
             perceptual = self.perceptual(reconstruction.float(), x.float()).mean()
             nll = nll + config.perceptual_weight * perceptual
             extra["perceptual"] = perceptual.detach()
-        # diffusers' kl() sums over the latent's elements; the reconstruction above is a mean over
-        # pixels. kl_weight is meant on LDM's scale (taming/ldm LPIPSWithDiscriminator: both terms
-        # summed per image), so the KL is divided by the pixels per image to keep that ratio (else
-        # it weighs 3*H*W times more: at 256 px crops, 1e-6 acts like 0.2).
-        kl = posterior.kl().mean() / x[0].numel()
-        extra["kl"] = kl.detach()
-        loss = nll + config.kl_weight * kl if config.mode == "full" else nll
+        extra.update(terms)
+        loss = nll + regularizer if regularizer is not None else nll
         gan_on = step >= disc.start
         zero = torch.zeros((), device=x.device)
         weight, gan = zero, zero
@@ -195,8 +227,28 @@ class AutoencoderAdapter:
             extra["logits_fake"] = logits_fake.detach().mean()
         return losses, extra
 
+    def state_tensors(self, modules: dict[str, Any]) -> dict[str, Any]:
+        """Nothing changes outside the optimizer: a KL VAE's whole trained state is its trained parameters."""
+        return {}
+
+    def reconstruct(self, network: Any, pixels: Any) -> Any:
+        """The VAE's deterministic reconstruction (posterior mode) of a batch in [-1, 1], on the CPU."""
+        return evaluation_forward(network, pixels, lambda x: network.decode(network.encode(x).latent_dist.mode()).sample)
+
+    def reference_network(self, seed: int) -> Any:
+        """What the trained network is compared with (PSNR/SSIM `base`, the sheets' middle column): the base VAE."""
+        from tuneline.models.loading import load_vae
+
+        return load_vae(self.model_config, self.root, "fp32", "cpu")
+
+    def load_output(self, folder: Path) -> Any:
+        """The network `save` wrote to `folder`."""
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_pretrained(folder)
+
     def save(self, modules: dict[str, Any], out_dir: Path) -> Path:
-        """The autoencoder as a diffusers AutoencoderKL folder."""
+        """The autoencoder as a diffusers folder: AutoencoderKL (kind kl) or VQModel (kind vq, the same code)."""
         out_dir = Path(out_dir)
         modules["vae"].save_pretrained(out_dir, safe_serialization=True)
         return out_dir

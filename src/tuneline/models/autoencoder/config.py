@@ -1,5 +1,6 @@
-"""The `autoencoder` params section: fine-tuning the VAE with a discriminator on the trainer
-core (two optimization units: the autoencoder and the discriminator)."""
+"""The `autoencoder` params section: fine-tuning the VAE (kind kl) or training a VQ autoencoder with an
+EMA codebook (kind vq) with a discriminator on the trainer core (two optimization units: the
+autoencoder and the discriminator)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,23 @@ class DiscriminatorConfig(Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="LR schedule of the discriminator.")
 
 
+class VQConfig(Section):
+    """kind vq: the vector quantizer of the VQModel and the EMA update of its codebook (taming's EMAVQ)."""
+
+    codebook_size: int = Field(1024, ge=2, le=65536, description="Codes in the codebook (num_vq_embeddings).")
+    embedding_dim: Optional[int] = Field(
+        None, ge=1, le=1024, description="Dimension of each code (vq_embed_dim); null: the latent channels of the "
+        "base VAE the network's shapes come from.")
+    beta: float = Field(0.25, ge=0, description="Weight of the commitment loss beta * |z_e - sg(z_q)|^2 (taming: 0.25).")
+    decay: float = Field(0.99, gt=0, lt=1, description="EMA decay of the codebook's cluster sizes and embedding sums.")
+    epsilon: float = Field(1e-5, gt=0, description="Laplace smoothing of the cluster sizes (taming, VQ-VAE-2: 1e-5).")
+    dead_code_threshold: float = Field(
+        0.0, ge=0, description="Restart a code from a random encoding of the current batch when its EMA cluster size "
+        "(encodings per step, averaged over about 1/(1-decay) steps) falls below this; 0: never (taming's EMAVQ).")
+    usage_window: int = Field(100, ge=1, description="Steps over which codebook usage (the share of codes used at "
+                              "least once) is measured and logged.")
+
+
 class AutoencoderConfig(Section):
     """Stage autoencoder: fine-tune the VAE on the bucketed images (optional)."""
 
@@ -41,6 +59,10 @@ class AutoencoderConfig(Section):
     channels_last: ClassVar[bool] = False
 
     enabled: bool = Field(False, description="Run the stage; off: a no-op, and latents use model.vae / the base VAE.")
+    kind: Literal["kl", "vq"] = Field(
+        "kl", description="kl: fine-tune the KL VAE (AutoencoderKL) that latents, train, render and export then use; "
+        "vq: train a VQ autoencoder (diffusers VQModel, RANDOM at start, shaped like the base VAE) with an EMA "
+        "codebook, a deliverable of its own that the diffusion stages cannot use.")
     mode: Literal["decoder", "full"] = Field(
         "decoder", description="decoder: the encoder is frozen (existing latents stay valid); full: both.")
     crop_size: int = Field(256, ge=16, description="Side of the square random crops trained on (multiple of 8).")
@@ -66,6 +88,7 @@ class AutoencoderConfig(Section):
         "never downloaded) or none.")
     perceptual_weight: float = Field(1.0, ge=0, description="Weight of the perceptual loss.")
     discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig, description="The discriminator.")
+    vq: VQConfig = Field(default_factory=VQConfig, description="kind vq: the quantizer and its EMA codebook.")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="Optimizer of the autoencoder.")
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="LR schedule of the autoencoder.")
     ema: EmaConfig = Field(default_factory=EmaConfig, description="EMA of the autoencoder (not the discriminator).")
@@ -79,4 +102,8 @@ class AutoencoderConfig(Section):
             raise ValueError("set autoencoder.num_steps or autoencoder.num_epochs")
         if self.crop_size % 8:
             raise ValueError(f"autoencoder.crop_size must be a multiple of 8 (the VAE's factor), got {self.crop_size}")
+        if self.kind == "vq" and self.mode == "decoder":
+            raise ValueError("autoencoder.mode: 'decoder' freezes the encoder, and autoencoder.kind: 'vq' builds a "
+                             "RANDOM VQ model whose encoder must train: set autoencoder.mode: full (allowed with vq: "
+                             "'full')")
         return self

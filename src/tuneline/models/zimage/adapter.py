@@ -176,6 +176,10 @@ class ZImageAdapter:
     def ema_modules(self) -> list[str]:
         return list(self.trained_modules())
 
+    def state_tensors(self, modules: dict[str, Any]) -> dict[str, Any]:
+        """None: every tensor a step changes is a trained parameter (or optimizer state)."""
+        return {}
+
     def example_batch(self, batch_size: int, bucket: tuple[int, int], device: Any, with_text: bool = True) -> dict:
         """A batch shaped like LatentData.batch's at `bucket` (width, height), zeros on `device`, with
         caption features of EXAMPLE_CAPTION_TOKENS tokens each whatever `with_text` says: the frozen

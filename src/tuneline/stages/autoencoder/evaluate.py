@@ -6,6 +6,7 @@ here: PSNR on [0, 1] pixels, SSIM with the usual 11x11 Gaussian window (sigma 1.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,21 +40,10 @@ def ssim(a: Any, b: Any) -> float:
     return float(value.mean())
 
 
-def reconstruct(vae: Any, pixels: Any) -> Any:
-    """The VAE's deterministic reconstruction (posterior mode) of a batch, without gradients."""
-    import torch
-
-    device = next(vae.parameters()).device
-    was_training = vae.training
-    vae.eval()
-    with torch.no_grad():
-        out = vae.decode(vae.encode(pixels.to(device)).latent_dist.mode()).sample.float().clamp(-1, 1).cpu()
-    vae.train(was_training)
-    return out
-
-
-def evaluate(vae: Any, holdout: dict[str, list[tuple[str, Any]]]) -> dict[str, float]:
-    """psnr/<data set>, ssim/<data set> and their means over every held-out image."""
+def evaluate(vae: Any, holdout: dict[str, list[tuple[str, Any]]],
+             reconstruct: Callable[[Any, Any], Any]) -> dict[str, float]:
+    """psnr/<data set>, ssim/<data set> and their means over every held-out image; `reconstruct(vae, pixels)`
+    is the kind's deterministic reconstruction (its adapter's: a KL VAE's posterior mode, a VQ model's codes)."""
     import torch
 
     metrics: dict[str, float] = {}
@@ -70,7 +60,7 @@ def evaluate(vae: Any, holdout: dict[str, list[tuple[str, Any]]]) -> dict[str, f
 
 
 def reconstruction_sheet(rows: list[tuple[Any, Any, Any]], path: Path) -> Path:
-    """A PNG with one row per image: input | base VAE | trained VAE."""
+    """A PNG with one row per image: input | reference (base VAE; random start for vq) | trained."""
     import numpy as np
     from PIL import Image
 

@@ -1,11 +1,15 @@
-"""Stage `autoencoder`: fine-tune the VAE on the bucketed images, on the trainer core.
+"""Stage `autoencoder`: fine-tune the VAE (kind kl) or train a VQ autoencoder (kind vq) on the
+bucketed images, on the trainer core.
 
 Off (`autoencoder.enabled: false`, the default) it is a no-op that records so, and the stages
-after it keep using model.vae / the base VAE. On, it writes a diffusers AutoencoderKL folder to
+after it keep using model.vae / the base VAE. On, kind kl writes a diffusers AutoencoderKL folder to
 models/autoencoder (the EMA weights when EMA is on), which latents, train, render and export
-then use as model.vae (`tuneline.stages.autoencoder.with_trained_vae`). Beside the weights:
+then use as model.vae (`tuneline.stages.autoencoder.with_trained_vae`); kind vq writes a diffusers
+VQModel folder there, a deliverable of its own that those stages refuse. The kind's adapter
+(tuneline.models.autoencoder) says how to build, reconstruct and load its network. Beside the weights:
 `autoencoder_state.json` (steps, seed, settings) and `sheets/<data set>.png`, one row per
-held-out image: input | base VAE | trained VAE.
+held-out image: input | reference | trained (the reference: the base VAE for kl, the RANDOM
+VQ model training started from for vq).
 
 PSNR/SSIM of the held-out images go to MLflow every eval_every steps (the raw weights), and
 for the written weights at the end to MLflow and metrics/autoencoder.json. Checkpoints live
@@ -52,7 +56,7 @@ class Evaluation:
         from tuneline.stages.autoencoder.evaluate import evaluate
 
         vae = trainer.accelerator.unwrap_model(trainer.modules["vae"])
-        metrics = evaluate(vae, self.holdout)
+        metrics = evaluate(vae, self.holdout, trainer.adapter.reconstruct)
         self.history.append({"step": trainer.state.step, **metrics})
         if self.tracker is not None:
             self.tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=trainer.state.step)
@@ -73,13 +77,15 @@ def _disabled(out_dir: Path, metrics_dir: Path | None, checkpoint_dir: Path) -> 
 
 def build_trainer(params: Params, root: Path, data: ImageData, checkpoint_dir: Path, *,
                   live_eval: Callable[[Trainer], Any] | None = None, live_every: int = 0) -> Trainer:
-    """The autoencoder stage's Trainer (not set up): the autoencoder section and adapter on `data`
-    (the bucketed images: ImageData), the base model's identity."""
-    from tuneline.models.registry import AUTOENCODER_KL, build_adapter
+    """The autoencoder stage's Trainer (not set up): the autoencoder section and its kind's adapter
+    (autoencoder.kind) on `data` (the bucketed images: ImageData), the base model's identity."""
+    from tuneline.models.autoencoder import autoencoder_kind
+    from tuneline.models.registry import build_adapter
     from tuneline.train.adapter import ModelSource
     from tuneline.train.trainer import Trainer
 
-    adapter = build_adapter(AUTOENCODER_KL, params.model, params.autoencoder, root)
+    adapter = build_adapter(autoencoder_kind(params.autoencoder.kind).registry_name, params.model,
+                            params.autoencoder, root)
     return Trainer(params.autoencoder, adapter, data, ModelSource.of(params.model, root), checkpoint_dir,
                    live_eval=live_eval, live_every=live_every)
 
@@ -95,17 +101,19 @@ def run(params: Params, root: Path, bucketed_dir: Path, out_dir: Path, metrics_d
         return _disabled(Path(out_dir), metrics_dir, checkpoint_dir)
 
     import torch
-    from diffusers import AutoencoderKL
 
-    from tuneline.models.loading import load_vae
+    from tuneline.models.autoencoder import autoencoder_kind
     from tuneline.stages.autoencoder.data import ImageData
-    from tuneline.stages.autoencoder.evaluate import evaluate, reconstruct, reconstruction_sheet
+    from tuneline.stages.autoencoder.evaluate import evaluate, reconstruction_sheet
     from tuneline.train.runs import track_training_run, write_run_record
 
     started = time.perf_counter()
     report = StageReport(STAGE, metric_keys=METRIC_KEYS)
     if is_tiny(params.model.base) or is_tiny(params.model.vae or ""):
         report.warnings.append(f"model.base is {params.model.base!r}: a tiny RANDOM-weight VAE (pipeline check only)")
+    kind = autoencoder_kind(config.kind)
+    if kind.warning:
+        report.warnings.append(kind.warning)
     if config.perceptual == "none":
         report.warnings.append("autoencoder.perceptual is none: no LPIPS term (set lpips with its weights on disk)")
     data = ImageData(params, bucketed_dir)
@@ -121,7 +129,11 @@ def run(params: Params, root: Path, bucketed_dir: Path, out_dir: Path, metrics_d
                             "seed_used": trainer.seed, "data_digest": trainer.data_digest,
                             "crop": data.crop, "holdout_images": sum(len(v) for v in holdout.values())})
 
+    last_logged: dict[str, float] = {}
+
     def on_log(state: Any, result: Any, seconds_per_step: float) -> None:
+        last_logged.clear()
+        last_logged.update(step=state.step, loss=result.loss, **result.extra)  # the kind's terms (vq: perplexity...)
         if tracker is not None and main:
             numbers = {"loss": result.loss, "seconds_per_step": seconds_per_step, **result.unit_numbers(),
                        **result.extra, **{f"lr/{name}": lr for name, lr in result.lrs.items()}}
@@ -130,20 +142,22 @@ def run(params: Params, root: Path, bucketed_dir: Path, out_dir: Path, metrics_d
     summary = trainer.fit(on_log=on_log)
     if main and trainer.state.step > first_step and trainer.saved_at_current_step():
         write_run_record(trainer, mlflow_run_id)
-    base_vae = load_vae(params.model, root, "fp32", "cpu")
+    adapter = trainer.adapter
+    base_vae = adapter.reference_network(trainer.seed)
     with rebuilt_dir(out_dir) as staging:
         trainer.save_outputs(staging, only_ema=True)  # the weights later stages should use
-        trained = AutoencoderKL.from_pretrained(staging)
-        base, final = evaluate(base_vae, holdout), evaluate(trained, holdout)
+        trained = adapter.load_output(staging)
+        base, final = evaluate(base_vae, holdout, adapter.reconstruct), evaluate(trained, holdout, adapter.reconstruct)
         sheets = {}
         for dataset, items in sorted(holdout.items()):
             pixels = torch.stack([p for _, p in items])
-            rows = list(zip(pixels, reconstruct(base_vae, pixels), reconstruct(trained, pixels)))
+            rows = list(zip(pixels, adapter.reconstruct(base_vae, pixels), adapter.reconstruct(trained, pixels)))
             sheets[dataset] = reconstruction_sheet(rows, staging / SHEETS / f"{dataset}.png").name
         atomic_write_json(staging / STATE_FILE, {
             "steps": trainer.state.step, "epochs": trainer.state.epoch, "seed_used": trainer.seed,
             "data_digest": trainer.data_digest, "run_key": trainer.run_key, "ema_weights": trainer.ema is not None,
-            "mode": config.mode, "base_vae": params.model.vae or params.model.base,
+            "mode": config.mode, "base_vae": params.model.vae or params.model.base, "kind": config.kind,
+            "base": kind.reference,
             "random_tiny_model": is_tiny(params.model.base), "crop": data.crop,
             "holdout": {dataset: [name for name, _ in items] for dataset, items in sorted(holdout.items())},
             "psnr": final["psnr"], "ssim": final["ssim"], "psnr_base": base["psnr"], "ssim_base": base["ssim"]})
@@ -160,7 +174,7 @@ def run(params: Params, root: Path, bucketed_dir: Path, out_dir: Path, metrics_d
     report.extra.update({"enabled": 1, "steps": summary["steps"], "psnr": final["psnr"], "ssim": final["ssim"],
                          "psnr_base": base["psnr"], "ssim_base": base["ssim"], **per_dataset,
                          "run_key": trainer.run_key, "history": evaluation.history, "sheets": sheet_paths,
-                         "ema": trainer.ema is not None})
+                         "ema": trainer.ema is not None, "kind": config.kind, "last_logged": dict(last_logged)})
     report.warnings.extend(trainer.messages)
     report.seconds = time.perf_counter() - started
     if metrics_dir is not None and main:
