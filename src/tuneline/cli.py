@@ -232,13 +232,27 @@ def _check(params_path: Path, root: Path, estimate_memory: bool = True, fit_gib:
         listed = ", ".join(format_resolution(b) for b in buckets)
         console.print(f"  data set {dataset.name!r} ({dataset.path}): {len(buckets)} buckets: {listed}",
                       markup=False, soft_wrap=True)
-    for line in _split_lines(params, root):
+    for line in _split_lines(params, root) + _structure_lines(params):
         console.print(line, markup=False, soft_wrap=True)
     if estimate_memory:
         estimate = _print_memory_estimate(params, root)
         if fit_gib is not None:
             return _print_fit(params, root, fit_gib, estimate)
     return 0
+
+
+def _structure_lines(params) -> list[str]:
+    """The style/structure loss weights each data set's samples get (train.loss.structure with its overrides)."""
+    from tuneline.train.config import STRUCTURE_TERMS
+
+    weights = {dataset.name: params.structure_for(dataset).weights for dataset in params.datasets}
+    if not any(any(values) for values in weights.values()):
+        return ["  style/structure loss: off (train.loss.structure and datasets[].loss.structure all 0)"]
+    lines = ["  style/structure loss weights (datasets[].loss.structure, the unset terms train.loss.structure's):"]
+    for name, values in weights.items():
+        lines.append(f"    data set {name!r}: " + ", ".join(f"{term} {value:g}" for term, value in zip(STRUCTURE_TERMS,
+                                                                                                       values)))
+    return lines
 
 
 def _split_lines(params, root: Path) -> list[str]:

@@ -26,7 +26,7 @@ from tuneline.stages.export.config import ExportConfig
 from tuneline.stages.ingest.config import IngestConfig
 from tuneline.stages.latents.config import LatentsConfig
 from tuneline.stages.render.config import RenderConfig
-from tuneline.train.config import TrainConfig
+from tuneline.train.config import DatasetLossConfig, StructureConfig, TrainConfig
 from tuneline.core.split import ALL, ALLOWED as VALIDATION_ALLOWED, parse_validation
 
 
@@ -46,6 +46,10 @@ class DatasetConfig(Section):
     bucket: Optional[BucketOverrides] = Field(  # type: ignore[valid-type]
         None, description="Overrides of the bucket section for this data set only."
     )
+    loss: Optional[DatasetLossConfig] = Field(
+        None, description="This data set's own loss settings: `structure: {struct, light, color, tex}`, its "
+        "style/structure weights; each term set here replaces train.loss.structure's for its samples, a term "
+        "left out takes train.loss.structure's value (null: all of them).")
     validation: Optional[Union[int, float, str]] = Field(
         None, description="Images held out of training for the validation loss, chosen by each image's content "
         f"id (tuneline.core.split): {VALIDATION_ALLOWED}. A fraction never moves an image when others are "
@@ -134,6 +138,13 @@ class Params(Section):
         if dataset.bucket is not None:
             merged.update(dataset.bucket.model_dump(exclude_none=True))
         return BucketSettings(**merged)
+
+    def structure_for(self, dataset: DatasetConfig) -> StructureConfig:
+        """The style/structure weights of this data set's samples: train.loss.structure with the terms the
+        data set sets (datasets[].loss.structure) replaced."""
+        if dataset.loss is None:
+            return self.train.loss.structure
+        return dataset.loss.structure.over(self.train.loss.structure)
 
     def buckets_for(self, dataset: DatasetConfig) -> list[tuple[int, int]]:
         """The buckets the bucket stage generates for this data set (its overrides applied)."""

@@ -34,16 +34,57 @@ SAFE_TO_CHANGE = {"num_steps", "num_epochs", "checkpoint", "log_every", "compile
 
 
 def added_later_defaults() -> dict[str, Any]:
-    """Train settings added after runs existed -> their default (dumped): at the default they are left
-    out of the run key and read as set in older checkpoints, so a run started before the setting
-    existed keeps its folder and resumes without a note."""
+    """Train settings added after runs existed (dotted for one inside a section: "loss.structure") -> their
+    default (dumped): at the default they are left out of the run key and read as set in older checkpoints,
+    so a run started before the setting existed keeps its folder and resumes without a note."""
     from tuneline.models.autoencoder.config import VQConfig
-    from tuneline.train.config import FlowMatchingConfig, ValidationConfig
+    from tuneline.train.config import FlowMatchingConfig, StructureConfig, ValidationConfig
 
     return {"flow_matching": FlowMatchingConfig().model_dump(mode="json"),
             "validation": ValidationConfig().model_dump(mode="json"),
+            "loss.structure": StructureConfig().model_dump(mode="json"),
             # the autoencoder section's (issue 27): a kl run started before them keeps its folder
             "kind": "kl", "vq": VQConfig().model_dump(mode="json")}
+
+
+def _section(config: dict[str, Any], dotted: str) -> dict[str, Any] | None:
+    """The dict that holds the last part of `dotted` ("loss" for "loss.structure", `config` itself for a
+    top-level key); None where a section on the way is missing."""
+    node: Any = config
+    for part in dotted.split(".")[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) else None
+
+
+def _copy_to(config: dict[str, Any], dotted: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(a copy of `config` whose sections on the way to `dotted` are copies too, that copy's section holding
+    `dotted`): the caller's dicts stay as they were. `dotted`'s sections must exist (see _section)."""
+    config = dict(config)
+    node = config
+    for part in dotted.split(".")[:-1]:
+        node[part] = dict(node[part])
+        node = node[part]
+    return config, node
+
+
+def without_added_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """A dumped config with every setting of added_later_defaults() that is at its default left out."""
+    for dotted, default in added_later_defaults().items():
+        section, leaf = _section(config, dotted), dotted.split(".")[-1]
+        if section is not None and leaf in section and section[leaf] == default:
+            config, section = _copy_to(config, dotted)
+            del section[leaf]
+    return config
+
+
+def with_added_defaults(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """A dumped config of an older checkpoint with the settings added since (those `current` has) at their default."""
+    for dotted, default in added_later_defaults().items():
+        section, now, leaf = _section(saved, dotted), _section(current, dotted), dotted.split(".")[-1]
+        if section is not None and leaf not in section and now is not None and leaf in now:
+            saved, section = _copy_to(saved, dotted)
+            section[leaf] = default
+    return saved
 
 
 class ResumeRefused(ValueError):
@@ -64,9 +105,7 @@ def run_key(train_config: dict[str, Any], model: dict[str, Any], data_digest: st
     (batch size per bucket) belongs here: the saved sampler position indexes a batch list
     built from it.
     """
-    added = added_later_defaults()
-    fixed = {key: value for key, value in train_config.items()
-             if key not in SAFE_TO_CHANGE and not (key in added and value == added[key])}
+    fixed = {key: value for key, value in without_added_defaults(train_config).items() if key not in SAFE_TO_CHANGE}
     return digest_json({"train": fixed, "model": model, "data": data_digest, "processes": processes,
                         "batching": batching})[:16]
 
@@ -177,7 +216,7 @@ def compare_configs(saved: dict[str, Any], current: dict[str, Any],
                     section: str = "train") -> tuple[list[str], list[str]]:
     """(changes that are safe, changes that are not) between two dumped train configs."""
     safe, unsafe = [], []
-    saved = {**{key: value for key, value in added_later_defaults().items() if key in current}, **saved}
+    saved = with_added_defaults(saved, current)
     for key in sorted(set(saved) | set(current)):
         if key not in saved and key in SAFE_TO_CHANGE:
             continue  # a speed setting added after the checkpoint was written: nothing changed

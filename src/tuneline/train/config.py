@@ -38,6 +38,65 @@ class ScheduleConfig(Section):
     cycle_mult: float = Field(1.0, ge=1, description="cosine_with_restarts: each cycle is this many times longer.")
 
 
+# The style/structure loss terms, in the order their weights travel (a data set's weights, a batch's
+# per-sample weight rows, tuneline.train.structure_loss's term columns).
+STRUCTURE_TERMS = ("struct", "light", "color", "tex")
+_STRUCTURE_FIELD = {"ge": 0, "allow_inf_nan": False}
+
+
+class StructureConfig(Section):
+    """Weights of the style/structure loss (the Z-Image trainer's StyleStructureLoss, see
+    tuneline.train.structure_loss): terms on the predicted clean latent against the clean latent,
+    projected to approximate RGB through the family's latent->RGB factors and converted to Lab.
+    Each term is added to a sample's loss times its weight; 0 leaves the term out (all 0: the loss
+    and the run are exactly as without it)."""
+
+    struct: float = Field(
+        0.0, **_STRUCTURE_FIELD,
+        description="1 - SSIM of the lightness L (Gaussian window 11, sigma 1.5): keeps contours.")
+    light: float = Field(
+        0.0, **_STRUCTURE_FIELD,
+        description="L1 between the mean and the standard deviation of L: brightness, contrast, tone curve.")
+    color: float = Field(
+        0.0, **_STRUCTURE_FIELD,
+        description="The same statistics on the colour channels a and b: colour cast and saturation.")
+    tex: float = Field(
+        0.0, **_STRUCTURE_FIELD,
+        description="L1 of the high-pass of L (L minus its Gaussian blur, kernel 7): sharpness and grain.")
+
+    @property
+    def weights(self) -> tuple[float, float, float, float]:
+        """The weights in STRUCTURE_TERMS order."""
+        return (self.struct, self.light, self.color, self.tex)
+
+
+class StructureOverrides(Section):
+    """A data set's own style/structure weights: each term it sets replaces train.loss.structure's
+    for its samples; a term it leaves unset (null) takes train.loss.structure's value."""
+
+    struct: Optional[float] = Field(None, **_STRUCTURE_FIELD,
+                                    description="1 - SSIM of L; null: train.loss.structure.struct.")
+    light: Optional[float] = Field(None, **_STRUCTURE_FIELD,
+                                   description="Moments of L; null: train.loss.structure.light.")
+    color: Optional[float] = Field(None, **_STRUCTURE_FIELD,
+                                   description="Moments of a and b; null: train.loss.structure.color.")
+    tex: Optional[float] = Field(None, **_STRUCTURE_FIELD,
+                                 description="High-pass of L; null: train.loss.structure.tex.")
+
+    def over(self, base: StructureConfig) -> StructureConfig:
+        """`base` (train.loss.structure) with the terms set here replaced."""
+        return base.model_copy(update=self.model_dump(exclude_none=True))
+
+
+class DatasetLossConfig(Section):
+    """A data set's own loss settings."""
+
+    structure: StructureOverrides = Field(
+        default_factory=StructureOverrides,
+        description="Its style/structure weights {struct, light, color, tex}: the terms set here replace "
+        "train.loss.structure's for its samples, the others keep train.loss.structure's values.")
+
+
 class LossConfig(Section):
     """How the diffusion loss is weighted."""
 
@@ -54,6 +113,10 @@ class LossConfig(Section):
     min_sigma_warmup_steps: int = Field(
         0, ge=0, description="Ramp min_sigma in linearly from 0 over this many steps."
     )
+    structure: StructureConfig = Field(
+        default_factory=StructureConfig,
+        description="Style/structure loss weights {struct, light, color, tex} (both families; all 0: off), "
+        "for every data set; datasets[].loss.structure overrides them per data set, term by term.")
 
 
 def _parse_shift(value: Any) -> Any:
@@ -230,8 +293,8 @@ class TrainConfig(Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Learning-rate schedule.")
     loss: LossConfig = Field(
         default_factory=LossConfig,
-        description="SDXL's loss weighting (min-SNR, noise offset, min sigma); Z-Image uses train.flow_matching and "
-        "rejects these when set.")
+        description="SDXL's loss weighting (min-SNR, noise offset, min sigma; Z-Image uses train.flow_matching and "
+        "rejects these when set), and the style/structure loss of both families (structure).")
     flow_matching: FlowMatchingConfig = Field(
         default_factory=FlowMatchingConfig,
         description="Flow-matching families (Z-Image): how each sample's noise level is drawn and shifted, and the "

@@ -25,12 +25,17 @@ from tuneline.train.config import TrainConfig
 from tuneline.train.sampler import SampleRef
 
 
+NO_STRUCTURE = (0.0, 0.0, 0.0, 0.0)
+
+
 @dataclass(frozen=True)
 class DatasetWeights:
-    """How much one data set counts in training: times seen per epoch, weight in the loss."""
+    """How much one data set counts in training: times seen per epoch, weight in the loss, and its
+    style/structure weights (struct, light, color, tex: train.loss.structure with its own overrides)."""
 
     repeats: int = 1
     loss_weight: float = 1.0
+    structure: tuple[float, float, float, float] = NO_STRUCTURE
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,7 @@ class LatentItem:
     bucket: tuple[int, int]
     repeats: int
     loss_weight: float
+    structure: tuple[float, float, float, float] = NO_STRUCTURE
 
 
 class LatentData:
@@ -74,7 +80,8 @@ class LatentData:
                 raise ParamsError(f"{self.dir}: item {record['id']} has split {side!r}; expected {TRAIN!r} or "
                                   f"{VALIDATION!r} (rerun latents)")
             kept = self.items if side == TRAIN else self.validation
-            kept.append(LatentItem(len(kept), record, tuple(record["bucket"]), dataset.repeats, dataset.loss_weight))
+            kept.append(LatentItem(len(kept), record, tuple(record["bucket"]), dataset.repeats, dataset.loss_weight,
+                                   dataset.structure))
         if not self.items:
             raise ParamsError(f"{self.dir}: every item is held out for validation (datasets[].validation): "
                               "nothing to train on; hold out fewer images or add a data set that trains")
@@ -83,6 +90,9 @@ class LatentData:
         self.scaling_factor = float(records[0].get("scaling_factor") or 0.13025)
         self.shift_factor = float(records[0].get("shift_factor") or 0.0)
         self.text_cache = self._text_cache_usable()
+        # Batches carry each sample's style/structure weights only when some item has one: with all 0 the
+        # adapters compute exactly the loss they computed before the setting existed.
+        self.structure = any(any(item.structure) for item in [*self.items, *self.validation])
 
     def _text_cache_usable(self) -> bool:
         cached = all(item.record.get("text_embeddings") for item in [*self.items, *self.validation])
@@ -102,11 +112,13 @@ class LatentData:
     def digest(self) -> str:
         """Digest of what is trained on (latent and text keys, captions, weights) and of what is held out:
         the data identity. Without held-out items it is the digest runs had before the split existed
-        (they keep their run key); a changed split is a different run."""
+        (they keep their run key); a changed split is a different run. An item's style/structure weights
+        count only when one is not 0: with all 0 the digest is the one runs had before they existed."""
         from tuneline.core.fsutil import digest_json
 
         def entries(items: list[LatentItem]) -> list[list[Any]]:
-            return [[i.record.get("latent_key"), i.record.get("caption"), i.repeats, i.loss_weight] for i in items]
+            return [[i.record.get("latent_key"), i.record.get("caption"), i.repeats, i.loss_weight,
+                     *([list(i.structure)] if any(i.structure) else [])] for i in items]
 
         if not self.validation:
             return digest_json(entries(self.items))
@@ -172,7 +184,6 @@ class LatentData:
                 texts.append(load_file(self.dir / item.record["text_embeddings"]))
         batch = self._assemble(items, means, stds, noises, crops, captions, texts, device)
         batch["noise"] = host_to_device(torch.stack(diffusion_noise), device)
-        batch["datasets"] = [item.record["dataset"] for item in items]
         return batch
 
     def _assemble(self, items: list[LatentItem], means: list[Any], stds: list[Any], noises: list[Any],
@@ -193,7 +204,11 @@ class LatentData:
             "loss_weight": host_to_device(torch.tensor([item.loss_weight for item in items],
                                                        dtype=torch.float32), device),
             "ids": [item.record["id"] for item in items],
+            "datasets": [item.record["dataset"] for item in items],
         }
+        if self.structure:  # (batch, 4): struct, light, color, tex of each sample's data set
+            batch["structure"] = host_to_device(torch.tensor([item.structure for item in items], dtype=torch.float32),
+                                                device)
         embeds = [text["prompt_embeds"] for text in texts]
         pooled = [text.get("pooled") for text in texts]
         if self.text_cache and all(p is None for p in pooled):

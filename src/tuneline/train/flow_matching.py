@@ -74,6 +74,12 @@ def velocity_target(x0: Any, noise: Any) -> Any:
     return noise - x0
 
 
+def predicted_x0(noisy: Any, velocity: Any, sigmas: Any) -> Any:
+    """The clean latent a velocity prediction implies, x0 = x_t - sigma * v, in fp32 (x_t = (1 - sigma) x0
+    + sigma noise and v = noise - x0 give x_t - sigma v = x0 exactly)."""
+    return noisy.float() - per_sample(sigmas, noisy).float() * velocity.float()
+
+
 def zimage_timestep(sigmas: Any, num_train_timesteps: int = 1000) -> Any:
     """The Z-Image transformer's time input for noise level sigma, as ZImagePipeline computes it:
     the scheduler's timestep t = sigma * N, then (N - t) / N, i.e. 1 - sigma (1 = clean)."""

@@ -1,4 +1,5 @@
-"""Diffusion loss weighting: per-sample MSE, min-SNR-gamma, minimum-sigma, data-set weights."""
+"""Diffusion loss weighting: per-sample MSE, min-SNR-gamma, minimum-sigma, data-set weights; the clean latent
+a DDPM prediction implies."""
 
 from __future__ import annotations
 
@@ -17,6 +18,25 @@ def snr_of(alphas_cumprod: Any, timesteps: Any) -> Any:
     """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at each timestep."""
     alpha_bar = alphas_cumprod.to(timesteps.device)[timesteps].float()
     return alpha_bar / (1.0 - alpha_bar)
+
+
+# Floor of alpha_bar where x0 is recovered from an epsilon prediction: with zero terminal SNR the last
+# timestep has alpha_bar 0, where epsilon says nothing about x0 (a v prediction still does).
+MIN_ALPHA_BAR = 1e-8
+
+
+def ddpm_x0(prediction: Any, noisy: Any, alphas_cumprod: Any, timesteps: Any, prediction_type: str) -> Any:
+    """The clean latent a DDPM model's prediction implies at x_t = sqrt(ab) x0 + sqrt(1 - ab) eps, in fp32:
+    epsilon: (x_t - sqrt(1 - ab) eps) / sqrt(ab); v_prediction (v = sqrt(ab) eps - sqrt(1 - ab) x0):
+    sqrt(ab) x_t - sqrt(1 - ab) v."""
+    alpha_bar = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    alpha_bar = alpha_bar.reshape(-1, *([1] * (noisy.ndim - 1)))
+    noisy, prediction = noisy.float(), prediction.float()
+    if prediction_type == "v_prediction":
+        return alpha_bar.sqrt() * noisy - (1.0 - alpha_bar).sqrt() * prediction
+    if prediction_type == "epsilon":
+        return (noisy - (1.0 - alpha_bar).sqrt() * prediction) / alpha_bar.clamp(min=MIN_ALPHA_BAR).sqrt()
+    raise ValueError(f"no clean latent from prediction type {prediction_type!r}; allowed: epsilon, v_prediction")
 
 
 def loss_weights(config: LossConfig, snr: Any, prediction_type: str, step: int) -> Any:

@@ -27,8 +27,9 @@ from tuneline.models.training_adapter import load_training_adapter
 from tuneline.models.sdxl.text import MAX_TOKENS, conditioning_layers, encode_prompts
 from tuneline.train.units import MODEL_UNIT, ParamGroup, UnitSpec, model_unit
 from tuneline.train.config import TrainConfig
-from tuneline.train.loss import loss_weights, per_sample_mse, snr_of
+from tuneline.train.loss import ddpm_x0, loss_weights, per_sample_mse, snr_of
 from tuneline.train.output import LORA_FILE, PIPELINE_DIR
+from tuneline.train.structure_loss import LatentRGB, with_structure
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,19 @@ TEXT_LORA_TARGETS = {
 TEXT_ENCODER_NAMES = ("text_encoder_1", "text_encoder_2")  # params names; diffusers: text_encoder, text_encoder_2
 DIFFUSERS_NAMES = {"unet": "unet", "text_encoder_1": "text_encoder", "text_encoder_2": "text_encoder_2"}
 LATENT_FACTOR = 8  # SDXL's VAE: latents are 1/8 of the image in each direction
+# ComfyUI's Latent2RGB preview factors of SDXL latents: comfy/latent_formats.py, class SDXL, latent_rgb_factors and
+# latent_rgb_factors_bias (github.com/comfyanonymous/ComfyUI, commit 040a3243). Its previewer projects the sampler's
+# x0, which is in the model's space (KSampler runs on process_latent_in(latent) = z * 0.13025 and converts back only
+# at the end): the scaled latents our batches hold, so no un-scaling comes first.
+LATENT_RGB = LatentRGB(
+    factors=((0.3651, 0.4232, 0.4341),
+             (-0.2533, -0.0042, 0.1068),
+             (0.1076, 0.1111, -0.0362),
+             (-0.3165, -0.2492, -0.2188)),
+    bias=(0.1084, -0.0175, -0.0011),
+    source="ComfyUI comfy/latent_formats.py SDXL.latent_rgb_factors and latent_rgb_factors_bias")
+
+
 def inference_scheduler_settings(prediction_type: str, zero_terminal_snr: bool) -> dict[str, Any]:
     """Scheduler config entries that make an inference pipeline sample what training learned: the
     target, and with zero terminal SNR the rescaled betas and trailing timesteps (the first step
@@ -63,6 +77,7 @@ class SDXLAdapter:
 
     family = "sdxl"
     compiled_module = "unet"  # the module train.compile compiles
+    latent_rgb = LATENT_RGB  # the style/structure loss's projection (train.loss.structure)
 
     def __init__(self, model_config: ModelConfig, train_config: TrainConfig, root: Path) -> None:
         FAMILY.refuse_unsupported(train_config)  # also checked before any stage computes (tuneline.preflight)
@@ -288,20 +303,24 @@ class SDXLAdapter:
             noise = noise + self.config.loss.noise_offset * offset
         steps = self.noise_scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator, device=device)
-        per_sample, weights = self._per_sample(modules, batch, noise, timesteps, step)
+        per_sample, weights, x0_pred = self._per_sample(modules, batch, noise, timesteps, step)
+        losses, metrics = with_structure(per_sample * weights, batch, x0_pred, batch["latents"], self.latent_rgb)
         # Per-batch facts stay tensors: reading them is a host sync, done only when they are logged.
-        return (per_sample * weights).mean(), {"timestep_mean": timesteps.detach().float().mean()}
+        return losses.mean(), {"timestep_mean": timesteps.detach().float().mean(), **metrics}
 
     def per_sample_losses(self, modules: dict[str, Any], batch: dict[str, Any], noise: Any, timesteps: Any,
                           step: int) -> tuple[Any, Any]:
         """(weighted, unweighted) loss of each sample at the given noise and timesteps (the validation
-        loss): the training loss's terms, weighted by min-SNR / min-sigma and the data set's weight, or not."""
-        per_sample, weights = self._per_sample(modules, batch, noise, timesteps.long(), step)
-        return per_sample * weights, per_sample
+        loss): the training loss's terms, weighted by min-SNR / min-sigma and the data set's weight with the
+        style/structure terms added, or the plain squared error."""
+        per_sample, weights, x0_pred = self._per_sample(modules, batch, noise, timesteps.long(), step)
+        losses, _ = with_structure(per_sample * weights, batch, x0_pred, batch["latents"], self.latent_rgb)
+        return losses, per_sample
 
     def _per_sample(self, modules: dict[str, Any], batch: dict[str, Any], noise: Any, timesteps: Any,
-                    step: int) -> tuple[Any, Any]:
-        """(squared error of each sample, its weight) of the epsilon / v target at `noise`, `timesteps`."""
+                    step: int) -> tuple[Any, Any, Any]:
+        """(squared error of each sample, its weight, the clean latent the prediction implies) of the epsilon /
+        v target at `noise`, `timesteps`; the clean latent only for the style/structure loss (else None)."""
         latents = batch["latents"]
         device = latents.device
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
@@ -321,7 +340,9 @@ class SDXLAdapter:
         snr = snr_of(self.noise_scheduler.alphas_cumprod, timesteps)
         weights = loss_weights(self.config.loss, snr, self.prediction_type, step) * host_to_device(batch["loss_weight"],
                                                                                                     device)
-        return per_sample, weights
+        x0_pred = (ddpm_x0(prediction, noisy, self.noise_scheduler.alphas_cumprod, timesteps, self.prediction_type)
+                   if "structure" in batch else None)
+        return per_sample, weights, x0_pred
 
     def unit_losses(self, modules: dict[str, Any], batch: dict[str, Any], generator: Any, step: int,
                     due: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:

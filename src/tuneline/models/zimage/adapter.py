@@ -33,6 +33,7 @@ from tuneline.models.config import ModelConfig
 from tuneline.train.units import MODEL_UNIT, ParamGroup, UnitSpec, model_unit
 from tuneline.train.config import TrainConfig
 from tuneline.train.output import LORA_FILE, PIPELINE_DIR
+from tuneline.train.structure_loss import LatentRGB, with_structure
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,30 @@ TRANSFORMER_LORA_TARGETS: dict[str, Any] = {
 LATENT_FACTOR = 8  # Z-Image's (Flux's) VAE: latents are 1/8 of the image in each direction
 # Caption tokens the memory estimate assumes per prompt (chat template included).
 EXAMPLE_CAPTION_TOKENS = 128
+# Z-Image's VAE is Flux's (16 channels, scaling 0.3611, shift 0.1159), and ComfyUI previews Z-Image with Flux's
+# factors: comfy/supported_models.py class ZImage(Lumina2) keeps Lumina2's latent_format = Flux, and
+# comfy/latent_formats.py class Flux holds latent_rgb_factors and latent_rgb_factors_bias
+# (github.com/comfyanonymous/ComfyUI, commit 040a3243). The previewer projects the sampler's x0, in the model's
+# space (process_latent_in: (z - 0.1159) * 0.3611): the scaled and shifted latents our batches hold.
+LATENT_RGB = LatentRGB(
+    factors=((-0.0346, 0.0244, 0.0681),
+             (0.0034, 0.0210, 0.0687),
+             (0.0275, -0.0668, -0.0433),
+             (-0.0174, 0.0160, 0.0617),
+             (0.0859, 0.0721, 0.0329),
+             (0.0004, 0.0383, 0.0115),
+             (0.0405, 0.0861, 0.0915),
+             (-0.0236, -0.0185, -0.0259),
+             (-0.0245, 0.0250, 0.1180),
+             (0.1008, 0.0755, -0.0421),
+             (-0.0515, 0.0201, 0.0011),
+             (0.0428, -0.0012, -0.0036),
+             (0.0817, 0.0765, 0.0749),
+             (-0.1264, -0.0522, -0.1103),
+             (-0.0280, -0.0881, -0.0499),
+             (-0.1262, -0.0982, -0.0778)),
+    bias=(-0.0329, -0.0718, -0.0851),
+    source="ComfyUI comfy/latent_formats.py Flux.latent_rgb_factors and latent_rgb_factors_bias (ComfyUI's ZImage)")
 
 
 class ZImageAdapter:
@@ -59,6 +84,7 @@ class ZImageAdapter:
     family = "zimage"
     prediction_type = "flow"  # recorded in trainer_state.json: the velocity noise - x0
     compiled_module = "transformer"  # the module train.compile compiles
+    latent_rgb = LATENT_RGB  # the style/structure loss's projection (train.loss.structure)
 
     def __init__(self, model_config: ModelConfig, train_config: TrainConfig, root: Path) -> None:
         FAMILY.refuse_unsupported(train_config)  # also checked before any stage computes (tuneline.preflight)
@@ -229,34 +255,39 @@ class ZImageAdapter:
         device = latents.device
         noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
         sigmas = self.sigmas(latents.shape[0], tuple(latents.shape[-2:]), generator, device)
-        prediction, target = self._prediction_and_target(modules, batch, noise, sigmas)
+        prediction, target, x0_pred = self._prediction_and_target(modules, batch, noise, sigmas)
         weighting = loss_weighting(self.config.flow_matching.loss_weighting, sigmas)
-        loss = flow_matching_loss(prediction, target, weighting, host_to_device(batch["loss_weight"], device))
-        return loss, {"sigma_mean": sigmas.detach().float().mean()}
+        weighted = flow_matching_loss(prediction, target, weighting, host_to_device(batch["loss_weight"], device),
+                                      reduce=False)
+        losses, metrics = with_structure(weighted, batch, x0_pred, latents, self.latent_rgb)
+        return losses.mean(), {"sigma_mean": sigmas.detach().float().mean(), **metrics}
 
     def per_sample_losses(self, modules: dict[str, Any], batch: dict[str, Any], noise: Any, timesteps: Any,
                           step: int) -> tuple[Any, Any]:
         """(weighted, unweighted) loss of each sample at the given noise and noise levels (the validation
         loss): sigma = timesteps / 1000, unshifted; weighted by train.flow_matching.loss_weighting and
-        the data set's weight, or not."""
+        the data set's weight with the style/structure terms added, or the plain squared error."""
         from tuneline.models.loading import host_to_device
         from tuneline.train.flow_matching import flow_matching_loss, loss_weighting
         from tuneline.train.loss import per_sample_mse
 
         latents = batch["latents"]
         sigmas = timesteps.float().to(latents.device) / 1000.0
-        prediction, target = self._prediction_and_target(modules, batch, noise, sigmas)
+        prediction, target, x0_pred = self._prediction_and_target(modules, batch, noise, sigmas)
         weighting = loss_weighting(self.config.flow_matching.loss_weighting, sigmas)
         weighted = flow_matching_loss(prediction, target, weighting, host_to_device(batch["loss_weight"], latents.device),
                                       reduce=False)
-        return weighted, per_sample_mse(prediction, target)
+        losses, _ = with_structure(weighted, batch, x0_pred, latents, self.latent_rgb)
+        return losses, per_sample_mse(prediction, target)
 
     def _prediction_and_target(self, modules: dict[str, Any], batch: dict[str, Any], noise: Any,
-                               sigmas: Any) -> tuple[Any, Any]:
-        """The velocity the transformer predicts at `noise`, `sigmas`, and the target noise - x0."""
+                               sigmas: Any) -> tuple[Any, Any, Any]:
+        """The velocity the transformer predicts at `noise`, `sigmas`, the target noise - x0, and the clean
+        latent the prediction implies (for the style/structure loss; else None)."""
         import torch
 
-        from tuneline.train.flow_matching import noisy_latents, velocity_target, zimage_timestep, zimage_velocity
+        from tuneline.train.flow_matching import (noisy_latents, predicted_x0, velocity_target, zimage_timestep,
+                                                  zimage_velocity)
 
         latents = batch["latents"]
         noisy = noisy_latents(latents, noise, sigmas)
@@ -269,7 +300,8 @@ class ZImageAdapter:
         output = modules["transformer"](list(noisy.unsqueeze(2).unbind(0)), zimage_timestep(sigmas),
                                         caption_features, return_dict=False)[0]
         prediction = zimage_velocity(torch.stack([sample.float() for sample in output]).squeeze(2))
-        return prediction, velocity_target(latents, noise)
+        x0_pred = predicted_x0(noisy, prediction, sigmas) if "structure" in batch else None
+        return prediction, velocity_target(latents, noise), x0_pred
 
     def unit_losses(self, modules: dict[str, Any], batch: dict[str, Any], generator: Any, step: int,
                     due: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:

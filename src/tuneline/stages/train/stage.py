@@ -3,7 +3,8 @@ on the latents stage's output.
 
 Writes the trained result to `out_dir` (LoRA in diffusers format and/or a full pipeline
 folder), `trainer_state.json`, metrics/train.json and the loss curve, as metrics/train_loss.csv
-(step, loss, lr: `dvc plots show` draws it) and metrics/train_loss.png (loss and learning rate,
+(step, loss, lr, and the style/structure loss's parts when a weight is set: `dvc plots show` draws
+it) and metrics/train_loss.png (loss and learning rate,
 drawn here: an image plot shows offline). With train.validation on: metrics/train_val.csv (the
 validation loss per step, data set and level; a third panel in the picture), the best validation
 loss and its step in metrics/train.json and trainer_state.json, its weights in `out_dir/best/`. Checkpoints live in `checkpoint_dir/<run key>/`,
@@ -50,27 +51,33 @@ if TYPE_CHECKING:
 
 class LossCurve:
     """The run's loss history, kept beside its checkpoints: one row per logged step (step, loss, lr,
-    and the wall seconds per step since the previous row); rows past a resumed step are dropped."""
+    and the wall seconds per step since the previous row); rows past a resumed step are dropped.
+    `terms`: more columns, the loss's parts (the style/structure loss's, when it is on; a data set with
+    no sample in a logged step leaves its cells empty)."""
 
     FIELDS = ["step", "loss", "lr", "seconds_per_step"]
     TRACKED = ["step", "loss", "lr"]  # what metrics/train_loss.csv (a DVC output) gets: no timings
 
-    def __init__(self, path: Path, resumed_step: int) -> None:
+    def __init__(self, path: Path, resumed_step: int, terms: list[str] | None = None) -> None:
         self.path = Path(path)
+        self.terms = list(terms or [])
+        self.fields, self.tracked = self.FIELDS + self.terms, self.TRACKED + self.terms
         self.rows: list[dict[str, str]] = []
         if self.path.is_file() and resumed_step > 0:
             with open(self.path, newline="") as handle:
                 self.rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= resumed_step]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.handle = open(self.path, "w", newline="")
-        self.writer = csv.DictWriter(self.handle, fieldnames=self.FIELDS, restval="", extrasaction="ignore")
+        self.writer = csv.DictWriter(self.handle, fieldnames=self.fields, restval="", extrasaction="ignore")
         self.writer.writeheader()
         self.writer.writerows(self.rows)
         self.handle.flush()
 
-    def add(self, step: int, loss: float, lr: float, seconds_per_step: float) -> None:
+    def add(self, step: int, loss: float, lr: float, seconds_per_step: float,
+            terms: dict[str, float] | None = None) -> None:
         row = {"step": str(step), "loss": f"{loss:.6f}", "lr": f"{lr:.6e}",
                "seconds_per_step": f"{seconds_per_step:.4f}"}
+        row |= {name: f"{value:.6f}" for name, value in (terms or {}).items() if name in self.terms}
         self.rows.append(row)
         self.writer.writerow(row)
         self.handle.flush()
@@ -79,9 +86,10 @@ class LossCurve:
         self.handle.close()
 
     def tracked_csv(self) -> bytes:
-        """metrics/train_loss.csv: step, loss, lr of every row."""
+        """metrics/train_loss.csv: step, loss, lr (and the loss's parts, `terms`) of every row."""
         text = io.StringIO(newline="")
-        writer = csv.DictWriter(text, fieldnames=self.TRACKED, extrasaction="ignore", lineterminator="\r\n")
+        writer = csv.DictWriter(text, fieldnames=self.tracked, restval="", extrasaction="ignore",
+                                lineterminator="\r\n")
         writer.writeheader()
         writer.writerows(self.rows)
         return text.getvalue().encode("utf-8")
@@ -216,11 +224,22 @@ class LiveEvaluation:
                     module.to("cpu")
 
 
+def structure_columns(params: Params) -> list[str]:
+    """The loss curve's columns of the style/structure loss (tuneline.train.structure_loss.metric_names) when
+    a data set has a weight; none when every weight is 0 (the curve is the one runs wrote before)."""
+    from tuneline.train.structure_loss import metric_names
+
+    if not any(any(params.structure_for(dataset).weights) for dataset in params.datasets):
+        return []
+    return metric_names(sorted(dataset.folder for dataset in params.datasets))
+
+
 def latent_data(params: Params, latents_dir: Path) -> LatentData:
     """The latents stage's output as the train section trains on it (data set weights, bucket batch sizes)."""
     from tuneline.train.data import DatasetWeights, LatentData
 
-    weights = {dataset.folder: DatasetWeights(dataset.repeats, dataset.loss_weight) for dataset in params.datasets}
+    weights = {dataset.folder: DatasetWeights(dataset.repeats, dataset.loss_weight,
+                                              params.structure_for(dataset).weights) for dataset in params.datasets}
     return LatentData(latents_dir, params.train, weights, params.bucket.batch_size_for)
 
 
@@ -284,7 +303,8 @@ def run(params: Params, root: Path, latents_dir: Path, out_dir: Path, metrics_di
     # The run's whole loss history lives with its checkpoints, which DVC never deletes (it deletes
     # declared outputs such as metrics/train_loss.csv before a stage runs); the metrics files are
     # drawn from it, rewritten at the end of every session.
-    curve = LossCurve(trainer.checkpoint_dir / LOSS_CURVE, trainer.state.step) if main else None
+    curve = (LossCurve(trainer.checkpoint_dir / LOSS_CURVE, trainer.state.step, structure_columns(params))
+             if main else None)
     names = trainer.validation.metric_names() if trainer.validation is not None else []
     validation_curve = (ValidationCurve(trainer.checkpoint_dir / VALIDATION_CURVE, trainer.state.step, names)
                         if main else None)
@@ -303,10 +323,11 @@ def run(params: Params, root: Path, latents_dir: Path, out_dir: Path, metrics_di
         interval = (now - since[1]) / max(1, state.step - since[0])
         since[:] = [state.step, now]
         first_lr = next(iter(result.lrs.values()))
-        curve.add(state.step, result.loss, first_lr, interval)
+        parts = result.extra  # the per-batch facts and the loss's parts (of the step's last micro-batch)
+        curve.add(state.step, result.loss, first_lr, interval, parts)
         if tracker is not None:
             metrics = {"loss": result.loss, "seconds_per_step": seconds_per_step, "epoch": state.epoch,
-                       "samples_per_second": result.samples / max(seconds_per_step, 1e-9)}
+                       "samples_per_second": result.samples / max(seconds_per_step, 1e-9), **parts}
             metrics |= {f"lr/{name}": lr for name, lr in result.lrs.items()}
             if result.grad_norm is not None:
                 metrics["grad_norm"] = result.grad_norm
