@@ -221,3 +221,19 @@ def test_bf16_trains_and_fp16_is_refused_naming_the_allowed_values(bucketed, tmp
     report = run(params, bucketed.root, bucketed.root / "data/bucketed", tmp_path / "out", tmp_path / "metrics",
                  checkpoint_dir=tmp_path / "checkpoints")
     assert report.extra["steps"] == 2 and report.extra["psnr"] == report.extra["psnr"]  # finite, not NaN
+
+
+def test_several_processes_are_refused_before_anything_loads(bucketed, tmp_path, monkeypatch):
+    """Under `accelerate launch` with 2 processes the VAE's gradients would not be averaged (it is trained
+    through encode/decode, not the DDP wrapper): the stage says so and writes nothing."""
+    from tuneline.config import validate_params
+    from tuneline.core.params import ParamsError
+    from tuneline.stages.autoencoder.stage import run
+
+    params = validate_params({**bucketed.params_data, "autoencoder": {"enabled": True, "num_steps": 2,
+                                                                         "crop_size": 32}})
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ParamsError, match="trains on one process, and this launch has 2 .*--num_processes 1"):
+        run(params, bucketed.root, bucketed.root / "data/bucketed", tmp_path / "out", tmp_path / "metrics",
+            checkpoint_dir=tmp_path / "checkpoints")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "checkpoints").exists()
