@@ -158,10 +158,15 @@ def make_latents_project(root: Path, **sections: Any) -> Project:
         (project.raw("alpha") / f"a{i}.txt").write_text(f"a red thing, number {i}, outdoors", "utf-8")
     for i in range(2):
         save_photo(project.raw("beta") / f"b{i}.png", (64, 96), seed=10 + i)
-    params = project.params()
+    return through_latents(project)
+
+
+def through_latents(project: Project) -> Project:
+    """Run ingest -> bucket -> caption -> latents on the project's params."""
     from tuneline.stages.caption.stage import run as run_caption
     from tuneline.stages.latents.stage import run as run_latents
 
+    root, params = project.root, project.params()
     project.ingest(params)
     project.bucket(params)
     run_caption(params, root, root / "data/bucketed", root / "data/captioned", root / "metrics")

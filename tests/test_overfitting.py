@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import Project
+from conftest import Project, through_latents
 
 DEMO_IMAGES = Path(__file__).resolve().parents[1] / "data" / "raw" / "shapes"
 # per family: what differs from the shared recipe below (see the module docstring for SDXL's objective)
@@ -64,8 +64,6 @@ def trained_like_vae(model: Path, images: list[Path], shift: bool) -> None:
 def overfitting_project(root: Path, family: str) -> Project:
     """Five demo images (one trains, four are held out) through ingest -> bucket -> caption -> latents,
     on a copy of the tiny model with a trained-like VAE."""
-    from tuneline.stages.caption.stage import run as run_caption
-    from tuneline.stages.latents.stage import run as run_latents
     from tuneline.tiny.cache import resolve_tiny
 
     images = sorted(DEMO_IMAGES.glob("*.jpg"))[:5]
@@ -80,12 +78,7 @@ def overfitting_project(root: Path, family: str) -> Project:
     for image in images:
         shutil.copy(image, project.raw("shapes") / image.name)
         (project.raw("shapes") / f"{image.stem}.txt").write_text("shp, a shape", "utf-8")
-    params = project.params()
-    project.ingest(params)
-    project.bucket(params)
-    run_caption(params, root, root / "data/bucketed", root / "data/captioned", root / "metrics")
-    run_latents(params, root, root / "data/captioned", root / "data/latents", root / "metrics")
-    return project
+    return through_latents(project)
 
 
 def read_csv(path: Path) -> dict[int, float]:
