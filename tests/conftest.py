@@ -40,7 +40,7 @@ LONGEST_FIRST = (
     "test_train_zimage.py", "test_sharding.py", "test_autoencoder_stage.py", "test_bench_gpu.py",
     "test_export_stage.py", "test_autoencoder.py", "test_bench_trainers.py", "test_caption.py", "test_reliability.py",
     "test_memory_published.py", "test_quantize.py", "test_validation.py", "test_training_adapter.py",
-    "test_split.py", "test_prompt_embeds.py", "test_structure_loss.py", "test_overfitting.py", "test_autoencoder_vq.py",
+    "test_split.py", "test_prompt_embeds.py", "test_bench_scale.py", "test_structure_loss.py", "test_overfitting.py", "test_autoencoder_vq.py",
 )
 
 
