@@ -67,8 +67,9 @@ def latent_to_rgb(latents: Any, projection: LatentRGB) -> Any:
             f"factors ({projection.source}) are for {projection.channels}: the style/structure loss needs the "
             "family's own VAE latent layout; allowed: all weights 0 (train.loss.structure and "
             "datasets[].loss.structure) with this VAE")
-    factors = torch.tensor(projection.factors, dtype=torch.float32, device=latents.device)
-    bias = torch.tensor(projection.bias, dtype=torch.float32, device=latents.device)
+    # Made on the host and copied without waiting for the GPU (a plain copy would sync every step).
+    factors = host_to_device(torch.tensor(projection.factors, dtype=torch.float32), latents.device)
+    bias = host_to_device(torch.tensor(projection.bias, dtype=torch.float32), latents.device)
     rgb = torch.einsum("bchw,cr->brhw", latents.float(), factors) + bias.view(1, 3, 1, 1)
     return (rgb + 1.0) / 2.0
 
@@ -79,8 +80,8 @@ def rgb_to_lab(rgb: Any) -> Any:
 
     rgb = rgb.clamp(0.0, 1.0)
     linear = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
-    matrix = torch.tensor(_RGB_TO_XYZ, dtype=rgb.dtype, device=rgb.device)
-    white = torch.tensor(_WHITE, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
+    matrix = host_to_device(torch.tensor(_RGB_TO_XYZ, dtype=rgb.dtype), rgb.device)
+    white = host_to_device(torch.tensor(_WHITE, dtype=rgb.dtype), rgb.device).view(1, 3, 1, 1)
     xyz = torch.einsum("bchw,rc->brhw", linear, matrix) / white
     # The cube root's branch is clamped to where it is taken: torch.where passes the gradient of both
     # branches on, and the cube root's is infinite at 0 (0 * inf = NaN).
