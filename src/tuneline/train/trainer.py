@@ -258,7 +258,16 @@ class Trainer:
             schedulers.append(build_scheduler(optimizer, spec.schedule,
                                               max(1, steps_due(self.total_steps, spec.every, spec.start_step))))
         names = list(modules)
-        prepared = self.accelerator.prepare(*modules.values(), *optimizers)
+        # Several units (a GAN) under several processes: DDP's reducer expects one forward through its
+        # wrapper per backward, but a unit calls its modules' own methods (a VAE's encode/decode), calls
+        # the discriminator three times and backpropagates each loss into its own parameters (`inputs=`).
+        # So the modules are placed without DDP and each unit's gradients are averaged by hand.
+        self.average_gradients = len(specs) > 1 and self.accelerator.num_processes > 1
+        if self.average_gradients:
+            placed = [self.accelerator.prepare_model(module, evaluation_mode=True) for module in modules.values()]
+            prepared = [*placed, *self.accelerator.prepare(*optimizers)]
+        else:
+            prepared = self.accelerator.prepare(*modules.values(), *optimizers)
         self.modules = dict(zip(names, prepared[:len(names)]))
         for module in self.adapter.frozen_modules().values():
             module.to(self.accelerator.device)
@@ -390,6 +399,9 @@ class Trainer:
                                          retain_graph=k < len(due) - 1)
             self.state.micro_step += 1
             samples += len(indices) * accelerator.num_processes
+        if self.average_gradients:
+            for unit in due:
+                average_gradients(unit.parameters, accelerator.num_processes)
         total_loss = unit_losses[main]
         if accelerator.num_processes > 1:
             # Every process must agree before anyone steps on a poisoned gradient (a collective, no host sync).
@@ -789,6 +801,21 @@ def _in_train_mode(module: Any) -> bool:
         if not isinstance(inner, torch.nn.Module):
             return True
         module = inner
+
+
+def average_gradients(parameters: list[Any], processes: int) -> None:
+    """Every process's gradients of `parameters` replaced by their mean over the processes, as DDP's
+    all-reduce would leave them (one flat all-reduce; a parameter without a gradient counts as zeros)."""
+    import torch
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= processes
+    for parameter, grad in zip(parameters, _unflatten_dense_tensors(flat, grads)):
+        parameter.grad = grad
 
 
 class _no_sync:

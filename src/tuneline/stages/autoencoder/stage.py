@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tuneline.config import Params
-from tuneline.core.params import ParamsError
 from tuneline.core import layout
 from tuneline.core.fsutil import atomic_write_json, rebuilt_dir, relative_to_root
 from tuneline.core.report import StageReport
@@ -91,19 +90,6 @@ def build_trainer(params: Params, root: Path, data: ImageData, checkpoint_dir: P
                    live_eval=live_eval, live_every=live_every)
 
 
-def refuse_several_processes() -> None:
-    """The VAE is trained through its encode/decode methods, which bypass DDP's gradient averaging: under
-    several processes each would train its own copy. Refuse that before anything loads."""
-    import os
-
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
-    if processes > 1:
-        raise ParamsError(f"the autoencoder stage trains on one process, and this launch has {processes} "
-                          "(WORLD_SIZE): its VAE's gradients would not be averaged across processes, so the "
-                          "copies would drift apart. Run it without `accelerate launch` (or with "
-                          "--num_processes 1); the stages after it can use every process.")
-
-
 def run(params: Params, root: Path, bucketed_dir: Path, out_dir: Path, metrics_dir: Path | None = None, *,
         tracker: Any = None, checkpoint_dir: Path | None = None) -> StageReport:
     """Train (or resume) the VAE and write it; a recorded no-op when autoencoder.enabled is false.
@@ -113,7 +99,6 @@ def run(params: Params, root: Path, bucketed_dir: Path, out_dir: Path, metrics_d
     checkpoint_dir = Path(checkpoint_dir or root / layout.AUTOENCODER_CHECKPOINTS)
     if not config.enabled:
         return _disabled(Path(out_dir), metrics_dir, checkpoint_dir)
-    refuse_several_processes()
 
     import torch
 
