@@ -20,7 +20,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from tuneline.core.stops import resume_command
 from tuneline.models.config import run_key_settings
@@ -324,7 +324,7 @@ class Trainer:
 
     def trained_weights(self) -> dict[str, Any]:
         """A CPU copy of every trained parameter by `<module>.<parameter>` name: a checkpoint's trained.safetensors."""
-        return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in self._named_trained_parameters()}
+        return host_copies(self._named_trained_parameters())
 
     def state_tensors(self) -> dict[str, Any]:
         """The adapter's tensors that steps change outside the optimizer (a VQ codebook), by name; most have none."""
@@ -535,8 +535,7 @@ class Trainer:
             save_file(self.trained_weights(), staging / "trained.safetensors")
             state = self.state_tensors()
             if state:
-                save_file({name: t.detach().to("cpu", copy=True).contiguous() for name, t in state.items()},
-                          staging / checkpoint.ADAPTER_STATE_FILE)
+                save_file(host_copies(state.items()), staging / checkpoint.ADAPTER_STATE_FILE)
             training = {"units": {u.name: {"optimizer": u.optimizer.state_dict(),
                                            "scheduler": u.scheduler.state_dict()} for u in self.units},
                         "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
@@ -558,7 +557,6 @@ class Trainer:
 
     def resume(self, folder: Path) -> None:
         """Continue exactly where `folder` stopped; refuse changes that would make it a different run."""
-        import torch
         from safetensors.torch import load_file
 
         saved = checkpoint.read_state(folder)
@@ -583,15 +581,10 @@ class Trainer:
                 f"{self.checkpoint_dir} to start a new run.")
         for line in safe:
             self.messages.append(f"resuming with a changed setting: {line}")
-        trained = load_file(folder / "trained.safetensors")
-        with torch.no_grad():
-            for name, parameter in self._named_trained_parameters():
-                parameter.copy_(trained[name].to(parameter.device, parameter.dtype))
-            state = self.state_tensors()
-            if state:
-                saved_state = load_file(folder / checkpoint.ADAPTER_STATE_FILE)
-                for name, tensor in state.items():
-                    tensor.copy_(saved_state[name].to(tensor.device, tensor.dtype))
+        copy_into(self._named_trained_parameters(), load_file(folder / "trained.safetensors"))
+        state = self.state_tensors()
+        if state:
+            copy_into(state.items(), load_file(folder / checkpoint.ADAPTER_STATE_FILE))
         training = checkpoint.load_torch(folder / "training.pt")
         for unit in self.units:
             unit.optimizer.load_state_dict(training["units"][unit.name]["optimizer"])
@@ -740,7 +733,6 @@ class Trainer:
     def _save_best(self, unwrapped: dict[str, Any], out_dir: Path) -> None:
         """The weights of the best validation step (its kept checkpoint) to `out_dir`, in the adapter's
         layout; the live weights are put back after. Nothing without a best step."""
-        import torch
         from safetensors.torch import load_file
 
         step = self.state.best_validation_step
@@ -751,17 +743,12 @@ class Trainer:
             self.messages.append(f"the best validation step {step} has no checkpoint in {self.checkpoint_dir}: "
                                  "no best weights written")
             return
-        best, current = load_file(folder / "trained.safetensors"), self.trained_weights()
-        parameters = self._named_trained_parameters()
+        current, parameters = self.trained_weights(), self._named_trained_parameters()
         try:
-            with torch.no_grad():
-                for name, parameter in parameters:
-                    parameter.copy_(best[name].to(parameter.device, parameter.dtype))
+            copy_into(parameters, load_file(folder / "trained.safetensors"))
             self.adapter.save(unwrapped, out_dir)
         finally:
-            with torch.no_grad():
-                for name, parameter in parameters:
-                    parameter.copy_(current[name].to(parameter.device, parameter.dtype))
+            copy_into(parameters, current)
 
 
 def compile_module(module: Any, scope: str, accelerator: Any, backend: str | None = None) -> Any:
@@ -801,6 +788,20 @@ def _in_train_mode(module: Any) -> bool:
         if not isinstance(inner, torch.nn.Module):
             return True
         module = inner
+
+
+def host_copies(named: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    """name -> a contiguous CPU copy of each (name, tensor): what a checkpoint file holds."""
+    return {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in named}
+
+
+def copy_into(live: Iterable[tuple[str, Any]], saved: dict[str, Any]) -> None:
+    """Each live tensor of (name, tensor) set in place to `saved[name]`, on its device and in its dtype."""
+    import torch
+
+    with torch.no_grad():
+        for name, tensor in live:
+            tensor.copy_(saved[name].to(tensor.device, tensor.dtype))
 
 
 def average_gradients(parameters: list[Any], processes: int) -> None:
