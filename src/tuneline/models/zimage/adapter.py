@@ -248,18 +248,11 @@ class ZImageAdapter:
         """Weighted mean flow-matching loss of the batch, and per-batch facts to log."""
         import torch
 
-        from tuneline.models.loading import host_to_device
-        from tuneline.train.flow_matching import flow_matching_loss, loss_weighting
-
         latents = batch["latents"]
         device = latents.device
         noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
         sigmas = self.sigmas(latents.shape[0], tuple(latents.shape[-2:]), generator, device)
-        prediction, target, x0_pred = self._prediction_and_target(modules, batch, noise, sigmas)
-        weighting = loss_weighting(self.config.flow_matching.loss_weighting, sigmas)
-        weighted = flow_matching_loss(prediction, target, weighting, host_to_device(batch["loss_weight"], device),
-                                      reduce=False)
-        losses, metrics = with_structure(weighted, batch, x0_pred, latents, self.latent_rgb)
+        losses, _, _, metrics = self._sample_losses(modules, batch, noise, sigmas)
         return losses.mean(), {"sigma_mean": sigmas.detach().float().mean(), **metrics}
 
     def per_sample_losses(self, modules: dict[str, Any], batch: dict[str, Any], noise: Any, timesteps: Any,
@@ -267,18 +260,26 @@ class ZImageAdapter:
         """(weighted, unweighted) loss of each sample at the given noise and noise levels (the validation
         loss): sigma = timesteps / 1000, unshifted; weighted by train.flow_matching.loss_weighting and
         the data set's weight with the style/structure terms added, or the plain squared error."""
-        from tuneline.models.loading import host_to_device
-        from tuneline.train.flow_matching import flow_matching_loss, loss_weighting
         from tuneline.train.loss import per_sample_mse
 
+        sigmas = timesteps.float().to(batch["latents"].device) / 1000.0
+        losses, prediction, target, _ = self._sample_losses(modules, batch, noise, sigmas)
+        return losses, per_sample_mse(prediction, target)
+
+    def _sample_losses(self, modules: dict[str, Any], batch: dict[str, Any], noise: Any,
+                       sigmas: Any) -> tuple[Any, Any, Any, dict[str, Any]]:
+        """(each sample's training loss: the flow weighting and the data set's weight, the style/structure terms
+        added; the prediction; the target; the structure terms to log) at `noise`, `sigmas`."""
+        from tuneline.models.loading import host_to_device
+        from tuneline.train.flow_matching import flow_matching_loss, loss_weighting
+
         latents = batch["latents"]
-        sigmas = timesteps.float().to(latents.device) / 1000.0
         prediction, target, x0_pred = self._prediction_and_target(modules, batch, noise, sigmas)
         weighting = loss_weighting(self.config.flow_matching.loss_weighting, sigmas)
         weighted = flow_matching_loss(prediction, target, weighting, host_to_device(batch["loss_weight"], latents.device),
                                       reduce=False)
-        losses, _ = with_structure(weighted, batch, x0_pred, latents, self.latent_rgb)
-        return losses, per_sample_mse(prediction, target)
+        losses, metrics = with_structure(weighted, batch, x0_pred, latents, self.latent_rgb)
+        return losses, prediction, target, metrics
 
     def _prediction_and_target(self, modules: dict[str, Any], batch: dict[str, Any], noise: Any,
                                sigmas: Any) -> tuple[Any, Any, Any]:
