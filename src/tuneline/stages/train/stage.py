@@ -49,6 +49,23 @@ if TYPE_CHECKING:
     from tuneline.train.trainer import Trainer
 
 
+def rows_until(path: Path, step: int) -> list[dict[str, str]]:
+    """The rows of the run's CSV at `path` up to `step` (a resumed run drops the rows it will write again)."""
+    if not (path.is_file() and step > 0):
+        return []
+    with open(path, newline="") as handle:
+        return [row for row in csv.DictReader(handle) if int(row["step"]) <= step]
+
+
+def csv_bytes(fields: list[str], rows: list[dict[str, str]]) -> bytes:
+    """The tracked CSV (metrics/*.csv, DVC outputs) of `rows` in the columns `fields`: CRLF lines, empty cells."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=fields, restval="", extrasaction="ignore", lineterminator="\r\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue().encode("utf-8")
+
+
 class LossCurve:
     """The run's loss history, kept beside its checkpoints: one row per logged step (step, loss, lr,
     and the wall seconds per step since the previous row); rows past a resumed step are dropped.
@@ -62,10 +79,7 @@ class LossCurve:
         self.path = Path(path)
         self.terms = list(terms or [])
         self.fields, self.tracked = self.FIELDS + self.terms, self.TRACKED + self.terms
-        self.rows: list[dict[str, str]] = []
-        if self.path.is_file() and resumed_step > 0:
-            with open(self.path, newline="") as handle:
-                self.rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= resumed_step]
+        self.rows = rows_until(self.path, resumed_step)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.handle = open(self.path, "w", newline="")
         self.writer = csv.DictWriter(self.handle, fieldnames=self.fields, restval="", extrasaction="ignore")
@@ -87,12 +101,7 @@ class LossCurve:
 
     def tracked_csv(self) -> bytes:
         """metrics/train_loss.csv: step, loss, lr (and the loss's parts, `terms`) of every row."""
-        text = io.StringIO(newline="")
-        writer = csv.DictWriter(text, fieldnames=self.tracked, restval="", extrasaction="ignore",
-                                lineterminator="\r\n")
-        writer.writeheader()
-        writer.writerows(self.rows)
-        return text.getvalue().encode("utf-8")
+        return csv_bytes(self.tracked, self.rows)
 
     def last_loss(self) -> float | None:
         return float(self.rows[-1]["loss"]) if self.rows else None
@@ -117,10 +126,7 @@ class ValidationCurve:
 
     def __init__(self, path: Path, resumed_step: int, names: list[str]) -> None:
         self.path = Path(path)
-        self.rows: list[dict[str, str]] = []
-        if self.path.is_file() and resumed_step > 0:
-            with open(self.path, newline="") as handle:
-                self.rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= resumed_step]
+        self.rows = rows_until(self.path, resumed_step)
         columns = ["step", *(self.column(name) for name in names)]
         # Columns of earlier sessions (another data set, other levels) stay, after today's.
         self.fields = columns + [key for row in self.rows for key in row if key not in columns]
@@ -142,11 +148,7 @@ class ValidationCurve:
 
     def tracked_csv(self) -> bytes:
         """metrics/train_val.csv: every row (the header alone when the run validates nothing)."""
-        text = io.StringIO(newline="")
-        writer = csv.DictWriter(text, fieldnames=self.fields, restval="", extrasaction="ignore", lineterminator="\r\n")
-        writer.writeheader()
-        writer.writerows(self.rows)
-        return text.getvalue().encode("utf-8")
+        return csv_bytes(self.fields, self.rows)
 
     def best(self) -> tuple[int, float] | None:
         """(step, loss) of the lowest validation loss in the history, the earliest on a tie."""
