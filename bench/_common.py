@@ -138,3 +138,14 @@ def make_trainer(adapter_class: type, params: Any, root: Path, run_dir: Path, fr
                             adapter_class(params.model, params.train, root))
     trainer.setup()
     return trainer
+
+
+def image_cache(folder: Path, spec: dict[str, Any]) -> Path:
+    """`folder`, a cache of generated images that later runs reuse: emptied first when its spec.json
+    is missing or differs from `spec` (another generator version, seed or Pillow), then `spec` recorded."""
+    spec_file = folder / "spec.json"
+    if folder.exists() and (not spec_file.is_file() or json.loads(spec_file.read_text()) != spec):
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    spec_file.write_text(json.dumps(spec, indent=2) + "\n")
+    return folder

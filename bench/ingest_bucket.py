@@ -42,7 +42,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from bench._common import bench_main, goal, print_goals
+from bench._common import bench_main, goal, image_cache, print_goals
 
 NAME = "ingest_bucket"
 REPO = Path(__file__).resolve().parents[1]
@@ -141,13 +141,8 @@ def ensure_images(work: Path, count: int) -> tuple[list[tuple[str, Path]], Path,
     depends only on the spec and its index, so files from an earlier run with another
     --images are reused as they are.
     """
-    images_dir = work / "images"
-    spec = {"generator": GENERATOR_VERSION, "seed": SEED, "quality": QUALITY, "pillow": Image.__version__}
-    spec_file = images_dir / "spec.json"
-    if images_dir.exists() and (not spec_file.is_file() or json.loads(spec_file.read_text()) != spec):
-        shutil.rmtree(images_dir)
-    images_dir.mkdir(parents=True, exist_ok=True)
-    spec_file.write_text(json.dumps(spec, indent=2) + "\n")
+    images_dir = image_cache(work / "images", {"generator": GENERATOR_VERSION, "seed": SEED, "quality": QUALITY,
+                                               "pillow": Image.__version__})
     indices = [*range(count), EXTRA_INDEX]
     missing = [i for i in indices if not image_path(images_dir, i)[1].is_file()]
     started = time.perf_counter()

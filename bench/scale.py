@@ -46,7 +46,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bench._common import bench_main, goal, note_load, print_goals
+from bench._common import bench_main, goal, image_cache, note_load, print_goals
 
 NAME = "scale"
 REPO = Path(__file__).resolve().parents[1]
@@ -99,13 +99,8 @@ def ensure_images(work: Path, count: int) -> tuple[Path, float]:
     """WORK/images with images 0..count-1 and the extra one, generated where missing; seconds spent."""
     from PIL import Image
 
-    folder = work / "images"
-    spec = {"generator": GENERATOR_VERSION, "seed": SEED, "quality": QUALITY, "pillow": Image.__version__}
-    spec_file = folder / "spec.json"
-    if folder.exists() and (not spec_file.is_file() or json.loads(spec_file.read_text()) != spec):
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    spec_file.write_text(json.dumps(spec) + "\n")
+    folder = image_cache(work / "images", {"generator": GENERATOR_VERSION, "seed": SEED, "quality": QUALITY,
+                                           "pillow": Image.__version__})
     missing = [i for i in [*range(count), EXTRA_INDEX] if not (folder / image_name(i)).is_file()]
     started = time.perf_counter()
     if missing:
