@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,25 @@ def test_each_level_stores_what_the_byte_formula_says_tensor_for_tensor(level):
         error = ((out.float() - exact.float()).norm() / exact.float().norm()).item()
         assert error < {"int8": 0.02, "fp8": 0.08, "nf4": 0.15}[level], (level, out_features, in_features, error)
     assert len(list(quantized_layers([real]))) == len(shapes)
+
+
+def test_nf4_on_the_meta_device_first_leaves_real_nf4_working():
+    """bitsandbytes caches a code map on the device of the first tensor it quantizes: a memory estimate
+    (meta device) first in a process must not break every real nf4 quantization after it. A fresh
+    process, so the cache starts empty as it does in a user's `tuneline check` then train."""
+    script = textwrap.dedent("""
+        import torch
+        from tuneline.models.quantize import quantize_frozen, stored_tensors
+        meta = torch.nn.Sequential(torch.nn.Linear(64, 96, device="meta")).requires_grad_(False)
+        assert quantize_frozen(meta, "nf4", torch.bfloat16) == 1
+        real = torch.nn.Sequential(torch.nn.Linear(64, 96)).requires_grad_(False)
+        assert quantize_frozen(real, "nf4", torch.bfloat16) == 1
+        assert all(not t.is_meta for t in stored_tensors(real[0]).values())
+        print("ok", tuple(real(torch.randn(2, 64, dtype=torch.bfloat16)).shape))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "ok (2, 96)"
 
 
 def test_a_quantized_layer_keeps_only_its_quantized_weight_for_backward():

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -178,6 +179,27 @@ def _layer_class(level: str) -> type:
     return {"int8": Int8Linear, "fp8": Fp8Linear}[level]
 
 
+@contextmanager
+def _bnb_code_map_kept_off_meta() -> Iterator[None]:
+    """bitsandbytes caches its 8-bit code map (for the statistics of compressed nf4) in a module
+    global, on the device of the first tensor it quantizes, and later moves it with `.to(device)`.
+    Created by a memory estimate on the meta device, it has no data, and every real nf4
+    quantization after it in the process fails ("Cannot copy out of meta tensor"). So a map left on
+    the meta device is dropped, before and after."""
+    from bitsandbytes import functional
+
+    def drop_meta_map() -> None:
+        cached = functional.name2qmap.get("dynamic")
+        if cached is not None and cached.is_meta:
+            del functional.name2qmap["dynamic"]
+
+    drop_meta_map()
+    try:
+        yield
+    finally:
+        drop_meta_map()
+
+
 def _quantized_layer(level: str, layer: Any, device: Any = None) -> Any:
     """The quantized replacement of the frozen nn.Linear `layer` (its weight in its dtype), on `device`
     (None: the weight's)."""
@@ -192,8 +214,9 @@ def _quantized_layer(level: str, layer: Any, device: Any = None) -> Any:
 
         new = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, compute_dtype=weight.dtype,
                   compress_statistics=True, quant_type="nf4", quant_storage=torch.uint8, device="meta")
-        data, state = bnb.functional.quantize_4bit(weight, blocksize=NF4_BLOCK, compress_statistics=True,
-                                                   quant_type="nf4", quant_storage=torch.uint8)
+        with _bnb_code_map_kept_off_meta():
+            data, state = bnb.functional.quantize_4bit(weight, blocksize=NF4_BLOCK, compress_statistics=True,
+                                                       quant_type="nf4", quant_storage=torch.uint8)
         new.weight = bnb.nn.Params4bit(data, requires_grad=False, quant_state=state, blocksize=NF4_BLOCK,
                                        compress_statistics=True, quant_type="nf4", quant_storage=torch.uint8,
                                        module=new, bnb_quantized=True)
