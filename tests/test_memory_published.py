@@ -62,12 +62,16 @@ def estimate(root):
 
     done: dict[str, Any] = {}
 
-    def of(data: dict[str, Any]) -> Any:
-        key = json.dumps(data, sort_keys=True)
+    def of_params(params: Any, _root: Path = root) -> Any:
+        key = params.model_dump_json()
         if key not in done:
-            done[key] = estimate_training_memory(validated(data), root)
+            done[key] = estimate_training_memory(params, root)
         return done[key]
 
+    def of(data: dict[str, Any]) -> Any:
+        return of_params(validated(data))
+
+    of.of_params = of_params  # plan_fit's estimator: its candidates are the round trips' params
     return of
 
 
@@ -175,7 +179,7 @@ def assert_plan_round_trips(plan, data: dict[str, Any], estimate) -> None:
 def plan_for(data: dict[str, Any], card_gib: float, root: Path, estimate):
     from tuneline.stages.train.fit import plan_fit
 
-    return plan_fit(validated(data), root, card_gib, estimate(data))
+    return plan_fit(validated(data), root, card_gib, estimate(data), estimator=estimate.of_params)
 
 
 def test_fit_from_an_expensive_start_takes_the_cheapest_changes_in_order(root, estimate):

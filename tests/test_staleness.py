@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from test_dvc_pipeline import REPO, dvc, run_report
 from test_flows import demo_project
 
-STAGES = ("models", "ingest", "bucket", "autoencoder", "caption", "latents", "train")
+# Through latents: that a new latent starts a new training run (never a resume) is test_dvc_pipeline's.
+STAGES = ("models", "ingest", "bucket", "autoencoder", "caption", "latents")
 
 
 def ran(out: str) -> set[str]:
@@ -23,11 +24,9 @@ def ran(out: str) -> set[str]:
 
 @pytest.fixture
 def demo(tmp_path):
-    """The demo through `train` (2 steps, no live samples), under git and DVC."""
+    """The demo through `latents`, under git and DVC."""
     demo_project(tmp_path, STAGES)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["train"].update(num_steps=2)
-    params["render"].update(live_every=0)
     params["tracking"] = {"enabled": False}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return tmp_path
@@ -57,7 +56,7 @@ def test_renames_and_models_replaced_in_place(demo):
     params["model"]["vae"] = "my-vae"
     (demo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # (autoencoder reads the model too: off, it reruns as the no-op it is)
-    assert ran(dvc(demo, "repro")) == {"models", "autoencoder", "caption", "latents", "train"}
+    assert ran(dvc(demo, "repro")) == {"models", "autoencoder", "caption", "latents"}
     assert (run_report(demo, "caption")["computed"], run_report(demo, "latents")["computed"]) == (0, 0)
     first_identity = json.loads((demo / "models/identity/models.json").read_text())["model.vae"]["identity"]
 
@@ -68,9 +67,8 @@ def test_renames_and_models_replaced_in_place(demo):
     tensors[name] = tensors[name] + 0.01
     save_file(tensors, weights)
     out = dvc(demo, "repro")
-    assert ran(out) == {"models", "autoencoder", "caption", "latents", "train"}, out  # caption reruns, computes nothing
+    assert ran(out) == {"models", "autoencoder", "caption", "latents"}, out  # caption reruns, computes nothing
     assert json.loads((demo / "models/identity/models.json").read_text())["model.vae"]["identity"] != first_identity
     assert (run_report(demo, "caption")["computed"], run_report(demo, "latents")["computed"]) == (0, 14)
-    assert run_report(demo, "train")["computed"] == 2  # a new run on the new latents, not a resume
 
     assert ran(dvc(demo, "repro")) == {"models"}  # unchanged: only the identity check runs

@@ -254,16 +254,20 @@ KNOBS: tuple[Callable[[Any, MemoryEstimate], Proposal], ...] = (
     _resolution)
 
 
-def plan_fit(params: Any, root: Path, card_gib: float, start: MemoryEstimate | None = None) -> FitPlan:
+def plan_fit(params: Any, root: Path, card_gib: float, start: MemoryEstimate | None = None,
+             estimator: Callable[[Any, Path], MemoryEstimate] | None = None) -> FitPlan:
     """The shortest prefix of the knobs' changes (cheapest first) whose estimated peak fits a card of
     `card_gib` GiB; when none fits, every change that saved memory, and the smallest peak reached.
-    `start`: the estimate of `params` when the caller has it (saves one model build)."""
+    `start`: the estimate of `params` when the caller has it (saves one model build). `estimator`:
+    what prices a candidate (default estimate_training_memory; a caller that estimates the same
+    params again, as the tests do, passes one that remembers)."""
     from tuneline.stages.train.memory import estimate_training_memory
 
+    price = estimator or estimate_training_memory
     began = time.perf_counter()
     plan = FitPlan(card_gib=card_gib, start=0)
     if start is None:
-        start = estimate_training_memory(params, root)
+        start = price(params, root)
         plan.estimates += 1
     plan.start = start.peak
     current, estimate = params, start
@@ -284,7 +288,7 @@ def plan_fit(params: Any, root: Path, card_gib: float, start: MemoryEstimate | N
                 changed = replace(estimate, optimizer=estimate.optimizers[name], optimizer_name=name)
             else:
                 try:
-                    changed = estimate_training_memory(candidate, root)
+                    changed = price(candidate, root)
                 except Exception as error:  # noqa: BLE001 - one knob the estimate cannot price: try the next
                     plan.notes.append(f"{shown}: no estimate ({type(error).__name__}: {str(error).strip()[:160]})")
                     break
