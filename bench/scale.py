@@ -63,7 +63,7 @@ DERIVED = ("data/ingested", "data/bucketed", "data/captioned", "data/latents")
 STORE = ".tuneline/store"
 DVC_CACHE = ".dvc/cache"
 PROJECT_FILES = ("dvc.yaml", "params.yaml", ".dvcignore", "prompts.yaml")
-PROJECT_TREES = ("stages", "src", ".dvc")
+PROJECT_TREES = ("stages", "src", "data/caption_edits", ".dvc")
 
 GOAL_PLUS_ONE = 2.0  # +1 image at the largest scale / at the smallest
 GOAL_NOOP_S = 5.0  # no-op repro and dvc status at the largest scale

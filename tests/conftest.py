@@ -31,6 +31,9 @@ import pytest  # noqa: E402
 import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
 
+# The folders a copy of the project needs to run under DVC (each test adds its files and params).
+PROJECT_TREES = ("stages", "src", "data/raw", "data/caption_edits", ".dvc")
+
 # `make test` hands whole files to its two workers in this order (`--dist loadfile
 # --no-loadscope-reorder`): the longest first, so that the last file a worker takes is a short
 # one and neither waits long for the other at the end (measured). Other files follow

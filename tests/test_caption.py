@@ -134,31 +134,115 @@ def test_empty_model_caption_falls_back_to_the_default(five, monkeypatch):
     assert (b0["caption_source"], b0["caption"], b0["model_caption"]) == ("default", "a picture", "")
 
 
-def test_hand_edits_survive_reruns_and_rebuilt_outputs(five):
+def edit_warnings(report) -> list[str]:
+    """The run's warnings, less the tiny random model's."""
+    return [w for w in report.warnings if "tiny RANDOM-weight" not in w]
+
+
+def edit_file(project, record) -> Path:
+    """Where a hand edit of `record`'s caption goes: data/caption_edits/<data set>/<id>.txt."""
+    return project.root / "data/caption_edits" / record["dataset"] / f"{record['id']}.txt"
+
+
+def write_edit(project, record, text: str) -> None:
+    edit_file(project, record).parent.mkdir(parents=True, exist_ok=True)
+    edit_file(project, record).write_text(text, "utf-8")
+
+
+def test_edits_in_the_edits_folder_win_in_every_mode_and_survive_rebuilt_outputs(five):
     caption(five)
     found = records(five)
-    text_file(five, found["a1.jpg"]).write_text("my own words\r\n", "utf-8")
-    text_file(five, found["a0.jpg"]).write_text("trig, a cat, edited", "utf-8")  # a sidecar caption, edited
+    write_edit(five, found["a1.jpg"], "my own words\r\n")
+    write_edit(five, found["a0.jpg"], "trig, a cat, edited")  # a sidecar caption, edited
 
     report = caption(five)
-    assert (report.computed, report.extra["hand_edits_found"], report.extra["hand_edited"]) == (0, 2, 2)
+    assert (report.computed, report.extra["hand_edits_moved"], report.extra["hand_edited"]) == (0, 0, 2)
+    assert edit_warnings(report) == []
     found = records(five)
     assert (found["a1.jpg"]["caption_source"], found["a1.jpg"]["caption"]) == ("hand_edited", "my own words")
-    assert found["a0.jpg"]["caption"] == "trig, a cat, edited"
-    assert (five.root / ".tuneline/store/caption-edits" / f"{found['a1.jpg']['id']}.txt").is_file()
+    assert found["a0.jpg"]["caption"] == "trig, a cat, edited"  # verbatim: no second trigger word
+    assert text_file(five, found["a1.jpg"]).read_text() == "my own words\n"
 
-    # Rebuilt output (rm -rf, or a dvc checkout of a copy without the edit): the edit stays.
+    # Rebuilt output (rm -rf, or a dvc checkout of a copy without the edit): the edit is an input, it stays.
     shutil.rmtree(five.root / "data/captioned")
     report = caption(five, mode="overwrite")  # hand edits win in every mode
-    assert (report.extra["hand_edits_found"], report.extra["hand_edited"]) == (0, 2)
+    assert (report.extra["hand_edits_moved"], report.extra["hand_edited"]) == (0, 2)
     assert records(five)["a1.jpg"]["caption"] == "my own words"
 
     # Emptying the file goes back to the automatic caption.
-    text_file(five, records(five)["a1.jpg"]).write_text("\n")
+    edit_file(five, records(five)["a1.jpg"]).write_text("\n")
     report = caption(five)
     a1 = records(five)["a1.jpg"]
     assert (report.extra["hand_edited"], a1["caption_source"]) == (1, "model")
     assert a1["caption"] == f"trig, {a1['model_caption']}"
+
+
+def test_a_caption_edited_in_place_moves_to_the_edits_folder_and_dvcs_cached_copy_gets_its_bytes_back(five):
+    """As DVC leaves the output with `cache.type: hardlink`: each file a read-only link to its cache
+    object (.dvc/cache/files/md5/<md5>). An edit in place (root ignores the read-only bit) changes the
+    cache object too; the next run keeps the edit in the edits folder and writes the cached bytes back."""
+    import hashlib
+
+    caption(five)
+    found = records(five)
+    path = text_file(five, found["a1.jpg"])
+    original = path.read_bytes()
+    digest = hashlib.md5(original).hexdigest()
+    (five.root / ".dvc").mkdir()
+    (five.root / ".dvc/config").write_text("[core]\n    no_scm = true\n")
+    cached = five.root / ".dvc/cache/files/md5" / digest[:2] / digest[2:]
+    cached.parent.mkdir(parents=True)
+    os.link(path, cached)
+    os.chmod(path, 0o644)  # what `:w!` or a root shell does to a read-only file
+    path.write_text("my own words\n", "utf-8")
+    os.chmod(path, 0o444)
+    assert cached.read_bytes() == b"my own words\n"  # the cache object, changed under its old hash
+    path.unlink()  # DVC copies a changed output before it reruns the stage: the link is gone
+    path.write_text("my own words\n", "utf-8")
+
+    report = caption(five)
+    assert cached.read_bytes() == original and (cached.stat().st_mode & 0o777) == 0o444
+    assert edit_file(five, found["a1.jpg"]).read_text() == "my own words\n"
+    assert (report.extra["hand_edits_moved"], report.extra["hand_edited"]) == (1, 1)
+    assert records(five)["a1.jpg"]["caption"] == "my own words"
+    [warning] = edit_warnings(report)
+    assert "1 caption(s) edited in place in data/captioned moved to data/caption_edits/" in warning
+    assert "went through into 1 of DVC's cached copies, which got their bytes back" in warning
+
+    # Edited in place and in the folder since the last run: the folder's edit is kept, the clash named.
+    write_edit(five, found["a1.jpg"], "the folder's words")
+    text_file(five, found["a1.jpg"]).write_text("words in place\n", "utf-8")
+    report = caption(five)
+    assert records(five)["a1.jpg"]["caption"] == "the folder's words"
+    assert report.extra["hand_edits_moved"] == 0
+    assert edit_warnings(report) == [
+        f"data/captioned/{found['a1.jpg']['caption_file']} was edited in place while "
+        f"data/caption_edits/{found['a1.jpg']['caption_file']} was edited too: the edit in data/caption_edits/ is kept"]
+
+
+def test_edits_an_older_tuneline_kept_in_the_store_move_to_the_folder(five):
+    caption(five)
+    found = records(five)
+    legacy = five.root / ".tuneline/store/caption-edits"
+    legacy.mkdir(parents=True)
+    (legacy / f"{found['a2.jpg']['id']}.txt").write_text("kept by an older version\n")
+    report = caption(five)
+    assert edit_file(five, found["a2.jpg"]).read_text() == "kept by an older version\n"
+    assert not list(legacy.iterdir())
+    assert (report.extra["hand_edits_moved"], records(five)["a2.jpg"]["caption"]) == (1, "kept by an older version")
+    assert any("kept by an older tuneline in the item store moved to data/caption_edits/" in w for w in report.warnings)
+
+
+def test_edits_that_match_no_image_are_named(five):
+    caption(five)
+    found = records(five)
+    write_edit(five, found["b0.png"], "a kept edit")
+    (five.root / "data/caption_edits/beta/0000dead.txt").write_text("an image that was replaced")
+    (five.root / "data/caption_edits/README.md").write_text("not an edit")
+    report = caption(five)
+    assert report.extra["hand_edited"] == 1
+    assert edit_warnings(report) == ["1 caption edit(s) in data/caption_edits/ match no image (replaced or removed; "
+                               "an edit follows the image's content): beta/0000dead.txt"]
 
 
 def test_an_older_output_put_back_is_not_a_hand_edit(five):
@@ -171,8 +255,9 @@ def test_an_older_output_put_back_is_not_a_hand_edit(five):
     shutil.rmtree(five.root / "data/captioned")
     shutil.copytree(old, five.root / "data/captioned")
     report = caption(five)
-    assert (report.extra["hand_edits_found"], report.extra["hand_edited"]) == (0, 0)
+    assert (report.extra["hand_edits_moved"], report.extra["hand_edited"]) == (0, 0)
     assert records(five)["a1.jpg"]["caption"].startswith("other, ")
+    assert not (five.root / "data/caption_edits").exists()
 
 
 def test_adding_one_image_captions_one(five):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import save_photo
+from conftest import PROJECT_TREES, save_photo
 from test_flows import prefect_env  # noqa: F401  (autouse: ephemeral Prefect, one PREFECT_HOME per session)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ def tracked_files(root: Path) -> dict[str, str]:
 def test_dvc_repro_runs_the_demo_and_reruns_only_what_changed(tmp_path):
     for name in ("dvc.yaml", "params.yaml", ".dvcignore", "prompts.yaml"):
         shutil.copy(REPO / name, tmp_path / name)
-    for name in ("stages", "src", "data/raw", ".dvc"):
+    for name in PROJECT_TREES:
         shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     # The demo's 30 training steps and 8-step renders, three times over, would dominate the test:

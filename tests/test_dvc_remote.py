@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import PROJECT_TREES
+
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("ingest", "bucket")  # the run-cache works the same for every stage; these two are fast
 
@@ -37,7 +39,7 @@ def project_copy(root: Path, remote: Path) -> Path:
     root.mkdir(parents=True)
     for name in ("params.yaml", ".dvcignore", "prompts.yaml", ".gitignore"):
         shutil.copy(REPO / name, root / name)
-    for name in ("stages", "src", "data/raw", ".dvc"):
+    for name in PROJECT_TREES:
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
     document = yaml.safe_load((REPO / "dvc.yaml").read_text())
     document["stages"] = {name: spec for name, spec in document["stages"].items() if name in STAGES}

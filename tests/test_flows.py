@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import save_photo
+from conftest import PROJECT_TREES, save_photo
 
 REPO = Path(__file__).resolve().parents[1]
 FLOW_STAGES = ("models", "ingest", "bucket", "autoencoder", "caption", "latents", "train")
@@ -57,7 +57,7 @@ def demo_project(root: Path, stages: tuple[str, ...] = FLOW_STAGES) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for name in ("params.yaml", ".dvcignore", "prompts.yaml"):
         shutil.copy(REPO / name, root / name)
-    for name in ("stages", "src", "data/raw", ".dvc"):
+    for name in PROJECT_TREES:
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
     document = yaml.safe_load((REPO / "dvc.yaml").read_text())
     document["stages"] = {name: spec for name, spec in document["stages"].items() if name in stages}

@@ -145,7 +145,8 @@ def test_registry_dvc_yaml_and_entry_points_agree():
 # Modules that cannot change what a stage produces: params models (their values, defaults
 # included, are in every key), bookkeeping, display, locking, tracking, orchestration. Their
 # imports are not followed. Tiny models count through the content of the files they build.
-# The latents stage's output/report module rebuilds the output folder from the store every run,
+# The caption stage's edits module picks a hand edit over the stored model caption when the output
+# is written; the store holds model captions only. The latents stage's output/report module rebuilds the output folder from the store every run,
 # its prompts module only picks which prompt texts its text cache encodes (text.py and keys.py make
 # them) and writes their index, and the text-cache rule only decides whether text items are made and
 # used: none decides a stored item's bytes or key (the train stage's CODE covers the rule with all of
@@ -156,6 +157,7 @@ NOT_RESULT_SHAPING = ("tuneline.config", "tuneline.preflight", "tuneline.cli", "
                       "tuneline.core.stops",
                       "tuneline.core.codeversion", "tuneline.core.tracking", "tuneline.orchestration", "tuneline.tiny",
                       "tuneline.stages.latents.output", "tuneline.stages.latents.prompts",
+                      "tuneline.stages.caption.edits",
                       "tuneline.train.cached_text")
 
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from safetensors import safe_open
 
-from conftest import save_photo
+from conftest import PROJECT_TREES, save_photo
 from test_dvc_pipeline import STAGES, dvc, flow, metrics, run_report, tracked_files
 from test_flows import prefect_env  # noqa: F401  (autouse: ephemeral Prefect, one PREFECT_HOME per session)
 
@@ -40,7 +40,7 @@ def test_the_zimage_params_are_the_demo_params_with_the_family_changes_only():
 def test_dvc_repro_runs_the_zimage_demo_and_reruns_only_what_changed(tmp_path):
     for name in ("dvc.yaml", ".dvcignore", "prompts.yaml"):
         shutil.copy(REPO / name, tmp_path / name)
-    for name in ("stages", "src", "data/raw", ".dvc"):
+    for name in PROJECT_TREES:
         shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     document = yaml.safe_load((REPO / "params.zimage.yaml").read_text())

@@ -10,6 +10,8 @@ BUCKETED = "data/bucketed"
 # The autoencoder stage's fine-tuned VAE (a diffusers AutoencoderKL folder), or its disabled record.
 AUTOENCODER = "models/autoencoder"
 CAPTIONED = "data/captioned"
+# Captions a person edited, by data set and item id: an input of the caption stage (git tracks it).
+CAPTION_EDITS = "data/caption_edits"
 LATENTS = "data/latents"
 # The latents stage's second output: the render prompts' text embeddings (live samples and render read them).
 PROMPT_EMBEDS = "data/prompt_embeds"

@@ -7,7 +7,7 @@ plus `caption`, `caption_source` (hand_edited | sidecar | model | default),
 
 Where a caption comes from, first match wins:
 
-- hand_edited: a caption a person edited in data/captioned (see below), used verbatim.
+- hand_edited: `data/caption_edits/<data set>/<id>.txt`, used verbatim (tuneline.stages.caption.edits).
 - sidecar: the `<image>.txt` beside the raw image, unless `caption.mode` is overwrite.
 - model: Florence-2 (`caption.model`, `task`, `num_beams`, ...), unless mode is sidecar_only.
 - default: `caption.default_caption`, when the cleaned model caption is empty or, in
@@ -24,14 +24,9 @@ and the default caption are applied when the output is written, so changing them
 runs the model. The model is loaded only when some caption is missing from the store,
 once per run, and unloaded when captioning ends.
 
-Hand edits. Any `data/captioned/<data set>/<id>.txt` may be edited. On the next run
-each .txt is compared with the caption that the same folder's manifest.jsonl records for
-it: the two are written together, and `dvc checkout` restores them together, so a
-difference is a person's edit, never an older output of ours. The edited text is saved
-to `<store_dir>/caption-edits/<id>.txt` and from then on wins in every mode, so it
-survives the output folder being rebuilt or checked out again. Emptying the .txt (or
-deleting its file in caption-edits/) goes back to the automatic caption. Edits are keyed
-by item id, which is the source image's content: a replaced image starts afresh.
+Hand edits live in the input folder `data/caption_edits` and win in every mode; a caption edited
+in place in `data/captioned`, or kept in the item store by an older tuneline, is moved there
+(tuneline.stages.caption.edits, which says why).
 
 Sharding. `shard=(i, n)` (`tuneline caption --shard i/n`) captions only the missing model
 captions whose key is in shard i of n (tuneline.core.store.in_shard) into the shared store,
@@ -48,12 +43,14 @@ from pathlib import Path
 from typing import Any
 
 from tuneline.stages.caption import florence as florence_runner
-from tuneline.stages.caption.text import normalize_caption, read_caption_file, with_trigger
+from tuneline.stages.caption.edits import CaptionEdits, collect_in_place_edits, move_store_edits, repair_dvc_cache
+from tuneline.stages.caption.text import with_trigger
 from tuneline.config import Params
 from tuneline.core.codeversion import code_version
 from tuneline.stages.caption import CODE
 from tuneline.stages.caption.config import CaptionConfig
-from tuneline.core.fsutil import atomic_write_text, digest_json, link_or_copy, rebuilt_dir
+from tuneline.core import layout
+from tuneline.core.fsutil import digest_json, link_or_copy, rebuilt_dir
 from tuneline.core.manifest import MANIFEST, REJECTED, read_manifest, write_jsonl
 from tuneline.models.ref import is_tiny, model_identity, resolve_model
 from tuneline.core.report import StageReport, console
@@ -61,7 +58,6 @@ from tuneline.core.store import ItemStore, in_shard
 
 STAGE = "caption"
 CODE_VERSION = code_version(CODE)  # changes with the code that makes the items
-EDITS_DIR = "caption-edits"
 
 
 def caption_key(image_key: str, model_id: str, config: CaptionConfig, dtype: str) -> str:
@@ -78,46 +74,6 @@ def caption_key(image_key: str, model_id: str, config: CaptionConfig, dtype: str
     })
 
 
-class HandEdits:
-    """Captions a person edited, by item id: `<store_dir>/caption-edits/<id>.txt`."""
-
-    def __init__(self, store_dir: Path) -> None:
-        self.root = Path(store_dir) / EDITS_DIR
-
-    def path(self, item_id: str) -> Path:
-        return self.root / f"{item_id}.txt"
-
-    def get(self, item_id: str) -> str | None:
-        return read_caption_file(self.path(item_id)) or None  # an emptied file is no edit
-
-    def save(self, item_id: str, text: str) -> None:
-        atomic_write_text(self.path(item_id), text)
-
-    def drop(self, item_id: str) -> None:
-        self.path(item_id).unlink(missing_ok=True)
-
-
-def collect_hand_edits(out_dir: Path, edits: HandEdits) -> int:
-    """Save every caption file of the previous output that differs from its manifest; return how many."""
-    try:
-        previous = read_manifest(out_dir)
-    except FileNotFoundError:
-        return 0
-    found = 0
-    for record in previous:
-        if not record.get("caption_file"):
-            continue
-        text = read_caption_file(Path(out_dir) / record["caption_file"])
-        if text is None or text == normalize_caption(record["caption"]):
-            continue
-        if text:
-            edits.save(record["id"], text)
-        else:
-            edits.drop(record["id"])  # an emptied file asks for the automatic caption again
-        found += 1
-    return found
-
-
 @dataclass
 class Planned:
     record: dict[str, Any]
@@ -126,7 +82,7 @@ class Planned:
     key: str | None = None
 
 
-def plan_captions(params: Params, records: list[dict[str, Any]], edits: HandEdits,
+def plan_captions(params: Params, records: list[dict[str, Any]], edits: CaptionEdits,
                   report: StageReport) -> list[Planned]:
     """Decide where each item's caption comes from (see the module docstring)."""
     mode = params.caption.mode
@@ -137,7 +93,7 @@ def plan_captions(params: Params, records: list[dict[str, Any]], edits: HandEdit
             report.reject(record["id"], f"data set {record['dataset']!r} is not in params.yaml any more",
                           dataset=record["dataset"])
             continue
-        edited = edits.get(record["id"])
+        edited = edits.get(record["dataset"], record["id"])
         sidecar = record.get("caption")
         if edited is not None:
             planned.append(Planned(record, "hand_edited", edited))
@@ -193,6 +149,28 @@ def generate_captions(config: CaptionConfig, source: Path | str, device: str, dt
         florence.unload()
 
 
+def report_edits(edits: CaptionEdits, records: list[dict[str, Any]], report: StageReport) -> None:
+    """What the run did with edits outside the edits folder, and edits that match no item."""
+    folder = layout.CAPTION_EDITS
+    report.extra["hand_edits_moved"] = edits.moved_in_place + edits.moved_from_store
+    if edits.moved_in_place:
+        restored = (f"; the edit went through into {edits.repaired} of DVC's cached copies, which got their "
+                    "bytes back" if edits.repaired else "")
+        report.warnings.append(f"{edits.moved_in_place} caption(s) edited in place in data/captioned moved to "
+                               f"{folder}/, where edits belong (DVC may link data/captioned read-only){restored}")
+    if edits.moved_from_store:
+        report.warnings.append(f"{edits.moved_from_store} caption edit(s) kept by an older tuneline in the item "
+                               f"store moved to {folder}/")
+    for path in edits.conflicts:
+        report.warnings.append(f"data/captioned/{path} was edited in place while {folder}/{path} was edited "
+                               f"too: the edit in {folder}/ is kept")
+    orphans = edits.orphans(records)
+    if orphans:
+        shown = ", ".join(orphans[:5]) + (f" and {len(orphans) - 5} more" if len(orphans) > 5 else "")
+        report.warnings.append(f"{len(orphans)} caption edit(s) in {folder}/ match no image (replaced or "
+                               f"removed; an edit follows the image's content): {shown}")
+
+
 def _shard_report(report: StageReport, shard: tuple[int, int], wanted: int, started: float) -> StageReport:
     report.extra.update({"shard": f"{shard[0]}/{shard[1]}", "model_captions_wanted": wanted})
     report.seconds = time.perf_counter() - started
@@ -212,9 +190,12 @@ def run(params: Params, root: Path, bucketed_dir: Path, out_dir: Path, metrics_d
     report.extra["model_loaded"] = False
     records = read_manifest(bucketed_dir)
     store_dir = root / params.store_dir
-    edits = HandEdits(store_dir)
-    # Before anything else: the output folder is about to be rebuilt.
-    report.extra["hand_edits_found"] = collect_hand_edits(out_dir, edits)
+    edits = CaptionEdits(root / layout.CAPTION_EDITS)
+    if shard is None:  # before anything else: the output folder is about to be rebuilt
+        collect_in_place_edits(out_dir, edits)
+        repair_dvc_cache(root, edits)
+        move_store_edits(store_dir, records, edits)
+        report_edits(edits, records, report)
     planned = plan_captions(params, records, edits, report)
 
     wanted = [item for item in planned if item.source == "model"]
