@@ -224,12 +224,21 @@ def run_ours(job: dict[str, Any]) -> dict[str, Any]:
     bucket = run_bucket(params, root, root / "data/ingested", root / "data/bucketed")
     seconds = time.perf_counter() - started
     rss_self, rss_children = peak_rss_mib()
-    sizes = {f"{r['dataset']}/{Path(r['source']).name}": r["bucket"] for r in read_manifest(root / "data/bucketed")}
+    names = source_names(root)
+    sizes = {f"{r['dataset']}/{names[r['id']]}": r["bucket"] for r in read_manifest(root / "data/bucketed")}
     return {"seconds": seconds, "ingest_s": ingest.seconds, "bucket_s": bucket.seconds,
             "images": bucket.produced, "computed": [ingest.computed, bucket.computed],
             "reused": [ingest.reused, bucket.reused],
             "rejected": len(ingest.rejected) + len(bucket.rejected), "sizes": sizes,
             "rss_self_mib": rss_self, "rss_children_mib": rss_children}
+
+
+def source_names(root: Path) -> dict[str, str]:
+    """Item id -> its raw file's name. Manifests after ingest hold ids, not paths (a rename then costs
+    nothing downstream); data/ingested/manifest.jsonl maps each id to its file."""
+    from tuneline.core.manifest import read_manifest
+
+    return {r["id"]: Path(r["source"]).name for r in read_manifest(root / "data/ingested")}
 
 
 def child_main(job_file: str) -> None:
@@ -281,8 +290,9 @@ def psnr_sample(naive_out: Path, ours_root: Path, limit: int = 16) -> tuple[floa
     from tuneline.core.manifest import read_manifest
 
     values = []
+    names = source_names(ours_root)
     for record in read_manifest(ours_root / "data/bucketed")[:limit]:
-        theirs = naive_out / record["dataset"] / (Path(record["source"]).stem + ".png")
+        theirs = naive_out / record["dataset"] / (Path(names[record["id"]]).stem + ".png")
         if not theirs.is_file():  # the image added for the incremental rerun
             continue
         with Image.open(theirs) as a, Image.open(ours_root / "data/bucketed" / record["image"]) as b:
