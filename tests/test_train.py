@@ -627,6 +627,11 @@ def test_speed_settings_leave_the_run_key_and_resume_alone():
     plain = TrainConfig()
     faster = TrainConfig(compile=True, compile_scope="model", channels_last=True, mixed_precision="bf16")
     assert key(plain) == key(faster)
+    # Another batch size or data is another run (its saved sampler position indexes other batches):
+    # a bucket.batch_size change under `dvc repro` trains anew, never "resumes".
+    config = plain.model_dump(mode="json")
+    assert len({key(plain), checkpoint.run_key(config, {"base": "m"}, "data", 1, {"64x64": 1}),
+                checkpoint.run_key(config, {"base": "m"}, "other data", 1, {"64x64": 2})}) == 3
     # A checkpoint written before these settings existed resumes without a note about them.
     older = {k: v for k, v in plain.model_dump(mode="json").items() if k not in ("compile_scope", "channels_last")}
     assert checkpoint.compare_configs(older, plain.model_dump(mode="json")) == ([], [])
