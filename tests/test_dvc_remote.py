@@ -44,6 +44,9 @@ def project_copy(root: Path, remote: Path) -> Path:
     document = yaml.safe_load((REPO / "dvc.yaml").read_text())
     document["stages"] = {name: spec for name, spec in document["stages"].items() if name in STAGES}
     (root / "dvc.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["tracking"] = {"enabled": False}  # MLflow has no part in what the remote carries
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     dvc(root, "remote", "add", "-d", "shared", str(remote))
     git(root, "add", "-A")

@@ -47,6 +47,9 @@ def test_dvc_repro_runs_the_zimage_demo_and_reruns_only_what_changed(tmp_path):
     # As in the SDXL demo test: 4 steps and 2-step 128 px renders prove the same as the demo's 30 and 8.
     document["train"]["num_steps"] = 4
     document["render"].update(steps=2, height=128, width=128, live_every=2)  # live samples at steps 2 and 4
+    # MLflow is the SDXL tests' (test_dvc_pipeline, test_flows): each tracked stage process pays about
+    # 3.5 s to import it and open its store, and this test starts 20 of them.
+    document["tracking"] = {"enabled": False}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
 
     out = dvc(tmp_path, "repro")
