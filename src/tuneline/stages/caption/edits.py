@@ -32,7 +32,6 @@ from tuneline.core.manifest import read_manifest
 from tuneline.stages.caption.text import normalize_caption, read_caption_file
 
 LEGACY_STORE_DIR = "caption-edits"  # <store_dir>/caption-edits/<id>.txt, before the edits folder
-README = "README.md"
 
 
 @dataclass
@@ -74,12 +73,12 @@ def collect_in_place_edits(out_dir: Path, edits: CaptionEdits) -> None:
     for record in previous:
         if not record.get("caption_file"):
             continue
-        path = Path(out_dir) / record["caption_file"]
-        text = read_caption_file(path)
-        if text is None or text == normalize_caption(record["caption"]):
+        written = normalize_caption(record["caption"])
+        text = read_caption_file(Path(out_dir) / record["caption_file"])
+        if text is None or text == written:
             continue
         folder_edit = read_caption_file(edits.path(record["dataset"], record["id"]))
-        if folder_edit is not None and folder_edit != normalize_caption(record["caption"]):
+        if folder_edit is not None and folder_edit != written:
             # Both changed since the last run: the folder's edit is the one kept, the other is named.
             edits.conflicts.append(record["caption_file"])
         else:

@@ -156,13 +156,13 @@ def report_edits(edits: CaptionEdits, records: list[dict[str, Any]], report: Sta
     if edits.moved_in_place:
         restored = (f"; the edit went through into {edits.repaired} of DVC's cached copies, which got their "
                     "bytes back" if edits.repaired else "")
-        report.warnings.append(f"{edits.moved_in_place} caption(s) edited in place in data/captioned moved to "
-                               f"{folder}/, where edits belong (DVC may link data/captioned read-only){restored}")
+        report.warnings.append(f"{edits.moved_in_place} caption(s) edited in place in {layout.CAPTIONED} moved to "
+                               f"{folder}/, where edits belong (DVC may link {layout.CAPTIONED} read-only){restored}")
     if edits.moved_from_store:
         report.warnings.append(f"{edits.moved_from_store} caption edit(s) kept by an older tuneline in the item "
                                f"store moved to {folder}/")
     for path in edits.conflicts:
-        report.warnings.append(f"data/captioned/{path} was edited in place while {folder}/{path} was edited "
+        report.warnings.append(f"{layout.CAPTIONED}/{path} was edited in place while {folder}/{path} was edited "
                                f"too: the edit in {folder}/ is kept")
     orphans = edits.orphans(records)
     if orphans:
