@@ -38,11 +38,13 @@ def added_later_defaults() -> dict[str, Any]:
     default (dumped): at the default they are left out of the run key and read as set in older checkpoints,
     so a run started before the setting existed keeps its folder and resumes without a note."""
     from tuneline.models.autoencoder.config import VQConfig
-    from tuneline.train.config import FlowMatchingConfig, StructureConfig, ValidationConfig
+    from tuneline.train.config import FlowMatchingConfig, LossConfig, StructureConfig, ValidationConfig
 
     return {"flow_matching": FlowMatchingConfig().model_dump(mode="json"),
             "validation": ValidationConfig().model_dump(mode="json"),
             "loss.structure": StructureConfig().model_dump(mode="json"),
+            # issue 29: the loss type and its Huber threshold schedule
+            **{f"loss.{key}": getattr(LossConfig(), key) for key in ("type", "huber_c", "huber_schedule")},
             # the autoencoder section's (issue 27): a kl run started before them keeps its folder
             "kind": "kl", "vq": VQConfig().model_dump(mode="json")}
 

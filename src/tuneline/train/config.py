@@ -98,8 +98,31 @@ class DatasetLossConfig(Section):
 
 
 class LossConfig(Section):
-    """How the diffusion loss is weighted."""
+    """The diffusion loss: its per-element form (type, with the Huber threshold's schedule) and weighting."""
 
+    # The settings any objective takes (DDPM and flow matching); the others weigh by the DDPM noise schedule.
+    EVERY_OBJECTIVE: ClassVar[tuple[str, ...]] = ("type", "huber_c", "huber_schedule", "structure")
+
+    type: Literal["l2", "huber", "smooth_l1"] = Field(
+        "l2",
+        description="Per-element loss of prediction vs target (kohya sd-scripts' --loss_type): l2 squared error; "
+        "huber the pseudo-Huber 2c(sqrt(r^2 + c^2) - c) (r^2 near 0, 2c|r| far out); smooth_l1 the same without "
+        "the factor c, 2(sqrt(r^2 + c^2) - c). Both are less pulled by outlier pixels than l2.",
+    )
+    huber_c: float = Field(
+        0.1,
+        gt=0,
+        allow_inf_nan=False,
+        description="huber / smooth_l1: the threshold c at full noise (constant: at every noise level); the "
+        "exponential and snr schedules go from 1 at the clean end to huber_c, so they take 0 < huber_c <= 1.",
+    )
+    huber_schedule: Literal["constant", "exponential", "snr"] = Field(
+        "snr",
+        description="huber / smooth_l1: c per sample from its noise level (sd-scripts' --huber_schedule): constant "
+        "huber_c; exponential huber_c^(t/T) (flow matching: huber_c^sigma); snr (1 - huber_c)/(1 + s)^2 + huber_c "
+        "with s = sqrt((1 - alpha_bar)/alpha_bar) = 1/sqrt(SNR) (flow matching: s = sigma/(1 - sigma), the same "
+        "SNR, i.e. huber_c + (1 - huber_c)(1 - sigma)^2).",
+    )
     min_snr_gamma: Optional[float] = Field(
         None, gt=0, description="Min-SNR-gamma weighting (5 is common); null: plain MSE."
     )
@@ -117,6 +140,15 @@ class LossConfig(Section):
         default_factory=StructureConfig,
         description="Style/structure loss weights {struct, light, color, tex} (both families; all 0: off), "
         "for every data set; datasets[].loss.structure overrides them per data set, term by term.")
+
+    @model_validator(mode="after")
+    def _decaying_threshold(self) -> "LossConfig":
+        if self.type != "l2" and self.huber_schedule != "constant" and self.huber_c > 1:
+            raise ValueError(
+                f"huber_c: {self.huber_c} with huber_schedule {self.huber_schedule!r} would make the threshold grow "
+                "with the noise (the schedule goes from 1 at the clean end to huber_c); allowed: 0 < huber_c <= 1, "
+                "or huber_schedule 'constant'")
+        return self
 
 
 def _parse_shift(value: Any) -> Any:

@@ -40,7 +40,8 @@ from __future__ import annotations
 import math
 from typing import Any, Literal, Optional, Union
 
-from tuneline.train.loss import per_sample_mse
+from tuneline.train.config import LossConfig
+from tuneline.train.loss import NoiseLevels, per_sample_loss, per_sample_mse
 
 SigmaScheme = Literal["uniform", "logit_normal", "mode"]
 WeightingScheme = Literal["none", "sigma_sqrt", "cosmap"]
@@ -220,17 +221,41 @@ def loss_weighting(scheme: str, sigmas: Any) -> Any:
     return torch.ones_like(sigmas)
 
 
+def flow_noise_levels(sigmas: Any, num_train_timesteps: int = 1000) -> NoiseLevels:
+    """The noise levels the Huber schedules read, of flow-matching sigmas.
+
+    exponential: t = sigma * 1000 of 1000, as sd-scripts' SD3 and Flux scripts pass their timesteps (huber_c^sigma:
+    1 at the clean end, huber_c at pure noise). snr: 1/sqrt(SNR) of x_t = (1 - sigma) x0 + sigma noise, i.e.
+    sigma / (1 - sigma) (x_t / (1 - sigma) = x0 + sigma / (1 - sigma) noise, the DDPM sigma
+    sqrt((1 - ab) / ab) of the same SNR), so a DDPM and a flow sample at one SNR get one threshold:
+    huber_c + (1 - huber_c)(1 - sigma)^2; inf at sigma 1 gives huber_c. sd-scripts refuses snr for its flow
+    schedulers (no alphas_cumprod); SimpleTuner uses sqrt((1 - sigma) / sigma), which runs the other way
+    (huber_c at the clean end): we keep the DDPM direction."""
+    import torch
+
+    sigmas = torch.as_tensor(sigmas).float()
+    return NoiseLevels(sigmas * num_train_timesteps, num_train_timesteps, sigmas / (1.0 - sigmas))
+
+
 def flow_matching_loss(
     prediction: Any,
     target: Any,
     weighting: Any = None,
     per_sample_weight: Any = None,
     reduce: bool = True,
+    loss: Optional[LossConfig] = None,
+    sigmas: Any = None,
 ) -> Any:
-    """Squared error averaged over each sample (fp32), times the sigma weighting and the
-    per-sample (data-set) weight; the batch mean, or the weighted per-sample vector with
-    reduce=False. The same shape of loss as the SDXL adapter's (per_sample * weights).mean()."""
-    losses = per_sample_mse(prediction, target)
+    """The per-element loss of `loss.type` (None: squared error) averaged over each sample (fp32), times the
+    sigma weighting and the per-sample (data-set) weight; the batch mean, or the weighted per-sample vector
+    with reduce=False. The same shape of loss as the SDXL adapter's (per_sample * weights).mean(). The Huber
+    schedules read `sigmas` (each sample's noise level)."""
+    if loss is None or loss.type == "l2":
+        losses = per_sample_mse(prediction, target)
+    else:
+        if sigmas is None:
+            raise ValueError(f"train.loss.type {loss.type!r} needs the sigmas (its threshold follows the noise level)")
+        losses = per_sample_loss(prediction, target, loss, flow_noise_levels(sigmas))
     if weighting is not None:
         losses = losses * weighting.to(losses.device).float()
     if per_sample_weight is not None:

@@ -1,8 +1,16 @@
-"""Diffusion loss weighting: per-sample MSE, min-SNR-gamma, minimum-sigma, data-set weights; the clean latent
-a DDPM prediction implies."""
+"""The diffusion loss: per-sample MSE or the scheduled pseudo-Huber / smooth-L1 loss (train.loss.type), min-SNR-gamma,
+minimum-sigma, data-set weights; the clean latent a DDPM prediction implies.
+
+The Huber forms and schedules are kohya sd-scripts' (library/train_util.py conditional_loss and
+get_huber_threshold_if_needed, from "Improving Diffusion Models's Data-Corruption Resistance using Scheduled
+Pseudo-Huber Loss", Khrapov et al. 2024); SimpleTuner has the same. Both families reach them through
+`per_sample_loss` with the `NoiseLevels` of their objective (ddpm_noise_levels here, flow_matching.flow_noise_levels).
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 from tuneline.train.config import LossConfig
@@ -12,6 +20,60 @@ def per_sample_mse(prediction: Any, target: Any) -> Any:
     """Mean squared error of each sample (in fp32: fp16 squares overflow)."""
     error = (prediction.float() - target.float()) ** 2
     return error.mean(dim=tuple(range(1, error.ndim)))
+
+
+@dataclass(frozen=True)
+class NoiseLevels:
+    """Where each sample of a batch sits on its noise schedule, in the two forms the Huber schedules read."""
+
+    timesteps: Any  # (batch,) t on the 0..num_train_timesteps scale, 0 = clean (flow matching: sigma * 1000)
+    num_train_timesteps: int
+    sigmas: Any  # (batch,) 1/sqrt(SNR) = sqrt((1 - alpha_bar) / alpha_bar) (flow matching: sigma / (1 - sigma))
+
+
+def ddpm_noise_levels(alphas_cumprod: Any, timesteps: Any, num_train_timesteps: int) -> NoiseLevels:
+    """The noise levels of DDPM timesteps (sd-scripts' sigmas = ((1 - ab) / ab) ** 0.5; inf where ab is 0, the
+    last step of a zero-terminal-SNR schedule, which the snr schedule maps to huber_c)."""
+    alpha_bar = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return NoiseLevels(timesteps.float(), num_train_timesteps, ((1.0 - alpha_bar) / alpha_bar) ** 0.5)
+
+
+def huber_threshold(config: LossConfig, levels: NoiseLevels) -> Any:
+    """The pseudo-Huber threshold c of each sample (fp32), as sd-scripts' get_huber_threshold_if_needed with
+    huber_scale 1: constant huber_c; exponential exp(-alpha t) with alpha = -ln(huber_c) / T, i.e. huber_c^(t/T);
+    snr (1 - huber_c) / (1 + sigma)^2 + huber_c. Both schedules give 1 at the clean end, huber_c at full noise."""
+    import torch
+
+    c = config.huber_c
+    if config.huber_schedule == "exponential":
+        alpha = -math.log(c) / levels.num_train_timesteps
+        return torch.exp(-alpha * levels.timesteps.float())
+    if config.huber_schedule == "snr":
+        return (1 - c) / (1 + levels.sigmas.float()) ** 2 + c
+    return torch.full(levels.timesteps.shape, c, dtype=torch.float32, device=levels.timesteps.device)
+
+
+def per_sample_loss(prediction: Any, target: Any, config: LossConfig, levels: NoiseLevels) -> Any:
+    """Each sample's mean per-element loss of train.loss.type, in fp32 (before any weighting).
+
+    l2: per_sample_mse, the very same computation. huber: 2c(sqrt(r^2 + c^2) - c); smooth_l1:
+    2(sqrt(r^2 + c^2) - c), with r = prediction - target and c = huber_threshold per sample (sd-scripts'
+    conditional_loss). sqrt(r^2 + c^2) - c is computed as r^2 / (sqrt(r^2 + c^2) + c), the same number
+    without the cancellation that loses the digits of small residuals in fp32."""
+    if config.type == "l2":
+        return per_sample_mse(prediction, target)
+    squared = (prediction.float() - target.float()) ** 2
+    c = huber_threshold(config, levels).to(squared.device).reshape(-1, *([1] * (squared.ndim - 1)))
+    excess = squared / ((squared + c * c).sqrt() + c)
+    losses = 2 * c * excess if config.type == "huber" else 2 * excess
+    return losses.mean(dim=tuple(range(1, losses.ndim)))
+
+
+def per_sample_loss_and_mse(prediction: Any, target: Any, config: LossConfig, levels: NoiseLevels) -> tuple[Any, Any]:
+    """(per_sample_loss, per_sample_mse): the training loss and the plain squared error the validation reports
+    beside it (val/loss_unweighted, comparable across loss types); for l2 the same tensor twice."""
+    loss = per_sample_loss(prediction, target, config, levels)
+    return loss, loss if config.type == "l2" else per_sample_mse(prediction, target)
 
 
 def snr_of(alphas_cumprod: Any, timesteps: Any) -> Any:

@@ -27,7 +27,7 @@ from tuneline.models.training_adapter import load_training_adapter
 from tuneline.models.sdxl.text import MAX_TOKENS, conditioning_layers, encode_prompts
 from tuneline.train.units import MODEL_UNIT, ParamGroup, UnitSpec, model_unit
 from tuneline.train.config import TrainConfig
-from tuneline.train.loss import ddpm_x0, loss_weights, per_sample_mse, snr_of
+from tuneline.train.loss import ddpm_noise_levels, ddpm_x0, loss_weights, per_sample_loss_and_mse, snr_of
 from tuneline.train.output import LORA_FILE, PIPELINE_DIR
 from tuneline.train.structure_loss import LatentRGB, with_structure
 
@@ -303,7 +303,7 @@ class SDXLAdapter:
             noise = noise + self.config.loss.noise_offset * offset
         steps = self.noise_scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator, device=device)
-        per_sample, weights, x0_pred = self._per_sample(modules, batch, noise, timesteps, step)
+        per_sample, weights, x0_pred, _ = self._per_sample(modules, batch, noise, timesteps, step)
         losses, metrics = with_structure(per_sample * weights, batch, x0_pred, batch["latents"], self.latent_rgb)
         # Per-batch facts stay tensors: reading them is a host sync, done only when they are logged.
         return losses.mean(), {"timestep_mean": timesteps.detach().float().mean(), **metrics}
@@ -311,16 +311,17 @@ class SDXLAdapter:
     def per_sample_losses(self, modules: dict[str, Any], batch: dict[str, Any], noise: Any, timesteps: Any,
                           step: int) -> tuple[Any, Any]:
         """(weighted, unweighted) loss of each sample at the given noise and timesteps (the validation
-        loss): the training loss's terms, weighted by min-SNR / min-sigma and the data set's weight with the
-        style/structure terms added, or the plain squared error."""
-        per_sample, weights, x0_pred = self._per_sample(modules, batch, noise, timesteps.long(), step)
+        loss): the training loss's terms (train.loss.type), weighted by min-SNR / min-sigma and the data set's weight
+        with the style/structure terms added, or the plain squared error."""
+        per_sample, weights, x0_pred, squared = self._per_sample(modules, batch, noise, timesteps.long(), step)
         losses, _ = with_structure(per_sample * weights, batch, x0_pred, batch["latents"], self.latent_rgb)
-        return losses, per_sample
+        return losses, squared
 
     def _per_sample(self, modules: dict[str, Any], batch: dict[str, Any], noise: Any, timesteps: Any,
-                    step: int) -> tuple[Any, Any, Any]:
-        """(squared error of each sample, its weight, the clean latent the prediction implies) of the epsilon /
-        v target at `noise`, `timesteps`; the clean latent only for the style/structure loss (else None)."""
+                    step: int) -> tuple[Any, Any, Any, Any]:
+        """(loss of each sample (train.loss.type), its weight, the clean latent the prediction implies, its squared
+        error) of the epsilon / v target at `noise`, `timesteps`; the clean latent only for the style/structure
+        loss (else None)."""
         latents = batch["latents"]
         device = latents.device
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
@@ -336,13 +337,15 @@ class SDXLAdapter:
             noisy, timesteps, prompt_embeds,
             added_cond_kwargs={"text_embeds": pooled, "time_ids": self.time_ids(batch, device)},
         ).sample
-        per_sample = per_sample_mse(prediction, target)
+        levels = ddpm_noise_levels(self.noise_scheduler.alphas_cumprod, timesteps,
+                                   self.noise_scheduler.config.num_train_timesteps)
+        per_sample, squared = per_sample_loss_and_mse(prediction, target, self.config.loss, levels)
         snr = snr_of(self.noise_scheduler.alphas_cumprod, timesteps)
         weights = loss_weights(self.config.loss, snr, self.prediction_type, step) * host_to_device(batch["loss_weight"],
                                                                                                     device)
         x0_pred = (ddpm_x0(prediction, noisy, self.noise_scheduler.alphas_cumprod, timesteps, self.prediction_type)
                    if "structure" in batch else None)
-        return per_sample, weights, x0_pred
+        return per_sample, weights, x0_pred, squared
 
     def unit_losses(self, modules: dict[str, Any], batch: dict[str, Any], generator: Any, step: int,
                     due: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:

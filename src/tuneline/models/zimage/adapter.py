@@ -258,8 +258,8 @@ class ZImageAdapter:
     def per_sample_losses(self, modules: dict[str, Any], batch: dict[str, Any], noise: Any, timesteps: Any,
                           step: int) -> tuple[Any, Any]:
         """(weighted, unweighted) loss of each sample at the given noise and noise levels (the validation
-        loss): sigma = timesteps / 1000, unshifted; weighted by train.flow_matching.loss_weighting and
-        the data set's weight with the style/structure terms added, or the plain squared error."""
+        loss): sigma = timesteps / 1000, unshifted; train.loss.type weighted by train.flow_matching.loss_weighting
+        and the data set's weight with the style/structure terms added, or the plain squared error."""
         from tuneline.train.loss import per_sample_mse
 
         sigmas = timesteps.float().to(batch["latents"].device) / 1000.0
@@ -268,8 +268,8 @@ class ZImageAdapter:
 
     def _sample_losses(self, modules: dict[str, Any], batch: dict[str, Any], noise: Any,
                        sigmas: Any) -> tuple[Any, Any, Any, dict[str, Any]]:
-        """(each sample's training loss: the flow weighting and the data set's weight, the style/structure terms
-        added; the prediction; the target; the structure terms to log) at `noise`, `sigmas`."""
+        """(each sample's training loss: train.loss.type, the flow weighting and the data set's weight, the
+        style/structure terms added; the prediction; the target; the structure terms to log) at `noise`, `sigmas`."""
         from tuneline.models.loading import host_to_device
         from tuneline.train.flow_matching import flow_matching_loss, loss_weighting
 
@@ -277,7 +277,7 @@ class ZImageAdapter:
         prediction, target, x0_pred = self._prediction_and_target(modules, batch, noise, sigmas)
         weighting = loss_weighting(self.config.flow_matching.loss_weighting, sigmas)
         weighted = flow_matching_loss(prediction, target, weighting, host_to_device(batch["loss_weight"], latents.device),
-                                      reduce=False)
+                                      reduce=False, loss=self.config.loss, sigmas=sigmas)
         losses, metrics = with_structure(weighted, batch, x0_pred, latents, self.latent_rgb)
         return losses, prediction, target, metrics
 

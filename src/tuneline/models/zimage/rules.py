@@ -1,7 +1,7 @@
-"""The settings a Z-Image run refuses: SDXL's DDPM objective, its loss weightings (not train.loss.structure,
-which both families take) and CLIP text encoders, DoRA and eager attention (which the Z-Image adapter
-cannot honour), and render settings its pipeline has no use for. One line per setting, naming the key, its
-value, why and what is allowed (`Family.unsupported_settings`)."""
+"""The settings a Z-Image run refuses: SDXL's DDPM objective, its loss weightings (not train.loss.type, its Huber
+schedule or train.loss.structure, which both families take) and CLIP text encoders, DoRA and eager attention
+(which the Z-Image adapter cannot honour), and render settings its pipeline has no use for. One line per
+setting, naming the key, its value, why and what is allowed (`Family.unsupported_settings`)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ def unsupported_settings(train: TrainConfig, render: RenderChoices | None = None
     problems = []
     for key, value, usual in changed_settings(train, default, "train", ("prediction_type", "zero_terminal_snr")):
         problems.append(f"{key}: {shown(value)} is SDXL only (its DDPM objective); {_OBJECTIVE}; allowed: {shown(usual)}")
-    # train.loss.structure (the style/structure loss) is both families'.
-    sdxl_loss = [key for key in type(train.loss).model_fields if key != "structure"]
+    # train.loss.type, its Huber schedule and structure (the style/structure loss) are both families'.
+    sdxl_loss = [key for key in type(train.loss).model_fields if key not in type(train.loss).EVERY_OBJECTIVE]
     for key, value, usual in changed_settings(train.loss, default.loss, "train.loss", sdxl_loss):
         problems.append(f"{key}: {shown(value)} is SDXL only (its loss weighting); Z-Image weighs the loss with "
                         f"train.flow_matching.loss_weighting; allowed: {shown(usual)}")
