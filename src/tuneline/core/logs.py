@@ -57,12 +57,33 @@ def configure(root: Path, stage: str) -> Path:
     to_terminal = logging.StreamHandler(sys.stderr)
     to_terminal.setLevel(logging.WARNING)
     to_terminal.addFilter(lambda record: record.name == "tuneline" or record.name.startswith("tuneline."))
-    to_terminal.setFormatter(logging.Formatter("warning: %(message)s"))
+    to_terminal.setFormatter(_LevelPrefix("%(message)s"))
     to_terminal._tuneline = True  # type: ignore[attr-defined]
     top.addHandler(to_terminal)
     logging.captureWarnings(True)  # Python warnings (FutureWarning, UserWarning) -> the file
     _route_to_stage_log()
     return path
+
+
+# A stage's terminal line for one of tuneline's records starts with its level: "warning: " (also what
+# report.print_warning prints), "error: " for ERROR and above. An orchestrator that reads a stage's
+# output (the Prefect flow) maps the prefix back to the level with `level_of`, so its log shows a
+# warning at WARNING (a "Level: warning" filter keeps it), not at INFO.
+LEVEL_PREFIXES = ((logging.ERROR, "error: "), (logging.WARNING, "warning: "))
+
+
+class _LevelPrefix(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = next((text for level, text in LEVEL_PREFIXES if record.levelno >= level), "")
+        return prefix + super().format(record)
+
+
+def level_of(line: str) -> tuple[int, str]:
+    """A stage's output line -> (logging level, the line without its level prefix); INFO for any other line."""
+    for level, prefix in LEVEL_PREFIXES:
+        if line.startswith(prefix):
+            return level, line[len(prefix):]
+    return logging.INFO, line
 
 
 class _StageLogOnly(logging.Handler):

@@ -28,11 +28,12 @@ and its store are on shared storage.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 # Prefect's temporary server sets up its database on the first run of a fresh PREFECT_HOME,
 # which takes 15-30 s on a 2-core machine: more than Prefect's default 20 s start timeout.
@@ -149,7 +150,7 @@ def run_stage(stage: str, root: str, params_file: str, cache_key: str, outs: lis
         logger.info("stage %s: process group %d", stage, pgid)
 
     try:
-        run_stage_process(stage, Path(params_file), root_path, env=env, on_start=started, echo=logger.info)
+        run_stage_process(stage, Path(params_file), root_path, env=env, on_start=started, echo=stage_output(logger))
     except StageStopped as stopped:
         return _stopped(stopped, stop_record, resume, logger)
     finally:
@@ -162,6 +163,85 @@ def run_stage(stage: str, root: str, params_file: str, cache_key: str, outs: lis
     report_file = report_path(root_path, stage)  # what this run did: computed, reused, seconds, ...
     report = json.loads(report_file.read_text("utf-8")) if report_file.is_file() else None
     return {"stage": stage, "key": cache_key, "outputs": fingerprint, "metrics": metrics, "report": report}
+
+
+def stage_output(logger: Any, prefix: str = "") -> Callable[[str], None]:
+    """A stage's output line -> the run log, at the level the stage wrote it (`warning: ...` at
+    WARNING: tuneline.core.logs.level_of), so the UI's level filter shows a stage's warnings."""
+    from tuneline.core.logs import level_of
+
+    def echo(line: str) -> None:
+        level, text = level_of(line)
+        logger.log(level, "%s%s", prefix, text)
+
+    return echo
+
+
+class OrderlyEnds(logging.Filter):
+    """Prefect's own lines about how a run of this flow ended, where the flow chose that end and has
+    said why in plain words (added to Prefect's run loggers for the flow runs in `flow_runs`):
+
+    - Prefect logs a task's every end but Completed at ERROR, so a stage stopped on request (a
+      cancel: checkpoint saved, resumable) would read as a failure: "Finished in state Cancelled"
+      becomes a WARNING.
+    - The process that Prefect's runner starts for a deployment's flow run (the UI's Run) logs the
+      exception that ends it, at ERROR with a traceback ("Engine execution exited with unexpected
+      exception"), even for the Cancelled or Failed state the flow returned: dropped for a cancel
+      (CancelledRun) and a configuration error (ParamsError), which the flow has logged already.
+
+    Returning the state is how Prefect lets a flow end Cancelled or Failed without raising; these
+    two lines are how Prefect 3.8 logs such an end anyway, so they are adjusted here, for this
+    flow's runs only."""
+
+    ENGINE_EXIT = "Engine execution exited with unexpected exception"
+
+    def __init__(self) -> None:
+        super().__init__("tuneline")
+        self.flow_runs: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(getattr(record, "flow_run_id", None)) not in self.flow_runs:
+            return True
+        if (record.name == "prefect.task_runs" and record.levelno >= logging.ERROR
+                and str(record.msg).startswith("Finished in state Cancelled")):
+            record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+            return True
+        if record.name == "prefect.flow_runs" and record.msg == self.ENGINE_EXIT and record.exc_info:
+            from prefect.exceptions import CancelledRun
+
+            from tuneline.core.params import ParamsError
+
+            return not isinstance(record.exc_info[1], (CancelledRun, ParamsError))
+        return True
+
+    def watch(self, flow_run_id: Optional[str]) -> None:
+        """Adjust the lines of this flow run (Prefect's flow and task run loggers)."""
+        if flow_run_id:
+            self.flow_runs.add(str(flow_run_id))
+        for name in ("prefect.flow_runs", "prefect.task_runs"):
+            logger = logging.getLogger(name)
+            if self not in logger.filters:
+                logger.addFilter(self)
+
+
+ORDERLY_ENDS = OrderlyEnds()
+
+
+def stopped_flow(state: Any) -> Any:
+    """The flow run's end after a stage stopped on request: Cancelled, with the stage's message
+    (where it saved), returned rather than raised: an orderly end, not an error."""
+    from prefect.states import Cancelled
+
+    return Cancelled(message=state.message)
+
+
+def refused_flow(error: BaseException, logger: Any) -> Any:
+    """The flow run's end for bad settings: Failed, with validate_params' message said once and
+    plainly (no repr, no traceback); a caller of `pipeline()` still gets the ParamsError."""
+    from prefect.states import Failed
+
+    logger.error("configuration error: %s", error)
+    return Failed(message=str(error), data=error)
 
 
 def _stopped(stopped: Any, stop_record: Path, resume: Optional[str], logger: Any) -> Any:
@@ -204,9 +284,9 @@ def run_shard(stage: str, index: int, count: int, root: str, params_file: str, c
         running.write_text(f"{pgid}\n")  # the flow stops these groups when it is cancelled
         logger.info("%s: process group %d%s", name, pgid, f" on GPU {gpu}" if gpu is not None else "")
 
+    to_log = stage_output(logger, prefix=f"[{index}/{count}] ")
     try:
-        run_stage_process(stage, Path(params_file), Path(root), env=env, on_start=started,
-                          echo=lambda line: logger.info("[%d/%d] %s", index, count, line),
+        run_stage_process(stage, Path(params_file), Path(root), env=env, on_start=started, echo=to_log,
                           args=["--shard", f"{index}/{count}"])
     finally:
         running.unlink(missing_ok=True)
@@ -306,6 +386,7 @@ def pipeline(params_path: str = "params.yaml", root: str = ".",
     from prefect.runtime import flow_run
 
     from tuneline.core.fsutil import digest_json
+    from tuneline.core.params import ParamsError
     from tuneline.orchestration.cachekey import STATE_DIR, Digester, outputs_match, stage_key
     from tuneline.orchestration.overrides import load_with_overrides, write_params_file
     from tuneline.orchestration.spec import load_stage_specs
@@ -313,14 +394,18 @@ def pipeline(params_path: str = "params.yaml", root: str = ".",
     from tuneline.preflight import check_settings
 
     logger = get_run_logger()
+    ORDERLY_ENDS.watch(flow_run.get_id())  # a cancel and a configuration error read as such in the run log
     if int(shards) < 1:
         raise ValueError(f"shards must be at least 1, got {shards!r}")
     root_path = Path(root).resolve()
     params_file = Path(params_path) if Path(params_path).is_absolute() else root_path / params_path
     # Bad overrides or params stop here, before any task, with validate_params' message; so do
     # settings a later stage would refuse for the model family (train starts after ingest..latents).
-    data, params = load_with_overrides(params_file, overrides)
-    check_settings(params, root_path)
+    try:
+        data, params = load_with_overrides(params_file, overrides)
+        check_settings(params, root_path)
+    except ParamsError as error:
+        return refused_flow(error, logger)
     specs = load_stage_specs(root_path)
     unknown = [spec.name for spec in specs if spec.name not in registry.STAGE_NAMES]
     if unknown:
@@ -363,7 +448,7 @@ def pipeline(params_path: str = "params.yaml", root: str = ".",
                                resume=resume, return_state=True)
             if state.is_cancelled():  # stopped on request, checkpoint saved: the flow run ends Cancelled too
                 status = "KILLED"
-                return state
+                return stopped_flow(state)
             result = state.result()  # raises the stage's error: the flow stops at a failed stage
             cached = state.name == "Cached"
             # A cache hit ran nothing: the cached result's metrics belong to the run that made the outputs.

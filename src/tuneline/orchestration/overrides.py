@@ -18,9 +18,10 @@ import json
 import typing
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Annotated, Any, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic.fields import FieldInfo
 
 from tuneline.config import Params, validate_params
 from tuneline.core.params import ParamsError, read_params_file
@@ -182,10 +183,21 @@ class _Form(BaseModel):
         return expand_dotted(data) if isinstance(data, Mapping) else data
 
 
+def _constraints(info: FieldInfo) -> list[Any]:
+    """A field's constraints (bounds, multiple_of, lengths, pattern: annotated_types metadata, which
+    pydantic writes into the JSON schema as minimum, exclusiveMinimum, multipleOf, ...), without its
+    validators: those may not take the form's null (empty = keep params.yaml), and the flow validates
+    the merged params with all of them anyway. Enums are Literal types: the annotation keeps them."""
+    from annotated_types import BaseMetadata
+
+    return [item for item in info.metadata if isinstance(item, BaseMetadata)]
+
+
 @lru_cache(maxsize=None)
 def overrides_model(model: type[BaseModel] = Params) -> type[BaseModel]:
     """`model` with every field optional (default None = keep params.yaml's value), same
-    descriptions and types: the parameter form of the Prefect deployment."""
+    descriptions, types and constraints: the parameter form of the Prefect deployment, whose
+    JSON schema lets the UI and the server reject an out-of-range value before a run starts."""
     fields: dict[str, Any] = {}
     for name, info in model.model_fields.items():
         annotation = info.annotation
@@ -193,7 +205,11 @@ def overrides_model(model: type[BaseModel] = Params) -> type[BaseModel]:
             new = annotation
         else:
             new = _optional_annotation(annotation)
-        fields[name] = (Optional[new], Field(None, description=info.description, title=info.title))
+        # Constraints on an Optional apply to its non-null branch (null stays allowed), as in Params.
+        constraints = _constraints(info)
+        form_type = Annotated[(Optional[new], *constraints)] if constraints else Optional[new]
+        fields[name] = (form_type, Field(None, description=info.description, title=info.title,
+                                         examples=info.examples, json_schema_extra=info.json_schema_extra))
     if model is Params:
         fields[SET_TO_NULL] = (Optional[list[str]], Field(
             None, title="Set to null",

@@ -150,15 +150,17 @@ def run_stage_process(
     grace_s: float = DEFAULT_GRACE_S,
     tail_lines: int = 40,
     args: Sequence[str] = (),
+    command: Sequence[str] | None = None,
 ) -> str:
     """Run one stage to completion and return the tail of its output.
 
     `on_start(pgid)` is called once the group exists; `echo(line)` gets every output line
-    (default: print); `args` go after the stage name (`--shard 0/4`). Raises
+    (default: print); `args` go after the stage name (`--shard 0/4`); `command` replaces the
+    stage's command line (`stage` then only names it in messages). Raises
     StageProcessFailed on a non-zero exit, StageStopped when a SIGTERM/SIGINT arrived (after
     the stage has stopped).
     """
-    command = stage_command(stage, Path(params_file), Path(root), args=args)
+    command = list(command) if command is not None else stage_command(stage, Path(params_file), Path(root), args=args)
     child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
         command, cwd=root, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

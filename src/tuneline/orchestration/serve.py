@@ -6,7 +6,8 @@ watch them, cancel them (the running stage gets SIGTERM and training saves a che
     python -m flows.serve             # or: tuneline serve
 
 The form's `overrides` field is params.yaml's schema with every field optional (the same
-pydantic models and descriptions as tuneline.config): empty fields keep params.yaml.
+pydantic models, descriptions and limits as tuneline.config): empty fields keep params.yaml, and
+Prefect refuses a value out of a field's limits before the run starts.
 
 If the server stops answering (`tuneline ui` stopped), serve says so in one line and exits
 with status 1 within a few seconds, instead of retrying with tracebacks for a minute.
