@@ -43,6 +43,8 @@ def added_later_defaults() -> dict[str, Any]:
     return {"flow_matching": FlowMatchingConfig().model_dump(mode="json"),
             "validation": ValidationConfig().model_dump(mode="json"),
             "loss.structure": StructureConfig().model_dump(mode="json"),
+            # the LyCORIS adapter types (issue 29): a LoRA run started before them keeps its folder
+            "lora.type": "lora", "lora.factor": -1, "lora.decompose_both": False,
             # the autoencoder section's (issue 27): a kl run started before them keeps its folder
             "kind": "kl", "vq": VQConfig().model_dump(mode="json")}
 
