@@ -106,7 +106,8 @@ def adapter_type(settings: Mapping[str, Any] | None) -> str:
     for name, peft_type in PEFT_TYPES.items():
         if kind == peft_type:
             return name
-    raise ValueError(f"adapter settings name peft_type {kind!r}; tuneline reads {', '.join(['LORA', *PEFT_TYPES.values()])}")
+    raise ValueError(f"adapter settings name peft_type {kind!r}; tuneline reads "
+                     f"{', '.join(['LORA', *PEFT_TYPES.values()])}")
 
 
 def peft_config(settings: Mapping[str, Any], dropout: float = 0.0) -> Any:
