@@ -20,6 +20,7 @@ from tuneline.config import Params
 from tuneline.core.params import ParamsError
 from tuneline.models.base import Family
 from tuneline.models.config import ModelConfig
+from tuneline.models.lycoris import problems as lycoris_problems
 from tuneline.models.quantize import full_training_problems
 
 # Stages that read each kind of reference; `tuneline check` runs every check.
@@ -129,7 +130,7 @@ def check_settings(params: Params, root: Path | str) -> None:
     """ParamsError naming every setting a stage of the run would refuse for the model family:
     what a driver (the Prefect flow, `tuneline repro`) runs before its first stage."""
     problems = (family_problems(params, root) + full_training_problems(params.model.quantize, params.train)
-                + autoencoder_problems(params))
+                + lycoris_problems(params.model.quantize, params.train) + autoencoder_problems(params))
     if problems:
         raise ParamsError("params.yaml has settings that a stage of the run would refuse:\n"
                           + "\n".join(f"  - {problem}" for problem in problems))
@@ -202,6 +203,7 @@ def preflight(params: Params, root: Path | str, stages: Iterable[str] = ("check"
     if not (model_stage and any(error.startswith("model.base:") for error in errors)):
         errors += family_problems(params, root, required=model_stage)
     errors += full_training_problems(params.model.quantize, params.train)  # the train stage's refusal
+    errors += lycoris_problems(params.model.quantize, params.train)  # the train stage's refusal
     if "check" in stages and not errors:  # the train stage's report says it again when it trains
         warnings += _variant_warnings(params, root)
     if errors:

@@ -45,6 +45,8 @@ def added_later_defaults() -> dict[str, Any]:
             "loss.structure": StructureConfig().model_dump(mode="json"),
             # issue 29: the loss type and its Huber threshold schedule
             **{f"loss.{key}": getattr(LossConfig(), key) for key in ("type", "huber_c", "huber_schedule")},
+            # the LyCORIS adapter types (issue 29): a LoRA run started before them keeps its folder
+            "lora.type": "lora", "lora.factor": -1, "lora.decompose_both": False,
             # the autoencoder section's (issue 27): a kl run started before them keeps its folder
             "kind": "kl", "vq": VQConfig().model_dump(mode="json")}
 

@@ -260,12 +260,23 @@ def _yaml_no(value: Any) -> Any:
     return "no" if value is False else value
 
 
-class LoraConfig(Section):
-    """LoRA adapter settings (PEFT)."""
+ADAPTER_TYPES = ("lora", "loha", "lokr")
 
-    rank: int = Field(16, ge=1, description="LoRA rank (dimension of the low-rank update).")
-    alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha/rank.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
+
+class LoraConfig(Section):
+    """The low-rank adapter (PEFT): LoRA, or one of LyCORIS' LoHa and LoKr (PEFT's LoHaConfig / LoKrConfig).
+    rank, alpha and targets apply to all three; each scales its update by alpha / rank."""
+
+    type: Literal["lora", "loha", "lokr"] = Field(
+        "lora",
+        description="lora: up @ down. loha (LyCORIS LoHa): the Hadamard product of two rank-`rank` products, "
+        "(w1a @ w1b) * (w2a @ w2b), rank up to rank^2 for twice LoRA's parameters. lokr (LyCORIS LoKr): the "
+        "Kronecker product w1 (x) w2 of a small full matrix and a rank-`rank` product (full when rank >= half "
+        "its larger side), split by `factor`. Exported in LyCORIS' keys (hada_*, lokr_*).",
+    )
+    rank: int = Field(16, ge=1, description="Rank (dimension of the low-rank factors).")
+    alpha: float = Field(16.0, gt=0, description="Alpha; the update is scaled by alpha/rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch (type lora only).")
     targets: Literal["attention", "attention_mlp", "all"] = Field(
         "attention",
         description="Which denoiser layers get adapters: attention projections (to_q/k/v/out); + feed-forward "
@@ -275,8 +286,38 @@ class LoraConfig(Section):
     use_dora: bool = Field(
         False,
         description="DoRA (PEFT use_dora): also learn a magnitude per output channel of every adapted layer. "
-        "Exported as kohya `dora_scale` (LyCORIS layout, weight decomposition on the output axis).",
+        "Exported as kohya `dora_scale` (LyCORIS layout, weight decomposition on the output axis). Type lora only.",
     )
+    factor: int = Field(
+        -1,
+        description="lokr: how each side of a weight splits into w1's and w2's (LyCORIS/PEFT decompose_factor): "
+        "-1 the most balanced split (640 -> 20 x 32), N > 0 a split with N on w1's side (640, 4 -> 4 x 160).",
+    )
+    decompose_both: bool = Field(
+        False, description="lokr: also factor w1 into a rank-`rank` product (when rank < half its larger side).")
+
+    @model_validator(mode="after")
+    def _type_settings(self) -> "LoraConfig":
+        problems = []
+        if self.type != "lora":
+            if self.use_dora:
+                problems.append(f"use_dora: true applies to type 'lora' only (PEFT's LoHa and LoKr have no DoRA); "
+                                f"allowed with type {self.type!r}: false")
+            if self.dropout:
+                problems.append(f"dropout: {self.dropout} applies to type 'lora' only (PEFT's LoHa and LoKr have no "
+                                f"dropout on their input); allowed with type {self.type!r}: 0.0")
+        if self.type != "lokr":
+            if self.factor != -1:
+                problems.append(f"factor: {self.factor} applies to type 'lokr' only; allowed with type "
+                                f"{self.type!r}: -1 (the default)")
+            if self.decompose_both:
+                problems.append(f"decompose_both: true applies to type 'lokr' only; allowed with type "
+                                f"{self.type!r}: false")
+        if self.factor == 0 or self.factor < -1:
+            problems.append(f"factor: {self.factor}; allowed: -1 (balanced) or a number >= 1")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class TextEncoderConfig(Section):

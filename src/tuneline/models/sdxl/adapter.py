@@ -2,7 +2,7 @@
 
 Loads the UNet, the text encoders (only when a step needs them: not when the latents
 stage cached the text embeddings) and the noise schedule; applies the training mode
-(LoRA through PEFT or full, per component); holds frozen weights in the compute dtype
+(LoRA, LoHa or LoKr through PEFT, or full, per component); holds frozen weights in the compute dtype
 of mixed precision while trained parameters stay fp32; turns a batch of cached latents
 and captions into the per-sample diffusion loss (text conditioning, time ids from
 original size / crop / target size, epsilon or v target); saves the result in diffusers
@@ -21,6 +21,8 @@ from tuneline.core.params import ParamsError
 from tuneline.core.tensorfile import canonicalize
 from tuneline.models.config import ModelConfig
 from tuneline.models.loading import _base_location, host_to_device, load_text_encoders, load_vae
+from tuneline.models.lycoris import adapter_settings, peft_config, trained_state_dict
+from tuneline.models.lycoris import refuse as refuse_lycoris
 from tuneline.models.quantize import keep_trained_fp32, quantize_frozen, refuse_full_training
 from tuneline.models.sdxl import FAMILY
 from tuneline.models.training_adapter import load_training_adapter
@@ -82,6 +84,7 @@ class SDXLAdapter:
     def __init__(self, model_config: ModelConfig, train_config: TrainConfig, root: Path) -> None:
         FAMILY.refuse_unsupported(train_config)  # also checked before any stage computes (tuneline.preflight)
         refuse_full_training(model_config.quantize, train_config)
+        refuse_lycoris(model_config.quantize, train_config)  # also checked by tuneline check
         self.model_config = model_config
         self.config = train_config
         self.root = Path(root)
@@ -149,18 +152,18 @@ class SDXLAdapter:
         return self.text_encoders
 
     def lora_settings(self, name: str) -> dict[str, Any]:
-        """PEFT LoraConfig arguments of one component (unet, text_encoder_1, text_encoder_2); also the
-        adapter metadata saved with the weights, so every loader rebuilds the same adapter.
+        """PEFT config arguments (LoraConfig's, or LoHaConfig's / LoKrConfig's for train.lora.type loha /
+        lokr) of one component (unet, text_encoder_1, text_encoder_2); also the adapter metadata saved with
+        the weights, so every loader rebuilds the same adapter.
 
         Text encoder layers that never reach the UNet (see conditioning_layers) get no adapter:
         they would train nothing and export all-zero LoRA up weights.
         """
         lora = self.config.lora
-        settings: dict[str, Any] = {"r": lora.rank, "lora_alpha": lora.alpha, "use_dora": lora.use_dora}
         if name == "unet":
-            return {**settings, "target_modules": UNET_LORA_TARGETS[lora.targets]}
+            return adapter_settings(lora, UNET_LORA_TARGETS[lora.targets])
         encoder = self.text_encoders[TEXT_ENCODER_NAMES.index(name)]
-        settings["target_modules"] = TEXT_LORA_TARGETS[lora.targets]
+        settings = adapter_settings(lora, TEXT_LORA_TARGETS[lora.targets])
         layers = conditioning_layers(encoder)
         if len(layers) < encoder.config.num_hidden_layers:
             settings |= {"layers_to_transform": layers, "layers_pattern": "layers"}
@@ -171,7 +174,7 @@ class SDXLAdapter:
         return self.config.mode if name == "unet" else getattr(self.config, name).mode
 
     def setup_training(self, device: Any = None) -> None:
-        """Freeze what is frozen, add LoRA adapters, hold frozen weights in the compute dtype, enable
+        """Freeze what is frozen, add the adapters (train.lora.type), hold frozen weights in the compute dtype, enable
         memory/speed options.
 
         Adapters are added to the fp32 base, so their initial values are fp32 draws whatever the
@@ -181,8 +184,6 @@ class SDXLAdapter:
         (tuneline.models.quantize), then the adapters are added (PEFT's quantized LoRA layers) and
         put back in fp32: their initial values are the same draws rounded to the frozen dtype.
         """
-        from peft import LoraConfig as PeftLoraConfig
-
         config = self.config
         frozen_dtype = torch_dtype(self.compute_dtype)
         modules = [("unet", self.unet), *zip(TEXT_ENCODER_NAMES, self.text_encoders)]
@@ -192,8 +193,7 @@ class SDXLAdapter:
             quantize_frozen(module, self.model_config.quantize, frozen_dtype,
                             FAMILY.full_precision.get(DIFFUSERS_NAMES[name], ()), device)
             if mode == "lora":
-                module.add_adapter(PeftLoraConfig(**self.lora_settings(name), lora_dropout=config.lora.dropout,
-                                                  init_lora_weights="gaussian"))
+                module.add_adapter(peft_config(self.lora_settings(name), config.lora.dropout))
                 keep_trained_fp32(module)
             if name == "unet":  # model.training_adapter: frozen, active in training steps only
                 load_training_adapter(FAMILY, module, self.model_config, mode, self.root)
@@ -356,7 +356,8 @@ class SDXLAdapter:
     # --- outputs -----------------------------------------------------------------------
 
     def save(self, modules: dict[str, Any], out_dir: Path) -> Path:
-        """LoRA weights in diffusers format (alpha kept in the adapter metadata) and/or a full pipeline folder."""
+        """The adapters' weights in diffusers' LoRA file (alpha and, for LoHa / LoKr, the type kept in the adapter
+        metadata) and/or a full pipeline folder."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         modes = {self.mode_of(name) for name in DIFFUSERS_NAMES}
@@ -368,7 +369,6 @@ class SDXLAdapter:
 
     def _save_lora(self, modules: dict[str, Any], out_dir: Path) -> None:
         from diffusers import StableDiffusionXLPipeline
-        from peft.utils import get_peft_model_state_dict
 
         arguments: dict[str, Any] = {}
         for name, keyword in DIFFUSERS_NAMES.items():
@@ -378,7 +378,7 @@ class SDXLAdapter:
                 # the magnitudes are silently re-initialised). The UNet path reads both forms.
                 arguments[f"{keyword}_lora_layers"] = {
                     f"{key}.weight" if key.endswith(".lora_magnitude_vector") else key: value
-                    for key, value in get_peft_model_state_dict(modules[name]).items()}
+                    for key, value in trained_state_dict(modules[name]).items()}
                 arguments[f"{keyword}_lora_adapter_metadata"] = self.lora_settings(name)
         StableDiffusionXLPipeline.save_lora_weights(out_dir, **arguments, safe_serialization=True)
         canonicalize(out_dir / LORA_FILE)  # identical weights, identical bytes

@@ -1,7 +1,9 @@
 """SDXL's exporter: what the export stage writes for an SDXL run, and its headers.
 
 - LoRA (UNet and/or text encoders): a kohya LoRA (kohya_lora: ComfyUI, A1111, diffusers'
-  load_lora_weights; a DoRA carries LyCORIS' `dora_scale`), kohya's `ss_*` header.
+  load_lora_weights; a DoRA carries LyCORIS' `dora_scale`), kohya's `ss_*` header. A LoHa / LoKr
+  (train.lora.type): LyCORIS' tensors under the same kohya names, `ss_network_module: lycoris.kohya`
+  with its `algo` (ComfyUI and LyCORIS load it; diffusers' load_lora_weights refuses it).
 - full fine-tune: one single-file SDXL checkpoint in the original layout (checkpoint_file), the
   parts not trained fully as in the base model.
 - the VAE alone in the ldm layout of standalone VAE files (ComfyUI's Load VAE, A1111's models/VAE).
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from tuneline.models.contracts import ExportedFile, HeaderFacts
 from tuneline.models.export import header_metadata
+from tuneline.models.lycoris import title as lycoris_title
 
 if TYPE_CHECKING:
     from tuneline.models.config import ModelConfig
@@ -38,11 +41,15 @@ def lora_network(lora: Any) -> tuple[str, dict[str, str]]:
 
     Conv layers (targets "all") train with the same rank and alpha as the linear ones: conv_dim and
     conv_alpha. A DoRA has no place in kohya's networks.lora (it would drop dora_scale): LyCORIS
-    loads it, with the weight decomposition on the output axis.
+    loads it, with the weight decomposition on the output axis. A LoHa / LoKr is LyCORIS' `algo`
+    loha / lokr (a LoKr with its `factor` and `decompose_both`, LyCORIS' names for PEFT's).
     """
     args: dict[str, str] = {}
     if lora.targets == "all":
         args |= {"conv_dim": str(lora.rank), "conv_alpha": str(float(lora.alpha))}
+    if lora.type != "lora":
+        lokr = {"factor": str(lora.factor), "decompose_both": str(lora.decompose_both)} if lora.type == "lokr" else {}
+        return "lycoris.kohya", {"algo": lora.type, **args, **lokr}
     if lora.dropout:
         args["dropout"] = str(lora.dropout)
     if lora.use_dora:
@@ -188,12 +195,12 @@ class SDXLExporter:
                 + (f"; {self.names(untouched)} as in the base model" if untouched else ""))
 
     def lora_kind(self, lora: LoraConfig) -> str:
-        return f"kohya {'DoRA' if lora.use_dora else 'LoRA'}"
+        return f"kohya {lycoris_title(lora)}" + (" (LyCORIS keys)" if lora.type != "lora" else "")
 
     def component_line(self, name: str, mode: str, lora: LoraConfig) -> str:
         if mode != "lora":
             return f"- {COMPONENTS[name]}: {mode}"
-        return (f"- {COMPONENTS[name]}: {'DoRA' if lora.use_dora else 'LoRA'} rank {lora.rank}, alpha {lora.alpha}"
+        return (f"- {COMPONENTS[name]}: {lycoris_title(lora)} rank {lora.rank}, alpha {lora.alpha}"
                 + (f", targets {lora.targets}" if name == "unet" else ""))
 
     def header(self, kind: str, facts: HeaderFacts, extra: Mapping[str, str], *, file_name: str, lora: LoraConfig,
@@ -238,6 +245,10 @@ class SDXLExporter:
                     if any(f.kind == "vae" for f in files) else "."),
                  "diffusers: `StableDiffusionXLPipeline.from_single_file(path, config=...)`, "
                  "`pipe.load_lora_weights(path)`."]
+        if trained.lora.type != "lora":
+            lines += [f"The {lycoris_title(trained.lora)} file has LyCORIS' keys: ComfyUI's Load LoRA, A1111/Forge and "
+                      "LyCORIS (`lycoris.kohya`) load it; diffusers' load_lora_weights does not (it reads LoRA keys "
+                      "only): use the trained `pytorch_lora_weights.safetensors` with PEFT there."]
         if prediction_type == "v_prediction" or trained.zero_terminal_snr:
             lines += ["The checkpoint carries the `v_pred` / `ztsnr` keys ComfyUI reads. diffusers' single-file "
                       "loader ignores them: pass `config=` the exported `diffusers/pipeline` folder, whose scheduler "

@@ -21,6 +21,16 @@ derived from the UNet config, so any SDXL-layout UNet gets the names its SGM twi
 
 kohya's scale is alpha / rank, PEFT's is lora_alpha / r (or / sqrt(r) with rsLoRA): the
 alpha written per module is the one that keeps the effective weight identical.
+
+A LoHa / LoKr (train.lora.type, PEFT's LoHa/LoKr layers) keeps the same kohya module names with
+LyCORIS' tensor names (tuneline.models.lycoris):
+
+    lora_unet_<...>.hada_w1_a / .hada_w1_b / .hada_w2_a / .hada_w2_b     LoHa
+    lora_unet_<...>.lokr_w1 (or .lokr_w1_a / _b), .lokr_w2 (or .lokr_w2_a / _b)   LoKr
+    lora_unet_<...>.alpha
+
+the file that LyCORIS' own loader (lycoris.kohya, what sd-scripts and A1111/Forge use) and ComfyUI's
+weight adapters read.
 """
 
 from __future__ import annotations
@@ -37,10 +47,11 @@ from tuneline.models.export import (
     module_alpha,
     read_diffusers_lora,
 )
+from tuneline.models.lycoris import LYCORIS_SUFFIXES, lycoris_module_tensors, lycoris_part
 from tuneline.models.sdxl.sgm_unet import sgm_module_prefixes, unet_module_to_sgm
 
 COMPONENT_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
-KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale")
+KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale", *LYCORIS_SUFFIXES)
 _PEFT_PARTS = {"lora_A": "down", "lora_B": "up"}
 # Text encoder modules that live under CLIP's `text_model.` (transformers 5 dropped that
 # prefix from CLIPTextModel, CLIPTextModelWithProjection keeps it; kohya always has it).
@@ -77,7 +88,8 @@ def diffusers_lora_to_kohya(state_dict: Mapping[str, Any], alphas: Any, unet_con
     """Convert a diffusers/PEFT SDXL LoRA state dict to kohya tensors.
 
     state_dict: keys `unet.<module>.lora_A.weight` / `.lora_B.weight` (and `text_encoder.`,
-        `text_encoder_2.`), as `StableDiffusionXLPipeline.save_lora_weights` writes them.
+        `text_encoder_2.`), as `StableDiffusionXLPipeline.save_lora_weights` writes them; or a PEFT
+        LoHa / LoKr's `unet.<module>.hada_w1_a`, `.lokr_w1`, ... (LyCORIS' names under kohya's).
     alphas: `(rank, alpha)` for all modules, or per component (`unet`, `text_encoder`,
         `text_encoder_2`) a number or PEFT settings (`lora_alpha`, `r`, `alpha_pattern`,
         `use_rslora`); the flat header form (`unet.lora_alpha`, ...) is accepted too.
@@ -89,9 +101,14 @@ def diffusers_lora_to_kohya(state_dict: Mapping[str, Any], alphas: Any, unet_con
 
     prefixes = sgm_module_prefixes(unet_config)
     pairs: dict[tuple[str, str], dict[str, Any]] = {}
+    lycoris: dict[tuple[str, str], dict[str, Any]] = {}
     explicit_alphas: dict[tuple[str, str], float] = {}
     for key, tensor in state_dict.items():
         component, rest = _split_component(key)
+        part = lycoris_part(rest)
+        if part is not None:
+            lycoris.setdefault((component, part[0]), {})[part[1]] = tensor
+            continue
         if rest.endswith(".alpha"):
             explicit_alphas[(component, rest.removesuffix(".alpha"))] = float(torch.as_tensor(tensor).item())
             continue
@@ -106,12 +123,25 @@ def diffusers_lora_to_kohya(state_dict: Mapping[str, Any], alphas: Any, unet_con
                 "adapters have no kohya LoRA equivalent)")
         pairs.setdefault((component, match.group(1)), {})[_PEFT_PARTS[match.group(2)]] = tensor
 
-    stray = set(explicit_alphas) - set(pairs)
+    stray = set(explicit_alphas) - set(pairs) - set(lycoris)
     if stray:
         raise UnmappedKeyError(f"alpha without LoRA weights for {sorted('.'.join(s) for s in stray)}")
 
     out: dict[str, Any] = {}
     settings_cache: dict[str, dict[str, Any]] = {}
+    for (component, module), parts in sorted(lycoris.items()):
+        if (component, module) in pairs:
+            raise ValueError(f"{component}.{module}: both LoRA and LoHa/LoKr tensors")
+        if component not in settings_cache:
+            settings_cache[component] = lora_alpha_settings(alphas, component) or {}
+        settings = settings_cache[component]
+        if (component, module) in explicit_alphas:
+            settings = {**settings, "alpha": explicit_alphas[(component, module)]}
+        name = kohya_module_name(component, module, prefixes)
+        if f"{name}.alpha" in out:
+            raise ValueError(f"two adapted modules map to the kohya name {name!r}")
+        converted = lycoris_module_tensors(parts, settings, f"{component}.{module}")
+        out.update({f"{name}.{suffix}": value for suffix, value in converted.items()})
     for (component, module), parts in sorted(pairs.items()):
         key = f"{component}.{module}"
         if set(parts) - {"magnitude"} != {"down", "up"}:

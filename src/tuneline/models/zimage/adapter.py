@@ -3,7 +3,7 @@
 Z-Image is a flow-matching single-stream DiT (ZImageTransformer2DModel) conditioned on the
 second-to-last hidden state of one Qwen3 decoder LM, one variable-length embedding per prompt.
 The adapter loads the transformer and the scheduler config (the VAE never: latents are cached;
-the text encoder only when a step encodes captions), applies the training mode (LoRA through
+the text encoder only when a step encodes captions), applies the training mode (LoRA, LoHa or LoKr through
 PEFT on the attention projections, optionally the feed-forward layers, or full), holds frozen
 weights in the compute dtype of mixed precision, computes the flow-matching loss exactly as
 `tuneline.train.flow_matching` defines it (its docstring has the sign conventions, checked
@@ -25,6 +25,8 @@ from tuneline.core.logs import quiet_libraries
 from tuneline.core.params import ParamsError
 from tuneline.core.tensorfile import canonicalize
 from tuneline.models.loading import _base_location, load_vae, load_zimage_text_encoder
+from tuneline.models.lycoris import adapter_settings, peft_config, trained_state_dict
+from tuneline.models.lycoris import refuse as refuse_lycoris
 from tuneline.models.quantize import keep_trained_fp32, quantize_frozen, refuse_full_training
 from tuneline.models.training_adapter import load_training_adapter
 from tuneline.models.zimage import FAMILY
@@ -89,6 +91,7 @@ class ZImageAdapter:
     def __init__(self, model_config: ModelConfig, train_config: TrainConfig, root: Path) -> None:
         FAMILY.refuse_unsupported(train_config)  # also checked before any stage computes (tuneline.preflight)
         refuse_full_training(model_config.quantize, train_config)
+        refuse_lycoris(model_config.quantize, train_config)  # also checked by tuneline check
         self.model_config = model_config
         self.config = train_config
         self.root = Path(root)
@@ -148,30 +151,26 @@ class ZImageAdapter:
         return self.text_encoders
 
     def lora_settings(self, name: str = "transformer") -> dict[str, Any]:
-        """PEFT LoraConfig arguments of the transformer; also the adapter metadata saved with the
-        weights, so every loader rebuilds the same adapter (alpha included)."""
-        lora = self.config.lora
-        return {"r": lora.rank, "lora_alpha": lora.alpha, "use_dora": lora.use_dora,
-                "target_modules": TRANSFORMER_LORA_TARGETS[lora.targets]}
+        """PEFT config arguments of the transformer (LoraConfig's, or LoHaConfig's / LoKrConfig's for
+        train.lora.type loha / lokr); also the adapter metadata saved with the weights, so every loader
+        rebuilds the same adapter (alpha included)."""
+        return adapter_settings(self.config.lora, TRANSFORMER_LORA_TARGETS[self.config.lora.targets])
 
     def mode_of(self, name: str) -> str:
         return self.config.mode if name == "transformer" else "frozen"
 
     def setup_training(self, device: Any = None) -> None:
-        """Freeze what is frozen, add the LoRA adapter (fp32 draws on the fp32 base), then hold every
+        """Freeze what is frozen, add the adapter of train.lora.type (fp32 draws on the fp32 base), then hold every
         frozen tensor in the compute dtype; gradient checkpointing when asked. With model.quantize the
         frozen tensors are cast and quantized first, and the adapter put back in fp32 once added (see
         SDXLAdapter.setup_training)."""
-        from peft import LoraConfig as PeftLoraConfig
-
         frozen_dtype = torch_dtype(self.compute_dtype)
         mode = self.config.mode
         self.transformer.requires_grad_(mode == "full")
         quantize_frozen(self.transformer, self.model_config.quantize, frozen_dtype,
                         FAMILY.full_precision.get("transformer", ()), device)
         if mode == "lora":
-            self.transformer.add_adapter(PeftLoraConfig(**self.lora_settings(), lora_dropout=self.config.lora.dropout,
-                                                        init_lora_weights="gaussian"))
+            self.transformer.add_adapter(peft_config(self.lora_settings(), self.config.lora.dropout))
             keep_trained_fp32(self.transformer)
         load_training_adapter(FAMILY, self.transformer, self.model_config, mode, self.root)  # frozen, steps only
         if mode != "full":
@@ -324,10 +323,9 @@ class ZImageAdapter:
 
     def _save_lora(self, modules: dict[str, Any], out_dir: Path) -> None:
         from diffusers import ZImagePipeline
-        from peft.utils import get_peft_model_state_dict
 
         ZImagePipeline.save_lora_weights(
-            out_dir, transformer_lora_layers=get_peft_model_state_dict(modules["transformer"]),
+            out_dir, transformer_lora_layers=trained_state_dict(modules["transformer"]),
             transformer_lora_adapter_metadata=self.lora_settings(), safe_serialization=True)
         canonicalize(out_dir / LORA_FILE)  # identical weights, identical bytes
 

@@ -23,6 +23,11 @@ Files:
   layout of ai-toolkit's Z-Image LoRAs, which diffusers' ZImageLoraLoaderMixin converts on load (it
   folds alpha / rank into the weights: the same image as the training's LoRA file, bit for bit
   when alpha / rank is a power of two, alpha == rank included; within rounding otherwise).
+- LoHa / LoKr (train.lora.type): the same `diffusion_model.<diffusers module>` names with LyCORIS'
+  tensor names (`.hada_w1_a`, ..., `.lokr_w1`, `.lokr_w2_a`, ..., `.alpha`; tuneline.models.lycoris):
+  ComfyUI's `load_lora` tries each of its weight adapters (lora, loha, lokr, ...) on every key of
+  the Lumina2 map, so they load as the LoRA does (a to_q/to_k/to_v adapter patches its qkv slice).
+  diffusers' Z-Image loader reads LoRA keys only.
 - full fine-tune: the transformer alone (ComfyUI's "Load Diffusion Model", models/diffusion_models),
   original names without a prefix, as Comfy-Org/z_image_turbo's split_files/diffusion_models ship it.
   The text encoder (Qwen3) and the VAE are separate files in ComfyUI (models/text_encoders, models/vae).
@@ -51,6 +56,8 @@ from tuneline.models.export import (
     module_alpha,
     read_diffusers_lora,
 )
+from tuneline.models.lycoris import LYCORIS_SUFFIXES, lycoris_module_tensors, lycoris_part
+from tuneline.models.lycoris import title as lycoris_title
 
 if TYPE_CHECKING:
     from tuneline.models.config import ModelConfig
@@ -194,16 +201,22 @@ def diffusers_lora_to_comfy(state_dict: Mapping[str, Any], alphas: Any) -> dict[
     """A diffusers Z-Image LoRA (`transformer.<module>.lora_A.weight` / `.lora_B.weight`, as
     ZImagePipeline.save_lora_weights writes it) -> `diffusion_model.<module>.lora_A.weight` /
     `.lora_B.weight` / `.alpha` (tensors unchanged; alpha per module from `alphas`: (rank, alpha) or
-    the file's adapter settings, alpha_pattern and rsLoRA included)."""
+    the file's adapter settings, alpha_pattern and rsLoRA included). A PEFT LoHa / LoKr
+    (`transformer.<module>.hada_w1_a`, ...) keeps LyCORIS' tensor names under the same prefix."""
     import torch
 
     settings = lora_alpha_settings(alphas, "transformer") or {}
     pairs: dict[str, dict[str, Any]] = {}
+    lycoris: dict[str, dict[str, Any]] = {}
     for key, tensor in state_dict.items():
         component, _, rest = key.partition(".")
         if component != "transformer":
             raise UnmappedKeyError(f"LoRA key {key!r}: only a transformer LoRA exports for Z-Image (ComfyUI maps "
                                    "no diffusers text-encoder LoRA for it)")
+        part = lycoris_part(rest)
+        if part is not None:
+            lycoris.setdefault(part[0], {})[part[1]] = tensor
+            continue
         if "lora_magnitude_vector" in rest:
             raise UnmappedKeyError(f"LoRA key {key!r}: a DoRA does not export for Z-Image (diffusers' Z-Image "
                                    "loader drops dora_scale); train without use_dora")
@@ -212,6 +225,11 @@ def diffusers_lora_to_comfy(state_dict: Mapping[str, Any], alphas: Any) -> dict[
             raise UnmappedKeyError(f"LoRA key {key!r} is not a PEFT lora_A/lora_B weight")
         pairs.setdefault(match[1], {})[match[2]] = tensor
     out: dict[str, Any] = {}
+    for module, parts in sorted(lycoris.items()):
+        if module in pairs:
+            raise ValueError(f"transformer.{module}: both LoRA and LoHa/LoKr tensors")
+        converted = lycoris_module_tensors(parts, settings, f"transformer.{module}")
+        out.update({f"{LORA_PREFIX}{module}.{suffix}": value for suffix, value in converted.items()})
     for module, parts in sorted(pairs.items()):
         if set(parts) != {"lora_A", "lora_B"}:
             raise ValueError(f"transformer.{module}: needs lora_A and lora_B, found {sorted(parts)}")
@@ -242,7 +260,11 @@ def export_zimage_lora(diffusers_lora: Path, out_path: Path, metadata: Mapping[s
     if alphas is None:
         raise ValueError(f"{diffusers_lora} has no adapter metadata (lora_alpha); pass alphas=(rank, alpha)")
     tensors = diffusers_lora_to_comfy(state_dict, alphas)
-    rank, alpha = network_dim_and_alpha(tensors)
+    if any(key.endswith(LYCORIS_SUFFIXES) for key in tensors):  # the trained rank and alpha (a full LoKr has none)
+        settings = lora_alpha_settings(alphas, "transformer") or {}
+        rank, alpha = str(settings["r"]), str(float(settings.get("alpha", settings.get("lora_alpha"))))
+    else:
+        rank, alpha = network_dim_and_alpha(tensors)
     header = check_header({**dict(metadata), "ss_network_dim": rank, "ss_network_alpha": alpha})
     return save_tensors(tensors, Path(out_path), header)
 
@@ -311,12 +333,14 @@ class ZImageExporter:
                 "ComfyUI's Z-Image layout (models/diffusion_models)")
 
     def lora_kind(self, lora: LoraConfig) -> str:
+        if lora.type != "lora":
+            return f"Z-Image {lycoris_title(lora)} (`diffusion_model.` keys, LyCORIS tensor names: ComfyUI)"
         return "Z-Image LoRA (`diffusion_model.` keys: ComfyUI, diffusers' load_lora_weights)"
 
     def component_line(self, name: str, mode: str, lora: LoraConfig) -> str:
         if mode != "lora":
             return f"- {COMPONENTS[name]}: {mode}"
-        return f"- {COMPONENTS[name]}: {'DoRA' if lora.use_dora else 'LoRA'} rank {lora.rank}, alpha {lora.alpha}"
+        return f"- {COMPONENTS[name]}: {lycoris_title(lora)} rank {lora.rank}, alpha {lora.alpha}"
 
     def header(self, kind: str, facts: HeaderFacts, extra: Mapping[str, str], *, file_name: str, lora: LoraConfig,
                description: str | None = None) -> dict[str, str]:
@@ -347,4 +371,6 @@ class ZImageExporter:
                 "`models/loras`" + (", the VAE into `models/vae`." if any(f.kind == "vae" for f in files) else "."),
                 "diffusers: `ZImagePipeline.from_pretrained(base)` then `pipe.load_lora_weights(path)`; a full "
                 "fine-tune: the `diffusers/pipeline` folder (`ZImagePipeline.from_pretrained`).",
-                "Guidance follows ZImagePipeline's convention: 0 turns it off; g > 0 gives pos + g*(pos - neg)."]
+                "Guidance follows ZImagePipeline's convention: 0 turns it off; g > 0 gives pos + g*(pos - neg)."] + (
+                    [f"The {lycoris_title(trained.lora)} file has LyCORIS' tensor names: ComfyUI loads it; diffusers' "
+                     "load_lora_weights reads LoRA keys only."] if trained.lora.type != "lora" else [])

@@ -15,5 +15,5 @@ CODE = ("stages/export/stage.py", "stages/export/metadata.py", "models/export.py
         "models/family.py", "models/loading.py", "models/quantize.py", "models/ref.py", "models/single_file.py", "train/output.py",
         "stages/render/embeds.py",
         "stages/render/generate.py", "stages/render/prompts.py", "stages/render/samplers.py", "core/tensorfile.py",
-        "models/variant.py",
+        "models/variant.py", "models/lycoris.py",
         *(path for family in FAMILIES.values() for path in family.code.get("export", ())))

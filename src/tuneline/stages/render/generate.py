@@ -138,10 +138,12 @@ def apply_trained(pipeline: Any, trained_dir: Path, lora_scale: float = 1.0, use
         pipeline.register_modules(**replaced)
         notes.append(f"full weights: {', '.join(replaced) or 'none'} from {full}")
     if lora.is_file():
-        with _quiet_diffusers():
-            pipeline.load_lora_weights(source, weight_name=LORA_FILE, adapter_name=ADAPTER_NAME)
+        from tuneline.models.lycoris import TITLES, load_trained_lora
+
+        with _quiet_diffusers():  # a LoHa / LoKr (train.lora.type) through PEFT: diffusers loads LoRAs only
+            kind = load_trained_lora(pipeline, lora, ADAPTER_NAME)
         pipeline.set_adapters([ADAPTER_NAME], adapter_weights=[lora_scale])
-        notes.append(f"LoRA {lora} at scale {lora_scale}")
+        notes.append(f"{TITLES[kind]} {lora} at scale {lora_scale}")
     config = pipeline.scheduler.config
     prediction_type = state.get("prediction_type") or train.get("prediction_type") or config.get("prediction_type")
     settings = family.build_renderer().scheduler_settings(prediction_type, bool(train.get("zero_terminal_snr")))
