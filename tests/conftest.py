@@ -73,6 +73,35 @@ def photo(size: tuple[int, int], seed: int = 0) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
+def item_bytes(folder: Path, record: dict[str, Any], field: str = "image") -> bytes:
+    """The bytes of a record's packed item file (tuneline.core.packs), as stages read them."""
+    from tuneline.core.packs import read_member
+
+    return read_member(folder, record[field])
+
+
+def corrupt_member(folder: Path, ref: dict[str, Any]) -> None:
+    """Overwrite one member of a pack in `folder` with garbage, as a bad disk would; the pack is replaced
+    by a corrupted copy (a new file), so the links that share it elsewhere (the store) keep their bytes."""
+    path = Path(folder) / ref["pack"]
+    data = bytearray(path.read_bytes())
+    data[ref["offset"]:ref["offset"] + ref["size"]] = b"x" * ref["size"]
+    path.unlink()
+    path.write_bytes(bytes(data))
+
+
+def item_image(folder: Path, record: dict[str, Any]) -> Image.Image:
+    import io
+
+    return Image.open(io.BytesIO(item_bytes(folder, record)))
+
+
+def item_tensors(folder: Path, record: dict[str, Any], field: str = "latents") -> dict[str, Any]:
+    from safetensors.torch import load
+
+    return load(item_bytes(folder, record, field))
+
+
 def save_photo(path: Path, size: tuple[int, int], seed: int = 0, **save_args: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     photo(size, seed).save(path, **save_args)

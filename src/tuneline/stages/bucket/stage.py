@@ -7,7 +7,6 @@ bucket setting recomputes only the images whose plan it changes.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -20,12 +19,13 @@ from tuneline.config import Params
 from tuneline.core.codeversion import code_version
 from tuneline.stages.bucket import CODE
 from tuneline.core.params import format_resolution
-from tuneline.core.fsutil import atomic_path, atomic_write_json, digest_json, file_digest, link_or_copy, rebuilt_dir
+from tuneline.core.fsutil import atomic_path, atomic_write_json, digest_json, file_digest, rebuilt_dir
 from tuneline.core.images import ImageRejected, load_normalized
 from tuneline.core.manifest import MANIFEST, REJECTED, read_manifest, write_jsonl
 from tuneline.core.parallel import map_with_progress
 from tuneline.core.png import write_png_rgb
 from tuneline.core.report import StageReport
+from tuneline.core.packs import PackItem, pack_of
 from tuneline.core.store import ItemStore
 
 STAGE = "bucket"
@@ -147,12 +147,15 @@ def run(params: Params, root: Path, ingested_dir: Path, out_dir: Path,
 
     manifest = []
     with rebuilt_dir(out_dir) as staging:
-        for i, ((item, plan), key) in enumerate(zip(planned, keys)):
-            if i in failed:
-                report.reject(item["source"], failed[i], dataset=item["dataset"])
-                continue
-            image = f"{item['dataset']}/{item['id']}.png"
-            link_or_copy(store.path(key, ".png"), staging / image)
+        kept = [i for i in range(len(planned)) if i not in failed]
+        for i in sorted(failed):
+            item = planned[i][0]
+            report.reject(item["source"], failed[i], dataset=item["dataset"])
+        images = store.pack(staging, [PackItem(pack_of(planned[i][0]["dataset"], planned[i][0]["id"]),
+                                               f"{planned[i][0]['id']}.png", keys[i], ".png") for i in kept], ".tar")
+        for i in kept:
+            (item, plan), key = planned[i], keys[i]
+            image = images[(pack_of(item["dataset"], item["id"]), f"{item['id']}.png")]
             manifest.append({
                 # No source path: what later stages depend on must not change when a file is renamed
                 # (data/ingested/manifest.jsonl maps ids to files).

@@ -1,9 +1,9 @@
 """Stage `caption`: one caption per bucketed image, from a hand edit, a sidecar, Florence-2 or the default.
 
-Output (data/captioned): `<data set>/<id>.png` (a hard link to the bucketed image),
-`<data set>/<id>.txt` holding its final caption, and manifest.jsonl: the bucket records
-plus `caption`, `caption_source` (hand_edited | sidecar | model | default),
-`sidecar_caption`, `model_caption`, `caption_file` and `caption_key`.
+Output (data/captioned): the bucketed image packs (hard links of data/bucketed's, so the records'
+`image` references stay valid) and manifest.jsonl: the bucket records plus `caption` (the final
+caption), `caption_source` (hand_edited | sidecar | model | default), `sidecar_caption`,
+`model_caption` and `caption_key`. No file per item: at a million images DVC would check each.
 
 Where a caption comes from, first match wins:
 
@@ -54,6 +54,7 @@ from tuneline.core.fsutil import digest_json, link_or_copy, rebuilt_dir
 from tuneline.core.manifest import MANIFEST, REJECTED, read_manifest, write_jsonl
 from tuneline.models.ref import is_tiny, model_identity, resolve_model
 from tuneline.core.report import StageReport, console
+from tuneline.core.packs import open_member
 from tuneline.core.store import ItemStore, in_shard
 
 STAGE = "caption"
@@ -106,16 +107,20 @@ def plan_captions(params: Params, records: list[dict[str, Any]], edits: CaptionE
     return planned
 
 
-def _load_rgb(path: Path) -> Any:
+# An image in a stage output folder: (the folder, its manifest record's member reference).
+ImageRef = tuple[Path, dict[str, Any]]
+
+
+def _load_rgb(image: ImageRef) -> Any:
     from PIL import Image
 
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    with Image.open(open_member(*image)) as opened:
+        return opened.convert("RGB")
 
 
 def generate_captions(config: CaptionConfig, source: Path | str, device: str, dtype: str,
-                      items: list[tuple[Path, str]], store: ItemStore, report: StageReport) -> None:
-    """Caption (image path, key) items with one loaded model, storing each batch as it finishes.
+                      items: list[tuple[ImageRef, str]], store: ItemStore, report: StageReport) -> None:
+    """Caption (image, key) items with one loaded model, storing each batch as it finishes.
 
     A killed run keeps every finished batch. The model is unloaded however this ends.
     """
@@ -125,8 +130,8 @@ def generate_captions(config: CaptionConfig, source: Path | str, device: str, dt
                                              config.num_beams, config.max_new_tokens)
     report.extra["model_loaded"] = True
 
-    def run(batch: list[tuple[Path, str]]) -> list[tuple[str, str]]:
-        return florence.caption([_load_rgb(path) for path, _ in batch])
+    def run(batch: list[tuple[ImageRef, str]]) -> list[tuple[str, str]]:
+        return florence.caption([_load_rgb(image) for image, _ in batch])
 
     def on_halve(size: int, halved: int, error: BaseException) -> None:
         report.extra["batch_halvings"] = report.extra.get("batch_halvings", 0) + 1
@@ -210,7 +215,7 @@ def run(params: Params, root: Path, bucketed_dir: Path, out_dir: Path, metrics_d
         missing = list(dict.fromkeys(item.key for item in wanted
                                      if stored[item.key] is None and in_shard(item.key, shard)))
         if missing:
-            path_of = {item.key: bucketed_dir / item.record["image"] for item in wanted}
+            path_of = {item.key: (bucketed_dir, item.record["image"]) for item in wanted}
             generate_captions(config, resolve_model(config.model, root), device, dtype,
                               [(path_of[key], key) for key in missing], store, report)
             stored.update({key: store.read_json(key) for key in missing})
@@ -229,6 +234,9 @@ def run(params: Params, root: Path, bucketed_dir: Path, out_dir: Path, metrics_d
     counts: Counter[str] = Counter()
     manifest = []
     with rebuilt_dir(out_dir) as staging:
+        # The image packs, linked (the same files as data/bucketed): latents reads the images here.
+        for pack in sorted({item.record["image"]["pack"] for item in planned}):
+            link_or_copy(bucketed_dir / pack, staging / pack)
         for item in planned:
             record = item.record
             source, text = item.source, item.text
@@ -236,15 +244,10 @@ def run(params: Params, root: Path, bucketed_dir: Path, out_dir: Path, metrics_d
                 source, text = "default", config.default_caption
             final = text if source == "hand_edited" else with_trigger(triggers[record["dataset"]], text)
             counts[source] += 1
-            caption_file = f"{record['dataset']}/{record['id']}.txt"
-            link_or_copy(bucketed_dir / record["image"], staging / record["image"])
-            # Written, never linked: an editor saving in place must not change a stored file.
-            (staging / caption_file).write_text(final + "\n", "utf-8")
             manifest.append({
                 **record,
                 "caption": final,
                 "caption_source": source,
-                "caption_file": caption_file,
                 "sidecar_caption": record.get("caption"),
                 "model_caption": item.text if item.source == "model" else None,
                 "caption_key": item.key,
