@@ -90,6 +90,41 @@ def corrupt_member(folder: Path, ref: dict[str, Any]) -> None:
     path.write_bytes(bytes(data))
 
 
+def replace_members(folder: Path, field: str, change: Any) -> None:
+    """Rewrite the `field` member of every record of `folder`'s manifest as `change(record, bytes)`
+    returns it: new pack files (the links into the store keep their bytes) and the manifest's places."""
+    from tuneline.core.manifest import MANIFEST, read_manifest, write_jsonl
+    from tuneline.core.packs import read_member, write_tar
+
+    folder = Path(folder)
+    records = read_manifest(folder)
+    packs: dict[str, list[tuple[str, bytes]]] = {}
+    for record in records:
+        ref = record[field]
+        packs.setdefault(ref["pack"], []).append((ref["member"], change(record, read_member(folder, ref))))
+    places = {}
+    for pack, members in packs.items():
+        (folder / pack).unlink()
+        places[pack] = write_tar(folder / pack, members)
+    for record in records:
+        ref = record[field]
+        ref["offset"], ref["size"] = places[ref["pack"]][ref["member"]]
+    write_jsonl(folder / MANIFEST, records)
+
+
+def packed_photo(folder: Path, name: str, size: tuple[int, int], seed: int = 0) -> dict[str, Any]:
+    """A photo as a stage output holds it: alone in pack `<name>.tar` of `folder`; its member reference."""
+    import io
+
+    from tuneline.core.packs import member_ref, write_tar
+
+    data = io.BytesIO()
+    photo(size, seed).save(data, format="PNG")
+    folder.mkdir(parents=True, exist_ok=True)
+    places = write_tar(folder / f"{name}.tar", [(f"{name}.png", data.getvalue())])
+    return member_ref(f"{name}.tar", f"{name}.png", *places[f"{name}.png"])
+
+
 def item_image(folder: Path, record: dict[str, Any]) -> Image.Image:
     import io
 
