@@ -157,7 +157,7 @@ NOT_RESULT_SHAPING = ("tuneline.config", "tuneline.preflight", "tuneline.cli", "
                       "tuneline.core.stops", "tuneline.core.packs",
                       "tuneline.core.codeversion", "tuneline.core.tracking", "tuneline.orchestration", "tuneline.tiny",
                       "tuneline.stages.latents.output", "tuneline.stages.latents.prompts",
-                      "tuneline.stages.caption.edits",
+                      "tuneline.stages.caption.edits", "tuneline.stages.caption.output", "tuneline.stages.bucket.output",
                       "tuneline.train.cached_text")
 
 

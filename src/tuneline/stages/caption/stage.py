@@ -37,21 +37,19 @@ and returns without rebuilding the output folder or writing metrics: run the n s
 from __future__ import annotations
 
 import time
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tuneline.stages.caption import florence as florence_runner
 from tuneline.stages.caption.edits import CaptionEdits, collect_in_place_edits, move_store_edits, repair_dvc_cache
-from tuneline.stages.caption.text import with_trigger
+from tuneline.stages.caption.output import Planned, write_output
 from tuneline.config import Params
 from tuneline.core.codeversion import code_version
 from tuneline.stages.caption import CODE
 from tuneline.stages.caption.config import CaptionConfig
 from tuneline.core import layout
-from tuneline.core.fsutil import digest_json, link_or_copy, rebuilt_dir
-from tuneline.core.manifest import MANIFEST, REJECTED, read_manifest, write_jsonl
+from tuneline.core.fsutil import digest_json
+from tuneline.core.manifest import read_manifest
 from tuneline.models.ref import is_tiny, model_identity, resolve_model
 from tuneline.core.report import StageReport, console
 from tuneline.core.packs import open_member
@@ -73,14 +71,6 @@ def caption_key(image_key: str, model_id: str, config: CaptionConfig, dtype: str
         "max_new_tokens": config.max_new_tokens,
         "dtype": dtype,  # resolved: fp16 and fp32 captions differ
     })
-
-
-@dataclass
-class Planned:
-    record: dict[str, Any]
-    source: str  # hand_edited | sidecar | model | default
-    text: str  # the caption before the trigger word; filled in for "model" after generation
-    key: str | None = None
 
 
 def plan_captions(params: Params, records: list[dict[str, Any]], edits: CaptionEdits,
@@ -184,7 +174,7 @@ def _shard_report(report: StageReport, shard: tuple[int, int], wanted: int, star
 
 def run(params: Params, root: Path, bucketed_dir: Path, out_dir: Path, metrics_dir: Path | None = None, *,
         tracker: Any = None, shard: tuple[int, int] | None = None) -> StageReport:
-    """Caption every item of `bucketed_dir`; write images, .txt captions and manifest.jsonl to `out_dir`.
+    """Caption every item of `bucketed_dir`; `out_dir` gets manifest.jsonl with every caption (`output.py`).
 
     With `shard=(i, n)`: only compute shard i's missing captions into the store (see the module docstring).
     """
@@ -230,44 +220,5 @@ def run(params: Params, root: Path, bucketed_dir: Path, out_dir: Path, metrics_d
 
     if shard is not None:  # nothing for the model: this shard has no work
         return _shard_report(report, shard, 0, started)
-    triggers = {d.folder: d.trigger_word for d in params.datasets}
-    counts: Counter[str] = Counter()
-    manifest = []
-    with rebuilt_dir(out_dir) as staging:
-        # The image packs, linked (the same files as data/bucketed): latents reads the images here.
-        for pack in sorted({item.record["image"]["pack"] for item in planned}):
-            link_or_copy(bucketed_dir / pack, staging / pack)
-        for item in planned:
-            record = item.record
-            source, text = item.source, item.text
-            if source == "model" and not text:
-                source, text = "default", config.default_caption
-            final = text if source == "hand_edited" else with_trigger(triggers[record["dataset"]], text)
-            counts[source] += 1
-            manifest.append({
-                **record,
-                "caption": final,
-                "caption_source": source,
-                "sidecar_caption": record.get("caption"),
-                "model_caption": item.text if item.source == "model" else None,
-                "caption_key": item.key,
-            })
-        write_jsonl(staging / MANIFEST, manifest)
-        write_jsonl(staging / REJECTED, report.rejected)
-
-    # Only model captions come from the store; sidecar, default and hand-edited captions are taken as given.
-    report.reused = len(wanted) - report.computed
-    report.given = len(manifest) - len(wanted)
-    report.extra.update({
-        "model": config.model,
-        "random_tiny_model": is_tiny(config.model),
-        "mode": config.mode,
-        "model_captions_reused": len(wanted) - report.computed,
-        "from_sidecar": counts["sidecar"],
-        "defaulted": counts["default"],
-        "hand_edited": counts["hand_edited"],
-    })
-    report.seconds = time.perf_counter() - started
-    if metrics_dir is not None:
-        report.write_metrics(metrics_dir)
-    return report
+    return write_output(out_dir, report, params=params, planned=planned, wanted=len(wanted),
+                        bucketed_dir=bucketed_dir, started=started, metrics_dir=metrics_dir)
