@@ -383,3 +383,27 @@ def test_cli_runner_writes_the_stage_folder(five):
     report = caption.run(five.params(), five.root)
     assert report.computed == 4 and len(five.manifest("data/captioned")) == 5
     assert (five.root / "metrics/caption.json").is_file()
+
+
+def test_tuneline_item_finds_an_image_extracts_its_crop_and_starts_a_caption_edit(five, tmp_path, capsys):
+    """With item files in packs, `tuneline item` is how a person looks at one image and edits its caption."""
+    from tuneline.cli import main
+
+    caption(five, mode="sidecar_only")
+    a0 = records(five)["a0.jpg"]
+    root = ["--root", str(five.root)]
+    assert main([*root, "item", "data/raw/alpha/a0.jpg", "--extract", str(tmp_path / "out"), "--edit"]) == 0
+    shown = capsys.readouterr().out
+    assert f"alpha/{a0['id']}  (from data/raw/alpha/a0.jpg)" in shown
+    assert "caption (sidecar): trig, a cat on a mat" in shown and "the current caption copied there" in shown
+    assert (tmp_path / "out" / f"{a0['id']}.png").read_bytes() == item_bytes(five.root / "data/captioned", a0)
+    assert edit_file(five, a0).read_text() == "trig, a cat on a mat\n"
+
+    edit_file(five, a0).write_text("trig, a tabby cat on a red mat\n")
+    assert main([*root, "item", f"alpha/{a0['id']}", "--edit"]) == 0  # by id too; an edit is never overwritten
+    assert "(already there)" in capsys.readouterr().out
+    assert caption(five, mode="sidecar_only").extra["hand_edited"] == 1
+    assert records(five)["a0.jpg"]["caption"] == "trig, a tabby cat on a red mat"
+
+    assert main([*root, "item", "data/raw/alpha/nope.jpg"]) == 1
+    assert "no bucketed item is 'data/raw/alpha/nope.jpg': give a raw image path" in capsys.readouterr().out
