@@ -546,7 +546,7 @@ def latents_phase(scale: Scale, work: Path, base: Path, configs: dict[str, Any],
     from tuneline.core.manifest import read_manifest
     from tuneline.models.loading import load_vae, resolve_dtype
     from tuneline.stages.latents.stage import run as run_latents
-    from tuneline.stages.latents.vae import image_path, latent_batches, load_pixels
+    from tuneline.stages.latents.vae import image_file, latent_batches, load_pixels
 
     root, generation_s = ensure_images(work, images, scale.resolution)
     vae_dir = work / "vae-random"
@@ -566,7 +566,7 @@ def latents_phase(scale: Scale, work: Path, base: Path, configs: dict[str, Any],
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # decoded once, before any timing
-        pixels = list(pool.map(lambda i: load_pixels(image_path(root / "data/captioned", records[i])),
+        pixels = list(pool.map(lambda i: load_pixels(image_file(root / "data/captioned", records[i])),
                                range(len(records))))
     batches = [torch.stack([pixels[i] for i in batch]).to(scale.device, vae.dtype) for batch in order]
     del pixels

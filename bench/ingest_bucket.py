@@ -288,6 +288,7 @@ def _psnr(a: Image.Image, b: Image.Image) -> float:
 def psnr_sample(naive_out: Path, ours_root: Path, limit: int = 16) -> tuple[float, float, int] | None:
     """(min, mean, images compared) PSNR in dB of ours vs naive outputs over a few images: speed must not cost quality."""
     from tuneline.core.manifest import read_manifest
+    from tuneline.core.packs import read_member
 
     values = []
     names = source_names(ours_root)
@@ -295,7 +296,8 @@ def psnr_sample(naive_out: Path, ours_root: Path, limit: int = 16) -> tuple[floa
         theirs = naive_out / record["dataset"] / (Path(names[record["id"]]).stem + ".png")
         if not theirs.is_file():  # the image added for the incremental rerun
             continue
-        with Image.open(theirs) as a, Image.open(ours_root / "data/bucketed" / record["image"]) as b:
+        ours = io.BytesIO(read_member(ours_root / "data/bucketed", record["image"]))
+        with Image.open(theirs) as a, Image.open(ours) as b:
             if a.size != b.size:
                 return None
             values.append(_psnr(a, b))

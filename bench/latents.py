@@ -132,7 +132,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     import torch
 
-    from tuneline.stages.latents.vae import image_path, latent_batches, load_pixels
+    from tuneline.stages.latents.vae import image_file, latent_batches, load_pixels
     from tuneline.core.manifest import read_manifest
     from tuneline.models.loading import load_vae
 
@@ -143,7 +143,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     records = read_manifest(root / "data/captioned")
     params = bench_params(args.resolution, args.batch_size, ".tuneline/bench-store")
     order = latent_batches(records, list(range(len(records))), args.batch_size)  # the stage's batches
-    batches = [torch.stack([load_pixels(image_path(root / "data/captioned", records[i])) for i in batch])
+    batches = [torch.stack([load_pixels(image_file(root / "data/captioned", records[i])) for i in batch])
                for batch in order]
     vae = load_vae(params.model, root, "fp32", "cpu")
     with torch.inference_mode():  # one batch per shape: kernels are built before any timing

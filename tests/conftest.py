@@ -73,6 +73,70 @@ def photo(size: tuple[int, int], seed: int = 0) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
+def item_bytes(folder: Path, record: dict[str, Any], field: str = "image") -> bytes:
+    """The bytes of a record's packed item file (tuneline.core.packs), as stages read them."""
+    from tuneline.core.packs import read_member
+
+    return read_member(folder, record[field])
+
+
+def corrupt_member(folder: Path, ref: dict[str, Any]) -> None:
+    """Overwrite one member of a pack in `folder` with garbage, as a bad disk would; the pack is replaced
+    by a corrupted copy (a new file), so the links that share it elsewhere (the store) keep their bytes."""
+    path = Path(folder) / ref["pack"]
+    data = bytearray(path.read_bytes())
+    data[ref["offset"]:ref["offset"] + ref["size"]] = b"x" * ref["size"]
+    path.unlink()
+    path.write_bytes(bytes(data))
+
+
+def replace_members(folder: Path, field: str, change: Any) -> None:
+    """Rewrite the `field` member of every record of `folder`'s manifest as `change(record, bytes)`
+    returns it: new pack files (the links into the store keep their bytes) and the manifest's places."""
+    from tuneline.core.manifest import MANIFEST, read_manifest, write_jsonl
+    from tuneline.core.packs import read_member, write_tar
+
+    folder = Path(folder)
+    records = read_manifest(folder)
+    packs: dict[str, list[tuple[str, bytes]]] = {}
+    for record in records:
+        ref = record[field]
+        packs.setdefault(ref["pack"], []).append((ref["member"], change(record, read_member(folder, ref))))
+    places = {}
+    for pack, members in packs.items():
+        (folder / pack).unlink()
+        places[pack] = write_tar(folder / pack, members)
+    for record in records:
+        ref = record[field]
+        ref["offset"], ref["size"] = places[ref["pack"]][ref["member"]]
+    write_jsonl(folder / MANIFEST, records)
+
+
+def packed_photo(folder: Path, name: str, size: tuple[int, int], seed: int = 0) -> dict[str, Any]:
+    """A photo as a stage output holds it: alone in pack `<name>.tar` of `folder`; its member reference."""
+    import io
+
+    from tuneline.core.packs import member_ref, write_tar
+
+    data = io.BytesIO()
+    photo(size, seed).save(data, format="PNG")
+    folder.mkdir(parents=True, exist_ok=True)
+    places = write_tar(folder / f"{name}.tar", [(f"{name}.png", data.getvalue())])
+    return member_ref(f"{name}.tar", f"{name}.png", *places[f"{name}.png"])
+
+
+def item_image(folder: Path, record: dict[str, Any]) -> Image.Image:
+    import io
+
+    return Image.open(io.BytesIO(item_bytes(folder, record)))
+
+
+def item_tensors(folder: Path, record: dict[str, Any], field: str = "latents") -> dict[str, Any]:
+    from safetensors.torch import load
+
+    return load(item_bytes(folder, record, field))
+
+
 def save_photo(path: Path, size: tuple[int, int], seed: int = 0, **save_args: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     photo(size, seed).save(path, **save_args)

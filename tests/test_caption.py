@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import save_photo
+from conftest import item_bytes, save_photo
 from tuneline.stages.caption import florence as florence_runner
 from tuneline.stages.caption.text import clean_caption, with_trigger
 
@@ -43,7 +43,22 @@ def records(project) -> dict[str, dict]:
 
 
 def text_file(project, record) -> Path:
-    return project.root / "data/captioned" / record["caption_file"]
+    """Where an older tuneline wrote the record's caption (data/captioned/<data set>/<id>.txt)."""
+    return project.root / "data/captioned" / record["dataset"] / f"{record['id']}.txt"
+
+
+def as_older_tuneline_wrote_it(project) -> dict[str, dict]:
+    """data/captioned as tuneline wrote it before packs: a `<id>.txt` per item, named by `caption_file`."""
+    from tuneline.core.manifest import write_jsonl
+
+    older = []
+    for record in project.manifest("data/captioned"):
+        record = {**record, "caption_file": f"{record['dataset']}/{record['id']}.txt"}
+        text_file(project, record).parent.mkdir(parents=True, exist_ok=True)
+        text_file(project, record).write_text(record["caption"] + "\n", "utf-8")
+        older.append(record)
+    write_jsonl(project.root / "data/captioned/manifest.jsonl", older)
+    return records(project)
 
 
 def test_model_captions_are_stored_and_reused(five, monkeypatch):
@@ -59,9 +74,10 @@ def test_model_captions_are_stored_and_reused(five, monkeypatch):
     assert {name: r["caption_source"] for name, r in found.items()} == {
         "a0.jpg": "sidecar", "a1.jpg": "model", "a2.jpg": "model", "b0.png": "model", "b1.png": "model"}
     for name, record in found.items():
-        assert text_file(five, record).read_text("utf-8") == record["caption"] + "\n"
-        image = five.root / "data/captioned" / record["image"]
-        assert os.path.samefile(image, five.root / "data/bucketed" / record["image"])  # hard link, no copy
+        assert not text_file(five, record).exists()  # captions live in the manifest: no file per item
+        pack = record["image"]["pack"]
+        assert os.path.samefile(five.root / "data/captioned" / pack, five.root / "data/bucketed" / pack)  # a link
+        assert item_bytes(five.root / "data/captioned", record)[:8] == b"\x89PNG\r\n\x1a\n"
         if record["caption_source"] == "model":
             assert record["model_caption"] and record["caption_key"]
     assert "RANDOM" in " ".join(first.warnings)
@@ -97,7 +113,6 @@ def test_trigger_word_once_in_front_and_changing_it_runs_no_model(five):
     found = records(five)
     assert found["a0.jpg"]["caption"] == "newtrig, Trig, a cat on a mat"
     assert found["a2.jpg"]["caption"] == f"newtrig, {found['a2.jpg']['model_caption']}"
-    assert text_file(five, found["a2.jpg"]).read_text().startswith("newtrig, ")
 
 
 def test_sidecars_kept_in_fill_and_replaced_in_overwrite(five):
@@ -161,7 +176,6 @@ def test_edits_in_the_edits_folder_win_in_every_mode_and_survive_rebuilt_outputs
     found = records(five)
     assert (found["a1.jpg"]["caption_source"], found["a1.jpg"]["caption"]) == ("hand_edited", "my own words")
     assert found["a0.jpg"]["caption"] == "trig, a cat, edited"  # verbatim: no second trigger word
-    assert text_file(five, found["a1.jpg"]).read_text() == "my own words\n"
 
     # Rebuilt output (rm -rf, or a dvc checkout of a copy without the edit): the edit is an input, it stays.
     shutil.rmtree(five.root / "data/captioned")
@@ -184,7 +198,7 @@ def test_a_caption_edited_in_place_moves_to_the_edits_folder_and_dvcs_cached_cop
     import hashlib
 
     caption(five)
-    found = records(five)
+    found = as_older_tuneline_wrote_it(five)
     path = text_file(five, found["a1.jpg"])
     original = path.read_bytes()
     digest = hashlib.md5(original).hexdigest()
@@ -211,6 +225,7 @@ def test_a_caption_edited_in_place_moves_to_the_edits_folder_and_dvcs_cached_cop
 
     # Edited in place and in the folder since the last run: the folder's edit is kept, the clash named.
     write_edit(five, found["a1.jpg"], "the folder's words")
+    found = as_older_tuneline_wrote_it(five)
     text_file(five, found["a1.jpg"]).write_text("words in place\n", "utf-8")
     report = caption(five)
     assert records(five)["a1.jpg"]["caption"] == "the folder's words"
@@ -368,3 +383,27 @@ def test_cli_runner_writes_the_stage_folder(five):
     report = caption.run(five.params(), five.root)
     assert report.computed == 4 and len(five.manifest("data/captioned")) == 5
     assert (five.root / "metrics/caption.json").is_file()
+
+
+def test_tuneline_item_finds_an_image_extracts_its_crop_and_starts_a_caption_edit(five, tmp_path, capsys):
+    """With item files in packs, `tuneline item` is how a person looks at one image and edits its caption."""
+    from tuneline.cli import main
+
+    caption(five, mode="sidecar_only")
+    a0 = records(five)["a0.jpg"]
+    root = ["--root", str(five.root)]
+    assert main([*root, "item", "data/raw/alpha/a0.jpg", "--extract", str(tmp_path / "out"), "--edit"]) == 0
+    shown = capsys.readouterr().out
+    assert f"alpha/{a0['id']}  (from data/raw/alpha/a0.jpg)" in shown
+    assert "caption (sidecar): trig, a cat on a mat" in shown and "the current caption copied there" in shown
+    assert (tmp_path / "out" / f"{a0['id']}.png").read_bytes() == item_bytes(five.root / "data/captioned", a0)
+    assert edit_file(five, a0).read_text() == "trig, a cat on a mat\n"
+
+    edit_file(five, a0).write_text("trig, a tabby cat on a red mat\n")
+    assert main([*root, "item", f"alpha/{a0['id']}", "--edit"]) == 0  # by id too; an edit is never overwritten
+    assert "(already there)" in capsys.readouterr().out
+    assert caption(five, mode="sidecar_only").extra["hand_edited"] == 1
+    assert records(five)["a0.jpg"]["caption"] == "trig, a tabby cat on a red mat"
+
+    assert main([*root, "item", "data/raw/alpha/nope.jpg"]) == 1
+    assert "no bucketed item is 'data/raw/alpha/nope.jpg': give a raw image path" in capsys.readouterr().out

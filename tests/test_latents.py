@@ -4,16 +4,18 @@ hold for every family run on the tiny SDXL and the tiny Z-Image (`fcaptioned`); 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import save_photo
+from conftest import corrupt_member, item_bytes, item_tensors, save_photo
 from tuneline.core.manifest import read_jsonl, write_jsonl
 
 LATENTS = {"batch_size": 2, "dtype": "fp32", "device": "cpu", "flip": True, "text_embeddings": True, "workers": 2}
@@ -97,7 +99,7 @@ def by_name(project) -> dict[str, dict]:
     return {r["source"].rsplit("/", 1)[-1]: r for r in project.manifest("data/latents")}
 
 
-def test_latents_cached_then_reused_without_loading_the_vae(fcaptioned):
+def test_latents_cached_then_reused_without_loading_the_vae(fcaptioned, tmp_path):
     import torch
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -118,11 +120,13 @@ def test_latents_cached_then_reused_without_loading_the_vae(fcaptioned):
     assert wide["scaling_factor"] == pytest.approx(expect.factors[0]) and wide["shift_factor"] == expect.factors[1]
     assert wide["has_flip"] and wide["caption"] == "a photo named a0.jpg" and wide["latent_dtype"] == "fp32"
     out = fcaptioned.root / "data/latents"
-    stored = load_file(out / wide["latents"])
+    stored = item_tensors(out, wide)
     assert set(stored) == {"mean", "std", "flip_mean", "flip_std"}
     assert all(t.shape == (expect.channels, height // 8, width // 8) for t in stored.values())
-    store = fcaptioned.root / ".tuneline/store/latents" / wide["latent_key"][:2] / f"{wide['latent_key']}.safetensors"
-    assert os.path.samefile(out / wide["latents"], store)  # hard link into the store
+    # One copy: the output's pack is a link of the store's, and the loose item file went into it.
+    store = fcaptioned.root / ".tuneline/store/latents"
+    assert any(os.path.samefile(out / wide["latents"]["pack"], pack) for pack in store.glob("packs/*/*.tar"))
+    assert not (store / wide["latent_key"][:2] / f"{wide['latent_key']}.safetensors").exists()
     summary = json.loads((out / "latents.json").read_text())
     assert summary["random_tiny_model"] and summary["text_embeddings"] and summary["family"] == fcaptioned.family
     assert (summary["scaling_factor"], summary["shift_factor"]) == expect.factors
@@ -133,7 +137,8 @@ def test_latents_cached_then_reused_without_loading_the_vae(fcaptioned):
     assert json.loads((fcaptioned.root / "reports/latents.json").read_text())["computed"] == 4
     assert json.loads((fcaptioned.root / "metrics/latents.json").read_text()) == {"items": 4, "rejected": 0}
 
-    texts = out / wide["text_embeddings"]
+    texts = tmp_path / "text.safetensors"
+    texts.write_bytes(item_bytes(out, wide, "text_embeddings"))
     with safe_open(str(texts), framework="pt") as handle:
         metadata = handle.metadata()
     assert metadata["format"] == expect.text_format and metadata["caption"] == "a photo named a0.jpg"
@@ -164,8 +169,8 @@ def test_stored_distribution_is_the_vaes_and_decodes_to_the_image_size(fcaptione
     for name, record in by_name(fcaptioned).items():
         assert (record["scaling_factor"], record["shift_factor"]) == (
             vae.config.scaling_factor, getattr(vae.config, "shift_factor", None))
-        stored = load_file(fcaptioned.root / "data/latents" / record["latents"])
-        pixels = load_pixels(fcaptioned.root / "data/captioned" / record["image"])[None]
+        stored = item_tensors(fcaptioned.root / "data/latents", record)
+        pixels = load_pixels(io.BytesIO(item_bytes(fcaptioned.root / "data/captioned", record)))[None]
         assert pixels.min() >= -1 and pixels.max() <= 1 and pixels.shape[1:] == (3, record["bucket"][1], record["bucket"][0])
         with torch.no_grad():
             dist = vae.encode(pixels).latent_dist
@@ -226,7 +231,7 @@ def test_text_embeddings_are_the_pipelines_sdxl_conditioning(captioned):
     assert report.extra["text_embeddings_computed"] == 3  # two items share one caption
     records = by_name(captioned)
     assert records["a0.jpg"]["text_key"] == records["a1.jpg"]["text_key"]
-    stored = load_file(captioned.root / "data/latents" / records["a0.jpg"]["text_embeddings"])
+    stored = item_tensors(captioned.root / "data/latents", records["a0.jpg"], "text_embeddings")
     assert stored["prompt_embeds"].shape == (77, TE1_HIDDEN + TE2_HIDDEN)
     assert stored["pooled"].shape == (TE2_PROJECTION,)
 
@@ -313,7 +318,7 @@ def test_half_precision_nan_batches_are_reencoded_in_fp32(captioned, tmp_path, m
     params = captioned.params(model={"vae": str(vae_dir)}, latents={"dtype": "fp16", "flip": False,
                                                                     "text_embeddings": False})
     record = captioned.manifest("data/captioned")[0]
-    pixels = load_pixels(captioned.root / "data/captioned" / record["image"])[None]
+    pixels = load_pixels(io.BytesIO(item_bytes(captioned.root / "data/captioned", record)))[None]
     with torch.no_grad():
         half = load_vae(params.model, captioned.root, "fp16", "cpu").encode(pixels.half()).latent_dist.mean
     assert not torch.isfinite(half).all()  # the failure is real, not simulated
@@ -325,18 +330,18 @@ def test_half_precision_nan_batches_are_reencoded_in_fp32(captioned, tmp_path, m
     assert warning.endswith("(model.vae: madebyollin/sdxl-vae-fp16-fix) or latents.dtype bf16/fp32 avoids the retries.")
     for item in captioned.manifest("data/latents"):
         assert f"{item['dataset']}/{item['id']}" in warning
-        stored = load_file(captioned.root / "data/latents" / item["latents"])
+        stored = item_tensors(captioned.root / "data/latents", item)
         assert stored["mean"].dtype == torch.float16
         assert torch.isfinite(stored["mean"]).all() and torch.isfinite(stored["std"]).all()
     with torch.no_grad():
         full = load_vae(params.model, captioned.root, "fp32", "cpu").encode(pixels).latent_dist.mean
-    first = load_file(captioned.root / "data/latents" / by_name(captioned)[record["source"].rsplit("/", 1)[-1]]["latents"])
+    first = item_tensors(captioned.root / "data/latents", by_name(captioned)[record["source"].rsplit("/", 1)[-1]])
     assert torch.allclose(first["mean"].float(), full[0], atol=1e-2)
 
 
 def test_unreadable_image_is_rejected_not_fatal(captioned):
     victim = captioned.manifest("data/captioned")[1]
-    (captioned.root / "data/captioned" / victim["image"]).write_bytes(b"not a png")
+    corrupt_member(captioned.root / "data/captioned", victim["image"])
     report = run(captioned)
     assert (report.computed, len(report.rejected)) == (3, 1)
     assert "unreadable at latents time" in report.rejected[0]["reason"]
@@ -364,9 +369,12 @@ def test_the_gpu_pipeline_stores_the_same_latents(fcaptioned, monkeypatch):
 
     def stored(params) -> dict:
         found = {}
-        for path in (fcaptioned.root / params.store_dir).rglob("*.safetensors"):
-            with safe_open(str(path), framework="pt") as handle:
-                found[path.name] = (handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()})
+        for record in fcaptioned.manifest("data/latents"):
+            data = item_bytes(fcaptioned.root / "data/latents", record, "latents")
+            (length,) = struct.unpack("<Q", data[:8])
+            metadata = json.loads(data[8:8 + length]).get("__metadata__")
+            found[record["latent_key"]] = (metadata, {name: t for name, t in item_tensors(
+                fcaptioned.root / "data/latents", record).items()})
         return found
 
     params = fcaptioned.params(latents={"text_embeddings": False})

@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from conftest import item_tensors
 from test_latents import ZIMAGE, by_name, make_captioned, run, write_captioned
 
 # Chat template included this is far past 512 tokens: the pipeline cuts it at max_sequence_length.
@@ -50,7 +51,7 @@ def test_cached_text_embeddings_are_the_pipelines_encode_exactly(zcaptioned, pip
     records = by_name(zcaptioned)
     lengths = set()
     for name, caption in captions.items():
-        stored = load_file(zcaptioned.root / "data/latents" / records[name]["text_embeddings"])
+        stored = item_tensors(zcaptioned.root / "data/latents", records[name], "text_embeddings")
         with torch.no_grad():
             alone, _ = pipeline.encode_prompt(caption, device="cpu", do_classifier_free_guidance=False)
         assert stored["prompt_embeds"].shape == alone[0].shape and alone[0].shape[1] == TEXT_HIDDEN
@@ -61,7 +62,7 @@ def test_cached_text_embeddings_are_the_pipelines_encode_exactly(zcaptioned, pip
     with torch.no_grad():  # and the pipeline's own batched encode gives the same rows
         batched, _ = pipeline.encode_prompt(list(captions.values()), device="cpu", do_classifier_free_guidance=False)
     for name, embeds in zip(captions, batched):
-        stored = load_file(zcaptioned.root / "data/latents" / records[name]["text_embeddings"])
+        stored = item_tensors(zcaptioned.root / "data/latents", records[name], "text_embeddings")
         assert torch.equal(stored["prompt_embeds"], embeds), name
 
 

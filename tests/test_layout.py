@@ -154,10 +154,10 @@ def test_registry_dvc_yaml_and_entry_points_agree():
 NOT_RESULT_SHAPING = ("tuneline.config", "tuneline.preflight", "tuneline.cli", "tuneline.core.params",
                       "tuneline.core.fsutil", "tuneline.core.store", "tuneline.core.manifest", "tuneline.core.report",
                       "tuneline.core.parallel", "tuneline.core.layout", "tuneline.core.lock", "tuneline.core.logs",
-                      "tuneline.core.stops",
+                      "tuneline.core.stops", "tuneline.core.packs",
                       "tuneline.core.codeversion", "tuneline.core.tracking", "tuneline.orchestration", "tuneline.tiny",
                       "tuneline.stages.latents.output", "tuneline.stages.latents.prompts",
-                      "tuneline.stages.caption.edits",
+                      "tuneline.stages.caption.edits", "tuneline.stages.caption.output", "tuneline.stages.bucket.output",
                       "tuneline.train.cached_text")
 
 

@@ -252,9 +252,9 @@ def test_lora_at_scale_zero_renders_exactly_the_base_images(rendered):
 def test_transfer_prompt_swaps_the_trigger_word():
     from tuneline.stages.render.transfer import TransferSource, transfer_prompt
 
-    source = TransferSource("alpha", "alf", "alf, a red thing, number 0", Path("x.png"))
+    source = TransferSource("alpha", "alf", "alf, a red thing, number 0", Path("."), {}, "")
     assert transfer_prompt(source, "bet") == "bet, a red thing, number 0"
-    assert transfer_prompt(TransferSource("a", "alf", "alf", Path("x")), "bet") == "bet"
+    assert transfer_prompt(TransferSource("a", "alf", "alf", Path("."), {}, ""), "bet") == "bet"
 
 
 def test_contact_sheet_grid_and_missing_cells(tmp_path):

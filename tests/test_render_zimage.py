@@ -15,7 +15,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import Project, save_photo
+from conftest import Project, packed_photo
 from tuneline.core.params import ParamsError
 from zimage_outputs import lora_transformer, make_full_run, make_lora_run, tiny_zimage
 
@@ -155,8 +155,8 @@ def test_transfer_through_zimage_img2img(tmp_path):
 
     pipeline = ZImagePipeline.from_pretrained(tiny_zimage())
     pipeline.set_progress_bar_config(disable=True)
-    a = TransferSource("alpha", "alf", "alf, a red thing", save_photo(tmp_path / "a.png", (40, 36), seed=1))
-    b = TransferSource("beta", "bet", "bet, a blue thing", save_photo(tmp_path / "b.png", (32, 32), seed=2))
+    a = TransferSource("alpha", "alf", "alf, a red thing", tmp_path, packed_photo(tmp_path, "a", (40, 36), seed=1), "a")
+    b = TransferSource("beta", "bet", "bet, a blue thing", tmp_path, packed_photo(tmp_path, "b", (32, 32), seed=2), "b")
     jobs = [TransferJob(a, b), TransferJob(b, a)]
     paths = render_transfer(pipeline, jobs, lambda job: tmp_path / "out" / job.name, strength=0.6, steps=2,
                             guidance_scale=2.0, sampler="euler", karras=False, seed=0)

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import save_photo
+from conftest import item_tensors, save_photo
+from tuneline.core.manifest import read_jsonl
+from tuneline.core.store import ItemStore
 from test_flows import demo_project, prefect_env, run_report  # noqa: F401  (prefect_env: ephemeral Prefect, autouse)
 
 LATENTS = {"batch_size": 2, "dtype": "fp32", "device": "cpu", "flip": True, "text_embeddings": True, "workers": 0}
@@ -37,8 +39,6 @@ def stored(root: Path, stage: str, pattern: str = "*.*") -> set[str]:
 
 def test_shards_fill_the_store_and_the_unsharded_run_assembles(project, capsys):
     import torch
-    from safetensors.torch import load_file
-
     from tuneline.stages.caption.stage import run as run_caption
     from tuneline.cli import main
     from tuneline.stages.latents.stage import run as run_latents
@@ -89,7 +89,7 @@ def test_shards_fill_the_store_and_the_unsharded_run_assembles(project, capsys):
         assert (record["caption"], record["latent_key"], record["text_key"]) == (
             other["caption"], other["latent_key"], other["text_key"])
         for name in ("latents", "text_embeddings"):
-            ours, theirs = load_file(root / "data/latents" / record[name]), load_file(root / "cold/latents" / other[name])
+            ours, theirs = item_tensors(root / "data/latents", record, name), item_tensors(root / "cold/latents", other, name)
             assert ours.keys() == theirs.keys()
             # Shards batch other images together, and a CPU conv's last bits depend on the batch (~1e-6).
             assert all(torch.allclose(ours[k], theirs[k], rtol=1e-5, atol=1e-5) for k in ours), (item_id, name)
@@ -112,7 +112,10 @@ def test_flow_with_two_shards(tmp_path):
         assert [s["cached"] for s in summary[stage]["shards"]] == [False, False]
         assert not summary[stage]["cached"]
         assert run_report(root, stage)["computed"] == 0, stage  # the shards did all of it
-    assert len(list((root / ".tuneline/store/latents").glob("*/*.safetensors"))) == items
+    # The assembling run packed what the shards stored (no loose file left) and finds every item there.
+    store = ItemStore(root / ".tuneline/store", "latents")
+    assert not list(store.root.glob("*/*.safetensors"))
+    assert sum(store.has(r["latent_key"], ".safetensors") for r in read_jsonl(root / "data/latents/manifest.jsonl")) == items
     assert len((root / "data/latents/manifest.jsonl").read_text().splitlines()) == items
 
     again = pipeline(root=str(root), shards=2)["stages"]  # unchanged: every task, shards too, is a hit

@@ -46,14 +46,15 @@ def test_renames_caption_edits_and_models_replaced_in_place(demo):
     from tuneline.tiny import resolve_tiny
 
     assert ran(dvc(demo, "repro")) == set(STAGES)
-    # One copy of derived bytes (.dvc/config: cache.type hardlink, copy): each latent is one inode, the
-    # item store's entry, the output file and DVC's cache object, read-only.
+    # One copy of derived bytes (.dvc/config: cache.type hardlink, copy): each pack of latents is one
+    # inode, the item store's pack, the output file and DVC's cache object, read-only; no loose item is left.
     record = json.loads((demo / "data/latents/manifest.jsonl").read_text().splitlines()[0])
-    latent = (demo / "data/latents" / record["latents"]).stat()
+    pack = (demo / "data/latents" / record["latents"]["pack"]).stat()
     cached = {path.stat().st_ino for path in (demo / ".dvc/cache/files/md5").rglob("*") if path.is_file()}
-    stored = {path.stat().st_ino for path in (demo / ".tuneline/store/latents").rglob("*") if path.is_file()}
-    assert latent.st_nlink == 3 and latent.st_ino in cached and latent.st_ino in stored
-    assert latent.st_mode & 0o777 == 0o444
+    stored = {path.stat().st_ino for path in (demo / ".tuneline/store/latents/packs").rglob("*.tar")}
+    assert pack.st_nlink == 3 and pack.st_ino in cached and pack.st_ino in stored
+    assert pack.st_mode & 0o777 == 0o444
+    assert not list((demo / ".tuneline/store/latents").glob("*/*.safetensors"))
 
     # A caption written in data/caption_edits: caption reruns and takes it (no model caption), latents
     # encodes that one caption's text again and no image.
@@ -63,25 +64,14 @@ def test_renames_caption_edits_and_models_replaced_in_place(demo):
     edit = demo / "data/caption_edits/shapes" / f"{item['id']}.txt"
     edit.parent.mkdir(parents=True)
     edit.write_text("shp, a hand-written caption\n")
+    packs = {path: path.stat().st_ino for path in (demo / "data/latents").rglob("*.tar")}
     assert ran(dvc(demo, "repro")) == {"models", "caption", "latents"}
     caption, latents = run_report(demo, "caption"), run_report(demo, "latents")
     assert (caption["computed"], caption["hand_edited"]) == (0, 1)
     assert (latents["computed"], latents["text_embeddings_computed"]) == (0, 1)
-    # Edited in place anyway (root writes through the read-only bit, into DVC's cached copy): moved to
-    # data/caption_edits, and no cache object is left with other bytes than its hash names (under
-    # `dvc repro` DVC finds the changed object first and drops it; a flow or stage run gives it its bytes
-    # back: test_caption). (The caption file that changed last run is a new cache object, which DVC
-    # links; unchanged ones it leaves as copies on a rerun.)
-    [in_place] = [path for path in (demo / "data/captioned").rglob("*.txt") if path.stat().st_nlink > 1]
-    in_place.chmod(0o644)
-    in_place.write_text("shp, edited in place\n")
-    assert dvc_cache_objects_hold_their_hashes(demo)  # the edit went into the cache object
-    out = dvc(demo, "repro")
-    assert ran(out) == {"models", "caption", "latents"}, out
-    printed = " ".join(out.split())  # the warning, wrapped to the terminal's width
-    assert "moved to data/caption_edits/" in printed, out
-    assert (demo / "data/caption_edits" / in_place.relative_to(demo / "data/captioned")).read_text() == \
-        "shp, edited in place\n"
+    # One pack rewritten: the edited item's text embeddings; every latents pack is linked as it was.
+    rewritten = [path.name for path, inode in packs.items() if path.stat().st_ino != inode]
+    assert rewritten == [f"{item['id'][:3]}.text.tar"]
     assert dvc_cache_objects_hold_their_hashes(demo) == []
     assert ran(dvc(demo, "repro")) == {"models"}
 

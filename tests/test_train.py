@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save
 
-from conftest import Project, make_trainer, train_params
+from conftest import Project, make_trainer, replace_members, train_params
 from resume_checks import assert_resumed_exactly, assert_same_tensors, checkpoint_at, latest_step
 from test_train_zimage import zimage_project  # noqa: F401  (a fixture: the Z-Image latents project)
 
@@ -118,12 +118,13 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(latents_project, tmp_
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(latents_project, tmp_path):
     poisoned = tmp_path / "project"
     shutil.copytree(latents_project.root / "data/latents", poisoned / "data/latents")
-    for path in (poisoned / "data/latents").rglob("*.safetensors"):
-        if not path.name.endswith(".text.safetensors"):
-            tensors = load_file(path)
-            tensors["mean"] = torch.full_like(tensors["mean"], float("nan"))
-            path.unlink()  # a hard link into the shared store: replace, never write through it
-            save_file(tensors, path)
+
+    def nan_mean(record, data: bytes) -> bytes:
+        tensors = load(data)
+        tensors["mean"] = torch.full_like(tensors["mean"], float("nan"))
+        return save(tensors)
+
+    replace_members(poisoned / "data/latents", "latents", nan_mean)
     project = Project.__new__(Project)
     project.root, project.params_data = poisoned, latents_project.params_data
     from tuneline.train.trainer import TrainingDiverged

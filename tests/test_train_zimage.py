@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
 
 from conftest import Project, make_latents_project
 
@@ -119,9 +118,14 @@ def test_nothing_but_the_transformer_is_loaded_with_cached_text(zimage_project, 
     with torch.no_grad():
         features = encode_prompts(tokenizer, encoder, [r["caption"] for r in records])
     assert len({f.shape[0] for f in features}) > 1  # variable length
-    for record, feature in zip(records, features):
-        record["text_embeddings"] = f"{record['id']}.text.safetensors"
-        save_file({"prompt_embeds": feature.contiguous()}, cached / record["text_embeddings"])
+    from safetensors.torch import save
+
+    from tuneline.core.packs import member_ref, write_tar
+
+    members = [(f"{r['id']}.safetensors", save({"prompt_embeds": f.contiguous()})) for r, f in zip(records, features)]
+    places = write_tar(cached / "texts.tar", members)
+    for record, (name, _) in zip(records, members):
+        record["text_embeddings"] = member_ref("texts.tar", name, *places[name])
     (cached / "manifest.jsonl").write_text("".join(__import__("json").dumps(r) + "\n" for r in records))
     params = zparams(zimage_project)
     with_cache = ztrainer(zimage_project, tmp_path / "cached", params, latents=cached)

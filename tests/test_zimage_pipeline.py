@@ -11,7 +11,7 @@ import pytest
 import yaml
 from safetensors import safe_open
 
-from conftest import PROJECT_TREES, save_photo
+from conftest import PROJECT_TREES, item_tensors, save_photo
 from test_dvc_pipeline import STAGES, dvc, flow, metrics, run_report, tracked_files
 from test_flows import prefect_env  # noqa: F401  (autouse: ephemeral Prefect, one PREFECT_HOME per session)
 
@@ -59,10 +59,9 @@ def test_dvc_repro_runs_the_zimage_demo_and_reruns_only_what_changed(tmp_path):
     latents = json.loads((tmp_path / "data/latents/latents.json").read_text())
     assert latents["family"] == "zimage" and latents["shift_factor"] == pytest.approx(0.1159)
     record = json.loads((tmp_path / "data/latents/manifest.jsonl").read_text().splitlines()[0])
-    with safe_open(tmp_path / "data/latents" / record["latents"], "pt") as handle:
-        assert handle.get_tensor("mean").shape[0] == 16
-    with safe_open(tmp_path / "data/latents" / record["text_embeddings"], "pt") as handle:
-        assert handle.get_tensor("prompt_embeds").ndim == 2  # [tokens, hidden]: variable length
+    assert item_tensors(tmp_path / "data/latents", record)["mean"].shape[0] == 16
+    # [tokens, hidden]: variable length
+    assert item_tensors(tmp_path / "data/latents", record, "text_embeddings")["prompt_embeds"].ndim == 2
     state = json.loads((tmp_path / "models/train/trainer_state.json").read_text())
     assert state["family"] == "zimage" and metrics(tmp_path, "train")["steps"] == 4
     assert (tmp_path / "renders/contact_sheet.png").is_file() and list((tmp_path / "renders/transfer").glob("*.png"))

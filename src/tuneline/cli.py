@@ -295,6 +295,26 @@ def parse_fit(text: str) -> float:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _item(root: Path, name: str, extract_to: Path | None, edit: bool) -> int:
+    from tuneline import items
+    from tuneline.core.report import console, print_error
+
+    try:
+        record = items.find_item(root, name)
+        for line in items.describe(record):
+            console.print(line, markup=False, highlight=False)
+        if extract_to is not None:
+            console.print(f"  crop written to {items.extract(root, record, extract_to)}", markup=False, highlight=False)
+        if edit:
+            path, created = items.start_edit(root, record)
+            console.print(f"  edit {path}" + (" (the current caption copied there)" if created else " (already there)")
+                          + "; the next caption run uses it verbatim", markup=False, highlight=False)
+    except items.ItemNotFound as error:
+        print_error("no such item", str(error))
+        return 1
+    return 0
+
+
 def _add_orchestration_commands(commands) -> None:
     ui = commands.add_parser("ui", help="start the MLflow UI and a Prefect server on 127.0.0.1; Ctrl-C stops both")
     ui.add_argument("--mlflow-port", type=int, default=5000, help="MLflow UI port (default: 5000)")
@@ -374,6 +394,12 @@ def main(argv: list[str] | None = None) -> int:
             command.add_argument("--shard", type=parse_shard, default=None, metavar="I/N",
                                  help="compute only shard I of N of the missing items into the shared store "
                                       "(no output folder, no metrics); then run without --shard to assemble")
+    item = commands.add_parser("item", help="show one image as the stages see it (bucket, caption); extract its crop; "
+                                            "start a hand edit of its caption")
+    item.add_argument("name", help="its raw file (data/raw/<data set>/photo.jpg) or <data set>/<id>")
+    item.add_argument("--extract", type=Path, default=None, metavar="DIR", help="write its bucketed crop to DIR/<id>.png")
+    item.add_argument("--edit", action="store_true",
+                      help="copy its caption to data/caption_edits/<data set>/<id>.txt (if not there) to edit it")
     _add_orchestration_commands(commands)
     argv = list(sys.argv[1:] if argv is None else argv)
     passed_on = _passthrough_split(argv)
@@ -382,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         setattr(args, PASSTHROUGH[args.command], argv[passed_on:])
     if args.command in ("ui", "serve", "repro"):
         return _run_orchestration_command(args)
+    if args.command == "item":
+        return _item(args.root, args.name, args.extract, args.edit)
     if args.command == "check":
         if args.fit is not None and args.no_memory:
             parser.error("--fit needs the memory estimate: drop --no-memory")

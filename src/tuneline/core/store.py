@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneline.core.fsutil import atomic_write_json, file_digest
+from tuneline.core.packs import PackIndex, PackItem, pack_items, read_stored
 
 
 def in_shard(key: str, shard: tuple[int, int] | None) -> bool:
@@ -30,16 +31,27 @@ def in_shard(key: str, shard: tuple[int, int] | None) -> bool:
 
 
 class ItemStore:
-    """Results of one stage, addressed by key."""
+    """Results of one stage, addressed by key: a loose file per item until it is packed
+    (tuneline.core.packs), then its place in a pack."""
 
     def __init__(self, store_dir: Path, stage: str) -> None:
         self.root = Path(store_dir) / stage
+        self.index = PackIndex(self.root)
 
     def path(self, key: str, suffix: str) -> Path:
+        """Where a newly computed item is written (its loose file)."""
         return self.root / key[:2] / f"{key}{suffix}"
 
     def has(self, key: str, suffix: str) -> bool:
-        return self.path(key, suffix).is_file()
+        return self.path(key, suffix).is_file() or self.index.find(key + suffix) is not None
+
+    def read_bytes(self, key: str, suffix: str) -> bytes:
+        """The item's bytes, loose or packed."""
+        return read_stored(self.root, self.index, key, suffix)
+
+    def pack(self, staging: Path, items: list[PackItem], extension: str) -> dict[tuple[str, str], dict[str, Any]]:
+        """Link the packs of `items` into `staging` (tuneline.core.packs.pack_items)."""
+        return pack_items(self.root, self.index, staging, items, extension)
 
     def read_json(self, key: str) -> dict[str, Any] | None:
         try:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tuneline.core.packs import read_member
 from tuneline.core.params import ParamsError, format_resolution
 from tuneline.core.manifest import read_manifest
 from tuneline.core.split import TRAIN, VALIDATION
@@ -133,13 +134,13 @@ class LatentData:
         does not depend on where it runs.
         """
         import torch
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
         train = self.train
         means, stds, noises, captions, crops, texts = [], [], [], [], [], []
         items = [self.items[index] for index in indices]
         for item in items:  # the RNG draws in item order: flip, noise, caption (exact resume)
-            tensors = load_file(self.dir / item.record["latents"])
+            tensors = load(read_member(self.dir, item.record["latents"]))
             flip = train.flip and python_rng.random() < 0.5
             mean, std = (tensors["flip_mean"], tensors["flip_std"]) if flip else (tensors["mean"], tensors["std"])
             means.append(mean)
@@ -151,7 +152,7 @@ class LatentData:
             crops.append((top, left))
             captions.append(augment_caption(item.record.get("caption") or "", train, python_rng))
             if self.text_cache:
-                texts.append(load_file(self.dir / item.record["text_embeddings"]))
+                texts.append(load(read_member(self.dir, item.record["text_embeddings"])))
         return self._assemble(items, means, stds, noises, crops, captions, texts, device)
 
     def validation_refs(self) -> list[SampleRef]:
@@ -167,13 +168,13 @@ class LatentData:
         item id), so they do not depend on the batch, the process, the device or the training streams.
         No flip, no caption augmentation; `datasets` names each item's data set."""
         import torch
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
         means, stds, noises, diffusion_noise, crops, captions, texts = [], [], [], [], [], [], []
         items = [self.validation[index] for index in indices]
         for item in items:
             generator = torch.Generator(device="cpu").manual_seed(item_seed(seed, item.record["id"]))
-            tensors = load_file(self.dir / item.record["latents"])
+            tensors = load(read_member(self.dir, item.record["latents"]))
             means.append(tensors["mean"])
             stds.append(tensors["std"])
             noises.append(torch.randn(tensors["mean"].shape, generator=generator))
@@ -181,7 +182,7 @@ class LatentData:
             crops.append(tuple(item.record["crop_top_left"]))
             captions.append(item.record.get("caption") or "")
             if self.text_cache:
-                texts.append(load_file(self.dir / item.record["text_embeddings"]))
+                texts.append(load(read_member(self.dir, item.record["text_embeddings"])))
         batch = self._assemble(items, means, stds, noises, crops, captions, texts, device)
         batch["noise"] = host_to_device(torch.stack(diffusion_noise), device)
         return batch

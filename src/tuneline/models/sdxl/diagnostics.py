@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tuneline.core.packs import read_member
 from tuneline.core.manifest import read_manifest
 from tuneline.models.sdxl.text import MAX_TOKENS
 
@@ -146,7 +147,7 @@ def diagnostic_rows(pipeline: Any, latents_dir: Path, timesteps: Sequence[int], 
     text encoders, or, in a pipeline without them, read from the latents stage's text cache."""
     import torch
     from diffusers import DDPMScheduler
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     from tuneline.models.sdxl.text import encode_prompts
 
@@ -178,10 +179,10 @@ def diagnostic_rows(pipeline: Any, latents_dir: Path, timesteps: Sequence[int], 
                 warnings.append(f"diagnostics: {word!r} is not in the caption of {record['dataset']}/{record['id']}"
                                 if word else f"diagnostics: data set {record['dataset']} has no trigger_word and "
                                 "render.diagnostic_token is not set: no attention map")
-            mean = load_file(latents_dir / record["latents"])["mean"].float()[None]
+            mean = load(read_member(latents_dir, record["latents"]))["mean"].float()[None]
             clean = ((mean - shift) * scaling).to(device)
             if pipeline.text_encoder is None:  # a pipeline without encoders: the latents stage's cached caption
-                text = load_file(latents_dir / record["text_embeddings"])
+                text = load(read_member(latents_dir, record["text_embeddings"]))
                 embeds, pooled = text["prompt_embeds"][None].to(device), text["pooled"][None].to(device)
             else:
                 embeds, pooled = encode_prompts([pipeline.tokenizer, pipeline.tokenizer_2],

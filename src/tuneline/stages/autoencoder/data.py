@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneline.core.manifest import read_manifest
+from tuneline.core.packs import open_member
 from tuneline.core.params import ParamsError
 from tuneline.train.sampler import SampleRef
 
@@ -82,7 +83,7 @@ class ImageData:
         crops = []
         for index in indices:
             item = self.items[index]
-            pixels = load_pixels(self.dir / item.record["image"])
+            pixels = load_pixels(open_member(self.dir, item.record["image"]))
             top = python_rng.randrange(pixels.shape[1] - self.crop + 1)
             left = python_rng.randrange(pixels.shape[2] - self.crop + 1)
             crops.append(pixels[:, top:top + self.crop, left:left + self.crop])
@@ -92,7 +93,7 @@ class ImageData:
         """Per data set: (id, centre crop) of each held-out image."""
         result: dict[str, list[tuple[str, Any]]] = {}
         for record in self.holdout:
-            pixels = load_pixels(self.dir / record["image"])
+            pixels = load_pixels(open_member(self.dir, record["image"]))
             top, left = (pixels.shape[1] - self.crop) // 2, (pixels.shape[2] - self.crop) // 2
             result.setdefault(record["dataset"], []).append(
                 (record["id"], pixels[:, top:top + self.crop, left:left + self.crop]))

@@ -7,22 +7,22 @@ bucket setting recomputes only the images whose plan it changes.
 
 from __future__ import annotations
 
-import json
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from tuneline.stages.bucket.output import write_output
 from tuneline.stages.bucket.aspect import CropPlan, Size, assign_bucket, generate_buckets, merge_small_buckets, plan_crop
 from tuneline.config import Params
 from tuneline.core.codeversion import code_version
 from tuneline.stages.bucket import CODE
 from tuneline.core.params import format_resolution
-from tuneline.core.fsutil import atomic_path, atomic_write_json, digest_json, file_digest, link_or_copy, rebuilt_dir
+from tuneline.core.fsutil import atomic_path, digest_json, file_digest
 from tuneline.core.images import ImageRejected, load_normalized
-from tuneline.core.manifest import MANIFEST, REJECTED, read_manifest, write_jsonl
+from tuneline.core.manifest import read_manifest
 from tuneline.core.parallel import map_with_progress
 from tuneline.core.png import write_png_rgb
 from tuneline.core.report import StageReport
@@ -121,7 +121,8 @@ def plan_items(params: Params, items: list[dict[str, Any]], report: StageReport)
 
 def run(params: Params, root: Path, ingested_dir: Path, out_dir: Path,
         metrics_dir: Path | None = None, *, tracker: Any = None) -> StageReport:
-    """Bucket every item of `ingested_dir`; write images, manifest.jsonl, buckets.json to `out_dir`."""
+    """Bucket every item of `ingested_dir` into the store; `out_dir` gets their packs, manifest.jsonl and
+    buckets.json (`output.py`)."""
     started = time.perf_counter()
     root = Path(root)
     config = params.bucket
@@ -145,73 +146,5 @@ def run(params: Params, root: Path, ingested_dir: Path, out_dir: Path,
             failed[i] = reason
     report.computed = len(missing) - len(failed)
 
-    manifest = []
-    with rebuilt_dir(out_dir) as staging:
-        for i, ((item, plan), key) in enumerate(zip(planned, keys)):
-            if i in failed:
-                report.reject(item["source"], failed[i], dataset=item["dataset"])
-                continue
-            image = f"{item['dataset']}/{item['id']}.png"
-            link_or_copy(store.path(key, ".png"), staging / image)
-            manifest.append({
-                # No source path: what later stages depend on must not change when a file is renamed
-                # (data/ingested/manifest.jsonl maps ids to files).
-                **{k: item[k] for k in ("id", "digest", "dataset", "caption", "caption_source")},
-                "image": image,
-                "original_size": [item["width"], item["height"]],
-                "bucket": list(plan.bucket),
-                "resized_size": list(plan.resized),
-                # SDXL's crops_coords_top_left is (top, left) in resized-image pixels.
-                "crop_top_left": [plan.top, plan.left],
-                "key": key,
-            })
-        report.reused = len(manifest) - report.computed
-        # Content order, not path order: a rename leaves every later stage's input identical.
-        position = {dataset.folder: index for index, dataset in enumerate(params.datasets)}
-        manifest.sort(key=lambda record: (position[record["dataset"]], record["id"]))
-        summary = bucket_summary(manifest, params)
-        write_jsonl(staging / MANIFEST, manifest)
-        write_jsonl(staging / REJECTED, report.rejected)
-        atomic_write_json(staging / "buckets.json", summary)
-    report.extra["buckets"] = len(summary["buckets"])
-    report.extra["distribution"] = {b["resolution"]: b["count"] for b in summary["buckets"]}
-    report.tables.append(distribution_table(summary))
-    report.seconds = time.perf_counter() - started
-    if metrics_dir is not None:
-        report.write_metrics(metrics_dir)
-    return report
-
-
-def bucket_summary(manifest: list[dict[str, Any]], params: Params) -> dict[str, Any]:
-    """Per bucket: resolution, image count, batch size, images per data set."""
-    per_bucket: dict[tuple[int, int], Counter[str]] = defaultdict(Counter)
-    for record in manifest:
-        per_bucket[tuple(record["bucket"])][record["dataset"]] += 1
-    buckets = []
-    for size in sorted(per_bucket, key=lambda s: (s[0] / s[1], s)):
-        datasets = per_bucket[size]
-        buckets.append({
-            "resolution": format_resolution(size),
-            "width": size[0],
-            "height": size[1],
-            "aspect": round(size[0] / size[1], 3),
-            "count": sum(datasets.values()),
-            "batch_size": params.bucket.batch_size_for(size),
-            "datasets": dict(sorted(datasets.items())),
-        })
-    return {"images": len(manifest), "buckets": buckets}
-
-
-def distribution_table(summary: dict[str, Any]) -> Any:
-    """The bucket distribution (bucket_summary) as a table for the screen."""
-    from rich.table import Table
-
-    table = Table(title=f"buckets ({summary['images']} images)")
-    for column in ("bucket", "aspect", "images", "batch", "data sets"):
-        table.add_column(column, justify="right" if column in ("aspect", "images", "batch") else "left")
-    for bucket in summary["buckets"]:
-        bar = "█" * max(1, round(30 * bucket["count"] / max(1, summary["images"])))
-        datasets = ", ".join(f"{k}:{v}" for k, v in bucket["datasets"].items())
-        table.add_row(bucket["resolution"], f"{bucket['aspect']:.2f}", f"{bucket['count']} {bar}",
-                      str(bucket["batch_size"]), datasets)
-    return table
+    return write_output(out_dir, report, params=params, planned=planned, keys=keys, failed=failed, store=store,
+                        started=started, metrics_dir=metrics_dir)

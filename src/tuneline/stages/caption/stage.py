@@ -1,9 +1,9 @@
 """Stage `caption`: one caption per bucketed image, from a hand edit, a sidecar, Florence-2 or the default.
 
-Output (data/captioned): `<data set>/<id>.png` (a hard link to the bucketed image),
-`<data set>/<id>.txt` holding its final caption, and manifest.jsonl: the bucket records
-plus `caption`, `caption_source` (hand_edited | sidecar | model | default),
-`sidecar_caption`, `model_caption`, `caption_file` and `caption_key`.
+Output (data/captioned): the bucketed image packs (hard links of data/bucketed's, so the records'
+`image` references stay valid) and manifest.jsonl: the bucket records plus `caption` (the final
+caption), `caption_source` (hand_edited | sidecar | model | default), `sidecar_caption`,
+`model_caption` and `caption_key`. No file per item: at a million images DVC would check each.
 
 Where a caption comes from, first match wins:
 
@@ -37,23 +37,22 @@ and returns without rebuilding the output folder or writing metrics: run the n s
 from __future__ import annotations
 
 import time
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tuneline.stages.caption import florence as florence_runner
 from tuneline.stages.caption.edits import CaptionEdits, collect_in_place_edits, move_store_edits, repair_dvc_cache
-from tuneline.stages.caption.text import with_trigger
+from tuneline.stages.caption.output import Planned, write_output
 from tuneline.config import Params
 from tuneline.core.codeversion import code_version
 from tuneline.stages.caption import CODE
 from tuneline.stages.caption.config import CaptionConfig
 from tuneline.core import layout
-from tuneline.core.fsutil import digest_json, link_or_copy, rebuilt_dir
-from tuneline.core.manifest import MANIFEST, REJECTED, read_manifest, write_jsonl
+from tuneline.core.fsutil import digest_json
+from tuneline.core.manifest import read_manifest
 from tuneline.models.ref import is_tiny, model_identity, resolve_model
 from tuneline.core.report import StageReport, console
+from tuneline.core.packs import open_member
 from tuneline.core.store import ItemStore, in_shard
 
 STAGE = "caption"
@@ -72,14 +71,6 @@ def caption_key(image_key: str, model_id: str, config: CaptionConfig, dtype: str
         "max_new_tokens": config.max_new_tokens,
         "dtype": dtype,  # resolved: fp16 and fp32 captions differ
     })
-
-
-@dataclass
-class Planned:
-    record: dict[str, Any]
-    source: str  # hand_edited | sidecar | model | default
-    text: str  # the caption before the trigger word; filled in for "model" after generation
-    key: str | None = None
 
 
 def plan_captions(params: Params, records: list[dict[str, Any]], edits: CaptionEdits,
@@ -106,16 +97,20 @@ def plan_captions(params: Params, records: list[dict[str, Any]], edits: CaptionE
     return planned
 
 
-def _load_rgb(path: Path) -> Any:
+# An image in a stage output folder: (the folder, its manifest record's member reference).
+ImageRef = tuple[Path, dict[str, Any]]
+
+
+def _load_rgb(image: ImageRef) -> Any:
     from PIL import Image
 
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    with Image.open(open_member(*image)) as opened:
+        return opened.convert("RGB")
 
 
 def generate_captions(config: CaptionConfig, source: Path | str, device: str, dtype: str,
-                      items: list[tuple[Path, str]], store: ItemStore, report: StageReport) -> None:
-    """Caption (image path, key) items with one loaded model, storing each batch as it finishes.
+                      items: list[tuple[ImageRef, str]], store: ItemStore, report: StageReport) -> None:
+    """Caption (image, key) items with one loaded model, storing each batch as it finishes.
 
     A killed run keeps every finished batch. The model is unloaded however this ends.
     """
@@ -125,8 +120,8 @@ def generate_captions(config: CaptionConfig, source: Path | str, device: str, dt
                                              config.num_beams, config.max_new_tokens)
     report.extra["model_loaded"] = True
 
-    def run(batch: list[tuple[Path, str]]) -> list[tuple[str, str]]:
-        return florence.caption([_load_rgb(path) for path, _ in batch])
+    def run(batch: list[tuple[ImageRef, str]]) -> list[tuple[str, str]]:
+        return florence.caption([_load_rgb(image) for image, _ in batch])
 
     def on_halve(size: int, halved: int, error: BaseException) -> None:
         report.extra["batch_halvings"] = report.extra.get("batch_halvings", 0) + 1
@@ -179,7 +174,7 @@ def _shard_report(report: StageReport, shard: tuple[int, int], wanted: int, star
 
 def run(params: Params, root: Path, bucketed_dir: Path, out_dir: Path, metrics_dir: Path | None = None, *,
         tracker: Any = None, shard: tuple[int, int] | None = None) -> StageReport:
-    """Caption every item of `bucketed_dir`; write images, .txt captions and manifest.jsonl to `out_dir`.
+    """Caption every item of `bucketed_dir`; `out_dir` gets manifest.jsonl with every caption (`output.py`).
 
     With `shard=(i, n)`: only compute shard i's missing captions into the store (see the module docstring).
     """
@@ -210,7 +205,7 @@ def run(params: Params, root: Path, bucketed_dir: Path, out_dir: Path, metrics_d
         missing = list(dict.fromkeys(item.key for item in wanted
                                      if stored[item.key] is None and in_shard(item.key, shard)))
         if missing:
-            path_of = {item.key: bucketed_dir / item.record["image"] for item in wanted}
+            path_of = {item.key: (bucketed_dir, item.record["image"]) for item in wanted}
             generate_captions(config, resolve_model(config.model, root), device, dtype,
                               [(path_of[key], key) for key in missing], store, report)
             stored.update({key: store.read_json(key) for key in missing})
@@ -225,46 +220,5 @@ def run(params: Params, root: Path, bucketed_dir: Path, out_dir: Path, metrics_d
 
     if shard is not None:  # nothing for the model: this shard has no work
         return _shard_report(report, shard, 0, started)
-    triggers = {d.folder: d.trigger_word for d in params.datasets}
-    counts: Counter[str] = Counter()
-    manifest = []
-    with rebuilt_dir(out_dir) as staging:
-        for item in planned:
-            record = item.record
-            source, text = item.source, item.text
-            if source == "model" and not text:
-                source, text = "default", config.default_caption
-            final = text if source == "hand_edited" else with_trigger(triggers[record["dataset"]], text)
-            counts[source] += 1
-            caption_file = f"{record['dataset']}/{record['id']}.txt"
-            link_or_copy(bucketed_dir / record["image"], staging / record["image"])
-            # Written, never linked: an editor saving in place must not change a stored file.
-            (staging / caption_file).write_text(final + "\n", "utf-8")
-            manifest.append({
-                **record,
-                "caption": final,
-                "caption_source": source,
-                "caption_file": caption_file,
-                "sidecar_caption": record.get("caption"),
-                "model_caption": item.text if item.source == "model" else None,
-                "caption_key": item.key,
-            })
-        write_jsonl(staging / MANIFEST, manifest)
-        write_jsonl(staging / REJECTED, report.rejected)
-
-    # Only model captions come from the store; sidecar, default and hand-edited captions are taken as given.
-    report.reused = len(wanted) - report.computed
-    report.given = len(manifest) - len(wanted)
-    report.extra.update({
-        "model": config.model,
-        "random_tiny_model": is_tiny(config.model),
-        "mode": config.mode,
-        "model_captions_reused": len(wanted) - report.computed,
-        "from_sidecar": counts["sidecar"],
-        "defaulted": counts["default"],
-        "hand_edited": counts["hand_edited"],
-    })
-    report.seconds = time.perf_counter() - started
-    if metrics_dir is not None:
-        report.write_metrics(metrics_dir)
-    return report
+    return write_output(out_dir, report, params=params, planned=planned, wanted=len(wanted),
+                        bucketed_dir=bucketed_dir, started=started, metrics_dir=metrics_dir)

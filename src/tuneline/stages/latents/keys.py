@@ -18,7 +18,6 @@ STAGE = "latents"
 TEXT_STAGE = "text_embeddings"  # its own store folder: it can be cleared without losing latents
 CODE_VERSION = code_version(CODE)  # changes with the code that makes the items
 SUFFIX = ".safetensors"
-TEXT_SUFFIX = ".text.safetensors"  # in the output folder, beside the item's latents
 FORMAT = "tuneline-latents"
 
 

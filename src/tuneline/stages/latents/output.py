@@ -7,20 +7,26 @@ tuneline.core and modules in CODE (tests/test_latents.py checks this).
 from __future__ import annotations
 
 import json
+import struct
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from tuneline.core.fsutil import atomic_write_json, link_or_copy, rebuilt_dir
+from tuneline.core.fsutil import atomic_write_json, rebuilt_dir
 from tuneline.core.manifest import MANIFEST, REJECTED, write_jsonl
 from tuneline.core.report import StageReport
 from tuneline.core.split import TRAIN, VALIDATION, describe, split_of
+from tuneline.core.packs import PackItem, pack_of
 from tuneline.core.store import ItemStore
 from tuneline.models.base import ForeignSetting
-from tuneline.stages.latents.keys import SUFFIX, TEXT_SUFFIX, caption_of
+from tuneline.stages.latents.keys import SUFFIX, caption_of
 
 METADATA_FILE = "latents.json"
+# Packs of an output folder (tuneline.core.packs): `<data set>/<pack>.tar` holds the latents files
+# (`<id>.safetensors`), `<data set>/<pack>.text.tar` the caption text embeddings of the same items.
+PACK_EXTENSION = ".tar"
+TEXT_PACK_EXTENSION = ".text.tar"
 # Images or captions named in a warning; a VAE that overflows in fp16 would list every image.
 MAX_NAMED = 20
 FACTORS = ("scaling_factor", "shift_factor")
@@ -70,12 +76,13 @@ def note_texts(report: StageReport, computed: int, truncated: list[str], truncat
             f"{len(truncated)} caption(s) are {truncation} and were cut there, as the pipeline cuts them: {named}")
 
 
-def read_latent_header(path: Path) -> tuple[dict[str, str], list[int]]:
-    """(safetensors metadata, shape of `mean`) without reading the tensors."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        return handle.metadata() or {}, list(handle.get_slice("mean").get_shape())
+def read_latent_header(folder: Path, ref: dict[str, Any]) -> tuple[dict[str, str], list[int]]:
+    """(safetensors metadata, shape of `mean`) of a packed latents file, from its header alone."""
+    with open(Path(folder) / ref["pack"], "rb") as handle:
+        handle.seek(int(ref["offset"]))
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    return header.get("__metadata__") or {}, list(header["mean"]["shape"])
 
 
 def finish_shard(report: StageReport, records: list[dict[str, Any]], failed: dict[int, str],
@@ -122,18 +129,19 @@ def write_output(out_dir: Path, report: StageReport, *, records: list[dict[str, 
     factors: dict[str, Any] = dict.fromkeys(FACTORS)
     dtype, flip = summary["dtype"], summary["flip"]
     with rebuilt_dir(out_dir) as staging:
-        for i, (record, key) in enumerate(zip(records, keys)):
-            if i in failed:
-                report.reject(record.get("source", record["id"]), failed[i], dataset=record["dataset"])
-                continue
-            latents = f"{record['dataset']}/{record['id']}{SUFFIX}"
-            link_or_copy(store.path(key, SUFFIX), staging / latents)
-            metadata, shape = read_latent_header(store.path(key, SUFFIX))
+        for i in sorted(failed):
+            report.reject(records[i].get("source", records[i]["id"]), failed[i], dataset=records[i]["dataset"])
+        kept = [i for i in range(len(records)) if i not in failed]
+        member = {i: (pack_of(records[i]["dataset"], records[i]["id"]), f"{records[i]['id']}{SUFFIX}") for i in kept}
+        latent_refs = store.pack(staging, [PackItem(*member[i], keys[i], SUFFIX) for i in kept], PACK_EXTENSION)
+        text_refs = text_store.pack(staging, [PackItem(*member[i], key, SUFFIX) for i in kept
+                                              if (key := text_keys[i]) is not None], TEXT_PACK_EXTENSION)
+        for i in kept:
+            record, key = records[i], keys[i]
+            latents = latent_refs[member[i]]
+            metadata, shape = read_latent_header(staging, latents)
             factors = {name: json.loads(metadata[name]) for name in FACTORS}
-            texts = None
-            if text_keys[i] is not None:
-                texts = f"{record['dataset']}/{record['id']}{TEXT_SUFFIX}"
-                link_or_copy(text_store.path(text_keys[i], SUFFIX), staging / texts)
+            texts = text_refs[member[i]] if text_keys[i] is not None else None
             manifest.append({
                 **record,
                 "latents": latents,

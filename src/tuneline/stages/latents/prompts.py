@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuneline.core.fsutil import atomic_write_json, link_or_copy, rebuilt_dir
+from tuneline.core.fsutil import atomic_write_bytes, atomic_write_json, link_or_copy, rebuilt_dir
 from tuneline.core.params import ParamsError
 from tuneline.core.report import StageReport
 from tuneline.core.store import ItemStore
@@ -101,7 +101,11 @@ def write_prompt_embeds(out_dir: Path, keys: dict[str, str], text_store: ItemSto
     files = {text: f"{key}{SUFFIX}" for text, key in keys.items()}
     with rebuilt_dir(Path(out_dir)) as staging:
         for text, key in keys.items():
-            link_or_copy(text_store.path(key, SUFFIX), staging / files[text])
+            loose = text_store.path(key, SUFFIX)
+            if loose.is_file():
+                link_or_copy(loose, staging / files[text])
+            else:  # the same text as a caption, whose embedding is packed now (tuneline.core.packs)
+                atomic_write_bytes(staging / files[text], text_store.read_bytes(key, SUFFIX))
         atomic_write_json(staging / INDEX, index_record(
             family=family, text_format=text_format, dtype=dtype, encoders=encoders, prompts_file=prompts_file,
             files=files, off_because=off_because))

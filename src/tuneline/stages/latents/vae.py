@@ -18,13 +18,14 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 from PIL import Image
 
 from tuneline.config import Params
 from tuneline.core.params import format_resolution
+from tuneline.core.packs import open_member
 from tuneline.core.store import ItemStore
 from tuneline.stages.latents.files import Writer
 from tuneline.stages.latents.keys import CODE_VERSION, FORMAT, SUFFIX
@@ -45,11 +46,12 @@ class LatentsEncoded:
     vae_load_s: float | None = None  # None: the VAE was not loaded (nothing to encode)
 
 
-def image_path(captioned_dir: Path, record: dict[str, Any]) -> Path:
-    return Path(captioned_dir) / record.get("image", f"{record['dataset']}/{record['id']}.png")
+def image_file(captioned_dir: Path, record: dict[str, Any]) -> BinaryIO:
+    """The record's image, read from its pack (tuneline.core.packs)."""
+    return open_member(captioned_dir, record["image"])
 
 
-def load_image_bytes(path: Path) -> Any:
+def load_image_bytes(path: Path | BinaryIO) -> Any:
     """RGB image -> uint8 tensor [H, W, 3], as decoded."""
     import torch
 
@@ -69,7 +71,7 @@ def to_model_input(pixels: Any) -> Any:
     return pixels.permute(*dims, -1, -3, -2).contiguous().to(torch.float32).div_(127.5).sub_(1.0)
 
 
-def load_pixels(path: Path) -> Any:
+def load_pixels(path: Path | BinaryIO) -> Any:
     """RGB image -> float32 tensor [3, H, W] in [-1, 1], as the VAE was trained."""
     return to_model_input(load_image_bytes(path))
 
@@ -196,7 +198,7 @@ def encode_latents(params: Params, root: Path, captioned_dir: Path, records: lis
         tensors, loaded, errors = [], [], {}
         for i in batch:
             try:
-                path = image_path(captioned_dir, records[i])
+                path = image_file(captioned_dir, records[i])
                 tensors.append(load_image_bytes(path) if overlap else load_pixels(path))
                 loaded.append(i)
             except (OSError, ValueError) as error:  # missing, truncated or not an image

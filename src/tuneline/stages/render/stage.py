@@ -155,7 +155,7 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
                          "seed": config.seed}
 
     def transfer_path(job: Any) -> Path:
-        return final_cache.entry_path("transfer", {"source_image": file_digest(job.source.image), "prompt": job.prompt,
+        return final_cache.entry_path("transfer", {"source_image": job.source.image_key, "prompt": job.prompt,
                                                    **transfer_settings})
 
     missing_transfer = [job for job in jobs if not transfer_path(job).is_file()]

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from tuneline.config import Params
 from tuneline.core.manifest import read_manifest
+from tuneline.core.packs import open_member
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,16 @@ class TransferSource:
     dataset: str  # folder name
     trigger_word: str | None
     caption: str
-    image: Path
+    folder: Path  # the captioned folder
+    image: dict[str, Any]  # its manifest reference into a pack (tuneline.core.packs)
+    image_key: str  # the bucketed image's key: what decided its pixels
+
+    @property
+    def label(self) -> str:
+        return f"{self.folder / self.image['pack']}:{self.image['member']}"
+
+    def found(self) -> bool:
+        return (self.folder / self.image["pack"]).is_file()
 
 
 def strip_word(caption: str, word: str | None) -> str:
@@ -56,8 +66,8 @@ def sources_of(params: Params, records: Iterable[dict[str, Any]], captioned_dir:
         record = firsts.get(dataset.folder)
         if record is None:
             continue
-        image = Path(captioned_dir) / record.get("image", f"{record['dataset']}/{record['id']}.png")
-        sources.append(TransferSource(dataset.folder, dataset.trigger_word, record.get("caption") or "", image))
+        sources.append(TransferSource(dataset.folder, dataset.trigger_word, record.get("caption") or "",
+                                      Path(captioned_dir), record["image"], record["key"]))
     return sources
 
 
@@ -81,8 +91,8 @@ def transfer_jobs(sources: list[TransferSource]) -> tuple[list[TransferJob], lis
     """Every ordered pair of data sets that can be rendered; (jobs, warnings about the others)."""
     jobs, warnings = [], []
     for source in sources:
-        if not source.image.is_file():
-            warnings.append(f"transfer: {source.image} not found, data set {source.dataset} skipped")
+        if not source.found():
+            warnings.append(f"transfer: {source.label} not found, data set {source.dataset} skipped")
             continue
         for target in sources:
             if target is source:
@@ -124,7 +134,7 @@ def render_transfer(pipeline: Any, jobs: list[TransferJob], path_of: Callable[[T
     side = family.render.size_multiple
     paths = []
     for job in jobs:
-        with Image.open(job.source.image) as opened:
+        with Image.open(open_member(job.source.folder, job.source.image)) as opened:
             image = opened.convert("RGB")
         width, height = image.width // side * side, image.height // side * side
         image = image.crop((0, 0, width, height))

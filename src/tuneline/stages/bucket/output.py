@@ -1,0 +1,101 @@
+"""The bucket stage's output folder and report: the image packs, the manifest, buckets.json and the
+distribution table, assembled from the store. Nothing here decides a stored image's bytes or key, so
+it is outside the stage's CODE: changing the output layout re-crops nothing."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+from tuneline.config import Params
+from tuneline.core.fsutil import atomic_write_json, rebuilt_dir
+from tuneline.core.manifest import MANIFEST, REJECTED, write_jsonl
+from tuneline.core.packs import PackItem, pack_of
+from tuneline.core.params import format_resolution
+from tuneline.core.report import StageReport
+from tuneline.core.store import ItemStore
+from tuneline.stages.bucket.aspect import CropPlan
+
+SUFFIX = ".png"
+PACK_EXTENSION = ".tar"
+
+
+def write_output(out_dir: Path, report: StageReport, *, params: Params, planned: list[tuple[dict[str, Any], CropPlan]],
+                 keys: list[str], failed: dict[int, str], store: ItemStore, started: float,
+                 metrics_dir: Path | None) -> StageReport:
+    """Rebuild `out_dir`: the packs of the stored crops (tuneline.core.packs), manifest.jsonl in content
+    order, rejected.jsonl and buckets.json; finish the report."""
+    manifest = []
+    with rebuilt_dir(out_dir) as staging:
+        for i in sorted(failed):
+            report.reject(planned[i][0]["source"], failed[i], dataset=planned[i][0]["dataset"])
+        kept = [i for i in range(len(planned)) if i not in failed]
+        member = {i: (pack_of(planned[i][0]["dataset"], planned[i][0]["id"]), f"{planned[i][0]['id']}{SUFFIX}")
+                  for i in kept}
+        images = store.pack(staging, [PackItem(*member[i], keys[i], SUFFIX) for i in kept], PACK_EXTENSION)
+        for i in kept:
+            item, plan = planned[i]
+            manifest.append({
+                # No source path: what later stages depend on must not change when a file is renamed
+                # (data/ingested/manifest.jsonl maps ids to files).
+                **{k: item[k] for k in ("id", "digest", "dataset", "caption", "caption_source")},
+                "image": images[member[i]],
+                "original_size": [item["width"], item["height"]],
+                "bucket": list(plan.bucket),
+                "resized_size": list(plan.resized),
+                # SDXL's crops_coords_top_left is (top, left) in resized-image pixels.
+                "crop_top_left": [plan.top, plan.left],
+                "key": keys[i],
+            })
+        report.reused = len(manifest) - report.computed
+        # Content order, not path order: a rename leaves every later stage's input identical.
+        position = {dataset.folder: index for index, dataset in enumerate(params.datasets)}
+        manifest.sort(key=lambda record: (position[record["dataset"]], record["id"]))
+        summary = bucket_summary(manifest, params)
+        write_jsonl(staging / MANIFEST, manifest)
+        write_jsonl(staging / REJECTED, report.rejected)
+        atomic_write_json(staging / "buckets.json", summary)
+    report.extra["buckets"] = len(summary["buckets"])
+    report.extra["distribution"] = {b["resolution"]: b["count"] for b in summary["buckets"]}
+    report.tables.append(distribution_table(summary))
+    report.seconds = time.perf_counter() - started
+    if metrics_dir is not None:
+        report.write_metrics(metrics_dir)
+    return report
+
+
+def bucket_summary(manifest: list[dict[str, Any]], params: Params) -> dict[str, Any]:
+    """Per bucket: resolution, image count, batch size, images per data set."""
+    per_bucket: dict[tuple[int, int], Counter[str]] = defaultdict(Counter)
+    for record in manifest:
+        per_bucket[tuple(record["bucket"])][record["dataset"]] += 1
+    buckets = []
+    for size in sorted(per_bucket, key=lambda s: (s[0] / s[1], s)):
+        datasets = per_bucket[size]
+        buckets.append({
+            "resolution": format_resolution(size),
+            "width": size[0],
+            "height": size[1],
+            "aspect": round(size[0] / size[1], 3),
+            "count": sum(datasets.values()),
+            "batch_size": params.bucket.batch_size_for(size),
+            "datasets": dict(sorted(datasets.items())),
+        })
+    return {"images": len(manifest), "buckets": buckets}
+
+
+def distribution_table(summary: dict[str, Any]) -> Any:
+    """The bucket distribution (bucket_summary) as a table for the screen."""
+    from rich.table import Table
+
+    table = Table(title=f"buckets ({summary['images']} images)")
+    for column in ("bucket", "aspect", "images", "batch", "data sets"):
+        table.add_column(column, justify="right" if column in ("aspect", "images", "batch") else "left")
+    for bucket in summary["buckets"]:
+        bar = "█" * max(1, round(30 * bucket["count"] / max(1, summary["images"])))
+        datasets = ", ".join(f"{k}:{v}" for k, v in bucket["datasets"].items())
+        table.add_row(bucket["resolution"], f"{bucket['aspect']:.2f}", f"{bucket['count']} {bar}",
+                      str(bucket["batch_size"]), datasets)
+    return table
