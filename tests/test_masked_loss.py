@@ -364,3 +364,40 @@ def test_check_names_masked_loss_without_masks_and_warns_on_full_coverage(masked
         assert errors == [] and "covers the whole image" in warnings[0]
     finally:
         write_jsonl(latents / MANIFEST, records)
+
+
+def test_resume_with_masked_loss_is_exact(masked_project, tmp_path):
+    """Masked loss and flips on: a run stopped after step 1 and resumed ends as a straight 2-step run (the masks
+    draw nothing from the random streams), and it differs from the unmasked run's weights."""
+    import os
+    import signal
+
+    from conftest import make_trainer, train_params
+    from resume_checks import assert_resumed_exactly, checkpoint_at
+    from safetensors.torch import load_file
+    from tuneline.train.trainer import StopRequested
+
+    params = train_params(masked_project, num_steps=2, flip=True, ema={"enabled": True, "decay": 0.9},
+                          checkpoint={"every_steps": 1, "keep_last": 2}, masked_loss={"enabled": True})
+    straight = make_trainer(masked_project, tmp_path / "a", params)
+    base = straight.trained_weights()
+    straight.fit()
+
+    def stop_at_one(state, result, seconds):
+        if state.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(StopRequested):
+        make_trainer(masked_project, tmp_path / "b", params).fit(on_log=stop_at_one)
+    resumed = make_trainer(masked_project, tmp_path / "b", params)
+    assert resumed.state.step == 1
+    resumed.fit()
+    assert_resumed_exactly(checkpoint_at(tmp_path / "a" / "checkpoints", 2),
+                           checkpoint_at(tmp_path / "b" / "checkpoints", 2), base, resumed_at=1, ema=True)
+    plain = make_trainer(masked_project, tmp_path / "c",
+                         train_params(masked_project, num_steps=2, flip=True, ema={"enabled": True, "decay": 0.9},
+                                      checkpoint={"every_steps": 1, "keep_last": 2}))
+    plain.fit()
+    masked_weights = load_file(checkpoint_at(tmp_path / "a" / "checkpoints", 2) / "trained.safetensors")
+    plain_weights = load_file(checkpoint_at(tmp_path / "c" / "checkpoints", 2) / "trained.safetensors")
+    assert any(not torch.equal(masked_weights[k], plain_weights[k]) for k in masked_weights)

@@ -21,8 +21,8 @@ from tuneline.config import Params
 from tuneline.core.codeversion import code_version
 from tuneline.stages.ingest import CODE
 from tuneline.core.fsutil import digest_json, file_digest, rebuilt_dir, relative_to_root
-from tuneline.core.images import (IMAGE_EXTENSIONS, SIDECAR_EXTENSIONS, ImageRejected, exact_pixel_digest, oriented_size,
-                                  probe)
+from tuneline.core.images import (IMAGE_EXTENSIONS, SIDECAR_EXTENSIONS, ImageRejected, exact_pixel_digest,
+                                  oriented_size, probe)
 from tuneline.core.manifest import MANIFEST, REJECTED, write_jsonl
 from tuneline.core.parallel import map_with_progress
 from tuneline.core.report import StageReport
