@@ -30,6 +30,8 @@ _CAPTION_STAGES = {"caption", "check"}
 # Stages that encode or decode with model.vae: the autoencoder stage's output when it is on (registry uses_vae).
 _VAE_STAGES = {"latents", "train", "render", "export", "check"}
 _HUB_TIMEOUT_S = 5.0
+# A mask whose mean at latent resolution is at least this trains every position with full weight (fp16 storage).
+FULL_COVERAGE = 0.999
 
 
 def _looks_local(ref: str) -> bool:
@@ -188,6 +190,9 @@ def preflight(params: Params, root: Path | str, stages: Iterable[str] = ("check"
                           f"{params.render.live_every} renders its prompts during training (set live_every: 0 "
                           "to train without live samples)")
         errors += _optimizer_problems(params)
+        found_errors, found_warnings = masked_loss_problems(params, root)
+        errors += found_errors
+        warnings += found_warnings
     if stages & {"train", "render", "export", "check"}:
         errors += best_weights_problems(params)
     if stages & {"render"} and not (root / params.render.prompts_file).is_file():
@@ -210,6 +215,38 @@ def preflight(params: Params, root: Path | str, stages: Iterable[str] = ("check"
         raise ParamsError("params.yaml does not fit this machine or project:\n"
                           + "\n".join(f"  - {error}" for error in errors))
     return warnings
+
+
+def masked_loss_problems(params: Params, root: Path) -> tuple[list[str], list[str]]:
+    """(errors, warnings) of train.masked_loss against the data: on, but no item of a data set has a mask
+    (data/ingested says, once ingest ran; before it, a warning), or every mask covers the whole image
+    (data/latents says, once latents ran: the loss is the unmasked one)."""
+    from tuneline.core import layout
+    from tuneline.core.manifest import MANIFEST, read_manifest
+
+    if not params.train.masked_loss.enabled:
+        return [], []
+    datasets = {dataset.folder for dataset in params.datasets}
+    if not (root / layout.INGESTED / MANIFEST).is_file():
+        return [], [f"train.masked_loss.enabled: true, and {layout.INGESTED} does not exist yet: whether any image "
+                    "has a mask (an alpha channel or <stem>_mask.png beside it) is checked once the ingest stage "
+                    "ran; items without one train everywhere"]
+    masked = sum(1 for record in read_manifest(root / layout.INGESTED)
+                 if record["dataset"] in datasets and "mask" in record)
+    if not masked:
+        return [f"train.masked_loss.enabled: true, but no image of the data sets ({', '.join(sorted(datasets))}) "
+                f"has a mask in {layout.INGESTED}: give an image an alpha channel or a <stem>_mask.png beside it "
+                "(white = train, black = ignore), run ingest again, or set train.masked_loss.enabled: false"], []
+    latents = root / layout.LATENTS
+    if not (latents / MANIFEST).is_file():
+        return [], []
+    coverage = [record["mask_coverage"] for record in read_manifest(latents)
+                if record["dataset"] in datasets and "mask_coverage" in record]
+    if coverage and min(coverage) >= FULL_COVERAGE:
+        return [], [f"train.masked_loss.enabled: true, but each of the {len(coverage)} masks in {layout.LATENTS} "
+                    "covers the whole image (an opaque alpha channel or a white mask file): the loss is the "
+                    "unmasked one; paint the areas to ignore black, or turn masked loss off"]
+    return [], []
 
 
 def autoencoder_problems(params: Params) -> list[str]:

@@ -38,7 +38,8 @@ def added_later_defaults() -> dict[str, Any]:
     default (dumped): at the default they are left out of the run key and read as set in older checkpoints,
     so a run started before the setting existed keeps its folder and resumes without a note."""
     from tuneline.models.autoencoder.config import VQConfig
-    from tuneline.train.config import FlowMatchingConfig, LossConfig, StructureConfig, ValidationConfig
+    from tuneline.train.config import (FlowMatchingConfig, LossConfig, MaskedLossConfig, StructureConfig,
+                                       ValidationConfig)
 
     return {"flow_matching": FlowMatchingConfig().model_dump(mode="json"),
             "validation": ValidationConfig().model_dump(mode="json"),
@@ -47,6 +48,8 @@ def added_later_defaults() -> dict[str, Any]:
             **{f"loss.{key}": getattr(LossConfig(), key) for key in ("type", "huber_c", "huber_schedule")},
             # the LyCORIS adapter types (issue 29): a LoRA run started before them keeps its folder
             "lora.type": "lora", "lora.factor": -1, "lora.decompose_both": False,
+            # masked loss (issue 29): off, a run started before it keeps its folder
+            "masked_loss": MaskedLossConfig().model_dump(mode="json"),
             # the autoencoder section's (issue 27): a kl run started before them keeps its folder
             "kind": "kl", "vq": VQConfig().model_dump(mode="json")}
 

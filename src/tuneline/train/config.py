@@ -211,6 +211,21 @@ class EmaConfig(Section):
     on_cpu: bool = Field(False, description="Keep the EMA weights on the CPU to save GPU memory.")
 
 
+class MaskedLossConfig(Section):
+    """Masked loss: each latent position's loss is weighted by the item's mask (its alpha channel or a
+    `<stem>_mask.png` beside it, white = train, black = ignore) before the per-sample mean."""
+
+    enabled: bool = Field(False, description="Weight the per-pixel loss by each item's mask (items without one "
+                          "train everywhere).")
+    unmasked_weight: float = Field(
+        0.0, ge=0, le=1,
+        description="Floor of the weight: each position counts max(mask, unmasked_weight); 0 ignores the "
+        "masked-out area, 1 is the unmasked loss.")
+    normalize: bool = Field(
+        True, description="Divide each sample's loss by its weights' mean, so a small subject is not "
+        "down-weighted against a large one (sd-scripts / OneTrainer normalize_masked_area_loss).")
+
+
 class CheckpointConfig(Section):
     """When and how many resumable checkpoints are kept."""
 
@@ -373,6 +388,9 @@ class TrainConfig(Section):
         description="Flow-matching families (Z-Image): how each sample's noise level is drawn and shifted, and the "
         "loss weighting by noise level. SDXL (DDPM) rejects these when set to anything but the defaults.")
     ema: EmaConfig = Field(default_factory=EmaConfig, description="EMA of the trained weights.")
+    masked_loss: MaskedLossConfig = Field(
+        default_factory=MaskedLossConfig,
+        description="Masked loss from each item's alpha channel or `<stem>_mask.png` (off by default).")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoints.")
     validation: ValidationConfig = Field(
         default_factory=ValidationConfig,

@@ -27,6 +27,9 @@ from tuneline.train.sampler import SampleRef
 
 
 NO_STRUCTURE = (0.0, 0.0, 0.0, 0.0)
+# The latents manifest's reference to an item's mask at latent resolution (stages/latents: a safetensors
+# file with `mask`, float [1, h, w] in 0..1); absent for items without a mask.
+MASK_FIELD = "latent_mask"
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,10 @@ class LatentData:
         # Batches carry each sample's style/structure weights only when some item has one: with all 0 the
         # adapters compute exactly the loss they computed before the setting existed.
         self.structure = any(any(item.structure) for item in [*self.items, *self.validation])
+        # Batches carry a loss mask (train.masked_loss) only when it is on and some item has one: else the adapters
+        # compute exactly the plain loss.
+        self.masked = train.masked_loss.enabled and any(item.record.get(MASK_FIELD)
+                                                        for item in [*self.items, *self.validation])
 
     def _text_cache_usable(self) -> bool:
         cached = all(item.record.get("text_embeddings") for item in [*self.items, *self.validation])
@@ -119,7 +126,9 @@ class LatentData:
 
         def entries(items: list[LatentItem]) -> list[list[Any]]:
             return [[i.record.get("latent_key"), i.record.get("caption"), i.repeats, i.loss_weight,
-                     *([list(i.structure)] if any(i.structure) else [])] for i in items]
+                     *([list(i.structure)] if any(i.structure) else []),
+                     # the mask trained on, only with masked loss (else the digest runs had before masks)
+                     *([{"mask": i.record.get("latent_mask_key")}] if self.masked else [])] for i in items]
 
         if not self.validation:
             return digest_json(entries(self.items))
@@ -137,12 +146,15 @@ class LatentData:
         from safetensors.torch import load
 
         train = self.train
-        means, stds, noises, captions, crops, texts = [], [], [], [], [], []
+        means, stds, noises, captions, crops, texts, masks = [], [], [], [], [], [], []
         items = [self.items[index] for index in indices]
         for item in items:  # the RNG draws in item order: flip, noise, caption (exact resume)
             tensors = load(read_member(self.dir, item.record["latents"]))
             flip = train.flip and python_rng.random() < 0.5
             mean, std = (tensors["flip_mean"], tensors["flip_std"]) if flip else (tensors["mean"], tensors["std"])
+            if self.masked:  # the mask mirrored with the latent it weights
+                mask = self._mask(item, mean)
+                masks.append(mask.flip(-1) if flip else mask)
             means.append(mean)
             stds.append(std)
             noises.append(torch.randn(mean.shape, generator=generator, device=generator.device))
@@ -153,7 +165,21 @@ class LatentData:
             captions.append(augment_caption(item.record.get("caption") or "", train, python_rng))
             if self.text_cache:
                 texts.append(load(read_member(self.dir, item.record["text_embeddings"])))
-        return self._assemble(items, means, stds, noises, crops, captions, texts, device)
+        return self._assemble(items, means, stds, noises, crops, captions, texts, device, masks)
+
+    def _mask(self, item: LatentItem, mean: Any) -> Any:
+        """The item's mask at latent resolution, [1, h, w] float32; all ones (train everywhere) without one."""
+        import torch
+        from safetensors.torch import load
+
+        ref = item.record.get(MASK_FIELD)
+        if not ref:
+            return torch.ones((1, *mean.shape[-2:]), dtype=torch.float32)
+        mask = load(read_member(self.dir, ref))["mask"].float()
+        if tuple(mask.shape[-2:]) != tuple(mean.shape[-2:]):
+            raise ParamsError(f"{self.dir}: item {item.record['id']}'s mask is {list(mask.shape)}, its latent "
+                              f"{list(mean.shape)}: rerun latents")
+        return mask
 
     def validation_refs(self) -> list[SampleRef]:
         """The held-out items, indexed into `validation`, each once."""
@@ -170,26 +196,28 @@ class LatentData:
         import torch
         from safetensors.torch import load
 
-        means, stds, noises, diffusion_noise, crops, captions, texts = [], [], [], [], [], [], []
+        means, stds, noises, diffusion_noise, crops, captions, texts, masks = [], [], [], [], [], [], [], []
         items = [self.validation[index] for index in indices]
         for item in items:
             generator = torch.Generator(device="cpu").manual_seed(item_seed(seed, item.record["id"]))
             tensors = load(read_member(self.dir, item.record["latents"]))
             means.append(tensors["mean"])
             stds.append(tensors["std"])
+            if self.masked:
+                masks.append(self._mask(item, tensors["mean"]))
             noises.append(torch.randn(tensors["mean"].shape, generator=generator))
             diffusion_noise.append(torch.randn(tensors["mean"].shape, generator=generator))
             crops.append(tuple(item.record["crop_top_left"]))
             captions.append(item.record.get("caption") or "")
             if self.text_cache:
                 texts.append(load(read_member(self.dir, item.record["text_embeddings"])))
-        batch = self._assemble(items, means, stds, noises, crops, captions, texts, device)
+        batch = self._assemble(items, means, stds, noises, crops, captions, texts, device, masks)
         batch["noise"] = host_to_device(torch.stack(diffusion_noise), device)
         return batch
 
     def _assemble(self, items: list[LatentItem], means: list[Any], stds: list[Any], noises: list[Any],
                   crops: list[tuple[int, int]], captions: list[str], texts: list[dict[str, Any]],
-                  device: Any) -> dict[str, Any]:
+                  device: Any, masks: list[Any] | None = None) -> dict[str, Any]:
         """Stack the loaded parts of a batch into what the adapters read."""
         import torch
 
@@ -210,6 +238,8 @@ class LatentData:
         if self.structure:  # (batch, 4): struct, light, color, tex of each sample's data set
             batch["structure"] = host_to_device(torch.tensor([item.structure for item in items], dtype=torch.float32),
                                                 device)
+        if masks:  # (batch, 1, h, w): train.masked_loss's weights before the unmasked_weight floor
+            batch["mask"] = host_to_device(torch.stack(masks), device)
         embeds = [text["prompt_embeds"] for text in texts]
         pooled = [text.get("pooled") for text in texts]
         if self.text_cache and all(p is None for p in pooled):

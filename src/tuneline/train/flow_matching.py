@@ -245,17 +245,19 @@ def flow_matching_loss(
     reduce: bool = True,
     loss: Optional[LossConfig] = None,
     sigmas: Any = None,
+    mask: Any = None,
 ) -> Any:
     """The per-element loss of `loss.type` (None: squared error) averaged over each sample (fp32), times the
     sigma weighting and the per-sample (data-set) weight; the batch mean, or the weighted per-sample vector
     with reduce=False. The same shape of loss as the SDXL adapter's (per_sample * weights).mean(). The Huber
-    schedules read `sigmas` (each sample's noise level)."""
+    schedules read `sigmas` (each sample's noise level); `mask` (tuneline.train.loss.MaskWeights, train.masked_loss)
+    weights each element before the per-sample mean."""
     if loss is None or loss.type == "l2":
-        losses = per_sample_mse(prediction, target)
+        losses = per_sample_mse(prediction, target, mask)
     else:
         if sigmas is None:
             raise ValueError(f"train.loss.type {loss.type!r} needs the sigmas (its threshold follows the noise level)")
-        losses = per_sample_loss(prediction, target, loss, flow_noise_levels(sigmas))
+        losses = per_sample_loss(prediction, target, loss, flow_noise_levels(sigmas), mask)
     if weighting is not None:
         losses = losses * weighting.to(losses.device).float()
     if per_sample_weight is not None:

@@ -13,13 +13,46 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from tuneline.train.config import LossConfig
+from tuneline.train.config import LossConfig, MaskedLossConfig
 
 
-def per_sample_mse(prediction: Any, target: Any) -> Any:
-    """Mean squared error of each sample (in fp32: fp16 squares overflow)."""
+@dataclass(frozen=True)
+class MaskWeights:
+    """Per-position loss weights of a batch (train.masked_loss): max(mask, unmasked_weight), shaped to broadcast
+    over the prediction ((batch, 1, h, w) for a (batch, channels, h, w) latent); `normalize` divides each
+    sample's weighted mean by the mean of its weights (OneTrainer's normalize_masked_area_loss)."""
+
+    weights: Any
+    normalize: bool
+
+
+def mask_weights(batch: dict[str, Any], config: MaskedLossConfig) -> MaskWeights | None:
+    """The batch's mask weights, or None where masked loss is off or the batch has no mask (the plain loss)."""
+    mask = batch.get("mask")
+    if not config.enabled or mask is None:
+        return None
+    return MaskWeights(mask.float().clamp(min=config.unmasked_weight, max=1.0), config.normalize)
+
+
+def _reduce(losses: Any, mask: MaskWeights | None) -> Any:
+    """Each sample's mean of the per-element `losses`, weighted by `mask` when given."""
+    dims = tuple(range(1, losses.ndim))
+    if mask is None:
+        return losses.mean(dim=dims)
+    weights = mask.weights.to(losses.device)
+    weighted = (losses * weights).mean(dim=dims)
+    if not mask.normalize:
+        return weighted
+    # Mean of the weights over the same elements (a (b, 1, h, w) map counts once per channel: the same mean).
+    coverage = weights.expand_as(losses).mean(dim=dims)
+    # An all-black mask with unmasked_weight 0 trains nothing: 0, not 0/0.
+    return weighted / coverage.clamp(min=1e-6)
+
+
+def per_sample_mse(prediction: Any, target: Any, mask: MaskWeights | None = None) -> Any:
+    """Mean squared error of each sample (in fp32: fp16 squares overflow), weighted by `mask` when given."""
     error = (prediction.float() - target.float()) ** 2
-    return error.mean(dim=tuple(range(1, error.ndim)))
+    return _reduce(error, mask)
 
 
 @dataclass(frozen=True)
@@ -53,27 +86,30 @@ def huber_threshold(config: LossConfig, levels: NoiseLevels) -> Any:
     return torch.full(levels.timesteps.shape, c, dtype=torch.float32, device=levels.timesteps.device)
 
 
-def per_sample_loss(prediction: Any, target: Any, config: LossConfig, levels: NoiseLevels) -> Any:
+def per_sample_loss(prediction: Any, target: Any, config: LossConfig, levels: NoiseLevels,
+                    mask: MaskWeights | None = None) -> Any:
     """Each sample's mean per-element loss of train.loss.type, in fp32 (before any weighting).
 
     l2: per_sample_mse, the very same computation. huber: 2c(sqrt(r^2 + c^2) - c); smooth_l1:
     2(sqrt(r^2 + c^2) - c), with r = prediction - target and c = huber_threshold per sample (sd-scripts'
     conditional_loss). sqrt(r^2 + c^2) - c is computed as r^2 / (sqrt(r^2 + c^2) + c), the same number
-    without the cancellation that loses the digits of small residuals in fp32."""
+    without the cancellation that loses the digits of small residuals in fp32. `mask` (train.masked_loss)
+    weights each element of whichever loss before the mean."""
     if config.type == "l2":
-        return per_sample_mse(prediction, target)
+        return per_sample_mse(prediction, target, mask)
     squared = (prediction.float() - target.float()) ** 2
     c = huber_threshold(config, levels).to(squared.device).reshape(-1, *([1] * (squared.ndim - 1)))
     excess = squared / ((squared + c * c).sqrt() + c)
     losses = 2 * c * excess if config.type == "huber" else 2 * excess
-    return losses.mean(dim=tuple(range(1, losses.ndim)))
+    return _reduce(losses, mask)
 
 
-def per_sample_loss_and_mse(prediction: Any, target: Any, config: LossConfig, levels: NoiseLevels) -> tuple[Any, Any]:
+def per_sample_loss_and_mse(prediction: Any, target: Any, config: LossConfig, levels: NoiseLevels,
+                            mask: MaskWeights | None = None) -> tuple[Any, Any]:
     """(per_sample_loss, per_sample_mse): the training loss and the plain squared error the validation reports
-    beside it (val/loss_unweighted, comparable across loss types); for l2 the same tensor twice."""
-    loss = per_sample_loss(prediction, target, config, levels)
-    return loss, loss if config.type == "l2" else per_sample_mse(prediction, target)
+    beside it (val/loss_unweighted, comparable across loss types and masks); for plain l2 the same tensor twice."""
+    loss = per_sample_loss(prediction, target, config, levels, mask)
+    return loss, loss if config.type == "l2" and mask is None else per_sample_mse(prediction, target)
 
 
 def snr_of(alphas_cumprod: Any, timesteps: Any) -> Any:

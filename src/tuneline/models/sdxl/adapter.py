@@ -29,7 +29,8 @@ from tuneline.models.training_adapter import load_training_adapter
 from tuneline.models.sdxl.text import MAX_TOKENS, conditioning_layers, encode_prompts
 from tuneline.train.units import MODEL_UNIT, ParamGroup, UnitSpec, model_unit
 from tuneline.train.config import TrainConfig
-from tuneline.train.loss import ddpm_noise_levels, ddpm_x0, loss_weights, per_sample_loss_and_mse, snr_of
+from tuneline.train.loss import (ddpm_noise_levels, ddpm_x0, loss_weights, mask_weights, per_sample_loss_and_mse,
+                                 snr_of)
 from tuneline.train.output import LORA_FILE, PIPELINE_DIR
 from tuneline.train.structure_loss import LatentRGB, with_structure
 
@@ -339,7 +340,8 @@ class SDXLAdapter:
         ).sample
         levels = ddpm_noise_levels(self.noise_scheduler.alphas_cumprod, timesteps,
                                    self.noise_scheduler.config.num_train_timesteps)
-        per_sample, squared = per_sample_loss_and_mse(prediction, target, self.config.loss, levels)
+        per_sample, squared = per_sample_loss_and_mse(prediction, target, self.config.loss, levels,
+                                                      mask_weights(batch, self.config.masked_loss))
         snr = snr_of(self.noise_scheduler.alphas_cumprod, timesteps)
         weights = loss_weights(self.config.loss, snr, self.prediction_type, step) * host_to_device(batch["loss_weight"],
                                                                                                     device)

@@ -271,12 +271,14 @@ class ZImageAdapter:
         style/structure terms added; the prediction; the target; the structure terms to log) at `noise`, `sigmas`."""
         from tuneline.models.loading import host_to_device
         from tuneline.train.flow_matching import flow_matching_loss, loss_weighting
+        from tuneline.train.loss import mask_weights
 
         latents = batch["latents"]
         prediction, target, x0_pred = self._prediction_and_target(modules, batch, noise, sigmas)
         weighting = loss_weighting(self.config.flow_matching.loss_weighting, sigmas)
         weighted = flow_matching_loss(prediction, target, weighting, host_to_device(batch["loss_weight"], latents.device),
-                                      reduce=False, loss=self.config.loss, sigmas=sigmas)
+                                      reduce=False, loss=self.config.loss, sigmas=sigmas,
+                                      mask=mask_weights(batch, self.config.masked_loss))
         losses, metrics = with_structure(weighted, batch, x0_pred, latents, self.latent_rgb)
         return losses, prediction, target, metrics
 

@@ -36,7 +36,9 @@ def write_output(out_dir: Path, report: StageReport, *, params: Any, planned: li
     manifest = []
     with rebuilt_dir(out_dir) as staging:
         # The image packs, linked (the same files as data/bucketed): latents reads the images here.
-        for pack in sorted({item.record["image"]["pack"] for item in planned}):
+        # With the mask packs of the items that have a loss mask (train.masked_loss).
+        for pack in sorted({item.record["image"]["pack"] for item in planned}
+                           | {item.record["mask"]["pack"] for item in planned if "mask" in item.record}):
             link_or_copy(bucketed_dir / pack, staging / pack)
         for item in planned:
             record = item.record

@@ -21,7 +21,8 @@ from tuneline.config import Params
 from tuneline.core.codeversion import code_version
 from tuneline.stages.ingest import CODE
 from tuneline.core.fsutil import digest_json, file_digest, rebuilt_dir, relative_to_root
-from tuneline.core.images import IMAGE_EXTENSIONS, SIDECAR_EXTENSIONS, ImageRejected, exact_pixel_digest, probe
+from tuneline.core.images import (IMAGE_EXTENSIONS, SIDECAR_EXTENSIONS, ImageRejected, exact_pixel_digest,
+                                  oriented_size, probe)
 from tuneline.core.manifest import MANIFEST, REJECTED, write_jsonl
 from tuneline.core.parallel import map_with_progress
 from tuneline.core.report import StageReport
@@ -99,12 +100,30 @@ def _walk(folder: Path, dataset: str, root: Path, report: StageReport) -> list[P
     return sorted(entries)
 
 
-def discover(params: Params, root: Path, report: StageReport) -> list[tuple[str, Path]]:
-    """(data set folder, file) for every image candidate, in a stable order."""
+MASK_STEM_SUFFIX = "_mask"  # <stem>_mask.png beside <stem>.<ext>: that image's loss mask, never an image itself
+MASK_EXTENSION = ".png"
+
+
+def is_mask_file(path: Path) -> bool:
+    return path.stem.endswith(MASK_STEM_SUFFIX) and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def mask_file_of(image: Path) -> Path:
+    return image.with_name(f"{image.stem}{MASK_STEM_SUFFIX}{MASK_EXTENSION}")
+
+
+def discover(params: Params, root: Path, report: StageReport,
+             masks: dict[Path, str] | None = None) -> list[tuple[str, Path]]:
+    """(data set folder, file) for every image candidate, in a stable order; mask files
+    (`<stem>_mask.png`) go into `masks` (file -> data set folder) instead."""
     found = []
     for dataset in params.datasets:
         for path in _walk(root / dataset.path, dataset.folder, root, report):
             suffix = path.suffix.lower()
+            if is_mask_file(path):
+                if masks is not None:
+                    masks[path] = dataset.folder
+                continue
             try:
                 mode = os.stat(path).st_mode
             except OSError:
@@ -130,6 +149,29 @@ def shared_sidecar_warnings(files: list[tuple[str, Path]], root: Path) -> list[s
     return [f"{relative_to_root(sidecar, root)} captions {len(images)} images with the same stem "
             f"({', '.join(p.name for p in images)}): applied to each of them; rename one to give it its own caption"
             for sidecar, images in sorted(by_sidecar.items()) if len(images) > 1 and sidecar.is_file()]
+
+
+def mask_of(path: Path, record: dict[str, Any], masks: dict[Path, str], digests: FileDigests,
+            root: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(the image's loss mask record, or None; a rejection reason, or None). A `<stem>_mask.png` beside the
+    image wins over its alpha channel; the mask file must have the image's size (after EXIF orientation)."""
+    from PIL import Image
+
+    mask_path = mask_file_of(path)
+    if mask_path in masks:
+        try:  # the header only: the pixels are read at bucket time
+            with Image.open(mask_path) as image:
+                size = oriented_size(image)
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            return None, f"mask {relative_to_root(mask_path, root)} is not a readable image: {error}"
+        if size != (record["width"], record["height"]):
+            return None, (f"mask {relative_to_root(mask_path, root)} is {size[0]}x{size[1]}, the image is "
+                          f"{record['width']}x{record['height']}: a mask must have its image's size")
+        mask = {"source": "file", "file": relative_to_root(mask_path, root), "digest": digests.digest(mask_path)}
+        return mask, None
+    if record["has_alpha"]:
+        return {"source": "alpha"}, None
+    return None, None
 
 
 def check_inputs(params: Params, root: Path) -> None:
@@ -182,7 +224,8 @@ def run(params: Params, root: Path, out_dir: Path, metrics_dir: Path | None = No
     store = ItemStore(store_dir, STAGE)
     file_digests = FileDigests(store_dir / "file-digests.sqlite")
 
-    files = discover(params, root, report)
+    masks: dict[Path, str] = {}
+    files = discover(params, root, report, masks)
     found_count = len(files) + len(report.rejected)  # images plus files rejected on sight
     results: dict[int, tuple[str | None, dict[str, Any]]] = {}
     computed: set[int] = set()
@@ -203,7 +246,6 @@ def run(params: Params, root: Path, out_dir: Path, metrics_dir: Path | None = No
             computed.add(index)
         if digest is not None:
             file_digests.remember(files[index][1], digest)
-    file_digests.close()
 
     report.warnings.extend(shared_sidecar_warnings(files, root))
     duplicates = _Duplicates(store, config.max_pixels)
@@ -218,6 +260,9 @@ def run(params: Params, root: Path, out_dir: Path, metrics_dir: Path | None = No
             found = duplicates.original_of(digest, path, source, record)
             if found is not None:
                 reason, original = found
+        mask = None
+        if reason is None:
+            mask, reason = mask_of(path, record, masks, file_digests, root)
         caption, warning = read_sidecar(path)
         if reason is not None:
             report.reject(source, reason, dataset=dataset)
@@ -244,7 +289,16 @@ def run(params: Params, root: Path, out_dir: Path, metrics_dir: Path | None = No
             "caption_source": "sidecar" if caption else None,
             "key": probe_key(digest),
         }
+        if mask is not None:  # only then: the records of images without a mask stay as they were
+            kept[source]["mask"] = mask
         manifest.append(kept[source])
+    file_digests.close()
+    claimed = {mask_file_of(path) for _, path in files}
+    for mask_path, dataset in sorted(masks.items()):
+        if mask_path not in claimed:
+            report.reject(relative_to_root(mask_path, root), "mask file without an image: a mask is named after "
+                          f"its image, <stem>{MASK_STEM_SUFFIX}{MASK_EXTENSION} beside <stem>.png/.jpg/...",
+                          dataset=dataset)
 
     with rebuilt_dir(out_dir) as staging:
         write_jsonl(staging / MANIFEST, manifest)
@@ -258,6 +312,9 @@ def run(params: Params, root: Path, out_dir: Path, metrics_dir: Path | None = No
         "captions_from_sidecars": sum(1 for item in manifest if item["caption"]),
         "datasets": dict(per_dataset),
     })
+    masked = sum(1 for item in manifest if "mask" in item)
+    if masked:  # only then: reports of data without masks stay as they were
+        report.extra["masks"] = masked
     report.seconds = time.perf_counter() - started
     if metrics_dir is not None:
         report.write_metrics(metrics_dir)

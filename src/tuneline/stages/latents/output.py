@@ -1,7 +1,9 @@
 """The latents stage's output folder and report: the manifest assembled from the store, the
 summary (latents.json), the warnings and counts. Nothing here decides a stored item's bytes or
 key, so it is outside the stage's CODE: editing a message re-encodes nothing. It imports only
-tuneline.core and modules in CODE (tests/test_latents.py checks this).
+tuneline.core and modules in CODE (tests/test_latents.py checks this). The loss masks at latent resolution
+(tuneline.core.masks, keyed by that module's own code version) are made here from the bucket stage's
+stored masks, once the latents' grid is known, and packed beside the latents (`<pack>.mask.tar`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any
 
 from tuneline.core.fsutil import atomic_write_json, rebuilt_dir
 from tuneline.core.manifest import MANIFEST, REJECTED, write_jsonl
+from tuneline.core.masks import (BUCKET_MASK_SUFFIX, LATENT_MASK_SUFFIX, MASK_PACK_EXTENSION, latent_mask_key,
+                                 stored_coverage, write_latent_mask)
 from tuneline.core.report import StageReport
 from tuneline.core.split import TRAIN, VALIDATION, describe, split_of
 from tuneline.core.packs import PackItem, pack_of
@@ -116,6 +120,28 @@ def record_splits(params: Any, records: list[dict[str, Any]], failed: dict[int, 
     return splits, summary
 
 
+def store_latent_masks(records: list[dict[str, Any]], shapes: dict[int, list[int]], store: ItemStore,
+                       report: StageReport) -> dict[int, str]:
+    """The latent-resolution mask's key of every kept item with a mask (tuneline.core.masks), computing those
+    the store lacks from the bucket stage's stored crop of the mask (area average over each latent cell). Keyed
+    by the cropped mask and the latent grid, not by the latent: a mask edit encodes no image again."""
+    bucket_store = ItemStore(store.root.parent, "bucket")
+    keys, computed = {}, 0
+    for i, shape in shapes.items():
+        record = records[i]
+        if "mask_key" not in record:
+            continue
+        keys[i] = key = latent_mask_key(record["mask_key"], shape[-2:])
+        if not store.has(key, LATENT_MASK_SUFFIX):
+            write_latent_mask(store.path(key, LATENT_MASK_SUFFIX), bucket_store.read_bytes(record["mask_key"],
+                                                                                       BUCKET_MASK_SUFFIX), shape[-2:])
+            computed += 1
+    if keys:  # only then: reports of data without masks stay as they were
+        report.extra["masks"] = len(keys)
+        report.extra["masks_computed"] = computed
+    return keys
+
+
 def write_output(out_dir: Path, report: StageReport, *, records: list[dict[str, Any]], keys: list[str],
                  text_keys: list[str | None], failed: dict[int, str], store: ItemStore, text_store: ItemStore,
                  summary: dict[str, Any], text_computed: int, device: str, base: str, started: float,
@@ -136,10 +162,14 @@ def write_output(out_dir: Path, report: StageReport, *, records: list[dict[str, 
         latent_refs = store.pack(staging, [PackItem(*member[i], keys[i], SUFFIX) for i in kept], PACK_EXTENSION)
         text_refs = text_store.pack(staging, [PackItem(*member[i], key, SUFFIX) for i in kept
                                               if (key := text_keys[i]) is not None], TEXT_PACK_EXTENSION)
+        headers = {i: read_latent_header(staging, latent_refs[member[i]]) for i in kept}
+        mask_keys = store_latent_masks(records, {i: shape for i, (_, shape) in headers.items()}, store, report)
+        mask_refs = store.pack(staging, [PackItem(*member[i], mask_keys[i], LATENT_MASK_SUFFIX) for i in kept
+                                         if i in mask_keys], MASK_PACK_EXTENSION)
         for i in kept:
             record, key = records[i], keys[i]
             latents = latent_refs[member[i]]
-            metadata, shape = read_latent_header(staging, latents)
+            metadata, shape = headers[i]
             factors = {name: json.loads(metadata[name]) for name in FACTORS}
             texts = text_refs[member[i]] if text_keys[i] is not None else None
             manifest.append({
@@ -154,6 +184,10 @@ def write_output(out_dir: Path, report: StageReport, *, records: list[dict[str, 
                 "text_key": text_keys[i],
                 "split": splits[i],
             })
+            if i in mask_keys:  # only then: the records of items without a mask stay as they were
+                ref = mask_refs[member[i]]
+                manifest[-1].update({"latent_mask": ref, "latent_mask_key": mask_keys[i],
+                                     "mask_coverage": stored_coverage(staging, ref)})
         report.reused = len(manifest) - report.computed
         summary = {**summary, **factors, "split": split_summary,
                    "latent_stores": "mean and std of the VAE's latent distribution, not scaled: "
