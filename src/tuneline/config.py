@@ -11,7 +11,7 @@ values (see `tuneline.core.params`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -27,6 +27,7 @@ from tuneline.stages.ingest.config import IngestConfig
 from tuneline.stages.latents.config import LatentsConfig
 from tuneline.stages.render.config import RenderConfig
 from tuneline.train.config import DatasetLossConfig, StructureConfig, TrainConfig
+from tuneline.train.prior import CLASS_IMAGES, PRIOR_PREDICTION, PRIORS, REGULARIZATION, ROLES, TRAIN
 from tuneline.core.split import ALL, ALLOWED as VALIDATION_ALLOWED, parse_validation
 
 
@@ -50,6 +51,17 @@ class DatasetConfig(Section):
         None, description="This data set's own loss settings: `structure: {struct, light, color, tex}`, its "
         "style/structure weights; each term set here replaces train.loss.structure's for its samples, a term "
         "left out takes train.loss.structure's value (null: all of them).")
+    role: Literal["train", "regularization"] = Field(
+        TRAIN, description="train: the subject; regularization: images of its class (or prompts of it) that keep the "
+        "LoRA from drifting the whole class (prior regularization), weighted by prior_loss_weight and logged apart "
+        "(loss/prior).")
+    prior: Optional[Literal["class_images", "prior_prediction"]] = Field(
+        None, description="role regularization only: class_images (DreamBooth prior preservation: the images and "
+        "captions train as usual; the default) or prior_prediction (OneTrainer: the target is the base model's own "
+        "prediction with the LoRA switched off, so the images need not show the class; train.mode lora only).")
+    prior_loss_weight: float = Field(
+        1.0, gt=0, description="role regularization only: the weight of its samples in the loss (times loss_weight), "
+        "as diffusers' --prior_loss_weight.")
     validation: Optional[Union[int, float, str]] = Field(
         None, description="Images held out of training for the validation loss, chosen by each image's content "
         f"id (tuneline.core.split): {VALIDATION_ALLOWED}. A fraction never moves an image when others are "
@@ -67,10 +79,26 @@ class DatasetConfig(Section):
     def _validation(cls, value: Any) -> Any:
         return parse_validation(value)
 
+    @model_validator(mode="after")
+    def _prior_needs_regularization(self) -> "DatasetConfig":
+        if self.role == TRAIN:
+            for key, value, default in (("prior", self.prior, None),
+                                        ("prior_loss_weight", self.prior_loss_weight, 1.0)):
+                if value != default:
+                    # Located by the caller as datasets[<name>]: the message names the key.
+                    raise ValueError(f"{key} {value!r} applies to a regularization data set only; set role: "
+                                     f"{REGULARIZATION} (allowed roles: {', '.join(ROLES)}) or leave {key} out")
+        return self
+
     @property
     def folder(self) -> str:
         """The name as a safe folder name (no separators, no traversal)."""
         return safe_name(self.name)
+
+    @property
+    def prior_kind(self) -> str | None:
+        """How a regularization data set regularizes (one of tuneline.train.prior.PRIORS); None for one that trains."""
+        return None if self.role == TRAIN else (self.prior or CLASS_IMAGES)
 
 
 class Params(Section):
@@ -116,6 +144,31 @@ class Params(Section):
             names = ", ".join(f"datasets[{dataset.name}].validation" for dataset in self.datasets)
             raise ValueError(f"{names}: every data set is validation-only ('all'): nothing to train on; "
                              f"allowed: {VALIDATION_ALLOWED}, with at least one data set that trains")
+        regularizing = [dataset for dataset in self.datasets if dataset.role == REGULARIZATION]
+        if regularizing and not any(dataset.role == TRAIN and dataset.validation != ALL for dataset in self.datasets):
+            names = ", ".join(f"datasets[{dataset.name}].role" for dataset in regularizing)
+            raise ValueError(f"{names}: {REGULARIZATION!r} keeps a subject's training from drifting its class, and no "
+                             f"data set trains a subject beside it; allowed roles: {', '.join(ROLES)}, with at least "
+                             f"one data set of role {TRAIN!r} that is not validation-only")
+        return self
+
+    @model_validator(mode="after")
+    def _prior_prediction_needs_lora(self) -> "Params":
+        """prior_prediction switches the trained LoRA off to get the base model's prediction: a module trained
+        fully has nothing to switch off."""
+        predicting = [dataset.name for dataset in self.datasets if dataset.prior_kind == PRIOR_PREDICTION]
+        if not predicting:
+            return self
+        train = self.train
+        modes = {"train.mode": train.mode, "train.text_encoder_1.mode": train.text_encoder_1.mode,
+                 "train.text_encoder_2.mode": train.text_encoder_2.mode}
+        full = [key for key, mode in modes.items() if mode == "full"]
+        if full:
+            names = ", ".join(f"datasets[{name}].prior" for name in predicting)
+            raise ValueError(f"{names}: {PRIOR_PREDICTION!r} needs every trained module to be a LoRA (its target is "
+                             f"the base model's prediction with the LoRA switched off), and {', '.join(full)} is "
+                             f"'full'; allowed with 'full': prior {CLASS_IMAGES!r} (allowed priors: "
+                             f"{', '.join(PRIORS)}), or set the mode to 'lora'")
         return self
 
     @model_validator(mode="after")

@@ -23,6 +23,7 @@ from tuneline.models.loading import host_to_device
 from tuneline.train.cached_text import text_cache_blockers
 from tuneline.train.captions import augment_caption
 from tuneline.train.config import TrainConfig
+from tuneline.train.prior import BATCH_KEY as PRIOR_BATCH_KEY
 from tuneline.train.sampler import SampleRef
 
 
@@ -35,11 +36,14 @@ MASK_FIELD = "latent_mask"
 @dataclass(frozen=True)
 class DatasetWeights:
     """How much one data set counts in training: times seen per epoch, weight in the loss, and its
-    style/structure weights (struct, light, color, tex: train.loss.structure with its own overrides)."""
+    style/structure weights (struct, light, color, tex: train.loss.structure with its own overrides);
+    `prior`: a regularization data set's kind (tuneline.train.prior: class_images, prior_prediction), None
+    for one that trains."""
 
     repeats: int = 1
     loss_weight: float = 1.0
     structure: tuple[float, float, float, float] = NO_STRUCTURE
+    prior: str | None = None
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class LatentItem:
     repeats: int
     loss_weight: float
     structure: tuple[float, float, float, float] = NO_STRUCTURE
+    prior: str | None = None  # its data set's regularization kind (DatasetWeights.prior)
 
 
 class LatentData:
@@ -85,7 +90,7 @@ class LatentData:
                                   f"{VALIDATION!r} (rerun latents)")
             kept = self.items if side == TRAIN else self.validation
             kept.append(LatentItem(len(kept), record, tuple(record["bucket"]), dataset.repeats, dataset.loss_weight,
-                                   dataset.structure))
+                                   dataset.structure, dataset.prior))
         if not self.items:
             raise ParamsError(f"{self.dir}: every item is held out for validation (datasets[].validation): "
                               "nothing to train on; hold out fewer images or add a data set that trains")
@@ -101,6 +106,12 @@ class LatentData:
         # compute exactly the plain loss.
         self.masked = train.masked_loss.enabled and any(item.record.get(MASK_FIELD)
                                                         for item in [*self.items, *self.validation])
+        # Batches say each sample's prior (tuneline.train.prior) only when some data set regularizes: without one
+        # the adapters compute and log exactly what they did before the setting existed.
+        self.regularization = any(item.prior for item in [*self.items, *self.validation])
+        if self.regularization and all(item.prior for item in self.items):
+            raise ParamsError(f"{self.dir}: every training item belongs to a regularization data set "
+                              "(datasets[].role: regularization): add a data set with role: train")
 
     def _text_cache_usable(self) -> bool:
         cached = all(item.record.get("text_embeddings") for item in [*self.items, *self.validation])
@@ -121,14 +132,16 @@ class LatentData:
         """Digest of what is trained on (latent and text keys, captions, weights) and of what is held out:
         the data identity. Without held-out items it is the digest runs had before the split existed
         (they keep their run key); a changed split is a different run. An item's style/structure weights
-        count only when one is not 0: with all 0 the digest is the one runs had before they existed."""
+        count only when one is not 0, its regularization kind only when it has one: without them the digest
+        is the one runs had before they existed."""
         from tuneline.core.fsutil import digest_json
 
         def entries(items: list[LatentItem]) -> list[list[Any]]:
             return [[i.record.get("latent_key"), i.record.get("caption"), i.repeats, i.loss_weight,
                      *([list(i.structure)] if any(i.structure) else []),
                      # the mask trained on, only with masked loss (else the digest runs had before masks)
-                     *([{"mask": i.record.get("latent_mask_key")}] if self.masked else [])] for i in items]
+                     *([{"mask": i.record.get("latent_mask_key")}] if self.masked else []),
+                     *([{"prior": i.prior}] if i.prior else [])] for i in items]
 
         if not self.validation:
             return digest_json(entries(self.items))
@@ -235,6 +248,8 @@ class LatentData:
             "ids": [item.record["id"] for item in items],
             "datasets": [item.record["dataset"] for item in items],
         }
+        if self.regularization:  # each sample's prior kind, None for a sample that trains (a host list)
+            batch[PRIOR_BATCH_KEY] = [item.prior for item in items]
         if self.structure:  # (batch, 4): struct, light, color, tex of each sample's data set
             batch["structure"] = host_to_device(torch.tensor([item.structure for item in items], dtype=torch.float32),
                                                 device)

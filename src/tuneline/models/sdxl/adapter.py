@@ -32,6 +32,7 @@ from tuneline.train.config import TrainConfig
 from tuneline.train.loss import (ddpm_noise_levels, ddpm_x0, loss_weights, mask_weights, per_sample_loss_and_mse,
                                  snr_of)
 from tuneline.train.output import LORA_FILE, PIPELINE_DIR
+from tuneline.train.prior import loss_split, with_prior_targets
 from tuneline.train.structure_loss import LatentRGB, with_structure
 
 log = logging.getLogger(__name__)
@@ -307,7 +308,8 @@ class SDXLAdapter:
         per_sample, weights, x0_pred, _ = self._per_sample(modules, batch, noise, timesteps, step)
         losses, metrics = with_structure(per_sample * weights, batch, x0_pred, batch["latents"], self.latent_rgb)
         # Per-batch facts stay tensors: reading them is a host sync, done only when they are logged.
-        return losses.mean(), {"timestep_mean": timesteps.detach().float().mean(), **metrics}
+        return losses.mean(), {"timestep_mean": timesteps.detach().float().mean(), **metrics,
+                               **loss_split(losses, batch)}
 
     def per_sample_losses(self, modules: dict[str, Any], batch: dict[str, Any], noise: Any, timesteps: Any,
                           step: int) -> tuple[Any, Any]:
@@ -330,14 +332,19 @@ class SDXLAdapter:
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        if "prompt_embeds" in batch:
-            prompt_embeds, pooled = batch["prompt_embeds"], batch["pooled"]
-        else:
-            prompt_embeds, pooled = self.conditioning(modules, batch["captions"], device)
-        prediction = modules["unet"](
-            noisy, timesteps, prompt_embeds,
-            added_cond_kwargs={"text_embeds": pooled, "time_ids": self.time_ids(batch, device)},
-        ).sample
+
+        def predict() -> Any:  # called again with the trained adapters off for prior_prediction samples
+            if "prompt_embeds" in batch:
+                prompt_embeds, pooled = batch["prompt_embeds"], batch["pooled"]
+            else:
+                prompt_embeds, pooled = self.conditioning(modules, batch["captions"], device)
+            return modules["unet"](
+                noisy, timesteps, prompt_embeds,
+                added_cond_kwargs={"text_embeds": pooled, "time_ids": self.time_ids(batch, device)},
+            ).sample
+
+        prediction = predict()
+        target = with_prior_targets(target, batch, modules.values(), predict)
         levels = ddpm_noise_levels(self.noise_scheduler.alphas_cumprod, timesteps,
                                    self.noise_scheduler.config.num_train_timesteps)
         per_sample, squared = per_sample_loss_and_mse(prediction, target, self.config.loss, levels,

@@ -35,6 +35,7 @@ from tuneline.models.config import ModelConfig
 from tuneline.train.units import MODEL_UNIT, ParamGroup, UnitSpec, model_unit
 from tuneline.train.config import TrainConfig
 from tuneline.train.output import LORA_FILE, PIPELINE_DIR
+from tuneline.train.prior import loss_split, with_prior_targets
 from tuneline.train.structure_loss import LatentRGB, with_structure
 
 log = logging.getLogger(__name__)
@@ -252,7 +253,7 @@ class ZImageAdapter:
         noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
         sigmas = self.sigmas(latents.shape[0], tuple(latents.shape[-2:]), generator, device)
         losses, _, _, metrics = self._sample_losses(modules, batch, noise, sigmas)
-        return losses.mean(), {"sigma_mean": sigmas.detach().float().mean(), **metrics}
+        return losses.mean(), {"sigma_mean": sigmas.detach().float().mean(), **metrics, **loss_split(losses, batch)}
 
     def per_sample_losses(self, modules: dict[str, Any], batch: dict[str, Any], noise: Any, timesteps: Any,
                           step: int) -> tuple[Any, Any]:
@@ -298,12 +299,17 @@ class ZImageAdapter:
             caption_features = [features.to(latents.dtype) for features in batch["prompt_embeds"]]
         else:
             caption_features = self.conditioning(batch["captions"], latents.device)
-        # The pipeline's input: a list of [C, 1, H, W] latents (one frame), the time 1 - sigma.
-        output = modules["transformer"](list(noisy.unsqueeze(2).unbind(0)), zimage_timestep(sigmas),
-                                        caption_features, return_dict=False)[0]
-        prediction = zimage_velocity(torch.stack([sample.float() for sample in output]).squeeze(2))
+
+        def predict() -> Any:  # called again with the trained adapters off for prior_prediction samples
+            # The pipeline's input: a list of [C, 1, H, W] latents (one frame), the time 1 - sigma.
+            output = modules["transformer"](list(noisy.unsqueeze(2).unbind(0)), zimage_timestep(sigmas),
+                                            caption_features, return_dict=False)[0]
+            return zimage_velocity(torch.stack([sample.float() for sample in output]).squeeze(2))
+
+        prediction = predict()
         x0_pred = predicted_x0(noisy, prediction, sigmas) if "structure" in batch else None
-        return prediction, velocity_target(latents, noise), x0_pred
+        target = with_prior_targets(velocity_target(latents, noise), batch, modules.values(), predict)
+        return prediction, target, x0_pred
 
     def unit_losses(self, modules: dict[str, Any], batch: dict[str, Any], generator: Any, step: int,
                     due: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -3,8 +3,8 @@ on the latents stage's output.
 
 Writes the trained result to `out_dir` (LoRA in diffusers format and/or a full pipeline
 folder), `trainer_state.json`, metrics/train.json and the loss curve, as metrics/train_loss.csv
-(step, loss, lr, and the style/structure loss's parts when a weight is set: `dvc plots show` draws
-it) and metrics/train_loss.png (loss and learning rate,
+(step, loss, lr, the style/structure loss's parts when a weight is set, and loss/instance and loss/prior
+when a data set regularizes: `dvc plots show` draws it) and metrics/train_loss.png (loss and learning rate,
 drawn here: an image plot shows offline). With train.validation on: metrics/train_val.csv (the
 validation loss per step, data set and level; a third panel in the picture), the best validation
 loss and its step in metrics/train.json and trainer_state.json, its weights in `out_dir/best/`. Checkpoints live in `checkpoint_dir/<run key>/`,
@@ -236,12 +236,22 @@ def structure_columns(params: Params) -> list[str]:
     return metric_names(sorted(dataset.folder for dataset in params.datasets))
 
 
+def prior_columns(params: Params) -> list[str]:
+    """The loss curve's columns of the loss split by role (loss/instance, loss/prior) when a data set regularizes
+    (datasets[].role); none otherwise (the curve is the one runs wrote before)."""
+    from tuneline.train.prior import METRICS
+
+    return list(METRICS) if any(dataset.prior_kind for dataset in params.datasets) else []
+
+
 def latent_data(params: Params, latents_dir: Path) -> LatentData:
-    """The latents stage's output as the train section trains on it (data set weights, bucket batch sizes)."""
+    """The latents stage's output as the train section trains on it (data set weights, bucket batch sizes); a
+    regularization data set's loss weight is its loss_weight times its prior_loss_weight."""
     from tuneline.train.data import DatasetWeights, LatentData
 
-    weights = {dataset.folder: DatasetWeights(dataset.repeats, dataset.loss_weight,
-                                              params.structure_for(dataset).weights) for dataset in params.datasets}
+    weights = {dataset.folder: DatasetWeights(dataset.repeats, dataset.loss_weight * dataset.prior_loss_weight,
+                                              params.structure_for(dataset).weights, dataset.prior_kind)
+               for dataset in params.datasets}
     return LatentData(latents_dir, params.train, weights, params.bucket.batch_size_for)
 
 
@@ -305,8 +315,8 @@ def run(params: Params, root: Path, latents_dir: Path, out_dir: Path, metrics_di
     # The run's whole loss history lives with its checkpoints, which DVC never deletes (it deletes
     # declared outputs such as metrics/train_loss.csv before a stage runs); the metrics files are
     # drawn from it, rewritten at the end of every session.
-    curve = (LossCurve(trainer.checkpoint_dir / LOSS_CURVE, trainer.state.step, structure_columns(params))
-             if main else None)
+    curve = (LossCurve(trainer.checkpoint_dir / LOSS_CURVE, trainer.state.step,
+                       structure_columns(params) + prior_columns(params)) if main else None)
     names = trainer.validation.metric_names() if trainer.validation is not None else []
     validation_curve = (ValidationCurve(trainer.checkpoint_dir / VALIDATION_CURVE, trainer.state.step, names)
                         if main else None)
