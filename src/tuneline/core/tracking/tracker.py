@@ -589,5 +589,9 @@ def run_link(config: TrackingConfig, root: Path, run_id: str | None) -> str | No
 
     from tuneline.core.tracking.links import run_url, ui_base
 
-    experiment_id = MlflowClient(config.resolved_tracking_uri(Path(root))).get_run(run_id).info.experiment_id
+    try:
+        experiment_id = MlflowClient(config.resolved_tracking_uri(Path(root))).get_run(run_id).info.experiment_id
+    except Exception as error:  # a link is a convenience: never fail a pipeline over it
+        _logger.debug("no link for run %s: %s", run_id, error)
+        return None
     return run_url(ui_base(config), experiment_id, run_id)
