@@ -319,11 +319,15 @@ def test_stage_runs_chart_curves_only_and_cover_the_work(root, config, client, m
 
     monkeypatch.setattr(cli.registry, "stage", lambda name: _Entry(work))
     params = types.SimpleNamespace(tracking=config)
-    experiment = client.get_experiment_by_name(config.experiment).experiment_id
-    before = {r.info.run_id for r in client.search_runs([experiment], max_results=1000)}
+
+    def runs():  # the experiment exists once any test of this module made a run
+        experiment = client.get_experiment_by_name(config.experiment)
+        return client.search_runs([experiment.experiment_id], max_results=1000) if experiment else []
+
+    before = {r.info.run_id for r in runs()}
     started_ms = time.time() * 1000
     cli._run_tracked("train", params, root, {})
-    new = [r for r in client.search_runs([experiment], max_results=1000) if r.info.run_id not in before]
+    new = [r for r in runs() if r.info.run_id not in before]
     if not computed:
         assert new == []
         return
