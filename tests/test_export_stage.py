@@ -315,3 +315,7 @@ def test_stale_samples_are_refused_until_render_shows_the_exported_weights(laten
     logged = {a.path for a in client.list_artifacts(tracker.run_id, "export")}
     logged |= {a.path for a in client.list_artifacts(tracker.run_id, "export/samples")}
     assert {"export/README.md", "export/samples/0.png", "export/samples/1.png"} <= logged
+    # MLflow's markdown preview shows no relative images: its card variant inlines them (issue 30).
+    assert "export/model_card.html" in logged
+    page = Path(client.download_artifacts(tracker.run_id, "export/model_card.html", str(tmp_path / "dl"))).read_text()
+    assert page.count('<img src="data:image/png;base64,') == 2 and "samples/0.png" not in page

@@ -58,8 +58,8 @@ def test_a_stage_shows_its_table_and_sends_library_chatter_to_its_log(tmp_path):
     assert "mlflow" in log  # ... are in the stage's log
     with sqlite3.connect(root / "mlflow.db") as db:
         runs = db.execute("select count(*) from runs").fetchone()[0]
-        computed = db.execute("select value from latest_metrics where key = 'report/computed'").fetchone()[0]
-    assert runs == 1 and computed == 2  # the run's report, beside any curves
+        computed = db.execute("select value from tags where key = 'tuneline.report.computed'").fetchone()[0]
+    assert runs == 1 and int(computed) == 2  # the run's report (a tag: issue 30), beside any curves
 
     again = ingest()  # nothing to do: no MLflow run, no mlflow import
     assert "computed" in again and "mlflow" not in again.lower()

@@ -292,3 +292,59 @@ def test_system_metrics_log_every_gpu_separately(root, client, monkeypatch):
     assert metrics["system/gpu_1_utilization_percentage"] == 20
     assert metrics["system/gpu_1_memory_usage_megabytes"] == 2000
     assert metrics["system/gpu_1_power_usage_watts"] == 200
+
+
+class _Entry:
+    """A registry entry standing in for a stage: `work` is what its run function does."""
+
+    tracked, trains = True, True
+
+    def __init__(self, work):
+        self.run = work
+
+
+@pytest.mark.parametrize("computed", [3, 0])
+def test_stage_runs_chart_curves_only_and_cover_the_work(root, config, client, monkeypatch, computed):
+    """Issue 30: a stage's report numbers are run tags (not one-value charts ahead of the loss), and a
+    run that opens late starts when the stage started; a stage with nothing to do still opens no run."""
+    from tuneline import cli
+    from tuneline.core.report import StageReport
+
+    def work(params, root_, tracker, **options):
+        time.sleep(0.3)  # checking inputs, computing items: before the first record
+        if computed:
+            tracker.log_metrics({"loss": 0.5, "val/loss": 0.6}, step=1)
+            tracker.log_metrics({"loss": 0.4}, step=2)
+        return StageReport("train", computed=computed, reused=2, seconds=0.3)
+
+    monkeypatch.setattr(cli.registry, "stage", lambda name: _Entry(work))
+    params = types.SimpleNamespace(tracking=config)
+
+    def runs():  # the experiment exists once any test of this module made a run
+        experiment = client.get_experiment_by_name(config.experiment)
+        return client.search_runs([experiment.experiment_id], max_results=1000) if experiment else []
+
+    before = {r.info.run_id for r in runs()}
+    started_ms = time.time() * 1000
+    cli._run_tracked("train", params, root, {})
+    new = [r for r in runs() if r.info.run_id not in before]
+    if not computed:
+        assert new == []
+        return
+    (run,) = new
+    assert sorted(run.data.metrics) == ["loss", "val/loss"]  # no report/* one-value charts
+    assert run.data.tags["tuneline.report.computed"] == "3" and run.data.tags["tuneline.report.reused"] == "2"
+    assert run.data.tags["tuneline.report.seconds"] == "0.3"
+    assert run.info.start_time <= started_ms + 50 and run.info.end_time - run.info.start_time >= 300
+
+
+def test_run_link_opens_the_run_in_the_model_training_view(root, config, client):
+    from tuneline.core.tracking.tracker import run_link
+
+    with Tracker.start(config, root, run_name="render", stage="render") as tracker:
+        assert tracker.link() is None  # nothing recorded yet: no run
+        tracker.log_facts({"computed": 1})
+    experiment = client.get_run(tracker.run_id).info.experiment_id
+    expected = f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{tracker.run_id}?workflowType=machine_learning"
+    assert tracker.link() == expected == run_link(config, root, tracker.run_id)
+    assert client.get_experiment(experiment).tags["mlflow.experimentKind"] == "custom_model_development"

@@ -52,9 +52,9 @@ def _run_tracked(stage: str, params, root: Path, options: dict):
                 tracker.end("KILLED")
             raise
         if report.computed or tracker.started:  # a stage that found nothing to do leaves no run
-            # What this run did (computed, seconds, ...), apart from the curves the stage logged per step
-            # (a train "loss" here would add a point at step 0 to the loss curve).
-            tracker.log_metrics({f"report/{key}": value for key, value in report.numbers().items()})
+            # What this run did (computed, seconds, ...) as tags: one-value metrics would be charted
+            # ahead of the curves the stage logged per step (and a train "loss" would repeat the curve's).
+            tracker.log_facts(report.numbers())
         return report
 
 

@@ -390,7 +390,7 @@ def pipeline(params_path: str = "params.yaml", root: str = ".",
     from tuneline.orchestration.cachekey import STATE_DIR, Digester, outputs_match, stage_key
     from tuneline.orchestration.overrides import load_with_overrides, write_params_file
     from tuneline.orchestration.spec import load_stage_specs
-    from tuneline.core.tracking.tracker import end_parent_run, start_parent_run
+    from tuneline.core.tracking.tracker import end_parent_run, run_link, start_parent_run
     from tuneline.preflight import check_settings
 
     logger = get_run_logger()
@@ -425,6 +425,8 @@ def pipeline(params_path: str = "params.yaml", root: str = ".",
     parent_run_id = start_parent_run(params.tracking, root_path, run_name=f"pipeline {flow_run.get_name() or ''}".strip(),
                                      tags={"tuneline.raw_data_digest": raw_data_digest, "tuneline.orchestrator": "prefect",
                                            "prefect.flow_run_id": flow_run.get_id() or ""})
+    if parent_run_id:
+        logger.info("MLflow run of this pipeline: %s", run_link(params.tracking, root_path, parent_run_id))
     resume = _resume_command(params_path, root_path, overrides, shards)
     summary: dict[str, Any] = {}
     status = "FINISHED"

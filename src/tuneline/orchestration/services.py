@@ -71,7 +71,7 @@ def ui_services(params, root: Path, mlflow_port: int, prefect_port: int, host: s
              "--default-artifact-root", params.tracking.resolved_artifact_root(root),
              "--host", host, "--port", str(mlflow_port), "--workers", "1"],
             # MLflow 3's UI opens in its GenAI view (traces, "Evaluation runs") unless the address
-            # asks for the model-training one; the choice then sticks while browsing.
+            # asks for the model-training one (see tuneline.core.tracking.links).
             f"http://{host}:{mlflow_port}/#/experiments?workflowType=machine_learning",
             f"http://{host}:{mlflow_port}/health"))
     services.append(Service(
@@ -161,7 +161,7 @@ def run_repro(params, root: Path, dvc_args: Sequence[str]) -> int:
     """`dvc repro <dvc_args>` under one MLflow parent run; returns dvc's exit status."""
     from tuneline.core.fsutil import digest_json
     from tuneline.orchestration.cachekey import Digester
-    from tuneline.core.tracking.tracker import PARENT_RUN_ENV, end_parent_run, start_parent_run
+    from tuneline.core.tracking.tracker import PARENT_RUN_ENV, end_parent_run, run_link, start_parent_run
 
     root = Path(root).resolve()
     with Digester(root, params.store_dir) as digester:
@@ -172,7 +172,8 @@ def run_repro(params, root: Path, dvc_args: Sequence[str]) -> int:
     env = {**os.environ}
     if run_id:
         env[PARENT_RUN_ENV] = run_id
-        print(f"MLflow parent run {run_id}: every stage of this repro is a child run", flush=True)
+        print(f"MLflow parent run {run_id}: every stage of this repro is a child run; "
+              f"{run_link(params.tracking, root, run_id)}", flush=True)
     # Same process group as us: Ctrl-C reaches dvc and its stage directly (the trainer saves);
     # we only wait, then record how it ended. SIGTERM to us is passed on to dvc.
     process = subprocess.Popen([sys.executable, "-m", "dvc", "repro", *dvc_args], cwd=root, env=env)

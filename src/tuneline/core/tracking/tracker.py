@@ -12,7 +12,11 @@ imported inside functions: importing this module stays cheap.
 The MLflow run starts at the first thing worth recording (a metric, an image, an
 artifact, `begin()`, or a failure): a stage that finds nothing to do imports no mlflow
 (seconds per process) and leaves no empty run. Params and tags given before are kept
-and logged when it starts.
+and logged when it starts, and the run's start time is the tracker's (the stage's start),
+so its duration covers the work done before the first record.
+
+One-value facts of a run (a stage's report: items computed, seconds) are tags
+(`log_facts`), not metrics: MLflow would chart each as a one-bar chart ahead of the curves.
 
 One training run is one MLflow run: `continue_run(run_id)` makes the tracker reopen that
 run (status RUNNING again, same curve) instead of creating one, so a resumed or a
@@ -64,6 +68,8 @@ GIT_COMMIT_TAG = "tuneline.git_commit"
 # Set on a pipeline run whose session continued an earlier stage run (a resumed training run
 # stays the child of the pipeline run that started it): the parent is then not empty.
 CONTINUED_TAG = "tuneline.continued_run"
+# One-value run facts (a stage's report), as tags: tuneline.report.computed = 12.
+FACT_TAG_PREFIX = "tuneline.report."
 # MLflow 3's UI shows an experiment of this kind in its model-training view (runs, metrics,
 # charts) instead of the GenAI one ("Evaluation runs", traces).
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
@@ -206,6 +212,11 @@ class Tracker:
         """True once the MLflow run exists (something was recorded)."""
         return False
 
+    def link(self, base: str | None = None) -> str | None:
+        """The run's page in MLflow's model-training view (base: the UI's address, default the tracking
+        server or `tuneline ui`'s); None when no run was made."""
+        return None
+
     def begin(self) -> None:
         """Start the run now (e.g. a training session that will train), not at the first log call."""
 
@@ -232,6 +243,11 @@ class Tracker:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set run tags (values become strings)."""
 
+    def log_facts(self, facts: Mapping[str, Any]) -> None:
+        """Record one-value facts of the run (a stage's report) as `tuneline.report.<key>` tags: a
+        rerun of a continued run overwrites them, and MLflow charts only the real curves."""
+        self.set_tags({f"{FACT_TAG_PREFIX}{key}": _fact_value(value) for key, value in facts.items()})
+
     def end(self, status: str = "FINISHED") -> None:
         """End the run with FINISHED, FAILED or KILLED; later calls do nothing."""
 
@@ -245,6 +261,14 @@ class Tracker:
 
 class NullTracker(Tracker):
     """Tracking off, or not the main process: accepts every call and does nothing."""
+
+
+def _fact_value(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return _param_value(value)
 
 
 def _status_for(exc_type: type[BaseException] | None, exc: BaseException | None) -> str:
@@ -301,6 +325,9 @@ class MlflowTracker(Tracker):
         self._run_id: str | None = None
         self._ended = False
         self._warned_non_finite = False
+        # A run created later starts here: its duration covers the stage's work before the first record.
+        self._opened_ms = _now_ms()
+        self._experiment_id: str | None = None
 
     @classmethod
     def _start(cls, config: TrackingConfig, root: Path, run_name: str, stage: str, tags: dict[str, Any],
@@ -339,11 +366,22 @@ class MlflowTracker(Tracker):
             if parent_run_id and parent_run_id != run.data.tags.get("mlflow.parentRunId"):
                 client.set_tag(parent_run_id, f"{CONTINUED_TAG}.{self._stage}", continued)
         else:
-            # nested=True: a run already active in this thread (a notebook, a flow) becomes the parent
-            # instead of an error; an explicit parent_run_id must then be that run.
-            run = mlflow.start_run(experiment_id=experiment_id, run_name=self._run_name, nested=True,
-                                   parent_run_id=parent_run_id, tags=tags, log_system_metrics=self._config.system_metrics)
-        self._client, self._run_id = client, run.info.run_id
+            # Created with the tracker's start time (mlflow.start_run takes none), then made this thread's
+            # active run so MLflow's system metrics monitor samples it. A run already active in this
+            # thread (a notebook, a flow) is the parent when none is given.
+            from mlflow.tracking.context import registry as context_registry
+            from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+            active = mlflow.active_run()
+            parent_run_id = parent_run_id or (active.info.run_id if active is not None else None)
+            tags[MLFLOW_RUN_NAME] = self._run_name
+            if parent_run_id:
+                tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+            created = client.create_run(experiment_id, start_time=min(self._opened_ms, _now_ms()),
+                                        tags=context_registry.resolve_tags(tags), run_name=self._run_name)
+            run = mlflow.start_run(run_id=created.info.run_id, nested=True,
+                                   log_system_metrics=self._config.system_metrics)
+        self._client, self._run_id, self._experiment_id = client, run.info.run_id, experiment_id
         if self._pending_params:
             self._write_params(self._pending_params, existing=run.data.params if continued else {})
             self._pending_params = {}
@@ -378,6 +416,13 @@ class MlflowTracker(Tracker):
     @property
     def active(self) -> bool:
         return not self._ended
+
+    def link(self, base: str | None = None) -> str | None:
+        from tuneline.core.tracking.links import run_url, ui_base
+
+        if self._run_id is None or self._experiment_id is None:
+            return None
+        return run_url(base or ui_base(self._config), self._experiment_id, self._run_id)
 
     @property
     def run_id(self) -> str | None:
@@ -433,6 +478,10 @@ class MlflowTracker(Tracker):
             self._client.log_artifacts(self._run_id, str(path), artifact_path)
         else:
             self._client.log_artifact(self._run_id, str(path), artifact_path)
+
+    def log_facts(self, facts: Mapping[str, Any]) -> None:
+        self.begin()  # facts are worth a run, as metrics were
+        super().log_facts(facts)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if not self.started:
@@ -529,3 +578,20 @@ def _ran_nothing(client, run_id: str) -> bool:
     children = client.search_runs([run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
                                   max_results=1)
     return not children
+
+
+def run_link(config: TrackingConfig, root: Path, run_id: str | None) -> str | None:
+    """The page of a run (e.g. a pipeline's parent run) in MLflow's model-training view; None without one."""
+    if not config.enabled or not run_id:
+        return None
+    _mlflow()
+    from mlflow import MlflowClient
+
+    from tuneline.core.tracking.links import run_url, ui_base
+
+    try:
+        experiment_id = MlflowClient(config.resolved_tracking_uri(Path(root))).get_run(run_id).info.experiment_id
+    except Exception as error:  # a link is a convenience: never fail a pipeline over it
+        _logger.debug("no link for run %s: %s", run_id, error)
+        return None
+    return run_url(ui_base(config), experiment_id, run_id)

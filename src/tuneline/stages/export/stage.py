@@ -222,6 +222,22 @@ def _export_vae(params: Params, root: Path, file: ExportedFile, facts: HeaderFac
     return computed
 
 
+def _log_mlflow_card(tracker: Any, out_dir: Path) -> None:
+    """The card as export/model_card.html with its samples inlined: MLflow's preview of README.md
+    shows no images (see stages/export/metadata.py)."""
+    import tempfile
+
+    from tuneline.stages.export.metadata import MLFLOW_CARD, card_html
+
+    if not tracker.active:
+        return
+    images = {f"samples/{image.name}": image for image in sorted((out_dir / "samples").glob("*.png"))}
+    with tempfile.TemporaryDirectory() as folder:
+        card = Path(folder) / MLFLOW_CARD
+        card.write_text(card_html((out_dir / "README.md").read_text("utf-8"), images), "utf-8")
+        tracker.log_artifact(card, "export")
+
+
 def run(params: Params, root: Path, trained_dir: Path, renders_dir: Path, out_dir: Path,
         metrics_dir: Path | None = None, *, tracker: Any = None) -> StageReport:
     from tuneline.core.codeversion import code_version
@@ -325,6 +341,7 @@ def run(params: Params, root: Path, trained_dir: Path, renders_dir: Path, out_di
             tracker.log_artifact(path, "export")
         for image in sorted((Path(out_dir) / "samples").glob("*.png")):  # the card shows them
             tracker.log_artifact(image, "export/samples")
+        _log_mlflow_card(tracker, Path(out_dir))
     report.computed, report.reused = made, len(paths) - made
     report.extra.update({"file": str(paths[0]), "files": [str(p) for p in paths],
                          "kind": "; ".join(f"{f.name}: {f.description}" for f in files),
