@@ -401,3 +401,23 @@ def test_resume_with_masked_loss_is_exact(masked_project, tmp_path):
     masked_weights = load_file(checkpoint_at(tmp_path / "a" / "checkpoints", 2) / "trained.safetensors")
     plain_weights = load_file(checkpoint_at(tmp_path / "c" / "checkpoints", 2) / "trained.safetensors")
     assert any(not torch.equal(masked_weights[k], plain_weights[k]) for k in masked_weights)
+
+
+def test_latents_make_masks_from_the_input_folder_with_an_empty_store(tmp_path):
+    """A clone that pulled data/captioned (DVC) has no item store: the latents stage reads each mask's crop
+    from the captioned folder's packs, as it reads the images, and makes the same latent masks."""
+    import shutil
+
+    from conftest import item_bytes
+    from tuneline.stages.latents.stage import run as run_latents
+
+    project = _masked_project(tmp_path)
+    before = _by_name(project, "data/latents")
+    masks = {name: item_bytes(project.root / "data/latents", before[name], "latent_mask") for name in ("red.png", "see.png")}
+    shutil.rmtree(project.root / ".tuneline/store")
+    report = run_latents(project.params(), project.root, project.root / "data/captioned", project.root / "data/latents")
+    assert report.extra["masks_computed"] == report.extra["masks"] == 2
+    after = _by_name(project, "data/latents")
+    for name in ("red.png", "see.png"):
+        assert after[name]["latent_mask_key"] == before[name]["latent_mask_key"]
+        assert item_bytes(project.root / "data/latents", after[name], "latent_mask") == masks[name]

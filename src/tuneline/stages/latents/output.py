@@ -17,11 +17,11 @@ from typing import Any
 
 from tuneline.core.fsutil import atomic_write_json, rebuilt_dir
 from tuneline.core.manifest import MANIFEST, REJECTED, write_jsonl
-from tuneline.core.masks import (BUCKET_MASK_SUFFIX, LATENT_MASK_SUFFIX, MASK_PACK_EXTENSION, latent_mask_key,
+from tuneline.core.masks import (LATENT_MASK_SUFFIX, MASK_PACK_EXTENSION, latent_mask_key,
                                  stored_coverage, write_latent_mask)
 from tuneline.core.report import StageReport
 from tuneline.core.split import TRAIN, VALIDATION, describe, split_of
-from tuneline.core.packs import PackItem, pack_of
+from tuneline.core.packs import PackItem, pack_of, read_member
 from tuneline.core.store import ItemStore
 from tuneline.models.base import ForeignSetting
 from tuneline.stages.latents.keys import SUFFIX, caption_of
@@ -121,11 +121,11 @@ def record_splits(params: Any, records: list[dict[str, Any]], failed: dict[int, 
 
 
 def store_latent_masks(records: list[dict[str, Any]], shapes: dict[int, list[int]], store: ItemStore,
-                       report: StageReport) -> dict[int, str]:
+                       report: StageReport, captioned_dir: Path) -> dict[int, str]:
     """The latent-resolution mask's key of every kept item with a mask (tuneline.core.masks), computing those
-    the store lacks from the bucket stage's stored crop of the mask (area average over each latent cell). Keyed
-    by the cropped mask and the latent grid, not by the latent: a mask edit encodes no image again."""
-    bucket_store = ItemStore(store.root.parent, "bucket")
+    the store lacks from the bucketed crop of the mask in `captioned_dir`'s packs (area average over each latent
+    cell; read from the input folder, as the images are, so a clone with pulled outputs and an empty store works).
+    Keyed by the cropped mask and the latent grid, not by the latent: a mask edit encodes no image again."""
     keys, computed = {}, 0
     for i, shape in shapes.items():
         record = records[i]
@@ -133,8 +133,8 @@ def store_latent_masks(records: list[dict[str, Any]], shapes: dict[int, list[int
             continue
         keys[i] = key = latent_mask_key(record["mask_key"], shape[-2:])
         if not store.has(key, LATENT_MASK_SUFFIX):
-            write_latent_mask(store.path(key, LATENT_MASK_SUFFIX), bucket_store.read_bytes(record["mask_key"],
-                                                                                       BUCKET_MASK_SUFFIX), shape[-2:])
+            write_latent_mask(store.path(key, LATENT_MASK_SUFFIX), read_member(captioned_dir, record["mask"]),
+                              shape[-2:])
             computed += 1
     if keys:  # only then: reports of data without masks stay as they were
         report.extra["masks"] = len(keys)
@@ -145,7 +145,7 @@ def store_latent_masks(records: list[dict[str, Any]], shapes: dict[int, list[int
 def write_output(out_dir: Path, report: StageReport, *, records: list[dict[str, Any]], keys: list[str],
                  text_keys: list[str | None], failed: dict[int, str], store: ItemStore, text_store: ItemStore,
                  summary: dict[str, Any], text_computed: int, device: str, base: str, started: float,
-                 metrics_dir: Path | None, params: Any) -> StageReport:
+                 metrics_dir: Path | None, params: Any, captioned_dir: Path) -> StageReport:
     """Rebuild `out_dir` from the store (links), with its manifest, rejected.jsonl and latents.json
     (`summary` plus the VAE's factors, read from a stored file: a fully cached run never needs
     the VAE config, and the held-out split); finish the report. `params`: the whole params (the
@@ -163,7 +163,8 @@ def write_output(out_dir: Path, report: StageReport, *, records: list[dict[str, 
         text_refs = text_store.pack(staging, [PackItem(*member[i], key, SUFFIX) for i in kept
                                               if (key := text_keys[i]) is not None], TEXT_PACK_EXTENSION)
         headers = {i: read_latent_header(staging, latent_refs[member[i]]) for i in kept}
-        mask_keys = store_latent_masks(records, {i: shape for i, (_, shape) in headers.items()}, store, report)
+        mask_keys = store_latent_masks(records, {i: shape for i, (_, shape) in headers.items()}, store, report,
+                                       captioned_dir)
         mask_refs = store.pack(staging, [PackItem(*member[i], mask_keys[i], LATENT_MASK_SUFFIX) for i in kept
                                          if i in mask_keys], MASK_PACK_EXTENSION)
         for i in kept:

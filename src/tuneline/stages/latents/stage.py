@@ -133,4 +133,4 @@ def run(params: Params, root: Path, captioned_dir: Path, out_dir: Path, metrics_
     return write_output(out_dir, report, records=records, keys=keys, text_keys=text_keys, failed=encoded.failed,
                         store=store, text_store=text_store, summary=summary, text_computed=len(missing_text),
                         device=device, base=params.model.base, started=started, metrics_dir=metrics_dir,
-                        params=params)
+                        params=params, captioned_dir=Path(captioned_dir))
