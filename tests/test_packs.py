@@ -9,7 +9,7 @@ import tarfile
 from pathlib import Path
 
 from conftest import save_photo
-from tuneline.core.packs import PACK_DIGITS, PackItem, pack_of, read_member, write_tar
+from tuneline.core.packs import PackItem, pack_of, read_member, write_tar
 from tuneline.core.store import ItemStore
 
 
@@ -29,8 +29,9 @@ def test_a_pack_is_a_plain_deterministic_tar_read_at_the_recorded_offsets(tmp_pa
 
 def test_pack_names_come_from_the_content_id_and_stay_bounded():
     ids = [f"{n:024x}" for n in range(0, 16**24, 16**24 // 20_000)][:20_000]
-    packs = {pack_of("set", item_id) for item_id in ids}
-    assert len(packs) == 16**PACK_DIGITS and pack_of("set", "abc123") == "set/abc"
+    for digits in (1, 2, 3):
+        assert len({pack_of("set", item_id, digits) for item_id in ids}) == 16**digits
+    assert pack_of("set", "abc123", 2) == "set/ab"
 
 
 def _stored(store: ItemStore, key: str, data: bytes) -> PackItem:
@@ -89,3 +90,17 @@ def test_a_new_image_writes_one_pack_of_the_bucket_output(project):
     with tarfile.open(folder / new["image"]["pack"]) as archive:
         assert f"{new['id']}.png" in archive.getnames()
     assert io.BytesIO(read_member(folder, new["image"])).read(4) == b"\x89PNG"
+
+
+def test_changing_pack_digits_repacks_and_recomputes_nothing(project):
+    for index in range(6):
+        save_photo(project.raw("alpha") / f"a{index}.jpg", (160 + 8 * index, 120), index)
+    project.ingest(), project.bucket()
+    folder = project.root / "data/bucketed"
+    before = {r["id"]: read_member(folder, r["image"]) for r in project.manifest("data/bucketed")}
+    project.params_data["pack_digits"] = 1
+    report = project.bucket()
+    assert (report.computed, report.reused) == (0, 6)
+    records = project.manifest("data/bucketed")
+    assert {r["image"]["pack"] for r in records} == {f"alpha/{r['id'][0]}.tar" for r in records}
+    assert {r["id"]: read_member(folder, r["image"]) for r in records} == before

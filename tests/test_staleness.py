@@ -71,7 +71,7 @@ def test_renames_caption_edits_and_models_replaced_in_place(demo):
     assert (latents["computed"], latents["text_embeddings_computed"]) == (0, 1)
     # One pack rewritten: the edited item's text embeddings; every latents pack is linked as it was.
     rewritten = [path.name for path, inode in packs.items() if path.stat().st_ino != inode]
-    assert rewritten == [f"{item['id'][:3]}.text.tar"]
+    assert rewritten == [f"{item['id'][:2]}.text.tar"]
     assert dvc_cache_objects_hold_their_hashes(demo) == []
     assert ran(dvc(demo, "repro")) == {"models"}
 

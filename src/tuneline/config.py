@@ -109,6 +109,13 @@ class Params(Section):
         description="Persistent per-item result store (outside DVC outs); relative to the project root and inside "
         "it (symlink it to another disk if needed).",
     )
+    pack_digits: int = Field(
+        2, ge=1, le=4,
+        description="Stage outputs keep item files in packs named by the first pack_digits hex digits of the item's "
+        "content id: at most 16^pack_digits packs per data set (2: 256). A new image rewrites one pack per stage, "
+        "of about images/16^pack_digits items; DVC checks one file per pack. 2 suits up to about 100k images a "
+        "data set, 3 up to a few million. A change repacks the outputs and recomputes nothing.",
+    )
     datasets: list[DatasetConfig] = Field(min_length=1, description="The data sets of this run.")
     ingest: IngestConfig = Field(default_factory=IngestConfig, description="Stage ingest.")
     bucket: BucketConfig = Field(default_factory=BucketConfig, description="Stage bucket.")

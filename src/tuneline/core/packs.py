@@ -1,8 +1,8 @@
 """Packs: a stage's item files grouped into a bounded number of tar files, so DVC tracks
 thousands of files, not one per image.
 
-An item's pack is decided by its content id alone (`<data set>/<id[:3]>`, at most 4,096 per data
-set), so a new image touches one pack of every stage and leaves the others byte for byte as they
+An item's pack is decided by its content id alone (`<data set>/<id[:pack_digits]>`, at most 256 per
+data set at the default 2), so a new image touches one pack of every stage and leaves the others byte for byte as they
 were. A pack is an uncompressed, deterministic tar (the webdataset layout: `<id>.<ext>` members;
 `tar -xf` opens it); the manifest record of an item names its member with the byte offset and size,
 so a reader seeks straight to it (`read_member`).
@@ -27,18 +27,16 @@ from typing import Any, BinaryIO
 
 from tuneline.core.fsutil import atomic_path, digest_json, link_or_copy
 
-# Hex digits of the item id that name its pack: 16**3 = 4,096 packs per data set at most. At 1M
-# images a pack holds about 244 items, so a new image rewrites about 1/4,096 of a stage's bytes.
-PACK_DIGITS = 3
 PACKS_DIR = "packs"
 INDEX_FILE = "index.db"
 # Every member the same: the same items give the same bytes on every machine (DVC, Prefect, Dask).
 _MEMBER_MODE = 0o444
 
 
-def pack_of(dataset: str, item_id: str) -> str:
-    """The pack (relative path without extension) that holds item `item_id` of `dataset`."""
-    return f"{dataset}/{item_id[:PACK_DIGITS]}"
+def pack_of(dataset: str, item_id: str, digits: int) -> str:
+    """The pack (relative path without extension) that holds item `item_id` of `dataset`: the first `digits`
+    hex digits of its id (params `pack_digits`), so at most 16**digits packs per data set."""
+    return f"{dataset}/{item_id[:digits]}"
 
 
 @dataclass(frozen=True)

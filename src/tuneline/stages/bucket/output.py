@@ -38,8 +38,8 @@ def write_output(out_dir: Path, report: StageReport, *, params: Params, planned:
         for i in sorted(failed):
             report.reject(planned[i][0]["source"], failed[i], dataset=planned[i][0]["dataset"])
         kept = [i for i in range(len(planned)) if i not in failed]
-        member = {i: (pack_of(planned[i][0]["dataset"], planned[i][0]["id"]), f"{planned[i][0]['id']}{SUFFIX}")
-                  for i in kept}
+        member = {i: (pack_of(planned[i][0]["dataset"], planned[i][0]["id"], params.pack_digits),
+                      f"{planned[i][0]['id']}{SUFFIX}") for i in kept}
         images = store.pack(staging, [PackItem(*member[i], keys[i], SUFFIX) for i in kept], PACK_EXTENSION)
         masks = store.pack(staging, [PackItem(*member[i], mask_keys[i], BUCKET_MASK_SUFFIX) for i in kept
                                      if i in mask_keys], MASK_PACK_EXTENSION)

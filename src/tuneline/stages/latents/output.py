@@ -158,7 +158,8 @@ def write_output(out_dir: Path, report: StageReport, *, records: list[dict[str, 
         for i in sorted(failed):
             report.reject(records[i].get("source", records[i]["id"]), failed[i], dataset=records[i]["dataset"])
         kept = [i for i in range(len(records)) if i not in failed]
-        member = {i: (pack_of(records[i]["dataset"], records[i]["id"]), f"{records[i]['id']}{SUFFIX}") for i in kept}
+        member = {i: (pack_of(records[i]["dataset"], records[i]["id"], params.pack_digits), f"{records[i]['id']}{SUFFIX}")
+                  for i in kept}
         latent_refs = store.pack(staging, [PackItem(*member[i], keys[i], SUFFIX) for i in kept], PACK_EXTENSION)
         text_refs = text_store.pack(staging, [PackItem(*member[i], key, SUFFIX) for i in kept
                                               if (key := text_keys[i]) is not None], TEXT_PACK_EXTENSION)
