@@ -149,3 +149,11 @@ def image_cache(folder: Path, spec: dict[str, Any]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     spec_file.write_text(json.dumps(spec, indent=2) + "\n")
     return folder
+
+
+def write_pack(folder: Path, pack: str, members: Sequence[tuple[str, bytes]]) -> dict[str, dict[str, Any]]:
+    """Members as a stage output packs them (tuneline.core.packs): `folder/pack`; each member's manifest reference."""
+    from tuneline.core.packs import member_ref, write_tar
+
+    places = write_tar(Path(folder) / pack, members)
+    return {name: member_ref(pack, name, *places[name]) for name, _ in members}

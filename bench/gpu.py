@@ -53,12 +53,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from bench._common import bench_main, goal, make_photo, make_trainer, print_goals
+from bench._common import bench_main, goal, make_photo, make_trainer, print_goals, write_pack
 
 NAME = "gpu"
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WORK = REPO / "bench" / "out" / NAME
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: the images in a pack
 SEED = 15
 
 # The trainer before this work, measured on an H200 (bf16, torch 2.11; issue 15): the speed goal is 1.3x.
@@ -256,7 +256,7 @@ def write_latents(root: Path, scale: Scale, unet: dict[str, Any]) -> Path:
     """data/latents as the latents stage writes it: `items` random latent distributions at the
     bucket, with cached text embeddings of the UNet's sizes (what makes the encoders unnecessary)."""
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from tuneline.core.manifest import write_jsonl
 
@@ -267,21 +267,25 @@ def write_latents(root: Path, scale: Scale, unet: dict[str, Any]) -> Path:
     pooled = unet["projection_class_embeddings_input_dim"] - 6 * unet["addition_time_embed_dim"]
     generator = torch.Generator().manual_seed(SEED)
     store = torch.bfloat16 if scale.device == "cuda" else torch.float32
-    records = []
+    records, latents, texts = [], [], []
     for index in range(scale.items):
         name = f"img{index:04d}"
         mean = torch.randn(unet["in_channels"], side, side, generator=generator)
-        save_file({"mean": mean.to(store), "std": (0.1 * torch.rand(mean.shape, generator=generator)).to(store)},
-                  folder / "bench" / f"{name}.safetensors")
-        save_file({"prompt_embeds": torch.randn(77, unet["cross_attention_dim"], generator=generator).to(store),
-                   "pooled": torch.randn(pooled, generator=generator).to(store)},
-                  folder / "bench" / f"{name}.text.safetensors")
+        std = (0.1 * torch.rand(mean.shape, generator=generator)).to(store)
+        latents.append((f"{name}.safetensors", save({"mean": mean.to(store), "std": std})))
+        embeds = torch.randn(77, unet["cross_attention_dim"], generator=generator).to(store)
+        texts.append((f"{name}.safetensors", save({"prompt_embeds": embeds,
+                                                   "pooled": torch.randn(pooled, generator=generator).to(store)})))
         records.append({"id": name, "dataset": "bench", "bucket": [scale.resolution] * 2,
                         "original_size": [scale.resolution] * 2, "crop_top_left": [0, 0],
                         "resized_size": [scale.resolution] * 2, "caption": f"random latents {index}",
-                        "latents": f"bench/{name}.safetensors", "text_embeddings": f"bench/{name}.text.safetensors",
+                        "latents": f"{name}.safetensors", "text_embeddings": f"{name}.safetensors",
                         "latent_key": f"bench-{index}", "scaling_factor": 0.13025, "shift_factor": None,
                         "has_flip": False})
+    latent_refs = write_pack(folder, "bench/all.tar", latents)  # one pack, as the latents stage writes them
+    text_refs = write_pack(folder, "bench/all.text.tar", texts)
+    for record in records:
+        record["latents"], record["text_embeddings"] = latent_refs[record["latents"]], text_refs[record["text_embeddings"]]
     write_jsonl(folder / "manifest.jsonl", records)
     return folder
 
@@ -528,9 +532,14 @@ def ensure_images(work: Path, count: int, side: int) -> tuple[Path, float]:
     else:
         for job in jobs:
             _write_photo(job)
+    # Packed as the bucket stage packs its crops (tuneline.core.packs).
+    refs = write_pack(root / "data" / "captioned", "bench/all.tar",
+                      [(path.name, path.read_bytes()) for path, _, _ in jobs])
+    for path, _, _ in jobs:
+        path.unlink()
     write_jsonl(root / "data" / "captioned" / "manifest.jsonl", [
         {"id": f"img{i:04d}", "dataset": "bench", "key": f"bench-image-{side}-{i}", "bucket": [side, side],
-         "image": f"bench/img{i:04d}.png", "caption": "", "source": f"img{i:04d}.png",
+         "image": refs[f"img{i:04d}.png"], "caption": "", "source": f"img{i:04d}.png",
          "original_size": [side, side], "crop_top_left": [0, 0], "resized_size": [side, side]}
         for i in range(count)])
     spec_file.write_text(json.dumps(spec))
@@ -593,13 +602,15 @@ def latents_phase(scale: Scale, work: Path, base: Path, configs: dict[str, Any],
         report = run_latents(params, root, root / "data/captioned", root / "data/latents")
         stage_s.append(time.perf_counter() - started)
         load_s.append(report.extra.get("vae_load_s", 0.0))
-    from safetensors.torch import load_file
+    from safetensors.torch import load
+
+    from tuneline.core.packs import read_member
 
     stored = {r["id"]: r for r in read_manifest(root / "data/latents")}
     worst, scale_of = 0.0, 0.0
     for batch, batch_means in zip(order, means):
         for b, i in enumerate(batch):
-            mean = load_file(root / "data/latents" / stored[records[i]["id"]]["latents"])["mean"].float()
+            mean = load(read_member(root / "data/latents", stored[records[i]["id"]]["latents"]))["mean"].float()
             worst = max(worst, float((mean - batch_means[b].float()).abs().max()))
             scale_of = max(scale_of, float(batch_means[b].float().abs().max()))
     del vae, batches

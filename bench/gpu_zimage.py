@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from bench._common import bench_main, goal, make_trainer, print_goals
+from bench._common import bench_main, goal, make_trainer, print_goals, write_pack
 from bench.gpu import TrainerLoop, free, measured_peak, random_state, random_weights_console, timed
 
 NAME = "gpu_zimage"
@@ -113,7 +113,7 @@ def write_latents(root: Path, scale: Scale, transformer: dict[str, Any]) -> Path
     """data/latents as the latents stage writes it for Z-Image: `items` random latent distributions
     and cached caption embeddings ([tokens, cap_feat_dim], no pooled one)."""
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from tuneline.core.manifest import write_jsonl
 
@@ -123,21 +123,25 @@ def write_latents(root: Path, scale: Scale, transformer: dict[str, Any]) -> Path
     side = scale.resolution // LATENT_FACTOR
     generator = torch.Generator().manual_seed(SEED)
     store = torch.bfloat16 if scale.device == "cuda" else torch.float32
-    records = []
+    records, latents, texts = [], [], []
     for index in range(scale.items):
         name = f"img{index:04d}"
         mean = torch.randn(transformer["in_channels"], side, side, generator=generator)
-        save_file({"mean": mean.to(store), "std": (0.1 * torch.rand(mean.shape, generator=generator)).to(store)},
-                  folder / "bench" / f"{name}.safetensors")
+        std = (0.1 * torch.rand(mean.shape, generator=generator)).to(store)
+        latents.append((f"{name}.safetensors", save({"mean": mean.to(store), "std": std})))
         embeds = torch.randn(CAPTION_TOKENS, transformer["cap_feat_dim"], generator=generator).to(store)
-        save_file({"prompt_embeds": embeds, "attention_mask": torch.ones(CAPTION_TOKENS, dtype=torch.bool)},
-                  folder / "bench" / f"{name}.text.safetensors")
+        mask = torch.ones(CAPTION_TOKENS, dtype=torch.bool)
+        texts.append((f"{name}.safetensors", save({"prompt_embeds": embeds, "attention_mask": mask})))
         records.append({"id": name, "dataset": "bench", "bucket": [scale.resolution] * 2,
                         "original_size": [scale.resolution] * 2, "crop_top_left": [0, 0],
                         "resized_size": [scale.resolution] * 2, "caption": f"random latents {index}",
-                        "latents": f"bench/{name}.safetensors", "text_embeddings": f"bench/{name}.text.safetensors",
+                        "latents": f"{name}.safetensors", "text_embeddings": f"{name}.safetensors",
                         "latent_key": f"bench-zimage-{index}", "scaling_factor": SCALING_FACTOR,
                         "shift_factor": SHIFT_FACTOR, "has_flip": False})
+    latent_refs = write_pack(folder, "bench/all.tar", latents)  # one pack, as the latents stage writes them
+    text_refs = write_pack(folder, "bench/all.text.tar", texts)
+    for record in records:
+        record["latents"], record["text_embeddings"] = latent_refs[record["latents"]], text_refs[record["text_embeddings"]]
     write_jsonl(folder / "manifest.jsonl", records)
     return folder
 

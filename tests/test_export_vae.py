@@ -178,6 +178,8 @@ def test_tiny_vae_file_has_comfyui_layout_and_diffusers_reads_it_back_exactly(tm
 # --- (c) the stage --------------------------------------------------------------------------------
 
 class Tracker:
+    active = True
+
     def __init__(self):
         self.artifacts = []
 

@@ -117,7 +117,7 @@ def test_stage_specs_come_from_dvc_yaml():
     assert set(order) <= set(STAGE_NAMES)
     if {"render", "export"} <= set(order):
         assert order.index("train") < order.index("render") < order.index("export")
-    assert specs["bucket"].params == ("datasets", "bucket", "ingest.max_pixels")
+    assert specs["bucket"].params == ("datasets", "bucket", "ingest.max_pixels", "pack_digits")
     assert "data/ingested" in specs["bucket"].data_deps and "src/tuneline/stages/bucket" in specs["bucket"].code_deps
     assert specs["train"].outs == ("models/train",) and specs["train"].persistent_outs == ("checkpoints/train",)
 

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import Project, make_trainer, save_photo, train_params
+from conftest import Project, item_tensors, make_trainer, save_photo, train_params
 
 LATENTS = {"batch_size": 2, "dtype": "fp32", "device": "cpu", "flip": True, "text_embeddings": True, "workers": 1}
 
@@ -41,16 +41,14 @@ def project(tmp_path_factory):
 
 
 def latents(project: Project, out: str, **model):
-    from safetensors.torch import load_file
-
     from tuneline.stages.latents.stage import run as run_latents
 
     params = project.params(model=model)
     report = run_latents(params, project.root, project.root / "data/captioned", project.root / out,
                          project.root / "metrics")
     records = {r["source"].rsplit("/", 1)[-1]: r for r in project.manifest(out)}
-    stored = {name: load_file(project.root / out / r["latents"]) for name, r in records.items()}
-    texts = {name: load_file(project.root / out / r["text_embeddings"]) for name, r in records.items()}
+    stored = {name: item_tensors(project.root / out, r) for name, r in records.items()}
+    texts = {name: item_tensors(project.root / out, r, "text_embeddings") for name, r in records.items()}
     return report, records, stored, texts
 
 

@@ -302,13 +302,14 @@ def _item(root: Path, name: str, extract_to: Path | None, edit: bool) -> int:
     try:
         record = items.find_item(root, name)
         for line in items.describe(record):
-            console.print(line, markup=False, highlight=False)
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
         if extract_to is not None:
-            console.print(f"  crop written to {items.extract(root, record, extract_to)}", markup=False, highlight=False)
+            console.print(f"  crop written to {items.extract(root, record, extract_to)}", markup=False, highlight=False,
+                          soft_wrap=True)
         if edit:
             path, created = items.start_edit(root, record)
             console.print(f"  edit {path}" + (" (the current caption copied there)" if created else " (already there)")
-                          + "; the next caption run uses it verbatim", markup=False, highlight=False)
+                          + "; the next caption run uses it verbatim", markup=False, highlight=False, soft_wrap=True)
     except items.ItemNotFound as error:
         print_error("no such item", str(error))
         return 1

@@ -23,9 +23,10 @@ from PIL import Image
 from tuneline.core.codeversion import code_version
 from tuneline.core.fsutil import atomic_path, atomic_write_bytes, digest_json, file_digest
 from tuneline.core.images import ImageRejected, load_normalized
+from tuneline.core.tensorfile import canonical_bytes
 
 # What decides a stored mask's bytes: this module and the decoder's normalisation.
-CODE = ("core/masks.py", "core/images.py")
+CODE = ("core/masks.py", "core/images.py", "core/tensorfile.py")
 BUCKET_MASK_SUFFIX = "_mask.png"
 LATENT_MASK_SUFFIX = ".mask.safetensors"
 MASK_PACK_EXTENSION = ".mask.tar"
@@ -126,7 +127,7 @@ def latent_mask_bytes(png: bytes, grid: Sequence[int]) -> tuple[bytes, float]:
     coverage = float(cells.mean())
     data = save({"mask": cells[None].astype(np.float16)},
                 metadata={"format": LATENT_MASK_FORMAT, "coverage": repr(round(coverage, 6))})
-    return data, coverage
+    return canonical_bytes(data), coverage  # safetensors orders the metadata differently in every process
 
 
 def write_latent_mask(path: Path, png: bytes, grid: Sequence[int]) -> float:

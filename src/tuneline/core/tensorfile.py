@@ -27,6 +27,13 @@ def canonical_header(header: dict) -> bytes:
     return text + b" " * (-len(text) % _ALIGN)
 
 
+def canonical_bytes(data: bytes) -> bytes:
+    """A safetensors file held in memory (safetensors' `save`), with its header in canonical order."""
+    (length,) = struct.unpack("<Q", data[:8])
+    header = canonical_header(json.loads(data[8:8 + length]))
+    return struct.pack("<Q", len(header)) + header + data[8 + length:]
+
+
 def save_tensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> Path:
     """safetensors' save_file, atomic, with a canonical header (a multi-GB file is not copied)."""
     from safetensors.torch import save_file

@@ -9,4 +9,5 @@ from tuneline.models.family import FAMILIES
 CODE = ("stages/latents/stage.py", "stages/latents/keys.py", "stages/latents/vae.py", "stages/latents/text.py",
         "stages/latents/files.py", "models/loading.py", "models/quantize.py", "models/family.py",
         "models/single_file.py", "models/ref.py", "models/base.py", "models/contracts.py", "core/device.py",
+        "core/tensorfile.py",
         *(path for family in FAMILIES.values() for path in family.code.get("latents", ())))

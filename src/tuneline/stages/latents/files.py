@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneline.core.fsutil import atomic_write_bytes
+from tuneline.core.tensorfile import canonical_bytes
 
 # Computed results waiting to be written; bounds memory when the encoder outruns the disk.
 MAX_PENDING_WRITES = 64
@@ -19,7 +20,9 @@ def safetensors_bytes(tensors: dict[str, Any], metadata: dict[str, Any]) -> byte
     from safetensors.torch import save
 
     text = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    return save({name: t.contiguous() for name, t in tensors.items()}, metadata=text)
+    # Canonical header: safetensors orders the metadata differently in every process, and the same latents
+    # must be the same bytes wherever they are computed (shards, Dask workers, DVC and the flow).
+    return canonical_bytes(save({name: t.contiguous() for name, t in tensors.items()}, metadata=text))
 
 
 class Writer:

@@ -22,5 +22,5 @@ CODE = ("stages/render/stage.py", "stages/render/generate.py", "stages/render/pr
         "stages/render/cache.py", "stages/render/embeds.py", "models/loading.py", "models/quantize.py", "models/single_file.py",
         "models/ref.py",
         "models/family.py", "models/base.py", "models/contracts.py", "core/device.py", "train/output.py", "train/units.py", "train/loss.py", "core/tensorfile.py",
-        "models/variant.py", "models/training_adapter.py", "train/structure_loss.py", "models/lycoris.py",
+        "models/variant.py", "models/training_adapter.py", "train/structure_loss.py", "models/lycoris.py", "train/prior.py",
         *(path for family in FAMILIES.values() for path in family.code.get("render", ())))
