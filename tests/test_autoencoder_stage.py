@@ -72,7 +72,9 @@ def base_weights(root: Path, run: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", AUTOENCODER_KINDS)
+# The process-level path is the trainer core's, the same for both kinds; each kind's own resume state (the
+# VQ codebook's EMA included) is test_autoencoder's in-process resume, parametrized (CI time: about 40 s a kind).
+@pytest.mark.parametrize("kind", ["kl"])
 def test_kill_9_then_resume_matches_a_straight_run_and_mlflow_has_the_run(bucketed, tmp_path, kind):
     ema = {"ema": {"enabled": True, "decay": 0.9}, **AUTOENCODER_KINDS[kind]}
     straight = cli_project(bucketed, tmp_path / "straight", **ema)

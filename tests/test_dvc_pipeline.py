@@ -105,13 +105,6 @@ def test_dvc_repro_runs_the_demo_and_reruns_only_what_changed(tmp_path):
     assert validated == sorted({*range(10, steps + 1, 10), steps})
     assert metrics(tmp_path, "train")["val_loss_best_step"] in validated
 
-    # From here on without MLflow (the runs above are in mlflow.db: checked below): each tracked stage process
-    # pays about 3.5 s for it, and what follows asserts on DVC, the flow and the store. `tracking` is no
-    # dvc.yaml param, so neither DVC nor the flow reruns anything for it.
-    document = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    document["tracking"] = {**document.get("tracking", {}), "enabled": False}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
-
     # The Prefect flow in the same workspace: it has no records yet, so every stage runs, computes
     # nothing (all from the item store, training resumes at its last step) and writes the same bytes.
     before = tracked_files(tmp_path)
@@ -152,6 +145,11 @@ def test_dvc_repro_runs_the_demo_and_reruns_only_what_changed(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("tuneline").experiment_id],
                               "tags.`tuneline.stage` = 'train'", order_by=["attributes.start_time ASC"])
     assert [a.path for a in client.list_artifacts(runs[0].info.run_id, "train")] == ["train/train_loss.png"]
+    # From here on without MLflow: each tracked stage process pays about 3.5 s for it, and what follows
+    # asserts on DVC and the store. `tracking` is no dvc.yaml param, so DVC reruns nothing for it.
+    document = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    document["tracking"] = {**document.get("tracking", {}), "enabled": False}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
 
     # A prompt edit rerenders; it never retrains. latents reruns to cache the new prompt's embeddings
     # (data/prompt_embeds), every item reused and data/latents byte for byte as it was, so train does not.
