@@ -255,6 +255,25 @@ def train_params(project: Project, **train):
     return validate_params(data)
 
 
+def tiny_adapters(root: Path, families: tuple[str, ...] = ("sdxl", "zimage")) -> dict[str, tuple[Any, dict[str, Any]]]:
+    """family -> (an untrained LoRA adapter of its tiny model, loaded and set up for training, its trained
+    modules): what the loss tests run their fixed batches through."""
+    import torch
+
+    from tuneline.models.config import ModelConfig
+    from tuneline.models.registry import build_adapter
+    from tuneline.train.config import TrainConfig
+
+    loaded = {}
+    for family in families:
+        torch.manual_seed(0)
+        adapter = build_adapter(family, ModelConfig(base=f"tiny-{family}"), TrainConfig(num_steps=1), root)
+        adapter.load()
+        adapter.setup_training()
+        loaded[family] = adapter, adapter.trained_modules()
+    return loaded
+
+
 def make_trainer(project: Project, run: Path, params, resume_from: Path | None = None, live_every: int = 0):
     from accelerate.state import AcceleratorState
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import Project, item_bytes, item_image, photo, through_latents
+from conftest import Project, item_bytes, item_image, photo, through_latents, tiny_adapters
 
 FAMILIES = ("sdxl", "zimage")
 
@@ -267,19 +267,7 @@ def test_ingest_rejects_a_mask_of_another_size_and_a_mask_without_its_image(proj
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
-    from tuneline.models.config import ModelConfig
-    from tuneline.models.registry import build_adapter
-    from tuneline.train.config import TrainConfig
-
-    root = tmp_path_factory.mktemp("masked-adapters")
-    loaded = {}
-    for family in FAMILIES:
-        torch.manual_seed(0)
-        adapter = build_adapter(family, ModelConfig(base=f"tiny-{family}"), TrainConfig(num_steps=1), root)
-        adapter.load()
-        adapter.setup_training()
-        loaded[family] = adapter, adapter.trained_modules()
-    return loaded
+    return tiny_adapters(tmp_path_factory.mktemp("masked-adapters"), FAMILIES)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -408,7 +396,6 @@ def test_latents_make_masks_from_the_input_folder_with_an_empty_store(tmp_path):
     from the captioned folder's packs, as it reads the images, and makes the same latent masks."""
     import shutil
 
-    from conftest import item_bytes
     from tuneline.stages.latents.stage import run as run_latents
 
     project = _masked_project(tmp_path)

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from conftest import tiny_adapters
 import torch
 
 FAMILIES = ("sdxl", "zimage")
@@ -32,20 +34,9 @@ def perturb_lora(modules: dict[str, Any], seed: int) -> None:
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
     """One tiny LoRA adapter per family, its up weights random."""
-    from tuneline.models.config import ModelConfig
-    from tuneline.models.registry import build_adapter
-    from tuneline.train.config import TrainConfig
-
-    root = tmp_path_factory.mktemp("prior-adapters")
-    loaded = {}
-    for family in FAMILIES:
-        torch.manual_seed(0)
-        adapter = build_adapter(family, ModelConfig(base=f"tiny-{family}"), TrainConfig(num_steps=1), root)
-        adapter.load()
-        adapter.setup_training()
-        modules = adapter.trained_modules()
+    loaded = tiny_adapters(tmp_path_factory.mktemp("prior-adapters"), FAMILIES)
+    for _, modules in loaded.values():
         perturb_lora(modules, 3)
-        loaded[family] = adapter, modules
     return loaded
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 
 import pytest
+
+from conftest import tiny_adapters
 import torch
 
 FAMILIES = ("sdxl", "zimage")
@@ -213,19 +215,7 @@ def test_the_run_key_of_the_defaults_is_the_one_before_the_settings():
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
     """One untrained LoRA adapter per family (l2; the tests swap train.loss on it)."""
-    from tuneline.models.config import ModelConfig
-    from tuneline.models.registry import build_adapter
-    from tuneline.train.config import TrainConfig
-
-    root = tmp_path_factory.mktemp("robust-loss")
-    loaded = {}
-    for family in FAMILIES:
-        torch.manual_seed(0)
-        adapter = build_adapter(family, ModelConfig(base=f"tiny-{family}"), TrainConfig(num_steps=1), root)
-        adapter.load()
-        adapter.setup_training()
-        loaded[family] = adapter, adapter.trained_modules()
-    return loaded
+    return tiny_adapters(tmp_path_factory.mktemp("robust-loss"), FAMILIES)
 
 
 def family_batch(family: str, adapter, modules) -> dict:
