@@ -274,6 +274,22 @@ def tiny_adapters(root: Path, families: tuple[str, ...] = ("sdxl", "zimage")) ->
     return loaded
 
 
+def prediction_and_target(family: str, adapter: Any, modules: dict[str, Any], batch: dict[str, Any], noise: Any,
+                          timesteps: Any) -> tuple[Any, Any]:
+    """(the denoiser's prediction, the usual target) of a tiny adapter (`tiny_adapters`), computed here: SDXL
+    through its UNet; Z-Image through its adapter's forward on the batch without prior samples."""
+    if family == "zimage":
+        plain = {key: value for key, value in batch.items() if key != "prior"}
+        return adapter._prediction_and_target(modules, plain, noise, timesteps.float() / 1000)[:2]
+    scheduler = adapter.noise_scheduler
+    noisy = scheduler.add_noise(batch["latents"], noise, timesteps)
+    prediction = modules["unet"](noisy, timesteps, batch["prompt_embeds"], added_cond_kwargs={
+        "text_embeds": batch["pooled"], "time_ids": adapter.time_ids(batch, "cpu")}).sample
+    target = (scheduler.get_velocity(batch["latents"], noise, timesteps) if adapter.prediction_type == "v_prediction"
+              else noise)
+    return prediction, target
+
+
 def make_trainer(project: Project, run: Path, params, resume_from: Path | None = None, live_every: int = 0):
     from accelerate.state import AcceleratorState
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import Project, item_bytes, item_image, photo, through_latents, tiny_adapters
+from conftest import Project, item_bytes, item_image, photo, prediction_and_target, through_latents, tiny_adapters
 
 FAMILIES = ("sdxl", "zimage")
 
@@ -274,7 +274,7 @@ def adapters(tmp_path_factory):
 def test_both_families_weight_their_loss_by_the_mask(family, adapters, monkeypatch):
     """The adapter's per-sample loss with a batch mask is the hand-weighted mean of its squared (or huber)
     error, times the data-set weight; the plain squared error beside it stays unmasked."""
-    from test_robust_loss import family_batch, prediction_and_target
+    from test_robust_loss import family_batch
     from tuneline.train.config import LossConfig
 
     adapter, modules = adapters[family]

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from conftest import tiny_adapters
+from conftest import prediction_and_target, tiny_adapters
 import torch
 
 FAMILIES = ("sdxl", "zimage")
@@ -64,21 +64,6 @@ def channels(family: str) -> int:
     return 4 if family == "sdxl" else 16
 
 
-def by_hand(family: str, adapter, modules, batch, noise, timesteps):
-    """(the denoiser's prediction, the usual target), computed here: SDXL through its UNet; Z-Image through its
-    adapter's forward on a batch without prior samples."""
-    if family == "zimage":
-        plain = {key: value for key, value in batch.items() if key != "prior"}
-        return adapter._prediction_and_target(modules, plain, noise, timesteps.float() / 1000)[:2]
-    scheduler = adapter.noise_scheduler
-    noisy = scheduler.add_noise(batch["latents"], noise, timesteps)
-    prediction = modules["unet"](noisy, timesteps, batch["prompt_embeds"], added_cond_kwargs={
-        "text_embeds": batch["pooled"], "time_ids": adapter.time_ids(batch, "cpu")}).sample
-    target = (scheduler.get_velocity(batch["latents"], noise, timesteps) if adapter.prediction_type == "v_prediction"
-              else noise)
-    return prediction, target
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_prior_target_is_the_base_models_prediction(family, adapters):
     """On a fixed batch, a prior_prediction sample's target is the denoiser's output with its LoRA switched off
@@ -95,10 +80,10 @@ def test_the_prior_target_is_the_base_models_prediction(family, adapters):
     flags = [p.requires_grad for p in denoiser.parameters()]
     with torch.no_grad():
         _, plain = adapter.per_sample_losses(modules, batch, noise, timesteps, 0)
-        prediction, target = by_hand(family, adapter, modules, batch, noise, timesteps)
+        prediction, target = prediction_and_target(family, adapter, modules, batch, noise, timesteps)
         denoiser.disable_adapters()
         try:
-            base, _ = by_hand(family, adapter, modules, batch, noise, timesteps)
+            base, _ = prediction_and_target(family, adapter, modules, batch, noise, timesteps)
         finally:
             denoiser.enable_adapters()
     assert [p.requires_grad for p in denoiser.parameters()] == flags

@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from conftest import tiny_adapters
+from conftest import prediction_and_target, tiny_adapters
 import torch
 
 FAMILIES = ("sdxl", "zimage")
@@ -230,19 +230,6 @@ def family_batch(family: str, adapter, modules) -> dict:
     else:
         batch["prompt_embeds"] = adapter.conditioning(captions, "cpu")
     return batch
-
-
-def prediction_and_target(family: str, adapter, modules, batch, noise, timesteps):
-    """The denoiser's prediction and the target, computed here (SDXL) or by the adapter's forward (Z-Image)."""
-    if family == "zimage":
-        return adapter._prediction_and_target(modules, batch, noise, timesteps.float() / 1000)[:2]
-    scheduler = adapter.noise_scheduler
-    noisy = scheduler.add_noise(batch["latents"], noise, timesteps)
-    prediction = modules["unet"](noisy, timesteps, batch["prompt_embeds"], added_cond_kwargs={
-        "text_embeds": batch["pooled"], "time_ids": adapter.time_ids(batch, "cpu")}).sample
-    target = (scheduler.get_velocity(batch["latents"], noise, timesteps) if adapter.prediction_type == "v_prediction"
-              else noise)
-    return prediction, target
 
 
 def thresholds_by_hand(family: str, adapter, schedule: str, timesteps: list[int]) -> list[float]:

@@ -11,6 +11,7 @@ import io
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,6 +214,20 @@ def exact_pixel_digest(path: Path, max_pixels: int) -> str:
     image = _open(path, max_pixels)
     _load(image)
     return _pixel_digest(normalize(image, background=None))
+
+
+# The resampling filters by params name (bucket.resample).
+RESAMPLE = {
+    "lanczos": Image.Resampling.LANCZOS,
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "box": Image.Resampling.BOX,
+}
+
+
+def resize_and_crop(image: Image.Image, resized: Sequence[int], box: Sequence[int], resample: str) -> Image.Image:
+    """The bucket stage's resize to `resized` and crop to `box`: an image's, and its loss mask's, the same way."""
+    return image.resize(tuple(resized), RESAMPLE[resample], reducing_gap=3.0).crop(tuple(box))
 
 
 def load_normalized(path: Path, background: str, min_size: tuple[int, int] | None, max_pixels: int) -> Image.Image:

@@ -22,7 +22,8 @@ from PIL import Image
 
 from tuneline.core.codeversion import code_version
 from tuneline.core.fsutil import atomic_path, atomic_write_bytes, digest_json, file_digest
-from tuneline.core.images import ImageRejected, load_normalized
+from tuneline.core.images import ImageRejected, load_normalized, resize_and_crop
+from tuneline.core.packs import member_header
 from tuneline.core.tensorfile import canonical_bytes
 
 # What decides a stored mask's bytes: this module and the decoder's normalisation.
@@ -31,23 +32,6 @@ BUCKET_MASK_SUFFIX = "_mask.png"
 LATENT_MASK_SUFFIX = ".mask.safetensors"
 MASK_PACK_EXTENSION = ".mask.tar"
 LATENT_MASK_FORMAT = "tuneline-latent-mask"
-# The bucket stage's resampling filters by name (its own table, stages/bucket/stage.py, is the same).
-RESAMPLE = {
-    "lanczos": Image.Resampling.LANCZOS,
-    "bicubic": Image.Resampling.BICUBIC,
-    "bilinear": Image.Resampling.BILINEAR,
-    "box": Image.Resampling.BOX,
-}
-
-
-def project_root(store_dir: Path, relative_store_dir: str) -> Path:
-    """The project root, from the store folder and params.store_dir (a project path, inside the root)."""
-    root = Path(store_dir)
-    for _ in Path(relative_store_dir).parts:
-        root = root.parent
-    return root
-
-
 def bucket_mask_key(item: dict[str, Any], resized: Sequence[int], box: Sequence[int], resample: str) -> str:
     """The key of one item's cropped mask: where the mask comes from (the mask file's digest, or the image's for
     its alpha channel), the resize and crop box, the filter and the code. The file's path is not in it (a rename
@@ -63,11 +47,6 @@ def bucket_mask_key(item: dict[str, Any], resized: Sequence[int], box: Sequence[
         "box": list(box),
         "resample": resample,
     })
-
-
-def crop_mask(mask: Image.Image, resized: Sequence[int], box: Sequence[int], resample: str) -> Image.Image:
-    """The bucket stage's resize and crop of an image, applied to its 8-bit mask (mode L)."""
-    return mask.resize(tuple(resized), RESAMPLE[resample], reducing_gap=3.0).crop(tuple(box))
 
 
 def load_mask(source: Path, mask: dict[str, Any], mask_file: Path | None, max_pixels: int) -> Image.Image:
@@ -90,7 +69,7 @@ def render_bucket_mask(source: str, mask: dict[str, Any], mask_file: str | None,
         checked = Path(mask_file) if mask_file else Path(source)
         if file_digest(checked) != expected_digest:
             return f"{'mask' if mask_file else 'source'} changed since ingest: run the ingest stage again"
-        image = crop_mask(load_mask(Path(source), mask, Path(mask_file) if mask_file else None, max_pixels),
+        image = resize_and_crop(load_mask(Path(source), mask, Path(mask_file) if mask_file else None, max_pixels),
                           resized, box, resample)
     except (ImageRejected, FileNotFoundError) as error:
         return f"mask unreadable at bucket time: {error}"
@@ -139,11 +118,4 @@ def write_latent_mask(path: Path, png: bytes, grid: Sequence[int]) -> float:
 
 def stored_coverage(folder: Path, ref: dict[str, Any]) -> float:
     """The mean of a packed latent mask (`latent_mask_bytes`), from its safetensors header alone."""
-    import json
-    import struct
-
-    with open(Path(folder) / ref["pack"], "rb") as handle:
-        handle.seek(int(ref["offset"]))
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-    return float(header["__metadata__"]["coverage"])
+    return float(member_header(folder, ref)["__metadata__"]["coverage"])

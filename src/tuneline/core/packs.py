@@ -17,8 +17,10 @@ every packed item key to its pack and place, so a stored item stays found (`Item
 from __future__ import annotations
 
 import io
+import json
 import os
 import sqlite3
+import struct
 import tarfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -54,16 +56,28 @@ def member_ref(pack_file: str, name: str, offset: int, size: int) -> dict[str, A
     return {"pack": pack_file, "member": name, "offset": offset, "size": size}
 
 
+def _read_at(path: Path, offset: int, size: int) -> bytes:
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        return handle.read(size)
+
+
 def read_member(folder: Path, ref: Mapping[str, Any]) -> bytes:
     """The bytes of a member referenced by a manifest record (`member_ref`), read at its offset."""
     path = Path(folder) / ref["pack"]
-    with open(path, "rb") as handle:
-        handle.seek(int(ref["offset"]))
-        data = handle.read(int(ref["size"]))
+    data = _read_at(path, int(ref["offset"]), int(ref["size"]))
     if len(data) != int(ref["size"]):
         raise OSError(f"{path}: member {ref['member']} is cut short ({len(data)} of {ref['size']} bytes): "
                       "the pack changed after its manifest was written; run the stage that writes it again")
     return data
+
+
+def member_header(folder: Path, ref: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON header of a packed safetensors member (its tensors' dtypes and shapes, `__metadata__`),
+    read without its tensor data."""
+    path, offset = Path(folder) / ref["pack"], int(ref["offset"])
+    (length,) = struct.unpack("<Q", _read_at(path, offset, 8))
+    return json.loads(_read_at(path, offset + 8, length))
 
 
 def open_member(folder: Path, ref: Mapping[str, Any]) -> BinaryIO:
@@ -148,10 +162,7 @@ def read_stored(stage_root: Path, index: PackIndex, key: str, suffix: str) -> by
     found = index.find(key + suffix)
     if found is None:
         raise FileNotFoundError(f"stored item {key}{suffix} is in neither {loose.parent} nor a pack")
-    path, offset, size = found
-    with open(path, "rb") as handle:
-        handle.seek(offset)
-        return handle.read(size)
+    return _read_at(*found)
 
 
 def pack_items(stage_root: Path, index: PackIndex, staging: Path, items: list[PackItem], extension: str

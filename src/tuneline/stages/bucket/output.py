@@ -14,7 +14,7 @@ from typing import Any
 from tuneline.config import Params
 from tuneline.core.fsutil import atomic_write_json, rebuilt_dir
 from tuneline.core.manifest import MANIFEST, REJECTED, write_jsonl
-from tuneline.core.masks import (BUCKET_MASK_SUFFIX, MASK_PACK_EXTENSION, bucket_mask_key, project_root,
+from tuneline.core.masks import (BUCKET_MASK_SUFFIX, MASK_PACK_EXTENSION, bucket_mask_key,
                                  render_bucket_mask)
 from tuneline.core.packs import PackItem, pack_of
 from tuneline.core.params import format_resolution
@@ -26,14 +26,14 @@ SUFFIX = ".png"
 PACK_EXTENSION = ".tar"
 
 
-def write_output(out_dir: Path, report: StageReport, *, params: Params, planned: list[tuple[dict[str, Any], CropPlan]],
+def write_output(out_dir: Path, report: StageReport, *, root: Path, params: Params, planned: list[tuple[dict[str, Any], CropPlan]],
                  keys: list[str], failed: dict[int, str], store: ItemStore, started: float,
                  metrics_dir: Path | None) -> StageReport:
     """Rebuild `out_dir`: the packs of the stored crops (tuneline.core.packs), manifest.jsonl in content
     order, rejected.jsonl and buckets.json; finish the report."""
     manifest = []
     failed = dict(failed)
-    mask_keys = store_masks(params, planned, failed, store, report)
+    mask_keys = store_masks(root, params, planned, failed, store, report)
     with rebuilt_dir(out_dir) as staging:
         for i in sorted(failed):
             report.reject(planned[i][0]["source"], failed[i], dataset=planned[i][0]["dataset"])
@@ -77,14 +77,13 @@ def write_output(out_dir: Path, report: StageReport, *, params: Params, planned:
     return report
 
 
-def store_masks(params: Params, planned: list[tuple[dict[str, Any], CropPlan]], failed: dict[int, str],
+def store_masks(root: Path, params: Params, planned: list[tuple[dict[str, Any], CropPlan]], failed: dict[int, str],
                 store: ItemStore, report: StageReport) -> dict[int, str]:
     """The cropped mask's key of every item with a mask (tuneline.core.masks), computing those the store lacks;
     an item whose mask cannot be made joins `failed`. Keyed apart from the crops: a mask edit re-crops no image."""
     from tuneline.core.parallel import map_with_progress
 
     config = params.bucket
-    root = project_root(store.root.parent, params.store_dir)
     keys = {i: bucket_mask_key(item, plan.resized, plan.box, config.resample)
             for i, (item, plan) in enumerate(planned) if i not in failed and "mask" in item}
     missing = [i for i, key in keys.items() if not store.has(key, BUCKET_MASK_SUFFIX)]

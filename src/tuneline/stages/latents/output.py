@@ -9,7 +9,6 @@ stored masks, once the latents' grid is known, and packed beside the latents (`<
 from __future__ import annotations
 
 import json
-import struct
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,7 +20,7 @@ from tuneline.core.masks import (LATENT_MASK_SUFFIX, MASK_PACK_EXTENSION, latent
                                  stored_coverage, write_latent_mask)
 from tuneline.core.report import StageReport
 from tuneline.core.split import TRAIN, VALIDATION, describe, split_of
-from tuneline.core.packs import PackItem, pack_of, read_member
+from tuneline.core.packs import PackItem, member_header, pack_of, read_member
 from tuneline.core.store import ItemStore
 from tuneline.models.base import ForeignSetting
 from tuneline.stages.latents.keys import SUFFIX, caption_of
@@ -82,10 +81,7 @@ def note_texts(report: StageReport, computed: int, truncated: list[str], truncat
 
 def read_latent_header(folder: Path, ref: dict[str, Any]) -> tuple[dict[str, str], list[int]]:
     """(safetensors metadata, shape of `mean`) of a packed latents file, from its header alone."""
-    with open(Path(folder) / ref["pack"], "rb") as handle:
-        handle.seek(int(ref["offset"]))
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
+    header = member_header(folder, ref)
     return header.get("__metadata__") or {}, list(header["mean"]["shape"])
 
 
