@@ -14,6 +14,7 @@ from tuneline.core import layout
 from tuneline.core.fsutil import atomic_write_bytes
 from tuneline.core.manifest import MANIFEST, read_jsonl
 from tuneline.core.packs import read_member
+from tuneline.stages.caption.edits import CaptionEdits
 
 
 class ItemNotFound(LookupError):
@@ -64,8 +65,9 @@ def start_edit(root: Path, record: dict[str, Any]) -> tuple[Path, bool]:
     """(the hand-edit file of the item's caption, whether it was created now with the current caption)."""
     if record["folder"] != layout.CAPTIONED:
         raise ItemNotFound(f"{record['dataset']}/{record['id']} has no caption yet: run the caption stage first")
-    path = Path(root) / layout.CAPTION_EDITS / record["dataset"] / f"{record['id']}.txt"
+    edits = CaptionEdits(Path(root) / layout.CAPTION_EDITS)
+    path = edits.path(record["dataset"], record["id"])
     if path.exists():
         return path, False
-    atomic_write_bytes(path, (record["caption"] + "\n").encode("utf-8"))
+    edits.save(record["dataset"], record["id"], record["caption"])
     return path, True

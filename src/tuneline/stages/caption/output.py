@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tuneline.core.fsutil import link_or_copy, rebuilt_dir
@@ -15,6 +15,7 @@ from tuneline.core.manifest import MANIFEST, REJECTED, write_jsonl
 from tuneline.core.report import StageReport
 from tuneline.models.ref import is_tiny
 from tuneline.stages.caption.text import with_trigger
+
 
 @dataclass
 class Planned:
