@@ -8,7 +8,7 @@ in a fresh subprocess so its peak RSS is its own:
 
   naive             one process: full decode, exif_transpose, RGB, size check, LANCZOS
                     resize to the same planned size (tuneline.stages.bucket.aspect), crop, PNG level 1
-  ours cold         run_ingest + run_bucket on an empty store, --workers (default: all cores)
+  ours cold         run_scan + run_ingest + run_bucket on an empty store, --workers (default: all cores)
   incremental       the cold run's store, plus ONE new image: must compute exactly 1 per stage
   ours cold w=1     one worker: separates draft/single-decode gains from parallelism
   ours cold N/4     a quarter of the images, with --workers and with 1 worker: peak RSS
@@ -212,21 +212,23 @@ def run_naive(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_ours(job: dict[str, Any]) -> dict[str, Any]:
-    """run_ingest + run_bucket on `root` (a fresh one for cold runs, the cold one for incremental)."""
+    """run_scan + run_ingest + run_bucket on `root` (a fresh one for cold runs, the cold one for incremental)."""
     from tuneline.stages.bucket.stage import run as run_bucket
     from tuneline.stages.ingest.stage import run as run_ingest
+    from tuneline.stages.scan.stage import run as run_scan
     from tuneline.core.manifest import read_manifest
 
     root = Path(job["root"])
     params = bench_params(job["resolution"], job["workers"])
     started = time.perf_counter()
-    ingest = run_ingest(params, root, root / "data/ingested")
+    scan = run_scan(params, root, root / "data/scanned")
+    ingest = run_ingest(params, root, root / "data/scanned", root / "data/ingested")
     bucket = run_bucket(params, root, root / "data/ingested", root / "data/bucketed")
     seconds = time.perf_counter() - started
     rss_self, rss_children = peak_rss_mib()
     names = source_names(root)
     sizes = {f"{r['dataset']}/{names[r['id']]}": r["bucket"] for r in read_manifest(root / "data/bucketed")}
-    return {"seconds": seconds, "ingest_s": ingest.seconds, "bucket_s": bucket.seconds,
+    return {"seconds": seconds, "ingest_s": scan.seconds + ingest.seconds, "bucket_s": bucket.seconds,
             "images": bucket.produced, "computed": [ingest.computed, bucket.computed],
             "reused": [ingest.reused, bucket.reused],
             "rejected": len(ingest.rejected) + len(bucket.rejected), "sizes": sizes,

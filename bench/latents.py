@@ -66,6 +66,7 @@ def ensure_project(work: Path, images: int, resolution: int, batch_size: int) ->
     """A project root with data/captioned for `images` generated photos; (root, seconds spent making it)."""
     from tuneline.stages.bucket.stage import run as run_bucket
     from tuneline.stages.ingest.stage import run as run_ingest
+    from tuneline.stages.scan.stage import run as run_scan
     from tuneline.core.manifest import read_jsonl, write_jsonl
 
     root = work / "project"
@@ -84,7 +85,8 @@ def ensure_project(work: Path, images: int, resolution: int, batch_size: int) ->
         path.parent.mkdir(parents=True, exist_ok=True)
         make_photo(size, rng).save(path, compress_level=1)
     params = bench_params(resolution, batch_size, ".tuneline/store")
-    run_ingest(params, root, root / "data/ingested")
+    run_scan(params, root, root / "data/scanned")
+    run_ingest(params, root, root / "data/scanned", root / "data/ingested")
     run_bucket(params, root, root / "data/ingested", root / "data/bucketed")
     # data/captioned as the caption stage writes it: the bucketed images plus a caption.
     shutil.rmtree(root / "data/captioned", ignore_errors=True)

@@ -173,10 +173,19 @@ class Project:
         (self.root / "params.yaml").write_text(yaml.safe_dump(data), "utf-8")
         return validate_params(data)
 
+    def scan(self, params=None):
+        from tuneline.stages.scan.stage import run as run_scan
+
+        return run_scan(params or self.params(), self.root, self.root / "data/scanned", self.root / "metrics")
+
     def ingest(self, params=None):
+        """The scan stage, then ingest (which reads what the scan listed): ingest's report."""
         from tuneline.stages.ingest.stage import run as run_ingest
 
-        return run_ingest(params or self.params(), self.root, self.root / "data/ingested", self.root / "metrics")
+        params = params or self.params()
+        self.scan(params)
+        return run_ingest(params, self.root, self.root / "data/scanned", self.root / "data/ingested",
+                          self.root / "metrics")
 
     def bucket(self, params=None):
         from tuneline.stages.bucket.stage import run as run_bucket

@@ -29,17 +29,20 @@ def test_scale_bench_runs_small(tmp_path):
     n = row["images"]
     assert n == 40
     # Cold: every data stage ran and computed every image (captions: all sidecars, taken as given).
-    assert {"ingest", "bucket", "caption", "latents"} <= set(row["cold_ran"])
+    assert {"scan", "ingest", "bucket", "caption", "latents"} <= set(row["cold_ran"])
     cold = row["cold_reports"]
     assert [cold[s]["computed"] for s in ("ingest", "bucket", "latents")] == [n, n, n]
     assert (cold["caption"]["computed"], cold["caption"]["given"]) == (0, n)
     assert row["cold_s"] > 0 and row["cold_s_per_1000"] == pytest.approx(row["cold_s"] * 1000 / n, abs=0.1)
-    # No-op: only the always-changed `models` stage runs; `dvc status` finds nothing to do.
-    assert row["noop_ran"] == ["models"] and row["noop_repro_s"] > 0
+    # Cold, the scan hashed every raw file (images and sidecars).
+    assert (cold["scan"]["computed"], cold["scan"]["reused"]) == (2 * n, 0)
+    # No-op: only the always-changed `models` and `scan` stages run; `dvc status` finds nothing to do.
+    assert row["noop_ran"] == ["models", "scan"] and row["noop_repro_s"] > 0
     assert row["status_clean"] and row["status_s"] > 0
     # +1 image: one item of work per data stage, the rest reused; DVC's share is what the stages' seconds leave.
     plus = row["plus_one_stages"]
     assert [(plus[s]["computed"], plus[s]["reused"]) for s in ("ingest", "bucket", "latents")] == [(1, n)] * 3
+    assert (plus["scan"]["computed"], plus["scan"]["reused"]) == (2, 2 * n)  # the new image and its sidecar
     assert (plus["caption"]["computed"], plus["caption"]["given"]) == (0, n + 1)
     assert row["plus_one_stage_s"] == pytest.approx(sum(s["seconds"] for s in plus.values()), abs=0.02)
     assert row["plus_one_dvc_s"] == pytest.approx(row["plus_one_s"] - row["plus_one_stage_s"], abs=0.02)

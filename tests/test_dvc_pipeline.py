@@ -17,7 +17,7 @@ from conftest import PROJECT_TREES, save_photo
 from test_flows import prefect_env  # noqa: F401  (autouse: ephemeral Prefect, one PREFECT_HOME per session)
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("models", "ingest", "bucket", "autoencoder", "caption", "latents", "train", "render", "export")
+STAGES = ("models", "scan", "ingest", "bucket", "autoencoder", "caption", "latents", "train", "render", "export")
 
 
 def metrics(root: Path, stage: str) -> dict:
@@ -94,8 +94,9 @@ def test_dvc_repro_runs_the_demo_and_reruns_only_what_changed(tmp_path):
     assert f'<img src="static/{picture.name}">' in page
     assert picture.read_bytes() == (tmp_path / "metrics/train_loss.png").read_bytes()
     # Tracked metrics: a few numbers, each decided by the inputs (what the run did is in reports/).
-    assert {stage: sorted(metrics(tmp_path, stage)) for stage in ("models", "bucket", "train", "render", "export")} == {
-        "models": ["items"], "bucket": ["items", "rejected"],
+    assert {stage: sorted(metrics(tmp_path, stage)) for stage in ("models", "scan", "bucket", "train", "render",
+                                                                   "export")} == {
+        "models": ["items"], "scan": ["items", "problems"], "bucket": ["items", "rejected"],
         "train": ["loss", "seconds_per_step", "steps", "val_loss_best", "val_loss_best_step"],
         "render": ["items", "mean_abs_diff_vs_base"], "export": ["bytes", "items"]}
     # The demo holds one shape out and validates every 10 steps and on the last: a row each, a DVC plot.
@@ -113,29 +114,31 @@ def test_dvc_repro_runs_the_demo_and_reruns_only_what_changed(tmp_path):
     first_flow_s = time.monotonic() - started
     assert not any(result["cached"] for result in stages.values())
     done = {stage: (result["report"]["computed"], result["report"]["items"]) for stage, result in stages.items()}
-    assert done == {"models": (0, 2), "ingest": (0, 14), "bucket": (0, 14), "autoencoder": (0, 0), "caption": (0, 14),
-                    "latents": (0, 14), "train": (0, 4), "render": (0, 9), "export": (0, 1)}, done
+    raw_files = sum(1 for path in (tmp_path / "data/raw").rglob("*") if path.is_file())
+    assert done == {"models": (0, 2), "scan": (0, raw_files), "ingest": (0, 14), "bucket": (0, 14), "autoencoder": (0, 0),
+                    "caption": (0, 14), "latents": (0, 14), "train": (0, 4), "render": (0, 9), "export": (0, 1)}, done
     assert stages["train"]["report"]["reused"] == 4  # 0 steps trained, 4 done before
     assert (stages["render"]["report"]["base_rendered"], stages["render"]["report"]["final_rendered"]) == (0, 0)
     after = tracked_files(tmp_path)
     assert [path for path in sorted(set(before) | set(after)) if before.get(path) != after.get(path)] == []
-    # Nothing DVC tracks changed: `dvc status` names only `models` (always_changed)...
+    # Nothing DVC tracks changed: `dvc status` names only `models` and `scan` (always_changed)...
     status = json.loads(dvc(tmp_path, "status", "--json"))
-    assert status == {"models": ["always changed"]}, status
+    assert status == {"models": ["always changed"], "scan": ["always changed"]}, status
 
     out = dvc(tmp_path, "repro")
-    # ...and `dvc repro` runs only `models`; its output is unchanged, so nothing else runs.
-    assert [line for line in out.splitlines() if "Running stage" in line] == ["Running stage 'models':"]
+    # ...and `dvc repro` runs only those two; their outputs are unchanged, so nothing else runs.
+    assert [line for line in out.splitlines() if "Running stage" in line] == ["Running stage 'models':",
+                                                                             "Running stage 'scan':"]
     assert tracked_files(tmp_path) == after
     # It kept its previous identity (a persistent output), so it knows nothing changed and says nothing.
     assert (run_report(tmp_path, "models")["computed"], run_report(tmp_path, "models")["warnings"]) == (0, [])
     assert "identity changed" not in out
-    # The flow again after DVC: every stage is a cache hit (`models` runs always, computing nothing).
+    # The flow again after DVC: every stage is a cache hit (`models` and `scan` run always, computing nothing).
     started = time.monotonic()
     stages = flow(tmp_path)
     second_flow_s = time.monotonic() - started
-    assert {stage for stage, result in stages.items() if not result["cached"]} == {"models"}
-    assert stages["models"]["report"]["computed"] == 0
+    assert {stage for stage, result in stages.items() if not result["cached"]} == {"models", "scan"}
+    assert stages["models"]["report"]["computed"] == stages["scan"]["report"]["computed"] == 0
     assert tracked_files(tmp_path) == after
     print(f"flow after dvc repro: {first_flow_s:.1f} s; flow again: {second_flow_s:.1f} s")
     # The loss picture is an artifact of the training run (DVC's, which trained the steps).
@@ -195,7 +198,7 @@ def test_dvc_repro_runs_the_demo_and_reruns_only_what_changed(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
     out = dvc(tmp_path, "repro", "latents")
     assert [line for line in out.splitlines() if "Running stage" in line] == [
-        "Running stage 'models':", "Running stage 'autoencoder':", "Running stage 'latents':"]
+        "Running stage 'models':", "Running stage 'scan':", "Running stage 'autoencoder':", "Running stage 'latents':"]
     assert metrics(tmp_path, "autoencoder")["enabled"] == 1 and metrics(tmp_path, "autoencoder")["steps"] == 2
     assert (tmp_path / "models/autoencoder/sheets/shapes.png").is_file()
     assert (run_report(tmp_path, "latents")["computed"], run_report(tmp_path, "latents")["reused"]) == (15, 0)

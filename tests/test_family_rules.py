@@ -204,7 +204,7 @@ def test_the_flow_checks_the_family_rules_before_its_first_task(tmp_path):
     from tuneline.orchestration.flow import pipeline
 
     # The case: the SDXL demo (min_snr_gamma 5.0) pointed at a Z-Image base from the form.
-    root = demo_project(tmp_path, ("models", "ingest"))
+    root = demo_project(tmp_path, ("models", "scan", "ingest"))
     with pytest.raises(ParamsError, match=r"train\.loss\.min_snr_gamma: 5\.0 is SDXL only"):
         pipeline(root=str(root), overrides={"model.base": "tiny-zimage"})
     assert not (root / "data/ingested").exists() and not (root / ".tuneline/prefect/records").exists()

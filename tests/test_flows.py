@@ -6,6 +6,7 @@ its first run on a fresh home sets up a database (~15 s), later ones take a few 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -24,7 +25,7 @@ import yaml
 from conftest import PROJECT_TREES, save_photo
 
 REPO = Path(__file__).resolve().parents[1]
-FLOW_STAGES = ("models", "ingest", "bucket", "autoencoder", "caption", "latents", "train")
+FLOW_STAGES = ("models", "scan", "ingest", "bucket", "autoencoder", "caption", "latents", "train")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -127,9 +128,10 @@ def test_cache_keys_follow_content_params_and_code(tmp_path):
     from tuneline.orchestration.cachekey import output_fingerprint, stage_key, write_record
     from tuneline.orchestration.spec import load_stage_specs
     from tuneline.orchestration.cachekey import outputs_match
+    from tuneline.orchestration import registry
     from tuneline.orchestration.overrides import apply_overrides
 
-    root = demo_project(tmp_path, ("ingest", "bucket"))
+    root = demo_project(tmp_path, ("scan", "ingest", "bucket"))
     specs = {spec.name: spec for spec in load_stage_specs(root)}
     data = yaml.safe_load((root / "params.yaml").read_text())
     params = load_params(root / "params.yaml")
@@ -137,11 +139,18 @@ def test_cache_keys_follow_content_params_and_code(tmp_path):
     def key(stage: str, p=params) -> str:
         return stage_key(specs[stage], p, root).key
 
+    def scan() -> None:  # the raw files reach the keys through what the scan stage lists
+        registry.stage("scan").run(params, root)
+
+    scan()
     ingest, bucket = key("ingest"), key("bucket")
     photo = next((root / "data/raw/shapes").glob("*.jpg"))
     os.utime(photo, (1_000_000, 1_000_000))  # touched: same bytes, same key
+    scan()
     assert key("ingest") == ingest
-    photo.write_bytes(photo.read_bytes() + b"\0")  # one byte more: new key
+    photo.write_bytes(photo.read_bytes() + b"\0")  # one byte more: new key, once scanned
+    assert key("ingest") == ingest
+    scan()
     # bucket's key follows data/ingested, which holds every raw file's digest: it changes when ingest has run.
     assert key("ingest") != ingest and key("bucket") == bucket
     ingest, bucket = key("ingest"), key("bucket")
@@ -168,32 +177,38 @@ def test_cache_keys_follow_content_params_and_code(tmp_path):
     assert not outputs_match(root, spec, ingest)
 
 
-def test_a_flow_run_digests_each_raw_file_once_and_keys_do_not_change(tmp_path, monkeypatch):
-    """The raw data is pinned once per flow run: the ingest and bucket keys (both read data/raw and
-    each data set folder) digest no raw file again, and equal the keys computed without pins."""
+def test_the_scan_hashes_each_raw_file_once_and_no_stage_key_reads_one(tmp_path, monkeypatch):
+    """The raw data is hashed by the scan stage alone, each file once (later scans: by the stat cache);
+    the ingest and bucket keys then derive from its list, so neither reads a raw file again."""
     from collections import Counter
 
     from tuneline.config import load_params
     from tuneline.core.store import FileDigests
+    from tuneline.orchestration import registry
     from tuneline.orchestration.cachekey import Digester, stage_key
     from tuneline.orchestration.spec import load_stage_specs
+    from tuneline.stages.scan import stage as scan_stage
 
-    root = demo_project(tmp_path, ("ingest", "bucket"))
+    root = demo_project(tmp_path, ("scan", "ingest", "bucket"))
     specs = {spec.name: spec for spec in load_stage_specs(root)}
     params = load_params(root / "params.yaml")
-    unpinned = {name: stage_key(specs[name], params, root).key for name in ("ingest", "bucket")}
+    hashed: Counter[str] = Counter()
+    original = scan_stage.file_digest
+    monkeypatch.setattr(scan_stage, "file_digest", lambda path: hashed.update([str(path)]) or original(path))
+    raw_files = {str(p.resolve()) for p in (root / "data/raw").rglob("*") if p.is_file() and not p.name.startswith(".")}
+    assert len(raw_files) > 20
+    first = registry.stage("scan").run(params, root)
+    assert set(hashed) == raw_files and set(hashed.values()) == {1} and first.computed == len(raw_files)
+    again = registry.stage("scan").run(params, root)
+    assert sum(hashed.values()) == len(raw_files) and (again.computed, again.reused) == (0, len(raw_files))
 
-    digested: Counter[Path] = Counter()
-    original = FileDigests.digest
-    monkeypatch.setattr(FileDigests, "digest", lambda self, path: digested.update([path]) or original(self, path))
+    digested: list[Path] = []
+    keyed = FileDigests.digest
+    monkeypatch.setattr(FileDigests, "digest", lambda self, path: digested.append(path) or keyed(self, path))
     with Digester(root, params.store_dir) as digester:
-        raw = digester.raw_inputs(params)
-    with Digester(root, params.store_dir, pinned=raw) as digester:
-        pinned = {name: stage_key(specs[name], params, root, digester).key for name in ("ingest", "bucket")}
-    raw_files = {path for path in digested if (root / "data/raw") in path.parents}
-    assert len(raw_files) == len(list((root / "data/raw").rglob("*.*"))) > 20
-    assert {digested[path] for path in raw_files} == {1}
-    assert pinned == unpinned
+        for name in ("ingest", "bucket"):
+            stage_key(specs[name], params, root, digester)
+    assert digested and not [path for path in digested if (root / "data/raw") in path.parents]
 
 
 def test_overrides_get_the_params_yaml_messages():
@@ -326,7 +341,7 @@ def test_a_bad_override_stops_the_flow_before_any_task(tmp_path):
 
     from tuneline.orchestration.flow import pipeline
 
-    root = demo_project(tmp_path, ("ingest",))
+    root = demo_project(tmp_path, ("scan", "ingest"))
     with pytest.raises(ParamsError, match=r"train\.num_stepz: unknown key\. Did you mean 'num_steps'\?"):
         pipeline(root=str(root), overrides={"train.num_stepz": 3})
     assert not (root / "data/ingested").exists() and not (root / ".tuneline/prefect/records").exists()
@@ -411,19 +426,19 @@ def test_flow_caches_cancels_resumes_and_reruns_only_what_changed(tmp_path):
     # 2. Run again: the data stages are cache hits, training resumes from the checkpoint.
     resumed = pipeline(root=str(root), overrides={"train.num_steps": stopped_at + 1})
     cached = {stage: result["cached"] for stage, result in resumed["stages"].items()}
-    # `models` runs every time (always_changed: it notices a model replaced in place).
-    assert cached == {"models": False, "ingest": True, "bucket": True, "autoencoder": True, "caption": True,
-                      "latents": True, "train": False}
+    # `models` and `scan` run every time (always_changed: they notice a model replaced in place, a raw file added).
+    assert cached == {"models": False, "scan": False, "ingest": True, "bucket": True, "autoencoder": True,
+                      "caption": True, "latents": True, "train": False}
     assert (run_report(root, "train")["reused"], run_report(root, "train")["computed"]) == (stopped_at, 1)
 
     # 3. Unchanged: every task is a cache hit and no stage process starts; no (empty) MLflow run.
     before = (root / "metrics/train.json").stat().st_mtime_ns
     again = pipeline(root=str(root), overrides={"train.num_steps": stopped_at + 1})
-    assert all(result["cached"] for stage, result in again["stages"].items() if stage != "models")
+    assert all(result["cached"] for stage, result in again["stages"].items() if stage not in ("models", "scan"))
     assert again["parent_run_id"] is None
     # A hit ran nothing: it reports no metrics as if it had.
     assert all(result["metrics"] is None and result["report"] is None
-               for stage, result in again["stages"].items() if stage != "models")
+               for stage, result in again["stages"].items() if stage not in ("models", "scan"))
     assert (root / "metrics/train.json").stat().st_mtime_ns == before
 
     # 4. One new photo: every stage downstream reruns, and inside each only that item.
@@ -448,9 +463,9 @@ def test_flow_caches_cancels_resumes_and_reruns_only_what_changed(tmp_path):
     assert [m.step for m in client.get_metric_history(train_run.info.run_id, "loss")][-1] == stopped_at + 1
     assert all(r.data.tags.get("tuneline.raw_data_digest") for r in parents)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == changed["parent_run_id"]]
-    # `models` runs on every repro and keeps no MLflow run (importing mlflow would cost it seconds);
+    # `models` and `scan` run on every repro and keep no MLflow run (importing mlflow would cost them seconds);
     # neither does the disabled autoencoder stage, which records nothing.
-    assert sorted(r.data.tags["tuneline.stage"] for r in children) == sorted(set(FLOW_STAGES) - {"models", "autoencoder"})
+    assert sorted(r.data.tags["tuneline.stage"] for r in children) == sorted(set(FLOW_STAGES) - {"models", "scan", "autoencoder"})
 
     # 5. A rename: ingest and bucket run (computing nothing); their outputs are the same, so every
     #    later task is a cache hit.
@@ -458,8 +473,8 @@ def test_flow_caches_cancels_resumes_and_reruns_only_what_changed(tmp_path):
     photo.rename(photo.with_name("renamed_photo.jpg"))
     renamed = pipeline(root=str(root), overrides={"train.num_steps": 1})
     cached = {stage: result["cached"] for stage, result in renamed["stages"].items()}
-    assert cached == {"models": False, "ingest": False, "bucket": False, "autoencoder": True, "caption": True,
-                      "latents": True, "train": True}
+    assert cached == {"models": False, "scan": False, "ingest": False, "bucket": False, "autoencoder": True,
+                      "caption": True, "latents": True, "train": True}
     assert (run_report(root, "ingest")["computed"], run_report(root, "bucket")["computed"]) == (0, 0)
     # (A model replaced in place: test_staleness, under DVC. The flow runs the same `models` stage
     # always, and its keys follow models/identity's content like any dependency's.)
@@ -555,12 +570,13 @@ def test_ui_serves_both_on_its_ports_and_serve_stops_with_it(tmp_path):
 def test_repro_gives_dvc_stages_one_parent_run(tmp_path):
     from mlflow import MlflowClient
 
-    root = demo_project(tmp_path, ("ingest",))
+    root = demo_project(tmp_path, ("scan", "ingest"))
     # Options go through to dvc as README promises: --dry shows the stage and runs nothing.
-    dry = subprocess.run([sys.executable, "-m", "tuneline.cli", "repro", "--dry"], cwd=root, env=child_env(),
+    # (The first stage only: on a fresh project DVC's dry run stops at the second, whose input is missing.)
+    dry = subprocess.run([sys.executable, "-m", "tuneline.cli", "repro", "--dry", "scan"], cwd=root, env=child_env(),
                          capture_output=True, text=True, timeout=300)
-    assert dry.returncode == 0 and "python -m stages.ingest" in dry.stdout, dry.stdout + dry.stderr
-    assert not (root / "data/ingested").exists()
+    assert dry.returncode == 0 and "python -m stages.scan" in dry.stdout, dry.stdout + dry.stderr
+    assert not (root / "data/scanned").exists()
     done = subprocess.run([sys.executable, "-m", "tuneline.cli", "repro"], cwd=root, env=child_env(),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -572,3 +588,6 @@ def test_repro_gives_dvc_stages_one_parent_run(tmp_path):
     (child,) = [r for r in runs if r.data.tags.get("tuneline.stage") == "ingest"]
     assert parent.info.status == "FINISHED" and parent.data.tags["tuneline.orchestrator"] == "dvc"
     assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    # What the data sets held, as the scan stage listed it (no walk of the raw folders of its own).
+    scanned = (root / "data/scanned/manifest.jsonl").read_bytes()
+    assert parent.data.tags["tuneline.raw_data_digest"] == hashlib.sha256(scanned).hexdigest()

@@ -127,7 +127,7 @@ def test_a_second_data_stage_waits_for_the_first(project):
 
     for i in range(2):
         save_photo(project.raw("alpha") / f"a{i}.jpg", (96, 80), seed=i)
-    project.params(tracking={"enabled": False})
+    project.scan(project.params(tracking={"enabled": False}))
     held = threading.Event()
     with exclusive(project.root / ".tuneline/locks/ingest.lock", "stage ingest", wait=False):
         process = cli(project.root, "ingest")

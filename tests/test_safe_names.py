@@ -135,7 +135,7 @@ def test_overrides_of_the_form_get_the_same_rules():
 def test_the_flow_refuses_an_escaping_export_name_before_any_task(tmp_path):
     from tuneline.orchestration.flow import pipeline
 
-    root = demo_project(tmp_path / "project", ("models", "ingest"))
+    root = demo_project(tmp_path / "project", ("models", "scan", "ingest"))
     with pytest.raises(ParamsError, match=r"export\.name: not a file name: it has a path separator \(/\)"):
         pipeline(root=str(root), overrides={"export.name": "../x"})
     assert not (root / "data/ingested").exists() and not (root / ".tuneline/prefect/records").exists()

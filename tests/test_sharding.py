@@ -101,7 +101,7 @@ def test_flow_with_two_shards(tmp_path):
 
     from tuneline.orchestration.flow import pipeline
 
-    root = demo_project(tmp_path / "project", ("ingest", "bucket", "caption", "latents"))
+    root = demo_project(tmp_path / "project", ("scan", "ingest", "bucket", "caption", "latents"))
     data = yaml.safe_load((root / "params.yaml").read_text())
     data["tracking"]["enabled"] = False
     (root / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
@@ -119,5 +119,5 @@ def test_flow_with_two_shards(tmp_path):
     assert len((root / "data/latents/manifest.jsonl").read_text().splitlines()) == items
 
     again = pipeline(root=str(root), shards=2)["stages"]  # unchanged: every task, shards too, is a hit
-    assert all(result["cached"] for stage, result in again.items() if stage != "models")
+    assert all(result["cached"] for stage, result in again.items() if stage != "scan")  # scan runs always
     assert all(s["cached"] for stage in ("caption", "latents") for s in again[stage]["shards"])

@@ -17,7 +17,7 @@ from test_dvc_pipeline import REPO, dvc, run_report
 from test_flows import demo_project
 
 # Through latents: that a new latent starts a new training run (never a resume) is test_dvc_pipeline's.
-STAGES = ("models", "ingest", "bucket", "autoencoder", "caption", "latents")
+STAGES = ("models", "scan", "ingest", "bucket", "autoencoder", "caption", "latents")
 
 
 def ran(out: str) -> set[str]:
@@ -65,7 +65,7 @@ def test_renames_caption_edits_and_models_replaced_in_place(demo):
     edit.parent.mkdir(parents=True)
     edit.write_text("shp, a hand-written caption\n")
     packs = {path: path.stat().st_ino for path in (demo / "data/latents").rglob("*.tar")}
-    assert ran(dvc(demo, "repro")) == {"models", "caption", "latents"}
+    assert ran(dvc(demo, "repro")) == {"models", "scan", "caption", "latents"}
     caption, latents = run_report(demo, "caption"), run_report(demo, "latents")
     assert (caption["computed"], caption["hand_edited"]) == (0, 1)
     assert (latents["computed"], latents["text_embeddings_computed"]) == (0, 1)
@@ -73,7 +73,7 @@ def test_renames_caption_edits_and_models_replaced_in_place(demo):
     rewritten = [path.name for path, inode in packs.items() if path.stat().st_ino != inode]
     assert rewritten == [f"{item['id'][:2]}.text.tar"]
     assert dvc_cache_objects_hold_their_hashes(demo) == []
-    assert ran(dvc(demo, "repro")) == {"models"}
+    assert ran(dvc(demo, "repro")) == {"models", "scan"}
 
     # A rename (image and sidecar, same bytes): ingest and bucket rerun and compute nothing, and
     # nothing after them runs: their outputs hold no paths, so they are byte for byte the same.
@@ -81,7 +81,7 @@ def test_renames_caption_edits_and_models_replaced_in_place(demo):
     source.rename(source.with_name("renamed.jpg"))
     source.with_suffix(".txt").rename(source.with_name("renamed.txt"))
     out = dvc(demo, "repro")
-    assert ran(out) == {"models", "ingest", "bucket"}, out
+    assert ran(out) == {"models", "scan", "ingest", "bucket"}, out
     assert (run_report(demo, "ingest")["computed"], run_report(demo, "bucket")["computed"]) == (0, 0)
     sources = [json.loads(line)["source"] for line in (demo / "data/ingested/manifest.jsonl").read_text().splitlines()]
     assert "data/raw/shapes/renamed.jpg" in sources
@@ -93,7 +93,7 @@ def test_renames_caption_edits_and_models_replaced_in_place(demo):
     params["model"]["vae"] = "my-vae"
     (demo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # (autoencoder reads the model too: off, it reruns as the no-op it is)
-    assert ran(dvc(demo, "repro")) == {"models", "autoencoder", "caption", "latents"}
+    assert ran(dvc(demo, "repro")) == {"models", "scan", "autoencoder", "caption", "latents"}
     assert (run_report(demo, "caption")["computed"], run_report(demo, "latents")["computed"]) == (0, 0)
     first_identity = json.loads((demo / "models/identity/models.json").read_text())["model.vae"]["identity"]
 
@@ -104,8 +104,8 @@ def test_renames_caption_edits_and_models_replaced_in_place(demo):
     tensors[name] = tensors[name] + 0.01
     save_file(tensors, weights)
     out = dvc(demo, "repro")
-    assert ran(out) == {"models", "autoencoder", "caption", "latents"}, out  # caption reruns, computes nothing
+    assert ran(out) == {"models", "scan", "autoencoder", "caption", "latents"}, out  # caption reruns, computes nothing
     assert json.loads((demo / "models/identity/models.json").read_text())["model.vae"]["identity"] != first_identity
     assert (run_report(demo, "caption")["computed"], run_report(demo, "latents")["computed"]) == (0, 14)
 
-    assert ran(dvc(demo, "repro")) == {"models"}  # unchanged: only the identity check runs
+    assert ran(dvc(demo, "repro")) == {"models", "scan"}  # unchanged: only the identity check and the scan run

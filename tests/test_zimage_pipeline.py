@@ -85,7 +85,7 @@ def test_dvc_repro_runs_the_zimage_demo_and_reruns_only_what_changed(tmp_path):
     # runs, and each finds its items in the store; the bytes stay the flow's. (Through train, render and
     # export the same holds the other way round: test_dvc_pipeline runs the flow after `dvc repro`.)
     # (`models` counts the identities it writes again into the folder DVC cleared: same content.)
-    data_stages = ("models", "ingest", "bucket", "autoencoder", "caption", "latents")
+    data_stages = ("models", "scan", "ingest", "bucket", "autoencoder", "caption", "latents")
     before = {path: digest for path, digest in tracked_files(tmp_path).items() if path.startswith("data/")}
     out = dvc(tmp_path, "repro", "latents")
     assert [line for line in out.splitlines() if "Running stage" in line] == [

@@ -24,7 +24,7 @@ from tuneline.models.lycoris import problems as lycoris_problems
 from tuneline.models.quantize import full_training_problems
 
 # Stages that read each kind of reference; `tuneline check` runs every check.
-_DATASET_STAGES = {"ingest", "check"}
+_DATASET_STAGES = {"scan", "ingest", "check"}
 _MODEL_STAGES = {"autoencoder", "latents", "train", "render", "export", "check"}
 _CAPTION_STAGES = {"caption", "check"}
 # Stages that encode or decode with model.vae: the autoencoder stage's output when it is on (registry uses_vae).

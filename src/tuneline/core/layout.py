@@ -5,6 +5,8 @@ from __future__ import annotations
 
 RAW = "data/raw"
 MODEL_IDENTITY = "models/identity"
+# Every data set file's path and digest (the scan stage): ingest's input, so DVC hashes one file, not the raw folders.
+SCANNED = "data/scanned"
 INGESTED = "data/ingested"
 BUCKETED = "data/bucketed"
 # The autoencoder stage's fine-tuned VAE (a diffusers AutoencoderKL folder), or its disabled record.

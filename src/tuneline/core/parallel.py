@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tuneline.core.report import console
 
 T = TypeVar("T")
+THREAD_BATCH = 1024
 
 
 def worker_count(requested: int | None, items: int) -> int:
@@ -20,9 +21,11 @@ def worker_count(requested: int | None, items: int) -> int:
 
 
 def map_with_progress(
-    function: Callable[..., T], tasks: Sequence[tuple[Any, ...]], workers: int | None, description: str
+    function: Callable[..., T], tasks: Sequence[tuple[Any, ...]], workers: int | None, description: str,
+    threads: bool = False,
 ) -> Iterator[T]:
-    """Yield function(*task) for each task, in order. One worker runs in this process."""
+    """Yield function(*task) for each task, in order. One worker runs in this process; `threads` for
+    work that releases the GIL (hashing, file reads), where a worker process would only add its start."""
     if not tasks:
         return
     count = worker_count(workers, len(tasks))
@@ -36,6 +39,13 @@ def map_with_progress(
             for task in tasks:
                 yield function(*task)
                 progress.advance(bar)
+            return
+        if threads:  # a thread pool's map submits every task at once: batches keep its futures few
+            with ThreadPoolExecutor(max_workers=count) as threads_pool:
+                for start in range(0, len(tasks), THREAD_BATCH):
+                    for result in threads_pool.map(function, *zip(*tasks[start:start + THREAD_BATCH])):
+                        yield result
+                        progress.advance(bar)
             return
         # Small chunks keep memory flat (each worker holds one image at a time) and the bar live.
         chunk = max(1, min(16, len(tasks) // (count * 8)))

@@ -84,6 +84,12 @@ class FileDigests:
         st = os.stat(path)
         return st.st_size, st.st_mtime_ns, st.st_ino
 
+    def snapshot(self) -> dict[str, tuple[int, int, int, str]]:
+        """Every remembered file: {resolved path: (size, mtime_ns, inode, digest)}, read at once (one
+        query, where a lookup per file would cost a round trip each)."""
+        return {path: (size, mtime_ns, inode, digest)
+                for path, size, mtime_ns, inode, digest in self._db.execute("SELECT * FROM digests")}
+
     def cached(self, path: Path) -> str | None:
         """The digest if the file is unchanged since it was last hashed, else None."""
         key = str(Path(path).resolve())

@@ -3,7 +3,7 @@
 A stage's key is the digest of
   - its data inputs: for a folder with a manifest.jsonl (an upstream stage's output) the
     sha256 of that manifest (it lists every item's content digest); for anything else
-    (data/raw, models/train, prompts.yaml) the sha256 of every file's bytes, taken through
+    (models/train, prompts.yaml) the sha256 of every file's bytes, taken through
     the stat cache `tuneline.core.store.FileDigests` (unchanged size/mtime/inode: no rehash);
   - the params subset it reads (its `params:` in dvc.yaml, resolved on the validated
     params, so a default written out explicitly gives the same key);
@@ -49,16 +49,14 @@ def _files(path: Path) -> list[Path]:
 
 class Digester:
     """Content digests of files and folders through the stat cache. Pass the item store's
-    folder to share its cache with ingest: then each raw file is hashed once, by either."""
+    folder to share its cache with the scan stage: then each file is hashed once, by either."""
 
-    def __init__(self, root: Path, store_dir: Path | str | None = None, pinned: dict[str, str] | None = None) -> None:
+    def __init__(self, root: Path, store_dir: Path | str | None = None) -> None:
         from tuneline.core.store import FileDigests
 
         self.root = Path(root)
         folder = self.root / (store_dir if store_dir is not None else STATE_DIR)
         self._digests = FileDigests(folder / "file-digests.sqlite")
-        # Tree digests decided once for a whole flow run (the raw data sets, which no stage writes).
-        self.pinned = dict(pinned or {})
         # One Digester answers for one moment: a file is digested once, however many trees hold it.
         self._file_digests: dict[Path, str] = {}
 
@@ -73,8 +71,6 @@ class Digester:
 
     def tree(self, relative: str) -> str:
         """Digest of every file's relative path and bytes under root/relative ('missing' if absent)."""
-        if relative in self.pinned:
-            return self.pinned[relative]
         path = self.root / relative
         if not path.exists():
             return "missing"
@@ -86,17 +82,23 @@ class Digester:
             self._file_digests[path] = self._digests.digest(path)
         return self._file_digests[path]
 
-    def raw_inputs(self, params: Any) -> dict[str, str]:
-        """Tree digests of data/raw and every data set folder, each file digested once: pin them
-        for a flow run (`Digester(..., pinned=...)`) so no stage key walks the raw data again."""
-        return {relative: self.tree(relative) for relative in ["data/raw", *_dataset_folders(params)]}
-
     def data(self, relative: str) -> str:
         """An input: a stage output's manifest digest, or the tree digest of anything else."""
         manifest = self.root / relative / MANIFEST
         if manifest.is_file():
             return "manifest:" + _sha256(manifest.read_bytes())
         return self.tree(relative)
+
+
+def raw_data_tags(root: Path | str) -> dict[str, str]:
+    """The pipeline run's `tuneline.raw_data_digest`: the digest of what the scan stage listed (every
+    data set file's path and sha256), so no second walk of the raw folders. Empty before scan ran."""
+    from tuneline.core.layout import SCANNED
+
+    manifest = Path(root) / SCANNED / MANIFEST
+    if not manifest.is_file():
+        return {}
+    return {"tuneline.raw_data_digest": _sha256(manifest.read_bytes())}
 
 
 def _lookup(data: Any, dotted: str) -> Any:

@@ -385,9 +385,8 @@ def pipeline(params_path: str = "params.yaml", root: str = ".",
     """
     from prefect.runtime import flow_run
 
-    from tuneline.core.fsutil import digest_json
     from tuneline.core.params import ParamsError
-    from tuneline.orchestration.cachekey import STATE_DIR, Digester, outputs_match, stage_key
+    from tuneline.orchestration.cachekey import STATE_DIR, Digester, outputs_match, raw_data_tags, stage_key
     from tuneline.orchestration.overrides import load_with_overrides, write_params_file
     from tuneline.orchestration.spec import load_stage_specs
     from tuneline.core.tracking.tracker import end_parent_run, run_link, start_parent_run
@@ -417,14 +416,8 @@ def pipeline(params_path: str = "params.yaml", root: str = ".",
     if gpu_limit:
         logger.info("concurrency limit tag:%s = %d", GPU_TAG, gpu_limit)
 
-    with Digester(root_path, params.store_dir) as digester:
-        # The raw data, digested once per flow run: the stage keys below reuse these digests.
-        raw_inputs = digester.raw_inputs(params)
-        # The raw data set folders; the data digest (tuneline.data_digest) names what training used.
-        raw_data_digest = digest_json({d.name: raw_inputs[str(d.path)] for d in params.datasets})
     parent_run_id = start_parent_run(params.tracking, root_path, run_name=f"pipeline {flow_run.get_name() or ''}".strip(),
-                                     tags={"tuneline.raw_data_digest": raw_data_digest, "tuneline.orchestrator": "prefect",
-                                           "prefect.flow_run_id": flow_run.get_id() or ""})
+                                     tags={"tuneline.orchestrator": "prefect", "prefect.flow_run_id": flow_run.get_id() or ""})
     if parent_run_id:
         logger.info("MLflow run of this pipeline: %s", run_link(params.tracking, root_path, parent_run_id))
     resume = _resume_command(params_path, root_path, overrides, shards)
@@ -433,7 +426,7 @@ def pipeline(params_path: str = "params.yaml", root: str = ".",
     kept = False
     try:
         for spec in specs:
-            with Digester(root_path, params.store_dir, pinned=raw_inputs) as digester:
+            with Digester(root_path, params.store_dir) as digester:
                 key = stage_key(spec, params, root_path, digester)
                 valid = outputs_match(root_path, spec, key.key, digester) and not spec.always_changed
             shard_states = None
@@ -465,7 +458,8 @@ def pipeline(params_path: str = "params.yaml", root: str = ".",
         raise
     finally:
         # A run where every stage was a cache hit or a no-op leaves no (empty) parent run.
-        kept = end_parent_run(params.tracking, root_path, parent_run_id, status)
+        # The raw data as the scan stage listed it (the flow walks the raw folders once: in scan).
+        kept = end_parent_run(params.tracking, root_path, parent_run_id, status, tags=raw_data_tags(root_path))
     return {"parent_run_id": parent_run_id if kept else None, "params_file": str(merged_params), "stages": summary}
 
 

@@ -44,7 +44,9 @@ class Stage:
 
 STAGES: tuple[Stage, ...] = (
     Stage("models", (), layout.MODEL_IDENTITY, tracked=False),
-    Stage("ingest", (), layout.INGESTED),
+    # Untracked like models: it runs on every `dvc repro` and its work is a walk of the data set folders.
+    Stage("scan", (), layout.SCANNED, tracked=False),
+    Stage("ingest", (layout.SCANNED,), layout.INGESTED),
     Stage("bucket", (layout.INGESTED,), layout.BUCKETED),
     Stage("autoencoder", (layout.BUCKETED,), layout.AUTOENCODER, gpu=True, trains=True),
     Stage("caption", (layout.BUCKETED,), layout.CAPTIONED, gpu=True, shardable=True),

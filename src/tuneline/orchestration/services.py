@@ -159,16 +159,11 @@ def run_ui(params, root: Path, mlflow_port: int = 5000, prefect_port: int = 4200
 
 def run_repro(params, root: Path, dvc_args: Sequence[str]) -> int:
     """`dvc repro <dvc_args>` under one MLflow parent run; returns dvc's exit status."""
-    from tuneline.core.fsutil import digest_json
-    from tuneline.orchestration.cachekey import Digester
+    from tuneline.orchestration.cachekey import raw_data_tags
     from tuneline.core.tracking.tracker import PARENT_RUN_ENV, end_parent_run, run_link, start_parent_run
 
     root = Path(root).resolve()
-    with Digester(root, params.store_dir) as digester:
-        # The raw data set folders; the data digest (tuneline.data_digest) names what training used.
-        raw_data_digest = digest_json({d.name: digester.tree(str(d.path)) for d in params.datasets})
-    run_id = start_parent_run(params.tracking, root, "pipeline dvc repro",
-                              tags={"tuneline.raw_data_digest": raw_data_digest, "tuneline.orchestrator": "dvc"})
+    run_id = start_parent_run(params.tracking, root, "pipeline dvc repro", tags={"tuneline.orchestrator": "dvc"})
     env = {**os.environ}
     if run_id:
         env[PARENT_RUN_ENV] = run_id
@@ -193,5 +188,6 @@ def run_repro(params, root: Path, dvc_args: Sequence[str]) -> int:
         rc = process.poll()
         status = ("FINISHED" if rc == 0 else
                   "KILLED" if interrupted or rc in (130, 143, -signal.SIGINT, -signal.SIGTERM) else "FAILED")
-        end_parent_run(params.tracking, root, run_id, status)
+        # The raw data as the scan stage listed it: no walk of the raw folders here.
+        end_parent_run(params.tracking, root, run_id, status, tags=raw_data_tags(root))
     return returncode

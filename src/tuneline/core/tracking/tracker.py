@@ -554,10 +554,11 @@ def start_parent_run(
     return run.info.run_id
 
 
-def end_parent_run(config: TrackingConfig, root: Path, run_id: str | None, status: str = "FINISHED") -> bool:
-    """End a run made by `start_parent_run` with FINISHED, FAILED or KILLED. A finished parent
-    under which nothing was recorded (every stage a cache hit or a no-op) is deleted instead:
-    returns False then, True when the run was kept."""
+def end_parent_run(config: TrackingConfig, root: Path, run_id: str | None, status: str = "FINISHED",
+                   tags: Mapping[str, str] | None = None) -> bool:
+    """End a run made by `start_parent_run` with FINISHED, FAILED or KILLED, adding `tags` (what was
+    known only once stages ran). A finished parent under which nothing was recorded (every stage a
+    cache hit or a no-op) is deleted instead: returns False then, True when the run was kept."""
     if not config.enabled or not run_id:
         return False
     _mlflow()
@@ -567,6 +568,8 @@ def end_parent_run(config: TrackingConfig, root: Path, run_id: str | None, statu
     if status == "FINISHED" and _ran_nothing(client, run_id):
         client.delete_run(run_id)  # soft delete: hidden in the UI, `mlflow gc` removes it
         return False
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, value)
     client.set_terminated(run_id, status)
     return True
 

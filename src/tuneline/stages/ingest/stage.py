@@ -1,32 +1,30 @@
-"""Stage `ingest`: find every image of every data set, check it, read its sidecar caption.
+"""Stage `ingest`: every image the scan stage listed, checked, with its sidecar caption and mask.
 
 The output is a manifest of usable images (pointing at the user's files, which are
 not copied) and a list of rejected files with plain reasons. The expensive part, a
 decode of each file, is cached per file content in the item store, so a rerun only
-decodes new or edited files.
+decodes new or edited files; the files' digests come from the scan (data/scanned).
 """
 
 from __future__ import annotations
 
 import codecs
-import os
-import stat
 import time
 from collections import defaultdict
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from tuneline.config import Params
 from tuneline.core.codeversion import code_version
 from tuneline.stages.ingest import CODE
-from tuneline.core.fsutil import digest_json, file_digest, rebuilt_dir, relative_to_root
+from tuneline.core.fsutil import digest_json, file_digest, rebuilt_dir
 from tuneline.core.images import (IMAGE_EXTENSIONS, SIDECAR_EXTENSIONS, ImageRejected, exact_pixel_digest,
                                   oriented_size, probe)
-from tuneline.core.manifest import MANIFEST, REJECTED, write_jsonl
+from tuneline.core.manifest import MANIFEST, REJECTED, read_manifest, write_jsonl
 from tuneline.core.parallel import map_with_progress
 from tuneline.core.report import StageReport
-from tuneline.core.store import FileDigests, ItemStore
+from tuneline.core.store import ItemStore
 
 STAGE = "ingest"
 CODE_VERSION = code_version(CODE)  # changes with the code that makes the items
@@ -65,9 +63,10 @@ def _probe_file(path: str, digest: str | None, store_dir: str, max_pixels: int) 
 def read_sidecar(image_path: Path) -> tuple[str | None, str | None]:
     """The caption in `<stem>.txt` beside an image, and a warning if it was not clean UTF-8."""
     sidecar = image_path.with_suffix(".txt")
-    if not sidecar.is_file():
+    try:
+        raw = sidecar.read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
         return None, None
-    raw = sidecar.read_bytes()
     warning = None
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         text = raw.decode("utf-16", errors="replace")
@@ -82,93 +81,87 @@ def read_sidecar(image_path: Path) -> tuple[str | None, str | None]:
     return (text or None), warning
 
 
-def _walk(folder: Path, dataset: str, root: Path, report: StageReport) -> list[Path]:
-    """Every entry under `folder` except hidden ones, following symlinked folders (each real
-    folder once: a link back up the tree is reported, not followed forever)."""
-    entries: list[Path] = []
-    seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:
-            report.reject(relative_to_root(Path(dirpath), root), f"skipped: the folder {real} was already "
-                          "searched through another path (a symbolic link loop or a second link)", dataset=dataset)
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = [name for name in dirnames if not name.startswith(".")]
-        entries.extend(Path(dirpath) / name for name in filenames if not name.startswith("."))
-    return sorted(entries)
-
-
 MASK_STEM_SUFFIX = "_mask"  # <stem>_mask.png beside <stem>.<ext>: that image's loss mask, never an image itself
 MASK_EXTENSION = ".png"
 
 
-def is_mask_file(path: Path) -> bool:
-    return path.stem.endswith(MASK_STEM_SUFFIX) and path.suffix.lower() in IMAGE_EXTENSIONS
+def suffix_of(path: str) -> str:
+    """The file name's extension, lower case with its dot ('' without one), as Path.suffix gives it."""
+    name = path.rpartition("/")[2]
+    stem, dot, suffix = name.rpartition(".")
+    return f".{suffix.lower()}" if dot and stem and suffix else ""
 
 
-def mask_file_of(image: Path) -> Path:
-    return image.with_name(f"{image.stem}{MASK_STEM_SUFFIX}{MASK_EXTENSION}")
+def is_mask_file(path: str) -> bool:
+    return path.rpartition(".")[0].endswith(MASK_STEM_SUFFIX) and suffix_of(path) in IMAGE_EXTENSIONS
 
 
-def discover(params: Params, root: Path, report: StageReport,
-             masks: dict[Path, str] | None = None) -> list[tuple[str, Path]]:
-    """(data set folder, file) for every image candidate, in a stable order; mask files
-    (`<stem>_mask.png`) go into `masks` (file -> data set folder) instead."""
-    found = []
-    for dataset in params.datasets:
-        for path in _walk(root / dataset.path, dataset.folder, root, report):
-            suffix = path.suffix.lower()
-            if is_mask_file(path):
-                if masks is not None:
-                    masks[path] = dataset.folder
-                continue
-            try:
-                mode = os.stat(path).st_mode
-            except OSError:
-                report.reject(relative_to_root(path, root), "unreadable: broken symbolic link", dataset=dataset.folder)
-                continue
-            if suffix in IMAGE_EXTENSIONS and not stat.S_ISREG(mode):
-                # Reading a FIFO would block forever; a device or socket is no image either.
-                report.reject(relative_to_root(path, root), "not a regular file (a FIFO, socket or device)",
-                              dataset=dataset.folder)
-            elif suffix in IMAGE_EXTENSIONS:
-                found.append((dataset.folder, path))
-            elif suffix not in SIDECAR_EXTENSIONS:
-                report.reject(relative_to_root(path, root), f"unsupported file type: {suffix or 'no extension'}",
-                              dataset=dataset.folder)
-    return found
+def mask_file_of(image: str) -> str:
+    return f"{image.rpartition('.')[0]}{MASK_STEM_SUFFIX}{MASK_EXTENSION}"
 
 
-def shared_sidecar_warnings(files: list[tuple[str, Path]], root: Path) -> list[str]:
+def sidecar_of(image: str) -> str:
+    return f"{image.rpartition('.')[0]}.txt"
+
+
+@dataclass
+class Inputs:
+    """What the scan listed, sorted by kind: images (data set, path, digest) in path order,
+    masks (path -> data set, digest) and the sidecar captions that exist."""
+
+    images: list[tuple[str, str, str]]
+    masks: dict[str, tuple[str, str]]
+    sidecars: set[str]
+
+
+def sort_inputs(scanned: list[dict[str, Any]], report: StageReport) -> Inputs:
+    """Sort the scan stage's records into images, masks and sidecars; reject the rest with a reason.
+    Paths stay as the scan wrote them (relative to the project root)."""
+    inputs = Inputs([], {}, set())
+    for record in scanned:
+        path, dataset = record["path"], record["dataset"]
+        if "problem" in record:
+            report.reject(path, record["problem"], dataset=dataset)
+            continue
+        suffix = suffix_of(path)
+        if is_mask_file(path):
+            inputs.masks[path] = (dataset, record["digest"])
+        elif suffix in IMAGE_EXTENSIONS:
+            inputs.images.append((dataset, path, record["digest"]))
+        elif suffix in SIDECAR_EXTENSIONS:
+            inputs.sidecars.add(path)
+        else:
+            report.reject(path, f"unsupported file type: {suffix or 'no extension'}", dataset=dataset)
+    return inputs
+
+
+def shared_sidecar_warnings(inputs: Inputs) -> list[str]:
     """One warning per `<stem>.txt` that captions several images (good.jpg and good.png)."""
-    by_sidecar: dict[Path, list[Path]] = defaultdict(list)
-    for _, path in files:
-        by_sidecar[path.with_suffix(".txt")].append(path)
-    return [f"{relative_to_root(sidecar, root)} captions {len(images)} images with the same stem "
-            f"({', '.join(p.name for p in images)}): applied to each of them; rename one to give it its own caption"
-            for sidecar, images in sorted(by_sidecar.items()) if len(images) > 1 and sidecar.is_file()]
+    by_sidecar: dict[str, list[str]] = defaultdict(list)
+    for _, path, _ in inputs.images:
+        by_sidecar[sidecar_of(path)].append(path)
+    return [f"{sidecar} captions {len(images)} images with the same stem "
+            f"({', '.join(p.rpartition('/')[2] for p in images)}): applied to each of them; rename one to give it "
+            "its own caption"
+            for sidecar, images in sorted(by_sidecar.items()) if len(images) > 1 and sidecar in inputs.sidecars]
 
 
-def mask_of(path: Path, record: dict[str, Any], masks: dict[Path, str], digests: FileDigests,
-            root: Path) -> tuple[dict[str, Any] | None, str | None]:
+def mask_of(path: str, record: dict[str, Any], inputs: Inputs, root: Path) -> tuple[dict[str, Any] | None, str | None]:
     """(the image's loss mask record, or None; a rejection reason, or None). A `<stem>_mask.png` beside the
     image wins over its alpha channel; the mask file must have the image's size (after EXIF orientation)."""
     from PIL import Image
 
     mask_path = mask_file_of(path)
-    if mask_path in masks:
+    if mask_path in inputs.masks:
         try:  # the header only: the pixels are read at bucket time
-            with Image.open(mask_path) as image:
+            with Image.open(root / mask_path) as image:
                 size = oriented_size(image)
         except (OSError, ValueError, Image.DecompressionBombError) as error:
-            return None, f"mask {relative_to_root(mask_path, root)} is not a readable image: {error}"
+            return None, f"mask {mask_path} is not a readable image: {error}"
         if size != (record["width"], record["height"]):
-            return None, (f"mask {relative_to_root(mask_path, root)} is {size[0]}x{size[1]}, the image is "
+            return None, (f"mask {mask_path} is {size[0]}x{size[1]}, the image is "
                           f"{record['width']}x{record['height']}: a mask must have its image's size")
-        mask = {"source": "file", "file": relative_to_root(mask_path, root), "digest": digests.digest(mask_path)}
-        return mask, None
+        return {"source": "file", "file": mask_path, "digest": inputs.masks[mask_path][1]}, None
     if record["has_alpha"]:
         return {"source": "alpha"}, None
     return None, None
@@ -212,9 +205,10 @@ class _Duplicates:
         return None
 
 
-def run(params: Params, root: Path, out_dir: Path, metrics_dir: Path | None = None, *,
+def run(params: Params, root: Path, scanned_dir: Path, out_dir: Path, metrics_dir: Path | None = None, *,
         tracker: Any = None) -> StageReport:
-    """Ingest every data set of `params`; write `out_dir/manifest.jsonl` and `rejected.jsonl`."""
+    """Ingest the files the scan stage listed in `scanned_dir`; write `out_dir/manifest.jsonl` and
+    `rejected.jsonl`."""
     started = time.perf_counter()
     root = Path(root)
     check_inputs(params, root)
@@ -222,38 +216,28 @@ def run(params: Params, root: Path, out_dir: Path, metrics_dir: Path | None = No
     report = StageReport(STAGE)
     store_dir = root / params.store_dir
     store = ItemStore(store_dir, STAGE)
-    file_digests = FileDigests(store_dir / "file-digests.sqlite")
 
-    masks: dict[Path, str] = {}
-    files = discover(params, root, report, masks)
-    found_count = len(files) + len(report.rejected)  # images plus files rejected on sight
-    results: dict[int, tuple[str | None, dict[str, Any]]] = {}
+    inputs = sort_inputs(read_manifest(Path(scanned_dir)), report)
+    found_count = len(inputs.images) + len(report.rejected)  # images plus files rejected on sight
+    records: list[dict[str, Any] | None] = [store.read_json(probe_key(digest)) for _, _, digest in inputs.images]
+    pending = [index for index, record in enumerate(records) if record is None]
+    tasks = [(str(root / inputs.images[i][1]), inputs.images[i][2], str(store_dir), config.max_pixels) for i in pending]
     computed: set[int] = set()
-    tasks = []
-    for index, (_, path) in enumerate(files):
-        digest = file_digests.cached(path)
-        record = store.read_json(probe_key(digest)) if digest else None
-        if record is not None:
-            results[index] = (digest, record)
-        else:
-            tasks.append((str(path), digest, str(store_dir), config.max_pixels))
-    pending = [index for index in range(len(files)) if index not in results]
-    for index, (digest, record, was_computed) in zip(
+    for index, (_, record, was_computed) in zip(
         pending, map_with_progress(_probe_file, tasks, config.workers, "ingest: checking images")
     ):
-        results[index] = (digest, record)
+        records[index] = record
         if was_computed:
             computed.add(index)
-        if digest is not None:
-            file_digests.remember(files[index][1], digest)
 
-    report.warnings.extend(shared_sidecar_warnings(files, root))
+    report.warnings.extend(shared_sidecar_warnings(inputs))
     duplicates = _Duplicates(store, config.max_pixels)
     manifest = []
     kept: dict[str, dict[str, Any]] = {}  # source -> its manifest record
-    for index, (dataset, path) in enumerate(files):
-        digest, record = results[index]
-        source = relative_to_root(path, root)
+    for index, (dataset, source, digest) in enumerate(inputs.images):
+        record = records[index]
+        assert record is not None
+        path = root / source
         reason = _rejection(record, config.min_size, config.max_pixels)
         original = None
         if reason is None:
@@ -262,8 +246,8 @@ def run(params: Params, root: Path, out_dir: Path, metrics_dir: Path | None = No
                 reason, original = found
         mask = None
         if reason is None:
-            mask, reason = mask_of(path, record, masks, file_digests, root)
-        caption, warning = read_sidecar(path)
+            mask, reason = mask_of(source, record, inputs, root)
+        caption, warning = read_sidecar(path) if sidecar_of(source) in inputs.sidecars else (None, None)
         if reason is not None:
             report.reject(source, reason, dataset=dataset)
             if original is not None and caption:
@@ -292,18 +276,17 @@ def run(params: Params, root: Path, out_dir: Path, metrics_dir: Path | None = No
         if mask is not None:  # only then: the records of images without a mask stay as they were
             kept[source]["mask"] = mask
         manifest.append(kept[source])
-    file_digests.close()
-    claimed = {mask_file_of(path) for _, path in files}
-    for mask_path, dataset in sorted(masks.items()):
+    claimed = {mask_file_of(source) for _, source, _ in inputs.images}
+    for mask_path, (dataset, _) in sorted(inputs.masks.items()):
         if mask_path not in claimed:
-            report.reject(relative_to_root(mask_path, root), "mask file without an image: a mask is named after "
+            report.reject(mask_path, "mask file without an image: a mask is named after "
                           f"its image, <stem>{MASK_STEM_SUFFIX}{MASK_EXTENSION} beside <stem>.png/.jpg/...",
                           dataset=dataset)
 
     with rebuilt_dir(out_dir) as staging:
         write_jsonl(staging / MANIFEST, manifest)
         write_jsonl(staging / REJECTED, report.rejected)
-    per_dataset = defaultdict(int)
+    per_dataset: dict[str, int] = defaultdict(int)
     for item in manifest:
         per_dataset[item["dataset"]] += 1
     report.extra.update({
