@@ -38,4 +38,4 @@ bench: install
 	$(BIN)/python -m bench.run_all
 
 clean:
-	rm -rf .tuneline data/ingested data/bucketed metrics/*.json
+	rm -rf .tuneline data/scanned data/ingested data/bucketed metrics/*.json
