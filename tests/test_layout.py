@@ -145,6 +145,7 @@ def test_registry_dvc_yaml_and_entry_points_agree():
 # Modules that cannot change what a stage produces: params models (their values, defaults
 # included, are in every key), bookkeeping, display, locking, tracking, orchestration. Their
 # imports are not followed. Tiny models count through the content of the files they build.
+# The ingest stage's run rebuilds its output from the stored probe records every run (probe.py makes them).
 # The caption stage's edits module picks a hand edit over the stored model caption when the output
 # is written; the store holds model captions only. The latents stage's output/report module rebuilds the output folder from the store every run,
 # its prompts module only picks which prompt texts its text cache encodes (text.py and keys.py make
@@ -156,7 +157,7 @@ NOT_RESULT_SHAPING = ("tuneline.config", "tuneline.preflight", "tuneline.cli", "
                       "tuneline.core.parallel", "tuneline.core.layout", "tuneline.core.lock", "tuneline.core.logs",
                       "tuneline.core.stops", "tuneline.core.packs",
                       "tuneline.core.codeversion", "tuneline.core.tracking", "tuneline.orchestration", "tuneline.tiny",
-                      "tuneline.stages.latents.output", "tuneline.stages.latents.prompts",
+                      "tuneline.stages.ingest.stage", "tuneline.stages.latents.output", "tuneline.stages.latents.prompts",
                       "tuneline.stages.caption.edits", "tuneline.stages.caption.output", "tuneline.stages.bucket.output",
                       "tuneline.train.cached_text")
 
@@ -168,14 +169,16 @@ def _exempt(module: str) -> bool:
 
 
 def _shaping_closure(graph: dict[str, set[str]], start: str) -> set[str]:
+    """The modules that could shape what `start` (a stage module) stores. The start is followed even
+    when it is exempt itself (a stage whose run only assembles its output: ingest's), and then left out."""
     seen, stack = set(), [start]
     while stack:
         module = stack.pop()
-        if module in seen or module not in graph or _exempt(module):
+        if module in seen or module not in graph or (_exempt(module) and module != start):
             continue
         seen.add(module)
         stack.extend(graph[module])
-    return seen
+    return seen - {start} if _exempt(start) else seen
 
 
 def test_every_module_that_shapes_a_stages_results_is_in_its_code_version_and_dvc_deps():

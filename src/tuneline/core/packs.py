@@ -131,6 +131,16 @@ class PackIndex:
                 return path, offset, size
         return None
 
+    def stored_items(self) -> set[str]:
+        """Every indexed item (`key + suffix`) whose pack still exists."""
+        db = self._connect(create=False)
+        if db is None:
+            return set()
+        by_pack: dict[str, list[str]] = {}
+        for pack_key, item in db.execute("SELECT pack, item FROM members"):
+            by_pack.setdefault(pack_key, []).append(item)
+        return {item for pack_key, items in by_pack.items() if self.pack_path(pack_key).is_file() for item in items}
+
     def members(self, pack_key: str) -> dict[str, tuple[int, int]]:
         db = self._connect(create=False)
         if db is None:

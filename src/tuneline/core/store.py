@@ -37,13 +37,33 @@ class ItemStore:
     def __init__(self, store_dir: Path, stage: str) -> None:
         self.root = Path(store_dir) / stage
         self.index = PackIndex(self.root)
+        self._known: set[str] | None = None
 
     def path(self, key: str, suffix: str) -> Path:
         """Where a newly computed item is written (its loose file)."""
         return self.root / key[:2] / f"{key}{suffix}"
 
     def has(self, key: str, suffix: str) -> bool:
-        return self.path(key, suffix).is_file() or self.index.find(key + suffix) is not None
+        name = key + suffix
+        if self._known is None:
+            self._known = self._stored_names()
+        if name in self._known:  # an item never leaves the store (packing moves it), so a hit stays true
+            return True
+        # A miss is checked on disk: another process (a shard) may have stored it since.
+        return self.path(key, suffix).is_file() or self.index.find(name) is not None
+
+    def _stored_names(self) -> set[str]:
+        """Every item the store holds now, loose or packed: one listing and one index query, where a
+        check per item (a stat and a query each) would cost a whole data set's worth of round trips."""
+        names: set[str] = set()
+        try:
+            folders = [entry for entry in os.scandir(self.root) if entry.is_dir() and len(entry.name) == 2]
+        except FileNotFoundError:
+            return names
+        for folder in folders:
+            names.update(os.listdir(folder.path))
+        names.update(self.index.stored_items())
+        return names
 
     def read_bytes(self, key: str, suffix: str) -> bytes:
         """The item's bytes, loose or packed."""

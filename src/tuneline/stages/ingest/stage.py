@@ -2,8 +2,9 @@
 
 The output is a manifest of usable images (pointing at the user's files, which are
 not copied) and a list of rejected files with plain reasons. The expensive part, a
-decode of each file, is cached per file content in the item store, so a rerun only
-decodes new or edited files; the files' digests come from the scan (data/scanned).
+decode of each file, is cached per file content in the item store (probe.py, the stage's
+CODE), so a rerun only decodes new or edited files; the files' digests come from the scan
+(data/scanned). This module rebuilds the output from the records on every run.
 """
 
 from __future__ import annotations
@@ -11,53 +12,20 @@ from __future__ import annotations
 import codecs
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tuneline.config import Params
-from tuneline.core.codeversion import code_version
-from tuneline.stages.ingest import CODE
-from tuneline.core.fsutil import digest_json, file_digest, rebuilt_dir
-from tuneline.core.images import (IMAGE_EXTENSIONS, SIDECAR_EXTENSIONS, ImageRejected, exact_pixel_digest,
-                                  oriented_size, probe)
+from tuneline.core.fsutil import rebuilt_dir
+from tuneline.core.images import IMAGE_EXTENSIONS, SIDECAR_EXTENSIONS, oriented_size
 from tuneline.core.manifest import MANIFEST, REJECTED, read_manifest, write_jsonl
 from tuneline.core.parallel import map_with_progress
 from tuneline.core.report import StageReport
 from tuneline.core.store import ItemStore
+from tuneline.stages.ingest.probe import STAGE, exact_pixels, probe_file, probe_key
 
-STAGE = "ingest"
-CODE_VERSION = code_version(CODE)  # changes with the code that makes the items
 ITEM_ID_LENGTH = 24
-
-
-def probe_key(digest: str) -> str:
-    return digest_json({"stage": STAGE, "code": CODE_VERSION, "bytes": digest})
-
-
-def _probe_file(path: str, digest: str | None, store_dir: str, max_pixels: int) -> tuple[str | None, dict[str, Any], bool]:
-    """Worker: hash one file and probe it unless the store knows its bytes already.
-
-    Returns (digest, record, computed). A verdict that depends on settings or
-    permissions is not stored.
-    """
-    try:
-        digest = digest or file_digest(Path(path))
-    except OSError as error:
-        return None, {"ok": False, "reason": f"unreadable: {error.strerror or error}"}, False
-    store = ItemStore(Path(store_dir), STAGE)
-    key = probe_key(digest)
-    known = store.read_json(key)
-    if known is not None:  # a touched, renamed or copied file: same bytes, no new decode
-        return digest, known, False
-    try:
-        record: dict[str, Any] = {"ok": True, **asdict(probe(Path(path), max_pixels))}
-    except ImageRejected as rejected:
-        record = {"ok": False, "reason": str(rejected)}
-        if not rejected.cacheable:
-            return digest, record, True
-    store.write_json(key, record)
-    return digest, record, True
 
 
 def read_sidecar(image_path: Path) -> tuple[str | None, str | None]:
@@ -183,13 +151,7 @@ class _Duplicates:
         self.by_fingerprint: dict[str, list[tuple[str, str, dict[str, Any]]]] = defaultdict(list)
 
     def _exact(self, digest: str, path: Path, record: dict[str, Any]) -> str:
-        if record["fingerprint_exact"]:
-            return record["fingerprint"]
-        if "exact_pixel_digest" not in record:
-            # Only files whose reduced-decode fingerprints collide pay for a full decode.
-            record["exact_pixel_digest"] = exact_pixel_digest(path, self.max_pixels)
-            self.store.write_json(probe_key(digest), record)
-        return record["exact_pixel_digest"]
+        return exact_pixels(self.store, digest, path, record, self.max_pixels)
 
     def original_of(self, digest: str, path: Path, source: str, record: dict[str, Any]) -> tuple[str, str] | None:
         """(rejection reason, source kept in place of this one), or None if this one is the first."""
@@ -223,8 +185,8 @@ def run(params: Params, root: Path, scanned_dir: Path, out_dir: Path, metrics_di
     pending = [index for index, record in enumerate(records) if record is None]
     tasks = [(str(root / inputs.images[i][1]), inputs.images[i][2], str(store_dir), config.max_pixels) for i in pending]
     computed: set[int] = set()
-    for index, (_, record, was_computed) in zip(
-        pending, map_with_progress(_probe_file, tasks, config.workers, "ingest: checking images")
+    for index, (record, was_computed) in zip(
+        pending, map_with_progress(probe_file, tasks, config.workers, "ingest: checking images")
     ):
         records[index] = record
         if was_computed:

@@ -85,6 +85,21 @@ def read_latent_header(folder: Path, ref: dict[str, Any]) -> tuple[dict[str, str
     return header.get("__metadata__") or {}, list(header["mean"]["shape"])
 
 
+def latent_headers(folder: Path, refs: dict[int, dict[str, Any]], records: list[dict[str, Any]]
+                   ) -> dict[int, tuple[dict[str, str], list[int]]]:
+    """(metadata, shape) of each item's latents, reading one header per bucket: a run's latents all come
+    from one VAE (its identity is in every key), so a bucket's crops give one shape and the same factors,
+    and a header read per item would cost a file read per image of the data set."""
+    by_bucket: dict[tuple[int, ...], tuple[dict[str, str], list[int]]] = {}
+    headers = {}
+    for i, ref in refs.items():
+        bucket = tuple(records[i]["bucket"])
+        if bucket not in by_bucket:
+            by_bucket[bucket] = read_latent_header(folder, ref)
+        headers[i] = by_bucket[bucket]
+    return headers
+
+
 def finish_shard(report: StageReport, records: list[dict[str, Any]], failed: dict[int, str],
                  shard: tuple[int, int], text_computed: int, device: str, dtype: str, started: float) -> StageReport:
     """A shard only fills the store; the unsharded run writes the output."""
@@ -159,7 +174,7 @@ def write_output(out_dir: Path, report: StageReport, *, records: list[dict[str, 
         latent_refs = store.pack(staging, [PackItem(*member[i], keys[i], SUFFIX) for i in kept], PACK_EXTENSION)
         text_refs = text_store.pack(staging, [PackItem(*member[i], key, SUFFIX) for i in kept
                                               if (key := text_keys[i]) is not None], TEXT_PACK_EXTENSION)
-        headers = {i: read_latent_header(staging, latent_refs[member[i]]) for i in kept}
+        headers = latent_headers(staging, {i: latent_refs[member[i]] for i in kept}, records)
         mask_keys = store_latent_masks(records, {i: shape for i, (_, shape) in headers.items()}, store, report,
                                        captioned_dir)
         mask_refs = store.pack(staging, [PackItem(*member[i], mask_keys[i], LATENT_MASK_SUFFIX) for i in kept
