@@ -1,7 +1,9 @@
-"""Run a function over items in worker processes, with a progress bar."""
+"""Run a function over items in worker processes, with a progress bar; the same bar for a stage's own
+loops (render's images: `progress_bar`) and for training steps (`StepBar`)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -29,10 +31,7 @@ def map_with_progress(
     if not tasks:
         return
     count = worker_count(workers, len(tasks))
-    progress = Progress(
-        TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console,
-        transient=True,
-    )
+    progress = _progress(description)
     with progress:
         bar = progress.add_task(description, total=len(tasks))
         if count == 1:
@@ -53,3 +52,46 @@ def map_with_progress(
             for result in pool.map(function, *zip(*tasks), chunksize=chunk):
                 yield result
                 progress.advance(bar)
+
+
+def _progress(description: str, *extra: Any, enabled: bool = True) -> Progress:
+    """Every tuneline bar: description, bar, done/total, time left (then `extra` columns); gone when done."""
+    return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), *extra,
+                    console=console, transient=True, disable=not enabled)
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int) -> Iterator[Callable[[], None]]:
+    """A bar over `total` units of a loop this process runs; yields the function that counts one done."""
+    with _progress(description) as progress:
+        bar = progress.add_task(description, total=total)
+        yield lambda: progress.advance(bar)
+
+
+def counted(function: Callable[[Any], T], advance: Callable[[], None]) -> Callable[[Any], T]:
+    """`function`, counting one unit done on each call (a per-item callback, like a path to save to)."""
+    def call(item: Any) -> T:
+        result = function(item)
+        advance()
+        return result
+
+    return call
+
+
+class StepBar:
+    """The training steps' bar: done/total (total None: open-ended, by epochs), time left, and the last
+    loss, lr and seconds per step. Shown by one process: `enabled` False on the others."""
+
+    def __init__(self, description: str, total: int | None, done: int, enabled: bool) -> None:
+        self._progress = _progress(description, TextColumn("{task.fields[note]}"), enabled=enabled)
+        self._task = self._progress.add_task(description, total=total, completed=done, note="")
+        self._progress.start()
+
+    def advance(self) -> None:
+        self._progress.advance(self._task)
+
+    def note(self, **values: str) -> None:
+        self._progress.update(self._task, note=" ".join(f"{key} {value}" for key, value in values.items()))
+
+    def close(self) -> None:
+        self._progress.stop()

@@ -120,7 +120,8 @@ def deployment(name: str = DEFAULT_NAME, root: str = ".", params_path: str = "pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__.splitlines()[0])
+    # The docstring's first paragraph, whole (its first line alone stops mid-sentence).
+    parser = argparse.ArgumentParser(prog="python -m flows.serve", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--name", default=DEFAULT_NAME, help=f"deployment name (default: {DEFAULT_NAME})")
     parser.add_argument("--root", default=".", help="project root (default: .)")
     parser.add_argument("--params", default="params.yaml", help="params file, relative to the root (default: params.yaml)")
