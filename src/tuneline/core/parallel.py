@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -80,18 +81,30 @@ def counted(function: Callable[[Any], T], advance: Callable[[], None]) -> Callab
 
 class StepBar:
     """The training steps' bar: done/total (total None: open-ended, by epochs), time left, and the last
-    loss, lr and seconds per step. Shown by one process: `enabled` False on the others."""
+    loss, lr and seconds per step. Shown by one process: `enabled` False on the others. Where the output
+    is no terminal (a Prefect run's log), a bar does not draw: a plain line every PLAIN_EVERY_S says the same."""
+
+    PLAIN_EVERY_S = 30.0
 
     def __init__(self, description: str, total: int | None, done: int, enabled: bool) -> None:
+        self._description, self._total, self._done = description, total, done
+        self._plain = enabled and not console.is_terminal
+        self._said = time.monotonic()
         self._progress = _progress(description, TextColumn("{task.fields[note]}"), enabled=enabled)
         self._task = self._progress.add_task(description, total=total, completed=done, note="")
         self._progress.start()
 
     def advance(self) -> None:
+        self._done += 1
         self._progress.advance(self._task)
 
     def note(self, **values: str) -> None:
-        self._progress.update(self._task, note=" ".join(f"{key} {value}" for key, value in values.items()))
+        note = " ".join(f"{key} {value}" for key, value in values.items())
+        self._progress.update(self._task, note=note)
+        if self._plain and time.monotonic() - self._said >= self.PLAIN_EVERY_S:
+            self._said = time.monotonic()
+            total = "?" if self._total is None else self._total
+            console.print(f"{self._description}: step {self._done}/{total} {note}", markup=False, highlight=False)
 
     def close(self) -> None:
         self._progress.stop()
