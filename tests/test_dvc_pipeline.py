@@ -30,10 +30,13 @@ def run_report(root: Path, stage: str) -> dict:
     return json.loads((root / f"reports/{stage}.json").read_text())
 
 
-def dvc(cwd: Path, *args: str) -> str:
+def dvc(cwd: Path, *args: str, terminal: list[str] | None = None) -> str:
+    """dvc's stdout; `terminal` gets the lines of both streams (the stages' warnings go to stderr)."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+    if terminal is not None:
+        terminal.extend((done.stdout + done.stderr).splitlines())
     return done.stdout
 
 
@@ -73,9 +76,14 @@ def test_dvc_repro_runs_the_demo_and_reruns_only_what_changed(tmp_path):
     (tmp_path / "params.yaml").write_text(params.replace("height: 256", "height: 128", 1)
                                           .replace("width: 256", "width: 128", 1))
 
-    out = dvc(tmp_path, "repro")
+    terminal: list[str] = []
+    out = dvc(tmp_path, "repro", terminal=terminal)
     for stage in STAGES:
         assert f"Running stage '{stage}'" in out
+    # Every warning once (tiny models, the autoencoder that is off), and none from DVC about an empty output.
+    warnings = [line for line in terminal if line.lower().startswith("warning")]
+    assert warnings and len(warnings) == len(set(warnings)), warnings
+    assert not [line for line in terminal if "is empty" in line]
     manifest = (tmp_path / "data/bucketed/manifest.jsonl").read_text().splitlines()
     assert len(manifest) == 14
     assert run_report(tmp_path, "bucket")["computed"] == 14

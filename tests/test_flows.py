@@ -228,6 +228,12 @@ def test_overrides_get_the_params_yaml_messages():
     problems = lambda error: str(error.value).splitlines()[1:]  # noqa: E731  (after the source line)
     assert problems(from_override) == problems(from_file)
     assert any("train.lrr: unknown key. Did you mean 'lr'?" in line for line in problems(from_override))
+    # What the form posts (null sections, nulls for untouched fields) with out-of-range values: each named
+    # by its dotted key with what it allows.
+    with pytest.raises(ParamsError) as posted:
+        apply_overrides(data, {"train": {"lr": -1, "mixed_precision": "fp8", "lora": None}, "render": None})
+    assert problems(posted) == ["  - train.lr: Input should be greater than 0 (got -1)",
+                                "  - train.mixed_precision: Input should be 'no', 'fp16' or 'bf16' (got 'fp8')"]
 
 
 def test_parameter_form_is_params_with_every_field_optional():
@@ -248,7 +254,15 @@ def test_parameter_form_is_params_with_every_field_optional():
 
     served = deployment(root=str(REPO))
     served_schema = served._parameter_openapi_schema.model_dump()  # what serve() registers as the form
-    assert served_schema["definitions"]["TrainConfigOverrides"]["properties"]["lr"] == train["lr"]
+    served_lr = served_schema["definitions"]["TrainConfigOverrides"]["properties"]["lr"]
+    # The same field, its description ending with params.yaml's value (what an empty field keeps).
+    assert {**served_lr, "description": train["lr"]["description"]} == train["lr"]
+    current = yaml.safe_load((REPO / "params.yaml").read_text())["train"]["lr"]
+    assert served_lr["description"] == f"{train['lr']['description']} (params.yaml: {json.dumps(current)})"
+    sections = list(served_schema["definitions"]["ParamsOverrides"]["properties"])
+    assert [name for name in sections if name in ("model", "ingest", "bucket", "autoencoder", "caption", "latents",
+                                                   "train", "render", "export")] == [
+        "model", "ingest", "bucket", "autoencoder", "caption", "latents", "train", "render", "export"]  # pipeline order
     assert served.parameters["root"] == str(REPO)
 
     form = ParamsOverrides.model_validate({"train.lr": 0.001, "train": {"num_steps": 5}})

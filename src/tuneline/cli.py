@@ -323,6 +323,12 @@ def _add_orchestration_commands(commands) -> None:
     ui.add_argument("--start-timeout", type=float, default=180.0, help="seconds to wait for both to answer")
     serve = commands.add_parser("serve", help="serve the Prefect deployment of the pipeline (= python -m flows.serve)")
     serve.add_argument("serve_args", nargs=argparse.REMAINDER, help="arguments for flows.serve (see --help)")
+    exp = commands.add_parser("exp", help="DVC experiments in one readable table (dvc exp show --json): name, lr, "
+                                          "steps, loss, validation loss and the params that differ from their commit")
+    exp.add_argument("-A", "--all-commits", action="store_true", help="the experiments of every commit, not only HEAD's")
+    exp.add_argument("-n", "--num", type=int, default=None, metavar="N", help="the last N commits (dvc exp show -n)")
+    exp.add_argument("--sort", choices=("time", "loss", "val_loss"), default="time",
+                     help="row order: as DVC lists them (default), or lowest loss / validation loss first")
     repro = commands.add_parser("repro", help="dvc repro under one MLflow parent run (stages become its children)")
     repro.add_argument("dvc_args", nargs=argparse.REMAINDER, help="arguments passed on to `dvc repro`")
 
@@ -409,6 +415,11 @@ def main(argv: list[str] | None = None) -> int:
         setattr(args, PASSTHROUGH[args.command], argv[passed_on:])
     if args.command in ("ui", "serve", "repro"):
         return _run_orchestration_command(args)
+    if args.command == "exp":
+        from tuneline.orchestration.experiments import show
+
+        dvc_args = (["--all-commits"] if args.all_commits else []) + (["-n", str(args.num)] if args.num else [])
+        return show(args.root, dvc_args, args.sort)
     if args.command == "item":
         return _item(args.root, args.name, args.extract, args.edit)
     if args.command == "check":

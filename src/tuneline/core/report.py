@@ -18,6 +18,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from tuneline.core.fsutil import atomic_write_json
 from tuneline.core.layout import REPORTS
@@ -101,17 +102,11 @@ class StageReport:
         return path
 
     def print_summary(self, rejected_file: Path | None = None) -> None:
-        table = Table(title=f"{self.stage}: {self.produced} items in {self.seconds:.1f} s", show_header=False)
-        table.add_row("computed", str(self.computed))
-        table.add_row("reused from store", str(self.reused))
-        if self.given:
-            table.add_row("taken as given", str(self.given))
-        table.add_row("rejected", str(len(self.rejected)))
-        for reason, count in sorted(self.rejection_counts().items()):
-            table.add_row(f"  {reason}", str(count))
-        for key, value in self.extra.items():
-            if not isinstance(value, (dict, list)):
-                table.add_row(key.replace("_", " "), str(value))
+        """The stage's table (title on its own line: a narrow table would wrap it), then its warnings."""
+        console.print(Text(self.title(), style="bold"), soft_wrap=True)
+        table = Table(show_header=False)
+        for label, value in self.rows():
+            table.add_row(label, value)
         console.print(table)
         for extra_table in self.tables:
             console.print(extra_table)
@@ -121,6 +116,53 @@ class StageReport:
             console.print(f"[yellow]... and {len(self.warnings) - 20} more warnings[/]")
         if self.rejected and rejected_file is not None:
             console.print(f"rejected items and reasons: {rejected_file}", markup=False, soft_wrap=True)
+
+    def title(self) -> str:
+        unit = "step" if self.stage in STEP_STAGES else "item"
+        return f"{self.stage}: {plural(self.produced, unit)} in {self.seconds:.1f} s"
+
+    def rows(self) -> list[tuple[str, str]]:
+        """The summary table's rows (labels for people; reports/<stage>.json keeps the keys)."""
+        done, before = COUNT_LABELS.get(self.stage, COUNT_LABELS[None])
+        rows = [(done, str(self.computed)), (before, str(self.reused))]
+        parts = [key for key in GIVEN_PARTS if key in self.extra]
+        if self.given and not parts:  # broken down by source below otherwise: one row each, no total
+            rows.append(("taken as given", str(self.given)))
+        rows.append(("rejected", str(len(self.rejected))))
+        rows += [(f"  {reason}", str(count)) for reason, count in sorted(self.rejection_counts().items())]
+        for key, value in self.extra.items():
+            if isinstance(value, (dict, list)) or key in SAID_BY_A_WARNING:
+                continue
+            if key in GIVEN_PARTS and not value:
+                continue
+            rows.append((key.replace("_", " "), _shown(key, value)))
+        return rows
+
+
+# The stages that count training steps: computed / reused are the steps of this run / of earlier runs.
+STEP_STAGES = ("train", "autoencoder")
+COUNT_LABELS: dict[str | None, tuple[str, str]] = {
+    None: ("computed", "reused from store"),
+    **{stage: ("steps trained", "steps done before (resumed)") for stage in STEP_STAGES},
+}
+# Where a stage breaks its `given` items down by source (caption: sidecar, default, hand edit), the
+# summary shows the non-zero sources instead of the total, so no two rows say the same number.
+GIVEN_PARTS = ("from_sidecar", "defaulted", "hand_edited")
+# Report entries the summary's warnings already say (a tiny RANDOM-weight model).
+SAID_BY_A_WARNING = ("random_tiny_model",)
+# 0/1 report entries (numbers for `dvc metrics`) that mean no/yes.
+FLAGS = ("enabled",)
+
+
+def _shown(key: str, value: Any) -> str:
+    if isinstance(value, bool) or (key in FLAGS and value in (0, 1)):
+        return "yes" if value else "no"
+    return "none" if value is None else str(value)
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 item', '2 items', '0 items'."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def report_path(root: Path, stage: str) -> Path:

@@ -193,13 +193,33 @@ def _constraints(info: FieldInfo) -> list[Any]:
     return [item for item in info.metadata if isinstance(item, BaseMetadata)]
 
 
+def _in_form_order(model: type[BaseModel]) -> list[tuple[str, FieldInfo]]:
+    """The fields of `model`; for Params, the stages' sections in pipeline order (model first, as the
+    models stage), after the plain settings (store_dir, datasets, ...) and before the other sections."""
+    items = list(model.model_fields.items())
+    if model is not Params:
+        return items
+    from tuneline.orchestration.registry import STAGE_NAMES
+
+    order = {"model" if name == "models" else name: index for index, name in enumerate(STAGE_NAMES)}
+
+    def rank(item: tuple[str, FieldInfo]) -> tuple[int, int]:
+        name, info = item
+        if name in order:
+            return 1, order[name]
+        section = isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)
+        return (2 if section else 0), 0
+
+    return sorted(items, key=rank)
+
+
 @lru_cache(maxsize=None)
 def overrides_model(model: type[BaseModel] = Params) -> type[BaseModel]:
     """`model` with every field optional (default None = keep params.yaml's value), same
     descriptions, types and constraints: the parameter form of the Prefect deployment, whose
     JSON schema lets the UI and the server reject an out-of-range value before a run starts."""
     fields: dict[str, Any] = {}
-    for name, info in model.model_fields.items():
+    for name, info in _in_form_order(model):
         annotation = info.annotation
         if name == "datasets":  # a list replaces the list: its elements keep their required keys
             new = annotation
@@ -219,3 +239,34 @@ def overrides_model(model: type[BaseModel] = Params) -> type[BaseModel]:
     doc = (model.__doc__ or "").strip().splitlines()[0] if model.__doc__ else ""
     return create_model(title, __base__=_Form, __doc__=f"{doc} Empty fields keep params.yaml's value.".strip(),
                         **fields)
+
+
+def with_current_values(schema: dict[str, Any], values: Mapping[str, Any], root: str = "ParamsOverrides") -> None:
+    """Add params.yaml's current value to each field's description in a form schema (JSON schema with
+    `definitions`), in place: the form cannot prefill them (a prefilled field would override params.yaml
+    from then on), so an empty field says what it keeps. A section definition used in two places (the two
+    text encoders') is copied, so that each place shows its own values."""
+    definitions = schema["definitions"]
+    used: set[str] = set()
+
+    def walk(name: str, current: Mapping[str, Any]) -> None:
+        used.add(name)
+        for key, prop in definitions[name]["properties"].items():
+            if key not in current:
+                continue
+            value = current[key]
+            refs = [option for option in prop.get("anyOf", [prop]) if "$ref" in option]
+            if refs and isinstance(value, Mapping):
+                target = refs[0]["$ref"].rsplit("/", 1)[-1]
+                if target in used:  # a second use: a copy of its own
+                    copy_name = f"{target}_{name}_{key}"
+                    definitions[copy_name] = copy.deepcopy(definitions[target])
+                    refs[0]["$ref"] = f"#/definitions/{copy_name}"
+                    target = copy_name
+                walk(target, value)
+                continue
+            shown = json.dumps(value, ensure_ascii=False)
+            shown = shown if len(shown) <= 120 else shown[:119] + "…"
+            prop["description"] = f"{prop.get('description') or ''} (params.yaml: {shown})".strip()
+
+    walk(root, values)

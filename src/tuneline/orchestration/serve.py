@@ -111,16 +111,34 @@ def deployment(name: str = DEFAULT_NAME, root: str = ".", params_path: str = "pa
     """The RunnerDeployment that `main` serves (its parameter_openapi_schema is the UI form)."""
     from tuneline.orchestration.flow import pipeline
 
-    return pipeline.to_deployment(
+    served = pipeline.to_deployment(
         name=name,
         parameters={"params_path": params_path, "root": str(Path(root).resolve())},
         description="tuneline: ingest -> bucket -> caption -> latents -> train -> render -> export, cached per stage.",
         tags=["tuneline"],
     )
+    _describe_current_values(served._parameter_openapi_schema, Path(root) / params_path)
+    return served
+
+
+def _describe_current_values(schema, params_file: Path) -> None:
+    """Each form field's description ends with params.yaml's value when serve started (what an empty
+    field keeps; a params.yaml edited later is what a run reads). None when params.yaml is not valid:
+    a run then says what is wrong."""
+    from tuneline.config import load_params
+    from tuneline.core.params import ParamsError
+    from tuneline.orchestration.overrides import with_current_values
+
+    try:
+        values = load_params(params_file).model_dump(mode="json")
+    except (ParamsError, FileNotFoundError):
+        return
+    with_current_values({"definitions": schema.definitions}, values)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__.splitlines()[0])
+    # The docstring's first paragraph, whole (its first line alone stops mid-sentence).
+    parser = argparse.ArgumentParser(prog="python -m flows.serve", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--name", default=DEFAULT_NAME, help=f"deployment name (default: {DEFAULT_NAME})")
     parser.add_argument("--root", default=".", help="project root (default: .)")
     parser.add_argument("--params", default="params.yaml", help="params file, relative to the root (default: params.yaml)")

@@ -64,7 +64,8 @@ def ensure_tiny_model(kind: TinyKind, cache_dir: Path | None = None) -> Path:
                               _is_complete)
     if final not in _announced:
         _announced.add(final)
-        log.warning("using tiny-%s at %s: %s", kind, final, RANDOM_WARNING)
+        # To the stage log only: each stage that uses a tiny model says so once, in its summary.
+        log.info("using tiny-%s at %s: %s", kind, final, RANDOM_WARNING)
     return final
 
 

@@ -643,14 +643,14 @@ class Trainer:
 
         With validation on, after each due step: the validation loss, `on_validate(state, metrics)`,
         and a checkpoint at a step whose loss is the lowest so far (kept by keep_last pruning)."""
-        from tqdm.auto import tqdm
+        from tuneline.core.parallel import StepBar
 
         accelerator = self.accelerator
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         for message in self.messages:
             accelerator.print(message)
-        bar = tqdm(total=self.total_steps if self.config.num_steps else None, initial=self.state.step,
-                   disable=not accelerator.is_local_main_process, desc=self.config.SECTION, dynamic_ncols=True)
+        bar = StepBar(self.config.SECTION, self.total_steps if self.config.num_steps else None, self.state.step,
+                      enabled=accelerator.is_local_main_process)
         session_start, session_steps, last = time.perf_counter(), 0, None
         try:
             while not self._done():
@@ -660,15 +660,15 @@ class Trainer:
                 session_steps += 1
                 seconds_per_step = (time.perf_counter() - session_start) / session_steps
                 last = result
-                bar.update(1)
+                bar.advance()
                 logging = self.state.step % self.config.log_every == 0
                 live = self.live_eval is not None and self.live_every and self.state.step % self.live_every == 0
                 validating = self.validation is not None and self.validation.due(self.state.step, self._done())
                 if logging or live or validating or self._done():
                     self.check_finite()
                 if logging:
-                    bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{next(iter(result.lrs.values())):.2e}",
-                                    s_step=f"{seconds_per_step:.2f}")
+                    bar.note(loss=f"{result.loss:.4f}", lr=f"{next(iter(result.lrs.values())):.2e}",
+                             s_step=f"{seconds_per_step:.2f}")
                     if on_log is not None:
                         on_log(self.state, result, seconds_per_step)
                 improved = False

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from tuneline.config import Params
 from tuneline.core import layout
-from tuneline.core.fsutil import atomic_write_json, rebuilt_dir, relative_to_root
+from tuneline.core.fsutil import atomic_write_json, atomic_write_text, rebuilt_dir, relative_to_root
 from tuneline.core.report import StageReport
 from tuneline.models.ref import is_tiny
 
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 STAGE = "autoencoder"
 DISABLED_FILE = "disabled.json"
+DISABLED_MARKER = "DISABLED.txt"  # in the checkpoints folder while the stage is off
 STATE_FILE = "autoencoder_state.json"
 SHEETS = "sheets"
 # metrics/autoencoder.json: what the inputs decide (psnr/<data set> and ssim/<data set> join them).
@@ -66,6 +67,12 @@ class Evaluation:
 def _disabled(out_dir: Path, metrics_dir: Path | None, checkpoint_dir: Path) -> StageReport:
     report = StageReport(STAGE, metric_keys=("enabled",))
     checkpoint_dir.mkdir(parents=True, exist_ok=True)  # a declared output of dvc.yaml: it must exist
+    # ... and hold a file: DVC warns "'checkpoints/autoencoder' is empty" on every repro otherwise. The
+    # runs' folders sit beside it (<run key>/step_*), so a later enabled run trains and resumes as ever.
+    marker = checkpoint_dir / DISABLED_MARKER
+    if not marker.is_file():
+        atomic_write_text(marker, "autoencoder.enabled is false: no autoencoder checkpoints. This file keeps the "
+                                  "folder, a DVC output, from being empty.\n")
     with rebuilt_dir(out_dir) as staging:
         atomic_write_json(staging / DISABLED_FILE, {"enabled": False})
     report.extra["enabled"] = 0

@@ -30,6 +30,7 @@ from tuneline.config import Params
 from tuneline.core import layout
 from tuneline.core.fsutil import atomic_write_json, file_digest, link_or_copy, relative_to_root
 from tuneline.models.ref import is_tiny
+from tuneline.core.parallel import counted, progress_bar
 from tuneline.core.report import StageReport, console
 
 if TYPE_CHECKING:
@@ -124,7 +125,6 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
     if tiny:
         report.warnings.append(f"model.base is {params.model.base!r}: a tiny RANDOM-weight model, so these images "
                                "are noise-like and mean nothing (pipeline check only)")
-        console.print("render: the model is a tiny RANDOM-weight model; its images mean nothing", markup=False)
     for name in ("base", "final", "transfer"):
         shutil.rmtree(out_dir / name, ignore_errors=True)
     device = resolve_device(config.device)
@@ -184,19 +184,23 @@ def run(params: Params, root: Path, trained_dir: Path, out_dir: Path, metrics_di
             report.warnings.append(f"prompts encoded with the text encoders: {why}")
         pipeline = load_base_pipeline(params.model, root, device, config.dtype, family,
                                       text_encoders=embedded is None)
-        render_prompts(pipeline, missing_base, None, path_of=base_cache.path, embedded=embedded)
-        if missing_final or missing_transfer or missing_diagnostics:
-            applied = apply_trained(pipeline, trained_dir, config.lora_scale, config.use_ema, config.weights)
-            report.warnings.extend(applied.warnings)
-            for line in applied.loaded:
-                console.print(f"render: {line}", markup=False, soft_wrap=True)
-            render_prompts(pipeline, missing_final, None, path_of=final_cache.path, embedded=embedded)
-            render_transfer(pipeline, missing_transfer, transfer_path, strength=config.transfer_strength,
-                            steps=steps, guidance_scale=guidance_scale, sampler=config.sampler,
-                            karras=config.karras, seed=config.seed, embedded=embedded)
-            if missing_diagnostics:
-                _, warnings = diagnostic_sheet(pipeline, params, latents_dir, diagnostics_path, config)
-                atomic_write_json(diagnostics_notes, {"warnings": warnings})  # shown again on cached runs
+        total = len(missing_base) + len(missing_final) + len(missing_transfer) + int(missing_diagnostics)
+        with progress_bar("render", total) as advance:
+            render_prompts(pipeline, missing_base, None, path_of=counted(base_cache.path, advance), embedded=embedded)
+            if missing_final or missing_transfer or missing_diagnostics:
+                applied = apply_trained(pipeline, trained_dir, config.lora_scale, config.use_ema, config.weights)
+                report.warnings.extend(applied.warnings)
+                for line in applied.loaded:
+                    console.print(f"render: {line}", markup=False, soft_wrap=True)
+                render_prompts(pipeline, missing_final, None, path_of=counted(final_cache.path, advance),
+                               embedded=embedded)
+                render_transfer(pipeline, missing_transfer, counted(transfer_path, advance),
+                                strength=config.transfer_strength, steps=steps, guidance_scale=guidance_scale,
+                                sampler=config.sampler, karras=config.karras, seed=config.seed, embedded=embedded)
+                if missing_diagnostics:
+                    _, warnings = diagnostic_sheet(pipeline, params, latents_dir, diagnostics_path, config)
+                    atomic_write_json(diagnostics_notes, {"warnings": warnings})  # shown again on cached runs
+                    advance()
         del pipeline
         release(device)
     base = base_cache.place(prompts, out_dir / "base")
