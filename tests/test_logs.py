@@ -45,11 +45,14 @@ def test_a_stage_shows_its_table_and_sends_library_chatter_to_its_log(tmp_path):
     (root / "params.yaml").write_text("datasets:\n  - {name: set, path: data/raw/set}\n", "utf-8")
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "DO_NOT_TRACK": "1"}
 
-    def ingest() -> str:
-        done = subprocess.run([sys.executable, "-m", "tuneline.cli", "ingest"], cwd=root, env=env,
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stdout + done.stderr
-        return done.stdout + done.stderr
+    def ingest() -> str:  # the scan, then ingest (which reads the scan's list)
+        output = ""
+        for stage in ("scan", "ingest"):
+            done = subprocess.run([sys.executable, "-m", "tuneline.cli", stage], cwd=root, env=env,
+                                  capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stdout + done.stderr
+            output = done.stdout + done.stderr
+        return output
 
     first = ingest()
     assert "ingest: 2 items" in first and "computed" in first
