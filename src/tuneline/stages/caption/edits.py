@@ -45,14 +45,26 @@ class CaptionEdits:
     repaired: int = 0  # DVC cache objects given back their bytes
     conflicts: list[str] = field(default_factory=list)  # edited in place and in the folder: the folder's kept
 
+    _files: set[str] | None = field(default=None, repr=False)  # `<data set>/<id>.txt` of every edit file
+
     def path(self, dataset: str, item_id: str) -> Path:
         return self.root / dataset / f"{item_id}.txt"
 
+    def _listed(self) -> set[str]:
+        # One listing of the folder per run: a failed open per item would cost a data set's worth of syscalls.
+        if self._files is None:
+            self._files = ({path.relative_to(self.root).as_posix() for path in self.root.rglob("*.txt")}
+                           if self.root.is_dir() else set())
+        return self._files
+
     def get(self, dataset: str, item_id: str) -> str | None:
+        if f"{dataset}/{item_id}.txt" not in self._listed():
+            return None
         return read_caption_file(self.path(dataset, item_id)) or None  # an emptied file is no edit
 
     def save(self, dataset: str, item_id: str, text: str) -> None:
         atomic_write_text(self.path(dataset, item_id), text + "\n" if text else "")
+        self._listed().add(f"{dataset}/{item_id}.txt")
 
     def orphans(self, records: list[dict[str, Any]]) -> list[str]:
         """Edit files (relative to the folder) that match no item: their image was replaced or removed."""

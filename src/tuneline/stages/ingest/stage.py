@@ -181,7 +181,8 @@ def run(params: Params, root: Path, scanned_dir: Path, out_dir: Path, metrics_di
 
     inputs = sort_inputs(read_manifest(Path(scanned_dir)), report)
     found_count = len(inputs.images) + len(report.rejected)  # images plus files rejected on sight
-    records: list[dict[str, Any] | None] = [store.read_json(probe_key(digest)) for _, _, digest in inputs.images]
+    keys = [probe_key(digest) for _, _, digest in inputs.images]
+    records: list[dict[str, Any] | None] = [store.read_json(key) for key in keys]
     pending = [index for index, record in enumerate(records) if record is None]
     tasks = [(str(root / inputs.images[i][1]), inputs.images[i][2], str(store_dir), config.max_pixels) for i in pending]
     computed: set[int] = set()
@@ -233,7 +234,7 @@ def run(params: Params, root: Path, scanned_dir: Path, out_dir: Path, metrics_di
             "background": config.background if record["has_alpha"] else None,
             "caption": caption,
             "caption_source": "sidecar" if caption else None,
-            "key": probe_key(digest),
+            "key": keys[index],
         }
         if mask is not None:  # only then: the records of images without a mask stay as they were
             kept[source]["mask"] = mask
