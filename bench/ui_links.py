@@ -348,6 +348,8 @@ def click_path(base: str, seeded: Seeded, demo_train: str | None, chromium: str,
         finally:
             for context in contexts:
                 context.close()
+            for profile in work.glob("profile-*"):  # ~10 MB each
+                shutil.rmtree(profile, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
