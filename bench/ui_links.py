@@ -13,7 +13,7 @@ with a train child run through tuneline's own tracker (the keys the train stage 
   c  a pipeline parent run's address (`tracker.run_link`, what `tuneline repro` and the flow print)
   d  a new user's path: MLflow's home page, a click on the experiment; then the same after setting
      the sidebar's "Model training" switch once, as the README says
-  e  the train run's "Model metrics" tab: the order of its charts
+  e  the train run's "Model metrics" tab: the order of its charts (the loss, `loss/train`, must be first)
 
 Screenshots of each step go to <work>/shots. Prints PASS / FAIL / NOTE lines (NOTE: what MLflow does
 on its own, which tuneline cannot change) and exits 1 on a FAIL. Every server and browser it starts is
@@ -240,6 +240,7 @@ def click_path(base: str, seeded: Seeded, demo_train: str | None, chromium: str,
     from playwright.sync_api import sync_playwright
 
     from tuneline.core.tracking.links import experiments_url, runs_url
+    from tuneline.core.tracking.tracker import chart_key
 
     with sync_playwright() as playwright:
         contexts: list[Any] = []
@@ -344,7 +345,10 @@ def click_path(base: str, seeded: Seeded, demo_train: str | None, chromium: str,
                 first = layout[0][1][0] if layout else None
                 report.note(f"e {label} chart order", f"{order}; page sections {dom_sections(page)}; "
                             f"{shot(page, shots, name, full_page=True)}")
-                report.note(f"e {label} first chart", f"{first} (loss first: {first == 'loss'})")
+                if label.startswith("tuneline"):  # logged by this tuneline: the loss is the first chart
+                    report.check(f"e {label} first chart is the loss", first == chart_key("loss"), str(first))
+                else:  # an older run: what it shows
+                    report.note(f"e {label} first chart", str(first))
         finally:
             for context in contexts:
                 context.close()

@@ -119,12 +119,12 @@ def test_kill_9_then_resume_matches_a_straight_run_and_mlflow_has_the_run(bucket
     [run] = client.search_runs([client.get_experiment_by_name("tuneline").experiment_id],
                                "tags.`tuneline.stage` = 'autoencoder'")
     assert run.info.status == "FINISHED"
-    names = ("loss", "autoencoder/grad_norm", "discriminator/stepped", "adaptive_weight", "disc_start", "disc_every",
+    names = ("loss/train", "autoencoder/grad_norm", "discriminator/stepped", "adaptive_weight", "disc_start", "disc_every",
              "disc_weight", "eval/psnr", "final/psnr", "base/psnr")
     vq_terms = ("commitment", "perplexity", "codebook_usage", "codes_restarted")
     metric = {name: [m.step for m in client.get_metric_history(run.info.run_id, name)]
               for name in names + vq_terms}
-    assert metric["loss"] == metric["adaptive_weight"] == metric["disc_every"] == [1, 2, 3, 4, 5, 6]
+    assert metric["loss/train"] == metric["adaptive_weight"] == metric["disc_every"] == [1, 2, 3, 4, 5, 6]
     assert all(metric[name] == ([1, 2, 3, 4, 5, 6] if kind == "vq" else []) for name in vq_terms), metric
     assert metric["eval/psnr"] == [3, 6] and metric["final/psnr"] == [6] and metric["base/psnr"] == [6]
     stepped = [m.value for m in client.get_metric_history(run.info.run_id, "discriminator/stepped")]

@@ -474,7 +474,7 @@ def test_flow_caches_cancels_resumes_and_reruns_only_what_changed(tmp_path):
     resumed_parent = client.get_run(resumed["parent_run_id"])
     train_run = client.get_run(resumed_parent.data.tags["tuneline.continued_run.train"])
     assert train_run.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(train_run.info.run_id, "loss")][-1] == stopped_at + 1
+    assert [m.step for m in client.get_metric_history(train_run.info.run_id, "loss/train")][-1] == stopped_at + 1
     assert all(r.data.tags.get("tuneline.raw_data_digest") for r in parents)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == changed["parent_run_id"]]
     # `models` and `scan` run on every repro and keep no MLflow run (importing mlflow would cost them seconds);

@@ -382,7 +382,7 @@ def test_one_training_run_is_one_mlflow_run_and_an_idle_session_changes_nothing(
 
     (run,) = client.search_runs([client.get_experiment_by_name("tuneline").experiment_id])
     assert run.info.run_id == run_id and run.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(run_id, "loss/train")] == [1, 2, 3, 4]
     assert run.data.tags["changed_param.train.num_steps"] == "2 -> 4"
     assert LOSS_PICTURE in {Path(a.path).name for a in client.list_artifacts(run_id, "train")}
     state = json.loads((tmp_path / "out/trainer_state.json").read_text())

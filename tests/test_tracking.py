@@ -122,7 +122,7 @@ def test_run_logs_params_metrics_image_and_artifact(root, config, client, tmp_pa
     assert run.data.tags["note"] == "hello"
     assert run.data.tags["mlflow.runName"] == "train"
     assert "mlflow.parentRunId" not in run.data.tags
-    assert [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, "loss")] == [(1, 0.5), (2, 0.25)]
+    assert [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, "loss/train")] == [(1, 0.5), (2, 0.25)]
     assert [m.step for m in client.get_metric_history(tracker.run_id, "lr")] == [1, 2, 3]
     assert client.get_metric_history(tracker.run_id, "grad_norm") == []
     assert [a.path for a in client.list_artifacts(tracker.run_id, "eval/step_000002")] == [
@@ -202,7 +202,7 @@ def test_a_continued_run_is_one_run_with_one_curve(root, config, client, monkeyp
     run = client.get_run(killed_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["train.num_steps"] == "2" and run.data.tags["changed_param.train.num_steps"] == "2 -> 4"
-    assert [(m.step, m.value) for m in client.get_metric_history(killed_id, "loss")] == [(1, 1.0), (2, 0.9), (3, 0.8)]
+    assert [(m.step, m.value) for m in client.get_metric_history(killed_id, "loss/train")] == [(1, 1.0), (2, 0.9), (3, 0.8)]
     assert run.data.tags["mlflow.parentRunId"] == first_parent  # still the child of the run that started it
     # ... and the pipeline run that continued it names it, so it is not an empty parent.
     assert end_parent_run(config, root, second_parent, "FINISHED")
@@ -332,7 +332,8 @@ def test_stage_runs_chart_curves_only_and_cover_the_work(root, config, client, m
         assert new == []
         return
     (run,) = new
-    assert sorted(run.data.metrics) == ["loss", "val/loss"]  # no report/* one-value charts
+    # No report/* one-value charts; the loss in MLflow's first chart section, training before validation.
+    assert sorted(run.data.metrics) == ["loss/train", "loss/validation"]
     assert run.data.tags["tuneline.report.computed"] == "3" and run.data.tags["tuneline.report.reused"] == "2"
     assert run.data.tags["tuneline.report.seconds"] == "0.3"
     assert run.info.start_time <= started_ms + 50 and run.info.end_time - run.info.start_time >= 300

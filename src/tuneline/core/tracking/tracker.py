@@ -140,6 +140,23 @@ def _param_value(value: Any) -> str:
     return json.dumps(value, default=str, ensure_ascii=False)
 
 
+# MLflow 3.17 lays out a run's charts by key (read in its UI: RunsChartsCardConfig): a section per prefix
+# before the last "/", named sections sorted by name, then the unprefixed "Model metrics"; within a
+# section, by key. So the loss goes into section "loss" (first: before "lr", "val", "Model metrics"),
+# training before validation, and the loss's parts into their own section after it.
+CHART_KEYS = {"loss": "loss/train", "val/loss": "loss/validation"}
+LOSS_PARTS_PREFIX, LOSS_PARTS_SECTION = "loss/", "loss parts/"
+
+
+def chart_key(key: str) -> str:
+    """The MLflow key of one of tuneline's metric names (see CHART_KEYS); others keep their name."""
+    if key in CHART_KEYS:
+        return CHART_KEYS[key]
+    if key.startswith(LOSS_PARTS_PREFIX):
+        return LOSS_PARTS_SECTION + key.removeprefix(LOSS_PARTS_PREFIX)
+    return key
+
+
 def _key(key: str) -> str:
     return _BAD_KEY_CHARS.sub("_", key)[:MAX_KEY_LENGTH]
 
@@ -451,7 +468,7 @@ class MlflowTracker(Tracker):
         for key, value in metrics.items():
             value = float(value)  # also takes 0-d tensors and numpy scalars
             if math.isfinite(value):
-                finite.append((_key(key), value))
+                finite.append((_key(chart_key(key)), value))
             else:
                 skipped.append(key)
         if skipped and not self._warned_non_finite:
