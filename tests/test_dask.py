@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import os
 import textwrap
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -108,24 +107,30 @@ def test_the_store_probe_refuses_a_worker_that_does_not_see_the_store(tmp_path):
 
 
 # Loaded by every Python process started with this folder on PYTHONPATH (Dask workers, their shard
-# processes): in the named shard process, right after its K-th latents item is renamed into the store,
-# SIGKILL the Dask worker that runs the shard (its parent), then the shard process itself: a worker
-# killed mid-shard, at a known point.
+# processes). In a latents shard process it logs each item renamed into the store (TUNELINE_TEST_ITEMS:
+# "<store>/latents <log file>"), and in the shard TUNELINE_TEST_KILL_WORKER names ("<shard> <K>"), right
+# after its K-th item, SIGKILLs the Dask worker that runs it (its parent), then itself: a worker killed
+# mid-shard, at a known point.
 KILL_HOOK = '''
 import os, signal, sys, threading
 
-_spec = os.environ.get("TUNELINE_TEST_KILL_WORKER", "").split()
+_items = os.environ.get("TUNELINE_TEST_ITEMS", "").split()
 _argv = getattr(sys, "orig_argv", sys.argv)
-if _spec and _spec[0] in _argv and "--shard" in _argv and _argv[_argv.index("--shard") + 1] == _spec[1]:
-    _after, _items = int(_spec[2]), _spec[3].rstrip("/") + "/"
+if _items and "latents" in _argv and "--shard" in _argv:
+    _shard = _argv[_argv.index("--shard") + 1]
+    _kill = os.environ.get("TUNELINE_TEST_KILL_WORKER", "").split()
+    _after = int(_kill[1]) if _kill and _kill[0] == _shard else 0
+    _folder, _log = _items[0].rstrip("/") + "/", _items[1]
     _replace, _lock, _count = os.replace, threading.Lock(), [0]
 
     def _replace_then_kill(src, dst, *args, **kwargs):
         _replace(src, dst, *args, **kwargs)
         target = os.fspath(dst)
-        if target.startswith(_items) and target.endswith(".safetensors"):
+        if target.startswith(_folder) and target.endswith(".safetensors"):
             with _lock:
                 _count[0] += 1
+                with open(_log, "a") as log:
+                    log.write(_shard + " " + os.path.basename(target) + "\\n")
                 if _count[0] == _after:
                     os.kill(os.getppid(), signal.SIGKILL)
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -185,17 +190,17 @@ def test_caption_and_latents_on_a_local_dask_cluster(tmp_path, monkeypatch):
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(textwrap.dedent(KILL_HOOK))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]))
-    monkeypatch.setenv("TUNELINE_TEST_KILL_WORKER", f"latents 0/2 2 {store}/latents")
+    stored_log = tmp_path / "stored.txt"
+    monkeypatch.setenv("TUNELINE_TEST_ITEMS", f"{store}/latents {stored_log}")
+    monkeypatch.setenv("TUNELINE_TEST_KILL_WORKER", "0/2 2")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # two "GPUs": one worker each (CPU torch ignores the pin)
     # Dask would rerun a lost worker's task on another worker (allowed-failures: 3): 0 shows the loss.
-    started = time.monotonic()
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}), pytest.raises(ShardLost) as lost:
         pipeline(root=str(root), task_runner="dask")
     assert str(lost.value).startswith("latents shard 0/2 was lost with its Dask worker: ")
     assert "run the flow again to compute the rest of the shard" in str(lost.value)
     assert not dask_processes()  # the local cluster is gone with the flow run
     items = len((root / "data/bucketed/manifest.jsonl").read_text().splitlines())
-    print(f"killed run {time.monotonic() - started:.1f} s")
 
     # Whole items only: the shard's first items (the 2nd's rename triggered the kill; a third may have
     # been renamed by a concurrent writer thread) and all of shard 1's, each a readable safetensors.
@@ -210,15 +215,19 @@ def test_caption_and_latents_on_a_local_dask_cluster(tmp_path, monkeypatch):
 
     by_shard = [sum(in_shard(p.stem, (i, 2)) for p in stored) for i in range(2)]
     assert by_shard[0] >= 2 and 0 < by_shard[1] and sum(by_shard) < items, by_shard
+    assert sorted(stored_log.read_text().split()[1::2]) == sorted(p.name for p in stored)
+    stored_log.unlink()
 
     monkeypatch.delenv("TUNELINE_TEST_KILL_WORKER")
-    started = time.monotonic()
     again = pipeline(root=str(root), task_runner="dask")
-    print(f"rerun {time.monotonic() - started:.1f} s")
     assert sorted(w["gpu"] for w in again["dask"]["workers"]) == ["0", "1"] and again["dask"]["shards"] == 2
     stages = again["stages"]
     assert all(stages[s]["cached"] for s in ("ingest", "bucket", "caption")), stages
-    assert [s["cached"] for s in stages["latents"]["shards"]] == [False, True]  # only the lost shard runs again
+    # The latents outputs were never assembled, so both shard tasks run again (as with threads): the lost
+    # shard stores exactly its missing items, the other finds all of its own stored.
+    rerun = stored_log.read_text().split()
+    assert rerun[0::2] == ["0/2"] * (items - sum(by_shard)), rerun
+    assert not {name for name in rerun[1::2]} & {p.name for p in stored}
     assert run_report(root, "latents")["computed"] == 0  # the assembled stages reuse everything
     assert run_report(root, "caption")["computed"] == 0
     assert not dask_processes()
@@ -229,11 +238,27 @@ def test_caption_and_latents_on_a_local_dask_cluster(tmp_path, monkeypatch):
     from tuneline.stages.latents.stage import run as run_latents
 
     single = load_params(root / "params.yaml").model_copy(update={"store_dir": ".tuneline/single"})
-    assert run_caption(single, root, root / "data/bucketed", root / "single/captioned").computed == items
+    captioned = run_caption(single, root, root / "data/bucketed", root / "single/captioned")
+    assert captioned.computed > 0 and captioned.computed + captioned.given == items  # the rest: sidecar captions
     assert run_latents(single, root, root / "single/captioned", root / "single/latents").computed == items
     stores = [(f".tuneline/store/{d.name}", f".tuneline/single/{d.name}") for d in (root / ".tuneline/single").iterdir()]
-    assert {".tuneline/store/caption", ".tuneline/store/latents"} <= {ours for ours, _ in stores}, stores
+    assert {f".tuneline/store/{name}" for name in ("caption", "latents", "text_embeddings")} == {o for o, _ in stores}
+    # Text embeddings are encoded TEXT_BATCH (32) captions at a time, and the shards split those batches
+    # differently: their last bits differ (~1e-6, as in test_sharding); every other byte is the same.
     for ours, theirs in [("data/captioned", "single/captioned"), ("data/latents", "single/latents"), *stores]:
         ours_digests, theirs_digests = tree_digest(root / ours), tree_digest(root / theirs)
         assert ours_digests and ours_digests.keys() == theirs_digests.keys(), (ours, ours_digests.keys() ^ theirs_digests.keys())
-        assert [n for n in ours_digests if ours_digests[n] != theirs_digests[n]] == [], ours
+        differ = [n for n in ours_digests if ours_digests[n] != theirs_digests[n]]
+        text_store = ours.endswith("/text_embeddings")
+        assert [n for n in differ if not (text_store or (ours == "data/latents" and n.endswith(".text.tar")))] == [], ours
+    import torch
+
+    from conftest import item_tensors
+    from tuneline.core.manifest import read_jsonl
+
+    sharded = {r["id"]: r for r in read_jsonl(root / "data/latents/manifest.jsonl")}
+    alone = {r["id"]: r for r in read_jsonl(root / "single/latents/manifest.jsonl")}
+    assert sharded == alone and len(sharded) == items
+    for item_id, record in sharded.items():
+        ours, theirs = (item_tensors(root / folder, record, "text_embeddings") for folder in ("data/latents", "single/latents"))
+        assert ours.keys() == theirs.keys() and all(torch.allclose(ours[k], theirs[k], rtol=1e-5, atol=1e-5) for k in ours)

@@ -330,8 +330,6 @@ def run_shards(stage: str, count: int, root: Path, params_file: Path, cache_key:
     on the workers of `dask` (a started DaskTaskRunner; each worker's environment pins its GPU);
     raise the first failure once all have ended. Returns one {"shard", "cached"} per shard.
     `api_url`: the Prefect API the Dask workers report to (the flow's temporary server)."""
-    import contextlib
-
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -472,6 +470,7 @@ def pipeline(params_path: str = "params.yaml", root: str = ".",
     gpu_limit = ensure_gpu_limit()
     if gpu_limit:
         logger.info("concurrency limit tag:%s = %d", GPU_TAG, gpu_limit)
+    resume = _resume_command(params_path, root_path, overrides, shards, task_runner, dask_address)
     cluster = contextlib.ExitStack()
     dask_runner, dask_info = None, None
     if task_runner == "dask" and any(registry.stage(spec.name).shardable for spec in specs):
@@ -490,7 +489,6 @@ def pipeline(params_path: str = "params.yaml", root: str = ".",
                                      tags={"tuneline.orchestrator": "prefect", "prefect.flow_run_id": flow_run.get_id() or ""})
     if parent_run_id:
         logger.info("MLflow run of this pipeline: %s", run_link(params.tracking, root_path, parent_run_id))
-    resume = _resume_command(params_path, root_path, overrides, shards, task_runner, dask_address)
     summary: dict[str, Any] = {}
     status = "FINISHED"
     kept = False
