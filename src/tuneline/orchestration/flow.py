@@ -21,19 +21,22 @@ tasks (`python -m tuneline.cli ... <stage> --shard i/N`, each its own process, G
 i % <GPUs> when there are GPUs) submitted at once through a ThreadPoolTaskRunner, each
 filling the shared per-item store (.tuneline/store: content-addressed, atomic writes),
 followed by the normal stage task, which assembles the output from the store (all hits).
-A DaskTaskRunner (prefect-dask) spreads the same tasks over machines when the project
-and its store are on shared storage.
+With `task_runner="dask"` (`--task-runner dask [--dask-address tcp://host:port]`) the shard
+tasks go through prefect-dask's DaskTaskRunner to the workers of a local cluster (one per
+GPU) or of a running scheduler, after every worker has shown that it sees the item store
+(tuneline.orchestration.cluster).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional
 
 # Prefect's temporary server sets up its database on the first run of a fresh PREFECT_HOME,
 # which takes 15-30 s on a 2-core machine: more than Prefect's default 20 s start timeout.
@@ -235,12 +238,13 @@ def stopped_flow(state: Any) -> Any:
     return Cancelled(message=state.message)
 
 
-def refused_flow(error: BaseException, logger: Any) -> Any:
-    """The flow run's end for bad settings: Failed, with validate_params' message said once and
-    plainly (no repr, no traceback); a caller of `pipeline()` still gets the ParamsError."""
+def refused_flow(error: BaseException, logger: Any, what: str = "configuration error") -> Any:
+    """The flow run's end for bad settings (or a Dask cluster that cannot run the shards): Failed,
+    with the message said once and plainly (no repr, no traceback); a caller of `pipeline()`
+    still gets the ParamsError (ClusterError)."""
     from prefect.states import Failed
 
-    logger.error("configuration error: %s", error)
+    logger.error("%s: %s", what, error)
     return Failed(message=str(error), data=error)
 
 
@@ -268,6 +272,8 @@ def run_shard(stage: str, index: int, count: int, root: str, params_file: str, c
               gpu: Optional[str] = None, parent_run_id: Optional[str] = None) -> dict[str, Any]:
     """Run `<stage> --shard index/count` as a subprocess in its own process group: it computes
     that shard's missing items into the shared store and writes no output folder."""
+    import socket
+
     from tuneline.orchestration.cachekey import STATE_DIR
     from tuneline.orchestration.runner import run_stage_process
     from tuneline.core.tracking.tracker import PARENT_RUN_ENV
@@ -281,7 +287,9 @@ def run_shard(stage: str, index: int, count: int, root: str, params_file: str, c
         env["CUDA_VISIBLE_DEVICES"] = gpu
 
     def started(pgid: int) -> None:
-        running.write_text(f"{pgid}\n")  # the flow stops these groups when it is cancelled
+        # The flow stops these groups when it is cancelled; the host says where (Dask workers
+        # on other machines write here too, through the shared project folder).
+        running.write_text(f"{pgid}\n{socket.gethostname()}\n")
         logger.info("%s: process group %d%s", name, pgid, f" on GPU {gpu}" if gpu is not None else "")
 
     to_log = stage_output(logger, prefix=f"[{index}/{count}] ")
@@ -293,47 +301,78 @@ def run_shard(stage: str, index: int, count: int, root: str, params_file: str, c
     return {"stage": stage, "shard": f"{index}/{count}", "key": cache_key}
 
 
-def _stop_shards(root: Path, stage: str) -> None:
-    """SIGTERM the process group of every shard of `stage` still running (the flow is stopping)."""
+def _stop_shards(root: str, stage: str) -> None:
+    """SIGTERM the process group of every shard of `stage` still running on this host (the flow is
+    stopping; on a Dask cluster every worker runs this too)."""
     import signal
+    import socket
 
     from tuneline.orchestration.cachekey import STATE_DIR
 
-    for pid_file in (root / STATE_DIR / "running").glob(f"{stage}.shard*.pid"):
+    for pid_file in (Path(root) / STATE_DIR / "running").glob(f"{stage}.shard*.pid"):
         try:
-            os.killpg(int(pid_file.read_text().strip()), signal.SIGTERM)
+            pgid, *host = pid_file.read_text().split()
+            if host and host[0] != socket.gethostname():
+                continue  # another machine's process group
+            os.killpg(int(pgid), signal.SIGTERM)
         except (OSError, ValueError):
             pass
 
 
+class ShardLost(RuntimeError):
+    """A shard task ended without a state: its Dask worker died (killed, out of memory, machine lost)."""
+
+
 def run_shards(stage: str, count: int, root: Path, params_file: Path, cache_key: str, valid: bool,
-               storage: Any, parent_run_id: Optional[str]) -> list[dict[str, Any]]:
-    """Run `count` shard tasks of `stage` at once (one thread each, each its own process); raise
-    the first failure once all have ended. Returns one {"shard", "cached"} per shard."""
+               storage: Any, parent_run_id: Optional[str], dask: Any = None,
+               api_url: Optional[str] = None) -> list[dict[str, Any]]:
+    """Run `count` shard tasks of `stage` at once, each its own process: one thread each here, or
+    on the workers of `dask` (a started DaskTaskRunner; each worker's environment pins its GPU);
+    raise the first failure once all have ended. Returns one {"shard", "cached"} per shard.
+    `api_url`: the Prefect API the Dask workers report to (the flow's temporary server)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    gpus = _gpu_ids()
+    gpus = [] if dask is not None else _gpu_ids()
     shard_task = run_shard.with_options(
         tags=[GPU_TAG] if registry.stage(stage).gpu else [], refresh_cache=not valid,
         result_storage=storage, persist_result=True)
-    with ThreadPoolTaskRunner(max_workers=count) as runner:
-        futures = [runner.submit(shard_task.with_options(task_run_name=f"{stage}-shard-{i}of{count}"), {
-            "stage": stage, "index": i, "count": count, "root": str(root), "params_file": str(params_file),
-            "cache_key": cache_key, "gpu": gpus[i % len(gpus)] if gpus else None,
-            "parent_run_id": parent_run_id}) for i in range(count)]
+    # The task's context travels to the Dask worker with this process's settings: the API URL in
+    # them makes the worker report to this flow's server instead of starting a temporary one.
+    settings = temporary_settings({PREFECT_API_URL: api_url}) if api_url else contextlib.nullcontext()
+    with contextlib.ExitStack() as stack:
+        runner = dask if dask is not None else stack.enter_context(ThreadPoolTaskRunner(max_workers=count))
+        with settings:
+            futures = [runner.submit(shard_task.with_options(task_run_name=f"{stage}-shard-{i}of{count}"), {
+                "stage": stage, "index": i, "count": count, "root": str(root), "params_file": str(params_file),
+                "cache_key": cache_key, "gpu": gpus[i % len(gpus)] if gpus else None,
+                "parent_run_id": parent_run_id}) for i in range(count)]
         try:
             for future in futures:
                 future.wait()
         except BaseException:  # cancelled, Ctrl-C, SIGTERM: the shard processes stop too
-            _stop_shards(root, stage)
+            if dask is not None:
+                with contextlib.suppress(Exception):
+                    dask.client.run(_stop_shards, str(root), stage)
+            _stop_shards(str(root), stage)
             raise
-    states = [future.state for future in futures]
+    states = []
+    for i, future in enumerate(futures):
+        if dask is not None:
+            try:
+                future.result(raise_on_failure=False)  # a lost worker: Dask's KilledWorker, here
+            except Exception as error:
+                raise ShardLost(
+                    f"{stage} shard {i}/{count} was lost with its Dask worker: {error}. The items it stored "
+                    "are whole (atomic writes); run the flow again to compute the rest of the shard.") from error
+        states.append(future.state)
     for state in states:
         state.result()  # raises the first shard's error
     return [{"shard": f"{i}/{count}", "cached": state.name == "Cached"} for i, state in enumerate(states)]
 
 
-def _resume_command(params_path: str, root: Path, overrides: Any, shards: int) -> str:
+def _resume_command(params_path: str, root: Path, overrides: Any, shards: int, task_runner: str = "threads",
+                    dask_address: Optional[str] = None) -> str:
     """The command that runs this flow run again with the same parameters (and so resumes it):
     `prefect deployment run` for a deployment's run, else `python -m flows.pipeline`."""
     import json
@@ -347,6 +386,10 @@ def _resume_command(params_path: str, root: Path, overrides: Any, shards: int) -
         parameters: dict[str, Any] = {"overrides": overrides_dict(overrides) or None}
         if shards != 1:
             parameters["shards"] = shards
+        if task_runner != "threads":
+            parameters["task_runner"] = task_runner
+        if dask_address:
+            parameters["dask_address"] = dask_address
         return shlex.join(["prefect", "deployment", "run", f"{FLOW_NAME}/{deployment.get_name()}",
                            "--params", json.dumps(parameters)]) + " (or Run in the Prefect UI with the same parameters)"
     args = ["python", "-m", "flows.pipeline", "--root", str(root)]
@@ -355,6 +398,10 @@ def _resume_command(params_path: str, root: Path, overrides: Any, shards: int) -
     args += override_args(overrides)
     if shards != 1:
         args += ["--shards", str(shards)]
+    if task_runner != "threads":
+        args += ["--task-runner", task_runner]
+    if dask_address:
+        args += ["--dask-address", dask_address]
     return shlex.join(args)
 
 
@@ -369,7 +416,8 @@ def _status_of(error: BaseException) -> str:
 @flow(name=FLOW_NAME, validate_parameters=False)
 def pipeline(params_path: str = "params.yaml", root: str = ".",
              overrides: Optional[ParamsOverrides] = None,  # type: ignore[valid-type]
-             shards: int = 1) -> dict[str, Any]:
+             shards: int = 1, task_runner: Literal["threads", "dask"] = "threads",
+             dask_address: Optional[str] = None) -> dict[str, Any]:
     """Run ingest -> bucket -> caption -> latents -> train -> render -> export with cached tasks.
 
     Args:
@@ -380,8 +428,12 @@ def pipeline(params_path: str = "params.yaml", root: str = ".",
             params.yaml; list dotted keys in `set_to_null` to set them to null.
         shards: Split caption and latents into this many shard tasks, run at once (each its
             own process, GPUs round robin) into the shared item store, then assemble. 1: no
-            sharding. A DaskTaskRunner (prefect-dask) would spread the same tasks over
-            machines when the project's store is on shared storage.
+            sharding (with task_runner "dask": one shard per Dask worker).
+        task_runner: Where the shard tasks run: "threads" (this machine, one thread per
+            shard) or "dask" (prefect-dask: a local cluster with one worker per GPU, or the
+            scheduler at dask_address; every worker must see the project and its store).
+        dask_address: A running Dask scheduler to join (tcp://host:port), with task_runner
+            "dask"; empty: start a local cluster.
     """
     from prefect.runtime import flow_run
 
@@ -390,17 +442,20 @@ def pipeline(params_path: str = "params.yaml", root: str = ".",
     from tuneline.orchestration.overrides import load_with_overrides, write_params_file
     from tuneline.orchestration.spec import load_stage_specs
     from tuneline.core.tracking.tracker import end_parent_run, run_link, start_parent_run
+    from tuneline.orchestration.cluster import ClusterError, check_runner
     from tuneline.preflight import check_settings
 
     logger = get_run_logger()
     ORDERLY_ENDS.watch(flow_run.get_id())  # a cancel and a configuration error read as such in the run log
     if int(shards) < 1:
         raise ValueError(f"shards must be at least 1, got {shards!r}")
+    dask_address = (dask_address or "").strip() or None  # the form posts "" for an empty field
     root_path = Path(root).resolve()
     params_file = Path(params_path) if Path(params_path).is_absolute() else root_path / params_path
     # Bad overrides or params stop here, before any task, with validate_params' message; so do
     # settings a later stage would refuse for the model family (train starts after ingest..latents).
     try:
+        check_runner(task_runner, dask_address)
         data, params = load_with_overrides(params_file, overrides)
         check_settings(params, root_path)
     except ParamsError as error:
@@ -415,12 +470,25 @@ def pipeline(params_path: str = "params.yaml", root: str = ".",
     gpu_limit = ensure_gpu_limit()
     if gpu_limit:
         logger.info("concurrency limit tag:%s = %d", GPU_TAG, gpu_limit)
+    resume = _resume_command(params_path, root_path, overrides, shards, task_runner, dask_address)
+    cluster = contextlib.ExitStack()
+    dask_runner, dask_info = None, None
+    if task_runner == "dask" and any(registry.stage(spec.name).shardable for spec in specs):
+        try:  # the cluster is up and every worker sees the store before any stage runs
+            dask_runner, dask_info = _start_dask(cluster, dask_address, int(shards), root_path,
+                                                 root_path / params.store_dir, merged_params, logger)
+        except ClusterError as error:
+            cluster.close()
+            return refused_flow(error, logger, "dask cluster")
+        except BaseException:
+            cluster.close()
+            raise
+        shards = dask_info["shards"]
 
     parent_run_id = start_parent_run(params.tracking, root_path, run_name=f"pipeline {flow_run.get_name() or ''}".strip(),
                                      tags={"tuneline.orchestrator": "prefect", "prefect.flow_run_id": flow_run.get_id() or ""})
     if parent_run_id:
         logger.info("MLflow run of this pipeline: %s", run_link(params.tracking, root_path, parent_run_id))
-    resume = _resume_command(params_path, root_path, overrides, shards)
     summary: dict[str, Any] = {}
     status = "FINISHED"
     kept = False
@@ -430,9 +498,10 @@ def pipeline(params_path: str = "params.yaml", root: str = ".",
                 key = stage_key(spec, params, root_path, digester)
                 valid = outputs_match(root_path, spec, key.key, digester) and not spec.always_changed
             shard_states = None
-            if shards > 1 and registry.stage(spec.name).shardable:
+            if (shards > 1 or dask_runner is not None) and registry.stage(spec.name).shardable:
                 shard_states = run_shards(spec.name, int(shards), root_path, merged_params, key.key, valid,
-                                          storage, parent_run_id)
+                                          storage, parent_run_id, dask=dask_runner,
+                                          api_url=dask_info["api_url"] if dask_info else None)
             stage_task = run_stage.with_options(
                 name=spec.name, task_run_name=spec.name, tags=[GPU_TAG] if registry.stage(spec.name).gpu else [],
                 # Outputs gone or changed since the key's run: run again and overwrite the cache entry.
@@ -460,7 +529,39 @@ def pipeline(params_path: str = "params.yaml", root: str = ".",
         # A run where every stage was a cache hit or a no-op leaves no (empty) parent run.
         # The raw data as the scan stage listed it (the flow walks the raw folders once: in scan).
         kept = end_parent_run(params.tracking, root_path, parent_run_id, status, tags=raw_data_tags(root_path))
-    return {"parent_run_id": parent_run_id if kept else None, "params_file": str(merged_params), "stages": summary}
+        cluster.close()  # a local cluster's workers and scheduler stop here
+    result = {"parent_run_id": parent_run_id if kept else None, "params_file": str(merged_params), "stages": summary}
+    if dask_info:
+        result["dask"] = {"workers": dask_info["workers"], "shards": dask_info["shards"]}
+    return result
+
+
+def _start_dask(stack: Any, address: Optional[str], shards: int, root: Path, store_dir: Path, params_file: Path,
+                logger: Any) -> tuple[Any, dict[str, Any]]:
+    """Start (or join) the Dask cluster in `stack`, check every worker reaches the Prefect API and sees
+    the item store; the started DaskTaskRunner and {"shards", "workers", "api_url"}."""
+    from prefect.context import FlowRunContext
+    from prefect.settings import get_current_settings
+
+    from tuneline.orchestration.cluster import (check_api_reachable, check_shared_store, dask_task_runner,
+                                                start_client)
+
+    gpus = _gpu_ids()
+    # The API the shard tasks report to: the server's, or this flow's temporary server (PREFECT_API_URL
+    # unset), which only a local cluster's workers can be told about (their environment, run_shards).
+    server = str(get_current_settings().api.url).rstrip("/") if uses_server() else None
+    api_url = server or str(FlowRunContext.get().client.api_url).rstrip("/")
+    # A local cluster: one worker per GPU; without GPUs one per shard (--shards 1: two).
+    runner = stack.enter_context(dask_task_runner(address, workers=shards if shards > 1 else 2, gpus=gpus,
+                                                  api_url=None if address else api_url))
+    client = start_client(runner, address)
+    check_api_reachable(client, server if address else api_url)
+    views = check_shared_store(client, store_dir, params_file)
+    workers = [{"name": v.name, "address": v.address, "host": v.host, "gpu": v.gpu} for v in views]
+    for worker in workers:
+        logger.info("dask worker %s (%s on %s)%s sees the store %s", worker["name"], worker["address"], worker["host"],
+                    f", GPU {worker['gpu']}" if worker["gpu"] is not None else "", store_dir)
+    return runner, {"shards": shards if shards > 1 else len(workers), "workers": workers, "api_url": api_url}
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
@@ -486,6 +587,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--summary", default=None, help="also write the run summary as JSON to this file")
     parser.add_argument("--shards", type=int, default=1, metavar="N",
                         help="run caption and latents as N concurrent shard processes (default: 1, no sharding)")
+    parser.add_argument("--task-runner", default="threads", choices=["threads", "dask"],
+                        help="where shard tasks run: threads on this machine (default) or a Dask cluster "
+                             "(prefect-dask; a local one with one worker per GPU unless --dask-address)")
+    parser.add_argument("--dask-address", default=None, metavar="tcp://HOST:PORT",
+                        help="join the Dask scheduler at this address (with --task-runner dask)")
     args = parser.parse_args(argv)
     from tuneline.core.params import ParamsError
     from tuneline.orchestration.overrides import parse_set_args
@@ -502,15 +608,22 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     from prefect.exceptions import CancelledRun
 
+    from tuneline.orchestration.cluster import ClusterError
     from tuneline.orchestration.runner import StageProcessFailed
     from tuneline.core.report import print_error
 
     try:
         summary = pipeline(params_path=args.params, root=args.root, overrides=overrides or None,
-                           shards=args.shards)
+                           shards=args.shards, task_runner=args.task_runner, dask_address=args.dask_address)
     except ParamsError as error:
         print_error("configuration error", str(error))
         return 2
+    except ClusterError as error:
+        print_error("dask cluster", str(error))
+        return 2
+    except ShardLost as error:
+        print_error("shard lost", str(error))
+        return 1
     except StageProcessFailed as error:
         print_error("stage failed", str(error))
         return error.returncode if error.returncode in (2, 143) else 1
