@@ -145,7 +145,8 @@ def test_registry_dvc_yaml_and_entry_points_agree():
 # Modules that cannot change what a stage produces: params models (their values, defaults
 # included, are in every key), bookkeeping, display, locking, tracking, orchestration. Their
 # imports are not followed. Tiny models count through the content of the files they build.
-# The ingest stage's run rebuilds its output from the stored probe records every run (probe.py makes them).
+# The ingest stage's run rebuilds its output from the stored probe records every run (probe.py makes them;
+# memo.py keeps a copy of them, keyed by content, for reading in one pass).
 # The caption stage's edits module picks a hand edit over the stored model caption when the output
 # is written; the store holds model captions only. The latents stage's output/report module rebuilds the output folder from the store every run,
 # its prompts module only picks which prompt texts its text cache encodes (text.py and keys.py make
@@ -157,7 +158,7 @@ NOT_RESULT_SHAPING = ("tuneline.config", "tuneline.preflight", "tuneline.cli", "
                       "tuneline.core.parallel", "tuneline.core.layout", "tuneline.core.lock", "tuneline.core.logs",
                       "tuneline.core.stops", "tuneline.core.packs",
                       "tuneline.core.codeversion", "tuneline.core.tracking", "tuneline.orchestration", "tuneline.tiny",
-                      "tuneline.stages.ingest.stage", "tuneline.stages.latents.output", "tuneline.stages.latents.prompts",
+                      "tuneline.stages.ingest.stage", "tuneline.stages.ingest.memo", "tuneline.stages.latents.output", "tuneline.stages.latents.prompts",
                       "tuneline.stages.caption.edits", "tuneline.stages.caption.output", "tuneline.stages.bucket.output",
                       "tuneline.train.cached_text")
 

@@ -77,3 +77,30 @@ def test_ingest_reads_the_scan_and_rejects_what_it_could_not_read(project):
     project.ingest(params)
     assert [r["source"] for r in project.manifest("data/ingested")] == ["data/raw/alpha/good.jpg",
                                                                         "data/raw/alpha/later.jpg"]
+
+
+def test_a_rerun_reads_no_file_per_image(project, monkeypatch):
+    """The probe records, sidecar captions and exact pixel digests of a rerun come from the ingest memo
+    (one SQLite file): no probe record, sidecar or image is read again, and the output is the same."""
+    from tuneline.core.store import ItemStore
+    from tuneline.stages.ingest import probe, stage
+
+    alpha = project.raw("alpha")
+    for i in range(3):
+        save_photo(alpha / f"p{i}.jpg", (96, 80), i)
+        (alpha / f"p{i}.txt").write_text(f"caption {i}", "utf-8")
+    save_photo(alpha / "j.jpg", (640, 480), 7, quality=90)
+    data = (alpha / "j.jpg").read_bytes()  # a comment segment: other bytes, the same pixels
+    (alpha / "j_meta.jpg").write_bytes(data[:2] + b"\xff\xfe\x00\x06memo" + data[2:])
+    first = project.ingest()
+    assert first.extra["duplicates"] == 1 and first.computed == 4
+    manifest = (project.root / "data/ingested/manifest.jsonl").read_bytes()
+
+    reads: list[str] = []
+    monkeypatch.setattr(ItemStore, "read_json", lambda self, key: reads.append("record"))
+    monkeypatch.setattr(stage, "decode_sidecar", lambda raw: reads.append("sidecar") or (None, False))
+    monkeypatch.setattr(probe, "exact_pixel_digest", lambda *args: reads.append("pixels"))
+    again = project.ingest()
+    assert reads == []
+    assert (again.computed, again.reused, again.extra["duplicates"]) == (0, 4, 1)
+    assert (project.root / "data/ingested/manifest.jsonl").read_bytes() == manifest

@@ -23,19 +23,16 @@ from tuneline.core.manifest import MANIFEST, REJECTED, read_manifest, write_json
 from tuneline.core.parallel import map_with_progress
 from tuneline.core.report import StageReport
 from tuneline.core.store import ItemStore
+from tuneline.stages.ingest.memo import IngestMemo
 from tuneline.stages.ingest.probe import STAGE, exact_pixels, probe_file, probe_key
 
 ITEM_ID_LENGTH = 24
 
 
-def read_sidecar(image_path: Path) -> tuple[str | None, str | None]:
-    """The caption in `<stem>.txt` beside an image, and a warning if it was not clean UTF-8."""
-    sidecar = image_path.with_suffix(".txt")
-    try:
-        raw = sidecar.read_bytes()
-    except (FileNotFoundError, IsADirectoryError):
-        return None, None
-    warning = None
+def decode_sidecar(raw: bytes) -> tuple[str | None, bool]:
+    """A sidecar file's caption (whitespace collapsed; None when empty), and whether its bytes were not
+    clean UTF-8 (undecodable bytes replaced). UTF-16 with a BOM and UTF-8 with a BOM are read too."""
+    not_utf8 = False
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         text = raw.decode("utf-16", errors="replace")
     else:
@@ -44,9 +41,13 @@ def read_sidecar(image_path: Path) -> tuple[str | None, str | None]:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
             text = raw.decode("utf-8", errors="replace")
-            warning = f"{sidecar}: not UTF-8; undecodable bytes were replaced with U+FFFD"
+            not_utf8 = True
     text = " ".join(text.split())
-    return (text or None), warning
+    return (text or None), not_utf8
+
+
+def not_utf8_warning(sidecar: Path) -> str:
+    return f"{sidecar}: not UTF-8; undecodable bytes were replaced with U+FFFD"
 
 
 MASK_STEM_SUFFIX = "_mask"  # <stem>_mask.png beside <stem>.<ext>: that image's loss mask, never an image itself
@@ -75,17 +76,17 @@ def sidecar_of(image: str) -> str:
 @dataclass
 class Inputs:
     """What the scan listed, sorted by kind: images (data set, path, digest) in path order,
-    masks (path -> data set, digest) and the sidecar captions that exist."""
+    masks (path -> data set, digest) and the sidecar captions that exist (path -> digest)."""
 
     images: list[tuple[str, str, str]]
     masks: dict[str, tuple[str, str]]
-    sidecars: set[str]
+    sidecars: dict[str, str]
 
 
 def sort_inputs(scanned: list[dict[str, Any]], report: StageReport) -> Inputs:
     """Sort the scan stage's records into images, masks and sidecars; reject the rest with a reason.
     Paths stay as the scan wrote them (relative to the project root)."""
-    inputs = Inputs([], {}, set())
+    inputs = Inputs([], {}, {})
     for record in scanned:
         path, dataset = record["path"], record["dataset"]
         if "problem" in record:
@@ -97,7 +98,7 @@ def sort_inputs(scanned: list[dict[str, Any]], report: StageReport) -> Inputs:
         elif suffix in IMAGE_EXTENSIONS:
             inputs.images.append((dataset, path, record["digest"]))
         elif suffix in SIDECAR_EXTENSIONS:
-            inputs.sidecars.add(path)
+            inputs.sidecars[path] = record["digest"]
         else:
             report.reject(path, f"unsupported file type: {suffix or 'no extension'}", dataset=dataset)
     return inputs
@@ -148,10 +149,15 @@ class _Duplicates:
     def __init__(self, store: ItemStore, max_pixels: int) -> None:
         self.store, self.max_pixels = store, max_pixels
         self.by_bytes: dict[str, str] = {}
-        self.by_fingerprint: dict[str, list[tuple[str, str, dict[str, Any]]]] = defaultdict(list)
+        self.by_fingerprint: dict[str, list[tuple[str, str, dict[str, Any], Path]]] = defaultdict(list)
+        self.updated: dict[str, dict[str, Any]] = {}  # probe key -> its record, now with its exact pixel digest
 
     def _exact(self, digest: str, path: Path, record: dict[str, Any]) -> str:
-        return exact_pixels(self.store, digest, path, record, self.max_pixels)
+        had = record["fingerprint_exact"] or "exact_pixel_digest" in record
+        value = exact_pixels(self.store, digest, path, record, self.max_pixels)
+        if not had:
+            self.updated[probe_key(digest)] = record
+        return value
 
     def original_of(self, digest: str, path: Path, source: str, record: dict[str, Any]) -> tuple[str, str] | None:
         """(rejection reason, source kept in place of this one), or None if this one is the first."""
@@ -159,12 +165,56 @@ class _Duplicates:
             return f"duplicate: same bytes as {self.by_bytes[digest]}", self.by_bytes[digest]
         self.by_bytes[digest] = source
         candidates = self.by_fingerprint[record["fingerprint"]]
-        for other_digest, other_source, other_record in candidates:
-            other_path = Path(other_record["_path"])
+        for other_digest, other_source, other_record, other_path in candidates:
             if self._exact(digest, path, record) == self._exact(other_digest, other_path, other_record):
                 return f"duplicate: same pixels as {other_source}", other_source
-        candidates.append((digest, source, {**record, "_path": str(path)}))
+        candidates.append((digest, source, record, path))
         return None
+
+
+def probe_all(inputs: Inputs, keys: list[str], memo: IngestMemo, store: ItemStore, root: Path, workers: int | None,
+              max_pixels: int) -> tuple[list[dict[str, Any]], set[int]]:
+    """Every image's probe record (from the memo, else the store, else a decode in worker processes), and
+    the indices decoded in this run. Records found only in the store, or stored by this run, go into the
+    memo; a verdict the store does not keep (one that depends on settings or permissions) does not."""
+    known = memo.records(keys)
+    found: list[dict[str, Any] | None] = [known.get(key) or store.read_json(key) for key in keys]
+    pending = [index for index, record in enumerate(found) if record is None]
+    tasks = [(str(root / inputs.images[i][1]), inputs.images[i][2], str(store.root.parent), max_pixels)
+             for i in pending]
+    computed: set[int] = set()
+    for index, (record, was_computed) in zip(
+        pending, map_with_progress(probe_file, tasks, workers, "ingest: checking images")
+    ):
+        found[index] = record
+        if was_computed:
+            computed.add(index)
+    records = [record for record in found if record is not None]
+    assert len(records) == len(keys)  # probe_file always answers
+    stored = set(pending) - {i for i in pending if store.read_json(keys[i]) is None}
+    memo.put_records({keys[i]: records[i] for i in range(len(keys)) if keys[i] not in known
+                      and (i not in pending or i in stored)})
+    return records, computed
+
+
+def sidecar_captions(inputs: Inputs, memo: IngestMemo, root: Path) -> dict[str, tuple[str | None, str | None]]:
+    """{sidecar path: (caption, warning)} of every sidecar beside an image, decoded once per content
+    (the memo keeps each sidecar's caption by its sha256)."""
+    wanted = {sidecar_of(source) for _, source, _ in inputs.images} & inputs.sidecars.keys()
+    known = memo.captions(inputs.sidecars[path] for path in wanted)
+    read: dict[str, tuple[str | None, bool]] = {}
+    captions = {}
+    for path in sorted(wanted):
+        digest = inputs.sidecars[path]
+        if digest not in known and digest not in read:
+            try:
+                read[digest] = decode_sidecar((root / path).read_bytes())
+            except (FileNotFoundError, IsADirectoryError):  # gone since the scan: no caption
+                continue
+        text, not_utf8 = known.get(digest) or read[digest]
+        captions[path] = (text, not_utf8_warning(root / path) if not_utf8 else None)
+    memo.put_captions(read)
+    return captions
 
 
 def run(params: Params, root: Path, scanned_dir: Path, out_dir: Path, metrics_dir: Path | None = None, *,
@@ -182,16 +232,9 @@ def run(params: Params, root: Path, scanned_dir: Path, out_dir: Path, metrics_di
     inputs = sort_inputs(read_manifest(Path(scanned_dir)), report)
     found_count = len(inputs.images) + len(report.rejected)  # images plus files rejected on sight
     keys = [probe_key(digest) for _, _, digest in inputs.images]
-    records: list[dict[str, Any] | None] = [store.read_json(key) for key in keys]
-    pending = [index for index, record in enumerate(records) if record is None]
-    tasks = [(str(root / inputs.images[i][1]), inputs.images[i][2], str(store_dir), config.max_pixels) for i in pending]
-    computed: set[int] = set()
-    for index, (record, was_computed) in zip(
-        pending, map_with_progress(probe_file, tasks, config.workers, "ingest: checking images")
-    ):
-        records[index] = record
-        if was_computed:
-            computed.add(index)
+    with IngestMemo(store.root) as memo:
+        records, computed = probe_all(inputs, keys, memo, store, root, config.workers, config.max_pixels)
+        captions = sidecar_captions(inputs, memo, root)
 
     report.warnings.extend(shared_sidecar_warnings(inputs))
     duplicates = _Duplicates(store, config.max_pixels)
@@ -210,7 +253,7 @@ def run(params: Params, root: Path, scanned_dir: Path, out_dir: Path, metrics_di
         mask = None
         if reason is None:
             mask, reason = mask_of(source, record, inputs, root)
-        caption, warning = read_sidecar(path) if sidecar_of(source) in inputs.sidecars else (None, None)
+        caption, warning = captions.get(sidecar_of(source), (None, None))
         if reason is not None:
             report.reject(source, reason, dataset=dataset)
             if original is not None and caption:
@@ -246,6 +289,9 @@ def run(params: Params, root: Path, scanned_dir: Path, out_dir: Path, metrics_di
                           f"its image, <stem>{MASK_STEM_SUFFIX}{MASK_EXTENSION} beside <stem>.png/.jpg/...",
                           dataset=dataset)
 
+    if duplicates.updated:  # exact pixel digests computed this run: the next run reads them from the memo
+        with IngestMemo(store.root) as memo:
+            memo.put_records(duplicates.updated)
     with rebuilt_dir(out_dir) as staging:
         write_jsonl(staging / MANIFEST, manifest)
         write_jsonl(staging / REJECTED, report.rejected)
