@@ -555,7 +555,8 @@ class Trainer:
             training = {"units": {u.name: {"optimizer": None if self.sharded else u.optimizer.state_dict(),
                                            "scheduler": u.scheduler.state_dict()} for u in self.units},
                         "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                        "ema": self.ema.state_dict() if self.ema is not None and not self.sharded else None}
+                        "ema": None if self.ema is None else
+                        {"num_updates": self.ema.num_updates} if self.sharded else self.ema.state_dict()}
             torch.save(training, staging / "training.pt")
             checkpoint.write_state(staging, {
                 "train_state": self.state.to_json(),
@@ -620,8 +621,11 @@ class Trainer:
                 group["lr"] = lr
         if training["scaler"] is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(training["scaler"])
-        if self.ema is not None and training["ema"] is not None and not self.sharded:
-            self.ema.load_state_dict(training["ema"])
+        if self.ema is not None and training["ema"] is not None:
+            if self.sharded:  # the shadow's shards were loaded by fsdp.load
+                self.ema.num_updates = training["ema"]["num_updates"]
+            else:
+                self.ema.load_state_dict(training["ema"])
         rng = checkpoint.load_torch(folder / f"rng_rank{self.accelerator.process_index}.pt")
         self.state = TrainState.from_json(saved["train_state"])
         self._forget_best_if_incomparable(saved["train_config"])
