@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 
 from test_memory_published import estimate, params_data, root  # noqa: F401  (fixtures: the published shapes)
 
@@ -93,3 +92,36 @@ def test_the_estimate_per_process_divides_what_fsdp_shards(estimate):  # noqa: F
     assert peaks[1] - peaks[2] == sharded - 2 * -(-sharded // 2) + sharded // 2 or \
         abs((peaks[1] - peaks[2]) - sharded / 2) <= 4
     assert abs((peaks[1] - peaks[4]) - sharded * 3 / 4) <= 4
+
+
+@pytest.mark.parametrize("family", ["sdxl", "zimage"])
+def test_the_final_output_is_written_from_a_plain_copy_with_the_bytes_of_the_unsharded_module(family, tmp_path):
+    """fully_shard swaps a module's class for an FSDP subclass (diffusers would name that class in config.json)
+    and its parameters for DTensors: the final output is saved from a copy of the module's own class holding the
+    gathered full weights, which diffusers writes byte for byte as the unsharded module."""
+    import importlib
+
+    import torch
+    from torch.distributed.fsdp import FSDPModule
+
+    from tuneline.tiny.cache import resolve_tiny
+    from tuneline.train.fsdp import plain_copy
+
+    name = {"sdxl": "UNet2DConditionModel", "zimage": "ZImageTransformer2DModel"}[family]
+    cls = getattr(importlib.import_module(DENOISERS[family]), name)
+    subfolder = {"sdxl": "unet", "zimage": "transformer"}[family]
+    module = cls.from_pretrained(resolve_tiny(f"tiny-{family}"), subfolder=subfolder)
+    with torch.no_grad():  # trained weights, not the base's
+        for parameter in module.parameters():
+            parameter.mul_(1.5)
+    module.save_pretrained(tmp_path / "unsharded")
+    state = {key: value.clone() for key, value in module.state_dict().items()}
+    module.__class__ = type(f"FSDP{name}", (FSDPModule, cls), {})  # what fully_shard does to the class
+    copy = plain_copy(module, state)
+    assert type(copy) is cls and not any(p.is_meta for p in copy.parameters())
+    assert all(p.data_ptr() == state[key].data_ptr() for key, p in copy.named_parameters())  # no second copy
+    copy.save_pretrained(tmp_path / "copy")
+    files = sorted(p.name for p in (tmp_path / "unsharded").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "copy").iterdir()) and "config.json" in files
+    for file in files:
+        assert (tmp_path / "unsharded" / file).read_bytes() == (tmp_path / "copy" / file).read_bytes(), file

@@ -1,5 +1,6 @@
-"""FSDP2 on two CPU processes over gloo: a full fine-tune checkpoints, stops, resumes and ends with the weights
-of a straight two-process run.
+"""FSDP2 on two CPU processes over gloo: a full fine-tune checkpoints, resumes from that checkpoint and ends with
+the weights, shards and final diffusers folders of a straight two-process run; the folders hold the gathered
+weights of the last checkpoint (live and EMA).
 
 accelerate 1.15 switches to FSDP only on accelerator backends (its AcceleratorState leaves MULTI_CPU as it is
 and ignores the plugin: the model is wrapped in DistributedDataParallel). torch's fully_shard runs on gloo, so
@@ -25,14 +26,13 @@ from test_train import REPO, family_project
 from test_train_zimage import zimage_project  # noqa: F401  (a fixture: the Z-Image latents project)
 
 FSDP_ON_CPU = """
-import os, signal, sys
+import sys
 
 import accelerate
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
 from tuneline.cli import main
-from tuneline.train.trainer import Trainer
 
 
 class CpuFsdpAccelerator(accelerate.Accelerator):
@@ -46,18 +46,6 @@ class CpuFsdpAccelerator(accelerate.Accelerator):
 
 
 accelerate.Accelerator = CpuFsdpAccelerator
-stop_at = int(sys.argv[1])
-step = Trainer.train_step
-
-
-def stopping_step(self, *args, **kwargs):
-    result = step(self, *args, **kwargs)
-    if self.state.step == stop_at:
-        self.stop_signal = signal.SIGTERM  # as a user's Ctrl-C: fit saves this step and stops
-    return result
-
-
-Trainer.train_step = stopping_step
 sys.exit(main(["train"]))
 """
 
@@ -65,18 +53,30 @@ sys.exit(main(["train"]))
 def free_port() -> int:
     import socket
 
-    with socket.socket() as probe:  # torchrun's --master_port 0 hangs in the rendezvous: name a free one
+    with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 
 
-def launch(root: Path, script: Path, stop_at: int) -> str:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]), "OMP_NUM_THREADS": "1"}
-    process = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         str(script), str(stop_at)], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        timeout=300)
-    return process.stdout
+def launch(root: Path, script: Path) -> str:
+    """The two processes torchrun would start (its env:// variables), started directly: torchrun's own process
+    would import torch once more before them, seconds on a shared core."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]), "OMP_NUM_THREADS": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    logs = [root / f"rank{rank}.log" for rank in range(2)]
+    processes = [subprocess.Popen([sys.executable, str(script)], cwd=root, stdout=log.open("w"),
+                                  stderr=subprocess.STDOUT, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+                 for rank, log in enumerate(logs)]
+    try:
+        codes = [process.wait(timeout=300) for process in processes]
+    finally:
+        for process in processes:  # one that failed leaves the other waiting in a collective
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    output = "\n".join(log.read_text("utf-8", errors="replace") for log in logs)
+    assert codes == [0, 0], output[-6000:]
+    return output
 
 
 def sharded_state(folder: Path, scratch: Path) -> dict:
@@ -94,6 +94,10 @@ def sharded_state(folder: Path, scratch: Path) -> dict:
     return flat(torch.load(scratch, weights_only=False))
 
 
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["sdxl"])  # the sharding path is the trainer core's; the blocks: test_fsdp.py
 def test_fsdp_two_processes_resume_matches_a_straight_run(request, family, tmp_path):
@@ -104,27 +108,47 @@ def test_fsdp_two_processes_resume_matches_a_straight_run(request, family, tmp_p
     for run in ("straight", "resumed"):
         root = roots[run] = tmp_path / run
         shutil.copytree(project.root / "data/latents", root / "data/latents")
-        train = {"seed": 5, "num_steps": 4, "mode": "full", "optimizer": {"name": "adamw"},
-                 "checkpoint": {"every_steps": 2}, "ema": {"enabled": True, "decay": 0.9}}
-        (root / "params.yaml").write_text(yaml.safe_dump({**project.params_data, "train": train}), "utf-8")
-    output = launch(roots["straight"], script, 0)
+        # Two steps, a checkpoint after each: the resumed run's step 2 needs the Adam moments, the EMA shadow and
+        # count (step 2 is its first averaging step), the RNG streams and the schedule of step 1's checkpoint.
+        train = {"seed": 5, "num_steps": 2, "mode": "full", "optimizer": {"name": "adamw"},
+                 "checkpoint": {"every_steps": 1}, "ema": {"enabled": True, "decay": 0.9}}
+        # No MLflow: its import and database set-up cost each launch seconds and nothing here reads it.
+        params = {**project.params_data, "train": train, "tracking": {"enabled": False}}
+        (root / "params.yaml").write_text(yaml.safe_dump(params), "utf-8")
+    output = launch(roots["straight"], script)
     assert "FSDP2 over 2 processes" in output, output
-    stopped = launch(roots["resumed"], script, 2)
-    assert "stopped by signal" in stopped, stopped
-    output = launch(roots["resumed"], script, 0)
-    assert "resumed from" in output and "at step 2" in output, output
-    straight, resumed = (checkpoint_at(roots[r] / "checkpoints/train", 4) for r in ("straight", "resumed"))
+    # The resumed run starts from the straight run's step-1 checkpoint (what a stop at step 1 saves).
+    first = checkpoint_at(roots["straight"] / "checkpoints/train", 1)
+    run_dir = roots["resumed"] / "checkpoints/train" / first.parent.name
+    shutil.copytree(first, run_dir / first.name)
+    (run_dir / "latest").write_text(first.name + "\n", "utf-8")
+    output = launch(roots["resumed"], script)
+    assert "resumed from" in output and "at step 1" in output, output
+    straight, resumed = (checkpoint_at(roots[r] / "checkpoints/train", 2) for r in ("straight", "resumed"))
     layout = sorted(p.relative_to(straight).as_posix() for p in straight.rglob("*") if p.is_file())
     assert {"trained.safetensors", "training.pt", "rng_rank0.pt", "rng_rank1.pt", "fsdp/pytorch_model_fsdp_0/.metadata",
             "fsdp/optimizer_0/.metadata", "ema/.metadata"} <= set(layout), layout
     assert [p for p in layout if p.startswith("ema/__")] == ["ema/__0_0.distcp", "ema/__1_0.distcp"]
-    assert_same_tensors(load_file(straight / "trained.safetensors"), load_file(resumed / "trained.safetensors"),
-                        "straight against resumed weights")
-    # The model, optimizer and EMA shards written at step 4 agree too.
-    for part in ("fsdp/pytorch_model_fsdp_0", "fsdp/optimizer_0", "ema"):
-        a, b = (sharded_state(folder / part, tmp_path / f"{run}.pt") for folder, run in ((straight, "a"), (resumed, "b")))
+    weights = load_file(straight / "trained.safetensors")
+    assert_same_tensors(weights, load_file(resumed / "trained.safetensors"), "straight against resumed weights")
+    step_1 = load_file(first / "trained.safetensors")
+    assert not torch.equal(weights["unet.conv_in.weight"], step_1["unet.conv_in.weight"])  # step 2 trained
+    # The optimizer and EMA shards written at step 2 agree too.
+    shards = {}
+    for part in ("fsdp/optimizer_0", "ema"):  # the model's: trained.safetensors, gathered from them
+        a, b = (sharded_state(folder / part, tmp_path / f"{run}.pt")
+                for folder, run in ((straight, "a"), (resumed, "b")))
         assert a.keys() == b.keys() and len(a) > 100, part
         for key in a:
             assert torch.equal(a[key], b[key]) if isinstance(a[key], torch.Tensor) else a[key] == b[key], (part, key)
-    # Not yet: writing the final diffusers folders under FSDP (save_outputs) fails in safetensors on the
-    # unsharded parameters ("invalid python storage"); the stage ends with that error after its last checkpoint.
+        shards[part] = a
+    # The final diffusers folders: the same bytes after a resume, and they hold the gathered weights of step 2.
+    outputs = {run: roots[run] / "models/train" for run in roots}
+    assert folder_bytes(outputs["straight"] / "pipeline") == folder_bytes(outputs["resumed"] / "pipeline")
+    assert folder_bytes(outputs["straight"] / "ema") == folder_bytes(outputs["resumed"] / "ema")
+    unet = load_file(outputs["straight"] / "pipeline/unet/diffusion_pytorch_model.safetensors")
+    assert_same_tensors(unet, {k.removeprefix("unet."): v for k, v in weights.items()}, "output against checkpoint")
+    ema = load_file(outputs["straight"] / "ema/pipeline/unet/diffusion_pytorch_model.safetensors")
+    shadow = {k.removeprefix("shadow.unet."): v for k, v in shards["ema"].items()}
+    assert_same_tensors(ema, shadow, "EMA output against the EMA shards")
+    assert any(not torch.equal(ema[key], unet[key]) for key in unet)

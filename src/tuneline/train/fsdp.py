@@ -7,13 +7,15 @@ accelerate reads the FSDP plugin from the launch config; the trainer only asks `
 - a checkpoint keeps the single-process layout's files (state json, `trained.safetensors` gathered to full
   weights, `training.pt` with the schedules and the grad scaler, `rng_rank*.pt`) and adds the sharded state:
   `fsdp/` (accelerate's save_state: the model and optimizer as torch.distributed.checkpoint shards) and `ema/`
-  (the EMA shadow, the same format).
+  (the EMA shadow, the same format);
+- the final output (save_outputs) is written by the main process from plain copies of the trained modules
+  (`plain_copy`: the module's own class built from its config, holding the gathered full weights), so the
+  diffusers folders are the ones an unsharded run writes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -63,20 +65,50 @@ def full_tensors(named: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
     return [(name, t.full_tensor() if isinstance(t, DTensor) else t) for name, t in named]
 
 
-@contextmanager
-def unsharded(modules: list[Any]) -> Iterator[None]:
-    """Every FSDP unit of `modules` holds its full parameters inside (collective, every process): what a writer
-    that expects plain tensors (the adapter's diffusers save) reads. Resharded after."""
+def refuse_unrebuildable(modules: dict[str, Any]) -> None:
+    """The final output is written from a plain copy of each trained module built from its config
+    (`plain_copy`): refuse, before training, a module that cannot be rebuilt so (not a diffusers model)."""
+    from diffusers.configuration_utils import ConfigMixin
+
+    other = sorted(name for name, module in modules.items() if not isinstance(module, ConfigMixin))
+    if other:
+        raise FsdpRefused(f"FSDP writes the final weights through a copy of each trained module built from its "
+                          f"config; {other} are not diffusers models (ConfigMixin)")
+
+
+def full_state(module: Any, main: bool) -> dict[str, Any]:
+    """The module's full state dict (parameters and persistent buffers) gathered to CPU tensors on the main
+    process ({} on the others). A collective: every process calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # cpu_offload with full_state_dict: only rank 0 keeps the gathered tensors (the others get {}).
+    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return state if main else {}
+
+
+def gathered(named: Iterable[tuple[str, Any]], main: bool) -> dict[str, Any]:
+    """name -> full CPU tensor of each (name, DTensor) on the main process ({} on the others), gathered one
+    tensor at a time. A collective: every process calls it, in the same order."""
+    out = {}
+    for name, tensor in full_tensors(list(named)):
+        if main:
+            out[name] = tensor.detach().to("cpu", copy=True)
+        del tensor
+    return out
+
+
+def plain_copy(module: Any, state: dict[str, Any]) -> Any:
+    """A plain (unsharded) module of `module`'s own diffusers class, built from its config without allocating
+    weights and holding the tensors of `state` (a full state dict): what diffusers' save_pretrained writes
+    exactly as it writes the unsharded module (FSDP2 swapped the module's class for an FSDP subclass)."""
+    from accelerate import init_empty_weights
     from torch.distributed.fsdp import FSDPModule
 
-    units = [m for module in modules for m in module.modules() if isinstance(m, FSDPModule)]
-    for unit in units:
-        unit.unshard()
-    try:
-        yield
-    finally:
-        for unit in units:
-            unit.reshard()
+    cls = next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+    with init_empty_weights():  # parameters on the meta device; buffers real (non-persistent ones are not in state)
+        plain = cls.from_config(module.config)
+    plain.load_state_dict({key: value.contiguous() for key, value in state.items()}, strict=True, assign=True)
+    return plain
 
 
 def save(accelerator: Any, folder: Path, ema_state: dict[str, Any] | None) -> None:

@@ -268,6 +268,7 @@ class Trainer:
         self.sharded = fsdp.sharded(self.accelerator)
         if self.sharded:
             blocks = fsdp.set_wrap_blocks(self.accelerator, self.adapter.family, modules, len(specs))
+            fsdp.refuse_unrebuildable(modules)
             self.messages.append(f"FSDP2 over {self.accelerator.num_processes} processes, one unit per "
                                  f"{', '.join(blocks)}")
         if self.average_gradients:
@@ -763,29 +764,34 @@ class Trainer:
         return self.adapter.save(unwrapped, out_dir)
 
     def _save_sharded_outputs(self, out_dir: Path, only_ema: bool) -> Path | None:
-        """save_outputs under FSDP: every process gathers the full weights (the EMA's swapped in first), the main
-        process writes them. The best validation step's weights are not written (its checkpoint keeps them)."""
-        modules = list(self.modules.values())
-        unwrapped = {name: self.accelerator.unwrap_model(m) for name, m in self.modules.items()}
+        """save_outputs under FSDP: every process takes part in gathering the full weights and the EMA shadow;
+        the main process writes best, EMA and live weights, as the unsharded path, through plain copies of the
+        modules (fsdp.plain_copy) holding those full tensors."""
         main = self.accelerator.is_main_process
-        if self.state.best_validation_step:
-            self.messages.append(f"FSDP: the best validation step's weights are not written to {out_dir / BEST_DIR}; "
-                                 f"they are checkpoint step {self.state.best_validation_step}'s trained.safetensors")
+        states = {name: fsdp.full_state(module, main) for name, module in self.modules.items()}
+        shadow = fsdp.gathered(self.ema.shadow.items(), main) if self.ema is not None else {}
+        trained = [name for name, _ in self._named_trained_parameters()]
         saved = None
-        if self.ema is not None:
-            with self.ema.swap(), fsdp.unsharded(modules):
-                saved = self.adapter.save(unwrapped, out_dir if only_ema else out_dir / EMA_DIR) if main else None
-            self.accelerator.wait_for_everyone()
-            if only_ema:
-                return saved
-        with fsdp.unsharded(modules):
-            saved = self.adapter.save(unwrapped, out_dir) if main else None
+        if main:
+            plain = {name: fsdp.plain_copy(self.accelerator.unwrap_model(module), states.pop(name))
+                     for name, module in self.modules.items()}
+            named = dict((f"{name}.{pname}", p) for name, module in plain.items()
+                         for pname, p in module.named_parameters())
+            self._save_best(plain, out_dir / BEST_DIR, [(name, named[name]) for name in trained])
+            if not only_ema or self.ema is None:
+                saved = self.adapter.save(plain, out_dir)
+            if self.ema is not None:  # as EMA.swap: the shadow cast to each parameter's dtype
+                copy_into([(name, named[name]) for name in shadow], shadow)
+                ema_dir = self.adapter.save(plain, out_dir if only_ema else out_dir / EMA_DIR)
+                saved = ema_dir if only_ema else saved
         self.accelerator.wait_for_everyone()
         return saved
 
-    def _save_best(self, unwrapped: dict[str, Any], out_dir: Path) -> None:
+    def _save_best(self, unwrapped: dict[str, Any], out_dir: Path,
+                   parameters: list[tuple[str, Any]] | None = None) -> None:
         """The weights of the best validation step (its kept checkpoint) to `out_dir`, in the adapter's
-        layout; the live weights are put back after. Nothing without a best step."""
+        layout; the live weights are put back after. Nothing without a best step. `parameters`: the trained
+        parameters of `unwrapped` by checkpoint name (default: this trainer's own)."""
         from safetensors.torch import load_file
 
         step = self.state.best_validation_step
@@ -796,7 +802,8 @@ class Trainer:
             self.messages.append(f"the best validation step {step} has no checkpoint in {self.checkpoint_dir}: "
                                  "no best weights written")
             return
-        current, parameters = self.trained_weights(), self._named_trained_parameters()
+        parameters = self._named_trained_parameters() if parameters is None else parameters
+        current = host_copies(parameters)
         try:
             copy_into(parameters, load_file(folder / "trained.safetensors"))
             self.adapter.save(unwrapped, out_dir)
