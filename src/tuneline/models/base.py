@@ -122,6 +122,9 @@ class Family:
     # leaves in full precision (small embedders, final layers: tuneline.models.quantize.kept); every other
     # frozen nn.Linear is quantized.
     full_precision: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Class names of the denoiser's repeated blocks: FSDP2 shards each one as its own unit (accelerate's
+    # transformer-based wrap policy), so only one block's full weights are gathered at a time.
+    shard_blocks: tuple[str, ...] = ()
 
     def build_adapter(self, *args: Any, **kwargs: Any) -> Any:
         return load_object(self.adapter)(*args, **kwargs)

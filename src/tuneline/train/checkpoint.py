@@ -156,7 +156,8 @@ def finish(root: Path, step: int, keep_last: int, keep: Iterable[int] = ()) -> P
     root = Path(root)
     final = root / checkpoint_name(step)
     staging = staging_dir(root, step)
-    for path in staging.iterdir():  # data first, then the rename: a crash leaves no trusted half
+    # data first, then the rename: a crash leaves no trusted half (FSDP's shards are in subfolders)
+    for path in sorted(p for p in staging.rglob("*") if p.is_file()):
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())
     aside = replaced_dir(root, step)

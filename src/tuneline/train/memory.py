@@ -33,7 +33,7 @@ compares them with the real tensors); the activation term is an estimate.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,23 @@ class MemoryEstimate:
         rows.append((f"activations at {self.activation_case} (estimated)", self.activations))
         rows.append(("peak (estimated)", self.peak))
         return rows
+
+    def sharded(self, processes: int) -> MemoryEstimate:
+        """The figure per process under FSDP over `processes` (configs/accelerate/fsdp2.yaml): the trained
+        parameters, their gradients, the optimizer state and the EMA are split evenly (rounded up); frozen
+        weights (text encoders, a frozen base under LoRA, counted whole) and activations stay per process.
+        One block's gathered parameters in flight are not counted."""
+        if processes < 1:
+            raise ValueError(f"processes is {processes}: at least 1")
+
+        def share(size: int) -> int:
+            return -(-size // processes)
+
+        return replace(self, trained=share(self.trained), gradients=share(self.gradients),
+                       optimizer=share(self.optimizer), ema=share(self.ema),
+                       notes=[*self.notes, f"FSDP over {processes} processes: trained parameters, gradients, "
+                                           f"optimizer state and EMA are 1/{processes} each"]
+                       if processes > 1 else self.notes)
 
     def to_json(self) -> dict[str, Any]:
         return {"weights": self.weights, "trained": self.trained, "gradients": self.gradients,
@@ -326,14 +343,16 @@ def activation_bytes(adapter: DiffusionAdapter, modules: dict[str, Any], batch: 
 
 
 def estimate(model: ModelConfig, train: TrainConfig, root: Path, bucket: tuple[int, int], batch_size: int, *,
-             text_cached: bool, live_samples: bool = False, adapter: DiffusionAdapter | None = None) -> MemoryEstimate:
+             text_cached: bool, live_samples: bool = False, adapter: DiffusionAdapter | None = None,
+             fsdp_processes: int = 1) -> MemoryEstimate:
     """The GPU memory of training `model` (the adapter of model.base's family) with `train`, from the
     model's configs alone, its activations at `bucket` (width, height) x `batch_size`.
 
     The caller says what only the pipeline knows: the bucket (the largest one the data sets make),
     whether the latents stage caches the text embeddings this training can use (`text_cached`: then
     no text encoder is loaded), and whether live samples render during training. `adapter` (already
-    loaded and set up, e.g. on real weights) skips building one on the meta device.
+    loaded and set up, e.g. on real weights) skips building one on the meta device. `fsdp_processes` > 1:
+    the figure per process of FSDP over that many (MemoryEstimate.sharded).
     """
     import torch
 
@@ -363,10 +382,11 @@ def estimate(model: ModelConfig, train: TrainConfig, root: Path, bucket: tuple[i
                      f"instead of {format_bytes(optimizer)}")
     if live_samples:
         notes.append("live samples load the VAE and (if not loaded) the text encoders onto the GPU while rendering")
-    return MemoryEstimate(
+    whole = MemoryEstimate(
         weights=frozen, trained=trained, gradients=trained, optimizer=optimizer, optimizer_name=train.optimizer.name,
         ema=ema, activations=detail["total"], activation_case=f"{bucket[0]}x{bucket[1]}, batch {batch_size}",
         trained_dtypes=trained_dtypes, notes=notes, detail=detail, optimizers=optimizers)
+    return whole.sharded(fsdp_processes) if fsdp_processes > 1 else whole
 
 
 def format_bytes(size: int) -> str:

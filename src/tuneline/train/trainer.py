@@ -24,9 +24,10 @@ from typing import Any, Callable, Iterable
 
 from tuneline.core.stops import resume_command
 from tuneline.models.config import run_key_settings
-from tuneline.train import checkpoint
+from tuneline.train import checkpoint, fsdp
 from tuneline.train.adapter import ModelSource, TrainerAdapter, TrainerConfig, TrainingData
 from tuneline.train.units import UnitSpec
+from tuneline.train.fsdp import SHARDED_LAYOUT
 from tuneline.train.output import BEST_DIR, EMA_DIR
 from tuneline.train.sampler import BucketBatchSampler
 from tuneline.train.state import TrainRandom, TrainState
@@ -185,6 +186,7 @@ class Trainer:
         self.live_eval, self.live_every = live_eval, live_every
         self.validation = validation
         self.messages: list[str] = []  # resume notes, safe config changes: shown and logged
+        self.sharded = False  # FSDP (set when accelerate prepares the modules)
 
     # --- set-up -------------------------------------------------------------------------
 
@@ -263,6 +265,12 @@ class Trainer:
         # the discriminator three times and backpropagates each loss into its own parameters (`inputs=`).
         # So the modules are placed without DDP and each unit's gradients are averaged by hand.
         self.average_gradients = len(specs) > 1 and self.accelerator.num_processes > 1
+        self.sharded = fsdp.sharded(self.accelerator)
+        if self.sharded:
+            blocks = fsdp.set_wrap_blocks(self.accelerator, self.adapter.family, modules, len(specs))
+            fsdp.refuse_unrebuildable(modules)
+            self.messages.append(f"FSDP2 over {self.accelerator.num_processes} processes, one unit per "
+                                 f"{', '.join(blocks)}")
         if self.average_gradients:
             placed = [self.accelerator.prepare_model(module, evaluation_mode=True) for module in modules.values()]
             prepared = [*placed, *self.accelerator.prepare(*optimizers)]
@@ -274,7 +282,10 @@ class Trainer:
         if self.config.compile:
             name = self.adapter.compiled_module
             self.modules[name] = compile_module(self.modules[name], self.config.compile_scope, self.accelerator)
-        self.units = [OptimizationUnit(spec.name, optimizer, scheduler, spec.parameters, spec.every,
+        # FSDP2 replaced the parameters by sharded DTensors (the prepared optimizer holds those): the unit's too.
+        self.units = [OptimizationUnit(spec.name, optimizer, scheduler,
+                                       [p for group in optimizer.param_groups for p in group["params"]]
+                                       if self.sharded else spec.parameters, spec.every,
                                        spec.start_step, spec.max_grad_norm)
                       for spec, optimizer, scheduler in zip(specs, prepared[len(names):], schedulers)]
         self.parameters = self.units[0].parameters  # the main unit's: the model's trained parameters
@@ -323,8 +334,10 @@ class Trainer:
         return self.config.num_epochs * steps_per_epoch
 
     def trained_weights(self) -> dict[str, Any]:
-        """A CPU copy of every trained parameter by `<module>.<parameter>` name: a checkpoint's trained.safetensors."""
-        return host_copies(self._named_trained_parameters())
+        """A CPU copy of every trained parameter by `<module>.<parameter>` name: a checkpoint's trained.safetensors.
+        Under FSDP the shards are gathered: every process must call it."""
+        named = self._named_trained_parameters()
+        return host_copies(fsdp.full_tensors(named) if self.sharded else named)
 
     def state_tensors(self) -> dict[str, Any]:
         """The adapter's tensors that steps change outside the optimizer (a VQ codebook), by name; most have none."""
@@ -531,15 +544,20 @@ class Trainer:
         accelerator.wait_for_everyone()
         torch.save(self.random.state_dict(), staging / f"rng_rank{accelerator.process_index}.pt")
         final = None
+        if self.sharded:  # every process writes its shards and takes part in gathering the full weights
+            fsdp.save(accelerator, staging, self.ema.state_dict() if self.ema is not None else None)
+            weights = self.trained_weights()
         if accelerator.is_main_process:
-            save_file(self.trained_weights(), staging / "trained.safetensors")
+            save_file(weights if self.sharded else self.trained_weights(), staging / "trained.safetensors")
             state = self.state_tensors()
             if state:
                 save_file(host_copies(state.items()), staging / checkpoint.ADAPTER_STATE_FILE)
-            training = {"units": {u.name: {"optimizer": u.optimizer.state_dict(),
+            # Sharded: the optimizer and EMA state are in fsdp/ and ema/ (fsdp.save); the schedules stay here.
+            training = {"units": {u.name: {"optimizer": None if self.sharded else u.optimizer.state_dict(),
                                            "scheduler": u.scheduler.state_dict()} for u in self.units},
                         "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                        "ema": self.ema.state_dict() if self.ema is not None else None}
+                        "ema": None if self.ema is None else
+                        {"num_updates": self.ema.num_updates} if self.sharded else self.ema.state_dict()}
             torch.save(training, staging / "training.pt")
             checkpoint.write_state(staging, {
                 "train_state": self.state.to_json(),
@@ -549,6 +567,7 @@ class Trainer:
                 "processes": accelerator.num_processes,
                 "batching": self.batching,
                 "model_identity": self.model.identity,
+                **({"sharded": SHARDED_LAYOUT} if self.sharded else {}),  # absent: the single-process layout
             })
             best = [self.state.best_validation_step] if self.state.best_validation_step else []
             final = checkpoint.finish(self.checkpoint_dir, self.state.step, self.config.checkpoint.keep_last, keep=best)
@@ -571,7 +590,12 @@ class Trainer:
         if saved["data_digest"] != self.data_digest:
             unsafe.append("the training data changed (images, captions, repeats or loss weights)")
         if saved["processes"] != self.accelerator.num_processes:
+            # Sharded or not: each process's RNG streams and share of every batch are its own, so another
+            # count is another run (torch.distributed.checkpoint could reshard the weights, not those).
             unsafe.append(f"number of processes: {saved['processes']} -> {self.accelerator.num_processes}")
+        if saved.get("sharded") != (SHARDED_LAYOUT if self.sharded else None):
+            unsafe.append(f"the checkpoint was written {'with' if saved.get('sharded') else 'without'} FSDP and this "
+                          f"run is {'' if self.sharded else 'not '}sharded: launch it with the same accelerate config")
         if saved.get("batching", self.batching) != self.batching:
             unsafe.append(f"batch size per bucket (bucket.batch_size / batch_sizes): {saved['batching']} -> "
                           f"{self.batching}")
@@ -581,13 +605,17 @@ class Trainer:
                 f"{self.checkpoint_dir} to start a new run.")
         for line in safe:
             self.messages.append(f"resuming with a changed setting: {line}")
-        copy_into(self._named_trained_parameters(), load_file(folder / "trained.safetensors"))
+        if self.sharded:  # model, optimizer and EMA shards in place; the full trained.safetensors is not read
+            fsdp.load(self.accelerator, folder, self.ema.state_dict() if self.ema is not None else None)
+        else:
+            copy_into(self._named_trained_parameters(), load_file(folder / "trained.safetensors"))
         state = self.state_tensors()
         if state:
             copy_into(state.items(), load_file(folder / checkpoint.ADAPTER_STATE_FILE))
         training = checkpoint.load_torch(folder / "training.pt")
         for unit in self.units:
-            unit.optimizer.load_state_dict(training["units"][unit.name]["optimizer"])
+            if not self.sharded:
+                unit.optimizer.load_state_dict(training["units"][unit.name]["optimizer"])
             unit.scheduler.load_state_dict(training["units"][unit.name]["scheduler"])
             # The optimizer state carries the lr of the old schedule; num_steps may have changed it.
             for group, lr in zip(unit.optimizer.param_groups, unit.scheduler.get_lr()):
@@ -595,7 +623,10 @@ class Trainer:
         if training["scaler"] is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(training["scaler"])
         if self.ema is not None and training["ema"] is not None:
-            self.ema.load_state_dict(training["ema"])
+            if self.sharded:  # the shadow's shards were loaded by fsdp.load
+                self.ema.num_updates = training["ema"]["num_updates"]
+            else:
+                self.ema.load_state_dict(training["ema"])
         rng = checkpoint.load_torch(folder / f"rng_rank{self.accelerator.process_index}.pt")
         self.state = TrainState.from_json(saved["train_state"])
         self._forget_best_if_incomparable(saved["train_config"])
@@ -719,6 +750,8 @@ class Trainer:
         with `only_ema`, are the only weights written (a stage whose output is the weights to use). With a
         best validation step, its weights go to `out_dir/best` in the same layout."""
         self.accelerator.wait_for_everyone()
+        if self.sharded:
+            return self._save_sharded_outputs(Path(out_dir), only_ema)
         if not self.accelerator.is_main_process:
             return None
         unwrapped = {name: self.accelerator.unwrap_model(m) for name, m in self.modules.items()}
@@ -730,9 +763,35 @@ class Trainer:
                 return saved
         return self.adapter.save(unwrapped, out_dir)
 
-    def _save_best(self, unwrapped: dict[str, Any], out_dir: Path) -> None:
+    def _save_sharded_outputs(self, out_dir: Path, only_ema: bool) -> Path | None:
+        """save_outputs under FSDP: every process takes part in gathering the full weights and the EMA shadow;
+        the main process writes best, EMA and live weights, as the unsharded path, through plain copies of the
+        modules (fsdp.plain_copy) holding those full tensors."""
+        main = self.accelerator.is_main_process
+        states = {name: fsdp.full_state(module, main) for name, module in self.modules.items()}
+        shadow = fsdp.gathered(self.ema.shadow.items(), main) if self.ema is not None else {}
+        trained = [name for name, _ in self._named_trained_parameters()]
+        saved = None
+        if main:
+            plain = {name: fsdp.plain_copy(self.accelerator.unwrap_model(module), states.pop(name))
+                     for name, module in self.modules.items()}
+            named = dict((f"{name}.{pname}", p) for name, module in plain.items()
+                         for pname, p in module.named_parameters())
+            self._save_best(plain, out_dir / BEST_DIR, [(name, named[name]) for name in trained])
+            if not only_ema or self.ema is None:
+                saved = self.adapter.save(plain, out_dir)
+            if self.ema is not None:  # as EMA.swap: the shadow cast to each parameter's dtype
+                copy_into([(name, named[name]) for name in shadow], shadow)
+                ema_dir = self.adapter.save(plain, out_dir if only_ema else out_dir / EMA_DIR)
+                saved = ema_dir if only_ema else saved
+        self.accelerator.wait_for_everyone()
+        return saved
+
+    def _save_best(self, unwrapped: dict[str, Any], out_dir: Path,
+                   parameters: list[tuple[str, Any]] | None = None) -> None:
         """The weights of the best validation step (its kept checkpoint) to `out_dir`, in the adapter's
-        layout; the live weights are put back after. Nothing without a best step."""
+        layout; the live weights are put back after. Nothing without a best step. `parameters`: the trained
+        parameters of `unwrapped` by checkpoint name (default: this trainer's own)."""
         from safetensors.torch import load_file
 
         step = self.state.best_validation_step
@@ -743,7 +802,8 @@ class Trainer:
             self.messages.append(f"the best validation step {step} has no checkpoint in {self.checkpoint_dir}: "
                                  "no best weights written")
             return
-        current, parameters = self.trained_weights(), self._named_trained_parameters()
+        parameters = self._named_trained_parameters() if parameters is None else parameters
+        current = host_copies(parameters)
         try:
             copy_into(parameters, load_file(folder / "trained.safetensors"))
             self.adapter.save(unwrapped, out_dir)

@@ -40,4 +40,7 @@ FAMILY = Family(
     # projection of the second encoder: small, and every image's conditioning passes through them
     # (diffusers keeps Z-Image's and Flux's embedders out of quantization the same way).
     full_precision={"unet": ("time_embedding", "add_embedding"), "text_encoder_2": ("text_projection",)},
+    # The UNet's attention and resnet blocks (diffusers' _no_split_modules also names the up blocks that hold them:
+    # wrapping those too would gather a whole up block at once).
+    shard_blocks=("BasicTransformerBlock", "ResnetBlock2D"),
 )

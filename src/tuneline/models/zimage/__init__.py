@@ -61,6 +61,7 @@ FAMILY = Family(
     # the timestep, patch, caption (and SigLIP) embedders and the final layer.
     full_precision={"transformer": ("t_embedder", "all_x_embedder", "cap_embedder", "siglip_embedder",
                                     "all_final_layer")},
+    shard_blocks=("ZImageTransformerBlock",),  # the DiT's main, noise- and context-refiner layers
     ignored_settings=(
         ForeignSetting("train.text_encoder_2.mode",
                        "{key} is {value!r}, but Z-Image has one text encoder (Qwen3, train.text_encoder_1); SDXL's "
