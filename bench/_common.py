@@ -107,7 +107,7 @@ def ensure_project(work: Path, data: dict[str, Any], images: int, seed: int, ver
         return root, params, 0.0
     started = time.perf_counter()
     shutil.rmtree(root, ignore_errors=True)
-    stages = STAGE_NAMES[STAGE_NAMES.index("ingest"):STAGE_NAMES.index(through) + 1]
+    stages = STAGE_NAMES[STAGE_NAMES.index("scan"):STAGE_NAMES.index(through) + 1]
     rng = np.random.default_rng(seed)
     resolution = data["bucket"]["resolution"]
     for index in range(images):
