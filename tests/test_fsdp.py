@@ -125,3 +125,20 @@ def test_the_final_output_is_written_from_a_plain_copy_with_the_bytes_of_the_uns
     assert files == sorted(p.name for p in (tmp_path / "copy").iterdir()) and "config.json" in files
     for file in files:
         assert (tmp_path / "unsharded" / file).read_bytes() == (tmp_path / "copy" / file).read_bytes(), file
+
+
+def test_an_fsdp_launch_that_accelerate_runs_unsharded_is_refused(monkeypatch):
+    """accelerate 1.15 picks FSDP only for GPU-like processes: an FSDP config launched with --cpu runs DDP (or a
+    single process) without a word. tuneline says so instead of training unsharded."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from tuneline.train.fsdp import FsdpRefused, sharded
+
+    on_cpu = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert sharded(on_cpu) is False  # no FSDP asked for: plain DDP
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for an FSDP config
+    with pytest.raises(FsdpRefused, match=r"runs this process as MULTI_CPU \(2 process\(es\)\).*never on the CPU"):
+        sharded(on_cpu)

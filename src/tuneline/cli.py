@@ -112,6 +112,11 @@ def run_stage(stage: str, params_path: Path, root: Path, options: dict | None = 
         if isinstance(error, (TrainingDiverged, ResumeRefused)):
             print_error("training stopped", str(error))
             return 1 if isinstance(error, TrainingDiverged) else 2
+        from tuneline.train.fsdp import FsdpRefused
+
+        if isinstance(error, FsdpRefused):
+            print_error("configuration error", str(error))
+            return 2
         raise
     if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, one summary, from the main process
         if (options or {}).get("shard"):  # a shard fills the store only: no output folder, no metrics file

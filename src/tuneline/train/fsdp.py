@@ -30,9 +30,19 @@ class FsdpRefused(ValueError):
 
 def sharded(accelerator: Any) -> bool:
     """Whether accelerate runs this process under FSDP; refuses FSDP1 (tuneline shards with FSDP2 only)."""
+    import os
+
+    import accelerate
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type != DistributedType.FSDP:
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            # accelerate picks FSDP only for GPU-like processes: with --cpu it runs DDP (or nothing) and says nothing.
+            raise FsdpRefused(
+                f"the accelerate launch config asks for FSDP, but accelerate {accelerate.__version__} runs this process "
+                f"as {accelerator.distributed_type.value} ({accelerator.num_processes} process(es)): it shards with FSDP "
+                "only over several GPU (or XPU/NPU) processes, never on the CPU, so this run would train unsharded. "
+                "Launch it on GPUs, or without the FSDP config")
         return False
     version = accelerator.state.fsdp_plugin.fsdp_version
     if version != 2:
