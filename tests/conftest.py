@@ -39,7 +39,8 @@ PROJECT_TREES = ("stages", "src", "data/raw", "data/caption_edits", ".dvc")
 # one and neither waits long for the other at the end (measured). Other files follow
 # in name order.
 LONGEST_FIRST = (
-    "test_dvc_pipeline.py", "test_flows.py", "test_zimage_pipeline.py", "test_train.py", "test_staleness.py",
+    "test_dvc_pipeline.py", "test_flows.py", "test_zimage_pipeline.py", "test_train.py", "test_dask.py",
+    "test_staleness.py", "test_fsdp_run.py",
     "test_train_zimage.py", "test_sharding.py", "test_autoencoder_stage.py", "test_bench_gpu.py",
     "test_export_stage.py", "test_autoencoder.py", "test_bench_trainers.py", "test_caption.py", "test_reliability.py",
     "test_memory_published.py", "test_quantize.py", "test_validation.py", "test_training_adapter.py",
