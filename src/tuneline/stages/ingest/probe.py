@@ -26,26 +26,26 @@ def probe_key(digest: str) -> str:
     return digest_json({"stage": STAGE, "code": CODE_VERSION, "bytes": digest})
 
 
-def probe_file(path: str, digest: str, store_dir: str, max_pixels: int) -> tuple[dict[str, Any], bool]:
+def probe_file(path: str, digest: str, store_dir: str, max_pixels: int) -> tuple[dict[str, Any], bool, bool]:
     """Worker: the probe record of the file whose sha256 is `digest`, from the store or by decoding it.
 
-    Returns (record, computed). A verdict that depends on settings or permissions is not stored.
+    Returns (record, computed, stored). A verdict that depends on settings or permissions is not stored.
     """
     store = ItemStore(Path(store_dir), STAGE)
     key = probe_key(digest)
     known = store.read_json(key)
     if known is not None:  # a touched, renamed or copied file: same bytes, no new decode
-        return known, False
+        return known, False, True
     try:
         record: dict[str, Any] = {"ok": True, **asdict(probe(Path(path), max_pixels))}
     except ImageRejected as rejected:
         record = {"ok": False, "reason": str(rejected)}
         if not rejected.cacheable:
-            return record, True
+            return record, True, False
     except OSError as error:  # unreadable now (permissions): nothing about the bytes to store
-        return {"ok": False, "reason": f"unreadable: {error.strerror or error}"}, True
+        return {"ok": False, "reason": f"unreadable: {error.strerror or error}"}, True, False
     store.write_json(key, record)
-    return record, True
+    return record, True, True
 
 
 def exact_pixels(store: ItemStore, digest: str, path: Path, record: dict[str, Any], max_pixels: int) -> str:

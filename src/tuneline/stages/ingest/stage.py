@@ -178,22 +178,26 @@ def probe_all(inputs: Inputs, keys: list[str], memo: IngestMemo, store: ItemStor
     the indices decoded in this run. Records found only in the store, or stored by this run, go into the
     memo; a verdict the store does not keep (one that depends on settings or permissions) does not."""
     known = memo.records(keys)
-    found: list[dict[str, Any] | None] = [known.get(key) or store.read_json(key) for key in keys]
-    pending = [index for index, record in enumerate(found) if record is None]
+    records: list[dict[str, Any]] = []
+    pending: list[int] = []
+    for index, key in enumerate(keys):
+        record = known.get(key) or store.read_json(key)
+        if record is None:
+            pending.append(index)
+        records.append(record or {})  # a placeholder until the worker answers below
     tasks = [(str(root / inputs.images[i][1]), inputs.images[i][2], str(store.root.parent), max_pixels)
              for i in pending]
     computed: set[int] = set()
-    for index, (record, was_computed) in zip(
+    unstored: set[int] = set()
+    for index, (record, was_computed, stored) in zip(
         pending, map_with_progress(probe_file, tasks, workers, "ingest: checking images")
     ):
-        found[index] = record
+        records[index] = record
         if was_computed:
             computed.add(index)
-    records = [record for record in found if record is not None]
-    assert len(records) == len(keys)  # probe_file always answers
-    stored = set(pending) - {i for i in pending if store.read_json(keys[i]) is None}
-    memo.put_records({keys[i]: records[i] for i in range(len(keys)) if keys[i] not in known
-                      and (i not in pending or i in stored)})
+        if not stored:
+            unstored.add(index)
+    memo.put_records({key: records[i] for i, key in enumerate(keys) if key not in known and i not in unstored})
     return records, computed
 
 
