@@ -267,6 +267,14 @@ def click_path(base: str, seeded: Seeded, demo_train: str | None, chromium: str,
             page.get_by_text("Model training", exact=True).first.click()
             page.wait_for_timeout(500)
 
+        def click_after_switch(page: Any, address: str, link: str) -> View:
+            """With the switch set once: open `address`, click `link` in its list; where that lands."""
+            set_switch(page)
+            page.goto(address)
+            settle(page)
+            click_link(page, link)
+            return settle(page)
+
         try:
             page = fresh_page()
             # (a) the experiment's runs list, and the experiments list `tuneline ui` prints.
@@ -285,11 +293,7 @@ def click_path(base: str, seeded: Seeded, demo_train: str | None, chromium: str,
             click_link(page, "train")
             view = settle(page)
             report.note("b runs_url -> click a run (fresh browser)", f"{view}; {shot(page, shots, 'b1_clicked_run_fresh')}")
-            set_switch(page)
-            page.goto(runs_url(base, seeded.experiment_id))
-            settle(page)
-            click_link(page, "train")
-            view = settle(page)
+            view = click_after_switch(page, runs_url(base, seeded.experiment_id), "train")
             report.check("b switch set once -> runs_url -> click a run", view.kind == "run-page",
                          f"{view}; {shot(page, shots, 'b2_clicked_run_after_switch')}")
 
@@ -320,11 +324,7 @@ def click_path(base: str, seeded: Seeded, demo_train: str | None, chromium: str,
             view = settle(page)
             report.note("d experiments_url -> click experiment (fresh browser)",
                         f"{view}; {shot(page, shots, 'd3_list_click_fresh')}")
-            set_switch(page)
-            page.goto(base + "/")
-            settle(page)
-            click_link(page, "tuneline")
-            view = settle(page)
+            view = click_after_switch(page, base + "/", "tuneline")
             report.check("d switch set once -> home -> click experiment", view.kind == "runs-list",
                          f"{view}; {shot(page, shots, 'd4_home_click_after_switch')}")
 
