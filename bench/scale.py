@@ -6,7 +6,7 @@ For each scale N it builds a fresh project (the repo's dvc.yaml, params.yaml, .d
 prompts.yaml, stages/, src/ and .dvc/ copied, `git init`), whose one data set holds N generated
 JPEGs of 384-768 px (varied sizes, deterministic from the seed) with sidecar captions, hard-linked
 from an image cache under WORK/images that later runs reuse. Params: `caption.mode: sidecar_only`,
-`bucket.resolution: 256`, `bucket.batch_size: 1` (no small-bucket merges: one added image cannot
+`bucket.resolution: 256` (`--resolution`), `bucket.batch_size: 1` (no small-bucket merges: one added image cannot
 move others), the tiny RANDOM models (the defaults). Every DVC command runs with OMP_NUM_THREADS=1
 and PYTHONPATH at the project's src/. Measured per scale:
 
@@ -121,7 +121,7 @@ def link_image(images: Path, raw: Path, index: int) -> None:
 # --- the project -----------------------------------------------------------------------------
 
 
-def make_project(root: Path, images: Path, count: int, tracking: bool = True) -> None:
+def make_project(root: Path, images: Path, count: int, tracking: bool = True, resolution: int = 256) -> None:
     """A fresh DVC project as tests/test_dvc_pipeline.py makes one, with `count` images in data/raw/gen."""
     import yaml
 
@@ -135,7 +135,7 @@ def make_project(root: Path, images: Path, count: int, tracking: bool = True) ->
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["datasets"] = [{"name": DATASET, "path": f"data/raw/{DATASET}"}]
     params["caption"]["mode"] = "sidecar_only"
-    params["bucket"]["resolution"] = 256
+    params["bucket"]["resolution"] = resolution
     params["bucket"]["batch_size"] = 1
     params["tracking"]["enabled"] = tracking
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -265,9 +265,10 @@ def disk(root: Path) -> dict[str, Any]:
             "ratio": round(derived / one_copy, 2) if one_copy else None, "parts": parts}
 
 
-def measure_scale(work: Path, images: Path, count: int, keep: bool, tracking: bool = True) -> dict[str, Any]:
+def measure_scale(work: Path, images: Path, count: int, keep: bool, tracking: bool = True,
+                  resolution: int = 256) -> dict[str, Any]:
     root = work / f"n{count}"
-    make_project(root, images, count, tracking)
+    make_project(root, images, count, tracking, resolution)
     print(f"  {count} images: cold dvc repro latents ...", flush=True)
     cold = dvc(root, "repro", "latents")
     cold_reports = stage_reports(root, [s for s in cold["ran"] if (root / "reports" / f"{s}.json").is_file()])
@@ -375,7 +376,8 @@ def print_report(result: dict[str, Any]) -> None:
     console.print(f"machine: {m['cpu_count']} CPUs ({m['usable_cpus']} usable), {m['cpu']}, python {m['python']}, "
                   f"dvc {m['dvc']}; load average {m['load_average']}")
     console.print("images: generated JPEGs of 384-768 px (q90) + sidecar captions; caption.mode sidecar_only, "
-                  "bucket.resolution 256, bucket.batch_size 1, tiny models; OMP_NUM_THREADS=1", soft_wrap=True)
+                  f"bucket.resolution {result['settings']['resolution']}, bucket.batch_size 1, tiny models; "
+                  "OMP_NUM_THREADS=1", soft_wrap=True)
     table = Table(title=f"{NAME}: dvc repro latents per scale")
     columns = ("images", "cold s", "cold s/1k", "no-op repro s", "dvc status s", "+1 total s (DVC / stages)",
                "derived (raw)", "/ one copy", "files (outputs, store, cache)", "peak RSS stages / dvc MiB")
@@ -416,6 +418,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="comma-separated image counts (default 1000,10000,50000)")
     parser.add_argument("--small", action="store_true", help=f"one scale of {SMALL_SCALE} images (CI); judges no goal")
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="work folder (default bench/out/scale)")
+    parser.add_argument("--resolution", type=int, default=256,
+                        help="bucket.resolution (default 256); a smaller one shortens the cold runs, and a +1 image "
+                             "encodes one image whatever its size")
     parser.add_argument("--keep", action="store_true", help="keep each scale's project under WORK/n<N>")
     parser.add_argument("--no-tracking", action="store_true",
                         help="tracking.enabled: false (each tracked stage process that computes pays about 3.5 s for "
@@ -428,9 +433,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     work: Path = (args.work / "small" if args.small else args.work).resolve()
     images, generation_s = ensure_images(work, max(scales))
     print(f"bench {NAME}: scales {', '.join(f'{n:,}' for n in scales)}", flush=True)
-    rows = [measure_scale(work, images, count, args.keep, not args.no_tracking) for count in scales]
+    rows = [measure_scale(work, images, count, args.keep, not args.no_tracking, args.resolution) for count in scales]
     result = {"bench": NAME, "small": args.small, "machine": machine(),
-              "settings": {"scales": scales, "resolution": 256, "images": "JPEG 384-768 px q90, sidecar captions",
+              "settings": {"scales": scales, "resolution": args.resolution, "images": "JPEG 384-768 px q90, sidecar captions",
                            "omp_num_threads": 1, "tracking": not args.no_tracking},
               "scales": rows, "goals": make_goals(rows, args.small),
               "generation_s": round(generation_s, 1), "total_s": round(time.perf_counter() - wall, 1)}
