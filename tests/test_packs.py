@@ -62,16 +62,27 @@ def test_packing_keeps_one_copy_reuses_unchanged_packs_and_finds_items_after_the
     assert sorted((store.root / "packs").glob("*/*.tar")) == packs and all(p.stat().st_ino == inodes[p] for p in packs)
 
     # A new item beside aaa1 and aaa2: their pack is written anew (from the old pack's bytes), bbb's is linked.
+    [old_aaa] = [p for p in packs if os.path.samefile(p, tmp_path / "out1/set/aaa.tar")]
     grown = items + [_stored(store, "aaa3", b"new")]
     refs = store.pack(tmp_path / "out3", grown, ".tar")
     out1, out3 = tmp_path / "out1", tmp_path / "out3"
     assert os.path.samefile(out1 / "set/bbb.tar", out3 / "set/bbb.tar")
     assert not os.path.samefile(out1 / "set/aaa.tar", out3 / "set/aaa.tar")
     assert [read_member(out3, refs[(i.pack, i.name)]) for i in grown] == [*data.values(), b"new"]
+    # The old aaa pack is superseded (the new one holds both its items): gone from the store and its index,
+    # so an added image leaves no second copy of its group; out1, the old output, still links its bytes.
+    stored = sorted((store.root / "packs").glob("*/*.tar"))
+    assert {p.stat().st_ino for p in stored} == {p.stat().st_ino for p in out3.rglob("*.tar")}
+    assert not old_aaa.exists() and store.index.members(old_aaa.stem) == {}
+    assert read_member(out1, first[("set/aaa", "aaa1.bin")]) == data["aaa1"]
+    assert [store.read_bytes(i.key, ".bin") for i in grown] == [*data.values(), b"new"]
 
-    # Back to the first items (the new image removed again): the first packs still exist and are linked.
+    # Back to the first items (the new image removed again): aaa's first pack is written again from the
+    # newer pack's bytes, byte for byte, and the newer pack stays (aaa3 is in no other pack).
     assert store.pack(tmp_path / "out4", items, ".tar") == first
-    assert os.path.samefile(out1 / "set/aaa.tar", tmp_path / "out4/set/aaa.tar")
+    assert (tmp_path / "out4/set/aaa.tar").read_bytes() == (out1 / "set/aaa.tar").read_bytes()
+    assert len(list((store.root / "packs").glob("*/*.tar"))) == 3
+    assert store.read_bytes("aaa3", ".bin") == b"new"
 
 
 def test_a_new_image_writes_one_pack_of_the_bucket_output(project):
@@ -87,6 +98,9 @@ def test_a_new_image_writes_one_pack_of_the_bucket_output(project):
     changed = {pack for pack in after if before.get(pack) != after[pack]}
     [new] = [r for r in project.manifest("data/bucketed") if r["source"].endswith("new.jpg")]
     assert changed == {Path(new["image"]["pack"])}  # one pack written, every other one linked as it was
+    # The store holds the output's packs and nothing more: the pack the new image's group had is gone.
+    packs = (project.root / ".tuneline/store/bucket/packs").glob("*/*.tar")
+    assert sorted(p.stat().st_ino for p in packs) == sorted(after.values())
     with tarfile.open(folder / new["image"]["pack"]) as archive:
         assert f"{new['id']}.png" in archive.getnames()
     assert io.BytesIO(read_member(folder, new["image"])).read(4) == b"\x89PNG"

@@ -9,8 +9,9 @@ so a reader seeks straight to it (`read_member`).
 
 Packs live in the item store (`<store>/<stage>/packs/`), keyed by their members' item keys: the
 output folder links them, DVC's link cache links them again, and the loose item files a stage
-computed are deleted once packed (one copy of the bytes). The store's index (`index.db`) maps
-every packed item key to its pack and place, so a stored item stays found (`ItemStore.has`,
+computed are deleted once packed (one copy of the bytes), as is a pack whose every item a newer
+pack also holds (the pack a group had before an image was added to it). The store's index (`index.db`)
+maps every packed item key to its pack and place, so a stored item stays found (`ItemStore.has`,
 `ItemStore.read_bytes`) after its loose file is gone: a setting changed back reuses it.
 """
 
@@ -156,6 +157,41 @@ class PackIndex:
             db.executemany("INSERT OR REPLACE INTO members VALUES (?, ?, ?, ?, ?)",
                            [(pack_key, member, item, offset, size) for member, item, offset, size in rows])
 
+    def prune_superseded(self, written: Iterable[str]) -> int:
+        """Delete the packs that `written` (packs just written) made redundant: each other pack sharing an
+        item with them whose every item is also in another pack that exists and stays. That is the pack a
+        group had before it gained an item (or before pack_digits changed): without this, every added image
+        would leave a superseded copy of its pack in every stage's store. A pack holding an item found
+        nowhere else is kept (an image removed may come back). Returns how many packs were deleted."""
+        db = self._connect(create=False)
+        if db is None:
+            return 0
+        written = list(written)
+        keep, pruned = set(written), []
+        candidates = {other for pack_key in written for (other,) in db.execute(
+            "SELECT DISTINCT b.pack FROM members a JOIN members b ON a.item = b.item WHERE a.pack = ? AND b.pack != ?",
+            (pack_key, pack_key))} - keep
+        exists: dict[str, bool] = {}
+
+        def stays(pack_key: str) -> bool:
+            if pack_key not in exists:
+                exists[pack_key] = self.pack_path(pack_key).is_file()
+            return exists[pack_key] and pack_key not in pruned
+
+        for candidate in sorted(candidates):
+            covered: dict[str, bool] = {}
+            for item, other in db.execute("SELECT a.item, b.pack FROM members a LEFT JOIN members b"
+                                          " ON a.item = b.item AND b.pack != a.pack WHERE a.pack = ?", (candidate,)):
+                covered[item] = covered.get(item, False) or (other is not None and stays(other))
+            if covered and all(covered.values()):
+                pruned.append(candidate)
+        with db:
+            for pack_key in pruned:
+                # The file first: an interruption leaves index rows of a missing pack, which no lookup returns.
+                self.pack_path(pack_key).unlink(missing_ok=True)
+                db.execute("DELETE FROM members WHERE pack = ?", (pack_key,))
+        return len(pruned)
+
     def close(self) -> None:
         if self._db is not None:
             self._db.close()
@@ -182,13 +218,15 @@ def pack_items(stage_root: Path, index: PackIndex, staging: Path, items: list[Pa
 
     A pack's key is the digest of its members' names and item keys, so an unchanged group of items
     links the pack it had before and reads nothing. Loose item files that went into a new pack are
-    deleted afterwards: the pack is their one copy, and the index finds them there.
+    deleted afterwards: the pack is their one copy, and the index finds them there; so is a pack the
+    new ones superseded (PackIndex.prune_superseded).
     """
     groups: dict[str, list[PackItem]] = {}
     for item in items:
         groups.setdefault(item.pack, []).append(item)
     refs: dict[tuple[str, str], dict[str, Any]] = {}
     packed_loose: list[Path] = []
+    written: list[str] = []
     for pack, members in groups.items():
         members.sort(key=lambda member: member.name)
         pack_key = digest_json({"format": "tar-1", "members": [[m.name, m.key + m.suffix] for m in members]})
@@ -198,6 +236,7 @@ def pack_items(stage_root: Path, index: PackIndex, staging: Path, items: list[Pa
             places = write_tar(path, ((m.name, read_stored(stage_root, index, m.key, m.suffix)) for m in members))
             index.add(pack_key, [(m.name, m.key + m.suffix, *places[m.name]) for m in members])
             packed_loose.extend(Path(stage_root) / m.key[:2] / f"{m.key}{m.suffix}" for m in members)
+            written.append(pack_key)
         pack_file = pack + extension
         link_or_copy(path, staging / pack_file)
         for member in members:
@@ -209,4 +248,6 @@ def pack_items(stage_root: Path, index: PackIndex, staging: Path, items: list[Pa
             os.unlink(loose)
         except FileNotFoundError:
             pass
+    if written:
+        index.prune_superseded(written)
     return refs
