@@ -179,11 +179,14 @@ def write_output(out_dir: Path, report: StageReport, *, records: list[dict[str, 
                                        captioned_dir)
         mask_refs = store.pack(staging, [PackItem(*member[i], mask_keys[i], LATENT_MASK_SUFFIX) for i in kept
                                          if i in mask_keys], MASK_PACK_EXTENSION)
+        parsed: dict[int, dict[str, Any]] = {}  # a bucket's items share one header (latent_headers)
         for i in kept:
             record, key = records[i], keys[i]
             latents = latent_refs[member[i]]
             metadata, shape = headers[i]
-            factors = {name: json.loads(metadata[name]) for name in FACTORS}
+            if id(metadata) not in parsed:
+                parsed[id(metadata)] = {name: json.loads(metadata[name]) for name in FACTORS}
+            factors = parsed[id(metadata)]
             texts = text_refs[member[i]] if text_keys[i] is not None else None
             manifest.append({
                 **record,

@@ -106,7 +106,8 @@ def scan(params: Params, root: Path, report: StageReport) -> list[dict[str, Any]
         known = digests.snapshot()
         listed: list[tuple[str, _Found]] = []
         for dataset in params.datasets:
-            listed.extend((dataset.folder, found) for found in walk(root / dataset.path, root))
+            folder = dataset.folder  # computed once: a property, per file it cost 0.1 s at 100,000 files
+            listed.extend((folder, found) for found in walk(root / dataset.path, root))
         digest_of: dict[str, str | None] = {}
         problem_of: dict[str, str] = {}
         new: dict[str, tuple[int, int, int]] = {}
