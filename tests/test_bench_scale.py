@@ -19,7 +19,7 @@ def test_scale_bench_runs_small(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     # Without MLflow: about 3.5 s per tracked stage process that computes, which is not what this checks.
-    done = subprocess.run([sys.executable, "-m", "bench.scale", "--small", "--no-tracking", "--work", str(tmp_path)],
+    done = subprocess.run([sys.executable, "-m", "bench.scale", "--small", "--no-tracking", "--keep", "--work", str(tmp_path)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "dvc repro latents per scale" in done.stdout and "goals (issue 28)" in done.stdout
@@ -59,4 +59,14 @@ def test_scale_bench_runs_small(tmp_path):
     checks = [g for g in result["goals"] if g["kind"] == "check"]
     assert len(checks) == 1 and checks[0]["passed"], checks
     assert {g["kind"] for g in result["goals"]} == {"check", "info"} and len(result["goals"]) == 6
-    assert (tmp_path / "small" / "scale.json").is_file() and not (tmp_path / "small" / "n40").exists()
+    assert (tmp_path / "small" / "scale.json").is_file() and (tmp_path / "small" / "n40" / "dvc.lock").is_file()  # --keep
+
+    # bench.scale_again on the kept project: one more image (one item per stage), the no-ops and status.
+    again = subprocess.run([sys.executable, "-m", "bench.scale_again", str(tmp_path / "small" / f"n{n}"), "--rounds", "1",
+                            "--repeats", "1"],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    [project] = json.loads(again.stdout.strip().splitlines()[-1])["projects"]
+    assert project["images"] == n + 2 and project["one_item_each"]  # the bench's extra image, and this one
+    assert len(project["plus_one_s"]) == 1 and len(project["noop_s"]) == len(project["status_s"]) == 1
+    assert project["stage_median_s"]["latents"] > 0 and project["noop_median_s"] > 0
