@@ -86,16 +86,17 @@ def read_latent_header(folder: Path, ref: dict[str, Any]) -> tuple[dict[str, str
 
 
 def latent_headers(folder: Path, refs: dict[int, dict[str, Any]], records: list[dict[str, Any]]
-                   ) -> dict[int, tuple[dict[str, str], list[int]]]:
-    """(metadata, shape) of each item's latents, reading one header per bucket: a run's latents all come
-    from one VAE (its identity is in every key), so a bucket's crops give one shape and the same factors,
-    and a header read per item would cost a file read per image of the data set."""
-    by_bucket: dict[tuple[int, ...], tuple[dict[str, str], list[int]]] = {}
+                   ) -> dict[int, tuple[dict[str, Any], list[int]]]:
+    """(the VAE's factors (FACTORS), shape) of each item's latents, reading and parsing one header per
+    bucket: a run's latents all come from one VAE (its identity is in every key), so a bucket's crops give
+    one shape and the same factors, and a header read per item would cost a file read per image."""
+    by_bucket: dict[tuple[int, ...], tuple[dict[str, Any], list[int]]] = {}
     headers = {}
     for i, ref in refs.items():
         bucket = tuple(records[i]["bucket"])
         if bucket not in by_bucket:
-            by_bucket[bucket] = read_latent_header(folder, ref)
+            metadata, shape = read_latent_header(folder, ref)
+            by_bucket[bucket] = {name: json.loads(metadata[name]) for name in FACTORS}, shape
         headers[i] = by_bucket[bucket]
     return headers
 
@@ -179,14 +180,10 @@ def write_output(out_dir: Path, report: StageReport, *, records: list[dict[str, 
                                        captioned_dir)
         mask_refs = store.pack(staging, [PackItem(*member[i], mask_keys[i], LATENT_MASK_SUFFIX) for i in kept
                                          if i in mask_keys], MASK_PACK_EXTENSION)
-        parsed: dict[int, dict[str, Any]] = {}  # a bucket's items share one header (latent_headers)
         for i in kept:
             record, key = records[i], keys[i]
             latents = latent_refs[member[i]]
-            metadata, shape = headers[i]
-            if id(metadata) not in parsed:
-                parsed[id(metadata)] = {name: json.loads(metadata[name]) for name in FACTORS}
-            factors = parsed[id(metadata)]
+            factors, shape = headers[i]
             texts = text_refs[member[i]] if text_keys[i] is not None else None
             manifest.append({
                 **record,

@@ -143,7 +143,8 @@ def scan(params: Params, root: Path, report: StageReport) -> list[dict[str, Any]
 
 def run(params: Params, root: Path, out_dir: Path, metrics_dir: Path | None = None, *,
         tracker: Any = None) -> StageReport:
-    """List and hash every data set's files into `out_dir/manifest.jsonl`; rewrite it only when it changed."""
+    """List and hash every data set's files into `out_dir/manifest.jsonl` (rewritten on every run: DVC deletes
+    an always-changed stage's output before it runs)."""
     from tuneline.preflight import preflight
 
     started = time.perf_counter()
